@@ -1,0 +1,24 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/stillroom: pyproject.toml
+	bash infra/setup.sh
+
+setup: $(BIN)/stillroom
+
+demo: setup
+	$(BIN)/stillroom demo
+
+lint: setup
+	$(BIN)/ruff check pipelines student services tests bench
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

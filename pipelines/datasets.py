@@ -1,0 +1,253 @@
+"""Datasets: a small interface and three implementations.
+
+A dataset is a fixed, ordered list of samples. ``sample_id`` is the position in that list, and
+``read(ids)`` returns those images as one uint8 tensor ``(B, C, H, W)``. Every dataset has a
+``fingerprint``: a hash of its content (see each class for what it covers), so that a label store
+can refuse labels made for other data.
+
+Specs, as the CLI and the service take them:
+
+- ``fashion-mnist``: the idx files from ``/usr/share/datasets/fashion-mnist`` (Debian's
+  ``dataset-fashion-mnist``) or from ``data_root`` / ``$STILLROOM_DATA``.
+- ``imagefolder:<path>``: a folder per class (sorted names are the classes), PNG or JPEG, read as RGB
+  and resized to the size of the first image.
+- ``synthetic`` or ``synthetic:n=512,classes=10,size=16,channels=1``: generated from the sample id,
+  deterministic, learnable (each class is a different stripe pattern), for tests.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from pipelines.errors import UsageError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
+)
+SPLITS = ("train", "test")
+
+
+class Dataset(Protocol):
+    spec: str
+    split: str
+    num_classes: int
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    labels: np.ndarray  # (N,) int64 ground truth
+
+    def __len__(self) -> int: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    def read(self, ids: np.ndarray | list[int]) -> torch.Tensor: ...
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise UsageError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+
+
+def _check_ids(ids: np.ndarray | list[int], n: int, spec: str) -> np.ndarray:
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= n):
+        bad = int(ids[(ids < 0) | (ids >= n)][0])
+        raise UsageError(f"sample id {bad} is out of range for {spec}: expected 0 <= id < {n}")
+    return ids
+
+
+def _hash_arrays(*parts: bytes | np.ndarray) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.tobytes() if isinstance(part, np.ndarray) else part)
+    return h.hexdigest()[:32]
+
+
+class _InMemory:
+    """Shared body of the datasets that hold every image in one uint8 array."""
+
+    spec: str
+    split: str
+    num_classes: int
+    images: np.ndarray  # (N, C, H, W) uint8
+    labels: np.ndarray
+    _fingerprint: str | None = None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.images.shape[1:]
+        return (int(c), int(h), int(w))
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the image shape, the image bytes, the label bytes and the class count.
+
+        Paths, names and file formats are not covered: the same pixels and labels from anywhere are the
+        same data set.
+        """
+        if self._fingerprint is None:
+            shape = np.asarray(self.images.shape + (self.num_classes,), dtype=np.int64)
+            self._fingerprint = _hash_arrays(shape, self.images, self.labels.astype(np.int64))
+        return self._fingerprint
+
+    def read(self, ids: np.ndarray | list[int]) -> torch.Tensor:
+        ids = _check_ids(ids, len(self), self.spec)
+        return torch.from_numpy(self.images[ids])
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise UsageError(f"{path} is not an idx file of unsigned bytes")
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+class FashionMNIST(_InMemory):
+    """Fashion-MNIST from its idx files (gzipped or not): 60,000 train and 10,000 test images, 28x28."""
+
+    num_classes = 10
+
+    def __init__(self, split: str = "train", data_root: str | os.PathLike | None = None):
+        _check_split(split)
+        root = Path(data_root or os.environ.get("STILLROOM_DATA") or FASHION_MNIST_DIR)
+        prefix = "train" if split == "train" else "t10k"
+        files = {}
+        for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+            candidates = [root / f"{prefix}-{kind}.gz", root / f"{prefix}-{kind}"]
+            found = next((p for p in candidates if p.exists()), None)
+            if found is None:
+                raise UsageError(
+                    f"Fashion-MNIST file {candidates[0].name} not found in {root}: install the Debian package "
+                    "dataset-fashion-mnist or point --data-root / STILLROOM_DATA at the idx files"
+                )
+            files[kind] = found
+        self.spec, self.split = "fashion-mnist", split
+        self.images = _read_idx(files["images-idx3-ubyte"])[:, None]
+        self.labels = _read_idx(files["labels-idx1-ubyte"]).astype(np.int64)
+        if len(self.images) != len(self.labels):
+            raise UsageError(f"{root}: {len(self.images)} images but {len(self.labels)} labels")
+
+
+class Synthetic(_InMemory):
+    """Generated images: class ``c`` is a stripe pattern of frequency ``c + 1`` at angle ``c``, plus noise.
+
+    Deterministic in (n, classes, size, channels, split, sample id); learnable by a tiny network.
+    """
+
+    def __init__(self, split: str = "train", n: int = 512, classes: int = 10, size: int = 16, channels: int = 1):
+        _check_split(split)
+        if n < 1 or classes < 2 or size < 4 or channels not in (1, 3):
+            raise UsageError(
+                f"bad synthetic spec n={n} classes={classes} size={size} channels={channels}: "
+                "expected n >= 1, classes >= 2, size >= 4, channels 1 or 3"
+            )
+        self.spec = f"synthetic:n={n},classes={classes},size={size},channels={channels}"
+        self.split, self.num_classes = split, classes
+        rng = np.random.Generator(np.random.Philox(key=[n * 131 + classes, size * 7 + channels + SPLITS.index(split)]))
+        self.labels = rng.integers(0, classes, size=n).astype(np.int64)
+        yy, xx = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
+        angle = self.labels[:, None, None] * (np.pi / classes)
+        freq = (self.labels[:, None, None] % 4 + 1) * 2 * np.pi
+        proj = np.cos(angle) * xx[None] + np.sin(angle) * yy[None]
+        clean = 0.5 + 0.4 * np.sin(freq * proj + self.labels[:, None, None])
+        noisy = clean + 0.1 * rng.standard_normal((n, size, size))
+        img = (np.clip(noisy, 0, 1) * 255).astype(np.uint8)[:, None]
+        self.images = np.ascontiguousarray(np.repeat(img, channels, axis=1))
+
+
+class ImageFolder(_InMemory):
+    """``root/<class>/<image>``: classes are the sorted folder names; images RGB, resized to the first one's size.
+
+    The fingerprint covers the decoded pixels after that resize, the labels and the class count.
+    """
+
+    EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+    def __init__(self, root: str | os.PathLike, split: str = "train"):
+        from PIL import Image
+
+        _check_split(split)
+        base = Path(root)
+        if (base / split).is_dir():
+            base = base / split
+        if not base.is_dir():
+            raise UsageError(f"image folder {base} does not exist")
+        classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+        files = [
+            (f, c) for c, name in enumerate(classes) for f in sorted((base / name).iterdir())
+            if f.suffix.lower() in self.EXTENSIONS
+        ]
+        if len(classes) < 2 or not files:
+            raise UsageError(f"image folder {base} needs at least 2 class folders with PNG/JPEG images")
+        first = Image.open(files[0][0]).convert("RGB")
+        images = np.empty((len(files), 3, first.height, first.width), dtype=np.uint8)
+        for i, (f, _) in enumerate(files):
+            img = Image.open(f).convert("RGB")
+            if img.size != first.size:
+                img = img.resize(first.size, Image.Resampling.BILINEAR)
+            images[i] = np.asarray(img).transpose(2, 0, 1)
+        self.spec, self.split, self.num_classes = f"imagefolder:{root}", split, len(classes)
+        self.class_names = tuple(classes)
+        self.images, self.labels = images, np.array([c for _, c in files], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A parsed dataset spec string (see the module docstring)."""
+
+    kind: str
+    arg: str = ""
+
+    @classmethod
+    def parse(cls, spec: str) -> DatasetSpec:
+        kind, _, arg = spec.partition(":")
+        if kind not in ("fashion-mnist", "imagefolder", "synthetic"):
+            raise UsageError(f"unknown dataset {spec!r}: expected fashion-mnist, imagefolder:<path> or synthetic[:...]")
+        if kind == "imagefolder" and not arg:
+            raise UsageError("imagefolder needs a path: imagefolder:<path>")
+        return cls(kind, arg)
+
+
+def _parse_kwargs(arg: str, spec: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in filter(None, arg.split(",")):
+        key, _, value = part.partition("=")
+        if key not in ("n", "classes", "size", "channels") or not value.isdigit():
+            raise UsageError(f"bad synthetic option {part!r} in {spec!r}: expected n=, classes=, size=, channels=")
+        out[key] = int(value)
+    return out
+
+
+_CACHE: dict[tuple[str, str, str], Dataset] = {}
+
+
+def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike | None = None) -> Dataset:
+    """Open a dataset by spec; repeated calls in one process share the loaded images."""
+    key = (spec, split, str(data_root or os.environ.get("STILLROOM_DATA") or ""))
+    if key not in _CACHE:
+        parsed = DatasetSpec.parse(spec)
+        ds: Dataset
+        if parsed.kind == "fashion-mnist":
+            ds = FashionMNIST(split, data_root)
+        elif parsed.kind == "synthetic":
+            ds = Synthetic(split, **_parse_kwargs(parsed.arg, spec))
+        else:
+            ds = ImageFolder(parsed.arg, split)
+        _CACHE[key] = ds
+    return _CACHE[key]

@@ -1,0 +1,389 @@
+"""The label store: what the teacher said about every view, written once, read by every student run.
+
+Layout (one directory per cache key under a store root)::
+
+    <root>/<cache_key>/
+      manifest.json              provenance, schema, seeds done, format version
+      seeds/<seed>/              a zarr v3 group per augmentation seed
+        view       (N, P) f32    view parameters (pipelines.views.VIEW_COLUMNS)
+        topk_idx   (N, k) i16    class indices, best first (i32 past 32,767 classes)
+        topk_logit (N, k) f16    teacher (ensemble) logits of those classes
+        lse        (N,)   f32    log-sum-exp over all classes: exp(logit - lse) is the exact probability
+        hard       (N,)   i16    teacher argmax
+        sampled    (N, m) i16    optional: classes drawn from the teacher's distribution
+        features   (N, C, h, w) f16  optional: a pooled teacher feature map
+        pieces/<i>.done          a piece (a run of whole chunks) that a writer finished
+        COMPLETE                 written last, atomically, with a sha256 per array
+
+A seed without ``COMPLETE`` does not exist for a reader. Writers write whole chunks only (zarr's local
+store writes each chunk file atomically), and one writer owns each piece, so a killed writer leaves
+either finished pieces, which a restarted run keeps, or nothing a reader takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from pipelines.errors import StillroomError, UsageError
+from pipelines.views import NUM_VIEW_PARAMS
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+COMPLETE = "COMPLETE"
+
+
+class StoreError(StillroomError):
+    """The store on disk is missing, corrupt or not what the caller asked for."""
+
+
+@dataclass(frozen=True)
+class StoreSchema:
+    """The arrays of every seed of a store, and how they are chunked."""
+
+    num_samples: int
+    num_classes: int
+    top_k: int
+    sampled: int = 0
+    feature_shape: tuple[int, int, int] | None = None  # (C, h, w)
+    chunk_rows: int = 8192
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= self.num_classes:
+            raise UsageError(f"top-k {self.top_k} must be between 1 and the class count {self.num_classes}")
+        if self.sampled < 0 or self.chunk_rows < 1 or self.num_samples < 1:
+            raise UsageError("sampled must be >= 0, chunk_rows and num_samples >= 1")
+
+    @property
+    def index_dtype(self) -> str:
+        return "int16" if self.num_classes <= np.iinfo(np.int16).max else "int32"
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (shape, dtype)."""
+        n, idx = self.num_samples, self.index_dtype
+        out = {
+            "view": ((n, NUM_VIEW_PARAMS), "float32"),
+            "topk_idx": ((n, self.top_k), idx),
+            "topk_logit": ((n, self.top_k), "float16"),
+            "lse": ((n,), "float32"),
+            "hard": ((n,), idx),
+        }
+        if self.sampled:
+            out["sampled"] = ((n, self.sampled), idx)
+        if self.feature_shape:
+            out["features"] = ((n, *self.feature_shape), "float16")
+        return out
+
+    def pieces(self, rows_per_piece: int | None = None) -> list[tuple[int, int]]:
+        """``[start, stop)`` row ranges made of whole chunks: the unit one writer owns."""
+        step = rows_per_piece or self.chunk_rows
+        if step % self.chunk_rows:
+            raise UsageError(f"a piece of {step} rows is not a whole number of {self.chunk_rows}-row chunks")
+        return [(s, min(s + step, self.num_samples)) for s in range(0, self.num_samples, step)]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["feature_shape"] = list(self.feature_shape) if self.feature_shape else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StoreSchema:
+        d = dict(d)
+        d["feature_shape"] = tuple(d["feature_shape"]) if d.get("feature_shape") else None
+        return cls(**d)
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def cache_key(provenance: dict[str, Any], schema: StoreSchema) -> str:
+    """Hash of everything that changes the labels.
+
+    ``provenance`` holds the dataset fingerprint and split, the recipe (with its version and digest), the
+    teachers' names and weight digests, their preprocessing, top-k, sampled count and feature spec. The
+    schema adds the dtypes (through the class count) and the format version. Seeds are not in the key:
+    they are added to a store over time. Chunking is not either: it does not change a label.
+    """
+    labels = {k: v for k, v in schema.to_dict().items() if k != "chunk_rows"}
+    blob = _canonical({"provenance": provenance, "schema": labels, "format_version": FORMAT_VERSION,
+                       "dtypes": {k: v[1] for k, v in schema.arrays().items()}})
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _compressor(dtype: str) -> BloscCodec:
+    # byte shuffle groups the high bytes (mostly equal) of neighbouring values; zstd does the rest
+    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)
+
+
+def _sha256(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+@dataclass
+class SeedLabels:
+    """One seed's arrays, in memory. ``gather(ids)`` is plain numpy fancy indexing."""
+
+    seed: int
+    arrays: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return int(self.arrays["hard"].shape[0])
+
+    def gather(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: np.take(a, ids, axis=0) for name, a in self.arrays.items()}
+
+
+class LabelStore:
+    """A store directory ``<root>/<cache_key>``: open it with ``LabelStore(path)``, make it with ``create``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.exists():
+            raise StoreError(f"{self.path} is not a label store: {MANIFEST} is missing")
+        try:
+            self.manifest: dict[str, Any] = json.loads(manifest.read_text())
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{manifest} is not valid JSON: {e}") from None
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(f"{self.path} has store format version {version}: this stillroom reads {FORMAT_VERSION}")
+        self.schema = StoreSchema.from_dict(self.manifest["schema"])
+
+    # -- making and writing -------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, root: str | os.PathLike, provenance: dict[str, Any], schema: StoreSchema,
+               sources: dict[str, Any] | None = None) -> LabelStore:
+        """Open the store for ``provenance`` under ``root``, making it if it does not exist yet.
+
+        ``sources`` (e.g. teacher checkpoint paths) is kept in the manifest but not hashed into the key.
+        """
+        key = cache_key(provenance, schema)
+        path = Path(root) / key
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot write to store root {root}: {e.strerror}") from None
+        if not os.access(path, os.W_OK):
+            raise StoreError(f"store root {root} is not writable")
+        if not (path / MANIFEST).exists():
+            _write_json_atomic(path / MANIFEST, {
+                "format_version": FORMAT_VERSION, "cache_key": key, "provenance": provenance,
+                "schema": schema.to_dict(), "sources": sources or {}, "seeds": [], "created_at": time.time(),
+            })
+        return cls(path)
+
+    @property
+    def cache_key(self) -> str:
+        return str(self.manifest["cache_key"])
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return dict(self.manifest["provenance"])
+
+    def seed_dir(self, seed: int) -> Path:
+        return self.path / "seeds" / str(int(seed))
+
+    def begin_seed(self, seed: int) -> None:
+        """Make the seed's empty arrays (once; a restarted run keeps what is there)."""
+        d = self.seed_dir(seed)
+        if (d / COMPLETE).exists():
+            raise StoreError(f"seed {seed} of {self.path} is complete already")
+        group = zarr.open_group(store=str(d), mode="a", zarr_format=3)
+        existing = set(group.array_keys())
+        for name, (shape, dtype) in self.schema.arrays().items():
+            if name in existing:
+                continue
+            chunks = (self.schema.chunk_rows, *shape[1:])
+            group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, compressors=_compressor(dtype),
+                               fill_value=0)
+        (d / "pieces").mkdir(exist_ok=True)
+
+    def done_pieces(self, seed: int) -> set[int]:
+        d = self.seed_dir(seed) / "pieces"
+        return {int(p.stem) for p in d.glob("*.done")} if d.exists() else set()
+
+    def write_piece(self, seed: int, piece: int, start: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write rows ``[start, start + n)`` of every array, then mark the piece done.
+
+        The rows must be whole chunks (the last chunk of the split may be short), and one writer owns
+        each piece: zarr does not make concurrent partial writes into one chunk safe.
+        """
+        expected = self.schema.arrays()
+        if set(arrays) != set(expected):
+            raise StoreError(f"piece arrays {sorted(arrays)} do not match the schema's {sorted(expected)}")
+        n = len(arrays["hard"])
+        chunk = self.schema.chunk_rows
+        if start % chunk or (n % chunk and start + n != self.schema.num_samples):
+            raise StoreError(f"rows [{start}, {start + n}) are not whole {chunk}-row chunks")
+        group = zarr.open_group(store=str(self.seed_dir(seed)), mode="r+", zarr_format=3)
+        for name, data in arrays.items():
+            shape, dtype = expected[name]
+            if data.shape != (n, *shape[1:]):
+                raise StoreError(f"array {name}: got shape {data.shape}, expected {(n, *shape[1:])}")
+            group[name][start : start + n] = data.astype(dtype, copy=False)
+        _write_json_atomic(self.seed_dir(seed) / "pieces" / f"{piece}.done", {"start": start, "stop": start + n})
+
+    def commit_seed(self, seed: int) -> dict[str, Any]:
+        """Check every piece is done, checksum every array, write ``COMPLETE`` last; return its record."""
+        pieces = self.schema.pieces()
+        missing = set(range(len(pieces))) - self.done_pieces(seed)
+        if missing:
+            raise StoreError(f"seed {seed}: pieces {sorted(missing)[:5]} are not written yet")
+        labels = self._read_arrays(seed)
+        record = {
+            "seed": int(seed), "written_at": time.time(),
+            "arrays": {name: {"sha256": _sha256(a), "shape": list(a.shape), "dtype": str(a.dtype)}
+                       for name, a in labels.items()},
+        }
+        _write_json_atomic(self.seed_dir(seed) / COMPLETE, record)
+        shutil.rmtree(self.seed_dir(seed) / "pieces", ignore_errors=True)
+        self._refresh_manifest_seeds()
+        return record
+
+    def _refresh_manifest_seeds(self) -> None:
+        manifest = json.loads((self.path / MANIFEST).read_text())
+        manifest["seeds"] = self.seeds()
+        manifest["updated_at"] = time.time()
+        _write_json_atomic(self.path / MANIFEST, manifest)
+        self.manifest = manifest
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def seeds(self) -> list[int]:
+        """The complete seeds: those with a ``COMPLETE`` marker."""
+        d = self.path / "seeds"
+        if not d.exists():
+            return []
+        return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / COMPLETE).exists())
+
+    def _read_arrays(self, seed: int) -> dict[str, np.ndarray]:
+        group = zarr.open_group(store=str(self.seed_dir(seed)), mode="r", zarr_format=3)
+        out = {}
+        for name in self.schema.arrays():
+            try:
+                out[name] = group[name][...]
+            except Exception as e:  # a truncated or edited chunk fails to decode
+                raise StoreError(f"seed {seed} array {name}: cannot be read ({type(e).__name__}: {e})") from None
+        return out
+
+    def load(self, seed: int) -> SeedLabels:
+        """Load one complete seed into memory."""
+        if seed not in self.seeds():
+            raise StoreError(f"seed {seed} is not in {self.path}: complete seeds are {self.seeds() or 'none'}")
+        return SeedLabels(int(seed), self._read_arrays(seed))
+
+    def verify(self, seeds: Iterable[int] | None = None) -> list[str]:
+        """Recompute every checksum; return one line per problem (empty: the store is sound)."""
+        problems = []
+        for seed in seeds if seeds is not None else self.seeds():
+            record = json.loads((self.seed_dir(seed) / COMPLETE).read_text())
+            group = zarr.open_group(store=str(self.seed_dir(seed)), mode="r", zarr_format=3)
+            for name, want in record["arrays"].items():
+                try:
+                    got = _sha256(group[name][...])
+                except Exception as e:
+                    problems.append(f"seed {seed} array {name}: cannot be read ({type(e).__name__})")
+                    continue
+                if got != want["sha256"]:
+                    problems.append(f"seed {seed} array {name}: checksum mismatch")
+        return problems
+
+    def check(self, expected: dict[str, Any]) -> None:
+        """Refuse a store made for something else. ``expected`` maps dotted provenance/schema fields
+        (e.g. ``dataset.fingerprint``, ``recipe.name``, ``schema.num_classes``) to the values the caller needs."""
+        have = _flatten({"schema": self.manifest["schema"], **self.manifest["provenance"]})
+        for field, want in expected.items():
+            got = have.get(field, "<absent>")
+            if got != want:
+                raise StoreError(f"store {self.cache_key} was made for {field}={got!r}; this run needs {want!r}")
+
+    def size_on_disk(self, seed: int | None = None) -> int:
+        base = self.seed_dir(seed) if seed is not None else self.path
+        return sum(p.stat().st_size for p in base.rglob("*") if p.is_file())
+
+    def describe(self) -> dict[str, Any]:
+        """What ``stillroom store inspect`` shows."""
+        n = self.schema.num_samples
+        seeds = {}
+        for seed in self.seeds():
+            d = self.seed_dir(seed)
+            per_array = {name: sum(p.stat().st_size for p in (d / name).rglob("*") if p.is_file())
+                         for name in self.schema.arrays()}
+            total = sum(per_array.values())
+            seeds[str(seed)] = {"bytes": total, "bytes_per_sample": round(total / n, 2),
+                                "bytes_per_sample_by_array": {k: round(v / n, 2) for k, v in per_array.items()}}
+        return {
+            "path": str(self.path), "cache_key": self.cache_key, "format_version": FORMAT_VERSION,
+            "provenance": self.manifest["provenance"], "schema": self.manifest["schema"],
+            "samples": n, "top_k": self.schema.top_k, "seeds": self.seeds(), "per_seed": seeds,
+            "size_on_disk": self.size_on_disk(),
+        }
+
+    def export_parquet(self, seed: int, out: str | os.PathLike) -> int:
+        """Write one seed as a Parquet table (one row per sample); return the row count."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        labels = self.load(seed)
+        cols: dict[str, Any] = {"sample_id": pa.array(np.arange(len(labels), dtype=np.int64))}
+        for name, a in labels.arrays.items():
+            a = a.astype(np.float32) if a.dtype == np.float16 else a
+            if a.ndim == 1:
+                cols[name] = pa.array(a)
+            else:
+                flat = a.reshape(len(a), -1)
+                cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+        table = pa.table(cols).replace_schema_metadata({
+            "stillroom.cache_key": self.cache_key, "stillroom.seed": str(seed),
+            "stillroom.manifest": json.dumps(self.manifest),
+        })
+        out = Path(out)
+        tmp = out.with_name(f".{out.name}.tmp")
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, out)
+        return len(labels)
+
+
+def list_stores(root: str | os.PathLike) -> list[LabelStore]:
+    """Every readable store directly under ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"store root {root} does not exist")
+    out = []
+    for p in sorted(root.iterdir()):
+        if (p / MANIFEST).exists():
+            try:
+                out.append(LabelStore(p))
+            except StoreError:
+                continue
+    return out
