@@ -12,6 +12,7 @@ Layout (one directory per cache key under a store root)::
         hard       (N,)   i16    teacher argmax
         sampled    (N, m) i16    optional: classes drawn from the teacher's distribution
         features   (N, C, h, w) f16  optional: a pooled teacher feature map
+        teacher<i>_topk_idx, teacher<i>_topk_logit, teacher<i>_lse   optional: each ensemble member's own
         pieces/<i>.done          a piece (a run of whole chunks) that a writer finished
         COMPLETE                 written last, atomically, with a sha256 per array
 
@@ -57,6 +58,7 @@ class StoreSchema:
     top_k: int
     sampled: int = 0
     feature_shape: tuple[int, int, int] | None = None  # (C, h, w)
+    per_teacher: int = 0  # teachers whose own top-k is kept beside the ensemble's (0: none)
     chunk_rows: int = 8192
 
     def __post_init__(self) -> None:
@@ -83,6 +85,10 @@ class StoreSchema:
             out["sampled"] = ((n, self.sampled), idx)
         if self.feature_shape:
             out["features"] = ((n, *self.feature_shape), "float16")
+        for t in range(self.per_teacher):
+            out[f"teacher{t}_topk_idx"] = ((n, self.top_k), idx)
+            out[f"teacher{t}_topk_logit"] = ((n, self.top_k), "float16")
+            out[f"teacher{t}_lse"] = ((n,), "float32")
         return out
 
     def pieces(self, rows_per_piece: int | None = None) -> list[tuple[int, int]]:

@@ -1,0 +1,88 @@
+"""The labeling job's Ray side: a pool of actors, each holding the teachers, labeling whole pieces.
+
+The only module of ``pipelines`` that imports Ray. Each actor reserves the CPUs its teacher should use
+(Ray sets OMP_NUM_THREADS to the actor's ``num_cpus``; the default of 1 would run torch on one thread),
+or ``gpus_per_worker`` GPUs. An actor that dies is restarted and its call retried
+(``max_restarts``/``max_task_retries``); a piece is written whole by one call, so a retry rewrites it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import ray
+import torch
+
+from pipelines.errors import UsageError
+from pipelines.labeling import LabelConfig, Labeler
+
+RETRIES = 3
+
+
+@ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)
+class LabelWorker:
+    """One Ray actor: loads the dataset and the teachers once, then labels pieces on request."""
+
+    def __init__(self, config: LabelConfig, store_path: str, num_threads: int, device: str):
+        torch.set_num_threads(max(1, num_threads))
+        self.labeler = Labeler(config, store_path, device)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def label_piece(self, seed: int, piece: int, start: int, stop: int) -> dict:
+        return self.labeler.label_piece(seed, piece, start, stop)
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at ``address``, or start a local one; a clear error if nothing answers there."""
+    if ray.is_initialized():
+        return
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UsageError(f"no Ray cluster at {address or 'local'}: {str(e).splitlines()[0][:200]}") from None
+
+
+def label_on_ray(config: LabelConfig, store_path: str, work: list[tuple[int, int, int, int]],
+                 on_done: Callable[[int], None]) -> dict[str, float]:
+    """Label ``work`` (seed, piece, start, stop) on a pool of ``config.num_workers`` actors; return the
+    seconds spent starting the actors (teachers loaded) and labeling."""
+    t0 = time.perf_counter()
+    connect(config.ray_address)
+    gpus = config.gpus_per_worker if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    cpus_total = int(ray.cluster_resources().get("CPU", 1))
+    workers = max(1, min(config.num_workers, len(work)))
+    # leave nothing idle, but never ask for more CPUs than the cluster has (the actors would never start)
+    cpus_each = 1 if gpus else max(1, cpus_total // workers)
+    device = "cuda" if gpus else "cpu"
+    actors = [
+        LabelWorker.options(num_cpus=cpus_each, num_gpus=gpus, name=None).remote(
+            config, store_path, cpus_each, device)
+        for _ in range(workers)
+    ]
+    ray.get([a.pid.remote() for a in actors])  # every actor up, its teachers loaded
+    t_ready = time.perf_counter()
+    pending = list(work)
+    in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}
+    free = list(range(workers))
+    while pending or in_flight:
+        while pending and free:
+            slot = free.pop()
+            item = pending.pop(0)
+            in_flight[actors[slot].label_piece.remote(*item)] = (slot, item[3] - item[2])
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in ready:
+            slot, n = in_flight.pop(ref)
+            ray.get(ref)  # raises if the piece failed after every retry
+            free.append(slot)
+            on_done(n)
+    t_end = time.perf_counter()
+    for actor in actors:
+        ray.kill(actor)
+    return {"startup_s": t_ready - t0, "work_s": t_end - t_ready}

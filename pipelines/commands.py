@@ -1,0 +1,165 @@
+"""CLI commands of the pipelines package: ``store ...`` and ``view show`` (``teacher`` and ``label`` live in
+``pipelines.teacher_commands``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.errors import StillroomError, UsageError
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--ids {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def cmd_store_ls(args: argparse.Namespace) -> int:
+    from pipelines.store import list_stores
+
+    stores = list_stores(args.root)
+    if not stores:
+        print(f"no label stores under {args.root}")
+    for s in stores:
+        prov = s.provenance
+        dataset = prov.get("dataset", {})
+        teachers = ",".join(t.get("name", "?") for t in prov.get("teachers", []))
+        print(f"{s.cache_key}  {dataset.get('spec', '?')}/{dataset.get('split', '?')}  "
+              f"recipe={prov.get('recipe', {}).get('name', '?')}  teachers={teachers or '?'}  "
+              f"k={s.schema.top_k}  seeds={s.seeds()}  {_human(s.size_on_disk())}")
+    return 0
+
+
+def cmd_store_inspect(args: argparse.Namespace) -> int:
+    from pipelines.store import LabelStore
+
+    info = LabelStore(args.dir).describe()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    prov = info["provenance"]
+    print(f"store        {info['path']}")
+    print(f"cache key    {info['cache_key']} (format {info['format_version']})")
+    ds = prov.get("dataset", {})
+    print(f"dataset      {ds.get('spec')} split={ds.get('split')} fingerprint={ds.get('fingerprint')}")
+    print(f"recipe       {prov.get('recipe', {}).get('name')} v{prov.get('recipe', {}).get('version')}")
+    for t in prov.get("teachers", []):
+        print(f"teacher      {t.get('name')} weights={str(t.get('weights_sha256'))[:16]}")
+    schema = info["schema"]
+    print(f"samples      {info['samples']}  classes={schema['num_classes']}  top-k={schema['top_k']}  "
+          f"sampled={schema['sampled']}  features={schema['feature_shape']}")
+    print(f"seeds        {info['seeds'] or 'none complete'}")
+    for seed, s in info["per_seed"].items():
+        parts = "  ".join(f"{k}={v}" for k, v in s["bytes_per_sample_by_array"].items())
+        print(f"  seed {seed}: {s['bytes_per_sample']} bytes/sample ({parts})")
+    print(f"size on disk {_human(info['size_on_disk'])}")
+    return 0
+
+
+def cmd_store_verify(args: argparse.Namespace) -> int:
+    from pipelines.store import LabelStore
+
+    store = LabelStore(args.dir)
+    seeds = store.seeds()
+    problems = store.verify(seeds)
+    for p in problems:
+        print(f"CORRUPT {p}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"ok: {store.cache_key}, seeds {seeds}, every checksum matches")
+    return 0
+
+
+def cmd_store_export(args: argparse.Namespace) -> int:
+    from pipelines.store import LabelStore
+
+    rows = LabelStore(args.dir).export_parquet(args.seed, args.out)
+    print(json.dumps({"out": str(args.out), "seed": args.seed, "rows": rows}))
+    return 0
+
+
+def cmd_view_show(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from pipelines.datasets import load_dataset
+    from pipelines.views import build_views, get_recipe
+
+    ds = load_dataset(args.dataset, args.split, args.data_root)
+    recipe = get_recipe(args.recipe)
+    ids = np.asarray(_parse_ids(args.ids), dtype=np.int64)
+    if ids.size == 0:
+        raise UsageError("--ids is empty: give at least one sample id")
+    views, params = build_views(ds, recipe, args.seed, ids)
+    originals = ds.read(ids).float() / 255.0
+    size = views.shape[-1]
+    if originals.shape[-1] != size:
+        import torch.nn.functional as F
+
+        originals = F.interpolate(originals, size=views.shape[-2:], mode="bilinear", align_corners=False)
+    scale = max(1, 128 // size)
+    rows = []
+    for orig, view in zip(originals, views, strict=True):
+        pair = np.concatenate([orig.numpy(), np.ones((orig.shape[0], orig.shape[1], 2)), view.numpy()], axis=2)
+        rows.append(pair)
+        rows.append(np.ones((orig.shape[0], 2, pair.shape[2])))
+    grid = (np.concatenate(rows[:-1], axis=1).clip(0, 1) * 255).astype(np.uint8)
+    grid = grid[0] if grid.shape[0] == 1 else grid.transpose(1, 2, 0)
+    img = Image.fromarray(grid)
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    img.save(tmp)
+    tmp.replace(out)
+    print(json.dumps({"out": str(out), "ids": ids.tolist(), "columns": ["original", "view"],
+                      "params": [dict(zip(("y0", "x0", "h", "w", "flip"), map(float, p[:5]), strict=True))
+                                 for p in params]}))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    store = sub.add_parser("store", help="list, inspect, verify and export label stores")
+    ssub = store.add_subparsers(dest="store_cmd", required=True)
+    p = ssub.add_parser("ls", help="list the stores under a store root")
+    p.add_argument("root")
+    p.set_defaults(func=cmd_store_ls)
+    p = ssub.add_parser("inspect", help="provenance, seeds, sizes of one store")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_store_inspect)
+    p = ssub.add_parser("verify", help="recompute every checksum; exit 1 on corruption")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_store_verify)
+    p = ssub.add_parser("export", help="write one seed as Parquet")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_store_export)
+
+    view = sub.add_parser("view", help="look at the views of a recipe")
+    vsub = view.add_subparsers(dest="view_cmd", required=True)
+    p = vsub.add_parser("show", help="a PNG grid: each sample's original beside its view")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--split", default="train")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--recipe", default="fmnist-rrc")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ids", default="0,1,2,3")
+    p.add_argument("--out", default="views.png")
+    p.set_defaults(func=cmd_view_show)
+
+
+__all__ = ["register", "StillroomError"]

@@ -1,0 +1,264 @@
+"""The labeling job: run the teacher(s) once per augmentation seed and write what they said to the store.
+
+Work is split into pieces of whole chunks (``StoreSchema.pieces``); one worker labels and writes each
+piece whole, then marks it done. A piece is the unit of retry and of resumption: a killed worker's piece
+is done again by a restarted one (Ray restarts the actor and retries the call), and a run started again
+after a crash skips the pieces already done. When every piece of a seed is done the driver commits the
+seed (checksums, ``COMPLETE``). A seed already complete is a cache hit and runs no teacher.
+
+``backend="ray"`` runs the pieces on a pool of Ray actors, each of which loads the teachers once (a local
+``ray.init()`` when no address is given, an existing cluster otherwise); ``backend="local"`` runs them
+in this process, the same code without Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines.datasets import Dataset, load_dataset
+from pipelines.errors import UsageError
+from pipelines.store import LabelStore, StoreSchema
+from pipelines.teachers import Teacher, ensemble_logits, load_teacher
+from pipelines.views import Recipe, _key, _uniforms, build_views, get_recipe
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """Everything ``stillroom label`` takes. Saved beside the store's manifest as ``sources``."""
+
+    dataset: str
+    teachers: tuple[str, ...]
+    recipe: str = "fmnist-rrc"
+    seeds: tuple[int, ...] = (0,)
+    split: str = "train"
+    data_root: str | None = None
+    top_k: int = 10
+    sampled: int = 0
+    features: str | None = None  # "final" (timm forward_features) or a module name
+    feature_grid: int = 4  # the feature map is average-pooled to feature_grid x feature_grid
+    per_teacher: bool = False
+    store_root: str = "stores"
+    batch_size: int = 256
+    chunk_rows: int = 8192
+    ray_address: str | None = None
+    num_workers: int = 1
+    gpus_per_worker: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.teachers:
+            raise UsageError("give at least one --teacher NAME@CHECKPOINT")
+        if not self.seeds:
+            raise UsageError("give at least one seed, e.g. --seeds 0-3")
+        if self.batch_size < 1 or self.num_workers < 1 or self.feature_grid < 1:
+            raise UsageError("--batch-size, --num-workers and the feature grid must be >= 1")
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``0-3`` -> (0, 1, 2, 3); ``0,2,5`` -> (0, 2, 5); mixed forms allowed."""
+    seeds: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            lo, sep, hi = part.partition("-")
+            seeds.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    except ValueError:
+        raise UsageError(f"--seeds {text!r}: expected e.g. 0-3 or 0,1,5") from None
+    if not seeds or min(seeds) < 0:
+        raise UsageError(f"--seeds {text!r}: expected non-negative seeds")
+    return tuple(sorted(set(seeds)))
+
+
+class Labeler:
+    """Labels pieces: loads the dataset and the teachers once, then turns row ranges into store arrays."""
+
+    def __init__(self, config: LabelConfig, store_path: str, device: str = "cpu"):
+        self.config = config
+        self.dataset: Dataset = load_dataset(config.dataset, config.split, config.data_root)
+        self.recipe: Recipe = get_recipe(config.recipe)
+        self.teachers: list[Teacher] = [load_teacher(t, self.dataset.num_classes, device) for t in config.teachers]
+        self.store = LabelStore(store_path)
+        self.device = torch.device(device)
+
+    def label(self, seed: int, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The store arrays for ``ids`` under ``seed``, computed in batches."""
+        parts: list[dict[str, np.ndarray]] = []
+        for start in range(0, len(ids), self.config.batch_size):
+            batch = ids[start : start + self.config.batch_size]
+            parts.append(self._label_batch(seed, batch))
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    @torch.inference_mode()
+    def _label_batch(self, seed: int, ids: np.ndarray) -> dict[str, np.ndarray]:
+        cfg, schema = self.config, self.store.schema
+        views, params = build_views(self.dataset, self.recipe, seed, ids)
+        views = views.to(self.device)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _null()
+        member_logits, fmap = [], None
+        with autocast:
+            for i, teacher in enumerate(self.teachers):
+                if i == 0 and cfg.features:
+                    logits, fmap = teacher.features(views, cfg.features)
+                else:
+                    logits = teacher.logits(views)
+                member_logits.append(logits.float())
+        logits = member_logits[0] if len(member_logits) == 1 else _ensemble(member_logits)
+        out = {"view": params, **topk_arrays(logits, schema.top_k)}
+        if schema.sampled:
+            out["sampled"] = sample_classes(logits, self.recipe, seed, ids, schema.sampled)
+        if fmap is not None:
+            out["features"] = pool_features(fmap, cfg.feature_grid).cpu().numpy().astype(np.float16)
+        for t in range(schema.per_teacher):
+            own = topk_arrays(member_logits[t], schema.top_k)
+            out.update({f"teacher{t}_topk_idx": own["topk_idx"], f"teacher{t}_topk_logit": own["topk_logit"],
+                        f"teacher{t}_lse": own["lse"]})
+        return out
+
+    def label_piece(self, seed: int, piece: int, start: int, stop: int) -> dict[str, Any]:
+        """Label rows ``[start, stop)`` of ``seed`` and write them whole; return counts for progress."""
+        t = time.perf_counter()
+        arrays = self.label(seed, np.arange(start, stop, dtype=np.int64))
+        self.store.write_piece(seed, piece, start, arrays)
+        return {"seed": seed, "piece": piece, "samples": stop - start, "seconds": time.perf_counter() - t,
+                "pid": os.getpid()}
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _ensemble(member_logits: list[torch.Tensor]) -> torch.Tensor:
+    probs = torch.stack([m.softmax(-1) for m in member_logits]).mean(0)
+    return probs.clamp_min(1e-30).log()
+
+
+def topk_arrays(logits: torch.Tensor, k: int) -> dict[str, np.ndarray]:
+    """Top-k indices (best first) and logits, the exact log-sum-exp, and the argmax."""
+    logits = logits.float()
+    values, idx = logits.topk(k, dim=-1)
+    return {"topk_idx": idx.cpu().numpy(), "topk_logit": values.cpu().numpy().astype(np.float16),
+            "lse": torch.logsumexp(logits, -1).cpu().numpy().astype(np.float32),
+            "hard": idx[:, 0].cpu().numpy()}
+
+
+def sample_classes(logits: torch.Tensor, recipe: Recipe, seed: int, ids: np.ndarray, m: int) -> np.ndarray:
+    """``m`` classes per view drawn with replacement from softmax(logits), by inverse CDF on uniforms from a
+    counter-based generator keyed by the view (recipe, seed, sample id): the same view draws the same classes."""
+    probs = logits.float().softmax(-1).cpu().double()
+    cdf = probs.cumsum(-1)
+    cdf[:, -1] = 1.0
+    u = torch.from_numpy(_uniforms(_key(recipe, seed, "sampled"), ids, m))
+    return torch.searchsorted(cdf, u).clamp_max(probs.shape[1] - 1).numpy()
+
+
+def pool_features(fmap: torch.Tensor, grid: int) -> torch.Tensor:
+    """A teacher feature map ``(B, C, H, W)`` (or ViT tokens ``(B, N, C)``) average-pooled to ``grid x grid``."""
+    if fmap.ndim == 3:  # ViT tokens: the last side*side tokens are the patch grid, the rest prefix tokens
+        n = fmap.shape[1]
+        side = math.isqrt(n)
+        fmap = fmap[:, n - side * side :].transpose(1, 2).reshape(fmap.shape[0], fmap.shape[2], side, side)
+    if fmap.ndim != 4:
+        raise UsageError(f"feature map of shape {tuple(fmap.shape)}: expected (B, C, H, W)")
+    return F.adaptive_avg_pool2d(fmap.float(), grid)
+
+
+def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Dataset, recipe: Recipe
+                    ) -> tuple[dict[str, Any], StoreSchema]:
+    """The store's provenance (what goes into the cache key) and schema for this job."""
+    feature_shape = None
+    if config.features:
+        probe = build_views(dataset, recipe, 0, np.arange(1))[0]
+        with torch.inference_mode():
+            _, fmap = teachers[0].features(probe, config.features)
+        feature_shape = tuple(pool_features(fmap, config.feature_grid).shape[1:])
+    provenance = {
+        "dataset": {"spec": dataset.spec, "split": dataset.split, "fingerprint": dataset.fingerprint,
+                    "num_samples": len(dataset), "num_classes": dataset.num_classes,
+                    "image_shape": list(dataset.image_shape)},
+        "recipe": recipe.to_dict(),
+        "teachers": [t.describe() for t in teachers],
+        "labels": {"top_k": config.top_k, "sampled": config.sampled, "ensemble": "mean-probability",
+                   "features": {"layer": config.features, "grid": config.feature_grid} if config.features else None,
+                   "per_teacher": config.per_teacher},
+    }
+    schema = StoreSchema(num_samples=len(dataset), num_classes=dataset.num_classes, top_k=config.top_k,
+                         sampled=config.sampled, feature_shape=feature_shape,  # type: ignore[arg-type]
+                         per_teacher=len(teachers) if config.per_teacher else 0, chunk_rows=config.chunk_rows)
+    return provenance, schema
+
+
+def prepare_store(config: LabelConfig) -> LabelStore:
+    """Validate everything (dataset, recipe, teachers, store root) and open or make the store; no labeling."""
+    dataset = load_dataset(config.dataset, config.split, config.data_root)
+    recipe = get_recipe(config.recipe)
+    teachers = [load_teacher(t, dataset.num_classes) for t in config.teachers]
+    provenance, schema = describe_labels(config, teachers, dataset, recipe)
+    return LabelStore.create(config.store_root, provenance, schema,
+                             sources={"teachers": list(config.teachers), "label_config": _jsonable(config)})
+
+
+def _jsonable(config: LabelConfig) -> dict[str, Any]:
+    d = asdict(config)
+    d["teachers"], d["seeds"] = list(config.teachers), list(config.seeds)
+    return d
+
+
+def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = True) -> dict[str, Any]:
+    """Label every seed of ``config`` that the store does not hold yet; return the job's result record."""
+    t0 = time.perf_counter()
+    store = prepare_store(config)
+    reused = [s for s in config.seeds if s in store.seeds()]
+    todo = [s for s in config.seeds if s not in reused]
+    work: list[tuple[int, int, int, int]] = []
+    pieces = store.schema.pieces()
+    for seed in todo:
+        store.begin_seed(seed)
+        done = store.done_pieces(seed)
+        work += [(seed, i, a, b) for i, (a, b) in enumerate(pieces) if i not in done]
+    result = {"cache_key": store.cache_key, "store": str(store.path), "seeds_computed": todo,
+              "seeds_reused": reused, "samples": 0, "images_per_s": 0.0}
+    if not todo:
+        print(f"cache hit: {store.cache_key} holds seeds {reused}; no teacher ran", file=sys.stderr)
+        return {**result, "cache_hit": True, "seconds": round(time.perf_counter() - t0, 3)}
+
+    total = sum(b - a for _, _, a, b in work)
+    bar = _progress(total, f"labeling {len(todo)} seed(s)", progress)
+    if backend == "local":
+        t_start = time.perf_counter()
+        labeler = Labeler(config, str(store.path))
+        t_work = time.perf_counter()
+        for seed, i, a, b in work:
+            labeler.label_piece(seed, i, a, b)
+            bar.update(b - a)
+        timing = {"startup_s": t_work - t_start, "work_s": time.perf_counter() - t_work}
+    elif backend == "ray":
+        from pipelines._ray_labeling import label_on_ray
+
+        timing = label_on_ray(config, str(store.path), work, on_done=lambda n: bar.update(n))
+    else:
+        raise UsageError(f"unknown backend {backend!r}: expected ray or local")
+    bar.close()
+    for seed in todo:
+        store.commit_seed(seed)
+    return {**result, "cache_hit": False, "samples": total,
+            "images_per_s": round(total / max(timing["work_s"], 1e-9), 1),
+            "seconds": round(time.perf_counter() - t0, 3), "startup_s": round(timing["startup_s"], 3),
+            "labeling_s": round(timing["work_s"], 3)}
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr, mininterval=1.0)

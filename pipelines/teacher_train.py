@@ -1,0 +1,123 @@
+"""``stillroom teacher train``: train a timm teacher on a dataset, since no pretrained weights reach us here.
+
+Training views come from a view recipe (epoch ``e`` uses seed ``e``), the same vectorised code the
+labeling job uses. The checkpoint records the model name and kwargs, class count, preprocessing
+(resolution, the dataset's channel mean/std, input channels) and test accuracy, as ``load_teacher`` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines.datasets import Dataset, load_dataset
+from pipelines.errors import UsageError
+from pipelines.teachers import Preprocess, _create, save_checkpoint
+from pipelines.views import build_views, get_recipe
+
+
+@dataclass(frozen=True)
+class TeacherTrainConfig:
+    dataset: str
+    model: str
+    out: str
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    recipe: str = "fmnist-rrc"
+    resolution: int | None = None  # default: the dataset's native size
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data_root: str | None = None
+    train_samples: int | None = None  # use only the first N training samples (quick runs)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise UsageError("--epochs and --batch-size must be >= 1 and --lr > 0")
+
+
+def channel_stats(ds: Dataset, limit: int = 10000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = ds.read(np.arange(min(limit, len(ds)))).float() / 255.0
+    mean = x.mean(dim=(0, 2, 3)).tolist()
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+    return tuple(round(m, 4) for m in mean), tuple(round(s, 4) for s in std)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, preprocess: Preprocess, ds: Dataset, batch_size: int = 512) -> dict[str, float]:
+    """Top-1 and top-5 on the un-augmented images of ``ds``."""
+    model.eval()
+    hits1 = hits5 = 0
+    for start in range(0, len(ds), batch_size):
+        ids = np.arange(start, min(start + batch_size, len(ds)))
+        logits = model(preprocess(ds.read(ids).float() / 255.0))
+        target = torch.from_numpy(ds.labels[ids])
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits1 += int((top[:, 0] == target).sum())
+        hits5 += int((top == target[:, None]).any(1).sum())
+    return {"top1": hits1 / len(ds), "top5": hits5 / len(ds)}
+
+
+def train_teacher(config: TeacherTrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Train, evaluate on the test split, write the checkpoint; return the result record."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    train = load_dataset(config.dataset, "train", config.data_root)
+    test = load_dataset(config.dataset, "test", config.data_root)
+    recipe = get_recipe(config.recipe)
+    c, h, _ = train.image_shape
+    kwargs = {**config.model_kwargs, "num_classes": train.num_classes, "in_chans": c}
+    torch.manual_seed(config.seed)
+    model = _create(config.model, pretrained=False, **kwargs)
+    mean, std = channel_stats(train)
+    preprocess = Preprocess(config.resolution or h, mean, std, c)
+    out = Path(config.out)
+    if not out.parent.exists():
+        raise UsageError(f"output directory {out.parent} does not exist")
+
+    n = min(config.train_samples or len(train), len(train))
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch,
+                                                pct_start=0.15)
+    gen = torch.Generator().manual_seed(config.seed)
+    history = []
+    for epoch in range(config.epochs):
+        model.train()
+        order = torch.randperm(n, generator=gen).numpy()
+        bar = tqdm(total=n, desc=f"teacher epoch {epoch + 1}/{config.epochs}", unit="img", file=sys.stderr,
+                   disable=not progress, mininterval=1.0)
+        total_loss = 0.0
+        for step in range(steps_per_epoch):
+            ids = order[step * config.batch_size : (step + 1) * config.batch_size]
+            views, _ = build_views(train, recipe, epoch, ids)
+            loss = F.cross_entropy(model(preprocess(views)), torch.from_numpy(train.labels[ids]),
+                                   label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total_loss += float(loss) * len(ids)
+            bar.update(len(ids))
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.close()
+        history.append({"epoch": epoch, "train_loss": total_loss / n})
+    metrics = evaluate(model, preprocess, test)
+    result = {"out": str(out), "model": config.model, "dataset": config.dataset, **metrics,
+              "epochs": config.epochs, "train_samples": n, "seconds": round(time.perf_counter() - t0, 1)}
+    save_checkpoint(out, config.model, model, kwargs, preprocess,
+                    extra={"metrics": metrics, "history": history, "config": asdict(config),
+                           "dataset": {"spec": train.spec, "fingerprint": train.fingerprint}})
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    return result
