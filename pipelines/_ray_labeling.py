@@ -33,7 +33,8 @@ class LabelWorker:
         return os.getpid()
 
     def label_piece(self, seed: int, piece: int, start: int, stop: int) -> dict:
-        return self.labeler.label_piece(seed, piece, start, stop)
+        return {**self.labeler.label_piece(seed, piece, start, stop),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def connect(address: str | None) -> None:
@@ -62,13 +63,14 @@ def label_on_ray(config: LabelConfig, store_path: str, work: list[tuple[int, int
     cpus_each = 1 if gpus else max(1, cpus_total // workers)
     device = "cuda" if gpus else "cpu"
     actors = [
-        LabelWorker.options(num_cpus=cpus_each, num_gpus=gpus, name=None).remote(
+        LabelWorker.options(num_cpus=cpus_each, num_gpus=gpus).remote(  # type: ignore[attr-defined]
             config, store_path, cpus_each, device)
         for _ in range(workers)
     ]
     ray.get([a.pid.remote() for a in actors])  # every actor up, its teachers loaded
     t_ready = time.perf_counter()
     pending = list(work)
+    nodes: set[str] = set()
     in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}
     free = list(range(workers))
     while pending or in_flight:
@@ -79,10 +81,10 @@ def label_on_ray(config: LabelConfig, store_path: str, work: list[tuple[int, int
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         for ref in ready:
             slot, n = in_flight.pop(ref)
-            ray.get(ref)  # raises if the piece failed after every retry
+            nodes.add(ray.get(ref)["node_id"])  # raises if the piece failed after every retry
             free.append(slot)
             on_done(n)
     t_end = time.perf_counter()
     for actor in actors:
         ray.kill(actor)
-    return {"startup_s": t_ready - t0, "work_s": t_end - t_ready}
+    return {"startup_s": t_ready - t0, "work_s": t_end - t_ready, "nodes": len(nodes)}

@@ -41,8 +41,10 @@ class Dataset(Protocol):
     spec: str
     split: str
     num_classes: int
-    image_shape: tuple[int, int, int]  # (C, H, W)
     labels: np.ndarray  # (N,) int64 ground truth
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...  # (C, H, W)
 
     def __len__(self) -> int: ...
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
 from pipelines.store import LabelStore, StoreSchema
-from pipelines.teachers import Teacher, ensemble_logits, load_teacher
+from pipelines.teachers import Teacher, load_teacher
 from pipelines.views import Recipe, _key, _uniforms, build_views, get_recipe
 
 
@@ -242,7 +242,7 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
         for seed, i, a, b in work:
             labeler.label_piece(seed, i, a, b)
             bar.update(b - a)
-        timing = {"startup_s": t_work - t_start, "work_s": time.perf_counter() - t_work}
+        timing = {"startup_s": t_work - t_start, "work_s": time.perf_counter() - t_work, "nodes": 1}
     elif backend == "ray":
         from pipelines._ray_labeling import label_on_ray
 
@@ -255,7 +255,7 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
     return {**result, "cache_hit": False, "samples": total,
             "images_per_s": round(total / max(timing["work_s"], 1e-9), 1),
             "seconds": round(time.perf_counter() - t0, 3), "startup_s": round(timing["startup_s"], 3),
-            "labeling_s": round(timing["work_s"], 3)}
+            "labeling_s": round(timing["work_s"], 3), "nodes": int(timing.get("nodes", 1))}
 
 
 def _progress(total: int, desc: str, enabled: bool):

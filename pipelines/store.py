@@ -149,6 +149,13 @@ def _compressor(dtype: str) -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)
 
 
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    array = group[name]
+    if not isinstance(array, zarr.Array):
+        raise StoreError(f"{name} in {group.store} is not an array")
+    return array
+
+
 def _sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
@@ -256,7 +263,7 @@ class LabelStore:
             shape, dtype = expected[name]
             if data.shape != (n, *shape[1:]):
                 raise StoreError(f"array {name}: got shape {data.shape}, expected {(n, *shape[1:])}")
-            group[name][start : start + n] = data.astype(dtype, copy=False)
+            _array(group, name)[start : start + n] = data.astype(dtype, copy=False)
         _write_json_atomic(self.seed_dir(seed) / "pieces" / f"{piece}.done", {"start": start, "stop": start + n})
 
     def commit_seed(self, seed: int) -> dict[str, Any]:
@@ -297,7 +304,7 @@ class LabelStore:
         out = {}
         for name in self.schema.arrays():
             try:
-                out[name] = group[name][...]
+                out[name] = np.asarray(_array(group, name)[...])
             except Exception as e:  # a truncated or edited chunk fails to decode
                 raise StoreError(f"seed {seed} array {name}: cannot be read ({type(e).__name__}: {e})") from None
         return out
@@ -316,7 +323,7 @@ class LabelStore:
             group = zarr.open_group(store=str(self.seed_dir(seed)), mode="r", zarr_format=3)
             for name, want in record["arrays"].items():
                 try:
-                    got = _sha256(group[name][...])
+                    got = _sha256(np.asarray(_array(group, name)[...]))
                 except Exception as e:
                     problems.append(f"seed {seed} array {name}: cannot be read ({type(e).__name__})")
                     continue

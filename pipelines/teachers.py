@@ -90,8 +90,9 @@ class Teacher:
         """``(logits, feature map)``: ``layer`` is ``final`` (timm ``forward_features``) or a module name."""
         x = self.preprocess(views)
         if layer == "final":
-            fmap = self.model.forward_features(x)
-            return self.model.forward_head(fmap), fmap
+            model: Any = self.model  # timm models have forward_features / forward_head
+            fmap = model.forward_features(x)
+            return model.forward_head(fmap), fmap
         module = dict(self.model.named_modules()).get(layer)
         if module is None:
             raise UsageError(f"teacher {self.name} has no layer {layer!r}: use 'final' or a module name")
@@ -135,6 +136,7 @@ def _preprocess_from_cfg(model: nn.Module, in_chans: int) -> Preprocess:
 def load_teacher(spec: str, num_classes: int | None = None, device: str | torch.device = "cpu") -> Teacher:
     """Load ``NAME@PATH`` or ``NAME``; refuse a class count other than ``num_classes`` (if given)."""
     name, path = parse_teacher_spec(spec)
+    pre: Preprocess | None
     if path is None:
         try:
             model = _create(name, pretrained=True, **({"num_classes": num_classes} if num_classes else {}))
@@ -170,8 +172,7 @@ def load_teacher(spec: str, num_classes: int | None = None, device: str | torch.
         except RuntimeError as e:
             first = str(e).strip().splitlines()
             raise UsageError(f"checkpoint {path} does not fit {name}: {' '.join(first[:2])[:300]}") from None
-        if pre is None:
-            pre = _preprocess_from_cfg(model, int(kwargs.get("in_chans", 3)))
+        pre = pre if pre is not None else _preprocess_from_cfg(model, int(kwargs.get("in_chans", 3)))
         source = str(path)
     model.eval().requires_grad_(False)
     classes = int(getattr(model, "num_classes", 0))

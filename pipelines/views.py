@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -140,7 +139,7 @@ def _own(recipe: Recipe, key: list[int], ids: np.ndarray, hw: tuple[int, int]) -
     y0 = _q(tries[rows, first, 2] * (1 - h))
     x0 = _q(tries[rows, first, 3] * (1 - w))
     fb_aspect = min(max(W / H, recipe.ratio[0]), recipe.ratio[1])
-    fb_h, fb_w = (1.0, float(_q(H * fb_aspect / W))) if W / H > fb_aspect else (float(_q(W / fb_aspect / H)), 1.0)
+    fb_h, fb_w = (1.0, float(_q(H * fb_aspect / W))) if fb_aspect < W / H else (float(_q(W / fb_aspect / H)), 1.0)
     none_fit = ~fits.any(axis=1)
     h, w = np.where(none_fit, fb_h, h), np.where(none_fit, fb_w, w)
     y0 = np.where(none_fit, _q((1 - fb_h) / 2), y0)
@@ -158,7 +157,8 @@ def draw_views(recipe: Recipe, seed: int, ids: np.ndarray | list[int], num_sampl
     """
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if ids.size and (ids.min() < 0 or ids.max() >= num_samples):
-        raise UsageError(f"sample ids must lie in [0, {num_samples}): got {ids.min()}..{ids.max()}")
+        bad = int(ids[(ids < 0) | (ids >= num_samples)][0])
+        raise UsageError(f"sample id {bad} is out of range: expected 0 <= id < {num_samples}")
     out = np.zeros((len(ids), NUM_VIEW_PARAMS), dtype=np.float32)
     own_key = _key(recipe, seed, "own")
     out[:, 0:5] = _own(recipe, own_key, ids, hw)

@@ -1,0 +1,103 @@
+"""CLI commands of the student package: ``stillroom train`` and ``stillroom eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipelines.errors import UsageError
+
+
+def _parse_json_object(text: str, flag: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{flag} {text!r} is not JSON: {e.msg}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{flag} must be a JSON object, e.g. '{{\"patch_size\": 4}}'")
+    return value
+
+
+def _parse_seeds(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    from pipelines.labeling import parse_seeds
+
+    return parse_seeds(text)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a student; the last line of output is the final metrics as JSON."""
+    from student.trainer import TrainConfig, train
+
+    config = TrainConfig(
+        store=args.store, dataset=args.dataset, split=args.split, data_root=args.data_root, student=args.student,
+        student_kwargs=_parse_json_object(args.student_kwargs, "--student-kwargs"), loss=args.loss,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        alpha=args.alpha, temperature=args.temperature, seeds=_parse_seeds(args.seeds), out=args.out,
+        workers=args.workers, init=args.init, resume=args.resume, online=args.online, eval_split=args.eval_split,
+        eval_limit=args.eval_limit, seed=args.seed, distill_token=args.distill_token, adv_weight=args.adv_weight,
+        disc_lr=args.disc_lr, tat_variant=args.tat_variant, tat_weight=args.tat_weight, tat_groups=args.tat_groups,
+        tat_anchors=args.tat_anchors, student_layer=args.student_layer, max_steps=args.max_steps,
+        device=args.device, progress=not args.no_progress,
+    )
+    print(json.dumps(train(config)))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Score a student checkpoint; prints ``{"top1", "top5", ...}`` as JSON."""
+    from student.evaluate import evaluate_checkpoint
+
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.dataset, args.split, args.data_root,
+                                         args.batch_size)))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a student from a label store",
+                       description="Train a student from a label store. The last line printed is the final "
+                                   "metrics as JSON.")
+    p.add_argument("--store", required=True, help="the label store directory (<root>/<cache_key>)")
+    p.add_argument("--dataset", required=True, help="the data set the store was labeled from")
+    p.add_argument("--split", default="train")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--student", required=True, help="a timm model name, e.g. resnet18, deit_tiny_distilled_patch16_224")
+    p.add_argument("--student-kwargs", default="{}", help='JSON architecture kwargs, e.g. \'{"patch_size": 4}\'')
+    p.add_argument("--loss", required=True, help="ce, kd, deit-soft, deit-hard, mealv2, sampled or tat")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher term (kd, deit-soft, tat)")
+    p.add_argument("--temperature", type=float, default=None, help="default: 4 for kd and tat, 1 otherwise")
+    p.add_argument("--seeds", default=None, help="store seeds to cycle through, e.g. 0-3 (default: all)")
+    p.add_argument("--out", required=True, help="the run directory")
+    p.add_argument("--workers", type=int, default=1, help="> 1: data-parallel through Ray Train")
+    p.add_argument("--init", default=None, help="pretrained student weights to start from")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--online", action="store_true", help="run the store's teacher(s) in the loop (baseline)")
+    p.add_argument("--eval-split", default="test")
+    p.add_argument("--eval-limit", type=int, default=None, help="score only the first N eval samples")
+    p.add_argument("--seed", type=int, default=0, help="student init and shuffling")
+    p.add_argument("--distill-token", action="store_true",
+                   help="require a student with a distillation token (deit-soft/deit-hard)")
+    p.add_argument("--adv-weight", type=float, default=1.0, help="mealv2: weight of the adversarial term")
+    p.add_argument("--disc-lr", type=float, default=1e-4, help="mealv2: discriminator learning rate")
+    p.add_argument("--tat-variant", default="full", help="tat: full, patch or anchor")
+    p.add_argument("--tat-weight", type=float, default=1.0)
+    p.add_argument("--tat-groups", type=int, default=2)
+    p.add_argument("--tat-anchors", type=int, default=2)
+    p.add_argument("--student-layer", default="final", help="tat: the student layer to match ('final' or a name)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score a student checkpoint: prints {top1, top5} as JSON")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,527 @@
+"""Train a student from a label store.
+
+``train(TrainConfig(...))`` checks everything first (the store against the data set, its recipe and class
+count; the loss against what the store holds and what the student has), then trains, writing to the run
+directory::
+
+    RUN_DIR/config.json     the resolved config
+    RUN_DIR/last.pt         checkpoint after every epoch (atomic); ``resume=True`` continues from it
+    RUN_DIR/metrics.jsonl   one line per epoch: each named loss, test top-1/top-5, samples/s, seconds
+    RUN_DIR/metrics.json    the final metrics (also returned)
+    RUN_DIR/curves.png      loss and accuracy by epoch
+
+Losses (``LOSSES``; formulas in ``student.losses``):
+
+- ``ce``: cross-entropy with the ground truth (mixed views: ``lam * y + (1 - lam) * y_partner``); no teacher.
+- ``kd``: Hinton KD, soft targets at temperature T rebuilt from the stored top-k, plus the ground truth.
+- ``deit-soft``: DeiT soft distillation. A two-head student (distilled DeiT) puts the ground-truth term on
+  its class head and the teacher term on its distillation head; a one-head student puts both on its head.
+- ``deit-hard``: DeiT hard distillation with the teacher's argmax; the same head split as ``deit-soft``.
+- ``mealv2``: soft cross-entropy with the (ensemble) soft labels, no ground truth, plus an adversarial term
+  from a logit discriminator trained jointly with its own optimizer; ``init`` loads pretrained weights.
+- ``sampled``: the unbiased estimate of the soft cross-entropy from the stored sampled classes.
+- ``tat``: TaT feature distillation on the stored teacher feature map plus the ``kd`` term.
+
+``distill_token=True`` asks for a student with a distillation token and refuses one without; without it a
+one-head student may still use the DeiT losses (its one head serves both terms).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines.datasets import Dataset, load_dataset
+from pipelines.errors import UsageError
+from pipelines.store import LabelStore, StoreError
+from pipelines.views import Recipe
+from student import losses as L
+from student.data import Batch, StoreStream, check_store
+from student.evaluate import evaluate, load_init_weights, read_checkpoint, save_checkpoint
+from student.models import (build_student, has_distillation_head, normalize, set_distilled_training, student_heads,
+                            unwrap)
+
+LOSSES = ("ce", "kd", "deit-soft", "deit-hard", "mealv2", "sampled", "tat")
+DEIT_LOSSES = ("deit-soft", "deit-hard")
+DEFAULT_TEMPERATURE = {"kd": 4.0, "tat": 4.0}  # every other loss: 1.0
+TAT_VARIANTS = ("full", "patch", "anchor")
+CHECKPOINT = "last.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``stillroom train`` takes; saved, resolved, as ``RUN_DIR/config.json``.
+
+    ``temperature=None`` means the loss's default (4 for ``kd`` and ``tat``, 1 otherwise). ``seeds=None``
+    uses every complete seed of the store. ``max_steps`` stops each epoch early (tests, benchmarks);
+    ``eval_limit`` scores only the first samples of the eval split.
+    """
+
+    store: str
+    dataset: str
+    student: str
+    loss: str
+    out: str
+    split: str = "train"
+    data_root: str | None = None
+    student_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    alpha: float = 0.5
+    temperature: float | None = None
+    seeds: tuple[int, ...] | None = None
+    workers: int = 1
+    init: str | None = None
+    resume: bool = False
+    online: bool = False
+    eval_split: str = "test"
+    eval_limit: int | None = None
+    seed: int = 0
+    distill_token: bool = False
+    adv_weight: float = 1.0
+    disc_lr: float = 1e-4
+    tat_variant: str = "full"
+    tat_weight: float = 1.0
+    tat_groups: int = 2
+    tat_anchors: int = 2
+    student_layer: str = "final"
+    max_steps: int | None = None
+    device: str = "auto"
+    progress: bool = True
+
+    @property
+    def resolved_temperature(self) -> float:
+        return self.temperature if self.temperature is not None else DEFAULT_TEMPERATURE.get(self.loss, 1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["seeds"] = list(self.seeds) if self.seeds is not None else None
+        d["temperature"] = self.resolved_temperature
+        return d
+
+
+# -- the training step --------------------------------------------------------------------------------
+
+
+class DistillationStep(nn.Module):
+    """One training step's forward: a student, the loss, and the loss's own modules (discriminator, TaT).
+
+    ``forward(batch)`` returns a dict of named loss tensors; ``"loss"`` is the student's objective (the sum
+    of the named terms) and, for ``mealv2``, ``"disc"`` is the discriminator's, minimised by its own optimizer.
+    """
+
+    def __init__(self, student: nn.Module, config: TrainConfig, num_classes: int,
+                 feature_shape: tuple[int, int, int] | None = None, student_channels: int | None = None):
+        super().__init__()
+        self.student, self.config, self.num_classes = student, config, num_classes
+        self.T = config.resolved_temperature
+        self.two_heads = config.loss in DEIT_LOSSES and has_distillation_head(student)
+        self.discriminator = L.LogitDiscriminator(num_classes) if config.loss == "mealv2" else None
+        self.tat: nn.Module | None = None
+        if config.loss == "tat":
+            if feature_shape is None or student_channels is None:
+                raise UsageError("the tat loss needs the teacher feature shape and the student's channel count")
+            self.tat = L.TargetAwareTransformer(student_channels, feature_shape[0])
+            self.feature_grid = (feature_shape[1], feature_shape[2])
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        params = list(self.student.parameters())
+        return params + (list(self.tat.parameters()) if self.tat is not None else [])
+
+    def _soft_targets(self, teacher: dict[str, torch.Tensor], T: float) -> torch.Tensor:
+        return L.soft_targets_from_topk(teacher["topk_idx"], teacher["topk_logit"], teacher["lse"],
+                                        self.num_classes, T=T)
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        cfg, t = self.config, batch.teacher
+        x = normalize(batch.views)
+        fmap = None
+        if cfg.loss == "tat":
+            fmap, (cls, dist) = forward_with_features(self.student, x, cfg.student_layer)
+        else:
+            cls, dist = student_heads(self.student, x)
+        truth = batch.targets if batch.mixed else batch.labels
+        out: dict[str, torch.Tensor] = {}
+        if cfg.loss == "ce":
+            out["ce"] = F.cross_entropy(cls, truth)
+        elif cfg.loss == "kd":
+            out["kd"] = L.kd_loss(cls, self._soft_targets(t, self.T), truth, alpha=cfg.alpha, T=self.T)
+        elif cfg.loss == "deit-soft":
+            probs = self._soft_targets(t, self.T)
+            if dist is None:
+                out["deit_soft"] = L.deit_soft_loss(cls, probs, truth, alpha=cfg.alpha, T=self.T)
+            else:  # class head: the ground truth; distillation head: the teacher
+                out["ce"] = (1 - cfg.alpha) * F.cross_entropy(cls, truth)
+                out["distill"] = L.deit_soft_loss(dist, probs, truth, alpha=1.0, T=self.T) * cfg.alpha
+        elif cfg.loss == "deit-hard":
+            out["deit_hard"] = L.deit_hard_loss(cls, dist if dist is not None else cls, truth, t["hard"])
+        elif cfg.loss == "sampled":
+            out["sampled_ce"] = L.unbiased_sampled_ce(cls, t["sampled"], T=self.T)
+        elif cfg.loss == "mealv2":
+            terms = L.mealv2_losses(cls, self._soft_targets(t, 1.0), self.discriminator)
+            out["soft_ce"], out["adv"] = terms["soft_ce"], cfg.adv_weight * terms["adv"]
+            disc = terms["disc"]
+        elif cfg.loss == "tat":
+            out["kd"] = L.kd_loss(cls, self._soft_targets(t, self.T), truth, alpha=cfg.alpha, T=self.T)
+            f_s = F.adaptive_avg_pool2d(_as_map(fmap), self.feature_grid)
+            out["tat"] = cfg.tat_weight * L.tat_loss(f_s, t["features"], self.tat, variant=cfg.tat_variant,
+                                                     groups=cfg.tat_groups, anchors=cfg.tat_anchors)
+        else:
+            raise UsageError(f"unknown loss {cfg.loss!r}: expected one of {', '.join(LOSSES)}")
+        out["loss"] = torch.stack(list(out.values())).sum()
+        if cfg.loss == "mealv2":
+            out["disc"] = disc
+        return out
+
+
+def _as_map(fmap: torch.Tensor) -> torch.Tensor:
+    """A feature map ``(B, C, H, W)``; ViT tokens ``(B, N, C)`` become the patch grid (prefix tokens dropped)."""
+    if fmap.ndim == 3:
+        n, side = fmap.shape[1], math.isqrt(fmap.shape[1])
+        return fmap[:, n - side * side :].transpose(1, 2).reshape(fmap.shape[0], fmap.shape[2], side, side)
+    if fmap.ndim != 4:
+        raise UsageError(f"student feature map of shape {tuple(fmap.shape)}: expected (B, C, H, W) or (B, N, C)")
+    return fmap
+
+
+def forward_with_features(model: nn.Module, x: torch.Tensor, layer: str
+                          ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
+    """``(feature map, (cls, dist))``: ``layer`` is ``final`` (timm ``forward_features``) or a module name,
+    read with a forward hook."""
+    inner = unwrap(model)
+    if layer == "final":
+        captured: list[torch.Tensor] = []
+        hook_target = _final_feature_module(inner)
+        if hook_target is None:  # no known last module: call the parts (bypasses a DDP wrapper's forward)
+            fmap = inner.forward_features(x)
+            out = inner.forward_head(fmap)
+            cls, dist = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+            return fmap, (cls, dist)
+        handle = hook_target.register_forward_hook(lambda _m, _i, o: captured.append(o))
+    else:
+        module = dict(inner.named_modules()).get(layer)
+        if module is None:
+            raise UsageError(f"student has no layer {layer!r}: use 'final' or a module name")
+        captured = []
+        handle = module.register_forward_hook(lambda _m, _i, o: captured.append(o))
+    try:
+        heads = student_heads(model, x)
+    finally:
+        handle.remove()
+    return captured[0], heads
+
+
+def _final_feature_module(model: nn.Module) -> nn.Module | None:
+    """The module whose output is ``forward_features``'s (the last norm of a ViT, the last stage of a CNN)."""
+    for name in ("norm", "final_conv", "conv_head", "layer4", "stages", "blocks"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module) and not isinstance(module, nn.Identity):
+            return module
+    return None
+
+
+def student_feature_channels(student: nn.Module, img_shape: tuple[int, int, int], layer: str) -> int:
+    """The channel count of the student's feature map at ``layer`` (one probe forward in eval mode)."""
+    inner = unwrap(student)
+    was = inner.training
+    inner.eval()
+    with torch.no_grad():
+        fmap, _ = forward_with_features(inner, torch.zeros(1, *img_shape), layer)
+    inner.train(was)
+    return int(_as_map(fmap).shape[1])
+
+
+# -- setup: everything checked before training --------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """What ``prepare`` checked and opened."""
+
+    config: TrainConfig
+    store: LabelStore
+    dataset: Dataset
+    eval_dataset: Dataset
+    recipe: Recipe
+    img_size: int
+    in_chans: int
+
+
+def prepare(config: TrainConfig) -> Setup:
+    """Check the config, the store and the data set; raise UsageError/StoreError before any training."""
+    if config.loss not in LOSSES:
+        raise UsageError(f"unknown loss {config.loss!r}: expected one of {', '.join(LOSSES)}")
+    if config.epochs < 1 or config.batch_size < 1 or config.workers < 1:
+        raise UsageError("--epochs, --batch-size and --workers must be >= 1")
+    if config.lr <= 0 or not 0 <= config.alpha <= 1 or config.resolved_temperature <= 0:
+        raise UsageError("--lr and --temperature must be > 0 and --alpha in [0, 1]")
+    if config.tat_variant not in TAT_VARIANTS:
+        raise UsageError(f"unknown TaT variant {config.tat_variant!r}: expected one of {', '.join(TAT_VARIANTS)}")
+    if config.distill_token and config.loss not in DEIT_LOSSES:
+        raise UsageError(f"--distill-token trains the distillation head with a DeiT loss, not {config.loss!r}")
+    store = LabelStore(config.store)
+    dataset = load_dataset(config.dataset, config.split, config.data_root)
+    recipe = check_store(store, dataset)
+    schema = store.schema
+    if config.loss == "sampled" and not schema.sampled:
+        raise StoreError(f"store {store.cache_key} holds no sampled classes: the sampled loss needs a store "
+                         "labeled with --sampled M")
+    if config.loss == "tat" and not schema.feature_shape:
+        raise StoreError(f"store {store.cache_key} holds no teacher features: the tat loss needs a store "
+                         "labeled with --features LAYER")
+    eval_dataset = load_dataset(config.dataset, config.eval_split, config.data_root)
+    if eval_dataset.num_classes != dataset.num_classes:
+        raise UsageError(f"eval split has {eval_dataset.num_classes} classes, train split {dataset.num_classes}")
+    in_chans, h, _ = dataset.image_shape
+    return Setup(config, store, dataset, eval_dataset, recipe, recipe.out_size or h, in_chans)
+
+
+def make_student(setup: Setup) -> nn.Module:
+    """Build the student (seeded by ``config.seed``), check it fits the loss, load ``--init`` weights."""
+    cfg = setup.config
+    torch.manual_seed(cfg.seed)
+    student = build_student(cfg.student, setup.dataset.num_classes, setup.in_chans, setup.img_size,
+                            cfg.student_kwargs)
+    if cfg.distill_token and not has_distillation_head(student):
+        raise UsageError(f"--distill-token needs a student with a distillation token (e.g. "
+                         f"deit_tiny_distilled_patch16_224); {cfg.student} has one head")
+    set_distilled_training(student, cfg.loss in DEIT_LOSSES)
+    if cfg.init:
+        load_init_weights(student, cfg.init)
+    return student
+
+
+# -- the loop -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Distributed:
+    """How a worker of a multi-worker run talks to the others (``student.train_ray`` fills it in)."""
+
+    rank: int = 0
+    world_size: int = 1
+    wrap: Callable[[nn.Module], nn.Module] = lambda m: m  # e.g. DDP
+    all_reduce_mean: Callable[[torch.Tensor], None] = lambda t: None
+    device: torch.device | None = None
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _check_resume(out: Path, config: TrainConfig) -> dict[str, Any] | None:
+    ckpt_path = out / CHECKPOINT
+    if not config.resume:
+        if ckpt_path.exists():
+            raise UsageError(f"{out} already holds a run ({CHECKPOINT}): pass --resume or another --out")
+        return None
+    if not ckpt_path.exists():
+        raise UsageError(f"--resume: {out} holds no {CHECKPOINT} to continue from")
+    ckpt = read_checkpoint(ckpt_path)
+    saved = ckpt.get("config", {})
+    ignore = {"epochs", "resume", "progress", "workers", "device", "max_steps"}
+    diff = sorted(k for k, v in config.to_dict().items() if k not in ignore and saved.get(k) != v)
+    if diff:
+        raise UsageError(f"--resume with a different config than the saved run: {', '.join(diff)}")
+    return ckpt
+
+
+def fit(config: TrainConfig, dist: Distributed | None = None) -> dict[str, Any]:
+    """The training loop of one worker (all of it when ``dist`` is None). Rank 0 writes the run directory."""
+    dist = dist or Distributed()
+    setup = prepare(config)
+    device = dist.device or _device(config.device)
+    out = Path(config.out)
+    lead = dist.rank == 0
+    resume_ckpt = _check_resume(out, config)
+    stream = StoreStream(setup.store, setup.dataset, setup.recipe, config.batch_size, config.seeds,
+                         dist.rank, dist.world_size, shuffle_seed=config.seed,
+                         drop_last=dist.world_size > 1)
+    repeat_note = stream.warn_if_repeating(config.epochs)
+    if repeat_note and lead:
+        print(f"stillroom: note: {repeat_note}", file=sys.stderr)
+    online = None
+    if config.online:
+        from student.online import OnlineTeacher
+
+        online = OnlineTeacher(setup.store, setup.recipe, device)
+
+    student = make_student(setup)
+    schema = setup.store.schema
+    channels = (student_feature_channels(student, (setup.in_chans, setup.img_size, setup.img_size),
+                                         config.student_layer) if config.loss == "tat" else None)
+    step = DistillationStep(student, config, setup.dataset.num_classes, schema.feature_shape, channels).to(device)
+    opt = torch.optim.AdamW(step.student_parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    disc_opt = (torch.optim.AdamW(step.discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.999))
+                if step.discriminator is not None else None)
+    steps_per_epoch = min(len(stream), config.max_steps or len(stream))
+    total_steps = max(1, steps_per_epoch * config.epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total_steps)
+                                                                                    / total_steps)))
+    start_epoch, history = 0, []
+    if resume_ckpt is not None:
+        unwrap(student).load_state_dict(resume_ckpt["model"])
+        step.load_state_dict(resume_ckpt["step"])
+        opt.load_state_dict(resume_ckpt["optimizer"])
+        sched.load_state_dict(resume_ckpt["scheduler"])
+        if disc_opt is not None:
+            disc_opt.load_state_dict(resume_ckpt["disc_optimizer"])
+        start_epoch, history = int(resume_ckpt["epoch"]) + 1, list(resume_ckpt.get("history", []))
+    step.student = dist.wrap(student)
+    extra_params = [p for name, p in step.named_parameters() if not name.startswith("student.")]
+    student_params = [p for p in step.student_parameters() if p.requires_grad]
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = {**config.to_dict(), "store_cache_key": setup.store.cache_key, "recipe": setup.recipe.name,
+                    "seeds_used": list(stream.seeds), "img_size": setup.img_size, "in_chans": setup.in_chans,
+                    "num_classes": setup.dataset.num_classes, "device": str(device)}
+        _write_json(out / "config.json", resolved)
+        if start_epoch == 0:
+            (out / "metrics.jsonl").write_text("")
+
+    from tqdm import tqdm
+
+    t_run = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        step.train()
+        sums: dict[str, float] = {}
+        first: dict[str, float] = {}
+        samples, n_steps, t0 = 0, 0, time.perf_counter()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs} {config.loss}", unit="batch",
+                   file=sys.stderr, disable=not (config.progress and lead), leave=False)
+        for batch in stream.epoch(epoch):
+            if n_steps >= steps_per_epoch:
+                break
+            batch = batch.to(device)
+            if online is not None:
+                batch.teacher = online.labels(batch)
+            losses = step(batch)
+            opt.zero_grad(set_to_none=True)
+            if disc_opt is not None:
+                disc_opt.zero_grad(set_to_none=True)
+                losses["loss"].backward(inputs=student_params, retain_graph=True)
+                losses["disc"].backward(inputs=list(step.discriminator.parameters()))
+            else:
+                losses["loss"].backward()
+            if dist.world_size > 1:
+                for p in extra_params:  # the student's grads are averaged by DDP; the loss modules' here
+                    if p.grad is not None:
+                        dist.all_reduce_mean(p.grad)
+            opt.step()
+            sched.step()
+            if disc_opt is not None:
+                disc_opt.step()
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            if n_steps == 0:
+                first = values
+            n_steps += 1
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            samples += len(batch.ids)
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        record = {"epoch": epoch, "seed": stream.seed_for_epoch(epoch),
+                  "losses": {k: round(v / max(n_steps, 1), 6) for k, v in sums.items()},
+                  "first_step": first, "samples": samples * dist.world_size,
+                  "samples_per_s": round(samples * dist.world_size / max(seconds, 1e-9), 1),
+                  "seconds": round(seconds, 3)}
+        if lead:
+            record.update(evaluate(student, setup.eval_dataset, setup.img_size, limit=config.eval_limit,
+                                   device=device))
+            history.append(record)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            save_checkpoint(out / CHECKPOINT, {
+                "student": config.student, "student_kwargs": dict(config.student_kwargs),
+                "num_classes": setup.dataset.num_classes, "in_chans": setup.in_chans, "img_size": setup.img_size,
+                "model": unwrap(student).state_dict(), "step": _step_state(step), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "disc_optimizer": disc_opt.state_dict() if disc_opt is not None else None,
+                "epoch": epoch, "history": history, "config": config.to_dict(),
+                "store_cache_key": setup.store.cache_key,
+            })
+            plot_curves(history, out / "curves.png")
+    if not lead:
+        return {}
+    final = history[-1] if history else {}
+    result = {"run_dir": str(out), "checkpoint": str(out / CHECKPOINT), "loss": config.loss,
+              "student": config.student, "epochs": config.epochs, "online": config.online,
+              "workers": dist.world_size, "top1": final.get("top1"), "top5": final.get("top5"),
+              "losses": final.get("losses", {}), "samples_per_s": final.get("samples_per_s"),
+              "epoch_seconds": [h["seconds"] for h in history], "seconds": round(time.perf_counter() - t_run, 3),
+              "store_cache_key": setup.store.cache_key}
+    if repeat_note:
+        result["note"] = repeat_note
+    _write_json(out / "metrics.json", result)
+    return result
+
+
+def _step_state(step: DistillationStep) -> dict[str, torch.Tensor]:
+    """The loss modules' weights (discriminator, TaT), without the student's."""
+    return {k: v for k, v in step.state_dict().items() if not k.startswith("student.")}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """``curves.png``: each named loss and the eval top-1 by epoch (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name in history[-1]["losses"] if history else []:
+        ax_loss.plot(epochs, [h["losses"].get(name, float("nan")) for h in history], marker="o", label=name)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="training losses")
+    ax_loss.legend(fontsize=8)
+    ax_acc.plot(epochs, [h.get("top1") for h in history], marker="o", label="top-1")
+    ax_acc.plot(epochs, [h.get("top5") for h in history], marker="o", label="top-5")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="eval accuracy", ylim=(0, 1))
+    ax_acc.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train a student from a label store and return its final metrics.
+
+    One worker runs in this process; ``config.workers > 1`` runs through Ray Train (``student.train_ray``),
+    each worker a distinct shard of every epoch. Bad input (a store made for other data, a loss the store
+    cannot feed, a student without the head the loss asks for) raises UsageError/StoreError before training.
+    """
+    setup = prepare(config)
+    make_student(setup)  # refuses a bad student or --init before any worker starts
+    if config.workers > 1:
+        from student.train_ray import train_distributed
+
+        return train_distributed(config)
+    return fit(config)
+
+
+__all__ = ["LOSSES", "TrainConfig", "DistillationStep", "train", "fit", "prepare"]

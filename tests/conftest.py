@@ -1,0 +1,47 @@
+"""Shared fixtures: one local Ray cluster per test session, tiny teachers made on the spot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SYNTHETIC = "synthetic:n=256,classes=4,size=16"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray (2 CPUs, no dashboard), shared by every Ray test; shut down at the end."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def make_teacher(path: Path, num_classes: int = 4, in_chans: int = 1, resolution: int = 16, seed: int = 0,
+                 name: str = "test_resnet") -> str:
+    """A randomly initialised timm test model saved as a stillroom teacher checkpoint; returns NAME@PATH."""
+    import timm
+    import torch
+
+    from pipelines.teachers import Preprocess, save_checkpoint
+
+    torch.manual_seed(seed)
+    kwargs = {"num_classes": num_classes, "in_chans": in_chans}
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    save_checkpoint(path, name, model, kwargs, Preprocess(resolution, (0.5,) * in_chans, (0.25,) * in_chans, in_chans),
+                    extra={})
+    return f"{name}@{path}"
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> str:
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(tmp_path_factory) -> list[str]:
+    d = tmp_path_factory.mktemp("ensemble")
+    return [make_teacher(d / f"t{i}.pt", seed=i) for i in range(2)]

@@ -1,0 +1,124 @@
+"""Views: deterministic, batch-independent, and geometrically right on hand-made images."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.datasets import load_dataset
+from pipelines.errors import UsageError
+from pipelines.views import (
+    COL,
+    MIX_CUTMIX,
+    MIX_MIXUP,
+    NUM_VIEW_PARAMS,
+    apply_views,
+    build_views,
+    draw_views,
+    get_recipe,
+)
+
+DATA = "synthetic:n=300,classes=4,size=16"
+
+
+def test_same_view_across_batch_orders_and_sizes():
+    ds = load_dataset(DATA)
+    recipe = get_recipe("fmnist-rrc-mix")
+    ids = np.arange(64)
+    whole, params = build_views(ds, recipe, 3, ids)
+    reversed_views, _ = build_views(ds, recipe, 3, ids[::-1].copy())
+    assert torch.equal(whole, reversed_views.flip(0))
+    for size in (1, 7, 32):
+        parts = [build_views(ds, recipe, 3, ids[i : i + size])[0] for i in range(0, len(ids), size)]
+        assert torch.equal(torch.cat(parts), whole)
+    # a mix partner is fixed by (recipe, seed, id), whatever else is in the batch
+    mixing = params[:, COL["mix_mode"]] > 0
+    assert mixing.any()
+    alone = draw_views(recipe, 3, ids[mixing][:5], len(ds), (16, 16))
+    np.testing.assert_array_equal(alone[:, COL["partner"]], params[mixing][:5, COL["partner"]])
+
+
+def test_same_view_in_another_process():
+    code = (
+        "import json, numpy as np; from pipelines.datasets import load_dataset; "
+        "from pipelines.views import build_views, get_recipe; "
+        f"v, p = build_views(load_dataset({DATA!r}), get_recipe('fmnist-rrc-mix'), 5, np.array([9, 2, 250]));"
+        "print(json.dumps({'v': v.flatten().tolist(), 'p': p.flatten().tolist()}))"
+    )
+    out = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+    here, params = build_views(load_dataset(DATA), get_recipe("fmnist-rrc-mix"), 5, np.array([9, 2, 250]))
+    assert out["v"] == here.flatten().tolist()
+    assert out["p"] == params.flatten().tolist()
+
+
+def test_seeds_and_recipes_give_other_views():
+    ds = load_dataset(DATA)
+    ids = np.arange(32)
+    a = draw_views(get_recipe("fmnist-rrc"), 0, ids, len(ds), (16, 16))
+    b = draw_views(get_recipe("fmnist-rrc"), 1, ids, len(ds), (16, 16))
+    c = draw_views(get_recipe("fmnist-rrc-mix"), 0, ids, len(ds), (16, 16))
+    assert not np.array_equal(a, b)
+    assert not np.array_equal(a[:, :4], c[:, :4])
+    # crop boxes lie inside the image and respect the scale range (area fraction 0.35..1)
+    assert (a[:, 0] >= 0).all() and (a[:, 0] + a[:, 2] <= 1).all() and (a[:, 1] + a[:, 3] <= 1).all()
+    area = a[:, 2] * a[:, 3]
+    assert area.min() > 0.3 and area.max() <= 1.0
+
+
+def _params(rows: list[dict]) -> torch.Tensor:
+    p = torch.zeros(len(rows), NUM_VIEW_PARAMS)
+    for i, row in enumerate(rows):
+        p[i, 2] = p[i, 3] = 1.0  # full box unless the row says otherwise
+        for name, value in row.items():
+            p[i, COL[name]] = value
+    return p
+
+
+def test_crop_and_flip_on_a_hand_made_image():
+    img = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4) * 10
+    full = apply_views(img, _params([{}]))
+    torch.testing.assert_close(full, img.float() / 255)
+    flipped = apply_views(img, _params([{"flip": 1}]))
+    torch.testing.assert_close(flipped, img.flip(-1).float() / 255)
+    # the top-left quarter, at half size: exactly those four pixels
+    quarter = apply_views(img, _params([{"h": 0.5, "w": 0.5}]), out_size=2)
+    torch.testing.assert_close(quarter, img[..., :2, :2].float() / 255)
+    # the bottom-right quarter, flipped
+    br = apply_views(img, _params([{"y0": 0.5, "x0": 0.5, "h": 0.5, "w": 0.5, "flip": 1}]), out_size=2)
+    torch.testing.assert_close(br, img[..., 2:, 2:].flip(-1).float() / 255)
+
+
+def test_mixup_and_cutmix_on_hand_made_images():
+    a = torch.full((1, 1, 4, 4), 200, dtype=torch.uint8)
+    b = torch.zeros((1, 1, 4, 4), dtype=torch.uint8)
+    mix = apply_views(a, _params([{"mix_mode": MIX_MIXUP, "lam": 0.25, "p_h": 1, "p_w": 1}]), partner_images=b)
+    torch.testing.assert_close(mix, torch.full((1, 1, 4, 4), 0.25 * 200 / 255))
+    cut = apply_views(a, _params([{"mix_mode": MIX_CUTMIX, "lam": 0.5, "p_h": 1, "p_w": 1,
+                                   "cut_y0": 0, "cut_x0": 0, "cut_h": 1, "cut_w": 0.5}]), partner_images=b)
+    expected = torch.full((1, 1, 4, 4), 200 / 255)
+    expected[..., :, :2] = 0
+    torch.testing.assert_close(cut, expected)
+    with pytest.raises(UsageError, match="partner_images"):
+        apply_views(a, _params([{"mix_mode": MIX_MIXUP, "lam": 0.5}]))
+
+
+def test_mixed_lambda_matches_cutmix_box():
+    ds = load_dataset(DATA)
+    p = draw_views(get_recipe("fmnist-rrc-mix"), 0, np.arange(len(ds)), len(ds), (16, 16))
+    cut = p[:, COL["mix_mode"]] == MIX_CUTMIX
+    assert cut.any()
+    np.testing.assert_allclose(p[cut, COL["lam"]], 1 - p[cut, COL["cut_h"]] * p[cut, COL["cut_w"]], atol=1e-6)
+    # fractions lie on the 1/2048 grid, exact in float32
+    np.testing.assert_array_equal(p[:, :4] * 2048, np.round(p[:, :4] * 2048))
+
+
+def test_bad_input():
+    with pytest.raises(UsageError, match="unknown view recipe 'nope'"):
+        get_recipe("nope")
+    with pytest.raises(UsageError, match="out of range|must lie in"):
+        build_views(load_dataset(DATA), get_recipe("fmnist-rrc"), 0, [300])

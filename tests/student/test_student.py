@@ -1,0 +1,188 @@
+"""The student pipeline end to end on tiny real parts: a teacher labels a synthetic split into a real store,
+students train from it with every loss, views replay bit-exactly, online equals cached, bad input is refused."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.datasets import load_dataset
+from pipelines.errors import UsageError
+from pipelines.labeling import LabelConfig, run_labeling
+from pipelines.store import LabelStore, StoreError
+from pipelines.views import COL, MIX_NONE, build_views, draw_views
+from services.cli import main as cli_main
+from student.data import StoreStream, check_store
+from student.models import build_student, student_heads
+from student.trainer import LOSSES, TrainConfig, train
+
+DATA = "synthetic:n=64,classes=4,size=16"
+TINY_DEIT = {"patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}
+
+
+def _label(root: Path, teacher: str, **kw) -> str:
+    config = LabelConfig(dataset=DATA, teachers=(teacher,), store_root=str(root), batch_size=64, chunk_rows=64, **kw)
+    return run_labeling(config, backend="local", progress=False)["store"]
+
+
+@pytest.fixture(scope="module")
+def rich_store(tmp_path_factory, tiny_teacher) -> str:
+    """Mixing views, two seeds, top-3, 8 sampled classes, a 2x2 teacher feature map."""
+    return _label(tmp_path_factory.mktemp("stores"), tiny_teacher, recipe="fmnist-rrc-mix", seeds=(0, 1), top_k=3,
+                  sampled=8, features="final", feature_grid=2)
+
+
+@pytest.fixture(scope="module")
+def plain_store(tmp_path_factory, tiny_teacher) -> str:
+    """Top-2 only: no sampled classes, no features."""
+    return _label(tmp_path_factory.mktemp("stores"), tiny_teacher, top_k=2)
+
+
+def _config(store: str, out: Path, loss: str = "kd", **kw) -> TrainConfig:
+    base = dict(store=store, dataset=DATA, student="test_resnet", loss=loss, out=str(out), batch_size=16,
+                max_steps=2, epochs=1, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def _student_for(loss: str) -> dict:
+    if loss in ("deit-soft", "deit-hard"):
+        return {"student": "deit_tiny_distilled_patch16_224", "student_kwargs": TINY_DEIT}
+    return {}
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_loss_trains_two_batches(rich_store, tmp_path, loss):
+    result = train(_config(rich_store, tmp_path / "run", loss, **_student_for(loss)))
+    assert result["losses"] and all(math.isfinite(v) for v in result["losses"].values())
+    assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
+    for name in ("config.json", "metrics.json", "metrics.jsonl", "curves.png", "last.pt"):
+        assert (tmp_path / "run" / name).is_file(), name
+    epoch = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert epoch["samples"] == 32 and epoch["samples_per_s"] > 0
+    if loss == "mealv2":
+        assert {"soft_ce", "adv", "disc"} <= set(epoch["losses"])
+    if loss == "tat":
+        assert {"kd", "tat"} <= set(epoch["losses"])
+    if loss == "deit-soft":  # two heads: ground truth on the class head, teacher on the distillation head
+        assert {"ce", "distill"} <= set(epoch["losses"])
+
+
+def test_distilled_deit_has_two_heads_in_training_and_one_in_eval():
+    model = build_student("deit_tiny_distilled_patch16_224", 4, 1, 16, TINY_DEIT)
+    model.set_distilled_training(True)
+    x = torch.rand(2, 1, 16, 16)
+    cls, dist = student_heads(model.train(), x)
+    assert dist is not None and cls.shape == dist.shape == (2, 4)
+    mean, none = student_heads(model.eval(), x)  # eval: the mean of the two heads
+    assert none is None
+    torch.testing.assert_close(mean, (cls + dist) / 2)
+
+
+def test_rebuilt_views_equal_the_views_the_teacher_labeled(rich_store):
+    store = LabelStore(rich_store)
+    ds = load_dataset(DATA)
+    recipe = check_store(store, ds)
+    stream = StoreStream(store, ds, recipe, batch_size=64)
+    for seed in (0, 1):
+        labels = stream.labels_for(seed)
+        ids = np.arange(len(ds))[::-1].copy()
+        np.testing.assert_array_equal(labels.arrays["view"][ids], draw_views(recipe, seed, ids, len(ds), (16, 16)))
+        batch = stream.make_batch(labels, ids)
+        teacher_views, _ = build_views(ds, recipe, seed, ids)  # drawn afresh, as the labeling job did
+        assert torch.equal(batch.views, teacher_views)
+        mixing = batch.params[:, COL["mix_mode"]] != MIX_NONE
+        assert mixing.any() and (~mixing).any()
+        torch.testing.assert_close(batch.targets.sum(1), torch.ones(len(ids)))
+        lam = batch.params[mixing, COL["lam"]]
+        own = batch.targets[torch.from_numpy(mixing), batch.labels[torch.from_numpy(mixing)]]
+        assert (own >= torch.from_numpy(lam) - 1e-6).all()
+
+
+def test_shards_are_distinct_and_seeds_cycle(rich_store):
+    store, ds = LabelStore(rich_store), load_dataset(DATA)
+    recipe = check_store(store, ds)
+    shards = [StoreStream(store, ds, recipe, 8, rank=r, world_size=2, shuffle_seed=3) for r in (0, 1)]
+    a, b = shards[0].order(5), shards[1].order(5)
+    assert len(a) == len(b) == 32 and not set(a) & set(b)
+    assert not np.array_equal(shards[0].order(5), shards[0].order(6))
+    assert [shards[0].seed_for_epoch(e) for e in range(4)] == [0, 1, 0, 1]
+    assert shards[0].warn_if_repeating(2) is None and "repeat" in shards[0].warn_if_repeating(3)
+
+
+@pytest.mark.parametrize("loss", ["kd", "deit-hard"])
+def test_cached_and_online_give_the_same_first_step_loss(rich_store, tmp_path, loss):
+    firsts = []
+    for online in (False, True):
+        out = tmp_path / f"online{online}"
+        train(_config(rich_store, out, loss, online=online, max_steps=1))
+        firsts.append(json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["first_step"]["loss"])
+    assert firsts[0] == pytest.approx(firsts[1], rel=1e-3, abs=1e-4)
+
+
+def test_bad_input_is_refused_before_training(rich_store, plain_store, tmp_path):
+    out = tmp_path / "run"
+    cases = [
+        (StoreError, "num_classes", _config(rich_store, out, dataset="synthetic:n=64,classes=5,size=16")),
+        (StoreError, "fingerprint", _config(rich_store, out, dataset="synthetic:n=64,classes=4,size=17")),
+        (StoreError, "num_samples", _config(rich_store, out, dataset="synthetic:n=65,classes=4,size=16")),
+        (StoreError, "sampled", _config(plain_store, out, "sampled")),
+        (StoreError, "features", _config(plain_store, out, "tat")),
+        (StoreError, "seeds [7]", _config(rich_store, out, seeds=(7,))),
+        (UsageError, "distillation token", _config(rich_store, out, "deit-hard", distill_token=True)),
+        (UsageError, "unknown student", _config(rich_store, out, student="no_such_net")),
+        (UsageError, "unknown loss", _config(rich_store, out, "nope")),
+        (UsageError, "no layer", _config(rich_store, out, "tat", student_layer="layer9")),
+        (UsageError, "--resume", _config(rich_store, out, resume=True)),
+        (UsageError, "--init", _config(rich_store, out, init=str(tmp_path / "missing.pt"))),
+    ]
+    for error, words, config in cases:
+        with pytest.raises(error, match=words.replace("[", r"\[")):
+            train(config)
+    assert not out.exists()
+
+
+def test_train_and_eval_commands_resume_and_init(rich_store, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--store", rich_store, "--dataset", DATA, "--student", "test_resnet", "--loss", "ce",
+            "--epochs", "1", "--batch-size", "16", "--max-steps", "2", "--out", str(out), "--no-progress"]
+    assert cli_main(args) == 0
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert final["epochs"] == 1 and final["checkpoint"].endswith("last.pt")
+
+    assert cli_main(["eval", "--checkpoint", str(out / "last.pt"), "--dataset", DATA, "--split", "test"]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["top1"] == pytest.approx(final["top1"]) and scores["top5"] == pytest.approx(final["top5"])
+
+    assert cli_main(args) == 2  # the run directory holds a run: refused without --resume
+    assert "--resume" in capsys.readouterr().err
+    args[args.index("--epochs") + 1] = "2"
+    assert cli_main([*args, "--resume"]) == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1]
+
+    # MEAL V2 starts from the pretrained student
+    result = train(_config(rich_store, tmp_path / "meal", "mealv2", init=str(out / "last.pt")))
+    assert math.isfinite(result["losses"]["soft_ce"])
+    bad = tmp_path / "bad.pt"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, bad)
+    with pytest.raises(UsageError, match="does not fit"):
+        train(_config(rich_store, tmp_path / "meal2", "mealv2", init=str(bad)))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_two_ray_train_workers_complete_and_the_checkpoint_evaluates(rich_store, tmp_path, ray_cluster, capsys):
+    config = _config(rich_store, tmp_path / "ddp", "kd", workers=2, max_steps=None)
+    result = train(config)
+    assert result["workers"] == 2
+    epoch = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[0])
+    assert epoch["samples"] == 64  # two shards of 32 make the whole epoch
+    assert cli_main(["eval", "--checkpoint", result["checkpoint"], "--dataset", DATA]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["top1"] == pytest.approx(result["top1"])
+
