@@ -51,7 +51,7 @@ def connect(address: str | None) -> None:
 
 
 def label_on_ray(config: LabelConfig, store_path: str, work: list[tuple[int, int, int, int]],
-                 on_done: Callable[[int], None]) -> dict[str, float]:
+                 on_done: Callable[[int], object]) -> dict[str, float]:
     """Label ``work`` (seed, piece, start, stop) on a pool of ``config.num_workers`` actors; return the
     seconds spent starting the actors (teachers loaded) and labeling."""
     t0 = time.perf_counter()

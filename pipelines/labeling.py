@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
+from pipelines.progress import progress_bar
 from pipelines.store import LabelStore, StoreSchema
 from pipelines.teachers import Teacher, load_teacher
 from pipelines.views import Recipe, _key, _uniforms, build_views, get_recipe
@@ -234,7 +235,7 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
         return {**result, "cache_hit": True, "seconds": round(time.perf_counter() - t0, 3)}
 
     total = sum(b - a for _, _, a, b in work)
-    bar = _progress(total, f"labeling {len(todo)} seed(s)", progress)
+    bar = progress_bar(total, f"labeling {len(todo)} seed(s)", progress)
     if backend == "local":
         t_start = time.perf_counter()
         labeler = Labeler(config, str(store.path))
@@ -256,9 +257,3 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
             "images_per_s": round(total / max(timing["work_s"], 1e-9), 1),
             "seconds": round(time.perf_counter() - t0, 3), "startup_s": round(timing["startup_s"], 3),
             "labeling_s": round(timing["work_s"], 3), "nodes": int(timing.get("nodes", 1))}
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr, mininterval=1.0)

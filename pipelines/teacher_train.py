@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
+from pipelines.progress import progress_bar
 from pipelines.teachers import Preprocess, _create, save_checkpoint
 from pipelines.views import build_views, get_recipe
 
@@ -70,8 +70,6 @@ def evaluate(model: torch.nn.Module, preprocess: Preprocess, ds: Dataset, batch_
 
 def train_teacher(config: TeacherTrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train, evaluate on the test split, write the checkpoint; return the result record."""
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     train = load_dataset(config.dataset, "train", config.data_root)
     test = load_dataset(config.dataset, "test", config.data_root)
@@ -96,8 +94,7 @@ def train_teacher(config: TeacherTrainConfig, progress: bool = True) -> dict[str
     for epoch in range(config.epochs):
         model.train()
         order = torch.randperm(n, generator=gen).numpy()
-        bar = tqdm(total=n, desc=f"teacher epoch {epoch + 1}/{config.epochs}", unit="img", file=sys.stderr,
-                   disable=not progress, mininterval=1.0)
+        bar = progress_bar(n, f"teacher epoch {epoch + 1}/{config.epochs}", progress)
         total_loss = 0.0
         for step in range(steps_per_epoch):
             ids = order[step * config.batch_size : (step + 1) * config.batch_size]

@@ -1,0 +1,155 @@
+"""Job records through SQLAlchemy: a SQLite file by default, any SQLAlchemy URL (e.g. PostgreSQL) when set.
+
+The database, not Ray, is the record of every job: Ray's job table has no paging and dies with the cluster.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import JSON, Float, Index, String, Text, create_engine, event, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+ACTIVE = ("PENDING", "RUNNING")
+KINDS = ("teacher", "label", "train")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True, default="PENDING")
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    spec_hash: Mapped[str] = mapped_column(String(64), index=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
+    cache_key: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
+    cache_hit: Mapped[bool] = mapped_column(default=False)
+    ray_job_id: Mapped[str | None] = mapped_column(String(80), index=True, nullable=True)
+    attached_to: Mapped[str | None] = mapped_column(String(40), nullable=True)  # shares that job's Ray run
+    job_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    __table_args__ = (Index("ix_jobs_created_id", "created_at", "id"),)
+
+
+def new_job_id() -> str:
+    return f"job_{uuid.uuid4().hex[:16]}"
+
+
+class Database:
+    def __init__(self, url: str):
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            @event.listens_for(self.engine, "connect")
+            def _sqlite_pragmas(conn, _record):  # concurrent readers while one writes; durable enough
+                cur = conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.close()
+        Base.metadata.create_all(self.engine)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on any error: nothing half-recorded."""
+        with self.sessions() as s, s.begin():
+            yield s
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None:
+        with self.session() as s:
+            return s.get(Job, job_id)
+
+    def by_idempotency_key(self, key: str) -> Job | None:
+        with self.session() as s:
+            return s.scalars(select(Job).where(Job.idempotency_key == key)).first()
+
+    def active_label_jobs(self, cache_key: str) -> list[Job]:
+        with self.session() as s:
+            q = select(Job).where(Job.kind == "label", Job.cache_key == cache_key, Job.state.in_(ACTIVE),
+                                  Job.attached_to.is_(None), Job.ray_job_id.is_not(None))
+            return list(s.scalars(q))
+
+    def active(self) -> list[Job]:
+        with self.session() as s:
+            return list(s.scalars(select(Job).where(Job.state.in_(ACTIVE))))
+
+    def list(self, state: str | None, kind: str | None, limit: int,
+             page_token: str | None) -> tuple[list[Job], str | None]:
+        """Newest first; ``page_token`` is where the previous page ended."""
+        q = select(Job)
+        if state:
+            q = q.where(Job.state == state)
+        if kind:
+            q = q.where(Job.kind == kind)
+        if page_token:
+            created, job_id = decode_token(page_token)
+            q = q.where((Job.created_at < created) | ((Job.created_at == created) & (Job.id < job_id)))
+        q = q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+        with self.session() as s:
+            rows = list(s.scalars(q))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, encode_token(rows[-1].created_at, rows[-1].id) if more and rows else None
+
+    def counts(self) -> dict[str, Any]:
+        with self.session() as s:
+            jobs = list(s.execute(select(Job.state, Job.kind, Job.cache_hit, Job.result)))
+        by_state = {st: 0 for st in STATES}
+        hits = labels = 0
+        for state, kind, hit, result in jobs:
+            by_state[state] = by_state.get(state, 0) + 1
+            hits += int(bool(hit))
+            if kind == "label" and state == "SUCCEEDED" and result and not hit:
+                labels += int(result.get("samples", 0))
+        return {"by_state": by_state, "cache_hits": hits, "labels_written": labels}
+
+    def add(self, job: Job) -> Job:
+        with self.session() as s:
+            s.add(job)
+        return job
+
+    def update(self, job_id: str, **fields: Any) -> Job | None:
+        with self.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                return None
+            for k, v in fields.items():
+                setattr(job, k, v)
+            return job
+
+
+def encode_token(created_at: float, job_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at!r}|{job_id}".encode()).decode()
+
+
+def decode_token(token: str) -> tuple[float, str]:
+    try:
+        created, job_id = base64.urlsafe_b64decode(token.encode()).decode().split("|", 1)
+        return float(created), job_id
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("page_token is not one this service gave out") from None
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,81 @@
+"""The one entry point the service runs as a Ray job: ``python -m services.job_entry JOB_DIR``.
+
+``JOB_DIR/spec.json`` (written by the service, never a shell string) names the kind, one of an allowlist,
+and its typed spec with paths already resolved and confined. The job writes progress to
+``JOB_DIR/progress.json`` and its result (or error) to ``JOB_DIR/result.json``, which the service reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import StillroomError
+from pipelines.progress import PROGRESS_ENV
+
+
+def run_teacher(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    from pipelines.teacher_train import TeacherTrainConfig, train_teacher
+
+    return train_teacher(TeacherTrainConfig(out=job["out"], **spec))
+
+
+def run_label(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    from pipelines.labeling import LabelConfig, run_labeling
+
+    config = LabelConfig(**{**spec, "teachers": tuple(spec["teachers"]), "seeds": tuple(spec["seeds"]),
+                            "store_root": job["store_root"]})
+    return run_labeling(config, backend="ray")
+
+
+def run_train(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    from student.trainer import TrainConfig, train
+
+    fields = {**spec, "store": str(Path(job["store_root"]) / spec["store"]), "out": job["out"]}
+    if fields.get("seeds") is not None:
+        fields["seeds"] = tuple(fields["seeds"])
+    return train(TrainConfig(**fields))
+
+
+ENTRY_POINTS: dict[str, Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]] = {
+    "teacher": run_teacher, "label": run_label, "train": run_train,
+}
+
+
+def _write(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str]) -> int:
+    job_dir = Path(argv[0])
+    job = json.loads((job_dir / "spec.json").read_text())
+    entry = ENTRY_POINTS.get(job["kind"])
+    if entry is None:
+        _write(job_dir / "result.json", {"ok": False, "error": f"unknown job kind {job['kind']!r}"})
+        return 2
+    os.environ[PROGRESS_ENV] = str(job_dir / "progress.json")
+    print(f"stillroom job {job['job_id']} ({job['kind']}): {json.dumps(job['spec'])}", flush=True)
+    try:
+        result = entry(job["spec"], job)
+    except StillroomError as e:
+        print(f"stillroom: error: {e}", file=sys.stderr, flush=True)
+        _write(job_dir / "result.json", {"ok": False, "error": str(e)})
+        return 1
+    except Exception as e:
+        traceback.print_exc()
+        _write(job_dir / "result.json", {"ok": False, "error": f"{type(e).__name__}: {e}"})
+        return 1
+    print(json.dumps(result), flush=True)
+    _write(job_dir / "result.json", {"ok": True, "result": result})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
