@@ -64,6 +64,7 @@ class Service:
         self.settings, self.jobs = settings, jobs
         self.db = Database(settings.db_url)
         self.submit_lock = threading.Lock()
+        self.key_lock = threading.Lock()
         self.label_keys: dict[str, str] = {}  # label spec fingerprint -> cache key
         self.stop = threading.Event()
 
@@ -89,11 +90,15 @@ class Service:
             resolved = confined_spec(kind, spec, self.settings.allowed_roots, base)
         except PathOutsideRoots as e:
             raise HTTPException(400, str(e)) from None
-        with self.submit_lock:
+        job = Job(id=new_job_id(), kind=kind, state="PENDING", spec=spec.model_dump(mode="json"),
+                  spec_hash=digest, idempotency_key=idempotency_key, created_at=now())
+        if kind == "label":
+            job.cache_key = self._label_cache_key(resolved)
+            if self._seeds_complete(job.cache_key, resolved["seeds"]) and not idempotency_key:
+                return self._cache_hit_label(job, resolved), 202  # a read and an insert: no lock needed
+        with self.submit_lock:  # dedup and idempotency decisions are made one at a time
             if idempotency_key and (existing := self.db.by_idempotency_key(idempotency_key)) is not None:
                 return self._same_or_conflict(existing, kind, digest)
-            job = Job(id=new_job_id(), kind=kind, state="PENDING", spec=spec.model_dump(mode="json"),
-                      spec_hash=digest, idempotency_key=idempotency_key, created_at=now())
             if kind == "teacher":
                 return self._submit_teacher(job, resolved), 202
             if kind == "label":
@@ -117,22 +122,21 @@ class Service:
             return self.db.add(job)
         return self._launch(job, resolved, {"out": str(out)})
 
-    def _submit_label(self, job: Job, resolved: dict[str, Any]) -> Job:
-        from pipelines.errors import StillroomError
-        from pipelines.store import LabelStore
+    def _seeds_complete(self, key: str, seeds: list[int]) -> bool:
+        seeds_dir = self.settings.store_root / key / "seeds"
+        return all((seeds_dir / str(int(s)) / "COMPLETE").exists() for s in seeds)
 
-        try:
-            key = self._label_cache_key(resolved)
-        except StillroomError as e:
-            raise HTTPException(422, str(e)) from None
-        job.cache_key = key
-        store = LabelStore(self.settings.store_root / key)
-        have = set(store.seeds())
-        if set(resolved["seeds"]) <= have:
-            job.state, job.cache_hit, job.ended_at = "SUCCEEDED", True, now()
-            job.result = {"cache_key": key, "store": str(store.path), "seeds_computed": [],
-                          "seeds_reused": sorted(resolved["seeds"]), "samples": 0, "cache_hit": True}
-            return self.db.add(job)
+    def _cache_hit_label(self, job: Job, resolved: dict[str, Any]) -> Job:
+        job.state, job.cache_hit, job.ended_at = "SUCCEEDED", True, now()
+        job.result = {"cache_key": job.cache_key, "store": str(self.settings.store_root / str(job.cache_key)),
+                      "seeds_computed": [], "seeds_reused": sorted(resolved["seeds"]), "samples": 0, "cache_hit": True}
+        return self.db.add(job)
+
+    def _submit_label(self, job: Job, resolved: dict[str, Any]) -> Job:
+        key = str(job.cache_key)
+        if self._seeds_complete(key, resolved["seeds"]):
+            return self._cache_hit_label(job, resolved)
+        have = {s for s in resolved["seeds"] if self._seeds_complete(key, [s])}
         for primary in self.db.active_label_jobs(key):
             if set(resolved["seeds"]) <= set(primary.spec["seeds"]) | have:
                 job.attached_to, job.ray_job_id, job.state = primary.id, primary.ray_job_id, primary.state
@@ -143,6 +147,7 @@ class Service:
     def _label_cache_key(self, resolved: dict[str, Any]) -> str:
         """The store key of a label spec; computed once (it loads the dataset and teachers), then remembered
         for as long as the teacher checkpoints are unchanged."""
+        from pipelines.errors import StillroomError
         from pipelines.labeling import LabelConfig, prepare_store
 
         stats = []
@@ -153,9 +158,15 @@ class Service:
                                                                  "gpus_per_worker")}
         fingerprint = json.dumps([fields, stats], sort_keys=True)
         if fingerprint not in self.label_keys:
-            config = LabelConfig(**{**resolved, "teachers": tuple(resolved["teachers"]),
-                                    "seeds": tuple(resolved["seeds"]), "store_root": str(self.settings.store_root)})
-            self.label_keys[fingerprint] = prepare_store(config).cache_key
+            with self.key_lock:  # the first submission of a spec computes it; the others wait for it
+                if fingerprint not in self.label_keys:
+                    config = LabelConfig(**{**resolved, "teachers": tuple(resolved["teachers"]),
+                                            "seeds": tuple(resolved["seeds"]),
+                                            "store_root": str(self.settings.store_root)})
+                    try:
+                        self.label_keys[fingerprint] = prepare_store(config).cache_key
+                    except StillroomError as e:
+                        raise HTTPException(422, str(e)) from None
         return self.label_keys[fingerprint]
 
     def _launch(self, job: Job, resolved: dict[str, Any], extra: dict[str, Any]) -> Job:
@@ -244,6 +255,45 @@ class Service:
         return self.db.update(job.id, state="CANCELLED", ended_at=now(), error="cancelled by request") or job
 
 
+class BodyLimit:
+    """413 for a request body over ``max_bytes``, by its Content-Length or, without one, as it streams in."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self._refuse(send)
+        seen = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
 _bearer = HTTPBearer(auto_error=False)
 
 
@@ -274,16 +324,7 @@ def create_app(settings: Settings, jobs: RayJobs) -> FastAPI:
     app = FastAPI(title="stillroom", version="0.1.0", lifespan=lifespan,
                   description="Label and training jobs for knowledge distillation from a label store.")
     app.state.service = service
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return JSONResponse({"detail": f"request body over {settings.max_body_bytes} bytes"}, status_code=413)
-        if request.method in ("POST", "PUT", "PATCH") and length is None:
-            body = await request.body()
-            if len(body) > settings.max_body_bytes:
-                return JSONResponse({"detail": f"request body over {settings.max_body_bytes} bytes"}, 413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     def get_job(job_id: str) -> Job:
         job = service.db.get(job_id)

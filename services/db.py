@@ -114,13 +114,13 @@ class Database:
 
     def counts(self) -> dict[str, Any]:
         with self.session() as s:
-            jobs = list(s.execute(select(Job.state, Job.kind, Job.cache_hit, Job.result)))
+            jobs = list(s.execute(select(Job.state, Job.kind, Job.cache_hit, Job.result, Job.attached_to)))
         by_state = {st: 0 for st in STATES}
         hits = labels = 0
-        for state, kind, hit, result in jobs:
+        for state, kind, hit, result, attached_to in jobs:
             by_state[state] = by_state.get(state, 0) + 1
             hits += int(bool(hit))
-            if kind == "label" and state == "SUCCEEDED" and result and not hit:
+            if kind == "label" and state == "SUCCEEDED" and result and not hit and attached_to is None:
                 labels += int(result.get("samples", 0))
         return {"by_state": by_state, "cache_hits": hits, "labels_written": labels}
 

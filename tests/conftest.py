@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -9,15 +10,33 @@ import pytest
 SYNTHETIC = "synthetic:n=256,classes=4,size=16"
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray (2 CPUs, no dashboard), shared by every Ray test; shut down at the end."""
+    """A real local Ray (2 CPUs, with its dashboard for the Jobs API), shared by every Ray test; shut down
+    at the end."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ctx = ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
+                       log_to_driver=False)
+        _DASHBOARD.append(f"http://{ctx.dashboard_url}")
     yield ray
     ray.shutdown()
+
+
+_DASHBOARD: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def ray_dashboard(ray_cluster) -> str:
+    """The shared cluster's dashboard URL: where the job service submits Ray jobs."""
+    return _DASHBOARD[0]
 
 
 def make_teacher(path: Path, num_classes: int = 4, in_chans: int = 1, resolution: int = 16, seed: int = 0,
