@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,10 +37,19 @@ class RayJobs:
         self.dashboard_url = dashboard_url if dashboard_url.startswith("http") else f"http://{dashboard_url}"
         self.client = JobSubmissionClient(self.dashboard_url)
 
-    def submit(self, submission_id: str, job_dir: str, python: str, metadata: dict[str, str]) -> str:
+    def submit(self, submission_id: str, job_dir: str, python: str, metadata: dict[str, str],
+               agent_wait_s: float = 60.0) -> str:
+        """Submit; while the cluster's job agent is still starting (a fresh head), wait for it."""
         entrypoint = " ".join(shlex.quote(a) for a in (python, "-m", "services.job_entry", job_dir))
-        return self.client.submit_job(entrypoint=entrypoint, submission_id=submission_id, metadata=metadata,
-                                      entrypoint_num_cpus=0)
+        deadline = time.monotonic() + agent_wait_s
+        while True:
+            try:
+                return self.client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                                              metadata=metadata, entrypoint_num_cpus=0)
+            except Exception as e:  # the SDK raises RuntimeError; other errors come from requests
+                if "No available agent" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def status(self, submission_id: str) -> tuple[str, str] | None:
         """``(state, message)``, or None when Ray has no such job (e.g. the cluster was restarted)."""
