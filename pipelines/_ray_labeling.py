@@ -9,6 +9,7 @@ or ``gpus_per_worker`` GPUs. An actor that dies is restarted and its call retrie
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable
 
@@ -41,6 +42,8 @@ def connect(address: str | None) -> None:
     """Join the cluster at ``address``, or start a local one; a clear error if nothing answers there."""
     if ray.is_initialized():
         return
+    if address and address != "auto":
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=False)
@@ -48,6 +51,18 @@ def connect(address: str | None) -> None:
             ray.init(log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise UsageError(f"no Ray cluster at {address or 'local'}: {str(e).splitlines()[0][:200]}") from None
+
+
+def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """Fail in seconds, not minutes (ray.init retries a dead GCS for about two), when nothing listens there."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not port.isdigit():
+        return  # a form Ray resolves itself
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise UsageError(f"no Ray cluster at {address}: {e.strerror or e}") from None
 
 
 def label_on_ray(config: LabelConfig, store_path: str, work: list[tuple[int, int, int, int]],

@@ -10,7 +10,7 @@ Students see views in [0, 1] normalised with mean 0.5 and std 0.5 (``normalize``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -76,7 +76,7 @@ def set_distilled_training(model: nn.Module, enabled: bool) -> None:
     """Make a two-head student return ``(cls, dist)`` in training mode (no-op for a one-head student)."""
     inner = unwrap(model)
     if hasattr(inner, "set_distilled_training"):
-        inner.set_distilled_training(enabled)
+        cast(Any, inner).set_distilled_training(enabled)
 
 
 def normalize(views: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ class OnlineTeacher:
         self.feature_grid = int(features["grid"]) if features else 0
         self.schema, self.recipe = store.schema, recipe
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the labels enter the student's autograd graph
     def labels(self, batch: Batch) -> dict[str, torch.Tensor]:
         """The store arrays for the batch's views, computed live, as tensors like ``Batch.teacher``."""
         views = batch.views

@@ -25,11 +25,12 @@ from student.trainer import Distributed, TrainConfig, fit
 
 def _absolute(config: TrainConfig) -> TrainConfig:
     """Workers may run in another directory: make every path absolute."""
-    def absolute(p: str | None) -> str | None:
-        return str(Path(p).resolve()) if p else p
+    def absolute(p: str) -> str:
+        return str(Path(p).resolve())
 
-    return replace(config, store=absolute(config.store), out=absolute(config.out), init=absolute(config.init),
-                   data_root=absolute(config.data_root))
+    return replace(config, store=absolute(config.store), out=absolute(config.out),
+                   init=absolute(config.init) if config.init else None,
+                   data_root=absolute(config.data_root) if config.data_root else None)
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
@@ -73,7 +74,7 @@ def train_distributed(config: TrainConfig) -> dict[str, Any]:
     try:
         trainer.fit()
     except Exception as e:  # a worker's StillroomError arrives wrapped; say what it was
-        cause = e
+        cause: BaseException = e
         while cause.__cause__ is not None and not isinstance(cause, StillroomError):
             cause = cause.__cause__
         if isinstance(cause, StillroomError):

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -49,13 +49,19 @@ from pipelines.views import Recipe
 from student import losses as L
 from student.data import Batch, StoreStream, check_store
 from student.evaluate import evaluate, load_init_weights, read_checkpoint, save_checkpoint
-from student.models import (build_student, has_distillation_head, normalize, set_distilled_training, student_heads,
-                            unwrap)
+from student.models import (
+    build_student,
+    has_distillation_head,
+    normalize,
+    set_distilled_training,
+    student_heads,
+    unwrap,
+)
 
-LOSSES = ("ce", "kd", "deit-soft", "deit-hard", "mealv2", "sampled", "tat")
+LOSSES = L.LOSS_NAMES  # ce, kd, deit-soft, deit-hard, mealv2, sampled, tat
 DEIT_LOSSES = ("deit-soft", "deit-hard")
 DEFAULT_TEMPERATURE = {"kd": 4.0, "tat": 4.0}  # every other loss: 1.0
-TAT_VARIANTS = ("full", "patch", "anchor")
+TAT_VARIANTS = L.TAT_VARIANTS  # full, patch, anchor
 CHECKPOINT = "last.pt"
 
 
@@ -128,14 +134,12 @@ class DistillationStep(nn.Module):
         super().__init__()
         self.student, self.config, self.num_classes = student, config, num_classes
         self.T = config.resolved_temperature
-        self.two_heads = config.loss in DEIT_LOSSES and has_distillation_head(student)
         self.discriminator = L.LogitDiscriminator(num_classes) if config.loss == "mealv2" else None
         self.tat: nn.Module | None = None
         if config.loss == "tat":
             if feature_shape is None or student_channels is None:
                 raise UsageError("the tat loss needs the teacher feature shape and the student's channel count")
             self.tat = L.TargetAwareTransformer(student_channels, feature_shape[0])
-            self.feature_grid = (feature_shape[1], feature_shape[2])
 
     def student_parameters(self) -> list[nn.Parameter]:
         params = list(self.student.parameters())
@@ -148,9 +152,10 @@ class DistillationStep(nn.Module):
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg, t = self.config, batch.teacher
         x = normalize(batch.views)
-        fmap = None
+        f_s = None
         if cfg.loss == "tat":
             fmap, (cls, dist) = forward_with_features(self.student, x, cfg.student_layer)
+            f_s = _as_map(fmap)  # tat_loss pools it onto the stored teacher grid
         else:
             cls, dist = student_heads(self.student, x)
         truth = batch.targets if batch.mixed else batch.labels
@@ -174,9 +179,8 @@ class DistillationStep(nn.Module):
             terms = L.mealv2_losses(cls, self._soft_targets(t, 1.0), self.discriminator)
             out["soft_ce"], out["adv"] = terms["soft_ce"], cfg.adv_weight * terms["adv"]
             disc = terms["disc"]
-        elif cfg.loss == "tat":
+        elif cfg.loss == "tat" and f_s is not None:
             out["kd"] = L.kd_loss(cls, self._soft_targets(t, self.T), truth, alpha=cfg.alpha, T=self.T)
-            f_s = F.adaptive_avg_pool2d(_as_map(fmap), self.feature_grid)
             out["tat"] = cfg.tat_weight * L.tat_loss(f_s, t["features"], self.tat, variant=cfg.tat_variant,
                                                      groups=cfg.tat_groups, anchors=cfg.tat_anchors)
         else:
@@ -206,8 +210,8 @@ def forward_with_features(model: nn.Module, x: torch.Tensor, layer: str
         captured: list[torch.Tensor] = []
         hook_target = _final_feature_module(inner)
         if hook_target is None:  # no known last module: call the parts (bypasses a DDP wrapper's forward)
-            fmap = inner.forward_features(x)
-            out = inner.forward_head(fmap)
+            fmap = cast(Any, inner).forward_features(x)
+            out = cast(Any, inner).forward_head(fmap)
             cls, dist = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
             return fmap, (cls, dist)
         handle = hook_target.register_forward_hook(lambda _m, _i, o: captured.append(o))
@@ -282,6 +286,13 @@ def prepare(config: TrainConfig) -> Setup:
     if config.loss == "tat" and not schema.feature_shape:
         raise StoreError(f"store {store.cache_key} holds no teacher features: the tat loss needs a store "
                          "labeled with --features LAYER")
+    if config.loss == "tat" and schema.feature_shape:
+        _, h, w = schema.feature_shape
+        if config.tat_variant == "patch" and (config.tat_groups < 1 or h % config.tat_groups or w % config.tat_groups):
+            raise UsageError(f"--tat-groups {config.tat_groups} must divide the stored {h}x{w} teacher map")
+        if config.tat_variant == "anchor" and not 1 <= config.tat_anchors <= min(h, w):
+            raise UsageError(f"--tat-anchors {config.tat_anchors} must lie in [1, {min(h, w)}] for the stored "
+                             f"{h}x{w} teacher map")
     eval_dataset = load_dataset(config.dataset, config.eval_split, config.data_root)
     if eval_dataset.num_classes != dataset.num_classes:
         raise UsageError(f"eval split has {eval_dataset.num_classes} classes, train split {dataset.num_classes}")
@@ -376,7 +387,7 @@ def fit(config: TrainConfig, dist: Distributed | None = None) -> dict[str, Any]:
     start_epoch, history = 0, []
     if resume_ckpt is not None:
         unwrap(student).load_state_dict(resume_ckpt["model"])
-        step.load_state_dict(resume_ckpt["step"])
+        step.load_state_dict(resume_ckpt["step"], strict=False)  # the loss modules; the student is loaded above
         opt.load_state_dict(resume_ckpt["optimizer"])
         sched.load_state_dict(resume_ckpt["scheduler"])
         if disc_opt is not None:
@@ -385,14 +396,15 @@ def fit(config: TrainConfig, dist: Distributed | None = None) -> dict[str, Any]:
     step.student = dist.wrap(student)
     extra_params = [p for name, p in step.named_parameters() if not name.startswith("student.")]
     student_params = [p for p in step.student_parameters() if p.requires_grad]
+    disc_params = list(step.discriminator.parameters()) if step.discriminator is not None else []
     if lead:
         out.mkdir(parents=True, exist_ok=True)
         resolved = {**config.to_dict(), "store_cache_key": setup.store.cache_key, "recipe": setup.recipe.name,
                     "seeds_used": list(stream.seeds), "img_size": setup.img_size, "in_chans": setup.in_chans,
                     "num_classes": setup.dataset.num_classes, "device": str(device)}
         _write_json(out / "config.json", resolved)
-        if start_epoch == 0:
-            (out / "metrics.jsonl").write_text("")
+        # the epochs the checkpoint holds (none for a new run): a line written after the last checkpoint goes
+        (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 
     from tqdm import tqdm
 
@@ -415,7 +427,7 @@ def fit(config: TrainConfig, dist: Distributed | None = None) -> dict[str, Any]:
             if disc_opt is not None:
                 disc_opt.zero_grad(set_to_none=True)
                 losses["loss"].backward(inputs=student_params, retain_graph=True)
-                losses["disc"].backward(inputs=list(step.discriminator.parameters()))
+                losses["disc"].backward(inputs=disc_params)
             else:
                 losses["loss"].backward()
             if dist.world_size > 1:
@@ -517,6 +529,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """
     setup = prepare(config)
     make_student(setup)  # refuses a bad student or --init before any worker starts
+    _check_resume(Path(config.out), config)
     if config.workers > 1:
         from student.train_ray import train_distributed
 

@@ -36,10 +36,11 @@ class Server:
     def start(self) -> Server:
         env = {**os.environ, "STILLROOM_API_TOKEN": TOKEN, "STILLROOM_DATA_ROOT": str(self.root / "data"),
                "STILLROOM_POLL_INTERVAL_S": "0.3"}
-        self.proc = subprocess.Popen(
-            [STILLROOM, "serve", "--port", str(self.port), "--ray-address", self.dashboard,
-             "--state-dir", str(self.root / "state"), "--store-root", str(self.root / "stores")],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(self.root / "serve.log", "ab"), start_new_session=True)
+        with open(self.root / "serve.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [STILLROOM, "serve", "--port", str(self.port), "--ray-address", self.dashboard,
+                 "--state-dir", str(self.root / "state"), "--store-root", str(self.root / "stores")],
+                env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:

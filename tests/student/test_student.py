@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +188,10 @@ def test_two_ray_train_workers_complete_and_the_checkpoint_evaluates(rich_store,
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scores["top1"] == pytest.approx(result["top1"])
 
+
+
+def test_only_the_ray_train_entry_point_imports_ray():
+    code = ("import sys; import student.trainer, student.data, student.online, student.commands, student.evaluate; "
+            "print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
