@@ -222,6 +222,10 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
     store = prepare_store(config)
     reused = [s for s in config.seeds if s in store.seeds()]
     todo = [s for s in config.seeds if s not in reused]
+    if todo and backend == "ray":
+        from pipelines._ray_labeling import connect
+
+        connect(config.ray_address)  # no Ray there: fail now, before any seed is begun
     work: list[tuple[int, int, int, int]] = []
     pieces = store.schema.pieces()
     for seed in todo:
