@@ -135,7 +135,11 @@ def _preprocess_from_cfg(model: nn.Module, in_chans: int) -> Preprocess:
 
 def load_teacher(spec: str, num_classes: int | None = None, device: str | torch.device = "cpu") -> Teacher:
     """Load ``NAME@PATH`` or ``NAME``; refuse a class count other than ``num_classes`` (if given)."""
+    import timm
+
     name, path = parse_teacher_spec(spec)
+    if not timm.is_model(name):
+        raise UsageError(f"unknown model {name!r}: not a timm model name (see timm.list_models())")
     pre: Preprocess | None
     if path is None:
         try:
