@@ -40,10 +40,11 @@ class LabelWorker:
 
 def connect(address: str | None) -> None:
     """Join the cluster at ``address``, or start a local one; a clear error if nothing answers there."""
-    if ray.is_initialized():
-        return
     if address and address != "auto":
         _check_reachable(address)
+    if ray.is_initialized():
+        _check_same_cluster(address)
+        return
     try:
         if address:
             ray.init(address=address, log_to_driver=False)
@@ -63,6 +64,17 @@ def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
     except OSError as e:
         raise UsageError(f"no Ray cluster at {address}: {e.strerror or e}") from None
+
+
+def _check_same_cluster(address: str | None) -> None:
+    """This process already holds a Ray connection (one per process): refuse an address of another cluster
+    rather than label on the wrong one. Compared by GCS port: the host may be spelled several ways."""
+    if not address or address == "auto" or "://" in address:
+        return
+    current = ray.get_runtime_context().gcs_address or ""
+    port, current_port = address.rpartition(":")[2], current.rpartition(":")[2]
+    if port.isdigit() and current_port.isdigit() and int(port) != int(current_port):
+        raise UsageError(f"this process is connected to the Ray cluster at {current}; cannot also join {address}")
 
 
 def label_on_ray(config: LabelConfig, store_path: str, work: list[tuple[int, int, int, int]],

@@ -7,8 +7,9 @@ can refuse labels made for other data.
 
 Specs, as the CLI and the service take them:
 
-- ``fashion-mnist``: the idx files from ``/usr/share/datasets/fashion-mnist`` (Debian's
-  ``dataset-fashion-mnist``) or from ``data_root`` / ``$STILLROOM_DATA``.
+- ``fashion-mnist`` or ``fashion-mnist:n=N`` (the first N samples of the split): the idx files from
+  ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``) or ``data_root`` /
+  ``$STILLROOM_DATA``.
 - ``imagefolder:<path>``: a folder per class (sorted names are the classes), PNG or JPEG, read as RGB
   and resized to the size of the first image.
 - ``synthetic`` or ``synthetic:n=512,classes=10,size=16,channels=1``: generated from the sample id,
@@ -125,7 +126,7 @@ class FashionMNIST(_InMemory):
 
     num_classes = 10
 
-    def __init__(self, split: str = "train", data_root: str | os.PathLike | None = None):
+    def __init__(self, split: str = "train", data_root: str | os.PathLike | None = None, n: int | None = None):
         _check_split(split)
         root = Path(data_root or os.environ.get("STILLROOM_DATA") or FASHION_MNIST_DIR)
         prefix = "train" if split == "train" else "t10k"
@@ -139,11 +140,15 @@ class FashionMNIST(_InMemory):
                     "dataset-fashion-mnist or point --data-root / STILLROOM_DATA at the idx files"
                 )
             files[kind] = found
-        self.spec, self.split = "fashion-mnist", split
+        self.spec, self.split = "fashion-mnist" if n is None else f"fashion-mnist:n={n}", split
         self.images = _read_idx(files["images-idx3-ubyte"])[:, None]
         self.labels = _read_idx(files["labels-idx1-ubyte"]).astype(np.int64)
         if len(self.images) != len(self.labels):
             raise UsageError(f"{root}: {len(self.images)} images but {len(self.labels)} labels")
+        if n is not None:
+            if not 1 <= n <= len(self.images):
+                raise UsageError(f"fashion-mnist:n={n}: the {split} split has {len(self.images)} samples")
+            self.images, self.labels = self.images[:n], self.labels[:n]
 
 
 class Synthetic(_InMemory):
@@ -226,12 +231,13 @@ class DatasetSpec:
         return cls(kind, arg)
 
 
-def _parse_kwargs(arg: str, spec: str) -> dict[str, int]:
+def _parse_kwargs(arg: str, spec: str, keys: tuple[str, ...] = ("n", "classes", "size", "channels")) -> dict[str, int]:
     out: dict[str, int] = {}
     for part in filter(None, arg.split(",")):
         key, _, value = part.partition("=")
-        if key not in ("n", "classes", "size", "channels") or not value.isdigit():
-            raise UsageError(f"bad synthetic option {part!r} in {spec!r}: expected n=, classes=, size=, channels=")
+        if key not in keys or not value.isdigit():
+            expected = ", ".join(f"{k}=" for k in keys)
+            raise UsageError(f"bad option {part!r} in {spec!r}: expected {expected}")
         out[key] = int(value)
     return out
 
@@ -246,7 +252,7 @@ def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike |
         parsed = DatasetSpec.parse(spec)
         ds: Dataset
         if parsed.kind == "fashion-mnist":
-            ds = FashionMNIST(split, data_root)
+            ds = FashionMNIST(split, data_root, **_parse_kwargs(parsed.arg, spec, ("n",)))
         elif parsed.kind == "synthetic":
             ds = Synthetic(split, **_parse_kwargs(parsed.arg, spec))
         else:

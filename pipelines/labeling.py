@@ -219,6 +219,8 @@ def _jsonable(config: LabelConfig) -> dict[str, Any]:
 def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = True) -> dict[str, Any]:
     """Label every seed of ``config`` that the store does not hold yet; return the job's result record."""
     t0 = time.perf_counter()
+    if backend not in ("ray", "local"):
+        raise UsageError(f"unknown backend {backend!r}: expected ray or local")
     store = prepare_store(config)
     reused = [s for s in config.seeds if s in store.seeds()]
     todo = [s for s in config.seeds if s not in reused]

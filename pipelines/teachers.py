@@ -156,7 +156,11 @@ def load_teacher(spec: str, num_classes: int | None = None, device: str | torch.
     else:
         if not Path(path).is_file():
             raise UsageError(f"teacher checkpoint {path} does not exist")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # not a torch file, truncated, or pickled objects weights_only refuses
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise UsageError(f"cannot read teacher checkpoint {path}: {type(e).__name__}: {first}") from None
         if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
             if ckpt["model"] != name:
                 raise UsageError(f"checkpoint {path} holds a {ckpt['model']}, not a {name}")

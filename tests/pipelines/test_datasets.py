@@ -20,6 +20,9 @@ def test_fashion_mnist_test_split():
     assert batch.shape == (2, 1, 28, 28) and str(batch.dtype) == "torch.uint8"
     assert np.bincount(ds.labels).tolist() == [1000] * 10
     assert len(ds.fingerprint) == 32
+    head = load_dataset("fashion-mnist:n=100", "test")
+    assert len(head) == 100 and np.array_equal(head.read([99]), ds.read([99]))
+    assert head.fingerprint != ds.fingerprint
 
 
 def test_synthetic_is_deterministic_and_fingerprinted():
@@ -50,7 +53,8 @@ def test_image_folder(tmp_path):
 
 @pytest.mark.parametrize(("spec", "message"), [
     ("mnist", "unknown dataset 'mnist'"),
-    ("synthetic:n=x", "bad synthetic option"),
+    ("synthetic:n=x", "bad option 'n=x'"),
+    ("fashion-mnist:classes=3", "bad option 'classes=3'"),
     ("imagefolder:/does/not/exist", "does not exist"),
 ])
 def test_bad_specs(spec, message):

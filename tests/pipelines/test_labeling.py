@@ -1,0 +1,340 @@
+"""The labeling job, end to end on real parts: stored labels equal a direct teacher forward on the views
+replayed from the stored parameters (in-process and on Ray), ensembles store the mean of probabilities,
+sampled classes follow the teacher, features match, a killed run or a killed Ray worker still gives the
+same store, repeats are cache hits, two Ray nodes share the work, and bad input fails before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SYNTHETIC, make_teacher
+
+from pipelines.datasets import load_dataset
+from pipelines.errors import StillroomError, UsageError
+from pipelines.labeling import LabelConfig, Labeler, run_labeling, sample_classes
+from pipelines.store import COMPLETE, LabelStore
+from pipelines.teachers import load_teacher
+from pipelines.views import build_views, get_recipe
+
+STILLROOM = str(Path(sys.executable).parent / "stillroom")
+
+
+def config(root: Path, teachers, **kw) -> LabelConfig:
+    fields = {"dataset": SYNTHETIC, "teachers": tuple(teachers), "seeds": (0,), "top_k": 3, "chunk_rows": 64,
+              "batch_size": 32, "store_root": str(root / "stores"), **kw}
+    return LabelConfig(**fields)
+
+
+def checksums(store_path: str | Path, seed: int) -> dict[str, str]:
+    record = json.loads((Path(store_path) / "seeds" / str(seed) / COMPLETE).read_text())
+    return {name: a["sha256"] for name, a in record["arrays"].items()}
+
+
+def replay(dataset: str, recipe: str, seed: int, params: np.ndarray) -> torch.Tensor:
+    """The views rebuilt from stored parameters, as a student would."""
+    ds = load_dataset(dataset)
+    return build_views(ds, get_recipe(recipe), seed, np.arange(len(params)), params=params)[0]
+
+
+def teacher_logits(spec: str, views: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return load_teacher(spec, 4).logits(views).float()
+
+
+def test_unknown_backend_fails_before_any_work(tmp_path, tiny_teacher):
+    with pytest.raises(UsageError, match="unknown backend 'spark'"):
+        run_labeling(config(tmp_path, [tiny_teacher]), backend="spark", progress=False)
+    assert not (tmp_path / "stores").exists()
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+def test_labels_equal_a_direct_forward_on_replayed_views(tmp_path, tiny_teacher, backend, request):
+    if backend == "ray":
+        request.getfixturevalue("ray_cluster")
+    # a mixing recipe: partners, mixup and cutmix are replayed from the stored rows too
+    cfg = config(tmp_path, [tiny_teacher], recipe="fmnist-rrc-mix", num_workers=2)
+    result = run_labeling(cfg, backend=backend, progress=False)
+    assert result["seeds_computed"] == [0] and result["samples"] == 256 and not result["cache_hit"]
+    assert result["nodes"] == 1 and result["images_per_s"] > 0
+    store = LabelStore(result["store"])
+    assert store.seeds() == [0] and store.verify() == []
+    labels = store.load(0).arrays
+    _, drawn = build_views(load_dataset(SYNTHETIC), get_recipe("fmnist-rrc-mix"), 0, np.arange(256))
+    np.testing.assert_array_equal(labels["view"], drawn)
+    assert (labels["view"][:, 5] != 0).any(), "no view mixes: the replay of partners is not exercised"
+
+    logits = teacher_logits(tiny_teacher, replay(SYNTHETIC, "fmnist-rrc-mix", 0, labels["view"]))
+    idx = torch.from_numpy(labels["topk_idx"].astype(np.int64))
+    np.testing.assert_array_equal(idx.numpy(), logits.topk(3, dim=-1).indices.numpy())
+    np.testing.assert_array_equal(labels["hard"], logits.argmax(-1).numpy())
+    # f16 keeps 11 significant bits: relative error <= 2**-11
+    np.testing.assert_allclose(labels["topk_logit"].astype(np.float32), logits.gather(1, idx).numpy(),
+                               rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(labels["lse"], torch.logsumexp(logits, -1).numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_ensemble_labels_are_the_log_of_the_mean_probability(tmp_path, tiny_teachers):
+    result = run_labeling(config(tmp_path, tiny_teachers, per_teacher=True), backend="local", progress=False)
+    store = LabelStore(result["store"])
+    labels = store.load(0).arrays
+    views = replay(SYNTHETIC, "fmnist-rrc", 0, labels["view"])
+    members = [teacher_logits(t, views) for t in tiny_teachers]
+    mean = torch.stack([m.softmax(-1) for m in members]).mean(0).numpy()
+    idx = labels["topk_idx"].astype(np.int64)
+    stored_p = np.exp(labels["topk_logit"].astype(np.float64) - labels["lse"][:, None])
+    np.testing.assert_allclose(stored_p, np.take_along_axis(mean, idx, 1), rtol=2e-3, atol=1e-3)
+    np.testing.assert_array_equal(idx, np.argsort(-mean, axis=1, kind="stable")[:, :3])
+    np.testing.assert_allclose(labels["lse"], 0.0, atol=1e-5)  # log-probabilities: they sum to one
+    # the members differ, so the ensemble is not just one of them
+    assert not np.allclose(members[0].softmax(-1).numpy(), members[1].softmax(-1).numpy(), atol=1e-2)
+    for t, member in enumerate(members):  # each member's own top-k beside the ensemble's
+        np.testing.assert_array_equal(labels[f"teacher{t}_topk_idx"], member.topk(3, -1).indices.numpy())
+        np.testing.assert_allclose(labels[f"teacher{t}_lse"], torch.logsumexp(member, -1).numpy(), atol=1e-4)
+    teachers = store.provenance["teachers"]
+    assert len(teachers) == 2 and teachers[0]["weights_sha256"] != teachers[1]["weights_sha256"]
+
+
+def test_sample_classes_follow_a_sharp_distribution():
+    recipe = get_recipe("fmnist-rrc")
+    p = torch.tensor([[0.7, 0.2, 0.1, 0.0], [0.0, 0.0, 1.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    logits = p.clamp_min(1e-12).log()
+    ids = np.array([5, 9, 11])
+    draws = sample_classes(logits, recipe, 0, ids, 4000)
+    assert draws.shape == (3, 4000) and draws.min() >= 0 and draws.max() <= 3
+    freq = np.stack([(draws == c).mean(1) for c in range(4)], axis=1)
+    np.testing.assert_allclose(freq, p.numpy(), atol=0.03)  # 4000 draws: sd <= 0.008
+    assert (draws[1] == 2).all() and not (draws[0] == 3).any()
+    # keyed by the view: the same draws whatever the batch order, others under another seed
+    np.testing.assert_array_equal(sample_classes(logits[[2, 0, 1]], recipe, 0, ids[[2, 0, 1]], 4000),
+                                  draws[[2, 0, 1]])
+    assert not np.array_equal(sample_classes(logits, recipe, 1, ids, 4000)[0], draws[0])
+
+
+def test_sampled_labels_are_deterministic_and_follow_the_teacher(tmp_path, tiny_teacher):
+    kw = {"top_k": 4, "sampled": 32}  # top-4 of 4 classes: the whole distribution is stored
+    a = run_labeling(config(tmp_path / "a", [tiny_teacher], **kw), backend="local", progress=False)
+    b = run_labeling(config(tmp_path / "b", [tiny_teacher], **kw, batch_size=64), backend="local",
+                     progress=False)
+    la, lb = LabelStore(a["store"]).load(0).arrays, LabelStore(b["store"]).load(0).arrays
+    np.testing.assert_array_equal(la["sampled"], lb["sampled"])
+    assert checksums(a["store"], 0)["sampled"] == checksums(b["store"], 0)["sampled"]
+    probs = np.zeros((256, 4))
+    np.put_along_axis(probs, la["topk_idx"].astype(np.int64),
+                      np.exp(la["topk_logit"].astype(np.float64) - la["lse"][:, None]), 1)
+    freq = np.stack([(la["sampled"] == c).mean(1) for c in range(4)], axis=1)
+    # 256 views x 32 draws: each class's mean frequency is its mean probability, loosely
+    np.testing.assert_allclose(freq.mean(0), probs.mean(0), atol=0.02)
+
+
+def test_stored_features_equal_a_direct_forward(tmp_path, tiny_teacher):
+    result = run_labeling(config(tmp_path, [tiny_teacher], features="final", feature_grid=2), backend="local",
+                          progress=False)
+    store = LabelStore(result["store"])
+    labels = store.load(0).arrays
+    views = replay(SYNTHETIC, "fmnist-rrc", 0, labels["view"])
+    with torch.inference_mode():
+        logits, fmap = load_teacher(tiny_teacher, 4).features(views, "final")
+    expected = F.adaptive_avg_pool2d(fmap.float(), 2).numpy()
+    assert fmap.ndim == 4 and labels["features"].dtype == np.float16
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    assert manifest["schema"]["feature_shape"] == list(expected.shape[1:]) == [fmap.shape[1], 2, 2]
+    assert manifest["provenance"]["labels"]["features"] == {"layer": "final", "grid": 2}
+    np.testing.assert_allclose(labels["features"].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+    np.testing.assert_array_equal(labels["hard"], logits.argmax(-1).numpy())
+
+
+def test_repeat_is_a_cache_hit_and_a_new_seed_alone_is_computed(tmp_path, tiny_teacher, monkeypatch):
+    first = run_labeling(config(tmp_path, [tiny_teacher], seeds=(0,)), backend="local", progress=False)
+    complete = Path(first["store"]) / "seeds" / "0" / COMPLETE
+    before, stamp = checksums(first["store"], 0), complete.stat().st_mtime_ns
+
+    original = Labeler.label_piece
+
+    def no_teacher(*_a, **_k):
+        raise AssertionError("a cache hit ran the teacher")
+
+    monkeypatch.setattr(Labeler, "label_piece", no_teacher)
+    again = run_labeling(config(tmp_path, [tiny_teacher], seeds=(0,)), backend="local", progress=False)
+    assert again["cache_hit"] and again["seeds_computed"] == [] and again["seeds_reused"] == [0]
+    assert again["cache_key"] == first["cache_key"] and again["samples"] == 0
+
+    labelled: list[int] = []
+
+    def recording(self, seed, *rest):
+        labelled.append(seed)
+        return original(self, seed, *rest)
+
+    monkeypatch.setattr(Labeler, "label_piece", recording)
+    more = run_labeling(config(tmp_path, [tiny_teacher], seeds=(0, 1)), backend="local", progress=False)
+    assert not more["cache_hit"] and more["seeds_computed"] == [1] and more["seeds_reused"] == [0]
+    assert set(labelled) == {1} and len(labelled) == 4 and more["samples"] == 256
+    assert checksums(more["store"], 0) == before and complete.stat().st_mtime_ns == stamp
+    assert LabelStore(more["store"]).seeds() == [0, 1]
+    assert checksums(more["store"], 1) != before  # another seed, other views
+
+
+KILL_DATA = "synthetic:n=2048,classes=4,size=16"  # 32 pieces of 64 rows
+
+
+def _done_pieces(root: Path) -> int:
+    return len(list(root.glob("*/seeds/0/pieces/*.done")))
+
+
+def _wait_for_done_piece(root: Path, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _done_pieces(root):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the labeling process ended (rc {proc.returncode}) before a piece was seen")
+        time.sleep(0.01)
+    raise AssertionError("no piece was finished in time")
+
+
+@pytest.mark.slow
+def test_killed_run_restarts_to_an_identical_store(tmp_path):
+    teacher = make_teacher(tmp_path / "t64.pt", resolution=64)  # slow enough to be caught part-way
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    cfg = {"dataset": KILL_DATA, "seeds": (0,), "top_k": 3, "chunk_rows": 64, "batch_size": 32}
+    cmd = [STILLROOM, "label", "--no-ray", "--dataset", KILL_DATA, "--teacher", teacher, "--seeds", "0",
+           "--top-k", "3", "--chunk-rows", "64", "--batch-size", "32", "--store", str(killed / "stores")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_done_piece(killed / "stores", proc)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it was killed"
+    store_dir = next((killed / "stores").iterdir())
+    assert LabelStore(store_dir).seeds() == []  # no seed is complete
+    finished = LabelStore(store_dir).done_pieces(0)
+    assert 1 <= len(finished) < 32
+
+    restarted = run_labeling(LabelConfig(teachers=(teacher,), store_root=str(killed / "stores"), **cfg),
+                             backend="local", progress=False)
+    assert restarted["store"] == str(store_dir) and restarted["seeds_computed"] == [0]
+    assert restarted["samples"] == 2048 - 64 * len(finished)  # the finished pieces are kept
+    reference = run_labeling(LabelConfig(teachers=(teacher,), store_root=str(clean / "stores"), **cfg),
+                             backend="local", progress=False)
+    assert reference["cache_key"] == restarted["cache_key"] and reference["samples"] == 2048
+    assert checksums(store_dir, 0) == checksums(reference["store"], 0)
+    assert LabelStore(store_dir).verify() == []
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_ray_worker_still_gives_an_identical_store(tmp_path, ray_cluster, ray_dashboard):
+    from ray.util.state import list_actors
+
+    teacher = make_teacher(tmp_path / "t64.pt", resolution=64)
+    kw = {"dataset": "synthetic:n=3072,classes=4,size=16", "num_workers": 2}  # 48 pieces
+    outcome: dict[str, object] = {}
+
+    def label(name: str) -> None:
+        try:
+            outcome[name] = run_labeling(config(tmp_path / name, [teacher], **kw), backend="ray", progress=False)
+        except Exception as e:  # reported by the assertion below
+            outcome[name] = e
+
+    thread = threading.Thread(target=label, args=("killed",))
+    thread.start()
+    try:
+        _wait_for_done_piece(tmp_path / "killed" / "stores", timeout=120)
+        alive = list_actors(address=ray_dashboard,
+                            filters=[("class_name", "=", "LabelWorker"), ("state", "=", "ALIVE")])
+        assert len(alive) == 2, alive
+        done_at_kill = _done_pieces(tmp_path / "killed" / "stores")
+        os.kill(int(alive[0].pid), signal.SIGKILL)
+    finally:
+        thread.join(timeout=300)
+    assert done_at_kill < 48, "the run ended before a worker was killed"
+    killed = outcome["killed"]
+    assert isinstance(killed, dict), killed
+    restarted = list_actors(address=ray_dashboard, filters=[("actor_id", "=", alive[0].actor_id)], detail=True)
+    assert restarted and restarted[0].num_restarts >= 1  # Ray restarted the actor and retried its piece
+
+    label("clean")
+    clean = outcome["clean"]
+    assert isinstance(clean, dict), clean
+    assert killed["cache_key"] == clean["cache_key"] and killed["samples"] == clean["samples"] == 3072
+    assert checksums(killed["store"], 0) == checksums(clean["store"], 0)
+    assert LabelStore(killed["store"]).verify() == []
+
+
+TWO_NODES = textwrap.dedent("""
+    import json, ray
+    from ray.cluster_utils import Cluster
+    from pipelines.labeling import LabelConfig, run_labeling
+    cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "include_dashboard": False}})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        result = run_labeling(LabelConfig(dataset={data!r}, teachers=({teacher!r},), seeds=(0,), top_k=3,
+                                          chunk_rows=32, batch_size=32, num_workers=2, store_root={root!r},
+                                          ray_address=cluster.address), backend="ray", progress=False)
+        print(json.dumps(result))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+""")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_node_cluster_uses_both_nodes(tmp_path, tiny_teacher):
+    script = TWO_NODES.format(data=SYNTHETIC, teacher=tiny_teacher, root=str(tmp_path / "stores"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["nodes"] == 2 and result["samples"] == 256 and result["seeds_computed"] == [0]
+    assert LabelStore(result["store"]).verify() == []
+
+
+def test_bad_input_fails_before_any_work(tmp_path, tiny_teacher):
+    ckpt = tiny_teacher.partition("@")[2]
+    plain = tmp_path / "plain.pt"  # a plain state dict of a 4-class test_resnet
+    torch.save(load_teacher(tiny_teacher).model.state_dict(), plain)
+    not_a_dir = tmp_path / "file.txt"
+    not_a_dir.write_text("x")
+    stores = tmp_path / "stores"
+    cases = [
+        (config(tmp_path, ["no_such_model_xyz@" + ckpt]), "unknown model 'no_such_model_xyz'"),
+        (config(tmp_path, [f"resnet18@{plain}"]), "does not fit resnet18"),
+        (config(tmp_path, [f"resnet18@{ckpt}"]), "holds a test_resnet, not a resnet18"),
+        (config(tmp_path, [tiny_teacher], dataset="synthetic:n=256,classes=5,size=16"),
+         "predicts 4 classes; the dataset has 5"),
+        (config(tmp_path, [f"test_resnet@{tmp_path / 'missing.pt'}"]), "does not exist"),
+        (config(tmp_path, [tiny_teacher], recipe="no-such-recipe"), "unknown view recipe"),
+        (config(tmp_path, [tiny_teacher], top_k=9), "top-k 9 must be between 1 and the class count 4"),
+        (config(tmp_path, [tiny_teacher], features="no.such.layer"), "has no layer 'no.such.layer'"),
+    ]
+    for cfg, message in cases:
+        with pytest.raises(UsageError, match=message):
+            run_labeling(cfg, backend="local", progress=False)
+    assert not list(stores.glob("*/seeds")), "a refused job began a seed"
+
+    t = time.monotonic()
+    with pytest.raises(UsageError, match="no Ray cluster at 127.0.0.1:1"):
+        run_labeling(config(tmp_path, [tiny_teacher], ray_address="127.0.0.1:1"), backend="ray", progress=False)
+    assert time.monotonic() - t < 15, "a dead Ray address took long to refuse"
+    assert not list(stores.glob("*/seeds")), "a refused job began a seed"
+
+    with pytest.raises(StillroomError, match="cannot write to store root"):
+        run_labeling(config(tmp_path, [tiny_teacher], store_root=str(not_a_dir / "stores")), backend="local",
+                     progress=False)
+    assert not_a_dir.read_text() == "x"
