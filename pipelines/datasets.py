@@ -145,9 +145,9 @@ class FashionMNIST(_InMemory):
         self.labels = _read_idx(files["labels-idx1-ubyte"]).astype(np.int64)
         if len(self.images) != len(self.labels):
             raise UsageError(f"{root}: {len(self.images)} images but {len(self.labels)} labels")
-        if n is not None:
-            if not 1 <= n <= len(self.images):
-                raise UsageError(f"fashion-mnist:n={n}: the {split} split has {len(self.images)} samples")
+        if n is not None:  # the first n samples; a split with fewer (test: 10,000) is taken whole
+            if n < 1:
+                raise UsageError(f"fashion-mnist:n={n}: expected n >= 1")
             self.images, self.labels = self.images[:n], self.labels[:n]
 
 

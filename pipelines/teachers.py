@@ -178,8 +178,8 @@ def load_teacher(spec: str, num_classes: int | None = None, device: str | torch.
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            raise UsageError(f"checkpoint {path} does not fit {name}: {' '.join(first[:2])[:300]}") from None
+            lines = str(e).strip().splitlines()
+            raise UsageError(f"checkpoint {path} does not fit {name}: {' '.join(lines[:2])[:300]}") from None
         pre = pre if pre is not None else _preprocess_from_cfg(model, int(kwargs.get("in_chans", 3)))
         source = str(path)
     model.eval().requires_grad_(False)

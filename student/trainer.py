@@ -44,6 +44,7 @@ from torch import nn
 
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
+from pipelines.progress import progress_bar
 from pipelines.store import LabelStore, StoreError
 from pipelines.views import Recipe
 from student import losses as L
@@ -406,16 +407,14 @@ def fit(config: TrainConfig, dist: Distributed | None = None) -> dict[str, Any]:
         # the epochs the checkpoint holds (none for a new run): a line written after the last checkpoint goes
         (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 
-    from tqdm import tqdm
-
     t_run = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         step.train()
         sums: dict[str, float] = {}
         first: dict[str, float] = {}
         samples, n_steps, t0 = 0, 0, time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs} {config.loss}", unit="batch",
-                   file=sys.stderr, disable=not (config.progress and lead), leave=False)
+        bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs} {config.loss}",
+                           config.progress and lead, unit="batch")
         for batch in stream.epoch(epoch):
             if n_steps >= steps_per_epoch:
                 break
