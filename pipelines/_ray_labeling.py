@@ -89,29 +89,34 @@ def label_on_ray(config: LabelConfig, store_path: str, work: list[tuple[int, int
     # leave nothing idle, but never ask for more CPUs than the cluster has (the actors would never start)
     cpus_each = 1 if gpus else max(1, cpus_total // workers)
     device = "cuda" if gpus else "cpu"
+    # named for the dashboard's Actors view: the store's cache key and the worker's number
+    key = os.path.basename(store_path.rstrip("/"))
     actors = [
-        LabelWorker.options(num_cpus=cpus_each, num_gpus=gpus).remote(  # type: ignore[attr-defined]
+        LabelWorker.options(num_cpus=cpus_each, num_gpus=gpus,  # type: ignore[attr-defined]
+                            name=f"stillroom-label-{key}-{os.getpid()}-{i}").remote(
             config, store_path, cpus_each, device)
-        for _ in range(workers)
+        for i in range(workers)
     ]
-    ray.get([a.pid.remote() for a in actors])  # every actor up, its teachers loaded
-    t_ready = time.perf_counter()
-    pending = list(work)
-    nodes: set[str] = set()
-    in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}
-    free = list(range(workers))
-    while pending or in_flight:
-        while pending and free:
-            slot = free.pop()
-            item = pending.pop(0)
-            in_flight[actors[slot].label_piece.remote(*item)] = (slot, item[3] - item[2])
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        for ref in ready:
-            slot, n = in_flight.pop(ref)
-            nodes.add(ray.get(ref)["node_id"])  # raises if the piece failed after every retry
-            free.append(slot)
-            on_done(n)
-    t_end = time.perf_counter()
-    for actor in actors:
-        ray.kill(actor)
+    try:
+        ray.get([a.pid.remote() for a in actors])  # every actor up, its teachers loaded
+        t_ready = time.perf_counter()
+        pending = list(work)
+        nodes: set[str] = set()
+        in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}
+        free = list(range(workers))
+        while pending or in_flight:
+            while pending and free:
+                slot = free.pop()
+                item = pending.pop(0)
+                in_flight[actors[slot].label_piece.remote(*item)] = (slot, item[3] - item[2])
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in ready:
+                slot, n = in_flight.pop(ref)
+                nodes.add(ray.get(ref)["node_id"])  # raises if the piece failed after every retry
+                free.append(slot)
+                on_done(n)
+        t_end = time.perf_counter()
+    finally:  # a failed piece must not leave actors holding the cluster's CPUs
+        for actor in actors:
+            ray.kill(actor)
     return {"startup_s": t_ready - t0, "work_s": t_end - t_ready, "nodes": len(nodes)}
