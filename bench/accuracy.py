@@ -35,7 +35,7 @@ from pipelines.teacher_train import TeacherTrainConfig, train_teacher
 from student.trainer import TrainConfig, train
 
 VIT_STUDENT = "deit_tiny_distilled_patch16_224"
-VIT_KWARGS = {"patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}
+VIT_KWARGS = {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 2}
 
 # row -> (store, TrainConfig overrides)
 ROWS = {
@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="8,000 samples, 2 seeds: a few minutes")
     ap.add_argument("--dataset", default=None, help="default: fashion-mnist (quick: fashion-mnist:n=8000)")
     ap.add_argument("--teachers", default="resnet10t,resnet10t", help="teacher A and B (A alone labels kd rows)")
-    ap.add_argument("--teacher-epochs", type=int, default=None, help="default 3 (quick: 2)")
+    ap.add_argument("--teacher-epochs", default=None, help="A,B (default 6,3; quick: 2,2)")
     ap.add_argument("--student", default="test_resnet")
     ap.add_argument("--recipe", default="fmnist-rrc-mix")
     ap.add_argument("--seeds", type=int, default=None, help="augmentation seeds labeled (default 4; quick: 2)")
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed after)")
     args = ap.parse_args()
     dataset = args.dataset or ("fashion-mnist:n=8000" if args.quick else "fashion-mnist")
-    teacher_epochs = args.teacher_epochs or (2 if args.quick else 3)
+    teacher_epochs = [int(e) for e in (args.teacher_epochs or ("2,2" if args.quick else "6,3")).split(",")]
     seeds = tuple(range(args.seeds or (2 if args.quick else 4)))
     epochs = args.epochs or len(seeds)
     rows = [r for r in args.rows.split(",") if r]
@@ -83,10 +83,10 @@ def main() -> None:
     minutes: dict[str, float] = {}
     try:
         teachers, teacher_top1 = [], {}
-        for i, name in enumerate(names):
+        for i, name in enumerate(names if "mealv2" in rows else names[:1]):  # B serves only the ensemble
             t = time.perf_counter()
             path = work / f"teacher{i}.pt"
-            got = train_teacher(TeacherTrainConfig(dataset=dataset, model=name, out=str(path), epochs=teacher_epochs,
+            got = train_teacher(TeacherTrainConfig(dataset=dataset, model=name, out=str(path), epochs=teacher_epochs[i],
                                                    recipe="fmnist-rrc", seed=i), progress=False)
             teachers.append(f"{name}@{path}")
             teacher_top1["AB"[i]] = got["top1"]
@@ -123,7 +123,8 @@ def main() -> None:
         out = {
             "bench": "accuracy", "dataset": dataset, "recipe": args.recipe, "seeds": len(seeds), "epochs": epochs,
             "batch_size": args.batch_size, "student": args.student, "vit_student": f"{VIT_STUDENT} {VIT_KWARGS}",
-            "teachers": names, "teacher_top1": {k: round(100 * v, 2) for k, v in teacher_top1.items()},
+            "teachers": names, "teacher_epochs": teacher_epochs,
+            "teacher_top1": {k: round(100 * v, 2) for k, v in teacher_top1.items()},
             "top1": students,
             "store_bytes_per_sample": {"with_features": described["bytes_per_sample"],
                                        "without_features": round(described["bytes_per_sample"]

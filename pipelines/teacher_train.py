@@ -39,11 +39,16 @@ class TeacherTrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data_root: str | None = None
     train_samples: int | None = None  # use only the first N training samples (quick runs)
+    # 0 by default: a teacher trained with label smoothing distils worse, its logits lose the similarity
+    # between classes that soft labels carry (Mueller, Kornblith & Hinton 2019, "When does label smoothing help?")
+    label_smoothing: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise UsageError("--epochs and --batch-size must be >= 1 and --lr > 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UsageError(f"--label-smoothing {self.label_smoothing}: expected 0 <= value < 1")
 
 
 def channel_stats(ds: Dataset, limit: int = 10000) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -100,7 +105,7 @@ def train_teacher(config: TeacherTrainConfig, progress: bool = True) -> dict[str
             ids = order[step * config.batch_size : (step + 1) * config.batch_size]
             views, _ = build_views(train, recipe, epoch, ids)
             loss = F.cross_entropy(model(preprocess(views)), torch.from_numpy(train.labels[ids]),
-                                   label_smoothing=0.1)
+                                   label_smoothing=config.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -36,6 +36,7 @@ class TeacherJobSpec(_Spec):
     recipe: str = Field("fmnist-rrc", pattern=NAME)
     resolution: int | None = Field(None, ge=8, le=2048)
     train_samples: int | None = Field(None, ge=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
 
 
 class LabelJobSpec(_Spec):
