@@ -57,13 +57,18 @@ def main() -> None:
     ap.add_argument("--teachers", default="resnet10t,resnet10t", help="teacher A and B (A alone labels kd rows)")
     ap.add_argument("--teacher-epochs", default=None, help="A,B (default 6,3; quick: 2,2)")
     ap.add_argument("--student", default="test_resnet")
+    ap.add_argument("--student-kwargs", default="{}", help="JSON timm kwargs of the CNN student, e.g. narrower")
     ap.add_argument("--recipe", default="fmnist-rrc-mix")
     ap.add_argument("--seeds", type=int, default=None, help="augmentation seeds labeled (default 4; quick: 2)")
     ap.add_argument("--epochs", type=int, default=None, help="student epochs (default: one per seed)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--alpha", type=float, default=0.5,
+                    help="weight of the teacher term in kd and tat (1: no ground truth, as Beyer et al. 2022)")
     ap.add_argument("--rows", default=",".join(ROWS), help="which rows to train")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed after)")
+    ap.add_argument("--reuse-teachers", action="store_true",
+                    help="keep teacher checkpoints an earlier run left in --dir (their labels are then cache hits)")
     args = ap.parse_args()
     dataset = args.dataset or ("fashion-mnist:n=8000" if args.quick else "fashion-mnist")
     teacher_epochs = [int(e) for e in (args.teacher_epochs or ("2,2" if args.quick else "6,3")).split(",")]
@@ -86,8 +91,13 @@ def main() -> None:
         for i, name in enumerate(names if "mealv2" in rows else names[:1]):  # B serves only the ensemble
             t = time.perf_counter()
             path = work / f"teacher{i}.pt"
-            got = train_teacher(TeacherTrainConfig(dataset=dataset, model=name, out=str(path), epochs=teacher_epochs[i],
-                                                   recipe="fmnist-rrc", seed=i), progress=False)
+            record = path.with_suffix(".json")
+            if args.reuse_teachers and record.exists():
+                got = json.loads(record.read_text())
+            else:
+                got = train_teacher(TeacherTrainConfig(dataset=dataset, model=name, out=str(path),
+                                                       epochs=teacher_epochs[i], recipe="fmnist-rrc", seed=i),
+                                    progress=False)
             teachers.append(f"{name}@{path}")
             teacher_top1["AB"[i]] = got["top1"]
             minutes[f"teacher_{'AB'[i]}"] = (time.perf_counter() - t) / 60
@@ -113,8 +123,11 @@ def main() -> None:
         for row in rows:
             store, extra = ROWS[row]
             t = time.perf_counter()
-            config = {**dict(store=stores[store], dataset=dataset, student=args.student, out=str(work / f"run-{row}"),
-                             epochs=epochs, batch_size=args.batch_size, lr=args.lr, progress=False), **extra}
+            shutil.rmtree(work / f"run-{row}", ignore_errors=True)
+            config = {**dict(store=stores[store], dataset=dataset, student=args.student,
+                             student_kwargs=json.loads(args.student_kwargs), out=str(work / f"run-{row}"),
+                             epochs=epochs, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, progress=False),
+                      **extra}
             result = train(TrainConfig(**config))  # type: ignore[arg-type]
             minutes[row] = (time.perf_counter() - t) / 60
             students[row] = round(100 * result["top1"], 2)
@@ -122,7 +135,9 @@ def main() -> None:
 
         out = {
             "bench": "accuracy", "dataset": dataset, "recipe": args.recipe, "seeds": len(seeds), "epochs": epochs,
-            "batch_size": args.batch_size, "student": args.student, "vit_student": f"{VIT_STUDENT} {VIT_KWARGS}",
+            "batch_size": args.batch_size, "alpha": args.alpha, "student": args.student,
+            "student_kwargs": json.loads(args.student_kwargs), "teachers_reused": bool(args.reuse_teachers),
+            "vit_student": f"{VIT_STUDENT} {VIT_KWARGS}",
             "teachers": names, "teacher_epochs": teacher_epochs,
             "teacher_top1": {k: round(100 * v, 2) for k, v in teacher_top1.items()},
             "top1": students,

@@ -124,3 +124,16 @@ def test_teacher_train_command_writes_a_loadable_checkpoint(tmp_path):
     assert saved["metrics"]["top1"] == result["top1"]
     with torch.inference_mode():
         assert teacher.logits(torch.rand(2, 1, 16, 16)).shape == (2, 4)
+
+
+def test_teacher_train_refuses_bad_settings_before_training(tmp_path):
+    from pipelines.teacher_train import TeacherTrainConfig
+
+    for bad, message in [({"label_smoothing": 1.0}, "--label-smoothing 1.0: expected 0 <= value < 1"),
+                         ({"epochs": 0}, "--epochs and --batch-size must be >= 1")]:
+        with pytest.raises(UsageError, match=message):
+            TeacherTrainConfig(dataset=SYNTHETIC, model="test_resnet", out=str(tmp_path / "t.pt"), **bad)
+    run = subprocess.run([STILLROOM, "teacher", "train", "--dataset", SYNTHETIC, "--model", "test_resnet",
+                          "--label-smoothing", "-0.1", "--out", str(tmp_path / "t.pt")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "expected 0 <= value < 1" in run.stderr and not (tmp_path / "t.pt").exists()
