@@ -61,6 +61,11 @@ def main(argv: list[str]) -> int:
         _write(job_dir / "result.json", {"ok": False, "error": f"unknown job kind {job['kind']!r}"})
         return 2
     os.environ[PROGRESS_ENV] = str(job_dir / "progress.json")
+    # Ray starts a job's entry point with OMP_NUM_THREADS=1 (it reserves no CPUs: entrypoint_num_cpus=0), which
+    # would run an in-process teacher or student on one core: use the node's cores, as the CLI does.
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
     print(f"stillroom job {job['job_id']} ({job['kind']}): {json.dumps(job['spec'])}", flush=True)
     try:
         result = entry(job["spec"], job)
