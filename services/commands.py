@@ -118,8 +118,8 @@ def _follow(client, job: dict[str, Any], label: str) -> dict[str, Any]:
     return done
 
 
-# sized to finish within 10 minutes on 2 CPU cores: the teacher and the students see the first 30,000 images
-DEMO_DATA = "fashion-mnist:n=30000"
+# sized to finish within 10 minutes on 2 CPU cores: the teacher and the students see the first 24,000 images
+DEMO_DATA = "fashion-mnist:n=24000"
 DEMO_TEACHER = {"dataset": DEMO_DATA, "model": "resnet10t", "epochs": 3, "batch_size": 128, "lr": 3e-3}
 DEMO_STUDENT = {"dataset": DEMO_DATA, "student": "test_resnet", "epochs": 2, "batch_size": 128, "lr": 3e-3}
 
@@ -169,7 +169,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         r = job["result"]
         return float(r.get("top1", r.get("test_top1", r.get("final", {}).get("top1", float("nan")))))
 
-    rows = [("teacher resnet10t (30k images, 3 epochs)", top1(teacher), teacher.get("cache_hit")),
+    rows = [("teacher resnet10t (24k images, 3 epochs)", top1(teacher), teacher.get("cache_hit")),
             ("student test_resnet, supervised (ce)", top1(results["ce"]), False),
             ("student test_resnet, distilled from the store (kd)", top1(results["kd"]), False)]
     print()
