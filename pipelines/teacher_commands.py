@@ -57,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--recipe", default="fmnist-rrc", help="view recipe for training augmentation")
+    p.add_argument("--recipe", default="fmnist-flip",
+                   help="view recipe for training augmentation (default: flips only)")
     p.add_argument("--resolution", type=int, default=None, help="input size (default: the dataset's)")
     p.add_argument("--train-samples", type=int, default=None, help="train on the first N samples only")
     p.add_argument("--label-smoothing", type=float, default=0.0,

@@ -33,7 +33,7 @@ class TeacherJobSpec(_Spec):
     epochs: int = Field(2, ge=1, le=1000)
     batch_size: int = Field(128, ge=1, le=65536)
     lr: float = Field(2e-3, gt=0, le=10)
-    recipe: str = Field("fmnist-rrc", pattern=NAME)
+    recipe: str = Field("fmnist-flip", pattern=NAME)
     resolution: int | None = Field(None, ge=8, le=2048)
     train_samples: int | None = Field(None, ge=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)

@@ -70,6 +70,18 @@ def test_seeds_and_recipes_give_other_views():
     assert area.min() > 0.3 and area.max() <= 1.0
 
 
+def test_flip_recipe_keeps_the_whole_image():
+    ds = load_dataset(DATA)
+    ids = np.arange(64)
+    views, params = build_views(ds, get_recipe("fmnist-flip"), 0, ids)
+    np.testing.assert_array_equal(params[:, :4], np.tile([0, 0, 1, 1], (64, 1)))  # the full box, always
+    flipped = params[:, COL["flip"]] == 1
+    assert 10 < flipped.sum() < 54  # about half, p = 0.5
+    images = ds.read(ids).float() / 255
+    expected = torch.where(torch.from_numpy(flipped)[:, None, None, None], images.flip(-1), images)
+    torch.testing.assert_close(views, expected)
+
+
 def _params(rows: list[dict]) -> torch.Tensor:
     p = torch.zeros(len(rows), NUM_VIEW_PARAMS)
     for i, row in enumerate(rows):
