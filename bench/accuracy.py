@@ -1,9 +1,10 @@
 """Student accuracy on Fashion-MNIST: the same student, the same budget, each way of learning.
 
-Two teachers are trained here first (``pipelines.teacher_train``; no pretrained weights reach this machine).
-Teacher A labels the train split once per augmentation seed (top-k, sampled classes and a feature map, one
-store); the ensemble A+B labels it into a second store (MEAL V2). Then one student per row trains for the same
-epochs, batches and views (epoch ``e`` replays seed ``e``) and is scored on the test split:
+Two teachers are trained here first (``pipelines.teacher_train``, recipe ``fmnist-flip``; no pretrained
+weights reach this machine). Teacher A labels the train split once per augmentation seed (top-k, sampled
+classes and a feature map, one store); the ensemble A+B labels it into a second store (MEAL V2). Then one
+student per row trains for the same epochs, batches and views (epoch ``e`` replays seed ``e``) and is scored
+on the test split:
 
     supervised   ``ce``: ground truth only (mixed views: the mixed one-hot label)
     online_kd    ``kd --online``: teacher A in the loop on the same views (the baseline)
@@ -16,7 +17,7 @@ epochs, batches and views (epoch ``e`` replays seed ``e``) and is scored on the 
 Prints one JSON line: each row's top-1, the teachers' top-1, minutes, the store's bytes per sample with and
 without features, and the two targets (cached KD >= online KD - 0.3 points; cached KD >= supervised + 1.0).
 
-    python bench/accuracy.py            # full train split, about 40 minutes on 2 cores
+    python bench/accuracy.py            # full train split, about 30 minutes on 2 cores
     python bench/accuracy.py --quick    # 8,000 samples, a few minutes
 """
 
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--dataset", default=None, help="default: fashion-mnist (quick: fashion-mnist:n=8000)")
     ap.add_argument("--teachers", default="resnet10t,resnet10t", help="teacher A and B (A alone labels kd rows)")
     ap.add_argument("--teacher-epochs", default=None, help="A,B (default 6,3; quick: 2,2)")
+    ap.add_argument("--teacher-recipe", default="fmnist-flip", help="the teachers' training views")
     ap.add_argument("--student", default="test_resnet")
     ap.add_argument("--student-kwargs", default="{}", help="JSON timm kwargs of the CNN student, e.g. narrower")
     ap.add_argument("--recipe", default="fmnist-rrc-mix")
@@ -63,6 +65,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="student epochs (default: one per seed)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--student-seed", type=int, default=0, help="seeds every student's init and batch order")
     ap.add_argument("--alpha", type=float, default=0.5,
                     help="weight of the teacher term in kd and tat (1: no ground truth, as Beyer et al. 2022)")
     ap.add_argument("--rows", default=",".join(ROWS), help="which rows to train")
@@ -96,7 +99,8 @@ def main() -> None:
                 got = json.loads(record.read_text())
             else:
                 got = train_teacher(TeacherTrainConfig(dataset=dataset, model=name, out=str(path),
-                                                       epochs=teacher_epochs[i], recipe="fmnist-rrc", seed=i),
+                                                       epochs=teacher_epochs[i], recipe=args.teacher_recipe,
+                                                       seed=i),
                                     progress=False)
             teachers.append(f"{name}@{path}")
             teacher_top1["AB"[i]] = got["top1"]
@@ -126,7 +130,8 @@ def main() -> None:
             shutil.rmtree(work / f"run-{row}", ignore_errors=True)
             config = {**dict(store=stores[store], dataset=dataset, student=args.student,
                              student_kwargs=json.loads(args.student_kwargs), out=str(work / f"run-{row}"),
-                             epochs=epochs, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, progress=False),
+                             epochs=epochs, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
+                             seed=args.student_seed, progress=False),
                       **extra}
             result = train(TrainConfig(**config))  # type: ignore[arg-type]
             minutes[row] = (time.perf_counter() - t) / 60
@@ -136,9 +141,10 @@ def main() -> None:
         out = {
             "bench": "accuracy", "dataset": dataset, "recipe": args.recipe, "seeds": len(seeds), "epochs": epochs,
             "batch_size": args.batch_size, "alpha": args.alpha, "student": args.student,
+            "student_seed": args.student_seed,
             "student_kwargs": json.loads(args.student_kwargs), "teachers_reused": bool(args.reuse_teachers),
             "vit_student": f"{VIT_STUDENT} {VIT_KWARGS}",
-            "teachers": names, "teacher_epochs": teacher_epochs,
+            "teachers": names, "teacher_epochs": teacher_epochs, "teacher_recipe": args.teacher_recipe,
             "teacher_top1": {k: round(100 * v, 2) for k, v in teacher_top1.items()},
             "top1": students,
             "store_bytes_per_sample": {"with_features": described["bytes_per_sample"],
