@@ -83,7 +83,9 @@ def label_on_ray(config: LabelConfig, store_path: str, work: list[tuple[int, int
     seconds spent starting the actors (teachers loaded) and labeling."""
     t0 = time.perf_counter()
     connect(config.ray_address)
-    gpus = config.gpus_per_worker if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    gpus = config.gpus_per_worker
+    if gpus > 0 and ray.cluster_resources().get("GPU", 0) <= 0:  # the actors would wait for GPUs forever
+        raise UsageError(f"--gpus-per-worker {gpus}: the Ray cluster has no GPU; drop the flag to label on CPUs")
     cpus_total = int(ray.cluster_resources().get("CPU", 1))
     workers = max(1, min(config.num_workers, len(work)))
     # leave nothing idle, but never ask for more CPUs than the cluster has (the actors would never start)

@@ -20,6 +20,14 @@ def _parse_ids(text: str) -> list[int]:
         raise UsageError(f"--ids {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
 
 
+def _output_path(text: str, flag: str = "--out") -> Path:
+    """Where a command will write: its directory must exist (checked before any work is done)."""
+    out = Path(text)
+    if not out.parent.is_dir():
+        raise UsageError(f"{flag} {text}: directory {out.parent} does not exist")
+    return out
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -87,7 +95,8 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
 def cmd_store_export(args: argparse.Namespace) -> int:
     from pipelines.store import LabelStore
 
-    rows = LabelStore(args.dir).export_parquet(args.seed, args.out)
+    out = _output_path(args.out)
+    rows = LabelStore(args.dir).export_parquet(args.seed, out)
     print(json.dumps({"out": str(args.out), "seed": args.seed, "rows": rows}))
     return 0
 
@@ -98,6 +107,7 @@ def cmd_view_show(args: argparse.Namespace) -> int:
     from pipelines.datasets import load_dataset
     from pipelines.views import build_views, get_recipe
 
+    out = _output_path(args.out)
     ds = load_dataset(args.dataset, args.split, args.data_root)
     recipe = get_recipe(args.recipe)
     ids = np.asarray(_parse_ids(args.ids), dtype=np.int64)
@@ -120,7 +130,6 @@ def cmd_view_show(args: argparse.Namespace) -> int:
     grid = grid[0] if grid.shape[0] == 1 else grid.transpose(1, 2, 0)
     img = Image.fromarray(grid)
     img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
-    out = Path(args.out)
     tmp = out.with_name(f".{out.name}.tmp.png")
     img.save(tmp)
     tmp.replace(out)

@@ -34,6 +34,14 @@ def cmd_teacher_train(args: argparse.Namespace) -> int:
 def cmd_label(args: argparse.Namespace) -> int:
     from pipelines.labeling import LabelConfig, parse_seeds, run_labeling
 
+    if args.gpus_per_worker > 0 and args.no_ray:
+        raise UsageError("--gpus-per-worker asks Ray for GPUs; --no-ray labels in this process on the CPU")
+    if args.gpus_per_worker > 0 and args.ray_address is None:
+        import torch
+
+        if not torch.cuda.is_available():  # the local Ray would have no GPU to give
+            raise UsageError(f"--gpus-per-worker {args.gpus_per_worker}: torch finds no CUDA device here; "
+                             "drop the flag to label on CPUs")
     config = LabelConfig(
         dataset=args.dataset, split=args.split, data_root=args.data_root, teachers=tuple(args.teacher),
         recipe=args.recipe, seeds=parse_seeds(args.seeds), top_k=args.top_k, sampled=args.sampled,

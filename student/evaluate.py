@@ -30,7 +30,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint``; UsageError if it is missing or not one."""
     if not Path(path).is_file():
         raise UsageError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file (a JSON, a truncated file) or one holding pickled objects
+        raise UsageError(f"{path} is not a stillroom student checkpoint (the RUN_DIR/last.pt that "
+                         f"`stillroom train` writes): torch cannot read it ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"{path} is not a stillroom student checkpoint (format {CHECKPOINT_FORMAT})")
     return ckpt
@@ -49,7 +53,11 @@ def load_init_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """``--init``: load pretrained student weights from a student checkpoint or a plain state dict."""
     if not Path(path).is_file():
         raise UsageError(f"--init checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or one holding pickled objects that weights_only refuses
+        raise UsageError(f"--init {path} is not a checkpoint or state dict torch can read "
+                         f"({type(e).__name__})") from None
     state = ckpt
     if isinstance(ckpt, dict):
         for key in ("model", "state_dict"):

@@ -331,9 +331,20 @@ class Distributed:
 
 
 def _device(name: str) -> torch.device:
+    """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``; UsageError for a device not here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: torch finds no CUDA device here; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    return device
 
 
 def _check_resume(out: Path, config: TrainConfig) -> dict[str, Any] | None:
@@ -526,6 +537,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     each worker a distinct shard of every epoch. Bad input (a store made for other data, a loss the store
     cannot feed, a student without the head the loss asks for) raises UsageError/StoreError before training.
     """
+    _device(config.device)  # a device that is not here: one error line, before any data is read
     setup = prepare(config)
     make_student(setup)  # refuses a bad student or --init before any worker starts
     _check_resume(Path(config.out), config)

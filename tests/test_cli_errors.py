@@ -1,0 +1,102 @@
+"""Mistakes a newcomer makes, through the real entry point: one ``stillroom: error:`` line, the right exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.store import LabelStore, StoreSchema
+
+REPO = Path(__file__).resolve().parents[1]
+SYNTHETIC = "synthetic:n=256,classes=4,size=16"
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
+
+
+def stillroom(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
+                          timeout=180, env=env, cwd=cwd)
+
+
+def assert_one_error_line(done: subprocess.CompletedProcess, exit_code: int, *fragments: str) -> str:
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("stillroom: error: "), lines[0]
+    assert done.returncode == exit_code, (done.returncode, lines[0])
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def make_store(root: Path, seeds: tuple[int, ...] = (0,)) -> LabelStore:
+    """A real store for the synthetic data set, its seeds written piece by piece and committed."""
+    from pipelines.datasets import load_dataset
+    from pipelines.views import get_recipe
+
+    ds = load_dataset(SYNTHETIC, "train")
+    recipe = get_recipe("fmnist-flip")
+    provenance = {"dataset": {"spec": ds.spec, "split": "train", "fingerprint": ds.fingerprint,
+                              "num_samples": len(ds), "num_classes": ds.num_classes},
+                  "recipe": recipe.to_dict(), "teachers": [{"name": "made-up"}]}
+    schema = StoreSchema(num_samples=len(ds), num_classes=ds.num_classes, top_k=2, chunk_rows=64)
+    store = LabelStore.create(root, provenance, schema)
+    rng = np.random.default_rng(0)
+    for seed in seeds:
+        store.begin_seed(seed)
+        for i, (a, b) in enumerate(schema.pieces()):
+            arrays = {name: rng.integers(0, 4, size=(b - a, *shape[1:])).astype(dtype)
+                      for name, (shape, dtype) in schema.arrays().items()}
+            store.write_piece(seed, i, a, arrays)
+        store.commit_seed(seed)
+    return store
+
+
+def test_view_show_into_a_missing_directory():
+    done = stillroom("view", "show", "--dataset", SYNTHETIC, "--ids", "0", "--out", "/missing/dir/x.png")
+    assert_one_error_line(done, 2, "--out /missing/dir/x.png", "/missing/dir does not exist")
+
+
+def test_store_export_into_a_missing_directory(tmp_path):
+    store = make_store(tmp_path)
+    done = stillroom("store", "export", str(store.path), "--seed", "0", "--out", "/missing/dir/s.parquet")
+    assert_one_error_line(done, 2, "/missing/dir does not exist")
+
+
+def test_eval_of_a_file_that_is_not_a_checkpoint(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"student": "resnet18", "loss": "kd"}))
+    done = stillroom("eval", "--checkpoint", str(config), "--dataset", SYNTHETIC)
+    line = assert_one_error_line(done, 2, f"{config} is not a stillroom student checkpoint", "last.pt")
+    assert "weights_only" not in line
+
+
+@no_cuda
+def test_train_on_cuda_without_cuda(tmp_path):
+    store = make_store(tmp_path / "stores")
+    done = stillroom("train", "--store", str(store.path), "--dataset", SYNTHETIC, "--student", "resnet10t",
+                     "--loss", "kd", "--out", str(tmp_path / "run"), "--device", "cuda")
+    assert_one_error_line(done, 2, "--device cuda", "no CUDA device")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_on_an_unknown_device(tmp_path):
+    store = make_store(tmp_path / "stores")
+    done = stillroom("train", "--store", str(store.path), "--dataset", SYNTHETIC, "--student", "resnet10t",
+                     "--loss", "kd", "--out", str(tmp_path / "run"), "--device", "gpu0")
+    assert_one_error_line(done, 2, "--device 'gpu0'", "expected auto, cpu, cuda or cuda:N")
+
+
+@no_cuda
+def test_label_asking_for_gpus_without_cuda(tmp_path):
+    for extra in (["--no-ray"], []):
+        done = stillroom("label", "--dataset", SYNTHETIC, "--teacher", "resnet10t", "--gpus-per-worker", "1",
+                         "--store", str(tmp_path), *extra)
+        assert_one_error_line(done, 2, "--gpus-per-worker")
+    assert not any(tmp_path.iterdir())  # refused before a store was made
