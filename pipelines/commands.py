@@ -7,10 +7,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipelines.errors import StillroomError, UsageError
+
+if TYPE_CHECKING:
+    from pipelines.store import LabelStore
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -36,6 +40,12 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _partial(store: LabelStore) -> str:
+    """``seed 1 partial: 3 of 8 pieces done`` for each seed a writer began and did not commit ('' if none)."""
+    return ", ".join(f"seed {seed} partial: {done} of {total} pieces done"
+                     for seed, (done, total) in store.partial_seeds().items())
+
+
 def cmd_store_ls(args: argparse.Namespace) -> int:
     from pipelines.store import list_stores
 
@@ -48,7 +58,8 @@ def cmd_store_ls(args: argparse.Namespace) -> int:
         teachers = ",".join(t.get("name", "?") for t in prov.get("teachers", []))
         print(f"{s.cache_key}  {dataset.get('spec', '?')}/{dataset.get('split', '?')}  "
               f"recipe={prov.get('recipe', {}).get('name', '?')}  teachers={teachers or '?'}  "
-              f"k={s.schema.top_k}  seeds={s.seeds()}  {_human(s.size_on_disk())}")
+              f"k={s.schema.top_k}  seeds={s.seeds()}  {_human(s.size_on_disk())}"
+              + (f"  ({partial})" if (partial := _partial(s)) else ""))
     return 0
 
 
@@ -71,6 +82,8 @@ def cmd_store_inspect(args: argparse.Namespace) -> int:
     print(f"samples      {info['samples']}  classes={schema['num_classes']}  top-k={schema['top_k']}  "
           f"sampled={schema['sampled']}  features={schema['feature_shape']}")
     print(f"seeds        {info['seeds'] or 'none complete'}")
+    if partial := _partial(LabelStore(args.dir)):
+        print(f"unfinished   {partial}")
     for seed, s in info["per_seed"].items():
         parts = "  ".join(f"{k}={v}" for k, v in s["bytes_per_sample_by_array"].items())
         print(f"  seed {seed}: {s['bytes_per_sample']} bytes/sample ({parts})")
@@ -88,7 +101,10 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
         print(f"CORRUPT {p}", file=sys.stderr)
     if problems:
         return 1
-    print(f"ok: {store.cache_key}, seeds {seeds}, every checksum matches")
+    checked = f"seeds {seeds}, every checksum matches" if seeds else "no complete seed to check"
+    partial = _partial(store)
+    print(f"ok: {store.cache_key}, {checked}" + (f"; {partial} (not committed: not read by students; "
+                                                  "run the label job again to finish it)" if partial else ""))
     return 0
 
 

@@ -299,6 +299,15 @@ class LabelStore:
             return []
         return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / COMPLETE).exists())
 
+    def partial_seeds(self) -> dict[int, tuple[int, int]]:
+        """Seeds a writer began but did not commit (a killed or running job): seed -> (pieces done, pieces)."""
+        d = self.path / "seeds"
+        if not d.exists():
+            return {}
+        total = len(self.schema.pieces())
+        begun = sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and not (p / COMPLETE).exists())
+        return {seed: (len(self.done_pieces(seed)), total) for seed in begun}
+
     def _read_arrays(self, seed: int) -> dict[str, np.ndarray]:
         group = zarr.open_group(store=str(self.seed_dir(seed)), mode="r", zarr_format=3)
         out = {}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from test_datasets import needs_fmnist
-from test_store import PROVENANCE, write_seed
+from test_store import PROVENANCE, fake_labels, write_seed
 
 from pipelines.store import LabelStore, StoreSchema
 
@@ -81,3 +81,25 @@ def test_view_show_on_fashion_mnist(tmp_path):
     assert json.loads(shown.stdout)["ids"] == [0, 1, 2]
     img = Image.open(out)
     assert img.width > img.height / 3 and img.height >= 3 * 28  # three rows of original | view
+
+
+def test_ls_verify_inspect_name_the_seed_a_killed_run_left_partial(tmp_path):
+    schema = StoreSchema(num_samples=300, num_classes=12, top_k=3, chunk_rows=64)  # 5 pieces
+    store = LabelStore.create(tmp_path, PROVENANCE, schema)
+    write_seed(store, 0)
+    labels = fake_labels(schema, 1)
+    store.begin_seed(1)  # a run that wrote two of seed 1's five pieces, then died before commit_seed
+    for i in (0, 3):
+        a, b = schema.pieces()[i]
+        store.write_piece(1, i, a, {k: v[a:b] for k, v in labels.items()})
+    assert LabelStore(store.path).partial_seeds() == {1: (2, 5)}
+    ls = run("store", "ls", str(tmp_path))
+    assert ls.returncode == 0 and "seeds=[0]" in ls.stdout and "seed 1 partial: 2 of 5 pieces done" in ls.stdout
+    verify = run("store", "verify", str(store.path))
+    assert verify.returncode == 0, verify.stderr
+    assert "seeds [0], every checksum matches" in verify.stdout
+    assert "seed 1 partial: 2 of 5 pieces done" in verify.stdout
+    inspect = run("store", "inspect", str(store.path))
+    assert "seed 1 partial: 2 of 5 pieces done" in inspect.stdout
+    store.begin_seed(2)  # begun, nothing written yet
+    assert LabelStore(store.path).partial_seeds() == {1: (2, 5), 2: (0, 5)}
