@@ -25,7 +25,7 @@ def cmd_teacher_train(args: argparse.Namespace) -> int:
         dataset=args.dataset, model=args.model, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, recipe=args.recipe, resolution=args.resolution, data_root=args.data_root,
         model_kwargs=_json_arg(args.model_kwargs, "--model-kwargs"), train_samples=args.train_samples,
-        label_smoothing=args.label_smoothing,
+        label_smoothing=args.label_smoothing, bn_samples=args.bn_samples,
     )
     print(json.dumps(train_teacher(config)))
     return 0
@@ -71,6 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-samples", type=int, default=None, help="train on the first N samples only")
     p.add_argument("--label-smoothing", type=float, default=0.0,
                    help="cross-entropy label smoothing (default 0: smoothed teachers distil worse)")
+    p.add_argument("--bn-samples", type=int, default=10_000,
+                   help="re-estimate BatchNorm statistics on this many training views before the final "
+                        "evaluation (0: keep training's running averages)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_teacher_train)
 

@@ -137,3 +137,40 @@ def test_teacher_train_refuses_bad_settings_before_training(tmp_path):
                           "--label-smoothing", "-0.1", "--out", str(tmp_path / "t.pt")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "expected 0 <= value < 1" in run.stderr and not (tmp_path / "t.pt").exists()
+
+
+def test_batchnorm_statistics_are_reestimated_before_the_final_evaluation(tmp_path):
+    """A few steps leave BatchNorm's running averages far from the final weights' statistics: the same
+    weights score much lower in eval mode than with batch statistics until they are re-estimated."""
+    import numpy as np
+
+    from pipelines.datasets import load_dataset
+    from pipelines.teacher_train import TeacherTrainConfig, train_teacher
+
+    test = load_dataset(SYNTHETIC, "test")
+
+    def top1(teacher, batch_stats: bool) -> float:
+        teacher.model.train(batch_stats)  # True: each batch of 128 normalised with its own statistics
+        hits = 0
+        with torch.no_grad():
+            for start in range(0, len(test), 128):
+                ids = np.arange(start, min(start + 128, len(test)))
+                logits = teacher.model(teacher.preprocess(test.read(ids).float() / 255.0))
+                hits += int((logits.argmax(1) == torch.from_numpy(test.labels[ids])).sum())
+        return hits / len(test)
+
+    runs = {}
+    for bn_samples in (0, 10_000):  # 0: the running averages training left (the old behaviour)
+        out = tmp_path / f"bn{bn_samples}.pt"
+        result = train_teacher(TeacherTrainConfig(dataset=SYNTHETIC, model="test_resnet", out=str(out), epochs=1,
+                                                  batch_size=32, bn_samples=bn_samples), progress=False)
+        teacher = load_teacher(f"test_resnet@{out}", num_classes=4)
+        runs[bn_samples] = (result, top1(teacher, batch_stats=False), top1(teacher, batch_stats=True), teacher)
+    (before, eval_before, batch_before, t_before), (after, eval_after, batch_after, t_after) = runs[0], runs[10_000]
+    assert before["bn_reestimated_on"] == 0 and after["bn_reestimated_on"] == 256  # the 8 batches of 32 seen
+    params = dict(t_before.model.named_parameters())
+    assert all(torch.equal(p, params[name]) for name, p in t_after.model.named_parameters())  # same weights
+    assert batch_after == batch_before
+    assert after["top1"] == eval_after  # the printed accuracy is the eval-mode accuracy of the saved teacher
+    assert abs(eval_after - batch_after) < abs(eval_before - batch_before)
+    assert abs(eval_after - batch_after) <= 0.1 < abs(eval_before - batch_before)
