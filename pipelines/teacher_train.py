@@ -124,7 +124,7 @@ def train_teacher(config: TeacherTrainConfig, progress: bool = True) -> dict[str
     for epoch in range(config.epochs):
         model.train()
         order = torch.randperm(n, generator=gen).numpy()
-        bar = progress_bar(n, f"teacher epoch {epoch + 1}/{config.epochs}", progress)
+        bar = progress_bar(n, f"teacher epoch {epoch} of {config.epochs}", progress)
         total_loss = 0.0
         for step in range(steps_per_epoch):
             ids = order[step * config.batch_size : (step + 1) * config.batch_size]

@@ -6,9 +6,13 @@ directory::
 
     RUN_DIR/config.json     the resolved config
     RUN_DIR/last.pt         checkpoint after every epoch (atomic); ``resume=True`` continues from it
-    RUN_DIR/metrics.jsonl   one line per epoch: each named loss, test top-1/top-5, samples/s, seconds
+    RUN_DIR/metrics.jsonl   one line per epoch: each named loss (the epoch's mean and per step), test
+                            top-1/top-5, samples/s, seconds
     RUN_DIR/metrics.json    the final metrics (also returned)
-    RUN_DIR/curves.png      loss and accuracy by epoch
+    RUN_DIR/curves.png      the losses step by step and the accuracy after each epoch
+
+Epochs are counted from 0 everywhere: ``"epoch"`` in metrics.jsonl and the checkpoint, the progress bar and
+curves.png; epoch ``e`` uses store seed ``seeds[e % len(seeds)]``; ``epochs=N`` runs epochs 0 to N - 1.
 
 Losses (``LOSSES``; formulas in ``student.losses``):
 
@@ -424,7 +428,8 @@ def fit(config: TrainConfig, dist: Distributed | None = None) -> dict[str, Any]:
         sums: dict[str, float] = {}
         first: dict[str, float] = {}
         samples, n_steps, t0 = 0, 0, time.perf_counter()
-        bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs} {config.loss}",
+        per_step = StepLosses(steps_per_epoch)
+        bar = progress_bar(steps_per_epoch, f"epoch {epoch} of {config.epochs} {config.loss}",
                            config.progress and lead, unit="batch")
         for batch in stream.epoch(epoch):
             if n_steps >= steps_per_epoch:
@@ -454,6 +459,7 @@ def fit(config: TrainConfig, dist: Distributed | None = None) -> dict[str, Any]:
             n_steps += 1
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
+            per_step.add(n_steps - 1, values)
             samples += len(batch.ids)
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
@@ -461,7 +467,8 @@ def fit(config: TrainConfig, dist: Distributed | None = None) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "seed": stream.seed_for_epoch(epoch),
                   "losses": {k: round(v / max(n_steps, 1), 6) for k, v in sums.items()},
-                  "first_step": first, "samples": samples * dist.world_size,
+                  "first_step": first, "steps": n_steps, "step_losses": per_step.to_dict(),
+                  "samples": samples * dist.world_size,
                   "samples_per_s": round(samples * dist.world_size / max(seconds, 1e-9), 1),
                   "seconds": round(seconds, 3)}
         if lead:
@@ -506,23 +513,83 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+class StepLosses:
+    """One epoch's losses step by step, as the means of runs of ``every`` consecutive steps: at most
+    ``points`` values per loss (every step when the epoch has no more steps), whatever the epoch's length."""
+
+    def __init__(self, steps: int, points: int = 200):
+        self.every = max(1, math.ceil(steps / points))
+        self.sums: dict[str, list[float]] = {}
+        self.counts: list[int] = []
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        i = step // self.every
+        if i == len(self.counts):
+            self.counts.append(0)
+        self.counts[i] += 1
+        for name, v in values.items():
+            bins = self.sums.setdefault(name, [])
+            bins.extend([0.0] * (i + 1 - len(bins)))
+            bins[i] += v
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps_per_point": self.every,
+                "losses": {name: [round(s / c, 6) for s, c in zip(bins, self.counts, strict=False)]
+                           for name, bins in self.sums.items()}}
+
+
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """``curves.png``: each named loss and the eval top-1 by epoch (matplotlib, Agg backend)."""
+    """``curves.png``: each named loss step by step (epoch ``e``'s steps spread over ``[e, e + 1)``) and the eval
+    top-1/top-5 after each epoch, epochs counted from 0 as in metrics.jsonl (matplotlib, Agg backend).
+
+    ``loss`` (the sum of the terms) is left out when it is one of the terms, e.g. ``kd`` alone."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    epochs = [h["epoch"] + 1 for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for name in history[-1]["losses"] if history else []:
-        ax_loss.plot(epochs, [h["losses"].get(name, float("nan")) for h in history], marker="o", label=name)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="training losses")
+    curves: dict[str, tuple[list[float], list[float]]] = {}
+    for h in history:
+        steps, points = h.get("steps"), h.get("step_losses")
+        for name, mean in h["losses"].items():
+            xs, ys = curves.setdefault(name, ([], []))
+            if steps and points and name in points["losses"]:  # the bins' centres within the epoch
+                values = points["losses"][name]
+                every = points["steps_per_point"]
+                xs += [h["epoch"] + min((j + 0.5) * every, steps) / steps for j in range(len(values))]
+                ys += values
+            else:  # a record from before per-step losses: the epoch's mean at its middle
+                xs.append(h["epoch"] + 0.5)
+                ys.append(mean)
+    same_as_loss = [name for name in curves if name != "loss" and curves[name][1] == curves.get("loss", ([], []))[1]]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, (xs, ys) in curves.items():
+        if name == "loss" and same_as_loss:
+            continue
+        label = f"{name} (= loss)" if name in same_as_loss else name
+        ax_loss.plot(xs, ys, marker="." if len(xs) < 30 else None, linewidth=1, label=label)
+    last = history[-1]["epoch"] if history else 0
+    first = history[0]["epoch"] if history else 0
+    ax_loss.set(xlabel="epoch (from 0; its steps left to right)", ylabel="loss", title="training losses per step",
+                xlim=(first, last + 1))
     ax_loss.legend(fontsize=8)
-    ax_acc.plot(epochs, [h.get("top1") for h in history], marker="o", label="top-1")
-    ax_acc.plot(epochs, [h.get("top5") for h in history], marker="o", label="top-5")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="eval accuracy", ylim=(0, 1))
-    ax_acc.legend(fontsize=8)
+    epochs = [h["epoch"] for h in history]
+    for key, label in (("top1", "top-1"), ("top5", "top-5")):
+        values = [h.get(key) for h in history]
+        ax_acc.plot(epochs, values, marker="o", label=label)
+        if values and values[-1] is not None:
+            ax_acc.annotate(f"{values[-1]:.3f}", (epochs[-1], values[-1]), textcoords="offset points",
+                            xytext=(6, -4 if key == "top1" else 4), fontsize=8)
+    ax_acc.set(xlabel="epoch (from 0)", ylabel="accuracy", title="eval accuracy after each epoch", ylim=(0, 1.02),
+               xlim=(first - 0.5, last + 0.5))
+    ax_acc.legend(fontsize=8, loc="lower right")
+    for ax, ticks in ((ax_loss, range(first, last + 2)), (ax_acc, epochs)):
+        if len(ticks) <= 12:
+            ax.set_xticks(list(ticks))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=80)

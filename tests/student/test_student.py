@@ -195,3 +195,25 @@ def test_only_the_ray_train_entry_point_imports_ray():
             "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_metrics_record_every_step_and_count_epochs_from_0(plain_store, tmp_path):
+    from student.trainer import StepLosses
+
+    out = tmp_path / "run"
+    train(_config(plain_store, out, "kd", epochs=2, max_steps=3))
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1] and [r["steps"] for r in records] == [3, 3]
+    for r in records:
+        per_step = r["step_losses"]
+        assert per_step["steps_per_point"] == 1 and set(per_step["losses"]) == set(r["losses"]) == {"kd", "loss"}
+        kd = per_step["losses"]["kd"]
+        assert len(kd) == 3 and kd[0] == pytest.approx(r["first_step"]["kd"], abs=1e-6)
+        assert sum(kd) / 3 == pytest.approx(r["losses"]["kd"], abs=1e-5)  # the epoch's mean is their mean
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1  # the checkpoint counts from 0 too
+
+    # a long epoch keeps at most `points` values per loss: the means of runs of consecutive steps
+    binned = StepLosses(steps=7, points=3)
+    for i in range(7):
+        binned.add(i, {"kd": float(i)})
+    assert binned.to_dict() == {"steps_per_point": 3, "losses": {"kd": [1.0, 4.0, 6.0]}}
