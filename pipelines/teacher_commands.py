@@ -89,7 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", default=None, help="store a teacher feature map: 'final' or a module name")
     p.add_argument("--feature-grid", type=int, default=4, help="pool the feature map to GRID x GRID")
     p.add_argument("--per-teacher", action="store_true", help="keep each ensemble member's top-k too")
-    p.add_argument("--store", default="stores", help="store root")
+    p.add_argument("--store-root", "--store", dest="store", default="stores",
+                   help="the store root: the store goes to <root>/<cache_key> (--store: the older name)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--chunk-rows", type=int, default=8192)
     p.add_argument("--ray-address", default=None, help="an existing cluster (default: a local Ray)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from pipelines.errors import UsageError
 
@@ -26,12 +27,41 @@ def _parse_seeds(text: str | None) -> tuple[int, ...] | None:
     return parse_seeds(text)
 
 
+def resolve_store(store: str, store_root: str) -> Path:
+    """``--store``: a label store directory, or a cache key under ``--store-root``."""
+    from pipelines.store import MANIFEST
+
+    if (Path(store) / MANIFEST).is_file():
+        return Path(store)
+    if Path(store).name == store and (Path(store_root) / store / MANIFEST).is_file():
+        return Path(store_root) / store
+    raise UsageError(f"--store {store}: neither a label store directory nor the cache key of a store under "
+                     f"--store-root {store_root} (`stillroom store ls {store_root}` lists them)")
+
+
+def dataset_of_store(store_dir: Path) -> tuple[str, str, str | None]:
+    """The data set a store was labeled from, as its manifest records it: (spec, split, data root)."""
+    from pipelines.store import LabelStore
+
+    store = LabelStore(store_dir)
+    dataset = store.provenance.get("dataset", {})
+    if not dataset.get("spec"):
+        raise UsageError(f"store {store_dir} does not record the data set it was labeled from: pass --dataset")
+    label_config = store.manifest.get("sources", {}).get("label_config", {})
+    return str(dataset["spec"]), str(dataset.get("split", "train")), label_config.get("data_root")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a student; the last line of output is the final metrics as JSON."""
     from student.trainer import TrainConfig, train
 
+    store = resolve_store(args.store, args.store_root)
+    dataset, split, data_root = args.dataset, args.split or "train", args.data_root
+    if dataset is None:  # the store's own data set, split and data root, unless given
+        dataset, stored_split, stored_root = dataset_of_store(store)
+        split, data_root = args.split or stored_split, args.data_root or stored_root
     config = TrainConfig(
-        store=args.store, dataset=args.dataset, split=args.split, data_root=args.data_root, student=args.student,
+        store=str(store), dataset=dataset, split=split, data_root=data_root, student=args.student,
         student_kwargs=_parse_json_object(args.student_kwargs, "--student-kwargs"), loss=args.loss,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         alpha=args.alpha, temperature=args.temperature, seeds=_parse_seeds(args.seeds), out=args.out,
@@ -47,10 +77,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Score a student checkpoint; prints ``{"top1", "top5", ...}`` as JSON."""
-    from student.evaluate import evaluate_checkpoint
+    from student.evaluate import evaluate_checkpoint, read_checkpoint
 
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.dataset, args.split, args.data_root,
-                                         args.batch_size)))
+    dataset, data_root = args.dataset, args.data_root
+    if dataset is None:  # the data set the student was trained on (train takes it from its store's manifest)
+        trained_on = read_checkpoint(args.checkpoint).get("config", {})
+        if not trained_on.get("dataset"):
+            raise UsageError(f"checkpoint {args.checkpoint} does not record its data set: pass --dataset")
+        dataset, data_root = trained_on["dataset"], data_root or trained_on.get("data_root")
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, dataset, args.split, data_root, args.batch_size)))
     return 0
 
 
@@ -58,10 +93,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a student from a label store",
                        description="Train a student from a label store. The last line printed is the final "
                                    "metrics as JSON.")
-    p.add_argument("--store", required=True, help="the label store directory (<root>/<cache_key>)")
-    p.add_argument("--dataset", required=True, help="the data set the store was labeled from")
-    p.add_argument("--split", default="train")
-    p.add_argument("--data-root", default=None)
+    p.add_argument("--store", required=True,
+                   help="the label store: its directory (<root>/<cache_key>) or its cache key under --store-root")
+    p.add_argument("--store-root", default="stores", help="where a --store cache key is looked up")
+    p.add_argument("--dataset", default=None, help="default: the data set the store was labeled from (its manifest)")
+    p.add_argument("--split", default=None, help="default: the split the store was labeled from")
+    p.add_argument("--data-root", default=None,
+                   help="where the data set's files are (default: the one the store was labeled with)")
     p.add_argument("--student", required=True, help="a timm model name, e.g. resnet18, deit_tiny_distilled_patch16_224")
     p.add_argument("--student-kwargs", default="{}", help='JSON architecture kwargs, e.g. \'{"patch_size": 4}\'')
     p.add_argument("--loss", required=True, help="ce, kd, deit-soft, deit-hard, mealv2, sampled or tat")
@@ -95,8 +133,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a student checkpoint: prints {top1, top5} as JSON")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--checkpoint", required=True, help="a student checkpoint: RUN_DIR/last.pt")
+    p.add_argument("--dataset", default=None, help="default: the data set the student was trained on")
     p.add_argument("--split", default="test")
     p.add_argument("--data-root", default=None)
     p.add_argument("--batch-size", type=int, default=512)

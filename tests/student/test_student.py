@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -217,3 +218,31 @@ def test_metrics_record_every_step_and_count_epochs_from_0(plain_store, tmp_path
     for i in range(7):
         binned.add(i, {"kd": float(i)})
     assert binned.to_dict() == {"steps_per_point": 3, "losses": {"kd": [1.0, 4.0, 6.0]}}
+
+
+def test_train_takes_a_cache_key_and_the_data_set_from_the_store_manifest(plain_store, tmp_path, capsys):
+    store = Path(plain_store)
+    out = tmp_path / "run"
+    args = ["train", "--store", store.name, "--store-root", str(store.parent), "--student", "test_resnet",
+            "--loss", "kd", "--batch-size", "16", "--max-steps", "1", "--out", str(out), "--no-progress"]
+    assert cli_main(args) == 0, capsys.readouterr().err  # no --dataset: the manifest's
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    config = json.loads((out / "config.json").read_text())
+    assert config["store"] == str(store) and config["dataset"] == load_dataset(DATA, "train").spec
+    assert config["split"] == "train"
+    assert cli_main(["eval", "--checkpoint", str(out / "last.pt")]) == 0  # no --dataset: the one it trained on
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"] == pytest.approx(trained["top1"])
+
+    assert cli_main([*args[:2], "0123abcd", *args[3:]]) == 2  # a key that is not under the root
+    assert "neither a label store directory nor the cache key" in capsys.readouterr().err
+
+    # a store whose manifest does not record its data set (older): --dataset is asked for, and then it trains
+    old = tmp_path / "old" / store.name
+    shutil.copytree(store, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["provenance"]["dataset"]["spec"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    older = ["train", "--store", str(old), *args[5:-3], "--out", str(tmp_path / "old_run"), "--no-progress"]
+    assert cli_main(older) == 2
+    assert "does not record the data set it was labeled from: pass --dataset" in capsys.readouterr().err
+    assert cli_main([*older, "--dataset", DATA]) == 0
