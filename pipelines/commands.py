@@ -66,7 +66,10 @@ def cmd_store_ls(args: argparse.Namespace) -> int:
 def cmd_store_inspect(args: argparse.Namespace) -> int:
     from pipelines.store import LabelStore
 
-    info = LabelStore(args.dir).describe()
+    store = LabelStore(args.dir)
+    info = store.describe()
+    info["partial_seeds"] = {str(seed): {"pieces_done": done, "pieces": total}
+                             for seed, (done, total) in store.partial_seeds().items()}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -82,7 +85,7 @@ def cmd_store_inspect(args: argparse.Namespace) -> int:
     print(f"samples      {info['samples']}  classes={schema['num_classes']}  top-k={schema['top_k']}  "
           f"sampled={schema['sampled']}  features={schema['feature_shape']}")
     print(f"seeds        {info['seeds'] or 'none complete'}")
-    if partial := _partial(LabelStore(args.dir)):
+    if partial := _partial(store):
         print(f"unfinished   {partial}")
     for seed, s in info["per_seed"].items():
         parts = "  ".join(f"{k}={v}" for k, v in s["bytes_per_sample_by_array"].items())

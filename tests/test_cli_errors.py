@@ -75,6 +75,8 @@ def test_eval_of_a_file_that_is_not_a_checkpoint(tmp_path):
     done = stillroom("eval", "--checkpoint", str(config), "--dataset", SYNTHETIC)
     line = assert_one_error_line(done, 2, f"{config} is not a stillroom student checkpoint", "last.pt")
     assert "weights_only" not in line
+    without_dataset = stillroom("eval", "--checkpoint", str(config))  # the data set would come from the checkpoint
+    assert assert_one_error_line(without_dataset, 2) == line
 
 
 @no_cuda

@@ -101,5 +101,7 @@ def test_ls_verify_inspect_name_the_seed_a_killed_run_left_partial(tmp_path):
     assert "seed 1 partial: 2 of 5 pieces done" in verify.stdout
     inspect = run("store", "inspect", str(store.path))
     assert "seed 1 partial: 2 of 5 pieces done" in inspect.stdout
+    described = json.loads(run("store", "inspect", str(store.path), "--json").stdout)
+    assert described["seeds"] == [0] and described["partial_seeds"] == {"1": {"pieces_done": 2, "pieces": 5}}
     store.begin_seed(2)  # begun, nothing written yet
     assert LabelStore(store.path).partial_seeds() == {1: (2, 5), 2: (0, 5)}
