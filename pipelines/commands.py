@@ -96,7 +96,7 @@ def cmd_view_show(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from pipelines.datasets import load_dataset
-    from pipelines.views import build_views, get_recipe
+    from pipelines.views import build_views, get_recipe, whole_views
 
     ds = load_dataset(args.dataset, args.split, args.data_root)
     recipe = get_recipe(args.recipe)
@@ -104,12 +104,8 @@ def cmd_view_show(args: argparse.Namespace) -> int:
     if ids.size == 0:
         raise UsageError("--ids is empty: give at least one sample id")
     views, params = build_views(ds, recipe, args.seed, ids)
-    originals = ds.read(ids).float() / 255.0
     size = views.shape[-1]
-    if originals.shape[-1] != size:
-        import torch.nn.functional as F
-
-        originals = F.interpolate(originals, size=views.shape[-2:], mode="bilinear", align_corners=False)
+    originals = whole_views(ds, ids, size)  # the whole image at the view's size
     scale = max(1, 128 // size)
     rows = []
     for orig, view in zip(originals, views, strict=True):
