@@ -40,6 +40,11 @@ SPLITS = ("train", "val", "test")
 BAD_POLICIES = ("stop", "skip")
 PARALLEL_FROM = 2048  # fewer samples than this are indexed in this process
 ROW_GROUP_CACHE = 4  # row groups of encoded bytes a Parquet reader keeps (per process)
+DATASET_HELP = (  # the --dataset help of every command
+    "fashion-mnist[:n=N], synthetic[:n=,classes=,size=,channels=], imagefolder:DIR (DIR/train/<class>/*, "
+    "DIR/val/<class>/*) or parquet:DIR|GLOB (Hugging Face shards, DIR/train/*.parquet); add ,bad=skip to leave "
+    "unreadable images out (listed in the index) instead of stopping with an error naming the file"
+)
 
 
 class DataError(StillroomError):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines._readers import DATASET_HELP
 from pipelines.errors import StillroomError, UsageError
 
 
@@ -148,7 +149,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     view = sub.add_parser("view", help="look at the views of a recipe")
     vsub = view.add_subparsers(dest="view_cmd", required=True)
     p = vsub.add_parser("show", help="a PNG grid: each sample's original beside its view")
-    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--dataset", default="fashion-mnist", help=DATASET_HELP)
     p.add_argument("--split", default="train")
     p.add_argument("--data-root", default=None)
     p.add_argument("--recipe", default="fmnist-rrc")

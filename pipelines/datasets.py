@@ -38,7 +38,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from pipelines._readers import BAD_POLICIES, DataError, ParquetShards
+from pipelines._readers import BAD_POLICIES, DATASET_HELP, DataError, ParquetShards
 from pipelines._readers import ImageFolder as ImageFolder
 from pipelines.errors import UsageError
 
@@ -47,11 +47,6 @@ FASHION_MNIST_CLASSES = (
     "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
 )
 SPLITS = ("train", "test")  # of the in-memory data sets; those on disk also have "val"
-DATASET_HELP = (
-    "fashion-mnist[:n=N], synthetic[:n=,classes=,size=,channels=], imagefolder:DIR (DIR/train/<class>/*, "
-    "DIR/val/<class>/*) or parquet:DIR|GLOB (Hugging Face shards, DIR/train/*.parquet); add ,bad=skip to leave "
-    "unreadable images out (listed in the index) instead of stopping with an error naming the file"
-)
 __all__ = ["DATASET_HELP", "DataError", "Dataset", "FashionMNIST", "ImageFolder", "ParquetShards", "Synthetic",
            "load_dataset"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from pipelines._readers import DATASET_HELP
 from pipelines.errors import UsageError
 
 
@@ -59,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train a student from a label store. The last line printed is the final "
                                    "metrics as JSON.")
     p.add_argument("--store", required=True, help="the label store directory (<root>/<cache_key>)")
-    p.add_argument("--dataset", required=True, help="the data set the store was labeled from")
+    p.add_argument("--dataset", required=True, help="the data set the store was labeled from: " + DATASET_HELP)
     p.add_argument("--split", default="train")
     p.add_argument("--data-root", default=None)
     p.add_argument("--student", required=True, help="a timm model name, e.g. resnet18, deit_tiny_distilled_patch16_224")
@@ -96,7 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="score a student checkpoint: prints {top1, top5} as JSON")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset", required=True, help=DATASET_HELP)
     p.add_argument("--split", default="test")
     p.add_argument("--data-root", default=None)
     p.add_argument("--batch-size", type=int, default=512)
