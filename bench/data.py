@@ -44,11 +44,13 @@ def _write_images(args: tuple[str, list[tuple[int, int, int, int, int]]]) -> int
 
     root, rows = args
     images = load_dataset("fashion-mnist").images  # type: ignore[attr-defined]
+    noise = np.random.default_rng(0).normal(0, 6, (1024, 1024, 3)).astype(np.float32)  # texture, cut per image
     for i, label, h, w, seed in rows:
         rng = np.random.default_rng(seed)
         small = Image.fromarray(images[i % len(images), 0]).resize((w, h), Image.Resampling.BILINEAR)
-        tint = rng.uniform(0.5, 1.0, 3)
-        pixels = np.asarray(small, dtype=np.float32)[..., None] * tint + rng.normal(0, 6, (h, w, 3))
+        tint = rng.uniform(0.5, 1.0, 3).astype(np.float32)
+        y, x = rng.integers(0, 1024 - 512, size=2)
+        pixels = np.asarray(small, dtype=np.float32)[..., None] * tint + noise[y : y + h, x : x + w]
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
             Path(root) / "train" / f"class{label:02d}" / f"img_{i:07d}.JPEG", quality=90)
     return len(rows)
@@ -95,10 +97,12 @@ def child_open(root: str) -> None:
     t = time.perf_counter()
     ds = load_dataset(f"imagefolder:{root}")
     open_s = time.perf_counter() - t
+    open_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # torch imported, index open
     index_bytes = sum(a.nbytes for a in (ds.labels, ds.sizes, ds._paths, ds._offsets))  # type: ignore[attr-defined]
     build_views(ds, get_recipe("imagenet-rrc"), 0, np.arange(0, len(ds), max(1, len(ds) // 32)))
     print(json.dumps({"open_s": open_s, "samples": len(ds), "reused": ds.index_reused, "index_bytes": index_bytes,
                       "cache_file_bytes": ds.cache_path.stat().st_size if ds.cache_path else 0,
+                      "open_peak_rss_mb": open_peak_mb,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "children_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
                       "fingerprint": ds.fingerprint, "torch": torch.__version__}))
@@ -192,6 +196,8 @@ def main() -> None:
     per_sample_s = warm4["open_s"] / warm4["samples"]
     bytes_per_sample = warm4["index_bytes"] / warm4["samples"]
     rss_ratio = warm4["peak_rss_mb"] / opens["n"]["warm"]["peak_rss_mb"]
+    # RSS growth per sample, N -> 4N, of the warm opens' peaks measured right after the open
+    rss_slope = (warm4["open_peak_rss_mb"] - opens["n"]["warm"]["open_peak_rss_mb"]) * 2**20 / (3 * args.n)
     ratio = rates["stillroom"] / rates["torchvision"]
     print(json.dumps({
         "n": args.n, "workers": args.workers, "cpus": os.cpu_count(), "data_mb": {
@@ -201,19 +207,25 @@ def main() -> None:
         "cold_open_s": {k: round(v["cold"]["open_s"], 2) for k, v in opens.items()},
         "warm_open_s": {k: round(v["warm"]["open_s"], 2) for k, v in opens.items()},
         "peak_rss_mb": {f"{k}_{c}": round(v[c]["peak_rss_mb"], 1) for k, v in opens.items() for c in ("cold", "warm")},
+        "peak_rss_mb_after_open": {f"{k}_{c}": round(v[c]["open_peak_rss_mb"], 1) for k, v in opens.items()
+                                   for c in ("cold", "warm")},
         "cold_open_children_peak_rss_mb": {k: round(v["cold"]["children_peak_rss_mb"], 1) for k, v in opens.items()},
         "rss_ratio_4n_over_n": round(rss_ratio, 3),
+        "rss_ratio_after_open_4n_over_n": round(warm4["open_peak_rss_mb"] / opens["n"]["warm"]["open_peak_rss_mb"], 3),
         "rss_ratio_cold_4n_over_n": round(opens["4n"]["cold"]["peak_rss_mb"] / opens["n"]["cold"]["peak_rss_mb"], 3),
         "index_bytes_per_sample": round(bytes_per_sample, 1),
+        "warm_rss_growth_bytes_per_sample": round(rss_slope, 1),
         "index_cache_file_bytes_per_sample": round(warm4["cache_file_bytes"] / warm4["samples"], 1),
         "views_224_per_s_per_core": {k: round(v, 1) for k, v in rates.items()},
         "ratio_vs_torchvision": round(ratio, 3),
         "ratio_vs_torchvision_no_draft": round(rates["stillroom_no_draft"] / rates["torchvision"], 3),
         "extrapolated_1_28m": {"warm_open_s": round(per_sample_s * IMAGENET, 1),
                                "index_ram_mb": round(bytes_per_sample * IMAGENET / 2**20, 1),
-                               "peak_rss_mb": round(opens["n"]["warm"]["peak_rss_mb"]
-                                                    + bytes_per_sample * (IMAGENET - args.n) / 2**20, 1),
-                               "how": "linear in samples from the 4N warm open; not measured"},
+                               "peak_rss_mb": round(opens["n"]["warm"]["peak_rss_mb"] + max(rss_slope, bytes_per_sample)
+                                                    * (IMAGENET - args.n) / 2**20, 1),
+                               "how": "linear in samples: open time from the 4N warm open, RSS from the N warm "
+                                      "open plus the larger of the measured RSS growth per sample (N -> 4N) and "
+                                      "the index bytes per sample; not measured"},
         "targets": {"rss_ratio<=1.15": rss_ratio <= 1.15, "ratio_vs_torchvision>=1.0": ratio >= 1.0},
     }))
 
