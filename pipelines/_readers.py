@@ -84,11 +84,12 @@ def probe(data: bytes, where: str) -> tuple[int, int, bytes]:
     return h, w, digest
 
 
-def _probe_many(items: Sequence[tuple[bytes | str, str]]) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-    """Probe ``(data or file path, where)`` pairs: ``(hw (n, 2) int32, hashes (n, 16) uint8, errors)``."""
+def _probe_many(items: Sequence[tuple[bytes | str, str]]) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Probe ``(data or file path, where)`` pairs: ``(hw (n, 2) int32, hashes (n, 16) uint8, errors)``, the
+    errors by row (bad rows only)."""
     hw = np.zeros((len(items), 2), dtype=np.int32)
     hashes = np.zeros((len(items), HASH_BYTES), dtype=np.uint8)
-    errors: list[str | None] = [None] * len(items)
+    errors: dict[int, str] = {}
     for i, (src, where) in enumerate(items):
         try:
             data = src if isinstance(src, bytes) else Path(src).read_bytes()
@@ -104,11 +105,11 @@ def _probe_many(items: Sequence[tuple[bytes | str, str]]) -> tuple[np.ndarray, n
     return hw, hashes, errors
 
 
-def _probe_files(paths: list[str]) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+def _probe_files(paths: list[str]) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     return _probe_many([(p, p) for p in paths])
 
 
-def _probe_row_group(path: str, row_group: int, column: str) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+def _probe_row_group(path: str, row_group: int, column: str) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     data = read_row_group_bytes(path, row_group, column)
     return _probe_many([(b if b is not None else b"", f"{path} row group {row_group} row {i}")
                         for i, b in enumerate(data)])
@@ -189,6 +190,23 @@ def unpack_string(blob: np.ndarray, offsets: np.ndarray, i: int) -> str:
     return blob[offsets[i] : offsets[i + 1]].tobytes().decode()
 
 
+def take_strings(blob: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The packed strings of ``rows`` (in that order), packed again, without making Python strings."""
+    lengths = offsets[rows + 1] - offsets[rows]
+    new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    starts = np.repeat(offsets[rows] - new_offsets[:-1], lengths)
+    return blob[starts + np.arange(int(new_offsets[-1]))], new_offsets
+
+
+def dump_errors(errors: dict[int, str]) -> np.ndarray:
+    return np.array(json.dumps({str(k): v for k, v in errors.items()}))
+
+
+def load_errors(stored: np.ndarray) -> dict[int, str]:
+    return {int(k): v for k, v in json.loads(str(stored)).items()}
+
+
 # ---------------------------------------------------------------- the index shared by both kinds
 
 
@@ -248,14 +266,17 @@ class FileDataset:
             raise UsageError(f"sample id {bad} is out of range for {self.spec}: expected 0 <= id < {len(self)}")
         return ids
 
-    def _keep(self, errors: list[str | None], bad: str) -> np.ndarray:
-        """Apply the bad-sample policy: the rows to keep; raise on the first bad one when ``bad == 'stop'``."""
-        bad_rows = [e for e in errors if e]
+    def _keep(self, errors: dict[int, str], n: int, bad: str) -> np.ndarray:
+        """Apply the bad-sample policy to ``n`` rows: the rows to keep; raise on the first bad one when ``bad ==
+        'stop'``; with ``'skip'`` the bad ones are left out and listed in ``skipped``."""
+        bad_rows = [errors[i] for i in sorted(errors)]
         if bad_rows and bad == "stop":
             more = f" (and {len(bad_rows) - 1} more)" if len(bad_rows) > 1 else ""
             raise DataError(f"{bad_rows[0]}{more}; add ,bad=skip to the dataset spec to leave bad images out")
         self.skipped = bad_rows
-        return np.array([e is None for e in errors], dtype=bool)
+        keep = np.ones(n, dtype=bool)
+        keep[list(errors)] = False
+        return np.flatnonzero(keep)
 
 
 def check_split(split: str) -> None:
@@ -312,31 +333,28 @@ class ImageFolder(FileDataset):
         self.spec = spec or f"imagefolder:{root}"
         self.split, self.root, self.base = split, root_path, base
         self.class_names, self.num_classes = tuple(classes), len(classes)
-        rel, labels, stat = _scan(base, classes)
+        blob, offsets, labels, stat = _scan(base, classes)
+        n = len(labels)
         self.cache_path = cache_file(root_path, f"imagefolder-{split_dir.name if split_dir else 'train'}")
-        cached = load_cache(self.cache_path)
-        hw, hashes, errors, reused = _reuse(cached, rel, stat)
-        todo = [i for i in range(len(rel)) if not reused[i]]
-        if todo:
+        hw, hashes, errors, reused = _reuse(load_cache(self.cache_path), blob, offsets, stat)
+        todo = np.flatnonzero(~reused)
+        if len(todo):
             chunks = [todo[i : i + 512] for i in range(0, len(todo), 512)]
-            tasks = [([str(base / rel[i]) for i in chunk],) for chunk in chunks]
+            tasks = [([str(base / unpack_string(blob, offsets, int(i))) for i in chunk],) for chunk in chunks]
             results = _parallel(_probe_files, tasks, workers if len(todo) >= PARALLEL_FROM else 1)
             for chunk, (c_hw, c_hash, c_err) in zip(chunks, results, strict=True):
                 hw[chunk], hashes[chunk] = c_hw, c_hash
-                for i, e in zip(chunk, c_err, strict=True):
-                    errors[i] = e
-            blob, offsets = pack_strings(rel)
+                errors.update({int(chunk[j]): e for j, e in c_err.items()})
             save_cache(self.cache_path, {"paths": blob, "offsets": offsets, "stat": stat, "hw": hw, "hash": hashes,
-                                         "errors": np.array(json.dumps(errors))})
-        self.index_reused = not todo
-        keep = self._keep(errors, bad)
-        kept = np.flatnonzero(keep)
-        self.labels = np.asarray(labels, dtype=np.int64)[kept]
-        empty = sorted(set(range(self.num_classes)) - set(np.unique(self.labels).tolist()))
-        if empty:
-            raise UsageError(f"class folder {base / classes[empty[0]]} has no readable images")
+                                         "errors": dump_errors(errors)})
+        self.index_reused = not len(todo)
+        kept = self._keep(errors, n, bad)
+        self.labels = labels[kept]
+        empty = np.flatnonzero(np.bincount(self.labels, minlength=self.num_classes) == 0)
+        if len(empty):
+            raise UsageError(f"class folder {base / classes[int(empty[0])]} has no readable images")
         self.sizes = np.ascontiguousarray(hw[kept])
-        self._paths, self._offsets = pack_strings([rel[i] for i in kept])
+        self._paths, self._offsets = (blob, offsets) if len(kept) == n else take_strings(blob, offsets, kept)
         self._set_fingerprint(hashes[kept])
 
     def path(self, i: int) -> Path:
@@ -363,53 +381,51 @@ def _class_folders(base: Path) -> list[str]:
     return classes
 
 
-def _scan(base: Path, classes: list[str]) -> tuple[list[str], list[int], np.ndarray]:
-    """Relative paths, labels and ``(size, mtime_ns)`` of every non-hidden file in the class folders; the
-    folders are listed and stat-ed on threads (``stat`` releases the GIL; a warm open is mostly stats)."""
+def _scan(base: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every non-hidden file in the class folders, sorted by class then name: relative paths (packed), labels
+    (int64) and ``(size, mtime_ns)``. Folders are listed and stat-ed on threads (``stat`` releases the GIL; a
+    warm open is mostly stats), each turned into arrays at once: no Python object per file outlives its folder."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(name: str) -> tuple[list[str], list[tuple[int, int]]]:
+    def one(name: str) -> tuple[bytes, np.ndarray, np.ndarray]:
         with os.scandir(base / name) as it:
             entries = sorted((e for e in it if not e.name.startswith(".") and e.is_file()), key=lambda e: e.name)
         if not entries:
             raise UsageError(f"class folder {base / name} is empty: expected image files")
-        stats = []
-        for e in entries:
-            st = e.stat()
-            stats.append((st.st_size, st.st_mtime_ns))
-        return [f"{name}/{e.name}" for e in entries], stats
+        stats = np.array([(st.st_size, st.st_mtime_ns) for st in (e.stat() for e in entries)], dtype=np.int64)
+        paths = [f"{name}/{e.name}".encode() for e in entries]
+        return b"".join(paths), np.array([len(p) for p in paths], dtype=np.int64), stats
 
     with ThreadPoolExecutor(max_workers=min(16, 2 * (os.cpu_count() or 1))) as pool:
         folders = list(pool.map(one, classes))
-    rel = [r for names, _ in folders for r in names]
-    labels = [c for c, (names, _) in enumerate(folders) for _ in names]
-    stats = [st for _, sts in folders for st in sts]
-    return rel, labels, np.array(stats, dtype=np.int64).reshape(-1, 2)
+    lengths = np.concatenate([f[1] for f in folders])
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    blob = np.frombuffer(b"".join(f[0] for f in folders), dtype=np.uint8).copy()
+    labels = np.repeat(np.arange(len(classes), dtype=np.int64), [len(f[1]) for f in folders])
+    return blob, offsets, labels, np.concatenate([f[2] for f in folders])
 
 
-def _reuse(cached: dict[str, np.ndarray] | None, rel: list[str], stat: np.ndarray
-           ) -> tuple[np.ndarray, np.ndarray, list[str | None], np.ndarray]:
-    """Headers, hashes and errors from the cache for every entry whose path, size and mtime match."""
-    n = len(rel)
+def _reuse(cached: dict[str, np.ndarray] | None, blob: np.ndarray, offsets: np.ndarray, stat: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, dict[int, str], np.ndarray]:
+    """Headers, hashes and errors from the cache for every entry whose path, size and mtime match; which matched."""
+    n = len(stat)
     hw = np.zeros((n, 2), dtype=np.int32)
     hashes = np.zeros((n, HASH_BYTES), dtype=np.uint8)
-    errors: list[str | None] = [None] * n
     reused = np.zeros(n, dtype=bool)
     if cached is None:
-        return hw, hashes, errors, reused
-    old_errors = json.loads(str(cached["errors"]))
-    old_rel = cached["paths"], cached["offsets"]
-    blob, offsets = pack_strings(rel)
-    if np.array_equal(blob, old_rel[0]) and np.array_equal(offsets, old_rel[1]):
+        return hw, hashes, {}, reused
+    old_errors = load_errors(cached["errors"])
+    if np.array_equal(blob, cached["paths"]) and np.array_equal(offsets, cached["offsets"]):
         rows = np.arange(n)  # the same files in the same order: the usual case, no string work
         match = np.all(cached["stat"] == stat, axis=1)
-    else:
-        where = {unpack_string(*old_rel, j): j for j in range(len(old_rel[1]) - 1)}
-        rows = np.array([where.get(r, -1) for r in rel], dtype=np.int64)
+    else:  # files added or removed: match by path
+        old = cached["paths"], cached["offsets"]
+        where = {unpack_string(*old, j): j for j in range(len(old[1]) - 1)}
+        rows = np.array([where.get(unpack_string(blob, offsets, i), -1) for i in range(n)], dtype=np.int64)
         match = (rows >= 0) & np.all(cached["stat"][np.maximum(rows, 0)] == stat, axis=1)
     hw[match], hashes[match] = cached["hw"][rows[match]], cached["hash"][rows[match]]
-    for i in np.flatnonzero(match):
-        errors[i] = old_errors[rows[i]]
+    errors = {int(i): old_errors[int(rows[i])] for i in np.flatnonzero(match) if int(rows[i]) in old_errors}
     return hw, hashes, errors, match
 
 
@@ -469,11 +485,11 @@ class ParquetShards(FileDataset):
                 "paths": blob, "offsets": offsets, "stat": stat,
                 "rows": np.array([len(p["label"]) for p in shards], dtype=np.int64),
                 **{k: np.concatenate([p[k] for p in shards]) for k in ("label", "hw", "hash", "loc")},
-                "errors": np.array(json.dumps(sum((p["errors"] for p in shards), []))),
+                "errors": dump_errors(_shard_errors(shards)),
             })
         self.index_reused = not tasks
         labels = np.concatenate([p["label"] for p in shards]).astype(np.int64)
-        errors: list[str | None] = sum((p["errors"] for p in shards), [])
+        errors = _shard_errors(shards)
         loc = np.concatenate([p["loc"] for p in shards])
         hw = np.concatenate([p["hw"] for p in shards])
         hashes = np.concatenate([p["hash"] for p in shards])
@@ -484,7 +500,7 @@ class ParquetShards(FileDataset):
         if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise UsageError(f"{self.spec} {split}: label {int(labels.max())} out of range for "
                              f"{self.num_classes} classes")
-        keep = self._keep(errors, bad)
+        keep = self._keep(errors, len(labels), bad)
         self.labels, self.sizes, self._loc = labels[keep], np.ascontiguousarray(hw[keep]), loc[keep]
         if not len(self.labels):
             raise UsageError(f"{self.spec} {split} has no readable rows")
@@ -580,7 +596,7 @@ def _parquet_parts(cached: dict[str, np.ndarray] | None, rel: list[str], stat: n
         return parts
     old = {unpack_string(cached["paths"], cached["offsets"], j): j for j in range(len(cached["offsets"]) - 1)}
     starts = np.concatenate([[0], np.cumsum(cached["rows"])])
-    errors = json.loads(str(cached["errors"]))
+    errors = load_errors(cached["errors"])
     for s, r in enumerate(rel):
         j = old.get(r)
         if j is None or not np.array_equal(cached["stat"][j], stat[s]):
@@ -589,7 +605,7 @@ def _parquet_parts(cached: dict[str, np.ndarray] | None, rel: list[str], stat: n
         loc = cached["loc"][a:b].copy()
         loc[:, 0] = s
         parts[s] = {"label": cached["label"][a:b], "hw": cached["hw"][a:b], "hash": cached["hash"][a:b],
-                    "loc": loc, "errors": errors[a:b]}
+                    "loc": loc, "errors": {k - a: v for k, v in errors.items() if a <= k < b}}
     return parts
 
 
@@ -603,13 +619,25 @@ def _probe_shard(path: Path, shard: int, results: Any, label_col: str) -> dict[s
     hws = [np.zeros((0, 2), dtype=np.int32)]
     hashes = [np.zeros((0, HASH_BYTES), dtype=np.uint8)]
     locs = [np.zeros((0, 3), dtype=np.int32)]
-    errors: list[str | None] = []
+    errors: dict[int, str] = {}
+    done = 0  # rows of this shard before this row group
     for g in range(pf.num_row_groups):
         hw, h, err = next(results)
         n = len(hw)
         hws.append(hw)
         hashes.append(h)
-        errors += err
+        errors.update({done + j: e for j, e in err.items()})
+        done += n
         locs.append(np.stack([np.full(n, shard), np.full(n, g), np.arange(n)], axis=1).astype(np.int32))
     return {"label": labels.astype(np.int64), "hw": np.concatenate(hws), "hash": np.concatenate(hashes),
             "loc": np.concatenate(locs), "errors": errors}
+
+
+def _shard_errors(shards: list[dict[str, Any]]) -> dict[int, str]:
+    """The shards' errors by row of the whole split."""
+    out: dict[int, str] = {}
+    start = 0
+    for p in shards:
+        out.update({start + k: v for k, v in p["errors"].items()})
+        start += len(p["label"])
+    return out

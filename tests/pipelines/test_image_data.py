@@ -158,6 +158,23 @@ def test_structure_errors(tmp_path, folder, shards):
         load_dataset(f"parquet:{shards}/train/*.parquet", "test")
 
 
+def test_bad_parquet_rows_are_named_or_skipped(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = jpeg_bytes(30, 20)
+    rows = [good, good[:300], b"", good]  # a truncated row, an empty one
+    (tmp_path / "train").mkdir()
+    table = pa.table({"image": [{"bytes": b, "path": f"{i}.jpg"} for i, b in enumerate(rows)], "label": [0, 1, 1, 0]})
+    pq.write_table(table, tmp_path / "train" / "a.parquet", row_group_size=2)
+    with pytest.raises(DataError, match=r"a\.parquet row group 0 row 1: not an image .*and 1 more"):
+        load_dataset(f"parquet:{tmp_path}")
+    ds = load_dataset(f"parquet:{tmp_path},bad=skip")
+    assert len(ds) == 2 and ds.num_classes == 2 and ds.labels.tolist() == [0, 0]
+    assert "row group 1 row 0: empty file" in ds.skipped[1]
+    assert [d for d, _ in ds.encoded(np.array([1]))] == [good]
+
+
 def test_parquet_index_and_row_groups(shards, folder, decodes):
     ds = ParquetShards(str(shards), "train")
     assert decodes[0] == 0 and len(ds) == 200 and ds.class_names == CLASSES
