@@ -33,7 +33,7 @@ import numpy as np
 
 from pipelines.errors import StillroomError, UsageError
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # bump when the cache file changes: older caches are rebuilt
 HASH_BYTES = 16  # blake2b digest of a sample's encoded bytes
 FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # what PIL identifies and we decode
 SPLITS = ("train", "val", "test")
