@@ -33,7 +33,7 @@ import numpy as np
 
 from pipelines.errors import StillroomError, UsageError
 
-INDEX_VERSION = 2  # bump when the cache file changes: older caches are rebuilt
+INDEX_VERSION = 3  # bump when the cache file changes: older caches are rebuilt
 HASH_BYTES = 16  # blake2b digest of a sample's encoded bytes
 FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # what PIL identifies and we decode
 SPLITS = ("train", "val", "test")
@@ -151,17 +151,38 @@ def cache_file(root: Path, name: str) -> Path:
     return where / f"{name}-{key}.npz"
 
 
-def load_cache(path: Path) -> dict[str, np.ndarray] | None:
+class CachedIndex:
+    """The arrays of a cache file, each read when first asked for (a warm open never reads the paths)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._arrays:
+            with np.load(self.path, allow_pickle=False) as z:
+                self._arrays[key] = z[key]
+        return self._arrays[key]
+
+
+def load_cache(path: Path) -> CachedIndex | None:
+    """The cache at ``path`` if it exists and is of this version; a damaged one counts as missing (rebuilt)."""
     if not path.is_file():
         return None
+    cached = CachedIndex(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError):
-        return None  # a damaged cache is rebuilt
-    if int(arrays.get("version", -1)) != INDEX_VERSION:
+        if int(cached["version"]) != INDEX_VERSION:
+            return None
+    except (OSError, ValueError, KeyError):
         return None
-    return arrays
+    return cached
+
+
+def listing_digest(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """sha256 of a packed list of paths: a warm open compares this, not the paths."""
+    h = hashlib.sha256(np.ascontiguousarray(blob).tobytes())
+    h.update(np.ascontiguousarray(offsets).tobytes())
+    return np.frombuffer(h.digest(), dtype=np.uint8).copy()
 
 
 def save_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -345,8 +366,8 @@ class ImageFolder(FileDataset):
             for chunk, (c_hw, c_hash, c_err) in zip(chunks, results, strict=True):
                 hw[chunk], hashes[chunk] = c_hw, c_hash
                 errors.update({int(chunk[j]): e for j, e in c_err.items()})
-            save_cache(self.cache_path, {"paths": blob, "offsets": offsets, "stat": stat, "hw": hw, "hash": hashes,
-                                         "errors": dump_errors(errors)})
+            save_cache(self.cache_path, {"paths": blob, "offsets": offsets, "listing": listing_digest(blob, offsets),
+                                         "stat": stat, "hw": hw, "hash": hashes, "errors": dump_errors(errors)})
         self.index_reused = not len(todo)
         kept = self._keep(errors, n, bad)
         self.labels = labels[kept]
@@ -388,13 +409,16 @@ def _scan(base: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.nd
     from concurrent.futures import ThreadPoolExecutor
 
     def one(name: str) -> tuple[bytes, np.ndarray, np.ndarray]:
-        with os.scandir(base / name) as it:
-            entries = sorted((e for e in it if not e.name.startswith(".") and e.is_file()), key=lambda e: e.name)
-        if not entries:
-            raise UsageError(f"class folder {base / name} is empty: expected image files")
-        stats = np.array([(st.st_size, st.st_mtime_ns) for st in (e.stat() for e in entries)], dtype=np.int64)
-        paths = [f"{name}/{e.name}".encode() for e in entries]
-        return b"".join(paths), np.array([len(p) for p in paths], dtype=np.int64), stats
+        folder = os.path.join(base, name)
+        with os.scandir(folder) as it:
+            files = sorted(e.name for e in it if not e.name.startswith(".") and e.is_file())
+        if not files:
+            raise UsageError(f"class folder {folder} is empty: expected image files")
+        stats = np.fromiter((v for f in files for v in _size_mtime(os.path.join(folder, f))), dtype=np.int64,
+                            count=2 * len(files)).reshape(-1, 2)
+        prefix = f"{name}/".encode()
+        lengths = np.fromiter((len(prefix) + len(f.encode()) for f in files), dtype=np.int64, count=len(files))
+        return b"".join(prefix + f.encode() for f in files), lengths, stats
 
     with ThreadPoolExecutor(max_workers=min(16, 2 * (os.cpu_count() or 1))) as pool:
         folders = list(pool.map(one, classes))
@@ -406,7 +430,12 @@ def _scan(base: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.nd
     return blob, offsets, labels, np.concatenate([f[2] for f in folders])
 
 
-def _reuse(cached: dict[str, np.ndarray] | None, blob: np.ndarray, offsets: np.ndarray, stat: np.ndarray
+def _size_mtime(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _reuse(cached: CachedIndex | None, blob: np.ndarray, offsets: np.ndarray, stat: np.ndarray
            ) -> tuple[np.ndarray, np.ndarray, dict[int, str], np.ndarray]:
     """Headers, hashes and errors from the cache for every entry whose path, size and mtime match; which matched."""
     n = len(stat)
@@ -416,9 +445,11 @@ def _reuse(cached: dict[str, np.ndarray] | None, blob: np.ndarray, offsets: np.n
     if cached is None:
         return hw, hashes, {}, reused
     old_errors = load_errors(cached["errors"])
-    if np.array_equal(blob, cached["paths"]) and np.array_equal(offsets, cached["offsets"]):
-        rows = np.arange(n)  # the same files in the same order: the usual case, no string work
-        match = np.all(cached["stat"] == stat, axis=1)
+    if np.array_equal(listing_digest(blob, offsets), cached["listing"]):
+        match = (cached["stat"] == stat).all(axis=1)  # the same files in the same order: the usual case
+        if match.all():  # nothing changed: the cached arrays as they are
+            return cached["hw"], cached["hash"], old_errors, match
+        rows = np.arange(n)
     else:  # files added or removed: match by path
         old = cached["paths"], cached["offsets"]
         where = {unpack_string(*old, j): j for j in range(len(old[1]) - 1)}
@@ -588,7 +619,7 @@ def _rows(files: list[Path]) -> list[int]:
     return [pq.ParquetFile(f).metadata.num_rows for f in files]
 
 
-def _parquet_parts(cached: dict[str, np.ndarray] | None, rel: list[str], stat: np.ndarray
+def _parquet_parts(cached: CachedIndex | None, rel: list[str], stat: np.ndarray
                    ) -> list[dict[str, Any] | None]:
     """Per shard, its rows from the cache when its path, size and mtime match, else None."""
     parts: list[dict[str, Any] | None] = [None] * len(rel)
