@@ -369,7 +369,8 @@ def decode_view(data: bytes, where: str, box: np.ndarray, out_size: int, draft: 
             s = draft_scale((h, w), (encoded.height, encoded.width), out_size)
             if s > 1:
                 encoded.draft("RGB", (encoded.width // s, encoded.height // s))
-        img = encoded.convert("RGB")
+        img = encoded.convert("RGB") if encoded.mode != "RGB" else encoded
+        img.load()
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{where}: cannot decode ({str(e).splitlines()[0][:120]})") from None
     H, W = img.height, img.width
@@ -381,13 +382,14 @@ def decode_view(data: bytes, where: str, box: np.ndarray, out_size: int, draft: 
 
 
 def render_views(dataset, ids: np.ndarray, boxes: np.ndarray, out_size: int, draft: bool) -> torch.Tensor:
-    """uint8 ``(B, 3, S, S)`` views of a data set on disk: sample ``ids[i]`` cropped by ``boxes[i]`` (y0, x0, h, w,
-    flip). Reads only these samples' bytes. A pure function of its arguments: runs the same in any process."""
+    """uint8 ``(B, 3, S, S)`` views of a data set on disk (channels-last in memory): sample ``ids[i]`` cropped by
+    ``boxes[i]`` (y0, x0, h, w, flip). Reads only these samples' bytes. A pure function of its arguments: runs
+    the same in any process."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     out = np.empty((len(ids), out_size, out_size, 3), dtype=np.uint8)
     for row, (data, where) in enumerate(dataset.encoded(ids)):
         out[row] = decode_view(data, where, boxes[row], out_size, draft)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(out).permute(0, 3, 1, 2)  # (B, 3, S, S) in channels-last memory: no copy
 
 
 def render_batch(dataset, ids: np.ndarray, params: np.ndarray, out_size: int, draft: bool
