@@ -386,10 +386,20 @@ def render_views(dataset, ids: np.ndarray, boxes: np.ndarray, out_size: int, dra
     ``boxes[i]`` (y0, x0, h, w, flip). Reads only these samples' bytes. A pure function of its arguments: runs
     the same in any process."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    out = np.empty((len(ids), out_size, out_size, 3), dtype=np.uint8)
+    batch = _uint8_batch((len(ids), out_size, out_size, 3))
+    out = batch.numpy()
     for row, (data, where) in enumerate(dataset.encoded(ids)):
         out[row] = decode_view(data, where, boxes[row], out_size, draft)
-    return torch.from_numpy(out).permute(0, 3, 1, 2)  # (B, 3, S, S) in channels-last memory: no copy
+    return batch.permute(0, 3, 1, 2)  # (B, 3, S, S) in channels-last memory: no copy
+
+
+def _uint8_batch(shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty uint8 tensor; in a DataLoader worker, in shared memory (as torch's own collate allocates it), so
+    handing the batch to the main process copies nothing."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
 def render_batch(dataset, ids: np.ndarray, params: np.ndarray, out_size: int, draft: bool
