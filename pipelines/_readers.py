@@ -549,16 +549,23 @@ class ParquetShards(FileDataset):
         return {**self.__dict__, "_groups": OrderedDict()}
 
     def encoded(self, ids: np.ndarray) -> list[tuple[bytes, str]]:
-        out: list[tuple[bytes, str]] = []
-        for i in self._check_ids(ids):
-            shard, group, row = (int(v) for v in self._loc[i])
+        """Each row group the batch touches is read once (its image column only); the last few stay cached."""
+        loc = self._loc[self._check_ids(ids)]
+        out: list[tuple[bytes, str]] = [(b"", "")] * len(loc)
+        by_group: dict[tuple[int, int], list[int]] = {}
+        for pos, (shard, group, _) in enumerate(loc.tolist()):
+            by_group.setdefault((shard, group), []).append(pos)
+        for (shard, group), positions in by_group.items():
             key = (shard, group)
             if key not in self._groups:
                 self._groups[key] = read_row_group_bytes(self.files[shard], group, self.image_column)
                 while len(self._groups) > ROW_GROUP_CACHE:
                     self._groups.popitem(last=False)
             self._groups.move_to_end(key)
-            out.append((self._groups[key][row] or b"", f"{self.files[shard]} row group {group} row {row}"))
+            data = self._groups[key]
+            for pos in positions:
+                row = int(loc[pos, 2])
+                out[pos] = (data[row] or b"", f"{self.files[shard]} row group {group} row {row}")
         return out
 
 
