@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipelines._readers import DATASET_HELP
 from pipelines.errors import StillroomError, UsageError
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ def cmd_view_show(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from pipelines.datasets import load_dataset
-    from pipelines.views import build_views, get_recipe
+    from pipelines.views import build_views, get_recipe, whole_views
 
     out = _output_path(args.out)
     ds = load_dataset(args.dataset, args.split, args.data_root)
@@ -133,12 +134,8 @@ def cmd_view_show(args: argparse.Namespace) -> int:
     if ids.size == 0:
         raise UsageError("--ids is empty: give at least one sample id")
     views, params = build_views(ds, recipe, args.seed, ids)
-    originals = ds.read(ids).float() / 255.0
     size = views.shape[-1]
-    if originals.shape[-1] != size:
-        import torch.nn.functional as F
-
-        originals = F.interpolate(originals, size=views.shape[-2:], mode="bilinear", align_corners=False)
+    originals = whole_views(ds, ids, size)  # the whole image at the view's size
     scale = max(1, 128 // size)
     rows = []
     for orig, view in zip(originals, views, strict=True):
@@ -180,7 +177,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     view = sub.add_parser("view", help="look at the views of a recipe")
     vsub = view.add_subparsers(dest="view_cmd", required=True)
     p = vsub.add_parser("show", help="a PNG grid: each sample's original beside its view")
-    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--dataset", default="fashion-mnist", help=DATASET_HELP)
     p.add_argument("--split", default="train")
     p.add_argument("--data-root", default=None)
     p.add_argument("--recipe", default="fmnist-rrc")

@@ -1,17 +1,26 @@
-"""Datasets: a small interface and three implementations.
+"""Datasets: a small interface, two in-memory kinds and two on disk.
 
-A dataset is a fixed, ordered list of samples. ``sample_id`` is the position in that list, and
-``read(ids)`` returns those images as one uint8 tensor ``(B, C, H, W)``. Every dataset has a
-``fingerprint``: a hash of its content (see each class for what it covers), so that a label store
-can refuse labels made for other data.
+A dataset is a fixed, ordered list of samples. ``sample_id`` is the position in that list; ``labels``
+holds the ground truth and ``sizes`` each image's (height, width). Every dataset has a ``fingerprint``:
+a hash of its content (see each class for what it covers), so that a label store can refuse labels made
+for other data.
+
+In-memory data sets (``in_memory = True``: every image the same size) hold the pixels and ``read(ids)``
+returns them as one uint8 tensor ``(B, C, H, W)``. Data sets on disk (``imagefolder:``, ``parquet:``;
+``pipelines/_readers.py``) are an index: opening one reads headers, not pixels, and ``encoded(ids)``
+returns the encoded bytes of a batch; ``pipelines.views`` decodes and crops them per image.
 
 Specs, as the CLI and the service take them:
 
 - ``fashion-mnist`` or ``fashion-mnist:n=N`` (the first N samples of the split): the idx files from
   ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``) or ``data_root`` /
   ``$STILLROOM_DATA``.
-- ``imagefolder:<path>``: a folder per class (sorted names are the classes), PNG or JPEG, read as RGB
-  and resized to the size of the first image.
+- ``imagefolder:<path>``: the ImageNet layout ``<path>/train/<class>/*``, ``<path>/val/<class>/*`` (or
+  ``test/``), or ``<path>/<class>/*`` for a train split only; JPEG/PNG of any size, decoded to RGB.
+- ``parquet:<dir or glob>``: Hugging Face ``datasets`` shards, ``<dir>/<split>/*.parquet`` with an
+  ``image`` ({bytes, path}) and an integer ``label`` column.
+- Both take ``,bad=skip`` after the path: images that cannot be read are left out and recorded
+  (``dataset.skipped``) instead of stopping the open with an error naming the file (``bad=stop``, the default).
 - ``synthetic`` or ``synthetic:n=512,classes=10,size=16,channels=1``: generated from the sample id,
   deterministic, learnable (each class is a different stripe pattern), for tests.
 """
@@ -29,13 +38,17 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from pipelines._readers import BAD_POLICIES, DATASET_HELP, DataError, ParquetShards
+from pipelines._readers import ImageFolder as ImageFolder
 from pipelines.errors import UsageError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
     "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
 )
-SPLITS = ("train", "test")
+SPLITS = ("train", "test")  # of the in-memory data sets; those on disk also have "val"
+__all__ = ["DATASET_HELP", "DataError", "Dataset", "FashionMNIST", "ImageFolder", "ParquetShards", "Synthetic",
+           "load_dataset"]
 
 
 class Dataset(Protocol):
@@ -43,16 +56,27 @@ class Dataset(Protocol):
     split: str
     num_classes: int
     labels: np.ndarray  # (N,) int64 ground truth
+    in_memory: bool  # True: ``read`` and ``image_shape``; False: ``encoded`` (see the module docstring)
 
     @property
-    def image_shape(self) -> tuple[int, int, int]: ...  # (C, H, W)
+    def channels(self) -> int: ...
+
+    skipped: list[str]  # samples left out as unreadable (``,bad=skip``), one line each
+
+    @property
+    def sizes(self) -> np.ndarray: ...  # (N, 2) each image's height and width
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...  # (C, H, W), in-memory only
 
     def __len__(self) -> int: ...
 
     @property
     def fingerprint(self) -> str: ...
 
-    def read(self, ids: np.ndarray | list[int]) -> torch.Tensor: ...
+    def read(self, ids: np.ndarray | list[int]) -> torch.Tensor: ...  # in-memory only
+
+    def encoded(self, ids: np.ndarray) -> list[tuple[bytes, str]]: ...  # on disk only
 
 
 def _check_split(split: str) -> None:
@@ -84,11 +108,22 @@ class _InMemory:
     images: np.ndarray  # (N, C, H, W) uint8
     labels: np.ndarray
     _fingerprint: str | None = None
+    in_memory = True
+    skipped: list[str] = []
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         c, h, w = self.images.shape[1:]
         return (int(c), int(h), int(w))
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """(N, 2): every image's (height, width), one broadcast row (no memory per sample)."""
+        return np.broadcast_to(np.array(self.images.shape[2:], dtype=np.int32), (len(self), 2))
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -108,6 +143,9 @@ class _InMemory:
     def read(self, ids: np.ndarray | list[int]) -> torch.Tensor:
         ids = _check_ids(ids, len(self), self.spec)
         return torch.from_numpy(self.images[ids])
+
+    def encoded(self, ids: np.ndarray) -> list[tuple[bytes, str]]:
+        raise UsageError(f"{self.spec} is held in memory as pixels: read(ids), not encoded bytes")
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -178,42 +216,6 @@ class Synthetic(_InMemory):
         self.images = np.ascontiguousarray(np.repeat(img, channels, axis=1))
 
 
-class ImageFolder(_InMemory):
-    """``root/<class>/<image>``: classes are the sorted folder names; images RGB, resized to the first one's size.
-
-    The fingerprint covers the decoded pixels after that resize, the labels and the class count.
-    """
-
-    EXTENSIONS = (".png", ".jpg", ".jpeg")
-
-    def __init__(self, root: str | os.PathLike, split: str = "train"):
-        from PIL import Image
-
-        _check_split(split)
-        base = Path(root)
-        if (base / split).is_dir():
-            base = base / split
-        if not base.is_dir():
-            raise UsageError(f"image folder {base} does not exist")
-        classes = sorted(p.name for p in base.iterdir() if p.is_dir())
-        files = [
-            (f, c) for c, name in enumerate(classes) for f in sorted((base / name).iterdir())
-            if f.suffix.lower() in self.EXTENSIONS
-        ]
-        if len(classes) < 2 or not files:
-            raise UsageError(f"image folder {base} needs at least 2 class folders with PNG/JPEG images")
-        first = Image.open(files[0][0]).convert("RGB")
-        images = np.empty((len(files), 3, first.height, first.width), dtype=np.uint8)
-        for i, (f, _) in enumerate(files):
-            img = Image.open(f).convert("RGB")
-            if img.size != first.size:
-                img = img.resize(first.size, Image.Resampling.BILINEAR)
-            images[i] = np.asarray(img).transpose(2, 0, 1)
-        self.spec, self.split, self.num_classes = f"imagefolder:{root}", split, len(classes)
-        self.class_names = tuple(classes)
-        self.images, self.labels = images, np.array([c for _, c in files], dtype=np.int64)
-
-
 @dataclass(frozen=True)
 class DatasetSpec:
     """A parsed dataset spec string (see the module docstring)."""
@@ -224,11 +226,21 @@ class DatasetSpec:
     @classmethod
     def parse(cls, spec: str) -> DatasetSpec:
         kind, _, arg = spec.partition(":")
-        if kind not in ("fashion-mnist", "imagefolder", "synthetic"):
-            raise UsageError(f"unknown dataset {spec!r}: expected fashion-mnist, imagefolder:<path> or synthetic[:...]")
-        if kind == "imagefolder" and not arg:
-            raise UsageError("imagefolder needs a path: imagefolder:<path>")
+        if kind not in ("fashion-mnist", "imagefolder", "parquet", "synthetic"):
+            raise UsageError(f"unknown dataset {spec!r}: expected fashion-mnist, imagefolder:<path>, "
+                             "parquet:<dir or glob> or synthetic[:...]")
+        if kind in ("imagefolder", "parquet") and not arg:
+            raise UsageError(f"{kind} needs a path: {kind}:<path>")
         return cls(kind, arg)
+
+    def path_and_policy(self) -> tuple[str, str]:
+        """``imagefolder:`` / ``parquet:`` only: the path and the bad-image policy (``,bad=stop|skip``)."""
+        path, sep, option = self.arg.rpartition(",bad=")
+        if not sep:
+            return self.arg, "stop"
+        if option not in BAD_POLICIES:
+            raise UsageError(f"bad={option!r} in {self.kind}:{self.arg}: expected bad=stop or bad=skip")
+        return path, option
 
 
 def _parse_kwargs(arg: str, spec: str, keys: tuple[str, ...] = ("n", "classes", "size", "channels")) -> dict[str, int]:
@@ -246,7 +258,7 @@ _CACHE: dict[tuple[str, str, str], Dataset] = {}
 
 
 def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike | None = None) -> Dataset:
-    """Open a dataset by spec; repeated calls in one process share the loaded images."""
+    """Open a dataset by spec; repeated calls in one process share the loaded images (or index)."""
     key = (spec, split, str(data_root or os.environ.get("STILLROOM_DATA") or ""))
     if key not in _CACHE:
         parsed = DatasetSpec.parse(spec)
@@ -256,6 +268,8 @@ def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike |
         elif parsed.kind == "synthetic":
             ds = Synthetic(split, **_parse_kwargs(parsed.arg, spec))
         else:
-            ds = ImageFolder(parsed.arg, split)
+            path, bad = parsed.path_and_policy()
+            reader = ImageFolder if parsed.kind == "imagefolder" else ParquetShards
+            ds = reader(path, split, bad, spec=spec)
         _CACHE[key] = ds
     return _CACHE[key]

@@ -29,7 +29,7 @@ from pipelines.errors import UsageError
 from pipelines.progress import progress_bar
 from pipelines.store import LabelStore, StoreSchema
 from pipelines.teachers import Teacher, load_teacher
-from pipelines.views import Recipe, _key, _uniforms, build_views, get_recipe
+from pipelines.views import Recipe, _key, _uniforms, build_views, get_recipe, output_size
 
 
 @dataclass(frozen=True)
@@ -180,14 +180,20 @@ def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Datas
     """The store's provenance (what goes into the cache key) and schema for this job."""
     feature_shape = None
     if config.features:
-        probe = build_views(dataset, recipe, 0, np.arange(1))[0]
+        size = output_size(recipe, dataset) or dataset.image_shape[1]
+        probe = torch.zeros(1, dataset.channels, size, size)  # only the map's shape matters: nothing is decoded
         with torch.inference_mode():
             _, fmap = teachers[0].features(probe, config.features)
         feature_shape = tuple(pool_features(fmap, config.feature_grid).shape[1:])
+    output_size(recipe, dataset)  # a recipe without an output size on images of many sizes: refused here
+    described: dict[str, Any] = {"spec": dataset.spec, "split": dataset.split, "fingerprint": dataset.fingerprint,
+                                 "num_samples": len(dataset), "num_classes": dataset.num_classes}
+    if dataset.in_memory:
+        described["image_shape"] = list(dataset.image_shape)
+    else:  # images of many sizes: the recipe's output size is the views' size; bad=skip records what it left out
+        described["skipped"] = len(dataset.skipped)
     provenance = {
-        "dataset": {"spec": dataset.spec, "split": dataset.split, "fingerprint": dataset.fingerprint,
-                    "num_samples": len(dataset), "num_classes": dataset.num_classes,
-                    "image_shape": list(dataset.image_shape)},
+        "dataset": described,
         "recipe": recipe.to_dict(),
         "teachers": [t.describe() for t in teachers],
         "labels": {"top_k": config.top_k, "sampled": config.sampled, "ensemble": "mean-probability",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from pipelines._readers import DATASET_HELP
 from pipelines.errors import UsageError
 
 
@@ -58,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     teacher = sub.add_parser("teacher", help="train teachers")
     tsub = teacher.add_subparsers(dest="teacher_cmd", required=True)
     p = tsub.add_parser("train", help="train a timm teacher on a dataset; prints test top-1 as JSON")
-    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--dataset", default="fashion-mnist", help=DATASET_HELP)
     p.add_argument("--data-root", default=None)
     p.add_argument("--model", default="resnet18", help="a timm model name")
     p.add_argument("--model-kwargs", default="{}", help="JSON of extra timm.create_model arguments")
@@ -78,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_teacher_train)
 
     p = sub.add_parser("label", help="run the teacher(s) once per seed on Ray and write the label store")
-    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--dataset", default="fashion-mnist", help=DATASET_HELP)
     p.add_argument("--split", default="train")
     p.add_argument("--data-root", default=None)
     p.add_argument("--teacher", action="append", required=True, help="NAME@CHECKPOINT or NAME; repeat for an ensemble")

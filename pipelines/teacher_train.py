@@ -22,7 +22,7 @@ from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
 from pipelines.progress import progress_bar
 from pipelines.teachers import Preprocess, _create, save_checkpoint
-from pipelines.views import Recipe, build_views, get_recipe
+from pipelines.views import Recipe, build_views, eval_views, get_recipe, output_size
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class TeacherTrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.05
     recipe: str = "fmnist-flip"  # see pipelines.views: crops cost a short-budget teacher 3 points
-    resolution: int | None = None  # default: the dataset's native size
+    resolution: int | None = None  # default: the recipe's output size, else the dataset's native size
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data_root: str | None = None
     train_samples: int | None = None  # use only the first N training samples (quick runs)
@@ -56,8 +56,14 @@ class TeacherTrainConfig:
             raise UsageError(f"--bn-samples {self.bn_samples}: expected >= 0")
 
 
-def channel_stats(ds: Dataset, limit: int = 10000) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    x = ds.read(np.arange(min(limit, len(ds)))).float() / 255.0
+def channel_stats(ds: Dataset, size: int, limit: int = 10000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std: of the first ``limit`` images in memory; on disk, of the eval views (at ``size``)
+    of 500 samples spread over the split, so that nothing near the whole data set is decoded."""
+    if ds.in_memory:
+        x = eval_views(ds, np.arange(min(limit, len(ds))), None)
+    else:
+        ids = np.unique(np.linspace(0, len(ds) - 1, min(500, len(ds))).astype(np.int64))
+        x = torch.cat([eval_views(ds, ids[i : i + 100], size) for i in range(0, len(ids), 100)])
     mean = x.mean(dim=(0, 2, 3)).tolist()
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
     return tuple(round(m, 4) for m in mean), tuple(round(s, 4) for s in std)
@@ -70,7 +76,7 @@ def evaluate(model: torch.nn.Module, preprocess: Preprocess, ds: Dataset, batch_
     hits1 = hits5 = 0
     for start in range(0, len(ds), batch_size):
         ids = np.arange(start, min(start + batch_size, len(ds)))
-        logits = model(preprocess(ds.read(ids).float() / 255.0))
+        logits = model(preprocess(eval_views(ds, ids, None if ds.in_memory else preprocess.resolution)))
         target = torch.from_numpy(ds.labels[ids])
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits1 += int((top[:, 0] == target).sum())
@@ -104,12 +110,14 @@ def train_teacher(config: TeacherTrainConfig, progress: bool = True) -> dict[str
     train = load_dataset(config.dataset, "train", config.data_root)
     test = load_dataset(config.dataset, "test", config.data_root)
     recipe = get_recipe(config.recipe)
-    c, h, _ = train.image_shape
+    c = train.channels
+    # the model's input size: --resolution, else the recipe's output size (required for images of many sizes)
+    resolution = config.resolution or output_size(recipe, train) or train.image_shape[1]
     kwargs = {**config.model_kwargs, "num_classes": train.num_classes, "in_chans": c}
     torch.manual_seed(config.seed)
     model = _create(config.model, pretrained=False, **kwargs)
-    mean, std = channel_stats(train)
-    preprocess = Preprocess(config.resolution or h, mean, std, c)
+    mean, std = channel_stats(train, resolution)
+    preprocess = Preprocess(resolution, mean, std, c)
     out = Path(config.out)
     if not out.parent.exists():
         raise UsageError(f"output directory {out.parent} does not exist")

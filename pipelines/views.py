@@ -10,20 +10,37 @@ partner's own crop box and flip (so a row rebuilds its view alone); the cutmix b
 lambda lie on a grid of 1/2048 (pixel-exact for images up to 2048 px), so they are exact in float32
 and compress well in the store.
 
-``apply_views`` turns uint8 images and parameter rows into float views in [0, 1] with one
-``grid_sample`` over the batch (per-sample affine grids), deterministic on CPU and GPU.
+Two ways to build views, chosen by the data set:
+
+- in-memory data sets (every image the same size): ``apply_views`` turns uint8 images and parameter rows
+  into float views in [0, 1] with one ``grid_sample`` over the batch (per-sample affine grids),
+  deterministic on CPU and GPU.
+- data sets on disk (images of any size): ``render_views`` decodes each image and takes its crop box
+  (fractions of *that* image's height and width) with PIL's antialiased bilinear resize straight to the
+  recipe's output size, then flips: uint8 ``(B, 3, S, S)``, which is what crosses process boundaries.
+  With ``recipe.draft`` a JPEG is decoded at 1/2, 1/4 or 1/8 size by DCT scaling (PIL's ``draft``) when
+  the crop still spans at least ``S`` pixels at that scale: the largest such scale, a function of the
+  stored box, the image's size and ``S`` alone, so the teacher and the student decode the same pixels in
+  any process and any batch. ``mix_views`` then mixes the uint8 views (as floats) on the device.
+
+Mixing partners: a permutation of each block of ``PARTNER_BLOCK`` consecutive ids (fixed by recipe and
+seed), so a partner lies near its sample (a streaming reader keeps locality) and never depends on the
+batch. A split of at most ``PARTNER_BLOCK`` samples is one block.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines._readers import DataError
 from pipelines.errors import UsageError
 
 VIEW_COLUMNS = (
@@ -36,6 +53,8 @@ NUM_VIEW_PARAMS = len(VIEW_COLUMNS)
 COL = {name: i for i, name in enumerate(VIEW_COLUMNS)}
 MIX_NONE, MIX_MIXUP, MIX_CUTMIX = 0, 1, 2
 GRID = 2048.0  # fractions are multiples of 1/GRID
+PARTNER_BLOCK = 65536  # mixing partners come from the same block of this many consecutive ids
+DRAFT_SCALES = (8, 4, 2, 1)
 
 
 @dataclass(frozen=True)
@@ -52,16 +71,24 @@ class Recipe:
     mixup_p: float = 0.0
     cutmix_p: float = 0.0
     mix_alpha: float = 1.0
+    # added later; left out of the digest while at their defaults, so older recipes keep their digests
+    center: float | None = None  # eval: the centred square of this fraction of the shorter side, no randomness
+    draft: bool = False  # JPEG DCT-scaled decoding where the crop allows it (see the module docstring)
 
     @property
     def digest(self) -> str:
         """Hash of every field: the recipe's identity in cache keys and generator keys."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        d = asdict(self)
+        for f in fields(self):
+            if f.name in _LATER_FIELDS and d[f.name] == f.default:
+                del d[f.name]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
         return {**asdict(self), "digest": self.digest}
 
 
+_LATER_FIELDS = ("center", "draft")
 RECIPES: dict[str, Recipe] = {}
 
 
@@ -77,13 +104,32 @@ register_recipe(Recipe("fmnist-rrc"))
 # with this, 90.94 % with crops of scale 0.7-1 and 89.28 % with fmnist-rrc (scale 0.35-1).
 register_recipe(Recipe("fmnist-flip", crop=False))
 register_recipe(Recipe("fmnist-rrc-mix", mixup_p=0.25, cutmix_p=0.25, mix_alpha=1.0))
-register_recipe(Recipe("imagenet-rrc", out_size=224, scale=(0.08, 1.0)))
+# ImageNet: RandomResizedCrop (scale 0.08-1, aspect 3/4-4/3) and flip at 224 px; take :size=N for another size
+register_recipe(Recipe("imagenet-rrc", out_size=224, scale=(0.08, 1.0), draft=True))
+# evaluation: shorter side to 256/224 of the size, centre crop (crop first, then one resize: the same box)
+register_recipe(Recipe("imagenet-eval", out_size=224, crop=False, flip_p=0.0, center=224 / 256, draft=True))
 
 
 def get_recipe(name: str) -> Recipe:
-    if name not in RECIPES:
-        raise UsageError(f"unknown view recipe {name!r}: expected one of {', '.join(sorted(RECIPES))}")
-    return RECIPES[name]
+    """A registered recipe by name; ``NAME:size=N`` is that recipe at output size ``N``."""
+    base, _, option = name.partition(":")
+    if base not in RECIPES:
+        raise UsageError(f"unknown view recipe {base!r}: expected one of {', '.join(sorted(RECIPES))}")
+    if not option:
+        return RECIPES[base]
+    key, _, value = option.partition("=")
+    if key != "size" or not value.isdigit() or not 8 <= int(value) <= 2048:
+        raise UsageError(f"bad recipe option {option!r} in {name!r}: expected size=N with 8 <= N <= 2048")
+    return replace(RECIPES[base], name=f"{base}:size={int(value)}", out_size=int(value))
+
+
+def output_size(recipe: Recipe, dataset) -> int | None:
+    """The views' side in pixels (None: the in-memory data set's own size); a clear error when the data set's
+    images differ in size and the recipe names no output size."""
+    if recipe.out_size is None and not dataset.in_memory:
+        raise UsageError(f"recipe {recipe.name} has no output size and {dataset.spec} holds images of many sizes: "
+                         f"use {recipe.name}:size=N (e.g. {recipe.name}:size=224) or imagenet-rrc")
+    return recipe.out_size
 
 
 def _key(recipe: Recipe, seed: int, stream: str) -> list[int]:
@@ -120,30 +166,38 @@ def _streams(key: list[int], ids: np.ndarray):
 _ATTEMPTS = 10
 
 
-def _own(recipe: Recipe, key: list[int], ids: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """``(len(ids), 5)``: RandomResizedCrop as fractions (area in ``scale``, aspect log-uniform in ``ratio``,
-    the first of 10 tries that fits, else the centred fallback torchvision uses) and the flip."""
-    u = _uniforms(key, ids, 4 * _ATTEMPTS + 1)
+def _own(recipe: Recipe, key: list[int], ids: np.ndarray, H: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """``(len(ids), 5)``: RandomResizedCrop as fractions of each image's own ``H x W`` (area in ``scale``, aspect
+    log-uniform in ``ratio``, the first of 10 tries that fits, else the centred fallback torchvision uses) and
+    the flip; with ``recipe.center`` the centred square of that fraction of the shorter side instead."""
     out = np.zeros((len(ids), 5))
     out[:, 2:4] = 1.0
+    if recipe.center is not None:
+        side = recipe.center * np.minimum(H, W)
+        h, w = _q(side / H), _q(side / W)
+        out[:, 0], out[:, 1], out[:, 2], out[:, 3] = _q((1 - h) / 2), _q((1 - w) / 2), h, w
+        return out
+    u = _uniforms(key, ids, 4 * _ATTEMPTS + 1)
     out[:, 4] = u[:, -1] < recipe.flip_p
     if not recipe.crop:
         return out
-    H, W = hw
     tries = u[:, :-1].reshape(len(ids), _ATTEMPTS, 4)
     lo, hi = np.log(recipe.ratio[0]), np.log(recipe.ratio[1])
     area = recipe.scale[0] + tries[..., 0] * (recipe.scale[1] - recipe.scale[0])
     aspect = np.exp(lo + tries[..., 1] * (hi - lo))  # width / height in pixels
-    h = np.maximum(_q(np.sqrt(area * H * W / aspect) / H), 1 / GRID)
-    w = np.maximum(_q(np.sqrt(area * H * W * aspect) / W), 1 / GRID)
+    Hc, Wc = H[:, None], W[:, None]
+    h = np.maximum(_q(np.sqrt(area * Hc * Wc / aspect) / Hc), 1 / GRID)
+    w = np.maximum(_q(np.sqrt(area * Hc * Wc * aspect) / Wc), 1 / GRID)
     fits = (h <= 1) & (w <= 1)
     first = fits.argmax(axis=1)
     rows = np.arange(len(ids))
     h, w = h[rows, first], w[rows, first]
     y0 = _q(tries[rows, first, 2] * (1 - h))
     x0 = _q(tries[rows, first, 3] * (1 - w))
-    fb_aspect = min(max(W / H, recipe.ratio[0]), recipe.ratio[1])
-    fb_h, fb_w = (1.0, float(_q(H * fb_aspect / W))) if fb_aspect < W / H else (float(_q(W / fb_aspect / H)), 1.0)
+    fb_aspect = np.minimum(np.maximum(W / H, recipe.ratio[0]), recipe.ratio[1])
+    narrower = fb_aspect < W / H
+    fb_h = np.where(narrower, 1.0, _q(W / fb_aspect / H))
+    fb_w = np.where(narrower, _q(H * fb_aspect / W), 1.0)
     none_fit = ~fits.any(axis=1)
     h, w = np.where(none_fit, fb_h, h), np.where(none_fit, fb_w, w)
     y0 = np.where(none_fit, _q((1 - fb_h) / 2), y0)
@@ -153,19 +207,26 @@ def _own(recipe: Recipe, key: list[int], ids: np.ndarray, hw: tuple[int, int]) -
 
 
 def draw_views(recipe: Recipe, seed: int, ids: np.ndarray | list[int], num_samples: int,
-               hw: tuple[int, int]) -> np.ndarray:
+               hw: tuple[int, int] | np.ndarray) -> np.ndarray:
     """The ``(len(ids), P)`` float32 view parameters of ``ids`` under ``(recipe, seed)``.
 
-    ``num_samples`` is the size of the split (the mix partner comes from a seeded permutation of it);
-    ``hw`` the images' native (height, width), which the crop's aspect ratio refers to.
+    ``num_samples`` is the size of the split (the mix partner comes from a seeded permutation of the
+    sample's block of ids); ``hw`` the images' native (height, width), which the crop's aspect ratio refers
+    to: one pair for all, or the data set's ``(num_samples, 2)`` ``sizes`` (indexed by sample id).
     """
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if ids.size and (ids.min() < 0 or ids.max() >= num_samples):
         bad = int(ids[(ids < 0) | (ids >= num_samples)][0])
         raise UsageError(f"sample id {bad} is out of range: expected 0 <= id < {num_samples}")
+    sizes = np.asarray(hw)
+
+    def hw_of(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pairs = sizes[rows] if sizes.ndim == 2 else np.broadcast_to(sizes, (len(rows), 2))
+        return pairs[:, 0].astype(np.float64), pairs[:, 1].astype(np.float64)
+
     out = np.zeros((len(ids), NUM_VIEW_PARAMS), dtype=np.float32)
     own_key = _key(recipe, seed, "own")
-    out[:, 0:5] = _own(recipe, own_key, ids, hw)
+    out[:, 0:5] = _own(recipe, own_key, ids, *hw_of(ids))
     if recipe.mixup_p + recipe.cutmix_p <= 0:
         return out
     mix_key = _key(recipe, seed, "mix")
@@ -175,10 +236,10 @@ def draw_views(recipe: Recipe, seed: int, ids: np.ndarray | list[int], num_sampl
     mode = np.select([draws[:, 0] < recipe.mixup_p, draws[:, 0] < recipe.mixup_p + recipe.cutmix_p],
                      [MIX_MIXUP, MIX_CUTMIX], MIX_NONE)
     mixing = mode != MIX_NONE
-    partners = _partners(recipe, seed, num_samples)[ids]
+    partners = partners_of(recipe, seed, ids, num_samples)
     out[:, COL["mix_mode"]] = mode
     out[mixing, COL["partner"]] = partners[mixing]
-    out[mixing, 8:13] = _own(recipe, own_key, partners[mixing], hw)
+    out[mixing, 8:13] = _own(recipe, own_key, partners[mixing], *hw_of(partners[mixing]))
     lam = draws[:, 1]
     # cutmix: a box of area (1 - lam), centred uniformly and clipped; lambda then from the clipped box
     cut = np.sqrt(1 - lam)
@@ -190,10 +251,24 @@ def draw_views(recipe: Recipe, seed: int, ids: np.ndarray | list[int], num_sampl
     return out
 
 
-def _partners(recipe: Recipe, seed: int, num_samples: int) -> np.ndarray:
-    """Partner of each sample id: a permutation of the split, fixed by (recipe, seed)."""
-    rng = np.random.Generator(np.random.Philox(key=_key(recipe, seed, "partners")))
-    return rng.permutation(num_samples)
+def partners_of(recipe: Recipe, seed: int, ids: np.ndarray, num_samples: int) -> np.ndarray:
+    """Partner of each sample id: within its block of ``PARTNER_BLOCK`` ids, a permutation of the block fixed
+    by (recipe, seed, block). Memory and time per call grow with the blocks touched, not the split."""
+    block = ids // PARTNER_BLOCK
+    out = np.empty(len(ids), dtype=np.int64)
+    for b in np.unique(block):
+        start = int(b) * PARTNER_BLOCK
+        rows = block == b
+        perm = _block_permutation(recipe, seed, int(b), min(PARTNER_BLOCK, num_samples - start))
+        out[rows] = start + perm[ids[rows] - start]
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _block_permutation(recipe: Recipe, seed: int, block: int, length: int) -> np.ndarray:
+    stream = "partners" if block == 0 else f"partners/{block}"  # block 0: the stream of a whole small split
+    rng = np.random.Generator(np.random.Philox(key=_key(recipe, seed, stream)))
+    return rng.permutation(length)
 
 
 def _crop_flip(images: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
@@ -233,17 +308,114 @@ def apply_views(images: torch.Tensor, params: torch.Tensor | np.ndarray, out_siz
         raise UsageError(f"view params of shape {tuple(params.shape)}: expected ({len(images)}, {NUM_VIEW_PARAMS})")
     out_hw = (out_size, out_size) if out_size else (int(images.shape[2]), int(images.shape[3]))
     x = _crop_flip(images.float() / 255.0, params[:, 0:5], out_hw)
-    mode = params[:, COL["mix_mode"]]
-    if bool((mode != MIX_NONE).any()):
+    if _mixes(params):
         if partner_images is None:
             raise UsageError("these views mix two images: pass partner_images")
         p = _crop_flip(partner_images.float() / 255.0, params[:, 8:13], out_hw)
-        lam = params[:, COL["lam"]][:, None, None, None]
-        mixup = (mode == MIX_MIXUP)[:, None, None, None]
-        cut = (mode == MIX_CUTMIX)[:, None, None, None] * _cut_mask(params[:, 13:17], out_hw)
-        x = torch.where(mixup, lam * x + (1 - lam) * p, x)
-        x = x * (1 - cut) + p * cut
+        x = _mix(x, p, params, out_hw)
     return x
+
+
+def _mixes(params: torch.Tensor) -> bool:
+    return bool((params[:, COL["mix_mode"]] != MIX_NONE).any())
+
+
+def _mix(x: torch.Tensor, p: torch.Tensor, params: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """Mixup blends view and partner view by lambda; cutmix pastes the partner's view inside the box."""
+    mode = params[:, COL["mix_mode"]]
+    lam = params[:, COL["lam"]][:, None, None, None]
+    mixup = (mode == MIX_MIXUP)[:, None, None, None]
+    cut = (mode == MIX_CUTMIX)[:, None, None, None] * _cut_mask(params[:, 13:17], out_hw)
+    x = torch.where(mixup, lam * x + (1 - lam) * p, x)
+    return x * (1 - cut) + p * cut
+
+
+def mix_views(own: torch.Tensor, partner: torch.Tensor | None, params: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """uint8 views from ``render_views`` (and their partners' views, where some row mixes) -> float views in
+    [0, 1], mixed; runs on whatever device ``own`` is on."""
+    params = torch.as_tensor(params, dtype=torch.float32, device=own.device)
+    x = own.float() / 255.0
+    if _mixes(params):
+        if partner is None:
+            raise UsageError("these views mix two images: pass the partners' views")
+        x = _mix(x, partner.to(own.device).float() / 255.0, params, (int(own.shape[2]), int(own.shape[3])))
+    return x
+
+
+def draft_scale(box_hw: tuple[float, float], image_hw: tuple[int, int], out_size: int) -> int:
+    """The largest DCT scale (8, 4, 2 or 1) at which a crop of ``box_hw`` (fractions) of an ``image_hw`` image
+    still spans ``out_size`` pixels each way: decoding smaller then never upsamples what a full decode would
+    have shrunk."""
+    h = box_hw[0] * image_hw[0]
+    w = box_hw[1] * image_hw[1]
+    for s in DRAFT_SCALES:
+        if h >= out_size * s and w >= out_size * s:
+            return s
+    return 1
+
+
+def decode_view(data: bytes, where: str, box: np.ndarray, out_size: int, draft: bool) -> np.ndarray:
+    """One view from encoded bytes: ``box`` = (y0, x0, h, w, flip) -> uint8 ``(out_size, out_size, 3)``.
+
+    Decoded to RGB (CMYK, grayscale, palette and PNG-named-JPEG files included), at a DCT scale when
+    ``draft`` and the crop allows it (``draft_scale``); the crop box is resized with PIL's antialiased
+    bilinear filter straight from the decoded image. Raises ``DataError`` naming ``where``."""
+    from PIL import Image
+
+    y0, x0, h, w, flip = (float(v) for v in box[:5])
+    try:
+        encoded = Image.open(io.BytesIO(data))
+        if draft and encoded.format in ("JPEG", "MPO"):
+            s = draft_scale((h, w), (encoded.height, encoded.width), out_size)
+            if s > 1:
+                encoded.draft("RGB", (encoded.width // s, encoded.height // s))
+        img = encoded.convert("RGB") if encoded.mode != "RGB" else encoded
+        img.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{where}: cannot decode ({str(e).splitlines()[0][:120]})") from None
+    H, W = img.height, img.width
+    region = (x0 * W, y0 * H, (x0 + w) * W, (y0 + h) * H)
+    view = img.resize((out_size, out_size), Image.Resampling.BILINEAR, box=region)
+    if flip:
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(view)
+
+
+def render_views(dataset, ids: np.ndarray, boxes: np.ndarray, out_size: int, draft: bool) -> torch.Tensor:
+    """uint8 ``(B, 3, S, S)`` views of a data set on disk (channels-last in memory): sample ``ids[i]`` cropped by
+    ``boxes[i]`` (y0, x0, h, w, flip). Reads only these samples' bytes. A pure function of its arguments: runs
+    the same in any process."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    batch = _uint8_batch((len(ids), out_size, out_size, 3))
+    out = batch.numpy()
+    for row, (data, where) in enumerate(dataset.encoded(ids)):
+        out[row] = decode_view(data, where, boxes[row], out_size, draft)
+    return batch.permute(0, 3, 1, 2)  # (B, 3, S, S) in channels-last memory: no copy
+
+
+def _uint8_batch(shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty uint8 tensor; in a DataLoader worker, in shared memory (as torch's own collate allocates it), so
+    handing the batch to the main process copies nothing."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
+def render_batch(dataset, ids: np.ndarray, params: np.ndarray, out_size: int, draft: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch's uint8 views and, where some row mixes, its partners' uint8 views (rows that do not mix get
+    a copy of their own view). What a loader worker process hands over; ``mix_views`` finishes the batch."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    own = render_views(dataset, ids, params[:, 0:5], out_size, draft)
+    mixing = params[:, COL["mix_mode"]] != MIX_NONE
+    if not mixing.any():
+        return own, None
+    partner = own.clone()
+    rows = np.flatnonzero(mixing)
+    partner[rows] = render_views(dataset, params[rows, COL["partner"]].astype(np.int64), params[rows, 8:13],
+                                 out_size, draft)
+    return own, partner
 
 
 def partner_ids(params: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -254,8 +426,15 @@ def partner_ids(params: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 def build_views(dataset, recipe: Recipe, seed: int, ids: np.ndarray | list[int],
                 params: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
-    """Read, draw (unless ``params`` are given, e.g. from the store) and apply: ``(views, params)``."""
+    """Read, draw (unless ``params`` are given, e.g. from the store) and apply: ``(views, params)``, the views
+    float32 in [0, 1]."""
     ids = np.asarray(ids, dtype=np.int64)
+    size = output_size(recipe, dataset)
+    if not dataset.in_memory:
+        if params is None:
+            params = draw_views(recipe, seed, ids, len(dataset), dataset.sizes)
+        own, partner = render_batch(dataset, ids, params, int(size or 0), recipe.draft)  # output_size: not None
+        return mix_views(own, partner, params), params
     _, H, W = dataset.image_shape
     if params is None:
         params = draw_views(recipe, seed, ids, len(dataset), (H, W))
@@ -263,3 +442,27 @@ def build_views(dataset, recipe: Recipe, seed: int, ids: np.ndarray | list[int],
     partners = partner_ids(params, ids)
     partner_images = images if np.array_equal(partners, ids) else dataset.read(partners)
     return apply_views(images, params, recipe.out_size, partner_images), params
+
+
+def eval_views(dataset, ids: np.ndarray, size: int | None) -> torch.Tensor:
+    """Un-augmented float views in [0, 1] for evaluation at ``size`` px: in-memory images resized whole
+    (bilinear); images on disk through ``imagenet-eval`` at that size (shorter side to 256/224 of it, centre
+    crop)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if dataset.in_memory:
+        x = dataset.read(ids).float() / 255.0
+        if size is not None and (x.shape[-1] != size or x.shape[-2] != size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return x
+    if size is None:
+        raise UsageError(f"{dataset.spec} holds images of many sizes: evaluation needs an output size")
+    return build_views(dataset, get_recipe(f"imagenet-eval:size={size}"), 0, ids)[0]
+
+
+def whole_views(dataset, ids: np.ndarray, size: int) -> torch.Tensor:
+    """Whole images (no crop, no flip) squeezed to ``size x size``, float in [0, 1]: the originals beside views."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if dataset.in_memory:
+        return eval_views(dataset, ids, size)
+    boxes = np.tile(np.array([0.0, 0.0, 1.0, 1.0, 0.0]), (len(ids), 1))
+    return render_views(dataset, ids, boxes, size, draft=False).float() / 255.0

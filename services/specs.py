@@ -86,10 +86,20 @@ def confine(path: str, roots: tuple[Path, ...], base: Path) -> Path:
 
 
 def confine_dataset(dataset: str, roots: tuple[Path, ...], base: Path) -> str:
+    """``imagefolder:`` and ``parquet:`` paths resolved and confined (a Parquet glob: its folder, no ``..``);
+    a ``,bad=`` option is kept."""
     kind, sep, arg = dataset.partition(":")
-    if kind == "imagefolder" and sep:
-        return f"imagefolder:{confine(arg, roots, base)}"
-    return dataset
+    if kind not in ("imagefolder", "parquet") or not sep:
+        return dataset
+    path, bad, policy = arg.rpartition(",bad=")
+    path, option = (path, f",bad={policy}") if bad else (arg, "")
+    if kind == "parquet" and any(ch in path for ch in "*?["):
+        if ".." in Path(path).parts:
+            raise PathOutsideRoots(f"path {path!r}: '..' is not allowed in a glob")
+        cut = min(i for i, ch in enumerate(path) if ch in "*?[")
+        folder, _, _ = path[:cut].rpartition("/")
+        return f"parquet:{confine(folder or '.', roots, base)}/{path[len(folder) + 1 if folder else 0:]}{option}"
+    return f"{kind}:{confine(path, roots, base)}{option}"
 
 
 def confined_spec(kind: str, spec: _Spec, roots: tuple[Path, ...], base: Path) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from pipelines._readers import DATASET_HELP
 from pipelines.errors import UsageError
 
 
@@ -96,7 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", required=True,
                    help="the label store: its directory (<root>/<cache_key>) or its cache key under --store-root")
     p.add_argument("--store-root", default="stores", help="where a --store cache key is looked up")
-    p.add_argument("--dataset", default=None, help="default: the data set the store was labeled from (its manifest)")
+    p.add_argument("--dataset", default=None,
+                   help="default: the data set the store was labeled from (its manifest); " + DATASET_HELP)
     p.add_argument("--split", default=None, help="default: the split the store was labeled from")
     p.add_argument("--data-root", default=None,
                    help="where the data set's files are (default: the one the store was labeled with)")
@@ -134,7 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="score a student checkpoint: prints {top1, top5} as JSON")
     p.add_argument("--checkpoint", required=True, help="a student checkpoint: RUN_DIR/last.pt")
-    p.add_argument("--dataset", default=None, help="default: the data set the student was trained on")
+    p.add_argument("--dataset", default=None, help="default: the data set the student was trained on; " + DATASET_HELP)
     p.add_argument("--split", default="test")
     p.add_argument("--data-root", default=None)
     p.add_argument("--batch-size", type=int, default=512)

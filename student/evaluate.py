@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
+from pipelines.views import eval_views
 from student.models import build_student, normalize, unwrap
 
 CHECKPOINT_FORMAT = "stillroom-student/1"
@@ -74,11 +74,8 @@ def load_init_weights(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def eval_inputs(dataset: Dataset, ids: np.ndarray, img_size: int) -> torch.Tensor:
-    """Un-augmented images in [0, 1] at the student's size."""
-    x = dataset.read(ids).float() / 255.0
-    if x.shape[-1] != img_size or x.shape[-2] != img_size:
-        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
-    return x
+    """Un-augmented images in [0, 1] at the student's size (images on disk: ``imagenet-eval`` at that size)."""
+    return eval_views(dataset, ids, img_size)
 
 
 @torch.no_grad()
@@ -110,8 +107,8 @@ def evaluate_checkpoint(path: str | os.PathLike, dataset: str, split: str = "tes
     ds = load_dataset(dataset, split, data_root)
     if ds.num_classes != ckpt["num_classes"]:
         raise UsageError(f"checkpoint {path} predicts {ckpt['num_classes']} classes; {dataset} has {ds.num_classes}")
-    if ds.image_shape[0] != ckpt["in_chans"]:
+    if ds.channels != ckpt["in_chans"]:
         raise UsageError(f"checkpoint {path} takes {ckpt['in_chans']}-channel images; {dataset} has "
-                         f"{ds.image_shape[0]}")
+                         f"{ds.channels}")
     result = evaluate(model, ds, ckpt["img_size"], batch_size)
     return {**result, "samples": len(ds), "checkpoint": str(path), "epoch": ckpt.get("epoch")}

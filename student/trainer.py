@@ -50,7 +50,7 @@ from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
 from pipelines.progress import progress_bar
 from pipelines.store import LabelStore, StoreError
-from pipelines.views import Recipe
+from pipelines.views import Recipe, output_size
 from student import losses as L
 from student.data import Batch, StoreStream, check_store
 from student.evaluate import evaluate, load_init_weights, read_checkpoint, save_checkpoint
@@ -301,8 +301,9 @@ def prepare(config: TrainConfig) -> Setup:
     eval_dataset = load_dataset(config.dataset, config.eval_split, config.data_root)
     if eval_dataset.num_classes != dataset.num_classes:
         raise UsageError(f"eval split has {eval_dataset.num_classes} classes, train split {dataset.num_classes}")
-    in_chans, h, _ = dataset.image_shape
-    return Setup(config, store, dataset, eval_dataset, recipe, recipe.out_size or h, in_chans)
+    # the model's input size: the recipe's output size (required for images of many sizes), else the native size
+    img_size = output_size(recipe, dataset) or dataset.image_shape[1]
+    return Setup(config, store, dataset, eval_dataset, recipe, img_size, dataset.channels)
 
 
 def make_student(setup: Setup) -> nn.Module:

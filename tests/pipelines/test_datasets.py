@@ -35,20 +35,23 @@ def test_synthetic_is_deterministic_and_fingerprinted():
     assert load_dataset("synthetic:n=50,classes=3,size=8,channels=3").image_shape == (3, 8, 8)
 
 
-def test_image_folder(tmp_path):
+def test_image_folder_without_splits_is_a_train_split(tmp_path):
     from PIL import Image
 
     rng = np.random.default_rng(0)
     for cls in ("cat", "dog"):
         (tmp_path / cls).mkdir()
         for i in range(3):
-            size = (12, 10) if i else (10, 10)  # a differently sized image is resized to the first one's size
+            size = (12, 10) if i else (10, 10)  # sizes may differ: each keeps its own
             pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / cls / f"{i}.png")
     ds = ImageFolder(tmp_path)
-    assert len(ds) == 6 and ds.num_classes == 2 and ds.image_shape == (3, 10, 10)
+    assert len(ds) == 6 and ds.num_classes == 2 and ds.channels == 3 and not ds.in_memory
+    assert ds.sizes.tolist() == [[10, 10], [10, 12], [10, 12]] * 2
     assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1] and ds.class_names == ("cat", "dog")
     assert load_dataset(f"imagefolder:{tmp_path}").fingerprint == ds.fingerprint
+    with pytest.raises(UsageError, match="no split folders .* so it has no test split"):
+        load_dataset(f"imagefolder:{tmp_path}", "test")
 
 
 @pytest.mark.parametrize(("spec", "message"), [
@@ -56,6 +59,9 @@ def test_image_folder(tmp_path):
     ("synthetic:n=x", "bad option 'n=x'"),
     ("fashion-mnist:classes=3", "bad option 'classes=3'"),
     ("imagefolder:/does/not/exist", "does not exist"),
+    ("parquet:/does/not/exist", "does not exist"),
+    ("parquet:/does/not/*.parquet", "no Parquet files match"),
+    ("imagefolder:/tmp,bad=maybe", "expected bad=stop or bad=skip"),
 ])
 def test_bad_specs(spec, message):
     with pytest.raises(UsageError, match=message):

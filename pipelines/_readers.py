@@ -1,0 +1,681 @@
+"""Readers for data sets on disk: an index of samples, built once from the files' headers and bytes.
+
+Two kinds, behind one small interface (``FileDataset``): ``ImageFolder`` (one file per sample, the
+ImageNet layout) and ``ParquetShards`` (Hugging Face ``datasets`` shards: an ``image`` column of
+``{bytes, path}`` and an integer ``label``). Opening one reads, per sample, its label, where its bytes
+are, its height and width (from the image header: nothing is decoded) and a hash of its encoded bytes.
+That index is kept in memory as a few flat numpy arrays (about 30-70 bytes a sample) and cached on disk,
+so a second open only lists and stats the files (or the shards) and compares them with the cache.
+
+Where the cache lives: ``$STILLROOM_CACHE/index/`` when that variable is set; otherwise
+``<data root>/.stillroom-index/`` when the data root is writable (the cache then moves with the
+folder), else ``~/.cache/stillroom/index/``. An entry is reused when its path, size and mtime match.
+
+This module does not import torch: a worker process that turns sample ids into encoded bytes needs only
+numpy, PIL and pyarrow.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.errors import StillroomError, UsageError
+
+INDEX_VERSION = 3  # bump when the cache file changes: older caches are rebuilt
+HASH_BYTES = 16  # blake2b digest of a sample's encoded bytes
+FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # what PIL identifies and we decode
+SPLITS = ("train", "val", "test")
+BAD_POLICIES = ("stop", "skip")
+PARALLEL_FROM = 2048  # fewer samples than this are indexed in this process
+ROW_GROUP_CACHE = 4  # row groups of encoded bytes a Parquet reader keeps (per process)
+DATASET_HELP = (  # the --dataset help of every command
+    "fashion-mnist[:n=N], synthetic[:n=,classes=,size=,channels=], imagefolder:DIR (DIR/train/<class>/*, "
+    "DIR/val/<class>/*) or parquet:DIR|GLOB (Hugging Face shards, DIR/train/*.parquet); add ,bad=skip to leave "
+    "unreadable images out (listed in the index) instead of stopping with an error naming the file"
+)
+
+
+class DataError(StillroomError):
+    """A sample that cannot be read (not an image, truncated, unreadable): names the file or row."""
+
+
+# ---------------------------------------------------------------- one sample's bytes -> header and hash
+
+
+def probe(data: bytes, where: str) -> tuple[int, int, bytes]:
+    """``(height, width, hash)`` of one encoded image, from its header and bytes alone (no decoding).
+
+    Raises ``DataError`` naming ``where`` for an empty file, a file PIL does not recognise as an image
+    of ``FORMATS``, or a JPEG/PNG that is cut short (no end-of-image marker / IEND chunk at its end).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise DataError(f"{where}: empty file")
+    digest = hashlib.blake2b(data, digest_size=HASH_BYTES).digest()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt, (w, h) = img.format, img.size
+    except UnidentifiedImageError:
+        raise DataError(f"{where}: not an image (no image format recognised)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{where}: not an image ({str(e).splitlines()[0][:120]})") from None
+    if fmt not in FORMATS:
+        raise DataError(f"{where}: {fmt} images are not read: expected one of {', '.join(FORMATS)}")
+    tail = data[-4096:]
+    if fmt in ("JPEG", "MPO") and b"\xff\xd9" not in tail:
+        raise DataError(f"{where}: truncated JPEG (no end-of-image marker)")
+    if fmt == "PNG" and b"IEND" not in data[-64:]:
+        raise DataError(f"{where}: truncated PNG (no IEND chunk)")
+    if h < 1 or w < 1:
+        raise DataError(f"{where}: image of size {w}x{h}")
+    return h, w, digest
+
+
+def _probe_many(items: Sequence[tuple[bytes | str, str]]) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Probe ``(data or file path, where)`` pairs: ``(hw (n, 2) int32, hashes (n, 16) uint8, errors)``, the
+    errors by row (bad rows only)."""
+    hw = np.zeros((len(items), 2), dtype=np.int32)
+    hashes = np.zeros((len(items), HASH_BYTES), dtype=np.uint8)
+    errors: dict[int, str] = {}
+    for i, (src, where) in enumerate(items):
+        try:
+            data = src if isinstance(src, bytes) else Path(src).read_bytes()
+            h, w, digest = probe(data, where)
+        except DataError as e:
+            errors[i] = str(e)
+            continue
+        except OSError as e:
+            errors[i] = f"{where}: cannot read ({e.strerror or e})"
+            continue
+        hw[i] = (h, w)
+        hashes[i] = np.frombuffer(digest, dtype=np.uint8)
+    return hw, hashes, errors
+
+
+def _probe_files(paths: list[str]) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    return _probe_many([(p, p) for p in paths])
+
+
+def _probe_row_group(path: str, row_group: int, column: str) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    data = read_row_group_bytes(path, row_group, column)
+    return _probe_many([(b if b is not None else b"", f"{path} row group {row_group} row {i}")
+                        for i, b in enumerate(data)])
+
+
+def _parallel(fn: Callable[..., Any], tasks: list[tuple], workers: int | None) -> list[Any]:
+    """``[fn(*t) for t in tasks]``, on a pool of forked processes when there is enough work.
+
+    Fork (not spawn): the children run only this module's functions, and need not import the caller's
+    ``__main__`` again."""
+    workers = workers or os.cpu_count() or 1
+    if workers <= 1 or len(tasks) <= 1:
+        return [fn(*t) for t in tasks]
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as pool:
+        return list(pool.map(fn, *zip(*tasks, strict=True)))
+
+
+# ---------------------------------------------------------------- the on-disk index cache
+
+
+def cache_dir(root: Path) -> Path:
+    """Where the index of data under ``root`` is cached (see the module docstring)."""
+    env = os.environ.get("STILLROOM_CACHE")
+    if env:
+        return Path(env) / "index"
+    if os.access(root, os.W_OK):
+        return root / ".stillroom-index"
+    return Path.home() / ".cache" / "stillroom" / "index"
+
+
+def cache_file(root: Path, name: str) -> Path:
+    """The cache file for ``name`` (kind and split) under ``root``: inside the root, named by ``name`` alone
+    (so a moved folder keeps its cache); elsewhere, named by the root's absolute path too."""
+    where = cache_dir(root)
+    if where.parent == root:
+        return where / f"{name}.npz"
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    return where / f"{name}-{key}.npz"
+
+
+class CachedIndex:
+    """The arrays of a cache file, each read when first asked for (a warm open never reads the paths)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._arrays:
+            with np.load(self.path, allow_pickle=False) as z:
+                self._arrays[key] = z[key]
+        return self._arrays[key]
+
+
+def load_cache(path: Path) -> CachedIndex | None:
+    """The cache at ``path`` if it exists and is of this version; a damaged one counts as missing (rebuilt)."""
+    if not path.is_file():
+        return None
+    cached = CachedIndex(path)
+    try:
+        if int(cached["version"]) != INDEX_VERSION:
+            return None
+    except (OSError, ValueError, KeyError):
+        return None
+    return cached
+
+
+def listing_digest(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """sha256 of a packed list of paths: a warm open compares this, not the paths."""
+    h = hashlib.sha256(np.ascontiguousarray(blob).tobytes())
+    h.update(np.ascontiguousarray(offsets).tobytes())
+    return np.frombuffer(h.digest(), dtype=np.uint8).copy()
+
+
+def save_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write the cache atomically; a cache that cannot be written is skipped (the next open re-scans)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **{"version": np.int64(INDEX_VERSION), **arrays})  # type: ignore[arg-type]
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- strings packed into one buffer
+
+
+def pack_strings(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings -> (utf-8 bytes as uint8, offsets (n + 1,) int64): one buffer instead of n Python objects."""
+    encoded = [s.encode() for s in strings]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
+
+
+def unpack_string(blob: np.ndarray, offsets: np.ndarray, i: int) -> str:
+    return blob[offsets[i] : offsets[i + 1]].tobytes().decode()
+
+
+def take_strings(blob: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The packed strings of ``rows`` (in that order), packed again, without making Python strings."""
+    lengths = offsets[rows + 1] - offsets[rows]
+    new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    starts = np.repeat(offsets[rows] - new_offsets[:-1], lengths)
+    return blob[starts + np.arange(int(new_offsets[-1]))], new_offsets
+
+
+def dump_errors(errors: dict[int, str]) -> np.ndarray:
+    return np.array(json.dumps({str(k): v for k, v in errors.items()}))
+
+
+def load_errors(stored: np.ndarray) -> dict[int, str]:
+    return {int(k): v for k, v in json.loads(str(stored)).items()}
+
+
+# ---------------------------------------------------------------- the index shared by both kinds
+
+
+class FileDataset:
+    """A data set on disk, as an index: ``labels``, ``sizes`` (height, width) and where each sample's bytes are.
+
+    Subclasses fill the index and implement ``encoded(ids)``. Picklable (a worker process can read from it).
+    """
+
+    kind = ""
+    spec: str
+    split: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    labels: np.ndarray  # (N,) int64
+    sizes: np.ndarray  # (N, 2) int32: each image's height and width
+    skipped: list[str]  # bad samples left out (bad=skip), one line each
+    channels = 3
+    in_memory = False
+    cache_path: Path | None = None
+    index_reused: bool = False  # True when this open took every entry from the cache
+    _fingerprint: str = ""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        raise UsageError(f"{self.spec} holds images of many sizes: it has no single image shape; a view recipe "
+                         "with an output size (e.g. imagenet-rrc:size=224) gives its views one")
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the class count, the labels (int64, in id order) and the blake2b-128 hash of each
+        sample's *encoded* bytes (file or Parquet cell), in id order. Not covered: paths, file names, shard
+        layout, mtimes: the same bytes and labels from anywhere are the same data set."""
+        return self._fingerprint
+
+    def _set_fingerprint(self, hashes: np.ndarray) -> None:
+        h = hashlib.sha256(b"stillroom-encoded/1")
+        h.update(np.int64(self.num_classes).tobytes())
+        h.update(self.labels.astype(np.int64).tobytes())
+        h.update(np.ascontiguousarray(hashes).tobytes())
+        self._fingerprint = h.hexdigest()[:32]
+
+    def encoded(self, ids: np.ndarray) -> list[tuple[bytes, str]]:
+        """The encoded bytes of ``ids`` and where each came from (for errors), in the order of ``ids``."""
+        raise NotImplementedError
+
+    def read(self, ids: np.ndarray | list[int]) -> Any:
+        raise UsageError(f"{self.spec} holds images of many sizes: build views (pipelines.views), not read(ids)")
+
+    def _check_ids(self, ids: np.ndarray | list[int]) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
+            bad = int(ids[(ids < 0) | (ids >= len(self))][0])
+            raise UsageError(f"sample id {bad} is out of range for {self.spec}: expected 0 <= id < {len(self)}")
+        return ids
+
+    def _keep(self, errors: dict[int, str], n: int, bad: str) -> np.ndarray:
+        """Apply the bad-sample policy to ``n`` rows: the rows to keep; raise on the first bad one when ``bad ==
+        'stop'``; with ``'skip'`` the bad ones are left out and listed in ``skipped``."""
+        bad_rows = [errors[i] for i in sorted(errors)]
+        if bad_rows and bad == "stop":
+            more = f" (and {len(bad_rows) - 1} more)" if len(bad_rows) > 1 else ""
+            raise DataError(f"{bad_rows[0]}{more}; add ,bad=skip to the dataset spec to leave bad images out")
+        self.skipped = bad_rows
+        keep = np.ones(n, dtype=bool)
+        keep[list(errors)] = False
+        return np.flatnonzero(keep)
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise UsageError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+
+
+def _split_dir(base: Path, split: str, what: str) -> Path | None:
+    """``base/split`` (``test`` falls back to ``val``); None when ``base`` has no split folders at all."""
+    present = [s for s in SPLITS if (base / s).is_dir()]
+    if not present:
+        if split != "train":
+            raise UsageError(f"{what} {base} has no split folders (train/, val/, test/): it is one train split, "
+                             f"so it has no {split} split")
+        return None
+    if (base / split).is_dir():
+        return base / split
+    if split == "test" and (base / "val").is_dir():
+        return base / "val"
+    raise UsageError(f"{what} {base} has no {split}/ folder: it has {', '.join(p + '/' for p in present)}")
+
+
+# ---------------------------------------------------------------- imagefolder
+
+
+class ImageFolder(FileDataset):
+    """``root/<split>/<class>/<image>`` (ImageNet layout) or ``root/<class>/<image>`` (a train split only).
+
+    Classes are the sorted folder names of the train split (other splits must have the same folders);
+    samples are sorted by class, then file name, as torchvision's ``ImageFolder`` orders them. Every
+    non-hidden file in a class folder is a sample; one that is not a readable JPEG/PNG/... stops the open
+    (``bad='stop'``) or is left out and listed in ``skipped`` (``bad='skip'``). ``test`` reads ``val/``
+    when there is no ``test/``.
+    """
+
+    kind = "imagefolder"
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", bad: str = "stop", workers: int | None = None,
+                 spec: str | None = None):
+        check_split(split)
+        root_path = Path(root)
+        if not root_path.is_dir():
+            raise UsageError(f"image folder {root_path} does not exist")
+        split_dir = _split_dir(root_path, split, "image folder")
+        base = split_dir or root_path
+        classes = _class_folders(root_path / "train" if split_dir else root_path)
+        if split_dir is not None and split_dir.name != "train":
+            here = _class_folders(split_dir)
+            if here != classes:
+                missing = sorted(set(classes) - set(here)) or sorted(set(here) - set(classes))
+                side = "lacks" if set(classes) - set(here) else "has extra"
+                raise UsageError(f"{split_dir} {side} class folder {missing[0]!r} (train/ has {len(classes)} classes, "
+                                 f"{split_dir.name}/ {len(here)})")
+        self.spec = spec or f"imagefolder:{root}"
+        self.split, self.root, self.base = split, root_path, base
+        self.class_names, self.num_classes = tuple(classes), len(classes)
+        blob, offsets, labels, stat = _scan(base, classes)
+        n = len(labels)
+        self.cache_path = cache_file(root_path, f"imagefolder-{split_dir.name if split_dir else 'train'}")
+        hw, hashes, errors, reused = _reuse(load_cache(self.cache_path), blob, offsets, stat)
+        todo = np.flatnonzero(~reused)
+        if len(todo):
+            chunks = [todo[i : i + 512] for i in range(0, len(todo), 512)]
+            tasks = [([str(base / unpack_string(blob, offsets, int(i))) for i in chunk],) for chunk in chunks]
+            results = _parallel(_probe_files, tasks, workers if len(todo) >= PARALLEL_FROM else 1)
+            for chunk, (c_hw, c_hash, c_err) in zip(chunks, results, strict=True):
+                hw[chunk], hashes[chunk] = c_hw, c_hash
+                errors.update({int(chunk[j]): e for j, e in c_err.items()})
+            save_cache(self.cache_path, {"paths": blob, "offsets": offsets, "listing": listing_digest(blob, offsets),
+                                         "stat": stat, "hw": hw, "hash": hashes, "errors": dump_errors(errors)})
+        self.index_reused = not len(todo)
+        kept = self._keep(errors, n, bad)
+        self.labels = labels[kept]
+        empty = np.flatnonzero(np.bincount(self.labels, minlength=self.num_classes) == 0)
+        if len(empty):
+            raise UsageError(f"class folder {base / classes[int(empty[0])]} has no readable images")
+        self.sizes = np.ascontiguousarray(hw[kept])
+        self._paths, self._offsets = (blob, offsets) if len(kept) == n else take_strings(blob, offsets, kept)
+        self._set_fingerprint(hashes[kept])
+
+    def path(self, i: int) -> Path:
+        return self.base / unpack_string(self._paths, self._offsets, i)
+
+    def encoded(self, ids: np.ndarray) -> list[tuple[bytes, str]]:
+        out = []
+        for i in self._check_ids(ids):
+            p = self.path(int(i))
+            try:
+                out.append((p.read_bytes(), str(p)))
+            except OSError as e:
+                raise DataError(f"{p}: cannot read ({e.strerror or e})") from None
+        return out
+
+
+def _class_folders(base: Path) -> list[str]:
+    if not base.is_dir():
+        raise UsageError(f"image folder {base} does not exist")
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise UsageError(f"image folder {base} needs at least 2 class folders (one per class) with images: "
+                         f"found {len(classes)}")
+    return classes
+
+
+def _scan(base: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every non-hidden file in the class folders, sorted by class then name: relative paths (packed), labels
+    (int64) and ``(size, mtime_ns)``. Folders are listed and stat-ed on threads (``stat`` releases the GIL; a
+    warm open is mostly stats), each turned into arrays at once: no Python object per file outlives its folder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(name: str) -> tuple[bytes, np.ndarray, np.ndarray]:
+        folder = os.path.join(base, name)
+        with os.scandir(folder) as it:
+            files = sorted(e.name for e in it if not e.name.startswith(".") and e.is_file())
+        if not files:
+            raise UsageError(f"class folder {folder} is empty: expected image files")
+        stats = np.fromiter((v for f in files for v in _size_mtime(os.path.join(folder, f))), dtype=np.int64,
+                            count=2 * len(files)).reshape(-1, 2)
+        prefix = f"{name}/".encode()
+        lengths = np.fromiter((len(prefix) + len(f.encode()) for f in files), dtype=np.int64, count=len(files))
+        return b"".join(prefix + f.encode() for f in files), lengths, stats
+
+    with ThreadPoolExecutor(max_workers=min(16, 2 * (os.cpu_count() or 1))) as pool:
+        folders = list(pool.map(one, classes))
+    lengths = np.concatenate([f[1] for f in folders])
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    blob = np.frombuffer(b"".join(f[0] for f in folders), dtype=np.uint8).copy()
+    labels = np.repeat(np.arange(len(classes), dtype=np.int64), [len(f[1]) for f in folders])
+    return blob, offsets, labels, np.concatenate([f[2] for f in folders])
+
+
+def _size_mtime(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _reuse(cached: CachedIndex | None, blob: np.ndarray, offsets: np.ndarray, stat: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, dict[int, str], np.ndarray]:
+    """Headers, hashes and errors from the cache for every entry whose path, size and mtime match; which matched."""
+    n = len(stat)
+    hw = np.zeros((n, 2), dtype=np.int32)
+    hashes = np.zeros((n, HASH_BYTES), dtype=np.uint8)
+    reused = np.zeros(n, dtype=bool)
+    if cached is None:
+        return hw, hashes, {}, reused
+    old_errors = load_errors(cached["errors"])
+    if np.array_equal(listing_digest(blob, offsets), cached["listing"]):
+        match = (cached["stat"] == stat).all(axis=1)  # the same files in the same order: the usual case
+        if match.all():  # nothing changed: the cached arrays as they are
+            return cached["hw"], cached["hash"], old_errors, match
+        rows = np.arange(n)
+    else:  # files added or removed: match by path
+        old = cached["paths"], cached["offsets"]
+        where = {unpack_string(*old, j): j for j in range(len(old[1]) - 1)}
+        rows = np.array([where.get(unpack_string(blob, offsets, i), -1) for i in range(n)], dtype=np.int64)
+        match = (rows >= 0) & np.all(cached["stat"][np.maximum(rows, 0)] == stat, axis=1)
+    hw[match], hashes[match] = cached["hw"][rows[match]], cached["hash"][rows[match]]
+    errors = {int(i): old_errors[int(rows[i])] for i in np.flatnonzero(match) if int(rows[i]) in old_errors}
+    return hw, hashes, errors, match
+
+
+# ---------------------------------------------------------------- parquet
+
+
+def read_row_group_bytes(path: str, row_group: int, column: str) -> list[bytes | None]:
+    """The encoded image bytes of one row group (``column`` is a ``{bytes, path}`` struct or binary)."""
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(path).read_row_group(row_group, columns=[column])
+    col = table.column(0).combine_chunks()
+    if hasattr(col, "field"):  # struct {bytes, path}
+        col = col.field("bytes")
+    return col.to_pylist()
+
+
+class ParquetShards(FileDataset):
+    """Hugging Face ``datasets`` Parquet shards: ``<dir>/<split>/*.parquet`` (``test`` falls back to ``val``),
+    ``<dir>/*.parquet`` or a glob (one train split). Columns: ``image`` (``{bytes, path}`` or binary) and an
+    integer ``label``; class names from the schema's ``huggingface`` metadata where present, else the class
+    count is one more than the largest train label. Rows are read by row group, on demand.
+    """
+
+    kind = "parquet"
+
+    def __init__(self, where: str, split: str = "train", bad: str = "stop", workers: int | None = None,
+                 spec: str | None = None):
+        check_split(split)
+        self.spec, self.split = spec or f"parquet:{where}", split
+        files, root, name = _parquet_files(where, split)
+        self.files = [str(f) for f in files]
+        self.root = root
+        names, label_col, image_col = _parquet_schema(files)
+        self.image_column = image_col
+        self.cache_path = cache_file(root, name)
+        cached = load_cache(self.cache_path)
+        rel = [os.path.relpath(f, root) for f in files]
+        stat = np.array([(f.stat().st_size, f.stat().st_mtime_ns) for f in files], dtype=np.int64).reshape(-1, 2)
+        parts = _parquet_parts(cached, rel, stat)  # per shard: None (to probe) or its cached arrays
+        tasks = []
+        for s, part in enumerate(parts):
+            if part is None:
+                import pyarrow.parquet as pq
+
+                tasks += [(self.files[s], g, image_col) for g in range(pq.ParquetFile(files[s]).num_row_groups)]
+        total_rows = _rows(files)
+        results = iter(_parallel(_probe_row_group, tasks, workers if sum(total_rows) >= PARALLEL_FROM else 1))
+        shards = []
+        for s, part in enumerate(parts):
+            if part is None:
+                part = _probe_shard(files[s], s, results, label_col)
+            shards.append(part)
+        if tasks:
+            blob, offsets = pack_strings(rel)
+            save_cache(self.cache_path, {
+                "paths": blob, "offsets": offsets, "stat": stat,
+                "rows": np.array([len(p["label"]) for p in shards], dtype=np.int64),
+                **{k: np.concatenate([p[k] for p in shards]) for k in ("label", "hw", "hash", "loc")},
+                "errors": dump_errors(_shard_errors(shards)),
+            })
+        self.index_reused = not tasks
+        labels = np.concatenate([p["label"] for p in shards]).astype(np.int64)
+        errors = _shard_errors(shards)
+        loc = np.concatenate([p["loc"] for p in shards])
+        hw = np.concatenate([p["hw"] for p in shards])
+        hashes = np.concatenate([p["hash"] for p in shards])
+        if names is None and len(labels):
+            names = self._class_names_from_train(where, split, labels, bad, workers)
+        self.class_names = tuple(names or ())
+        self.num_classes = len(self.class_names)
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise UsageError(f"{self.spec} {split}: label {int(labels.max())} out of range for "
+                             f"{self.num_classes} classes")
+        keep = self._keep(errors, len(labels), bad)
+        self.labels, self.sizes, self._loc = labels[keep], np.ascontiguousarray(hw[keep]), loc[keep]
+        if not len(self.labels):
+            raise UsageError(f"{self.spec} {split} has no readable rows")
+        self._set_fingerprint(hashes[keep])
+        self._groups: OrderedDict[tuple[int, int], list[bytes | None]] = OrderedDict()
+
+    def _class_names_from_train(self, where: str, split: str, labels: np.ndarray, bad: str,
+                                workers: int | None) -> list[str]:
+        top = int(labels.max())
+        if split != "train":
+            top = max(top, int(ParquetShards(where, "train", bad, workers).labels.max()))
+        return [str(c) for c in range(top + 1)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_groups": OrderedDict()}
+
+    def encoded(self, ids: np.ndarray) -> list[tuple[bytes, str]]:
+        """Each row group the batch touches is read once (its image column only); the last few stay cached."""
+        loc = self._loc[self._check_ids(ids)]
+        out: list[tuple[bytes, str]] = [(b"", "")] * len(loc)
+        by_group: dict[tuple[int, int], list[int]] = {}
+        for pos, (shard, group, _) in enumerate(loc.tolist()):
+            by_group.setdefault((shard, group), []).append(pos)
+        for (shard, group), positions in by_group.items():
+            key = (shard, group)
+            if key not in self._groups:
+                self._groups[key] = read_row_group_bytes(self.files[shard], group, self.image_column)
+                while len(self._groups) > ROW_GROUP_CACHE:
+                    self._groups.popitem(last=False)
+            self._groups.move_to_end(key)
+            data = self._groups[key]
+            for pos in positions:
+                row = int(loc[pos, 2])
+                out[pos] = (data[row] or b"", f"{self.files[shard]} row group {group} row {row}")
+        return out
+
+
+def _parquet_files(where: str, split: str) -> tuple[list[Path], Path, str]:
+    """The shards of ``split``, the root the cache belongs to, and the cache's name."""
+    if any(ch in where for ch in "*?["):
+        if split != "train":
+            raise UsageError(f"parquet:{where} is a glob of one train split: it has no {split} split")
+        files = sorted(Path(p) for p in glob.glob(where))
+        if not files:
+            raise UsageError(f"no Parquet files match {where}")
+        root = Path(os.path.commonpath([str(f.parent) for f in files]))
+        return files, root, "parquet-" + hashlib.sha256(where.encode()).hexdigest()[:12]
+    base = Path(where)
+    if not base.is_dir():
+        raise UsageError(f"Parquet folder {base} does not exist")
+    split_dir = _split_dir(base, split, "Parquet folder")
+    folder = split_dir or base
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        raise UsageError(f"no *.parquet files in {folder}")
+    return files, base, f"parquet-{folder.name if split_dir else 'train'}"
+
+
+def _parquet_schema(files: list[Path]) -> tuple[list[str] | None, str, str]:
+    """Class names (from the ``huggingface`` schema metadata, when present), the label and image columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names: list[str] | None = None
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise DataError(f"{f}: not a Parquet file ({str(e).splitlines()[0][:120]})") from None
+        if "image" not in schema.names:
+            raise UsageError(f"{f} has no 'image' column (columns: {', '.join(schema.names)}): expected an image "
+                             "column of {bytes, path} and an integer label column")
+        img = schema.field("image").type
+        if not (pa.types.is_binary(img) or pa.types.is_large_binary(img)
+                or (pa.types.is_struct(img) and img.get_field_index("bytes") >= 0)):
+            raise UsageError(f"{f}: column 'image' is {img}: expected a struct {{bytes, path}} or binary")
+        if "label" not in schema.names or not pa.types.is_integer(schema.field("label").type):
+            raise UsageError(f"{f} has no integer 'label' column (columns: {', '.join(schema.names)})")
+        meta = (schema.metadata or {}).get(b"huggingface")
+        if meta and names is None:
+            try:
+                feature = json.loads(meta)["info"]["features"]["label"]
+                names = [str(n) for n in feature["names"]] if feature.get("names") else None
+            except (KeyError, TypeError, ValueError):
+                names = None
+    return names, "label", "image"
+
+
+def _rows(files: list[Path]) -> list[int]:
+    import pyarrow.parquet as pq
+
+    return [pq.ParquetFile(f).metadata.num_rows for f in files]
+
+
+def _parquet_parts(cached: CachedIndex | None, rel: list[str], stat: np.ndarray
+                   ) -> list[dict[str, Any] | None]:
+    """Per shard, its rows from the cache when its path, size and mtime match, else None."""
+    parts: list[dict[str, Any] | None] = [None] * len(rel)
+    if cached is None:
+        return parts
+    old = {unpack_string(cached["paths"], cached["offsets"], j): j for j in range(len(cached["offsets"]) - 1)}
+    starts = np.concatenate([[0], np.cumsum(cached["rows"])])
+    errors = load_errors(cached["errors"])
+    for s, r in enumerate(rel):
+        j = old.get(r)
+        if j is None or not np.array_equal(cached["stat"][j], stat[s]):
+            continue
+        a, b = int(starts[j]), int(starts[j + 1])
+        loc = cached["loc"][a:b].copy()
+        loc[:, 0] = s
+        parts[s] = {"label": cached["label"][a:b], "hw": cached["hw"][a:b], "hash": cached["hash"][a:b],
+                    "loc": loc, "errors": {k - a: v for k, v in errors.items() if a <= k < b}}
+    return parts
+
+
+def _probe_shard(path: Path, shard: int, results: Any, label_col: str) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    labels = pf.read(columns=[label_col]).column(0).to_numpy(zero_copy_only=False)
+    if len(labels) and labels.min() < 0:
+        raise UsageError(f"{path}: negative label {int(labels.min())}")
+    hws = [np.zeros((0, 2), dtype=np.int32)]
+    hashes = [np.zeros((0, HASH_BYTES), dtype=np.uint8)]
+    locs = [np.zeros((0, 3), dtype=np.int32)]
+    errors: dict[int, str] = {}
+    done = 0  # rows of this shard before this row group
+    for g in range(pf.num_row_groups):
+        hw, h, err = next(results)
+        n = len(hw)
+        hws.append(hw)
+        hashes.append(h)
+        errors.update({done + j: e for j, e in err.items()})
+        done += n
+        locs.append(np.stack([np.full(n, shard), np.full(n, g), np.arange(n)], axis=1).astype(np.int32))
+    return {"label": labels.astype(np.int64), "hw": np.concatenate(hws), "hash": np.concatenate(hashes),
+            "loc": np.concatenate(locs), "errors": errors}
+
+
+def _shard_errors(shards: list[dict[str, Any]]) -> dict[int, str]:
+    """The shards' errors by row of the whole split."""
+    out: dict[int, str] = {}
+    start = 0
+    for p in shards:
+        out.update({start + k: v for k, v in p["errors"].items()})
+        start += len(p["label"])
+    return out
