@@ -24,8 +24,8 @@ def ray_cluster():
 
     if not ray.is_initialized():
         # address="local": always a new cluster of our own, never one that `ray start` left on this machine
-        ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
-                       log_to_driver=False)
+        ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=free_port(), log_to_driver=False)
         _DASHBOARD.append(f"http://{ctx.dashboard_url}")
     yield ray
     ray.shutdown()
