@@ -111,7 +111,7 @@ class Labeler:
                 else:
                     logits = teacher.logits(views)
                 member_logits.append(logits.float())
-        logits = member_logits[0] if len(member_logits) == 1 else _ensemble(member_logits)
+        logits = ensemble_log_probs(member_logits)
         out = {"view": params, **topk_arrays(logits, schema.top_k)}
         if schema.sampled:
             out["sampled"] = sample_classes(logits, self.recipe, seed, ids, schema.sampled)
@@ -119,8 +119,7 @@ class Labeler:
             out["features"] = pool_features(fmap, cfg.feature_grid).cpu().numpy().astype(np.float16)
         for t in range(schema.per_teacher):
             own = topk_arrays(member_logits[t], schema.top_k)
-            out.update({f"teacher{t}_topk_idx": own["topk_idx"], f"teacher{t}_topk_logit": own["topk_logit"],
-                        f"teacher{t}_lse": own["lse"]})
+            out.update({f"teacher{t}_{name}": own[name] for name in ("topk_idx", "topk_logit", "lse", "tail_lse")})
         return out
 
     def label_piece(self, seed: int, piece: int, start: int, stop: int) -> dict[str, Any]:
@@ -140,17 +139,31 @@ class _null:
         return None
 
 
-def _ensemble(member_logits: list[torch.Tensor]) -> torch.Tensor:
-    probs = torch.stack([m.softmax(-1) for m in member_logits]).mean(0)
-    return probs.clamp_min(1e-30).log()
+def ensemble_log_probs(member_logits: list[torch.Tensor]) -> torch.Tensor:
+    """The ensemble's logits: ``log mean_m softmax(t_m)``, computed in log space (``logsumexp`` of the members'
+    log-probabilities minus ``log M``), so the smallest probabilities of the tail keep their value instead
+    of underflowing. One member: its own logits."""
+    if len(member_logits) == 1:
+        return member_logits[0].float()
+    log_probs = torch.stack([m.float().log_softmax(-1) for m in member_logits])
+    return torch.logsumexp(log_probs, 0) - math.log(len(member_logits))
 
 
 def topk_arrays(logits: torch.Tensor, k: int) -> dict[str, np.ndarray]:
-    """Top-k indices (best first) and logits, the exact log-sum-exp, and the argmax."""
+    """Top-k indices (best first) and logits (float16), the exact log-sum-exp over all classes (``lse``), the
+    log-sum-exp over the classes outside the top-k (``tail_lse``; ``-inf`` when ``k = C``), both float32 and
+    computed from the full float32 logits, and the argmax.
+
+    ``tail_lse`` is what rebuilding the tempered teacher needs: ``1 - sum_topk exp(t - lse)`` from float16
+    logits is below float16's rounding for a confident teacher. For an ensemble, ``logits`` are
+    ``ensemble_log_probs``, so ``tail_lse - lse`` is the log of the averaged probabilities' tail mass.
+    """
     logits = logits.float()
     values, idx = logits.topk(k, dim=-1)
+    tail = logits.scatter(-1, idx, float("-inf"))
     return {"topk_idx": idx.cpu().numpy(), "topk_logit": values.cpu().numpy().astype(np.float16),
             "lse": torch.logsumexp(logits, -1).cpu().numpy().astype(np.float32),
+            "tail_lse": torch.logsumexp(tail, -1).cpu().numpy().astype(np.float32),
             "hard": idx[:, 0].cpu().numpy()}
 
 

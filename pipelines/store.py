@@ -9,10 +9,11 @@ Layout (one directory per cache key under a store root)::
         topk_idx   (N, k) i16    class indices, best first (i32 past 32,767 classes)
         topk_logit (N, k) f16    teacher (ensemble) logits of those classes
         lse        (N,)   f32    log-sum-exp over all classes: exp(logit - lse) is the exact probability
+        tail_lse   (N,)   f32    log-sum-exp over the classes outside the top-k (-inf when k = C)
         hard       (N,)   i16    teacher argmax
         sampled    (N, m) i16    optional: classes drawn from the teacher's distribution
         features   (N, C, h, w) f16  optional: a pooled teacher feature map
-        teacher<i>_topk_idx, teacher<i>_topk_logit, teacher<i>_lse   optional: each ensemble member's own
+        teacher<i>_topk_idx, _topk_logit, _lse, _tail_lse   optional: each ensemble member's own
         pieces/<i>.done          a piece (a run of whole chunks) that a writer finished
         COMPLETE                 written last, atomically, with a sha256 per array
 
@@ -40,7 +41,7 @@ from zarr.codecs import BloscCodec
 from pipelines.errors import StillroomError, UsageError
 from pipelines.views import NUM_VIEW_PARAMS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tail_lse (the top-k's complement), label quality in COMPLETE
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
 
@@ -79,6 +80,7 @@ class StoreSchema:
             "topk_idx": ((n, self.top_k), idx),
             "topk_logit": ((n, self.top_k), "float16"),
             "lse": ((n,), "float32"),
+            "tail_lse": ((n,), "float32"),
             "hard": ((n,), idx),
         }
         if self.sampled:
@@ -89,6 +91,7 @@ class StoreSchema:
             out[f"teacher{t}_topk_idx"] = ((n, self.top_k), idx)
             out[f"teacher{t}_topk_logit"] = ((n, self.top_k), "float16")
             out[f"teacher{t}_lse"] = ((n,), "float32")
+            out[f"teacher{t}_tail_lse"] = ((n,), "float32")
         return out
 
     def pieces(self, rows_per_piece: int | None = None) -> list[tuple[int, int]]:
@@ -188,7 +191,11 @@ class LabelStore:
             raise StoreError(f"{manifest} is not valid JSON: {e}") from None
         version = self.manifest.get("format_version")
         if version != FORMAT_VERSION:
-            raise StoreError(f"{self.path} has store format version {version}: this stillroom reads {FORMAT_VERSION}")
+            old = isinstance(version, int) and version < FORMAT_VERSION
+            raise StoreError(f"{self.path} has store format version {version}: this stillroom reads {FORMAT_VERSION}"
+                             + ("; it lacks tail_lse, without which soft labels at T > 1 are wrong: relabel it "
+                                "(stillroom label ... with the same teachers and seeds writes a new store)"
+                                if old else ""))
         self.schema = StoreSchema.from_dict(self.manifest["schema"])
 
     # -- making and writing -------------------------------------------------------------------
