@@ -46,6 +46,9 @@ MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
 
 
+QualitySums = dict[str, dict[str, float]]  # group -> quantity -> sum over views (see labeling.quality_sums)
+
+
 class StoreError(StillroomError):
     """The store on disk is missing, corrupt or not what the caller asked for."""
 
@@ -252,8 +255,10 @@ class LabelStore:
         d = self.seed_dir(seed) / "pieces"
         return {int(p.stem) for p in d.glob("*.done")} if d.exists() else set()
 
-    def write_piece(self, seed: int, piece: int, start: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write rows ``[start, start + n)`` of every array, then mark the piece done.
+    def write_piece(self, seed: int, piece: int, start: int, arrays: dict[str, np.ndarray],
+                    quality: QualitySums | None = None) -> None:
+        """Write rows ``[start, start + n)`` of every array, then mark the piece done (its ``.done`` marker
+        keeps the piece's label-quality sums, which ``commit_seed`` adds up).
 
         The rows must be whole chunks (the last chunk of the split may be short), and one writer owns
         each piece: zarr does not make concurrent partial writes into one chunk safe.
@@ -271,7 +276,8 @@ class LabelStore:
             if data.shape != (n, *shape[1:]):
                 raise StoreError(f"array {name}: got shape {data.shape}, expected {(n, *shape[1:])}")
             _array(group, name)[start : start + n] = data.astype(dtype, copy=False)
-        _write_json_atomic(self.seed_dir(seed) / "pieces" / f"{piece}.done", {"start": start, "stop": start + n})
+        _write_json_atomic(self.seed_dir(seed) / "pieces" / f"{piece}.done",
+                           {"start": start, "stop": start + n, "quality": quality or {}})
 
     def commit_seed(self, seed: int) -> dict[str, Any]:
         """Check every piece is done, checksum every array, write ``COMPLETE`` last; return its record."""
@@ -280,10 +286,17 @@ class LabelStore:
         if missing:
             raise StoreError(f"seed {seed}: pieces {sorted(missing)[:5]} are not written yet")
         labels = self._read_arrays(seed)
+        sums: QualitySums = {}
+        for i in range(len(pieces)):
+            done = json.loads((self.seed_dir(seed) / "pieces" / f"{i}.done").read_text())
+            for group, values in (done.get("quality") or {}).items():
+                for name, v in values.items():
+                    sums.setdefault(group, {})[name] = sums.get(group, {}).get(name, 0.0) + v
         record = {
             "seed": int(seed), "written_at": time.time(),
             "arrays": {name: {"sha256": _sha256(a), "shape": list(a.shape), "dtype": str(a.dtype)}
                        for name, a in labels.items()},
+            "quality": quality_report(sums),
         }
         _write_json_atomic(self.seed_dir(seed) / COMPLETE, record)
         shutil.rmtree(self.seed_dir(seed) / "pieces", ignore_errors=True)
@@ -305,6 +318,11 @@ class LabelStore:
         if not d.exists():
             return []
         return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / COMPLETE).exists())
+
+    def quality(self, seed: int) -> dict[str, dict[str, float]]:
+        """The label quality recorded for a complete seed at labeling (``quality_report``); reads no arrays."""
+        record = json.loads((self.seed_dir(seed) / COMPLETE).read_text())
+        return dict(record.get("quality") or {})
 
     def _read_arrays(self, seed: int) -> dict[str, np.ndarray]:
         group = zarr.open_group(store=str(self.seed_dir(seed)), mode="r", zarr_format=3)
@@ -361,7 +379,8 @@ class LabelStore:
                          for name in self.schema.arrays()}
             total = sum(per_array.values())
             seeds[str(seed)] = {"bytes": total, "bytes_per_sample": round(total / n, 2),
-                                "bytes_per_sample_by_array": {k: round(v / n, 2) for k, v in per_array.items()}}
+                                "bytes_per_sample_by_array": {k: round(v / n, 2) for k, v in per_array.items()},
+                                "quality": self.quality(seed)}
         return {
             "path": str(self.path), "cache_key": self.cache_key, "format_version": FORMAT_VERSION,
             "provenance": self.manifest["provenance"], "schema": self.manifest["schema"],
@@ -392,6 +411,20 @@ class LabelStore:
         pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, out)
         return len(labels)
+
+
+def quality_report(sums: QualitySums) -> dict[str, dict[str, float]]:
+    """Label-quality sums (``pipelines.labeling.quality_sums``) -> per group (``all``, ``area<0.5``,
+    ``area>=0.5``): ``views``, ``top1_agreement`` and ``true_in_topk`` (fractions of views), ``mean_entropy``
+    (nats) and ``mean_topk_mass``."""
+    out = {}
+    for group, s in sorted(sums.items()):
+        n = s.get("views", 0.0)
+        out[group] = {"views": int(n)} | ({
+            "top1_agreement": round(s["top1"] / n, 4), "true_in_topk": round(s["in_topk"] / n, 4),
+            "mean_entropy": round(s["entropy"] / n, 4), "mean_topk_mass": round(s["topk_mass"] / n, 4),
+        } if n else {})
+    return out
 
 
 def list_stores(root: str | os.PathLike) -> list[LabelStore]:

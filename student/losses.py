@@ -445,14 +445,14 @@ def tat_loss(f_s: torch.Tensor, f_t: torch.Tensor, module: nn.Module | None, var
             raise ValueError(f"patches_per_group={patches_per_group}: expected a divisor of the "
                              f"{groups * groups} patches")
         heads = groups * groups // patches_per_group
-        stacked = [_patch_stack(x, groups) for x in (q, k, v, f_t)]
-        loss = loss + F.mse_loss(tat_attend(*stacked[:3], heads=heads), stacked[3])
+        sq, sk, sv, st = (_patch_stack(x, groups) for x in (q, k, v, f_t))
+        loss = loss + F.mse_loss(tat_attend(sq, sk, sv, heads=heads), st)
     if variant in ("anchor", "patch-anchor"):
         if not 1 <= anchors <= min(H, W):
             raise ValueError(f"anchors={anchors} on a {H}x{W} teacher map: expected 1 <= anchors <= {min(H, W)}")
         kernel = (H // anchors, W // anchors)
-        pooled = [F.avg_pool2d(x, kernel, kernel) for x in (q, k, v, f_t)]
-        loss = loss + F.mse_loss(tat_attend(*pooled[:3]), pooled[3])
+        pq, pk, pv, pt = (F.avg_pool2d(x, kernel, kernel) for x in (q, k, v, f_t))
+        loss = loss + F.mse_loss(tat_attend(pq, pk, pv), pt)
     return loss
 
 
