@@ -98,9 +98,10 @@ def soft_targets_from_topk(topk_idx: torch.Tensor, topk_logit: torch.Tensor, tai
     if topk_idx.numel() and (int(topk_idx.min()) < 0 or int(topk_idx.max()) >= num_classes):
         raise ValueError(f"topk_idx holds classes outside [0, {num_classes}): expected indices of "
                          f"{num_classes} classes")
-    tail = tail_lse.float()[:, None] - math.log(num_classes - k) if k < num_classes else \
-        torch.full_like(tail_lse.float()[:, None], float("-inf"))
-    z = tail.expand(-1, num_classes).scatter(1, topk_idx.long(), topk_logit.float())
+    dtype = torch.promote_types(topk_logit.dtype, torch.float32)  # float16 logits are computed with in float32
+    tail = tail_lse.to(dtype)[:, None] - math.log(num_classes - k) if k < num_classes else \
+        torch.full_like(tail_lse.to(dtype)[:, None], float("-inf"))
+    z = tail.expand(-1, num_classes).scatter(1, topk_idx.long(), topk_logit.to(dtype))
     return F.softmax(z / T, dim=1)
 
 
