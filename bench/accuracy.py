@@ -137,6 +137,8 @@ def main() -> None:
                              epochs=epochs, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
                              seed=args.student_seed, progress=False),
                       **extra}
+            if config["loss"] == "deit-hard":
+                config["alpha"] = 0.5  # DeiT's hard distillation: fixed halves
             result = train(TrainConfig(**config))  # type: ignore[arg-type]
             minutes[row] = (time.perf_counter() - t) / 60
             students[row] = round(100 * result["top1"], 2)
