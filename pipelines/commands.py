@@ -91,6 +91,11 @@ def cmd_store_inspect(args: argparse.Namespace) -> int:
     for seed, s in info["per_seed"].items():
         parts = "  ".join(f"{k}={v}" for k, v in s["bytes_per_sample_by_array"].items())
         print(f"  seed {seed}: {s['bytes_per_sample']} bytes/sample ({parts})")
+        for group, q in s.get("quality", {}).items():
+            if q.get("views"):
+                print(f"    labels {group:<10} views={q['views']}  teacher top-1 = truth {q['top1_agreement']:.2%}  "
+                      f"truth in top-k {q['true_in_topk']:.2%}  entropy {q['mean_entropy']:.3f} nats  "
+                      f"top-k mass {q['mean_topk_mass']:.4f}")
     print(f"size on disk {_human(info['size_on_disk'])}")
     return 0
 

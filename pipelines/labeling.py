@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
 from pipelines.progress import progress_bar
-from pipelines.store import LabelStore, StoreSchema
+from pipelines.store import LabelStore, QualitySums, StoreSchema
 from pipelines.teachers import Teacher, load_teacher
-from pipelines.views import Recipe, _key, _uniforms, build_views, get_recipe, output_size
+from pipelines.views import COL, Recipe, _key, _uniforms, build_views, get_recipe, output_size
 
 
 @dataclass(frozen=True)
@@ -91,14 +91,21 @@ class Labeler:
 
     def label(self, seed: int, ids: np.ndarray) -> dict[str, np.ndarray]:
         """The store arrays for ``ids`` under ``seed``, computed in batches."""
+        return self.label_with_quality(seed, ids)[0]
+
+    def label_with_quality(self, seed: int, ids: np.ndarray) -> tuple[dict[str, np.ndarray], QualitySums]:
+        """The store arrays for ``ids`` under ``seed`` and their label-quality sums (``quality_sums``)."""
         parts: list[dict[str, np.ndarray]] = []
+        quality: QualitySums = {}
         for start in range(0, len(ids), self.config.batch_size):
             batch = ids[start : start + self.config.batch_size]
-            parts.append(self._label_batch(seed, batch))
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            arrays, sums = self._label_batch(seed, batch)
+            parts.append(arrays)
+            quality = add_quality(quality, sums)
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, quality
 
     @torch.inference_mode()
-    def _label_batch(self, seed: int, ids: np.ndarray) -> dict[str, np.ndarray]:
+    def _label_batch(self, seed: int, ids: np.ndarray) -> tuple[dict[str, np.ndarray], QualitySums]:
         cfg, schema = self.config, self.store.schema
         views, params = build_views(self.dataset, self.recipe, seed, ids)
         views = views.to(self.device)
@@ -111,7 +118,7 @@ class Labeler:
                 else:
                     logits = teacher.logits(views)
                 member_logits.append(logits.float())
-        logits = member_logits[0] if len(member_logits) == 1 else _ensemble(member_logits)
+        logits = ensemble_log_probs(member_logits)
         out = {"view": params, **topk_arrays(logits, schema.top_k)}
         if schema.sampled:
             out["sampled"] = sample_classes(logits, self.recipe, seed, ids, schema.sampled)
@@ -119,15 +126,15 @@ class Labeler:
             out["features"] = pool_features(fmap, cfg.feature_grid).cpu().numpy().astype(np.float16)
         for t in range(schema.per_teacher):
             own = topk_arrays(member_logits[t], schema.top_k)
-            out.update({f"teacher{t}_topk_idx": own["topk_idx"], f"teacher{t}_topk_logit": own["topk_logit"],
-                        f"teacher{t}_lse": own["lse"]})
-        return out
+            out.update({f"teacher{t}_{name}": own[name] for name in ("topk_idx", "topk_logit", "lse", "tail_lse")})
+        area = params[:, COL["h"]] * params[:, COL["w"]]
+        return out, quality_sums(logits, self.dataset.labels[ids], area, schema.top_k)
 
     def label_piece(self, seed: int, piece: int, start: int, stop: int) -> dict[str, Any]:
         """Label rows ``[start, stop)`` of ``seed`` and write them whole; return counts for progress."""
         t = time.perf_counter()
-        arrays = self.label(seed, np.arange(start, stop, dtype=np.int64))
-        self.store.write_piece(seed, piece, start, arrays)
+        arrays, quality = self.label_with_quality(seed, np.arange(start, stop, dtype=np.int64))
+        self.store.write_piece(seed, piece, start, arrays, quality=quality)
         return {"seed": seed, "piece": piece, "samples": stop - start, "seconds": time.perf_counter() - t,
                 "pid": os.getpid()}
 
@@ -140,18 +147,64 @@ class _null:
         return None
 
 
-def _ensemble(member_logits: list[torch.Tensor]) -> torch.Tensor:
-    probs = torch.stack([m.softmax(-1) for m in member_logits]).mean(0)
-    return probs.clamp_min(1e-30).log()
+def ensemble_log_probs(member_logits: list[torch.Tensor]) -> torch.Tensor:
+    """The ensemble's logits: ``log mean_m softmax(t_m)``, computed in log space (``logsumexp`` of the members'
+    log-probabilities minus ``log M``), so the smallest probabilities of the tail keep their value instead
+    of underflowing. One member: its own logits."""
+    if len(member_logits) == 1:
+        return member_logits[0].float()
+    log_probs = torch.stack([m.float().log_softmax(-1) for m in member_logits])
+    return torch.logsumexp(log_probs, 0) - math.log(len(member_logits))
 
 
 def topk_arrays(logits: torch.Tensor, k: int) -> dict[str, np.ndarray]:
-    """Top-k indices (best first) and logits, the exact log-sum-exp, and the argmax."""
+    """Top-k indices (best first) and logits (float16), the exact log-sum-exp over all classes (``lse``), the
+    log-sum-exp over the classes outside the top-k (``tail_lse``; ``-inf`` when ``k = C``), both float32 and
+    computed from the full float32 logits, and the argmax.
+
+    ``tail_lse`` is what rebuilding the tempered teacher needs: ``1 - sum_topk exp(t - lse)`` from float16
+    logits is below float16's rounding for a confident teacher. For an ensemble, ``logits`` are
+    ``ensemble_log_probs``, so ``tail_lse - lse`` is the log of the averaged probabilities' tail mass.
+    """
     logits = logits.float()
     values, idx = logits.topk(k, dim=-1)
+    tail = logits.scatter(-1, idx, float("-inf"))
     return {"topk_idx": idx.cpu().numpy(), "topk_logit": values.cpu().numpy().astype(np.float16),
             "lse": torch.logsumexp(logits, -1).cpu().numpy().astype(np.float32),
+            "tail_lse": torch.logsumexp(tail, -1).cpu().numpy().astype(np.float32),
             "hard": idx[:, 0].cpu().numpy()}
+
+
+def quality_sums(logits: torch.Tensor, truth: np.ndarray, crop_area: np.ndarray, k: int) -> QualitySums:
+    """What ``stillroom store inspect`` reports about the labels, as sums over views (added up per piece and
+    per seed, turned into means by ``pipelines.store.quality_report``), overall and by the crop's area
+    (fraction of the image; ``area<0.5`` and ``area>=0.5``):
+
+    ``views``; ``top1``: the teacher's argmax is the ground truth; ``in_topk``: the ground truth is among the
+    stored top-k; ``entropy``: of the full teacher distribution, in nats; ``topk_mass``: the probability the
+    stored top-k holds. A mixed view (mixup, cutmix) counts its own sample's class as the ground truth.
+    """
+    logits = logits.float()
+    log_p = logits.log_softmax(-1)
+    y = torch.from_numpy(np.asarray(truth, dtype=np.int64)).to(logits.device)
+    top = logits.topk(k, dim=-1).indices
+    per_view = {
+        "top1": (top[:, 0] == y).double(),
+        "in_topk": (top == y[:, None]).any(1).double(),
+        "entropy": -(log_p.exp() * log_p).nan_to_num().sum(-1).double(),
+        "topk_mass": log_p.gather(1, top).exp().sum(-1).double(),
+    }
+    small = torch.from_numpy(np.asarray(crop_area) < 0.5).to(logits.device)
+    out: QualitySums = {}
+    for group, rows in (("all", torch.ones_like(small)), ("area<0.5", small), ("area>=0.5", ~small)):
+        out[group] = {"views": float(rows.sum()), **{name: float(v[rows].sum()) for name, v in per_view.items()}}
+    return out
+
+
+def add_quality(a: QualitySums, b: QualitySums) -> QualitySums:
+    """The sums of two label-quality records."""
+    return {g: {n: a.get(g, {}).get(n, 0.0) + b.get(g, {}).get(n, 0.0) for n in set(a.get(g, {})) | set(b[g])}
+            for g in set(a) | set(b)}
 
 
 def sample_classes(logits: torch.Tensor, recipe: Recipe, seed: int, ids: np.ndarray, m: int) -> np.ndarray:
@@ -244,6 +297,7 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
               "seeds_reused": reused, "samples": 0, "images_per_s": 0.0}
     if not todo:
         print(f"cache hit: {store.cache_key} holds seeds {reused}; no teacher ran", file=sys.stderr)
+        result["quality"] = {str(s): store.quality(s) for s in config.seeds}
         return {**result, "cache_hit": True, "seconds": round(time.perf_counter() - t0, 3)}
 
     total = sum(b - a for _, _, a, b in work)
@@ -265,6 +319,7 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
     bar.close()
     for seed in todo:
         store.commit_seed(seed)
+    result["quality"] = {str(s): store.quality(s) for s in config.seeds}
     return {**result, "cache_hit": False, "samples": total,
             "images_per_s": round(total / max(timing["work_s"], 1e-9), 1),
             "seconds": round(time.perf_counter() - t0, 3), "startup_s": round(timing["startup_s"], 3),

@@ -9,10 +9,11 @@ Layout (one directory per cache key under a store root)::
         topk_idx   (N, k) i16    class indices, best first (i32 past 32,767 classes)
         topk_logit (N, k) f16    teacher (ensemble) logits of those classes
         lse        (N,)   f32    log-sum-exp over all classes: exp(logit - lse) is the exact probability
+        tail_lse   (N,)   f32    log-sum-exp over the classes outside the top-k (-inf when k = C)
         hard       (N,)   i16    teacher argmax
         sampled    (N, m) i16    optional: classes drawn from the teacher's distribution
         features   (N, C, h, w) f16  optional: a pooled teacher feature map
-        teacher<i>_topk_idx, teacher<i>_topk_logit, teacher<i>_lse   optional: each ensemble member's own
+        teacher<i>_topk_idx, _topk_logit, _lse, _tail_lse   optional: each ensemble member's own
         pieces/<i>.done          a piece (a run of whole chunks) that a writer finished
         COMPLETE                 written last, atomically, with a sha256 per array
 
@@ -40,9 +41,12 @@ from zarr.codecs import BloscCodec
 from pipelines.errors import StillroomError, UsageError
 from pipelines.views import NUM_VIEW_PARAMS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tail_lse (the top-k's complement), label quality in COMPLETE
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
+
+
+QualitySums = dict[str, dict[str, float]]  # group -> quantity -> sum over views (see labeling.quality_sums)
 
 
 class StoreError(StillroomError):
@@ -79,6 +83,7 @@ class StoreSchema:
             "topk_idx": ((n, self.top_k), idx),
             "topk_logit": ((n, self.top_k), "float16"),
             "lse": ((n,), "float32"),
+            "tail_lse": ((n,), "float32"),
             "hard": ((n,), idx),
         }
         if self.sampled:
@@ -89,6 +94,7 @@ class StoreSchema:
             out[f"teacher{t}_topk_idx"] = ((n, self.top_k), idx)
             out[f"teacher{t}_topk_logit"] = ((n, self.top_k), "float16")
             out[f"teacher{t}_lse"] = ((n,), "float32")
+            out[f"teacher{t}_tail_lse"] = ((n,), "float32")
         return out
 
     def pieces(self, rows_per_piece: int | None = None) -> list[tuple[int, int]]:
@@ -188,7 +194,11 @@ class LabelStore:
             raise StoreError(f"{manifest} is not valid JSON: {e}") from None
         version = self.manifest.get("format_version")
         if version != FORMAT_VERSION:
-            raise StoreError(f"{self.path} has store format version {version}: this stillroom reads {FORMAT_VERSION}")
+            old = isinstance(version, int) and version < FORMAT_VERSION
+            raise StoreError(f"{self.path} has store format version {version}: this stillroom reads {FORMAT_VERSION}"
+                             + ("; it lacks tail_lse, without which soft labels at T > 1 are wrong: relabel it "
+                                "(stillroom label ... with the same teachers and seeds writes a new store)"
+                                if old else ""))
         self.schema = StoreSchema.from_dict(self.manifest["schema"])
 
     # -- making and writing -------------------------------------------------------------------
@@ -245,8 +255,10 @@ class LabelStore:
         d = self.seed_dir(seed) / "pieces"
         return {int(p.stem) for p in d.glob("*.done")} if d.exists() else set()
 
-    def write_piece(self, seed: int, piece: int, start: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write rows ``[start, start + n)`` of every array, then mark the piece done.
+    def write_piece(self, seed: int, piece: int, start: int, arrays: dict[str, np.ndarray],
+                    quality: QualitySums | None = None) -> None:
+        """Write rows ``[start, start + n)`` of every array, then mark the piece done (its ``.done`` marker
+        keeps the piece's label-quality sums, which ``commit_seed`` adds up).
 
         The rows must be whole chunks (the last chunk of the split may be short), and one writer owns
         each piece: zarr does not make concurrent partial writes into one chunk safe.
@@ -264,7 +276,8 @@ class LabelStore:
             if data.shape != (n, *shape[1:]):
                 raise StoreError(f"array {name}: got shape {data.shape}, expected {(n, *shape[1:])}")
             _array(group, name)[start : start + n] = data.astype(dtype, copy=False)
-        _write_json_atomic(self.seed_dir(seed) / "pieces" / f"{piece}.done", {"start": start, "stop": start + n})
+        _write_json_atomic(self.seed_dir(seed) / "pieces" / f"{piece}.done",
+                           {"start": start, "stop": start + n, "quality": quality or {}})
 
     def commit_seed(self, seed: int) -> dict[str, Any]:
         """Check every piece is done, checksum every array, write ``COMPLETE`` last; return its record."""
@@ -273,10 +286,17 @@ class LabelStore:
         if missing:
             raise StoreError(f"seed {seed}: pieces {sorted(missing)[:5]} are not written yet")
         labels = self._read_arrays(seed)
+        sums: QualitySums = {}
+        for i in range(len(pieces)):
+            done = json.loads((self.seed_dir(seed) / "pieces" / f"{i}.done").read_text())
+            for group, values in (done.get("quality") or {}).items():
+                for name, v in values.items():
+                    sums.setdefault(group, {})[name] = sums.get(group, {}).get(name, 0.0) + v
         record = {
             "seed": int(seed), "written_at": time.time(),
             "arrays": {name: {"sha256": _sha256(a), "shape": list(a.shape), "dtype": str(a.dtype)}
                        for name, a in labels.items()},
+            "quality": quality_report(sums),
         }
         _write_json_atomic(self.seed_dir(seed) / COMPLETE, record)
         shutil.rmtree(self.seed_dir(seed) / "pieces", ignore_errors=True)
@@ -307,6 +327,11 @@ class LabelStore:
         total = len(self.schema.pieces())
         begun = sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and not (p / COMPLETE).exists())
         return {seed: (len(self.done_pieces(seed)), total) for seed in begun}
+
+    def quality(self, seed: int) -> dict[str, dict[str, float]]:
+        """The label quality recorded for a complete seed at labeling (``quality_report``); reads no arrays."""
+        record = json.loads((self.seed_dir(seed) / COMPLETE).read_text())
+        return dict(record.get("quality") or {})
 
     def _read_arrays(self, seed: int) -> dict[str, np.ndarray]:
         group = zarr.open_group(store=str(self.seed_dir(seed)), mode="r", zarr_format=3)
@@ -363,7 +388,8 @@ class LabelStore:
                          for name in self.schema.arrays()}
             total = sum(per_array.values())
             seeds[str(seed)] = {"bytes": total, "bytes_per_sample": round(total / n, 2),
-                                "bytes_per_sample_by_array": {k: round(v / n, 2) for k, v in per_array.items()}}
+                                "bytes_per_sample_by_array": {k: round(v / n, 2) for k, v in per_array.items()},
+                                "quality": self.quality(seed)}
         return {
             "path": str(self.path), "cache_key": self.cache_key, "format_version": FORMAT_VERSION,
             "provenance": self.manifest["provenance"], "schema": self.manifest["schema"],
@@ -394,6 +420,20 @@ class LabelStore:
         pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, out)
         return len(labels)
+
+
+def quality_report(sums: QualitySums) -> dict[str, dict[str, float]]:
+    """Label-quality sums (``pipelines.labeling.quality_sums``) -> per group (``all``, ``area<0.5``,
+    ``area>=0.5``): ``views``, ``top1_agreement`` and ``true_in_topk`` (fractions of views), ``mean_entropy``
+    (nats) and ``mean_topk_mass``."""
+    out = {}
+    for group, s in sorted(sums.items()):
+        n = s.get("views", 0.0)
+        out[group] = {"views": int(n)} | ({
+            "top1_agreement": round(s["top1"] / n, 4), "true_in_topk": round(s["in_topk"] / n, 4),
+            "mean_entropy": round(s["entropy"] / n, 4), "mean_topk_mass": round(s["topk_mass"] / n, 4),
+        } if n else {})
+    return out
 
 
 def list_stores(root: str | os.PathLike) -> list[LabelStore]:

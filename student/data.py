@@ -24,7 +24,7 @@ from pipelines.views import COL, MIX_NONE, Recipe, build_views, get_recipe
 
 log = logging.getLogger("stillroom.student")
 
-LABEL_ARRAYS = ("topk_idx", "topk_logit", "lse", "hard", "sampled", "features")
+LABEL_ARRAYS = ("topk_idx", "topk_logit", "lse", "tail_lse", "hard", "sampled", "features")
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Batch:
     views: torch.Tensor  # (B, C, H, W) float in [0, 1]
     labels: torch.Tensor  # (B,) int64 ground truth of each sample itself
     targets: torch.Tensor  # (B, num_classes) ground truth mixed by the view's lambda (one-hot where not mixed)
-    teacher: dict[str, torch.Tensor] = field(default_factory=dict)  # topk_idx, topk_logit, lse, hard, ...
+    teacher: dict[str, torch.Tensor] = field(default_factory=dict)  # topk_idx, topk_logit, lse, tail_lse, ...
     params: np.ndarray | None = None  # (B, P) the view parameters
     seed: int = 0
     epoch: int = 0

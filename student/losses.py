@@ -3,14 +3,17 @@
 Soft targets are rebuilt from what the label store holds (top-k logits, the log-sum-exp over all classes,
 the argmax, classes sampled from the teacher), then fed to one of:
 
-- ``soft_targets_from_topk``: FKD's rebuild of the teacher distribution from top-k (optionally tempered).
+- ``soft_targets_from_topk``: the tempered teacher ``softmax(t/T)`` rebuilt from top-k and the tail's
+  log-sum-exp (FKD's top-k labels, rebuilt in log space).
 - ``soft_cross_entropy``: ``-sum_c p_c log softmax(s/T)_c``, mean over the batch.
-- ``kd_loss``: Hinton KD, ``(1-a) CE(s, y) + a T^2 KL(p_T || softmax(s/T))``.
-- ``deit_soft_loss``: DeiT soft distillation (the same formula as ``kd_loss``).
+- ``kd_loss``: Hinton KD, ``(1-a) CE(s, y) + a T^2 KL(p_T || softmax(s/T))`` (torchdistill's KDLoss).
+- ``deit_soft_loss``: DeiT soft distillation, the KL summed and divided by ``B C`` (facebookresearch/deit).
 - ``deit_hard_loss``: DeiT hard distillation, ``0.5 CE(s_cls, y) + 0.5 CE(s_dist, argmax t)``.
 - ``unbiased_sampled_ce``: the unbiased Monte-Carlo estimate of the soft cross-entropy from sampled classes.
-- ``LogitDiscriminator`` and ``mealv2_losses``: MEAL V2's soft cross-entropy and adversarial terms.
-- ``TargetAwareTransformer`` and ``tat_loss``: TaT one-to-many feature distillation (full, patch, anchor).
+- ``MealDiscriminator`` and ``mealv2_losses``: MEAL V2's soft cross-entropy and discriminator (authors' form;
+  a GAN form as an option).
+- ``TargetAwareTransformer`` and ``tat_loss``: TaT one-to-many feature distillation (full, patch groups,
+  anchors).
 
 ``LOSS_NAMES`` lists the loss names the command line accepts.
 """
@@ -24,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 LOSS_NAMES = ("ce", "kd", "deit-soft", "deit-hard", "mealv2", "sampled", "tat")
-TAT_VARIANTS = ("full", "patch", "anchor")
 
 
 # -- input checks --------------------------------------------------------------------------------------
@@ -64,26 +66,30 @@ def _check_alpha(alpha: float) -> None:
 # -- soft targets and cross-entropies ------------------------------------------------------------------
 
 
-def soft_targets_from_topk(topk_idx: torch.Tensor, topk_logit: torch.Tensor, lse: torch.Tensor,
+def soft_targets_from_topk(topk_idx: torch.Tensor, topk_logit: torch.Tensor, tail_lse: torch.Tensor,
                            num_classes: int, T: float = 1.0) -> torch.Tensor:
-    """The teacher distribution ``(B, C)`` rebuilt from its stored top-k (FKD, Shen & Xing 2022).
+    """The tempered teacher ``softmax(t / T)`` ``(B, C)`` rebuilt from its stored top-k (FKD, Shen & Xing
+    2022), in log space.
 
-    For a top-k class ``c``: ``q_c = exp(t_c - lse)``, the teacher's exact probability (``lse`` is the
-    log-sum-exp over all ``C`` teacher logits). Every other class gets an equal share of the missing mass:
-    ``q_c = max(0, 1 - sum_topk q) / (C - k)``. Each row is renormalised to sum to 1, which only matters
-    when rounding (float16 logits) pushes the top-k mass past 1.
+    The store holds the top-k logits ``t_c`` and ``tail_lse = log sum_{c not in top-k} exp(t_c)``, the
+    log-sum-exp of the other ``C - k`` classes, computed from the full float32 logits at labeling. The
+    rebuild gives every class outside the top-k the same logit, the one with the same total mass::
 
-    For ``T != 1`` the rebuilt distribution is tempered: ``q_T = q^(1/T) / sum(q^(1/T))``. Since
-    ``p^(1/T)`` is proportional to ``exp(t/T)``, this is exactly ``softmax(t/T)`` when ``q`` is the full
-    teacher distribution; here it is an approximation, because only the top-k logits are stored and the
-    tail is treated as if every missing class had the same logit.
+        z_c = t_c                        (c in the top-k)
+        z_c = tail_lse - log(C - k)      (every other class)
+        q_T = softmax(z / T)
+
+    At ``T = 1`` this is exact for the top-k and for the tail's total mass; at ``T != 1`` its only error is
+    the tail's spread (the equal-tail approximation). It stays sound for a confident teacher, whose tail
+    mass ``exp(tail_lse - lse)`` lies far below float16's rounding of ``1 - sum_topk p``. ``tail_lse = -inf``
+    (``k = C``) leaves the tail at probability 0.
     """
     _check_temperature(T)
     if topk_idx.ndim != 2 or topk_logit.shape != topk_idx.shape:
         raise ValueError(f"topk_idx {tuple(topk_idx.shape)} and topk_logit {tuple(topk_logit.shape)}: "
                          "expected both (B, k)")
-    if lse.shape != topk_idx.shape[:1]:
-        raise ValueError(f"lse of shape {tuple(lse.shape)}: expected ({topk_idx.shape[0]},)")
+    if tail_lse.shape != topk_idx.shape[:1]:
+        raise ValueError(f"tail_lse of shape {tuple(tail_lse.shape)}: expected ({topk_idx.shape[0]},)")
     if topk_idx.is_floating_point():
         raise ValueError(f"topk_idx is {topk_idx.dtype}: expected integer class indices")
     k = topk_idx.shape[1]
@@ -92,13 +98,19 @@ def soft_targets_from_topk(topk_idx: torch.Tensor, topk_logit: torch.Tensor, lse
     if topk_idx.numel() and (int(topk_idx.min()) < 0 or int(topk_idx.max()) >= num_classes):
         raise ValueError(f"topk_idx holds classes outside [0, {num_classes}): expected indices of "
                          f"{num_classes} classes")
-    p_top = torch.exp(topk_logit.float() - lse.float()[:, None])
-    missing = (1.0 - p_top.sum(dim=1, keepdim=True)).clamp(min=0.0)
-    fill = missing / (num_classes - k) if k < num_classes else torch.zeros_like(missing)
-    q = fill.repeat(1, num_classes).scatter(1, topk_idx.long(), p_top)
-    if T != 1.0:
-        q = q.pow(1.0 / T)
-    return q / q.sum(dim=1, keepdim=True)
+    dtype = torch.promote_types(topk_logit.dtype, torch.float32)  # float16 logits are computed with in float32
+    tail = tail_lse.to(dtype)[:, None] - math.log(num_classes - k) if k < num_classes else \
+        torch.full_like(tail_lse.to(dtype)[:, None], float("-inf"))
+    z = tail.expand(-1, num_classes).scatter(1, topk_idx.long(), topk_logit.to(dtype))
+    return F.softmax(z / T, dim=1)
+
+
+def teacher_targets(teacher: dict[str, torch.Tensor], num_classes: int, T: float = 1.0) -> torch.Tensor:
+    """``softmax(t / T)`` from what a batch carries: the full teacher logits (``"logits"``, online KD) when
+    present, else the stored top-k rebuilt by ``soft_targets_from_topk``."""
+    if "logits" in teacher:
+        return F.softmax(teacher["logits"].float() / T, dim=1)
+    return soft_targets_from_topk(teacher["topk_idx"], teacher["topk_logit"], teacher["tail_lse"], num_classes, T=T)
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, target_probs: torch.Tensor, T: float = 1.0) -> torch.Tensor:
@@ -117,6 +129,10 @@ def kd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, labels: to
     class probabilities ``(B, C)``. The KL is summed over classes and averaged over the batch
     (``F.kl_div(..., reduction="batchmean")``); classes with ``p = 0`` contribute 0. The ``T^2`` keeps the
     soft term's gradients on the scale of the hard term's as ``T`` changes.
+
+    This is torchdistill's ``KDLoss`` (``torchdistill/losses/single.py``, reduction ``batchmean``) with its
+    weights swapped: here ``alpha`` weights the teacher term, there ``alpha`` weights the ground truth and
+    ``beta = 1 - alpha`` the teacher (our ``alpha`` is torchdistill's ``beta``).
     """
     _check_temperature(T)
     _check_alpha(alpha)
@@ -127,21 +143,39 @@ def kd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, labels: to
     return (1 - alpha) * ce + alpha * T * T * kl
 
 
-def deit_soft_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, labels: torch.Tensor,
-                   alpha: float = 0.5, T: float = 1.0) -> torch.Tensor:
-    """DeiT soft distillation (Touvron et al. 2021):
-    ``(1 - a) CE(s, y) + a T^2 KL(softmax(t / T) || softmax(s / T))``.
+DEIT_SOFT_REDUCTIONS = ("numel", "batch")
 
-    ``target_probs`` is ``softmax(t / T)`` (rebuilt from the store). This is ``kd_loss`` with DeiT's default
-    ``T = 1``. A two-head student takes the ground-truth term on its class head and calls this with
-    ``alpha=1`` on its distillation head.
+
+def deit_soft_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, labels: torch.Tensor,
+                   alpha: float = 0.5, T: float = 1.0, reduction: str = "numel") -> torch.Tensor:
+    """DeiT soft distillation (Touvron et al. 2021), as facebookresearch/deit ``losses.py`` computes it::
+
+        (1 - alpha) CE(s, y) + alpha T^2 sum_{b,c} KL_bc(softmax(t / T) || softmax(s / T)) / (B C)
+
+    ``reduction="numel"`` (the default, the authors' code: ``reduction='sum'`` divided by
+    ``outputs.numel()``) divides the summed KL by ``B * C``; ``reduction="batch"`` divides it by ``B``
+    (the per-sample KL of Hinton KD, ``C`` times larger: with 1,000 classes and ``alpha = 0.5`` it acts like
+    the authors' form at ``alpha = 0.999``). ``target_probs`` is ``softmax(t / T)`` (rebuilt from the store).
+    A two-head student takes the ground-truth term on its class head and calls this with ``alpha=1`` on its
+    distillation head.
     """
-    return kd_loss(student_logits, target_probs, labels, alpha=alpha, T=T)
+    _check_temperature(T)
+    _check_alpha(alpha)
+    _check_probs(student_logits, target_probs)
+    _check_labels("labels", labels, student_logits)
+    if reduction not in DEIT_SOFT_REDUCTIONS:
+        raise ValueError(f"unknown DeiT soft reduction {reduction!r}: expected one of "
+                         f"{', '.join(DEIT_SOFT_REDUCTIONS)}")
+    kl = F.kl_div(F.log_softmax(student_logits / T, dim=1), target_probs, reduction="sum")
+    kl = kl / (student_logits.numel() if reduction == "numel" else student_logits.shape[0])
+    ce = F.cross_entropy(student_logits, labels) if alpha < 1 else student_logits.new_zeros(())
+    return (1 - alpha) * ce + alpha * T * T * kl
 
 
 def deit_hard_loss(cls_logits: torch.Tensor, dist_logits: torch.Tensor, labels: torch.Tensor,
                    teacher_hard: torch.Tensor) -> torch.Tensor:
-    """DeiT hard distillation: ``0.5 CE(s_cls, y) + 0.5 CE(s_dist, argmax t)``.
+    """DeiT hard distillation: ``0.5 CE(s_cls, y) + 0.5 CE(s_dist, argmax t)``, the paper's fixed halves
+    (it takes no ``alpha``).
 
     ``cls_logits`` and ``dist_logits`` are the class and distillation heads (a one-head student passes its
     head twice); ``labels`` are class indices ``(B,)`` or class probabilities ``(B, C)``; ``teacher_hard``
@@ -187,10 +221,41 @@ def unbiased_sampled_ce(student_logits: torch.Tensor, sampled: torch.Tensor, T: 
 
 # -- MEAL V2 -------------------------------------------------------------------------------------------
 
+MEALV2_FORMS = ("authors", "gan")
+
+
+class MealDiscriminator(nn.Module):
+    """MEAL V2's discriminator as the authors wrote it (szq0214/MEAL-V2 ``models/discriminator.py``, built with
+    ``K = 8`` in ``train.py``): three 1x1 convolutions on a ``C x 1 x 1`` class-score map, a ReLU after
+    each (the last one too), ``C -> C/8 -> C/64 -> 2``: for 1,000 classes ``1000 -> 125 -> 15 -> 2``.
+    A 1x1 convolution on a 1x1 map is a fully connected layer, which is what this uses.
+
+    Widths scale with the class count: ``h1 = max(C // 8, 8)``, ``h2 = max(h1 // 8, 4)`` (the floors keep a
+    10-class discriminator at ``10 -> 8 -> 4 -> 2``). Returns two scores per sample ``(B, 2)``, read as
+    logits of (student, teacher) by ``mealv2_losses``.
+    """
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes={num_classes}: expected >= 1")
+        self.num_classes = num_classes
+        h1 = max(num_classes // 8, 8)
+        h2 = max(h1 // 8, 4)
+        self.widths = (num_classes, h1, h2, 2)
+        self.net = nn.Sequential(nn.Linear(num_classes, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(),
+                                 nn.Linear(h2, 2), nn.ReLU())
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        if scores.ndim != 2 or scores.shape[1] != self.num_classes:
+            raise ValueError(f"discriminator input of shape {tuple(scores.shape)}: expected (B, {self.num_classes})")
+        return self.net(scores)
+
 
 class LogitDiscriminator(nn.Module):
-    """MEAL V2's discriminator: 3 fully connected layers on a class-score vector, ``C -> hidden -> hidden -> 1``
-    with LeakyReLU(0.2); returns one logit per sample ``(B,)`` (high: looks like the teacher)."""
+    """The GAN-form discriminator (``form="gan"``): 3 fully connected layers on a class-score vector,
+    ``C -> hidden -> hidden -> 1`` with LeakyReLU(0.2); returns one logit per sample ``(B,)`` (high: looks
+    like the teacher). Not the authors' (see ``MealDiscriminator``)."""
 
     def __init__(self, num_classes: int, hidden: int = 256):
         super().__init__()
@@ -209,70 +274,96 @@ class LogitDiscriminator(nn.Module):
         return self.net(scores).squeeze(1)
 
 
+def make_discriminator(num_classes: int, form: str = "authors") -> nn.Module:
+    """The discriminator of ``mealv2_losses(..., form=form)``."""
+    if form not in MEALV2_FORMS:
+        raise ValueError(f"unknown MEAL V2 form {form!r}: expected one of {', '.join(MEALV2_FORMS)}")
+    return MealDiscriminator(num_classes) if form == "authors" else LogitDiscriminator(num_classes)
+
+
 def mealv2_losses(student_logits: torch.Tensor, target_probs: torch.Tensor,
-                  discriminator: nn.Module | None) -> dict[str, torch.Tensor]:
-    """MEAL V2 (Shen & Savvides 2020): the student's and the discriminator's terms, by name.
+                  discriminator: nn.Module | None, form: str = "authors") -> dict[str, torch.Tensor]:
+    """MEAL V2 (Shen & Savvides 2020): the training terms, by name. ``p`` are the (ensemble-averaged) teacher
+    probabilities, ``q = softmax(s)``; BCE is binary cross-entropy with logits, averaged over its elements.
 
-    With ``p`` the (ensemble-averaged) teacher probabilities, ``q = softmax(s)`` and ``D`` the
-    discriminator (a logit per sample, BCE = binary cross-entropy with logits, means over the batch):
+    ``form="authors"`` (szq0214/MEAL-V2 ``train.py``, ``loss.py`` ``discriminatorLoss``,
+    ``extensions/kd_loss.py`` ``KLLoss``), with ``D`` a ``MealDiscriminator``:
 
-    - ``"soft_ce"``: ``-sum_c p_c log q_c``, the soft cross-entropy (no ground truth).
-    - ``"adv"``: ``BCE(D(q), 1)``, the generator side: the student tries to look like the teacher.
-    - ``"disc"``: ``(BCE(D(p), 1) + BCE(D(q.detach()), 0)) / 2``, the discriminator's loss.
+    - ``"soft_ce"``: ``mean_b -sum_c p_c log q_c`` (``KLLoss``: no ground truth).
+    - ``"disc"``: ``BCE(D([q; p]), [[1, 0]] * B + [[0, 1]] * B)``: the student's rows labelled (1, 0), the
+      teacher's (0, 1), mean over the ``2B x 2`` entries.
 
-    The discriminator sees probabilities, for the teacher and the student alike: the store holds the
-    teacher only as probabilities (its tail rebuilt evenly), and on a log scale that flat tail alone would
-    give the teacher away. The student minimises ``soft_ce + adv_weight * adv`` over its own parameters
-    and the discriminator minimises ``disc`` over its own (``adv`` also reaches the discriminator's
-    parameters; the caller restricts each backward to its parameters).
+      Both enter one objective ``soft_ce + disc`` and one backward: the discriminator learns to tell the two
+      apart, and the student, not detached, also lowers ``disc`` (the authors' regulariser).
+      The authors feed the raw logits (the student's output and the teachers' mean logit); the store holds
+      the teacher only through its top-k, so here both sides enter as probabilities (``q`` and ``p``).
+
+    ``form="gan"`` (a GAN generator term, not the authors'), with ``D`` a ``LogitDiscriminator``:
+
+    - ``"soft_ce"`` as above; ``"adv"``: ``BCE(D(q), 1)``, the student tries to look like the teacher;
+    - ``"disc"``: ``(BCE(D(p), 1) + BCE(D(q.detach()), 0)) / 2``, minimised over the discriminator only.
     """
     if discriminator is None:
-        raise ValueError("mealv2_losses got no discriminator: expected a LogitDiscriminator")
+        raise ValueError("mealv2_losses got no discriminator: expected one from make_discriminator")
+    if form not in MEALV2_FORMS:
+        raise ValueError(f"unknown MEAL V2 form {form!r}: expected one of {', '.join(MEALV2_FORMS)}")
     _check_probs(student_logits, target_probs)
     q = F.softmax(student_logits, dim=1)
     p = target_probs.detach().to(q.dtype)
+    soft_ce = soft_cross_entropy(student_logits, p)
+    if form == "authors":
+        scores = discriminator(torch.cat([q, p]))
+        B = q.shape[0]
+        target = torch.zeros_like(scores)
+        target[:B, 0] = 1.0
+        target[B:, 1] = 1.0
+        return {"soft_ce": soft_ce, "disc": F.binary_cross_entropy_with_logits(scores, target)}
     real, fake = discriminator(p), discriminator(q.detach())
     disc = 0.5 * (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
                   + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
     fooled = discriminator(q)
-    return {
-        "soft_ce": soft_cross_entropy(student_logits, p),
-        "adv": F.binary_cross_entropy_with_logits(fooled, torch.ones_like(fooled)),
-        "disc": disc,
-    }
+    return {"soft_ce": soft_ce, "adv": F.binary_cross_entropy_with_logits(fooled, torch.ones_like(fooled)),
+            "disc": disc}
 
 
 # -- TaT -----------------------------------------------------------------------------------------------
 
 
+class _Embed(nn.Module):
+    """A convolution and BatchNorm, TaT's embedding (``Embed`` in both reference repositories)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False)
+        self.norm = nn.BatchNorm2d(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
 class TargetAwareTransformer(nn.Module):
-    """TaT (Lin et al., CVPR 2022): the student's feature map re-assembled one-to-many, then an L2 loss.
+    """TaT's embeddings (Lin et al., CVPR 2022): the student map's query and value, the teacher map's key.
 
-    ``forward(f_s, f_t)`` takes maps ``(B, C_s, H_s, W_s)`` and ``(B, C_t, H, W)``. The student map is
-    average-pooled onto the teacher's grid if the grids differ (``F.adaptive_avg_pool2d``; a smaller
-    student map is repeated, not interpolated) and, if ``C_s != C_t``, projected to ``C_t`` channels by a
-    1x1 convolution. Flattened to ``(B, N, C)`` with ``N = H W``::
-
-        q = theta(f_s)   k = phi(f_t)   v = g(f_s)          (1x1 convolutions; theta, phi: C_t -> d)
-        f_s' = softmax(q k^T / sqrt(d), dim=-1) v           (each student position: a mix of all N)
-        loss = mean_b (1/N) sum_{i,c} (f_s' - f_t)_{bic}^2
-
-    The loss is the squared L2 distance per position (summed over channels), averaged over positions and
-    the batch, so it does not grow with the size of the map. ``d = embed_dim`` (default ``C_t``).
+    ``form="imagenet"`` follows sihaoevery/TaT (``torchdistill/models/special.py``: ``Embed`` is a 3x3
+    convolution + BatchNorm; ``AttnEmbed``: query and value embed the student map, the key is the teacher
+    map itself, ``nn.Identity``). ``form="seg"`` follows sihaoevery/TaT-seg (``distiller_tat.py``: ``Embed``
+    is a 1x1 convolution + BatchNorm, on the student for query and value and on the teacher for the key).
+    All embed to the teacher's ``C_t`` channels. ``forward(f_s, f_t)`` returns ``(q, k, v)``, each
+    ``(B, C_t, H, W)``; ``tat_loss`` does the rest.
     """
 
-    def __init__(self, student_channels: int, teacher_channels: int, embed_dim: int | None = None):
+    def __init__(self, student_channels: int, teacher_channels: int, form: str = "imagenet"):
         super().__init__()
-        d = embed_dim if embed_dim is not None else teacher_channels
-        if min(student_channels, teacher_channels, d) < 1:
-            raise ValueError(f"student_channels={student_channels}, teacher_channels={teacher_channels}, "
-                             f"embed_dim={d}: expected all >= 1")
-        self.student_channels, self.teacher_channels, self.embed_dim = student_channels, teacher_channels, d
-        self.proj: nn.Module = (nn.Identity() if student_channels == teacher_channels
-                                else nn.Conv2d(student_channels, teacher_channels, 1, bias=False))
-        self.query = nn.Conv2d(teacher_channels, d, 1, bias=False)  # theta, on the student
-        self.key = nn.Conv2d(teacher_channels, d, 1, bias=False)  # phi, on the teacher
-        self.value = nn.Conv2d(teacher_channels, teacher_channels, 1, bias=False)  # g, on the student
+        if min(student_channels, teacher_channels) < 1:
+            raise ValueError(f"student_channels={student_channels}, teacher_channels={teacher_channels}: "
+                             "expected both >= 1")
+        if form not in ("imagenet", "seg"):
+            raise ValueError(f"unknown TaT embedding form {form!r}: expected imagenet or seg")
+        self.student_channels, self.teacher_channels, self.form = student_channels, teacher_channels, form
+        kernel = 3 if form == "imagenet" else 1
+        self.query = _Embed(student_channels, teacher_channels, kernel)
+        self.value = _Embed(student_channels, teacher_channels, kernel)
+        self.key: nn.Module = nn.Identity() if form == "imagenet" else _Embed(teacher_channels, teacher_channels, 1)
 
     def check_maps(self, f_s: torch.Tensor, f_t: torch.Tensor) -> None:
         if f_s.ndim != 4 or f_t.ndim != 4 or f_s.shape[0] != f_t.shape[0]:
@@ -282,41 +373,57 @@ class TargetAwareTransformer(nn.Module):
             raise ValueError(f"feature maps with {f_s.shape[1]} (student) and {f_t.shape[1]} (teacher) channels: "
                              f"expected {self.student_channels} and {self.teacher_channels}")
 
-    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self.check_maps(f_s, f_t)
         f_t = f_t.to(f_s.dtype)
-        if f_s.shape[2:] != f_t.shape[2:]:
-            f_s = F.adaptive_avg_pool2d(f_s, (f_t.shape[2], f_t.shape[3]))
-        f_s = self.proj(f_s)
-        q = self.query(f_s).flatten(2).transpose(1, 2)  # (B, N, d)
-        k = self.key(f_t).flatten(2).transpose(1, 2)  # (B, N, d)
-        v = self.value(f_s).flatten(2).transpose(1, 2)  # (B, N, C_t)
-        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.embed_dim), dim=-1)  # (B, N, N)
-        target = f_t.flatten(2).transpose(1, 2)
-        return ((attn @ v - target) ** 2).sum(dim=2).mean()
+        return self.query(f_s), self.key(f_t), self.value(f_s)
 
 
-def _patches(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """``(B, C, H, W)`` -> ``(B * groups^2, C, H / groups, W / groups)``: the spatial patches as a batch."""
+def tat_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int = 1) -> torch.Tensor:
+    """One-to-many re-assembly: channels split into ``heads`` groups of ``d = C / heads``; per group, over the
+    ``N = H W`` positions, ``out = softmax(q k^T, dim=-1) v`` (no ``1 / sqrt(d)``, as the reference).
+    Maps ``(B, C, H, W)`` in and out."""
+    B, C, H, W = v.shape
+    if C % heads:
+        raise ValueError(f"{C} channels in {heads} heads: expected heads dividing the channels")
+
+    def split(x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, heads, N, d)
+        return x.reshape(B, heads, C // heads, H * W).transpose(2, 3)
+
+    attn = torch.softmax(split(q) @ split(k).transpose(2, 3), dim=-1)  # (B, heads, N, N)
+    return (attn @ split(v)).transpose(2, 3).reshape(B, C, H, W)
+
+
+def _patch_stack(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, n*n*C, H/n, W/n)``: the ``n x n`` patches (row-major) stacked along channels,
+    patch-major (TaT-seg ``grid_tensor_seq`` then the ``stack_attn`` reshape)."""
     B, C, H, W = x.shape
-    h, w = H // groups, W // groups
-    x = x.reshape(B, C, groups, h, groups, w).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(B * groups * groups, C, h, w)
+    h, w = H // n, W // n
+    x = x[:, :, : n * h, : n * w].reshape(B, C, n, h, n, w).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, n * n * C, h, w)
+
+
+TAT_VARIANTS = ("full", "patch", "anchor", "patch-anchor")
 
 
 def tat_loss(f_s: torch.Tensor, f_t: torch.Tensor, module: nn.Module | None, variant: str = "full",
-             groups: int = 2, anchors: int = 2) -> torch.Tensor:
-    """TaT feature distillation of the student map ``f_s`` onto the teacher map ``f_t`` through ``module``
-    (a ``TargetAwareTransformer``), in one of three variants:
+             groups: int = 2, patches_per_group: int = 2, anchors: int = 2) -> torch.Tensor:
+    """TaT feature distillation of the student map ``f_s`` onto the teacher map ``f_t``; ``module`` (a
+    ``TargetAwareTransformer``) gives ``q, k, v``. The student map is first average-pooled onto the teacher's
+    grid when the grids differ. Every variant's loss is a mean squared error over all entries
+    (``nn.MSELoss()``), of the re-assembled student against the teacher map ``f_t`` (not its key):
 
-    - ``"full"``: one-to-many matching over all ``H W`` positions (cost ``(H W)^2``).
-    - ``"patch"``: patch-group distillation: the map is cut into ``groups x groups`` patches of
-      ``H/groups x W/groups`` and each patch is matched on its own (each position mixes only its patch's
-      positions); the loss is the mean over patches. ``H`` and ``W`` must be divisible by ``groups``.
-    - ``"anchor"``: anchor-point distillation: both maps are average-pooled to ``anchors x anchors``
-      (``F.adaptive_avg_pool2d``) and matched there.
-
-    The student map is first pooled onto the teacher's grid when the grids differ (as in the module).
+    - ``"full"`` (TaT ``torchdistill/losses/single.py`` ``MaskedFM``, one head):
+      ``MSE(tat_attend(q, k, v), f_t)``, one-to-many over all ``H W`` positions.
+    - ``"patch"`` (TaT-seg ``distiller_tat.py`` ``distillation_patchgroup``, ``stack_attn``): the maps are
+      cut into ``groups x groups`` patches of ``H // groups x W // groups``, stacked along channels, and
+      attended with ``groups^2 / patches_per_group`` heads: each head is a group of ``patches_per_group``
+      neighbouring patches that share one attention over the positions of a patch (the segmentation scripts
+      use 2 or 4 per group).
+    - ``"anchor"`` (``distillation_anchorpoint``): ``q, k, v, f_t`` average-pooled with kernel and stride
+      ``(H // anchors, W // anchors)``, then one head.
+    - ``"patch-anchor"``: the sum of the two, trained together as the segmentation code does (its
+      ``beta`` and ``gamma`` both 1 here).
     """
     if not isinstance(module, TargetAwareTransformer):
         raise ValueError(f"tat_loss got {type(module).__name__}: expected a TargetAwareTransformer")
@@ -326,13 +433,31 @@ def tat_loss(f_s: torch.Tensor, f_t: torch.Tensor, module: nn.Module | None, var
     H, W = f_t.shape[2], f_t.shape[3]
     if f_s.shape[2:] != f_t.shape[2:]:
         f_s = F.adaptive_avg_pool2d(f_s, (H, W))
+    f_t = f_t.to(f_s.dtype)
+    q, k, v = module(f_s, f_t)
     if variant == "full":
-        return module(f_s, f_t)
-    if variant == "patch":
-        if groups < 1 or H % groups or W % groups:
-            raise ValueError(f"teacher map of {H}x{W} cut into groups={groups} per side: expected groups >= 1 "
-                             "dividing both sides")
-        return module(_patches(f_s, groups), _patches(f_t, groups))
-    if not 1 <= anchors <= min(H, W):
-        raise ValueError(f"anchors={anchors} on a {H}x{W} teacher map: expected 1 <= anchors <= {min(H, W)}")
-    return module(F.adaptive_avg_pool2d(f_s, anchors), F.adaptive_avg_pool2d(f_t, anchors))
+        return F.mse_loss(tat_attend(q, k, v), f_t)
+    loss = f_s.new_zeros(())
+    if variant in ("patch", "patch-anchor"):
+        if not 1 <= groups <= min(H, W):
+            raise ValueError(f"groups={groups} patches per side of a {H}x{W} teacher map: expected 1 <= groups "
+                             f"<= {min(H, W)}")
+        if patches_per_group < 1 or (groups * groups) % patches_per_group:
+            raise ValueError(f"patches_per_group={patches_per_group}: expected a divisor of the "
+                             f"{groups * groups} patches")
+        heads = groups * groups // patches_per_group
+        sq, sk, sv, st = (_patch_stack(x, groups) for x in (q, k, v, f_t))
+        loss = loss + F.mse_loss(tat_attend(sq, sk, sv, heads=heads), st)
+    if variant in ("anchor", "patch-anchor"):
+        if not 1 <= anchors <= min(H, W):
+            raise ValueError(f"anchors={anchors} on a {H}x{W} teacher map: expected 1 <= anchors <= {min(H, W)}")
+        kernel = (H // anchors, W // anchors)
+        pq, pk, pv, pt = (F.avg_pool2d(x, kernel, kernel) for x in (q, k, v, f_t))
+        loss = loss + F.mse_loss(tat_attend(pq, pk, pv), pt)
+    return loss
+
+
+def tat_embedding_form(variant: str) -> str:
+    """The embedding each variant's reference uses: ``imagenet`` (3x3 conv) for ``full``, ``seg`` (1x1)
+    for the segmentation code's patch-group and anchor variants."""
+    return "imagenet" if variant == "full" else "seg"

@@ -1,9 +1,15 @@
-"""Online mode: the store's teacher(s) in the loop, labeling each batch's views as the labeling job would.
+"""Online mode: the store's teacher(s) in the loop, labeling each batch's views live.
 
 The baseline that a cached run is compared against. The teachers come from the store manifest's sources
-(``NAME@PATH``) and must have the weights the store records; their live logits become the same arrays the
-store holds (top-k in float16, log-sum-exp, argmax, sampled classes, pooled features) through the labeling
-job's own functions, so a cached and an online run see the same targets up to the batch composition.
+(``NAME@PATH``) and must have the weights the store records. Two kinds of targets:
+
+- ``"full"`` (the default; online KD as DeiT, MEAL V2 and Hinton KD users run it): the teachers' full
+  float32 logits (an ensemble's: ``log mean softmax``), under ``"logits"``; soft targets are
+  ``softmax(logits / T)`` over every class, the argmax and sampled classes come from them, and the pooled
+  feature map stays float32. Cached vs full online measures what keeping only the top-k costs.
+- ``"encoded"``: the same logits turned into the arrays the store holds (top-k in float16, ``lse``,
+  ``tail_lse``, argmax, sampled classes, float16 features) through the labeling job's own functions, so a
+  cached run and this one see the same targets up to the batch composition (an exactness check).
 """
 
 from __future__ import annotations
@@ -11,17 +17,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipelines.labeling import pool_features, sample_classes, topk_arrays
+from pipelines.labeling import ensemble_log_probs, pool_features, sample_classes, topk_arrays
 from pipelines.store import LabelStore, StoreError
-from pipelines.teachers import Teacher, ensemble_logits, load_teacher
+from pipelines.teachers import Teacher, load_teacher
 from pipelines.views import Recipe
 from student.data import Batch, label_tensors
 
+ONLINE_TARGETS = ("full", "encoded")
+
 
 class OnlineTeacher:
-    """Loads the store's teachers once; ``labels(batch)`` returns what the store would hold for its views."""
+    """Loads the store's teachers once; ``labels(batch)`` returns the teacher targets for its views."""
 
-    def __init__(self, store: LabelStore, recipe: Recipe, device: torch.device | str = "cpu"):
+    def __init__(self, store: LabelStore, recipe: Recipe, device: torch.device | str = "cpu",
+                 targets: str = "full"):
+        if targets not in ONLINE_TARGETS:
+            raise ValueError(f"unknown online targets {targets!r}: expected one of {', '.join(ONLINE_TARGETS)}")
         specs = store.manifest.get("sources", {}).get("teachers") or []
         recorded = store.provenance.get("teachers", [])
         if not specs:
@@ -40,25 +51,29 @@ class OnlineTeacher:
         features = labels_cfg.get("features") or None
         self.feature_layer = features["layer"] if features else None
         self.feature_grid = int(features["grid"]) if features else 0
-        self.schema, self.recipe = store.schema, recipe
+        self.schema, self.recipe, self.targets = store.schema, recipe, targets
 
     @torch.no_grad()  # not inference_mode: the labels enter the student's autograd graph
     def labels(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """The store arrays for the batch's views, computed live, as tensors like ``Batch.teacher``."""
+        """The teacher targets for the batch's views, as tensors like ``Batch.teacher``."""
         views = batch.views
         fmap = None
-        if self.feature_layer:
-            members = []
-            for i, teacher in enumerate(self.teachers):
-                if i == 0:
-                    logits0, fmap = teacher.features(views, self.feature_layer)
-                    members.append(logits0.float())
-                else:
-                    members.append(teacher.logits(views).float())
-            logits = members[0] if len(members) == 1 else \
-                torch.stack([m.softmax(-1) for m in members]).mean(0).clamp_min(1e-30).log()
-        else:
-            logits = ensemble_logits(self.teachers, views)
+        members = []
+        for i, teacher in enumerate(self.teachers):
+            if i == 0 and self.feature_layer:
+                logits0, fmap = teacher.features(views, self.feature_layer)
+                members.append(logits0.float())
+            else:
+                members.append(teacher.logits(views).float())
+        logits = ensemble_log_probs(members)
+        if self.targets == "full":
+            out = {"logits": logits, "hard": logits.argmax(1)}
+            if self.schema.sampled:
+                out["sampled"] = torch.from_numpy(sample_classes(logits, self.recipe, batch.seed, batch.ids,
+                                                                 self.schema.sampled)).long()
+            if fmap is not None:
+                out["features"] = pool_features(fmap, self.feature_grid)
+            return {k: v.to(views.device) for k, v in out.items()}
         arrays: dict[str, np.ndarray] = topk_arrays(logits, self.schema.top_k)
         if self.schema.sampled:
             arrays["sampled"] = sample_classes(logits, self.recipe, batch.seed, batch.ids, self.schema.sampled)

@@ -17,14 +17,22 @@ curves.png; epoch ``e`` uses store seed ``seeds[e % len(seeds)]``; ``epochs=N`` 
 Losses (``LOSSES``; formulas in ``student.losses``):
 
 - ``ce``: cross-entropy with the ground truth (mixed views: ``lam * y + (1 - lam) * y_partner``); no teacher.
-- ``kd``: Hinton KD, soft targets at temperature T rebuilt from the stored top-k, plus the ground truth.
-- ``deit-soft``: DeiT soft distillation. A two-head student (distilled DeiT) puts the ground-truth term on
-  its class head and the teacher term on its distillation head; a one-head student puts both on its head.
-- ``deit-hard``: DeiT hard distillation with the teacher's argmax; the same head split as ``deit-soft``.
-- ``mealv2``: soft cross-entropy with the (ensemble) soft labels, no ground truth, plus an adversarial term
-  from a logit discriminator trained jointly with its own optimizer; ``init`` loads pretrained weights.
+- ``kd``: Hinton KD, soft targets at temperature T rebuilt from the stored top-k and tail, plus the ground
+  truth (``alpha`` weights the teacher term; torchdistill's ``alpha`` weights the ground truth).
+- ``deit-soft``: DeiT soft distillation, the KL divided by ``B C`` as the authors' code does
+  (``deit_soft_reduction="batch"``: by ``B``). A two-head student (distilled DeiT) puts the ground-truth term
+  on its class head and the teacher term on its distillation head; a one-head student puts both on its head.
+- ``deit-hard``: DeiT hard distillation with the teacher's argmax, fixed halves 0.5/0.5 (``alpha`` must stay
+  0.5); the same head split as ``deit-soft``.
+- ``mealv2``: soft cross-entropy with the (ensemble) soft labels, no ground truth, plus the authors'
+  discriminator loss in one joint backward (``mealv2_form="gan"``: a GAN generator term and a discriminator
+  trained on its own loss); ``init`` loads pretrained weights.
 - ``sampled``: the unbiased estimate of the soft cross-entropy from the stored sampled classes.
-- ``tat``: TaT feature distillation on the stored teacher feature map plus the ``kd`` term.
+- ``tat``: TaT feature distillation on the stored teacher feature map plus the ``kd`` term at T = 1.
+
+``online=True`` runs the store's teacher(s) in the loop on the same views: ``online_targets="full"`` trains
+on their full float32 distribution (online KD as its users run it), ``"encoded"`` on the store's own
+encoding of it (top-k in float16 and the tail), which a cached run matches exactly.
 
 ``distill_token=True`` asks for a student with a distillation token and refuses one without; without it a
 one-head student may still use the DeiT losses (its one head serves both terms).
@@ -62,11 +70,12 @@ from student.models import (
     student_heads,
     unwrap,
 )
+from student.online import ONLINE_TARGETS
 
 LOSSES = L.LOSS_NAMES  # ce, kd, deit-soft, deit-hard, mealv2, sampled, tat
 DEIT_LOSSES = ("deit-soft", "deit-hard")
-DEFAULT_TEMPERATURE = {"kd": 4.0, "tat": 4.0}  # every other loss: 1.0
-TAT_VARIANTS = L.TAT_VARIANTS  # full, patch, anchor
+DEFAULT_TEMPERATURE = {"kd": 4.0}  # every other loss: 1.0 (TaT pairs its feature loss with KD at T = 1)
+TAT_VARIANTS = L.TAT_VARIANTS  # full, patch, anchor, patch-anchor
 CHECKPOINT = "last.pt"
 
 
@@ -74,7 +83,7 @@ CHECKPOINT = "last.pt"
 class TrainConfig:
     """Everything ``stillroom train`` takes; saved, resolved, as ``RUN_DIR/config.json``.
 
-    ``temperature=None`` means the loss's default (4 for ``kd`` and ``tat``, 1 otherwise). ``seeds=None``
+    ``temperature=None`` means the loss's default (4 for ``kd``, 1 otherwise). ``seeds=None``
     uses every complete seed of the store. ``max_steps`` stops each epoch early (tests, benchmarks);
     ``eval_limit`` scores only the first samples of the eval split.
     """
@@ -98,15 +107,19 @@ class TrainConfig:
     init: str | None = None
     resume: bool = False
     online: bool = False
+    online_targets: str = "full"  # full: the teachers' float32 distribution; encoded: the store's encoding
     eval_split: str = "test"
     eval_limit: int | None = None
     seed: int = 0
     distill_token: bool = False
+    deit_soft_reduction: str = "numel"  # numel: the authors' KL / (B C); batch: KL / B
+    mealv2_form: str = "authors"  # authors: joint discriminator loss; gan: a GAN generator term
     adv_weight: float = 1.0
     disc_lr: float = 1e-4
     tat_variant: str = "full"
     tat_weight: float = 1.0
     tat_groups: int = 2
+    tat_patches_per_group: int = 2
     tat_anchors: int = 2
     student_layer: str = "final"
     max_steps: int | None = None
@@ -131,7 +144,9 @@ class DistillationStep(nn.Module):
     """One training step's forward: a student, the loss, and the loss's own modules (discriminator, TaT).
 
     ``forward(batch)`` returns a dict of named loss tensors; ``"loss"`` is the student's objective (the sum
-    of the named terms) and, for ``mealv2``, ``"disc"`` is the discriminator's, minimised by its own optimizer.
+    of the named terms; for ``mealv2`` it includes the discriminator's loss, whose backward also trains the
+    discriminator). With ``mealv2_form="gan"``, ``"gan_disc"`` is the discriminator's own objective, minimised
+    by its own optimizer.
     """
 
     def __init__(self, student: nn.Module, config: TrainConfig, num_classes: int,
@@ -139,20 +154,20 @@ class DistillationStep(nn.Module):
         super().__init__()
         self.student, self.config, self.num_classes = student, config, num_classes
         self.T = config.resolved_temperature
-        self.discriminator = L.LogitDiscriminator(num_classes) if config.loss == "mealv2" else None
+        self.discriminator = L.make_discriminator(num_classes, config.mealv2_form) if config.loss == "mealv2" else None
         self.tat: nn.Module | None = None
         if config.loss == "tat":
             if feature_shape is None or student_channels is None:
                 raise UsageError("the tat loss needs the teacher feature shape and the student's channel count")
-            self.tat = L.TargetAwareTransformer(student_channels, feature_shape[0])
+            self.tat = L.TargetAwareTransformer(student_channels, feature_shape[0],
+                                                L.tat_embedding_form(config.tat_variant))
 
     def student_parameters(self) -> list[nn.Parameter]:
         params = list(self.student.parameters())
         return params + (list(self.tat.parameters()) if self.tat is not None else [])
 
     def _soft_targets(self, teacher: dict[str, torch.Tensor], T: float) -> torch.Tensor:
-        return L.soft_targets_from_topk(teacher["topk_idx"], teacher["topk_logit"], teacher["lse"],
-                                        self.num_classes, T=T)
+        return L.teacher_targets(teacher, self.num_classes, T=T)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg, t = self.config, batch.teacher
@@ -171,28 +186,36 @@ class DistillationStep(nn.Module):
             out["kd"] = L.kd_loss(cls, self._soft_targets(t, self.T), truth, alpha=cfg.alpha, T=self.T)
         elif cfg.loss == "deit-soft":
             probs = self._soft_targets(t, self.T)
+            reduction = cfg.deit_soft_reduction
             if dist is None:
-                out["deit_soft"] = L.deit_soft_loss(cls, probs, truth, alpha=cfg.alpha, T=self.T)
+                out["deit_soft"] = L.deit_soft_loss(cls, probs, truth, alpha=cfg.alpha, T=self.T, reduction=reduction)
             else:  # class head: the ground truth; distillation head: the teacher
                 out["ce"] = (1 - cfg.alpha) * F.cross_entropy(cls, truth)
-                out["distill"] = L.deit_soft_loss(dist, probs, truth, alpha=1.0, T=self.T) * cfg.alpha
+                out["distill"] = cfg.alpha * L.deit_soft_loss(dist, probs, truth, alpha=1.0, T=self.T,
+                                                              reduction=reduction)
         elif cfg.loss == "deit-hard":
             out["deit_hard"] = L.deit_hard_loss(cls, dist if dist is not None else cls, truth, t["hard"])
         elif cfg.loss == "sampled":
             out["sampled_ce"] = L.unbiased_sampled_ce(cls, t["sampled"], T=self.T)
         elif cfg.loss == "mealv2":
-            terms = L.mealv2_losses(cls, self._soft_targets(t, 1.0), self.discriminator)
-            out["soft_ce"], out["adv"] = terms["soft_ce"], cfg.adv_weight * terms["adv"]
-            disc = terms["disc"]
+            terms = L.mealv2_losses(cls, self._soft_targets(t, 1.0), self.discriminator, form=cfg.mealv2_form)
+            out["soft_ce"] = terms["soft_ce"]
+            if cfg.mealv2_form == "authors":  # one objective, one backward (MEAL-V2 train.py)
+                out["disc"] = cfg.adv_weight * terms["disc"]
+            else:
+                out["adv"] = cfg.adv_weight * terms["adv"]
+                gan_disc = terms["disc"]
         elif cfg.loss == "tat" and f_s is not None:
             out["kd"] = L.kd_loss(cls, self._soft_targets(t, self.T), truth, alpha=cfg.alpha, T=self.T)
             out["tat"] = cfg.tat_weight * L.tat_loss(f_s, t["features"], self.tat, variant=cfg.tat_variant,
-                                                     groups=cfg.tat_groups, anchors=cfg.tat_anchors)
+                                                     groups=cfg.tat_groups,
+                                                     patches_per_group=cfg.tat_patches_per_group,
+                                                     anchors=cfg.tat_anchors)
         else:
             raise UsageError(f"unknown loss {cfg.loss!r}: expected one of {', '.join(LOSSES)}")
         out["loss"] = torch.stack(list(out.values())).sum()
-        if cfg.loss == "mealv2":
-            out["disc"] = disc
+        if cfg.loss == "mealv2" and cfg.mealv2_form == "gan":
+            out["gan_disc"] = gan_disc  # the discriminator's own objective, minimised by its own optimizer
         return out
 
 
@@ -279,6 +302,17 @@ def prepare(config: TrainConfig) -> Setup:
         raise UsageError("--lr and --temperature must be > 0 and --alpha in [0, 1]")
     if config.tat_variant not in TAT_VARIANTS:
         raise UsageError(f"unknown TaT variant {config.tat_variant!r}: expected one of {', '.join(TAT_VARIANTS)}")
+    if config.loss == "deit-hard" and config.alpha != 0.5:
+        raise UsageError(f"--alpha {config.alpha} with deit-hard: DeiT's hard distillation has fixed halves, "
+                         "0.5 CE(y) + 0.5 CE(teacher argmax); leave --alpha at 0.5")
+    if config.online_targets not in ONLINE_TARGETS:
+        raise UsageError(f"unknown online targets {config.online_targets!r}: expected one of "
+                         f"{', '.join(ONLINE_TARGETS)}")
+    if config.deit_soft_reduction not in L.DEIT_SOFT_REDUCTIONS:
+        raise UsageError(f"unknown --deit-soft-reduction {config.deit_soft_reduction!r}: expected one of "
+                         f"{', '.join(L.DEIT_SOFT_REDUCTIONS)}")
+    if config.mealv2_form not in L.MEALV2_FORMS:
+        raise UsageError(f"unknown --mealv2-form {config.mealv2_form!r}: expected one of {', '.join(L.MEALV2_FORMS)}")
     if config.distill_token and config.loss not in DEIT_LOSSES:
         raise UsageError(f"--distill-token trains the distillation head with a DeiT loss, not {config.loss!r}")
     store = LabelStore(config.store)
@@ -293,9 +327,14 @@ def prepare(config: TrainConfig) -> Setup:
                          "labeled with --features LAYER")
     if config.loss == "tat" and schema.feature_shape:
         _, h, w = schema.feature_shape
-        if config.tat_variant == "patch" and (config.tat_groups < 1 or h % config.tat_groups or w % config.tat_groups):
-            raise UsageError(f"--tat-groups {config.tat_groups} must divide the stored {h}x{w} teacher map")
-        if config.tat_variant == "anchor" and not 1 <= config.tat_anchors <= min(h, w):
+        patches = config.tat_variant in ("patch", "patch-anchor")
+        if patches and not 1 <= config.tat_groups <= min(h, w):
+            raise UsageError(f"--tat-groups {config.tat_groups} (patches per side) must lie in [1, {min(h, w)}] for "
+                             f"the stored {h}x{w} teacher map")
+        if patches and (config.tat_patches_per_group < 1 or config.tat_groups ** 2 % config.tat_patches_per_group):
+            raise UsageError(f"--tat-patches-per-group {config.tat_patches_per_group} must divide the "
+                             f"{config.tat_groups ** 2} patches")
+        if config.tat_variant in ("anchor", "patch-anchor") and not 1 <= config.tat_anchors <= min(h, w):
             raise UsageError(f"--tat-anchors {config.tat_anchors} must lie in [1, {min(h, w)}] for the stored "
                              f"{h}x{w} teacher map")
     eval_dataset = load_dataset(config.dataset, config.eval_split, config.data_root)
@@ -387,7 +426,7 @@ def fit(config: TrainConfig, dist: Distributed | None = None) -> dict[str, Any]:
     if config.online:
         from student.online import OnlineTeacher
 
-        online = OnlineTeacher(setup.store, setup.recipe, device)
+        online = OnlineTeacher(setup.store, setup.recipe, device, targets=config.online_targets)
 
     student = make_student(setup)
     schema = setup.store.schema
@@ -442,9 +481,10 @@ def fit(config: TrainConfig, dist: Distributed | None = None) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             if disc_opt is not None:
                 disc_opt.zero_grad(set_to_none=True)
+            if "gan_disc" in losses:
                 losses["loss"].backward(inputs=student_params, retain_graph=True)
-                losses["disc"].backward(inputs=disc_params)
-            else:
+                losses["gan_disc"].backward(inputs=disc_params)
+            else:  # mealv2 (authors): the discriminator's loss is in "loss"; one backward trains both
                 losses["loss"].backward()
             if dist.world_size > 1:
                 for p in extra_params:  # the student's grads are averaged by DDP; the loss modules' here
@@ -493,6 +533,7 @@ def fit(config: TrainConfig, dist: Distributed | None = None) -> dict[str, Any]:
     final = history[-1] if history else {}
     result = {"run_dir": str(out), "checkpoint": str(out / CHECKPOINT), "loss": config.loss,
               "student": config.student, "epochs": config.epochs, "online": config.online,
+              "online_targets": config.online_targets if config.online else None,
               "workers": dist.world_size, "top1": final.get("top1"), "top5": final.get("top5"),
               "losses": final.get("losses", {}), "samples_per_s": final.get("samples_per_s"),
               "epoch_seconds": [h["seconds"] for h in history], "seconds": round(time.perf_counter() - t_run, 3),

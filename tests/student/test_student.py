@@ -67,8 +67,8 @@ def test_every_loss_trains_two_batches(rich_store, tmp_path, loss):
         assert (tmp_path / "run" / name).is_file(), name
     epoch = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert epoch["samples"] == 32 and epoch["samples_per_s"] > 0
-    if loss == "mealv2":
-        assert {"soft_ce", "adv", "disc"} <= set(epoch["losses"])
+    if loss == "mealv2":  # the authors' form: the discriminator's loss is in the student's objective
+        assert {"soft_ce", "disc"} <= set(epoch["losses"]) and "adv" not in epoch["losses"]
     if loss == "tat":
         assert {"kd", "tat"} <= set(epoch["losses"])
     if loss == "deit-soft":  # two heads: ground truth on the class head, teacher on the distillation head
@@ -117,14 +117,39 @@ def test_shards_are_distinct_and_seeds_cycle(rich_store):
     assert shards[0].warn_if_repeating(2) is None and "repeat" in shards[0].warn_if_repeating(3)
 
 
+def test_mealv2_gan_form_trains_its_discriminator_on_its_own_loss(rich_store, tmp_path):
+    result = train(_config(rich_store, tmp_path / "gan", "mealv2", mealv2_form="gan"))
+    assert {"soft_ce", "adv", "gan_disc"} <= set(result["losses"])
+    assert all(math.isfinite(v) for v in result["losses"].values())
+
+
 @pytest.mark.parametrize("loss", ["kd", "deit-hard"])
-def test_cached_and_online_give_the_same_first_step_loss(rich_store, tmp_path, loss):
+def test_cached_and_store_encoded_online_give_the_same_first_step_loss(rich_store, tmp_path, loss):
     firsts = []
     for online in (False, True):
         out = tmp_path / f"online{online}"
-        train(_config(rich_store, out, loss, online=online, max_steps=1))
+        train(_config(rich_store, out, loss, online=online, online_targets="encoded", max_steps=1))
         firsts.append(json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["first_step"]["loss"])
     assert firsts[0] == pytest.approx(firsts[1], rel=1e-3, abs=1e-4)
+
+
+def test_full_online_targets_are_the_teachers_float32_distribution(rich_store, tmp_path):
+    from student.losses import soft_targets_from_topk
+    from student.online import OnlineTeacher
+
+    store, ds = LabelStore(rich_store), load_dataset(DATA)
+    recipe = check_store(store, ds)
+    stream = StoreStream(store, ds, recipe, batch_size=16)
+    batch = stream.make_batch(stream.labels_for(0), np.arange(16))
+    full = OnlineTeacher(store, recipe, targets="full").labels(batch)
+    assert full["logits"].dtype == torch.float32 and full["logits"].shape == (16, 4)
+    assert "topk_logit" not in full
+    torch.testing.assert_close(full["hard"], batch.teacher["hard"])
+    t = batch.teacher  # top-3 of 4 classes: the one tail class makes the stored rebuild exact up to float16
+    rebuilt = soft_targets_from_topk(t["topk_idx"], t["topk_logit"], t["tail_lse"], 4, T=4.0)
+    torch.testing.assert_close(rebuilt, torch.softmax(full["logits"] / 4.0, 1), atol=2e-3, rtol=0)
+    result = train(_config(rich_store, tmp_path / "full", "kd", online=True, max_steps=1))
+    assert result["online"] is True and result["online_targets"] == "full"
 
 
 def test_bad_input_is_refused_before_training(rich_store, plain_store, tmp_path):
@@ -142,6 +167,12 @@ def test_bad_input_is_refused_before_training(rich_store, plain_store, tmp_path)
         (UsageError, "no layer", _config(rich_store, out, "tat", student_layer="layer9")),
         (UsageError, "--resume", _config(rich_store, out, resume=True)),
         (UsageError, "--init", _config(rich_store, out, init=str(tmp_path / "missing.pt"))),
+        (UsageError, "fixed halves", _config(rich_store, out, "deit-hard", alpha=0.7)),
+        (UsageError, "online targets", _config(rich_store, out, online=True, online_targets="top1")),
+        (UsageError, "--mealv2-form", _config(rich_store, out, "mealv2", mealv2_form="wgan")),
+        (UsageError, "--deit-soft-reduction", _config(rich_store, out, "deit-soft", deit_soft_reduction="x")),
+        (UsageError, "--tat-patches-per-group", _config(rich_store, out, "tat", tat_variant="patch",
+                                                          tat_patches_per_group=3)),
     ]
     for error, words, config in cases:
         with pytest.raises(error, match=words.replace("[", r"\[")):
