@@ -3,7 +3,8 @@
 Labels a small synthetic store in-process first (so every POST is a cache hit), starts a real
 `stillroom serve` (uvicorn on 127.0.0.1, a local Ray, a SQLite file), and measures from 8 client threads.
 The first POST, which computes the cache key (dataset fingerprint, teacher digest), is timed apart.
-Prints one JSON line. Target: p99 submission latency < 100 ms.
+A cache-hit POST is answered from the service's in-memory store index (no file read, no Ray call).
+Prints one JSON line. Target: p99 submission latency < 20 ms with 8 clients.
 
     python bench/service.py [--posts 200] [--clients 8] [--read-seconds 5]
 """
@@ -113,7 +114,7 @@ def main() -> None:
             "submit_p50_ms": round(float(p50), 2), "submit_p99_ms": round(float(p99), 2),
             "submit_max_ms": round(float(latencies.max()), 2), "posts_per_s": round(args.posts / post_s, 1),
             "first_submit_ms": round(first_ms, 1), "status_reads_per_s": round(reads / args.read_seconds, 1),
-            "target_met": bool(p99 < 100),
+            "target_ms": 20, "target_met": bool(p99 < 20),
         }))
     finally:
         if server is not None and server.poll() is None:

@@ -23,8 +23,9 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ctx = ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
-                       log_to_driver=False)
+        # address="local": a new cluster of this session's own, never one another process started here
+        ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=free_port(), log_to_driver=False)
         _DASHBOARD.append(f"http://{ctx.dashboard_url}")
     yield ray
     ray.shutdown()
