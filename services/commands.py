@@ -45,7 +45,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"Ray dashboard:     {dashboard}{'  (a local head, stopped with the service)' if head else ''}",
               flush=True)
         print(f"API token:         {settings.token_source}", flush=True)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+        # a client following a job's logs holds its connection open: stop waiting for it after 10 s
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=10)
     finally:
         if head is not None:
             head.stop()

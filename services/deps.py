@@ -19,7 +19,10 @@ class Message(BaseModel):
     detail: str
 
 
-def get_service(request: Request) -> Service:
+# dependencies that do no I/O are `async def`: FastAPI runs them on the event loop, where a plain `def`
+# would cost a trip through the thread pool on every request
+
+async def get_service(request: Request) -> Service:
     service: Service = request.app.state.service
     return service
 
@@ -29,7 +32,10 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 _bearer = HTTPBearer(auto_error=False, description="the service's API token (STILLROOM_API_TOKEN or its token file)")
 
 
-def authorized(service: ServiceDep, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+async def authorized(service: ServiceDep, creds: Credentials) -> None:
     token = service.settings.token
     if creds is None or not secrets.compare_digest(creds.credentials.encode(), token.encode()):
         raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})

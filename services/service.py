@@ -129,12 +129,25 @@ class Service:
                 return self.db.add(job)
         return self._launch(job, resolved, {})
 
-    def _label_cache_key(self, resolved: dict[str, Any]) -> str:
-        """The store key of a label spec; computed once (it loads the dataset and teachers), then remembered
-        for as long as the teacher checkpoints are unchanged (same size and modification time)."""
-        from pipelines.errors import StillroomError
-        from pipelines.labeling import LabelConfig, prepare_store
+    def cached_label(self, spec: _Spec) -> Job | None:
+        """The answer to a label spec when it is a cache hit the service already knows: a spec whose key was
+        computed before and whose seeds the store index holds. No file is read and Ray is not asked (the
+        teacher paths are resolved and stat-ed); one INSERT. None: not known to be a hit (``submit`` decides)."""
+        try:
+            resolved = confined_spec(JobKind.label, spec, self.settings.allowed_roots, self.settings.state_dir)
+        except PathOutsideRoots:
+            return None
+        key = self.label_keys.get(self._label_fingerprint(resolved))
+        if key is None or not self.stores.has_seeds(key, resolved["seeds"]):
+            return None
+        job = Job(id=new_job_id(), kind=JobKind.label.value, state=JobState.PENDING.value,
+                  spec=spec.model_dump(mode="json"), spec_hash=spec.digest(), cache_key=key, created_at=now())
+        return self._cache_hit_label(job, resolved)
 
+    @staticmethod
+    def _label_fingerprint(resolved: dict[str, Any]) -> str:
+        """What makes a label spec's store key: its fields but the seeds and the way it runs, and the teacher
+        checkpoints' size and modification time (a checkpoint rewritten in place is another teacher)."""
         stats: list[tuple[Any, ...]] = []
         for t in resolved["teachers"]:
             path = Path(t.partition("@")[2])
@@ -145,7 +158,14 @@ class Service:
                 stats.append((t,))
         fields = {k: v for k, v in resolved.items() if k not in ("seeds", "batch_size", "num_workers",
                                                                  "gpus_per_worker")}
-        fingerprint = json.dumps([fields, stats], sort_keys=True)
+        return json.dumps([fields, stats], sort_keys=True)
+
+    def _label_cache_key(self, resolved: dict[str, Any]) -> str:
+        """The store key of a label spec; computed once (it loads the dataset and teachers), then remembered."""
+        from pipelines.errors import StillroomError
+        from pipelines.labeling import LabelConfig, prepare_store
+
+        fingerprint = self._label_fingerprint(resolved)
         if fingerprint not in self.label_keys:
             with self.key_lock:  # the first submission of a spec computes it; the others wait for it
                 if fingerprint not in self.label_keys:

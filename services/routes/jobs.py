@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -40,8 +41,12 @@ def post_teacher(spec: TeacherJobSpec, service: ServiceDep, _: Auth, key: IdemKe
 
 @router.post("/label-jobs", status_code=202, response_model=JobPublic, responses=SUBMIT_RESPONSES,
              summary="Label a data set with teachers into the store (a cache hit when its seeds are there)")
-def post_label(spec: LabelJobSpec, service: ServiceDep, _: Auth, key: IdemKey = None) -> JSONResponse:
-    return _submitted(service, JobKind.label, spec, key)
+async def post_label(spec: LabelJobSpec, service: ServiceDep, _: Auth, key: IdemKey = None) -> JSONResponse:
+    # a known cache hit is a lookup and one INSERT: answered on the event loop; anything else may load a data
+    # set or call Ray, so it runs in the thread pool
+    if key is None and (job := service.cached_label(spec)) is not None:
+        return JSONResponse(service.public(job).model_dump(mode="json"), status_code=202)
+    return await run_in_threadpool(_submitted, service, JobKind.label, spec, key)
 
 
 @router.post("/train-jobs", status_code=202, response_model=JobPublic, responses=SUBMIT_RESPONSES,
