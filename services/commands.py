@@ -34,9 +34,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "pass --port with a free port")
     head = None if settings.ray_address else LocalRayHead(settings.dashboard_port,
                                                            log_path=settings.state_dir / "ray-head.log")
-    # SIGTERM ends the service as Ctrl-C does: uvicorn stops serving, the lifespan cancels the jobs of an
-    # owned cluster, and `finally` stops the head (uvicorn re-raises the signal to this handler when done)
-    signal.signal(signal.SIGTERM, _exit_on_signal)
+    # SIGTERM and Ctrl-C: uvicorn stops serving, the lifespan cancels the jobs of an owned cluster, uvicorn
+    # re-raises the signal to this handler when done, and `finally` stops the head; exit 128 + the signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_on_signal)
     try:
         dashboard = head.start() if head else settings.ray_address
         app = create_app(settings, RayJobs(dashboard), owns_cluster=head is not None)

@@ -44,16 +44,9 @@ def environ(pid: int) -> str:
     return (Path("/proc") / str(pid) / "environ").read_bytes().replace(b"\0", b"\n").decode(errors="replace")
 
 
-@pytest.fixture(scope="module")
-def running(tmp_path_factory, request):
-    """The service on its own Ray head with a long teacher job RUNNING; what the job runs as."""
-    root = tmp_path_factory.mktemp("own-ray")
+def start_with_a_running_job(root: Path, db: str = "", password: str | None = None) -> dict:
+    """The service on its own Ray head with a long teacher job RUNNING; what the job and the head run as."""
     (root / "data").mkdir()
-    try:
-        pg = request.getfixturevalue("postgres")
-        db, password = pg.new_database(), pg.password
-    except pytest.skip.Exception:
-        db, password = "", None
     server = Server(root, None, db).start()
     try:
         with server.client() as http:
@@ -64,11 +57,23 @@ def running(tmp_path_factory, request):
             while not process_file.exists() and time.monotonic() < deadline:
                 time.sleep(0.2)
             job_process = json.loads(process_file.read_text())
-        head = [p for p in processes() if p["ppid"] == server.proc.pid and " start --head" in p["cmd"]]
-        yield {"server": server, "job": job, "process": job_process, "db": db, "password": password,
-               "head": head}
-    finally:
+    except BaseException:
         server.stop()
+        raise
+    head = [p for p in processes() if p["ppid"] == server.proc.pid and " start --head" in p["cmd"]]
+    return {"server": server, "job": job, "process": job_process, "db": db, "password": password, "head": head}
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory, request):
+    try:
+        pg = request.getfixturevalue("postgres")
+        db, password = pg.new_database(), pg.password
+    except pytest.skip.Exception:
+        db, password = "", None
+    started = start_with_a_running_job(tmp_path_factory.mktemp("own-ray"), db, password)
+    yield started
+    started["server"].stop()
 
 
 def test_no_secret_reaches_ray(running):
@@ -97,14 +102,27 @@ def test_no_secret_reaches_ray(running):
 
 
 def test_sigterm_cancels_running_jobs_and_leaves_nothing_alive(running):
+    stop_and_check(running, signal.SIGTERM, 128 + signal.SIGTERM)
+
+
+def test_ctrl_c_does_the_same(tmp_path):
+    started = start_with_a_running_job(tmp_path)
+    try:
+        stop_and_check(started, signal.SIGINT, 130)  # `stillroom: interrupted`
+    finally:
+        started["server"].stop(signal.SIGKILL)
+
+
+def stop_and_check(running: dict, sig: int, exit_code: int) -> None:
+    """``sig`` to the service: it exits with ``exit_code``, nothing of the job or the head is left, and the
+    job's record is CANCELLED with the reason."""
     from services.db import Database
 
     server, job, proc = running["server"], running["job"], running["process"]
     assert running["head"], "the service's own Ray head was not found among its children"
     head_pid = running["head"][0]["pid"]
     assert any(p["pid"] == proc["pid"] for p in processes())  # the job runs
-    code = server.stop(signal.SIGTERM)
-    assert code == 128 + signal.SIGTERM
+    assert server.stop(sig) == exit_code
     left = [p for p in processes() if p["pgid"] == proc["pgid"] or p["pid"] == proc["pid"]
             or p["sid"] == head_pid or p["pgid"] == head_pid]
     assert not left, f"still alive after the service stopped: {left}"
