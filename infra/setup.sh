@@ -14,8 +14,19 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     fi
 fi
 
+# PostgreSQL server binaries (initdb, pg_ctl in /usr/lib/postgresql/*/bin): the tests start a server of
+# their own to run the job service on PostgreSQL too (they skip, saying why, without them)
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then
+        (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql) \
+            || echo "setup: could not install postgresql; the PostgreSQL tests will be skipped" >&2
+    else
+        echo "setup: run 'sudo apt-get install -y postgresql' for the PostgreSQL tests" >&2
+    fi
+fi
+
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install -q -e '.[dev]'
+.venv/bin/python -m pip install -q -e '.[dev,postgres]'
 touch .venv/bin/stillroom

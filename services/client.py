@@ -40,11 +40,7 @@ class StillroomClient:
         except httpx.HTTPError as e:
             raise ServiceError(f"cannot reach the service at {self.http.base_url}: {e}") from None
         if r.status_code >= 400:
-            try:
-                detail = r.json().get("detail")
-            except ValueError:
-                detail = r.text
-            raise ServiceError(f"{method} {path}: HTTP {r.status_code}: {detail}")
+            raise ServiceError(f"{method} {path}: HTTP {r.status_code}: {_detail(r)}")
         return r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
 
     def submit(self, kind: str, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
@@ -64,8 +60,17 @@ class StillroomClient:
         return self._call("GET", f"/v1/jobs/{job_id}/logs")
 
     def follow_logs(self, job_id: str) -> Iterator[str]:
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": 1}, timeout=None) as r:
-            yield from r.iter_text()
+        """The job's output as it comes; a ServiceError (not a traceback, not an error body as output) when
+        the service is not there, refuses the token or has no such job."""
+        path = f"/v1/jobs/{job_id}/logs"
+        try:
+            with self.http.stream("GET", path, params={"follow": 1}, timeout=httpx.Timeout(30, read=None)) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise ServiceError(f"GET {path}: HTTP {r.status_code}: {_detail(r)}")
+                yield from r.iter_text()
+        except httpx.HTTPError as e:
+            raise ServiceError(f"cannot reach the service at {self.http.base_url}: {e}") from None
 
     def metrics(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/jobs/{job_id}/metrics")
@@ -86,3 +91,14 @@ class StillroomClient:
             if time.monotonic() > deadline:
                 raise ServiceError(f"job {job_id} still {job['state']} after {timeout:.0f} s")
             time.sleep(interval)
+
+
+def _detail(r: httpx.Response) -> str:
+    """An error answer's message: FastAPI's ``detail`` (a string, or a list of field errors), else the body."""
+    try:
+        detail = r.json().get("detail")
+    except (ValueError, AttributeError):
+        return r.text[:500]
+    if isinstance(detail, list):
+        return "; ".join(f"{'.'.join(str(x) for x in e.get('loc', [])[1:])}: {e.get('msg')}" for e in detail)
+    return str(detail)

@@ -21,7 +21,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from services.app import create_app
     from services.config import Settings
-    from services.launcher import RayJobs, start_local_ray
+    from services.launcher import LocalRayHead, RayJobs, port_free
 
     overrides = {k: v for k, v in {
         "host": args.host, "port": args.port, "ray_address": args.ray_address, "db": args.db,
@@ -29,14 +29,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "dashboard_port": args.dashboard_port}.items() if v is not None}
     settings = Settings(**overrides)
     settings.prepare()
-    dashboard = settings.ray_address or start_local_ray(settings)
-    app = create_app(settings, RayJobs(dashboard))
-    api = f"http://{settings.host}:{settings.port}"
-    print(f"stillroom service: {api}  (docs {api}/docs)", flush=True)
-    print(f"Ray dashboard:     {dashboard}", flush=True)
-    print(f"API token:         in {settings.state_dir / 'api_token'} unless STILLROOM_API_TOKEN is set", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    if not port_free(settings.host, settings.port):
+        raise UsageError(f"port {settings.port} on {settings.host} is in use: another `stillroom serve`? "
+                         "pass --port with a free port")
+    head = None if settings.ray_address else LocalRayHead(settings.dashboard_port,
+                                                           log_path=settings.state_dir / "ray-head.log")
+    # SIGTERM and Ctrl-C: uvicorn stops serving, the lifespan cancels the jobs of an owned cluster, uvicorn
+    # re-raises the signal to this handler when done, and `finally` stops the head; exit 128 + the signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_on_signal)
+    try:
+        dashboard = head.start() if head else settings.ray_address
+        app = create_app(settings, RayJobs(dashboard), owns_cluster=head is not None)
+        api = f"http://{settings.host}:{settings.port}"
+        print(f"stillroom service: {api}  (docs {api}/docs)", flush=True)
+        print(f"Ray dashboard:     {dashboard}{'  (a local head, stopped with the service)' if head else ''}",
+              flush=True)
+        print(f"API token:         {settings.token_source}", flush=True)
+        # a client following a job's logs holds its connection open: stop waiting for it after 10 s
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=10)
+    finally:
+        if head is not None:
+            head.stop()
     return 0
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _client(args: argparse.Namespace):

@@ -55,5 +55,10 @@ class Settings(BaseSettings):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(token)
-        print(f"stillroom: new API token (saved to {path}, mode 0600): {token}", file=sys.stderr)
+        print(f"stillroom: made a new API token in {path} (mode 0600)", file=sys.stderr)
         return token
+
+    @property
+    def token_source(self) -> str:
+        """Where the token is, for people (never the token itself)."""
+        return "STILLROOM_API_TOKEN" if self.api_token else f"{self.state_dir / 'api_token'} (mode 0600)"

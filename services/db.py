@@ -1,6 +1,8 @@
-"""Job records through SQLAlchemy: a SQLite file by default, any SQLAlchemy URL (e.g. PostgreSQL) when set.
+"""Job records: the table (``Job``), what the API shows of one (``JobPublic``), and the queries (``Database``).
 
-The database, not Ray, is the record of every job: Ray's job table has no paging and dies with the cluster.
+SQLAlchemy over a SQLite file by default, or PostgreSQL (``pip install -e '.[postgres]'``,
+``--db postgresql+psycopg://USER@HOST/DB``). The database, not Ray, is the record of every job: Ray's job
+table has no paging and dies with the cluster.
 """
 
 from __future__ import annotations
@@ -10,14 +12,34 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Float, Index, String, Text, create_engine, event, select
+from pydantic import BaseModel
+from sqlalchemy import JSON, Float, Index, String, Text, create_engine, event, insert, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
-ACTIVE = ("PENDING", "RUNNING")
-KINDS = ("teacher", "label", "train")
+
+class JobState(StrEnum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def active(self) -> bool:
+        return self in ACTIVE
+
+
+ACTIVE = (JobState.PENDING, JobState.RUNNING)
+TERMINAL = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class JobKind(StrEnum):
+    teacher = "teacher"
+    label = "label"
+    train = "train"
 
 
 class Base(DeclarativeBase):
@@ -25,11 +47,13 @@ class Base(DeclarativeBase):
 
 
 class Job(Base):
+    """One job's record (the table)."""
+
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16), index=True)
-    state: Mapped[str] = mapped_column(String(16), index=True, default="PENDING")
+    state: Mapped[str] = mapped_column(String(16), index=True, default=JobState.PENDING.value)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     spec_hash: Mapped[str] = mapped_column(String(64), index=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
@@ -48,6 +72,39 @@ class Job(Base):
     __table_args__ = (Index("ix_jobs_created_id", "created_at", "id"),)
 
 
+class JobPublic(BaseModel):
+    """A job as the API shows it (no job directory, no spec hash)."""
+
+    id: str
+    kind: JobKind
+    state: JobState
+    spec: dict[str, Any]
+    cache_key: str | None
+    cache_hit: bool
+    ray_job_id: str | None
+    attached_to: str | None
+    progress: dict[str, Any] | None
+    result: dict[str, Any] | None
+    error: str | None
+    created_at: float
+    started_at: float | None
+    ended_at: float | None
+    dashboard_url: str | None
+
+    @classmethod
+    def of(cls, job: Job, dashboard_url: str | None) -> JobPublic:
+        return cls(id=job.id, kind=JobKind(job.kind), state=JobState(job.state), spec=job.spec,
+                   cache_key=job.cache_key, cache_hit=job.cache_hit, ray_job_id=job.ray_job_id,
+                   attached_to=job.attached_to, progress=job.progress, result=job.result, error=job.error,
+                   created_at=job.created_at, started_at=job.started_at, ended_at=job.ended_at,
+                   dashboard_url=dashboard_url)
+
+
+class JobList(BaseModel):
+    jobs: list[JobPublic]
+    next_page_token: str | None
+
+
 def new_job_id() -> str:
     return f"job_{uuid.uuid4().hex[:16]}"
 
@@ -55,10 +112,13 @@ def new_job_id() -> str:
 class Database:
     def __init__(self, url: str):
         kwargs: dict[str, Any] = {}
-        if url.startswith("sqlite"):
+        sqlite = url.startswith("sqlite")
+        if sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True  # a server restart drops pooled connections
         self.engine = create_engine(url, **kwargs)
-        if url.startswith("sqlite"):
+        if sqlite:
             @event.listens_for(self.engine, "connect")
             def _sqlite_pragmas(conn, _record):  # concurrent readers while one writes; durable enough
                 cur = conn.cursor()
@@ -74,6 +134,9 @@ class Database:
         with self.sessions() as s, s.begin():
             yield s
 
+    def close(self) -> None:
+        self.engine.dispose()
+
     # -- queries ---------------------------------------------------------------------------
 
     def get(self, job_id: str) -> Job | None:
@@ -86,22 +149,23 @@ class Database:
 
     def active_label_jobs(self, cache_key: str) -> list[Job]:
         with self.session() as s:
-            q = select(Job).where(Job.kind == "label", Job.cache_key == cache_key, Job.state.in_(ACTIVE),
+            q = select(Job).where(Job.kind == JobKind.label.value, Job.cache_key == cache_key,
+                                  Job.state.in_([s.value for s in ACTIVE]),
                                   Job.attached_to.is_(None), Job.ray_job_id.is_not(None))
             return list(s.scalars(q))
 
     def active(self) -> list[Job]:
         with self.session() as s:
-            return list(s.scalars(select(Job).where(Job.state.in_(ACTIVE))))
+            return list(s.scalars(select(Job).where(Job.state.in_([st.value for st in ACTIVE]))))
 
-    def list(self, state: str | None, kind: str | None, limit: int,
+    def list(self, state: JobState | None, kind: JobKind | None, limit: int,
              page_token: str | None) -> tuple[list[Job], str | None]:
         """Newest first; ``page_token`` is where the previous page ended."""
         q = select(Job)
         if state:
-            q = q.where(Job.state == state)
+            q = q.where(Job.state == state.value)
         if kind:
-            q = q.where(Job.kind == kind)
+            q = q.where(Job.kind == kind.value)
         if page_token:
             created, job_id = decode_token(page_token)
             q = q.where((Job.created_at < created) | ((Job.created_at == created) & (Job.id < job_id)))
@@ -115,18 +179,23 @@ class Database:
     def counts(self) -> dict[str, Any]:
         with self.session() as s:
             jobs = list(s.execute(select(Job.state, Job.kind, Job.cache_hit, Job.result, Job.attached_to)))
-        by_state = {st: 0 for st in STATES}
+        by_state = {st.value: 0 for st in JobState}
         hits = labels = 0
         for state, kind, hit, result, attached_to in jobs:
             by_state[state] = by_state.get(state, 0) + 1
             hits += int(bool(hit))
-            if kind == "label" and state == "SUCCEEDED" and result and not hit and attached_to is None:
+            if kind == JobKind.label and state == JobState.SUCCEEDED and result and not hit and attached_to is None:
                 labels += int(result.get("samples", 0))
         return {"by_state": by_state, "cache_hits": hits, "labels_written": labels}
 
     def add(self, job: Job) -> Job:
-        with self.session() as s:
-            s.add(job)
+        """Insert a new record (one INSERT, without the ORM's unit of work: submissions are the hot path)."""
+        for c in Job.__table__.columns:  # the column defaults, on the object too (the ORM would refresh it)
+            if getattr(job, c.key) is None and c.default is not None and c.default.is_scalar:
+                setattr(job, c.key, c.default.arg)
+        values = {c.key: v for c in Job.__table__.columns if (v := getattr(job, c.key)) is not None}
+        with self.engine.begin() as conn:
+            conn.execute(insert(Job), values)
         return job
 
     def update(self, job_id: str, **fields: Any) -> Job | None:
@@ -135,7 +204,7 @@ class Database:
             if job is None:
                 return None
             for k, v in fields.items():
-                setattr(job, k, v)
+                setattr(job, k, v.value if isinstance(v, StrEnum) else v)
             return job
 
 

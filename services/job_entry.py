@@ -2,7 +2,8 @@
 
 ``JOB_DIR/spec.json`` (written by the service, never a shell string) names the kind, one of an allowlist,
 and its typed spec with paths already resolved and confined. The job writes progress to
-``JOB_DIR/progress.json`` and its result (or error) to ``JOB_DIR/result.json``, which the service reads.
+``JOB_DIR/progress.json`` and its result (or error) to ``JOB_DIR/result.json``, which the service reads;
+``JOB_DIR/process.json`` names its process and process group.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def main(argv: list[str]) -> int:
         _write(job_dir / "result.json", {"ok": False, "error": f"unknown job kind {job['kind']!r}"})
         return 2
     os.environ[PROGRESS_ENV] = str(job_dir / "progress.json")
+    # who runs this job, so that whoever stops it can check that nothing of it is left
+    _write(job_dir / "process.json", {"pid": os.getpid(), "pgid": os.getpgid(0)})
     # Ray starts a job's entry point with OMP_NUM_THREADS=1 (it reserves no CPUs: entrypoint_num_cpus=0), which
     # would run an in-process teacher or student on one core: use the node's cores, as the CLI does.
     import torch

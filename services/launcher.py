@@ -2,30 +2,136 @@
 
 The entry point is always ``<python> -m services.job_entry <job dir>``: the job dir is made by the service
 from a generated job id, and the spec travels as a file in it, never through a shell or a runtime_env.
+
+Without ``--ray-address`` the service starts its own Ray head (``LocalRayHead``) as a child process
+(``ray start --head --block``), not by ``ray.init``: the service is then no Ray driver, so Ray's job table
+never records the service's command line (which may hold a database password), and the head starts from
+an environment without the service's secrets, so no job inherits them.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
-from services.config import Settings
+from pipelines.errors import StillroomError, UsageError
+from services.db import JobState
 
-RAY_TO_STATE = {"PENDING": "PENDING", "RUNNING": "RUNNING", "SUCCEEDED": "SUCCEEDED", "FAILED": "FAILED",
-                "STOPPED": "CANCELLED"}
+RAY_TO_STATE = {"PENDING": JobState.PENDING, "RUNNING": JobState.RUNNING, "SUCCEEDED": JobState.SUCCEEDED,
+                "FAILED": JobState.FAILED, "STOPPED": JobState.CANCELLED}
+SECRET_ENV = ("STILLROOM_API_TOKEN", "STILLROOM_DB")  # what the service holds and no Ray process may see
 
 
-def start_local_ray(settings: Settings) -> str:
-    """Start a local Ray head with its dashboard in this process; return the dashboard URL."""
-    import ray
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
-    ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=settings.dashboard_port,
-                   num_cpus=os.cpu_count(), log_to_driver=False)
-    url = ctx.dashboard_url or f"127.0.0.1:{settings.dashboard_port}"
-    return url if url.startswith("http") else f"http://{url}"
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalRayHead:
+    """A single-node Ray head on 127.0.0.1 that this process starts and stops (its own process group).
+
+    Every port it listens on is chosen free here, so it never shares a port with another Ray on the machine.
+    """
+
+    def __init__(self, dashboard_port: int, num_cpus: int | None = None, log_path: Path | None = None):
+        if not port_free("127.0.0.1", dashboard_port):
+            raise UsageError(f"port {dashboard_port} (the Ray dashboard) is in use: another `stillroom serve` or "
+                             "Ray cluster has it; pass --dashboard-port with a free port, or --ray-address to use "
+                             "that cluster")
+        self.dashboard_port = dashboard_port
+        self.num_cpus = num_cpus or os.cpu_count() or 1
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        # Ray's session files (and the address file through which `ray.init()` finds "the" local cluster) go
+        # to a directory of this head's own; a short path: Ray's Unix sockets live under it
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="stillroom-ray-"))
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def start(self, timeout_s: float = 120.0) -> str:
+        ray_cli = Path(sys.executable).with_name("ray")
+        cmd = [str(ray_cli)] if ray_cli.exists() else [sys.executable, "-m", "ray.scripts.scripts"]
+        cmd += ["start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+                f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
+        _token_auth_as_ray_init_does()
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            # a session of its own: Ctrl-C in the terminal reaches the service, which stops jobs, then the head
+            self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         start_new_session=True)
+        finally:
+            if log is not subprocess.DEVNULL:
+                log.close()  # type: ignore[union-attr]
+        self._wait_ready(timeout_s)
+        return self.dashboard_url
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                where = f" (its log: {self.log_path})" if self.log_path else ""
+                raise StillroomError(f"the local Ray head exited with code {self.proc.returncode}{where}")
+            try:
+                JobSubmissionClient(self.dashboard_url)  # it asks the dashboard for its version
+                return
+            except Exception:  # ConnectionError while the dashboard starts
+                time.sleep(0.5)
+        self.stop()
+        raise StillroomError(f"the local Ray head did not answer at {self.dashboard_url} within {timeout_s:.0f} s")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM to the head (it stops the Ray processes it started), SIGKILL to its group if it lingers."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _token_auth_as_ray_init_does() -> None:
+    """Ray's default for a local cluster that ``ray.init`` starts: token authentication, with a token made
+    in ~/.ray/auth_token when there is none (``RAY_AUTH_MODE``, when set, decides). It is set in this
+    process's environment, so the head (a child) and this process's job client agree."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            enable_token_auth_by_default,
+            ensure_token_if_auth_enabled,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    if enable_token_auth_by_default():
+        ensure_token_if_auth_enabled(None, create_token_if_missing=True)
 
 
 class RayJobs:
@@ -51,7 +157,7 @@ class RayJobs:
                     raise
                 time.sleep(0.5)
 
-    def status(self, submission_id: str) -> tuple[str, str] | None:
+    def status(self, submission_id: str) -> tuple[JobState, str] | None:
         """``(state, message)``, or None when Ray has no such job (e.g. the cluster was restarted)."""
         try:
             info = self.client.get_job_info(submission_id)
@@ -59,7 +165,7 @@ class RayJobs:
             if "does not exist" in str(e) or "404" in str(e) or "not found" in str(e).lower():
                 return None
             raise
-        return RAY_TO_STATE.get(str(info.status.value), "RUNNING"), info.message or ""
+        return RAY_TO_STATE.get(str(info.status.value), JobState.RUNNING), info.message or ""
 
     def stop(self, submission_id: str) -> bool:
         try:

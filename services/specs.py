@@ -6,11 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 NAME = r"^[A-Za-z0-9_.\-]+$"
+TEACHER = r"^[A-Za-z0-9_.\-]+(@.+)?$"
 Scalar = int | float | str | bool
 LOSSES = ("ce", "kd", "deit-soft", "deit-hard", "mealv2", "sampled", "tat")
 
@@ -20,7 +21,24 @@ class PathOutsideRoots(ValueError):
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: "0.1" is not a number and 1 is not a bool (the JSON Schema says so; lax coercion would accept them)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_numbers(cls, data: Any) -> Any:
+        """JSON Schema counts 236.0 as an integer: accept a whole float where the spec wants an int."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            wants_int = "int" in str(field.annotation) and "float" not in str(field.annotation)
+            value = out.get(name)
+            if wants_int and isinstance(value, float) and value.is_integer():
+                out[name] = int(value)
+            elif wants_int and isinstance(value, list):
+                out[name] = [int(v) if isinstance(v, float) and v.is_integer() else v for v in value]
+        return out
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
@@ -42,7 +60,8 @@ class TeacherJobSpec(_Spec):
 class LabelJobSpec(_Spec):
     dataset: str = Field("fashion-mnist", max_length=500)
     split: Literal["train", "test"] = "train"
-    teachers: list[str] = Field(min_length=1, max_length=16, description="NAME@CHECKPOINT (a path in the roots)")
+    teachers: list[Annotated[str, Field(pattern=TEACHER, max_length=1000)]] = Field(
+        min_length=1, max_length=16, description="NAME@CHECKPOINT (a path in the roots), or NAME for timm weights")
     recipe: str = Field("fmnist-rrc", pattern=NAME)
     seeds: list[int] = Field([0], min_length=1, max_length=1000)
     top_k: int = Field(10, ge=1, le=100000)

@@ -1,82 +1,41 @@
 """The job service for real: `stillroom serve` on uvicorn at 127.0.0.1, jobs on the shared local Ray,
-records in a SQLite file. Every server process is started here and ended here, by its pid."""
+records in a SQLite file and, for the database tests (submit, dedup, idempotency, reconcile, paging), in a
+real PostgreSQL server too. Every server process is started here and ended here, by its pid."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import sqlite3
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 from conftest import free_port, make_teacher
+from postgres_server import postgres  # noqa: F401  (a fixture)
+from serving import DATA, TOKEN, Server, wait
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-TOKEN = "test-token-0123456789"
-DATA = "synthetic:n=256,classes=4,size=16"
-STILLROOM = str(Path(sys.executable).parent / "stillroom")
+def database_url(backend: str, request: pytest.FixtureRequest) -> str:
+    """"" (the default SQLite file in the state dir) or a fresh database on the test PostgreSQL server."""
+    return request.getfixturevalue("postgres").new_database() if backend == "postgresql" else ""
 
 
-class Server:
-    """One `stillroom serve` process on a free port, sharing the state dir across restarts."""
-
-    def __init__(self, root: Path, dashboard: str):
-        self.root, self.dashboard = root, dashboard
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Server:
-        env = {**os.environ, "STILLROOM_API_TOKEN": TOKEN, "STILLROOM_DATA_ROOT": str(self.root / "data"),
-               "STILLROOM_POLL_INTERVAL_S": "0.3"}
-        with open(self.root / "serve.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [STILLROOM, "serve", "--port", str(self.port), "--ray-address", self.dashboard,
-                 "--state-dir", str(self.root / "state"), "--store-root", str(self.root / "stores")],
-                env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError(f"service did not start: {(self.root / 'serve.log').read_text()[-2000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(timeout=30)
-
-    def client(self, token: str | None = TOKEN) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
-
-
-def wait(http: httpx.Client, job_id: str, states=("SUCCEEDED", "FAILED", "CANCELLED"), timeout=180) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = http.get(f"/v1/jobs/{job_id}").json()
-        if job["state"] in states:
-            return job
-        time.sleep(0.3)
-    raise AssertionError(f"job {job_id} still {job['state']} after {timeout} s: {job}")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, ray_dashboard):
-    root = tmp_path_factory.mktemp("service")
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, tmp_path_factory, ray_dashboard):
+    """The module's service, once per database backend; a test that needs one backend only says so with
+    ``@pytest.mark.parametrize("server", ["sqlite"], indirect=True)``."""
+    root = tmp_path_factory.mktemp(f"service-{request.param}")
     (root / "data").mkdir()
-    s = Server(root, ray_dashboard).start()
+    s = Server(root, ray_dashboard, database_url(request.param, request)).start()
     yield s
     s.stop()
+
+
+SQLITE_ONLY = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +74,7 @@ def test_concurrent_identical_label_jobs_run_once_then_hit_the_cache(server, tea
         assert "stillroom job" in logs
 
 
+@SQLITE_ONLY
 def test_teacher_then_train_jobs_over_http(server):
     with server.client() as http:
         t = http.post("/v1/teacher-jobs", json={"dataset": DATA, "model": "test_resnet", "epochs": 1}).json()
@@ -129,9 +89,13 @@ def test_teacher_then_train_jobs_over_http(server):
         label = wait(http, http.post("/v1/label-jobs", json=label_spec(
             f"test_resnet@{teacher['result']['out']}", seeds=[0])).json()["id"])
         assert label["state"] == "SUCCEEDED", label["error"]
-        train = http.post("/v1/train-jobs", json={"store": label["cache_key"], "dataset": DATA,
-                                                  "student": "test_resnet", "loss": "kd", "epochs": 1,
-                                                  "batch_size": 64}).json()
+        spec = {"store": label["cache_key"], "student": "test_resnet", "loss": "kd", "epochs": 1, "batch_size": 64}
+        for field, wrong in (("store", {"store": "0123abcd"}), ("dataset", {"dataset": "fashion-mnist"})):
+            r = http.post("/v1/train-jobs", json={**spec, **wrong})
+            assert r.status_code == 422 and [e["loc"] for e in r.json()["detail"]] == [["body", field]], r.text
+        train = http.post("/v1/train-jobs", json=spec).json()  # no dataset: the store's
+        store = http.get(f"/v1/stores/{label['cache_key']}").json()
+        assert train["spec"]["dataset"] == store["provenance"]["dataset"]["spec"]
         done = wait(http, train["id"])
         assert done["state"] == "SUCCEEDED", done["error"]
         metrics = http.get(f"/v1/jobs/{train['id']}/metrics").json()
@@ -153,6 +117,7 @@ def test_idempotency_keys(server):
         wait(http, first.json()["id"])
 
 
+@SQLITE_ONLY
 def test_cancel_a_running_job(server):
     spec = {"dataset": "synthetic:n=4096,classes=4,size=16", "model": "test_resnet", "epochs": 50}
     with server.client() as http:
@@ -171,9 +136,13 @@ def test_cancel_a_running_job(server):
         assert ray_jobs.get_job_status(job["ray_job_id"]) == JobStatus.STOPPED
 
 
-def test_restart_reconciles_records(tmp_path, ray_dashboard):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_restart_reconciles_records(tmp_path, ray_dashboard, backend, request):
+    from services.db import Database, Job
+
     (tmp_path / "data").mkdir()
-    first = Server(tmp_path, ray_dashboard).start()
+    db = database_url(backend, request)
+    first = Server(tmp_path, ray_dashboard, db).start()
     try:
         with first.client() as http:
             job = http.post("/v1/teacher-jobs", json={"dataset": DATA, "model": "test_resnet", "epochs": 3}).json()
@@ -181,12 +150,11 @@ def test_restart_reconciles_records(tmp_path, ray_dashboard):
     finally:
         first.stop(signal.SIGKILL)  # the service dies mid-job; the Ray job goes on
     # a record whose Ray job no longer exists (as after a cluster restart)
-    db = sqlite3.connect(tmp_path / "state" / "jobs.db")
-    with db:
-        db.execute("INSERT INTO jobs (id, kind, state, spec, spec_hash, cache_hit, ray_job_id, created_at) "
-                   "VALUES ('job_lost', 'label', 'RUNNING', '{}', 'x', 0, 'stillroom-job_lost', ?)", (time.time(),))
-    db.close()
-    second = Server(tmp_path, ray_dashboard)
+    records = Database(db or f"sqlite:///{tmp_path / 'state' / 'jobs.db'}")
+    records.add(Job(id="job_lost", kind="label", state="RUNNING", spec={}, spec_hash="x", cache_hit=False,
+                    ray_job_id="stillroom-job_lost", created_at=time.time()))
+    records.close()
+    second = Server(tmp_path, ray_dashboard, db)
     second.port, second.url = first.port, first.url
     second.start()
     try:
@@ -213,9 +181,11 @@ def test_bad_requests(server, tmp_path):
         assert http.post("/v1/teacher-jobs", json={"modle": "resnet18"}).status_code == 422  # unknown field
         for path in (str(outside), "../../etc/passwd", str(link)):
             r = http.post("/v1/label-jobs", json=label_spec(f"test_resnet@{path}"))
-            assert r.status_code == 400 and "outside the configured roots" in r.json()["detail"]
+            assert r.status_code == 403 and "outside the configured roots" in r.json()["detail"]
         r = http.post("/v1/label-jobs", json=label_spec("no_such_model@teachers/given.pt"))
-        assert r.status_code == 422 and "no_such_model" in r.json()["detail"]
+        assert r.status_code == 422
+        [error] = r.json()["detail"]  # FastAPI's validation-error shape, naming the field
+        assert error["loc"] == ["body", "teachers"] and "no_such_model" in error["msg"]
         big = json.dumps({"dataset": DATA, "teachers": ["x" * (1 << 20)]})
         assert http.post("/v1/label-jobs", content=big, headers={"Content-Type": "application/json"}).status_code == 413
         assert http.get("/v1/jobs", params={"page_token": "garbage"}).status_code == 422
@@ -223,6 +193,41 @@ def test_bad_requests(server, tmp_path):
         assert anon.get("/v1/jobs").status_code == 401
         assert wrong.post("/v1/teacher-jobs", json={}).status_code == 401
         assert anon.get("/healthz").status_code == 200
+
+
+@SQLITE_ONLY
+def test_jobs_cli_says_what_is_wrong_in_one_line(server):
+    """`jobs logs --follow` with a wrong token, an unknown job or no service; a second `serve` on a port in
+    use: one `stillroom: error:` line and a non-zero exit, never a traceback or an error body as output."""
+    import socket
+
+    from serving import STILLROOM
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([STILLROOM, *args], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "STILLROOM_API_TOKEN": TOKEN})
+
+    with server.client() as http:
+        job = http.post("/v1/teacher-jobs", json={"dataset": DATA, "model": "test_resnet", "epochs": 1}).json()
+    cases = {
+        "HTTP 401": ("jobs", "--url", server.url, "--token", "wrong", "logs", job["id"], "--follow"),
+        "HTTP 404": ("jobs", "--url", server.url, "logs", "job_0000000000000000", "--follow"),
+        "cannot reach the service": ("jobs", "--url", f"http://127.0.0.1:{free_port()}", "logs", job["id"],
+                                     "--follow"),
+        "--port": ("serve", "--port", str(server.port), "--ray-address", server.dashboard,
+                   "--state-dir", str(server.root / "state2")),
+    }
+    for expected, args in cases.items():
+        r = run(*args)
+        assert r.returncode != 0 and r.stdout == "", (args, r.stdout)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("stillroom: error:") and expected in lines[0], r.stderr
+    with socket.socket() as held:  # a dashboard port in use: the local head is not even tried
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        r = run("serve", "--port", str(free_port()), "--dashboard-port", str(held.getsockname()[1]),
+                "--state-dir", str(server.root / "state2"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--dashboard-port" in r.stderr
 
 
 def test_paging(server):

@@ -1,0 +1,293 @@
+"""What the routes do: submit jobs (with dedup, idempotency and the label cache), follow them on Ray into
+the database, cancel them, and stop them all when the service stops its own Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException
+from fastapi.exceptions import RequestValidationError
+
+from services.config import Settings
+from services.db import ACTIVE, Database, Job, JobKind, JobPublic, JobState, new_job_id, now
+from services.launcher import RayJobs
+from services.specs import PathOutsideRoots, _Spec, confined_spec
+from services.store_index import StoreIndex
+
+STORE_RESCAN_S = 10.0  # how often the background thread rereads the store root for stores made elsewhere
+
+
+def invalid(field: str, message: str) -> RequestValidationError:
+    """A 422 in FastAPI's documented validation-error shape, naming the body field that is wrong."""
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message}])
+
+
+class Service:
+    """What the routes share: settings, database, Ray jobs, the store index, and the lock that makes dedup
+    decisions atomic. ``owns_cluster``: the service started its Ray cluster, so stopping it stops the jobs."""
+
+    def __init__(self, settings: Settings, jobs: RayJobs, owns_cluster: bool = False):
+        self.settings, self.jobs, self.owns_cluster = settings, jobs, owns_cluster
+        self.db = Database(settings.db_url)
+        self.stores = StoreIndex(settings.store_root)
+        self.submit_lock = threading.Lock()
+        self.key_lock = threading.Lock()
+        self.label_keys: dict[str, str] = {}  # label spec fingerprint -> cache key
+        self.stop = threading.Event()
+
+    def public(self, job: Job) -> JobPublic:
+        return JobPublic.of(job, self.jobs.job_link(job.ray_job_id) if job.ray_job_id else None)
+
+    # -- submitting ------------------------------------------------------------------------
+
+    def submit(self, kind: JobKind, spec: _Spec, idempotency_key: str | None) -> tuple[Job, int]:
+        """The job for ``spec`` and the status to answer: 202 for a new record, 200 for an idempotent replay."""
+        digest = spec.digest()
+        if idempotency_key:
+            existing = self.db.by_idempotency_key(idempotency_key)
+            if existing is not None:
+                return self._same_or_conflict(existing, kind, digest)
+        try:
+            resolved = confined_spec(kind, spec, self.settings.allowed_roots, self.settings.state_dir)
+        except PathOutsideRoots as e:
+            raise HTTPException(403, str(e)) from None
+        if kind == JobKind.train:
+            resolved["dataset"] = self._train_dataset(spec, resolved)
+        job = Job(id=new_job_id(), kind=kind.value, state=JobState.PENDING.value, spec=spec.model_dump(mode="json"),
+                  spec_hash=digest, idempotency_key=idempotency_key, created_at=now())
+        if kind == JobKind.train:
+            job.spec = {**job.spec, "dataset": resolved["dataset"]}  # the record says what the job reads
+        if kind == JobKind.label:
+            job.cache_key = self._label_cache_key(resolved)
+            if self.stores.has_seeds(job.cache_key, resolved["seeds"]) and not idempotency_key:
+                return self._cache_hit_label(job, resolved), 202  # an insert, no file read: no lock needed
+        with self.submit_lock:  # dedup and idempotency decisions are made one at a time
+            if idempotency_key and (existing := self.db.by_idempotency_key(idempotency_key)) is not None:
+                return self._same_or_conflict(existing, kind, digest)
+            if kind == JobKind.teacher:
+                return self._submit_teacher(job, resolved), 202
+            if kind == JobKind.label:
+                return self._submit_label(job, resolved), 202
+            return self._launch(job, resolved, {"out": str(self._job_dir(job) / "run")}), 202
+
+    def _same_or_conflict(self, existing: Job, kind: JobKind, digest: str) -> tuple[Job, int]:
+        if existing.kind != kind or existing.spec_hash != digest:
+            raise HTTPException(409, "this Idempotency-Key was used with another request body")
+        return existing, 200
+
+    def _train_dataset(self, spec: _Spec, resolved: dict[str, Any]) -> str:
+        """The data set a train job reads: the store's, unless the spec names one (of the store's kind)."""
+        key = resolved["store"]
+        entry = self.stores.get(key) or self.stores.reload(key)
+        if entry is None:
+            raise invalid("store", f"no store {key} under the store root")
+        if "dataset" not in spec.model_fields_set:
+            if entry.dataset is None:
+                raise invalid("dataset", f"store {key} does not record its data set: name it in the spec")
+            return entry.dataset
+        given = str(resolved["dataset"])
+        # the kind is checked here; the trainer checks the rest against the store's data set fingerprint
+        if entry.dataset is not None and given.partition(":")[0] != entry.dataset.partition(":")[0]:
+            raise invalid("dataset", f"store {key} was labeled on {entry.dataset!r}, not {given!r}; "
+                                     "leave dataset out to use the store's")
+        return given
+
+    def _job_dir(self, job: Job) -> Path:
+        return self.settings.state_dir / "jobs" / job.id
+
+    def _submit_teacher(self, job: Job, resolved: dict[str, Any]) -> Job:
+        out = self.settings.state_dir / "teachers" / f"{job.spec_hash[:24]}.pt"
+        summary = out.with_suffix(".json")
+        if out.exists() and summary.exists():
+            job.state, job.cache_hit, job.ended_at = JobState.SUCCEEDED.value, True, now()
+            job.result = {**json.loads(summary.read_text()), "cache_hit": True}
+            return self.db.add(job)
+        return self._launch(job, resolved, {"out": str(out)})
+
+    def _cache_hit_label(self, job: Job, resolved: dict[str, Any]) -> Job:
+        job.state, job.cache_hit, job.ended_at = JobState.SUCCEEDED.value, True, now()
+        job.result = {"cache_key": job.cache_key, "store": str(self.settings.store_root / str(job.cache_key)),
+                      "seeds_computed": [], "seeds_reused": sorted(resolved["seeds"]), "samples": 0, "cache_hit": True}
+        return self.db.add(job)
+
+    def _submit_label(self, job: Job, resolved: dict[str, Any]) -> Job:
+        key, seeds = str(job.cache_key), resolved["seeds"]
+        if not self.stores.has_seeds(key, seeds):
+            self.stores.reload(key)  # the index may be behind a store another process wrote
+        if self.stores.has_seeds(key, seeds):
+            return self._cache_hit_label(job, resolved)
+        entry = self.stores.get(key)
+        have = set(entry.seeds) if entry else set()
+        for primary in self.db.active_label_jobs(key):
+            if set(seeds) <= set(primary.spec["seeds"]) | have:
+                job.attached_to, job.ray_job_id, job.state = primary.id, primary.ray_job_id, primary.state
+                job.started_at = primary.started_at
+                return self.db.add(job)
+        return self._launch(job, resolved, {})
+
+    def cached_label(self, spec: _Spec) -> Job | None:
+        """The answer to a label spec when it is a cache hit the service already knows: a spec whose key was
+        computed before and whose seeds the store index holds. No file is read and Ray is not asked (the
+        teacher paths are resolved and stat-ed); one INSERT. None: not known to be a hit (``submit`` decides)."""
+        try:
+            resolved = confined_spec(JobKind.label, spec, self.settings.allowed_roots, self.settings.state_dir)
+        except PathOutsideRoots:
+            return None
+        key = self.label_keys.get(self._label_fingerprint(resolved))
+        if key is None or not self.stores.has_seeds(key, resolved["seeds"]):
+            return None
+        job = Job(id=new_job_id(), kind=JobKind.label.value, state=JobState.PENDING.value,
+                  spec=spec.model_dump(mode="json"), spec_hash=spec.digest(), cache_key=key, created_at=now())
+        return self._cache_hit_label(job, resolved)
+
+    @staticmethod
+    def _label_fingerprint(resolved: dict[str, Any]) -> str:
+        """What makes a label spec's store key: its fields but the seeds and the way it runs, and the teacher
+        checkpoints' size and modification time (a checkpoint rewritten in place is another teacher)."""
+        stats: list[tuple[Any, ...]] = []
+        for t in resolved["teachers"]:
+            path = Path(t.partition("@")[2])
+            try:
+                st = path.stat()
+                stats.append((str(path), st.st_mtime_ns, st.st_size))
+            except OSError:
+                stats.append((t,))
+        fields = {k: v for k, v in resolved.items() if k not in ("seeds", "batch_size", "num_workers",
+                                                                 "gpus_per_worker")}
+        return json.dumps([fields, stats], sort_keys=True)
+
+    def _label_cache_key(self, resolved: dict[str, Any]) -> str:
+        """The store key of a label spec; computed once (it loads the dataset and teachers), then remembered."""
+        from pipelines.errors import StillroomError
+        from pipelines.labeling import LabelConfig, prepare_store
+
+        fingerprint = self._label_fingerprint(resolved)
+        if fingerprint not in self.label_keys:
+            with self.key_lock:  # the first submission of a spec computes it; the others wait for it
+                if fingerprint not in self.label_keys:
+                    config = LabelConfig(**{**resolved, "teachers": tuple(resolved["teachers"]),
+                                            "seeds": tuple(resolved["seeds"]),
+                                            "store_root": str(self.settings.store_root)})
+                    try:
+                        key = prepare_store(config).cache_key
+                    except StillroomError as e:
+                        raise invalid("teachers", str(e)) from None
+                    self.stores.reload(key)
+                    self.label_keys[fingerprint] = key
+        return self.label_keys[fingerprint]
+
+    def _launch(self, job: Job, resolved: dict[str, Any], extra: dict[str, Any]) -> Job:
+        job_dir = self._job_dir(job)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / "spec.json").write_text(json.dumps({
+            "job_id": job.id, "kind": job.kind, "spec": resolved, "store_root": str(self.settings.store_root),
+            **extra}))
+        job.job_dir = str(job_dir)
+        job.ray_job_id = f"stillroom-{job.id}"
+        self.db.add(job)  # recorded first: the database is the record even if Ray refuses the job
+        try:
+            self.jobs.submit(job.ray_job_id, str(job_dir), self.settings.job_python,
+                             {"stillroom_job_id": job.id, "kind": job.kind, "cache_key": job.cache_key or ""})
+        except Exception as e:
+            return self.db.update(job.id, state=JobState.FAILED, error=f"Ray refused the job: {e}",
+                                  ended_at=now()) or job
+        return job
+
+    # -- following -------------------------------------------------------------------------
+
+    def refresh(self, reconcile: bool = False) -> None:
+        """Bring every active record up to date with Ray; ``reconcile``: at start, fail those Ray lost."""
+        primaries = [j for j in self.db.active() if j.attached_to is None and j.ray_job_id]
+        for job in primaries:
+            status = self.jobs.status(job.ray_job_id or "")
+            if status is None:
+                if reconcile or job.state == JobState.RUNNING or now() - job.created_at > 60:
+                    self._finish(job, JobState.FAILED, error=f"Ray job {job.ray_job_id} no longer exists "
+                                                             "(the Ray cluster was restarted or the job was lost)")
+                continue
+            state, message = status
+            fields: dict[str, Any] = {}
+            progress = self._read_json(job, "progress.json")
+            if progress and progress != job.progress:
+                fields["progress"] = progress
+            if state == JobState.RUNNING and job.state == JobState.PENDING:
+                fields.update(state=JobState.RUNNING, started_at=now())
+            if fields:
+                self.db.update(job.id, **fields)
+                self._mirror(job.id, fields)
+            if state in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
+                outcome = self._read_json(job, "result.json") or {}
+                if state == JobState.SUCCEEDED and not outcome.get("ok", False):
+                    state = JobState.FAILED
+                error = outcome.get("error") or (message if state == JobState.FAILED else None)
+                self._finish(job, state, result=outcome.get("result"), error=error)
+
+    def _finish(self, job: Job, state: JobState, result: dict[str, Any] | None = None,
+                error: str | None = None) -> None:
+        fields: dict[str, Any] = {"state": state, "ended_at": now(), "error": error}
+        if result is not None:
+            fields["result"] = result
+            if result.get("cache_key"):
+                fields["cache_key"] = result["cache_key"]
+        self.db.update(job.id, **fields)
+        self._mirror(job.id, fields)
+        key = fields.get("cache_key") or job.cache_key
+        if job.kind == JobKind.label and key:
+            self.stores.reload(key)
+
+    def _mirror(self, primary_id: str, fields: dict[str, Any]) -> None:
+        """Records attached to a primary follow its state."""
+        for job in self.db.active():
+            if job.attached_to == primary_id:
+                self.db.update(job.id, **fields)
+
+    def _read_json(self, job: Job, name: str) -> dict[str, Any] | None:
+        if not job.job_dir:
+            return None
+        try:
+            return json.loads((Path(job.job_dir) / name).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def follow(self) -> None:
+        """The background thread: refresh active jobs every poll interval, rescan the stores now and then."""
+        last_scan = time.monotonic()
+        while not self.stop.wait(self.settings.poll_interval_s):
+            try:
+                self.refresh()
+                if time.monotonic() - last_scan > STORE_RESCAN_S:
+                    self.stores.scan()
+                    last_scan = time.monotonic()
+            except Exception as e:  # a passing Ray or database hiccup: try again next round
+                print(f"stillroom: job refresh failed: {type(e).__name__}: {e}", flush=True)
+
+    def cancel(self, job: Job, reason: str = "cancelled by request") -> Job:
+        if job.state not in ACTIVE:
+            raise HTTPException(409, f"job {job.id} has ended already ({job.state})")
+        if job.attached_to is None and job.ray_job_id:
+            others = [j for j in self.db.active() if j.attached_to == job.id]
+            if not others:
+                self.jobs.stop(job.ray_job_id)
+        return self.db.update(job.id, state=JobState.CANCELLED, ended_at=now(), error=reason) or job
+
+    def cancel_all(self, reason: str, wait_s: float = 60.0) -> list[str]:
+        """Stop every active job on Ray, wait until Ray says each has ended, record them CANCELLED with
+        ``reason``; return the ids of the jobs it cancelled."""
+        active = self.db.active()
+        running = [j for j in active if j.attached_to is None and j.ray_job_id]
+        for job in running:
+            self.jobs.stop(job.ray_job_id or "")
+        deadline = time.monotonic() + wait_s
+        pending = list(running)
+        while pending and time.monotonic() < deadline:
+            pending = [j for j in pending if (s := self.jobs.status(j.ray_job_id or "")) is not None and s[0] in ACTIVE]
+            if pending:
+                time.sleep(0.2)
+        for job in active:
+            still = " (Ray had not ended it yet)" if job in pending else ""
+            self.db.update(job.id, state=JobState.CANCELLED, ended_at=now(), error=reason + still)
+        return [j.id for j in active]
