@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -41,12 +41,12 @@ def post_teacher(spec: TeacherJobSpec, service: ServiceDep, _: Auth, key: IdemKe
 
 @router.post("/label-jobs", status_code=202, response_model=JobPublic, responses=SUBMIT_RESPONSES,
              summary="Label a data set with teachers into the store (a cache hit when its seeds are there)")
-async def post_label(spec: LabelJobSpec, service: ServiceDep, _: Auth, key: IdemKey = None) -> JSONResponse:
-    # a known cache hit is a lookup and one INSERT: answered on the event loop; anything else may load a data
-    # set or call Ray, so it runs in the thread pool
+def post_label(spec: LabelJobSpec, service: ServiceDep, _: Auth, key: IdemKey = None) -> JSONResponse:
+    # a known cache hit is a lookup and one INSERT; anything else may load a data set or call Ray. Both run
+    # in the thread pool: a database that waits must never hold up the event loop
     if key is None and (job := service.cached_label(spec)) is not None:
         return JSONResponse(service.public(job).model_dump(mode="json"), status_code=202)
-    return await run_in_threadpool(_submitted, service, JobKind.label, spec, key)
+    return _submitted(service, JobKind.label, spec, key)
 
 
 @router.post("/train-jobs", status_code=202, response_model=JobPublic, responses=SUBMIT_RESPONSES,
@@ -87,7 +87,17 @@ def job_logs(job: JobDep, service: ServiceDep, _: Auth, follow: bool = False) ->
         return PlainTextResponse(f"job {job.id} ran nothing (cache hit)\n")
     if not follow:
         return PlainTextResponse(service.jobs.logs(ray_id))
-    return StreamingResponse(service.jobs.tail(ray_id), media_type="text/plain")
+    return StreamingResponse(_tail(service, ray_id), media_type="text/plain")
+
+
+async def _tail(service: Service, ray_id: str) -> AsyncIterator[str]:
+    """The job's output as Ray streams it; a stream that breaks ends with a line saying so, not a cut-off
+    response (Ray's log tail fails e.g. for a job it has not started yet or stopped meanwhile)."""
+    try:
+        async for chunk in service.jobs.tail(ray_id):
+            yield chunk
+    except Exception as e:
+        yield f"\n[stillroom: the log stream of {ray_id} ended: {type(e).__name__}: {e}]\n"
 
 
 @router.get("/jobs/{job_id}/metrics", responses={**NOT_FOUND},

@@ -27,9 +27,9 @@ def test_schemathesis_finds_no_failure(tmp_path, ray_dashboard):
         cli = Path(sys.executable).with_name("schemathesis")
         run = subprocess.run(
             [str(cli), "run", f"{server.url}/openapi.json", "--checks", "all", "--phases", "coverage,fuzzing",
-             "--max-examples", "5", "--seed", "1", "--workers", "1", "--request-timeout", "60",
+             "--max-examples", "5", "--seed", "1", "--workers", "1", "--request-timeout", "180",
              "-H", f"Authorization: Bearer {TOKEN}", "--no-color"],
-            cwd=REPO, capture_output=True, text=True, timeout=420)
+            cwd=REPO, capture_output=True, text=True, timeout=540)
     finally:
         server.stop()
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
