@@ -3,6 +3,10 @@ a JPEG folder), feature maps read by chunk equal a whole load, and a bad worker 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +22,7 @@ from pipelines.store import LabelStore
 from pipelines.views import COL, MIX_NONE
 from student._loader import FeatureChunks, chunk_window_order, default_loader_workers
 from student.data import Batch, StoreStream, check_store
+from student.trainer import TrainConfig, train
 
 DATA = "synthetic:n=72,classes=4,size=16"
 
@@ -143,6 +148,33 @@ def test_bad_loader_workers_are_refused_and_the_default_is_sensible(memory_store
         StoreStream(memory_store, ds, check_store(memory_store, ds), 8, loader_workers=-1)
     assert default_loader_workers(in_memory=True) == 0
     assert 1 <= default_loader_workers(in_memory=False) <= 4
+
+
+def test_training_with_two_loader_workers_equals_training_without(jpeg_store, tmp_path):
+    store, data = jpeg_store
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"run{workers}"
+        train(TrainConfig(store=str(store.path), dataset=data, student="test_resnet", loss="kd", out=str(out),
+                          batch_size=12, max_steps=3, epochs=1, eval_split="val", progress=False,
+                          loader_workers=workers))
+        runs[workers] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        assert json.loads((out / "config.json").read_text())["loader_workers"] == workers
+    assert runs[0]["steps"] == runs[2]["steps"] == 3
+    assert runs[0]["first_step"] == runs[2]["first_step"]  # the same first batch, bit for bit
+    assert runs[0]["step_losses"] == runs[2]["step_losses"]
+
+
+def test_cli_refuses_a_negative_loader_worker_count(memory_store, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", "train", "--store", str(memory_store.path), "--dataset", DATA,
+         "--student", "test_resnet", "--loss", "kd", "--out", str(tmp_path / "run"), "--loader-workers", "-1"],
+        capture_output=True, text=True, timeout=180,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("stillroom: error: --loader-workers -1: expected >= 0")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.gpu
