@@ -10,7 +10,7 @@ Each rank streams its shard through its own loader (``student.data.StoreStream``
 its ids, so its ``--loader-workers`` processes decode only its images. An explicit ``--loader-workers N`` asks Ray
 for ``1 + N`` CPUs per rank (the training process and its loader workers), so ranks are placed where those cores
 are; left at its default, each rank asks for Ray's default (a CPU, or a GPU) and sizes its loader from the
-cores of its machine.
+cores of its machine shared by the ranks on it (``default_loader_workers``).
 
 Ray is started locally (``ray.init()``) unless a cluster is already connected or ``RAY_ADDRESS`` names one.
 """
@@ -49,6 +49,12 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     config = TrainConfig(**cfg)
     ctx = ray.train.get_context()
     world = ctx.get_world_size()
+    if config.loader_workers is None:  # the cores of this machine, shared by the ranks on it
+        from pipelines.datasets import load_dataset
+        from student._loader import default_loader_workers
+
+        in_memory = load_dataset(config.dataset, config.split, config.data_root).in_memory
+        config = replace(config, loader_workers=default_loader_workers(in_memory, ctx.get_local_world_size()))
 
     def all_reduce_mean(t: torch.Tensor) -> None:
         torch_dist.all_reduce(t)

@@ -177,6 +177,20 @@ def test_cli_refuses_a_negative_loader_worker_count(memory_store, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_train_ranks_stream_a_jpeg_folder_through_loader_workers(jpeg_store, tmp_path, ray_cluster):
+    """Two ranks on one machine, each sizing its loader from the cores it shares with the other (1 worker on 2)."""
+    store, data = jpeg_store
+    out = tmp_path / "ddp"
+    result = train(TrainConfig(store=str(store.path), dataset=data, student="test_resnet", loss="kd", out=str(out),
+                               batch_size=10, epochs=1, eval_split="val", progress=False, workers=2))
+    assert result["workers"] == 2
+    assert json.loads((out / "config.json").read_text())["loader_workers"] == default_loader_workers(False, 2)
+    epoch = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert epoch["samples"] == 60 and epoch["steps"] == 3  # two shards of 30 ids, batches of 10
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batches_finished_on_cuda_equal_the_cpu_ones(jpeg_store):
