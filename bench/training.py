@@ -3,23 +3,38 @@
 One run, the same student, data, batches and views (the same store seed and shuffle), three ways:
 (a) ``ce`` (ground truth only), (b) cached ``deit-hard`` (labels gathered from the store), (c) ``deit-hard``
 ``--online`` (the teacher labels each batch live). The teacher is a randomly initialised timm model saved as a
-checkpoint here (its accuracy does not matter for speed); it labels the Fashion-MNIST test split (10,000
-images) once, and the students train on that split. Each way runs ``--repeats`` times, interleaved, and the
-order rotates every round (a, b, c; b, c, a; ...) so that no way always runs first or after the same one on a
-shared, noisy machine; the fastest epoch of each way counts, and every epoch time is printed beside it.
-Prints one JSON line. Target: cached_over_supervised <= 1.05.
+checkpoint here (its accuracy does not matter for speed); it labels the data once (timed apart), and the
+students train on it. Each way runs ``--repeats`` times, interleaved, and the order rotates every round (a, b,
+c; b, c, a; ...) so that no way always runs first or after the same one on a shared, noisy machine; the fastest
+epoch of each way counts, and every epoch time is printed beside it. Prints one JSON line.
+
+``--data memory`` (the default): the Fashion-MNIST test split (10,000 images, in memory), ``fmnist-rrc`` views.
+Target: cached_over_supervised <= 1.05.
+
+``--data jpeg``: a folder of variable-size JPEGs that ``bench/data.py``'s generator writes (160-512 px, kept
+under ``--work`` for the next run), ``imagenet-rrc`` views at ``--size`` px, the student's loader with
+``--loader-workers`` processes; a fourth way, (d) ``torchvision``: the loop a user would write for the same
+student and transforms (``ImageFolder`` + ``RandomResizedCrop(size)`` + ``RandomHorizontalFlip`` +
+``PILToTensor`` through a ``DataLoader`` with the same worker count, uint8 to the device, the same
+normalisation, AdamW and cross-entropy, the same steps). Targets: cached_over_supervised <= 1.05 and
+loader_over_torchvision (the torchvision epoch's seconds over stillroom's supervised epoch's: a speed ratio)
+>= 1.0.
 
     python bench/training.py [--steps 40] [--batch-size 128] [--teacher resnet50] [--student resnet18]
+    python bench/training.py --data jpeg [--images 480] [--size 224] [--steps 10] [--batch-size 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,63 +43,149 @@ from pipelines.teachers import Preprocess, save_checkpoint
 from student.trainer import TrainConfig, train
 
 
-def make_teacher(path: Path, name: str, num_classes: int, resolution: int) -> str:
+def make_teacher(path: Path, name: str, num_classes: int, resolution: int, in_chans: int = 1) -> str:
     import timm
 
     torch.manual_seed(0)
-    kwargs = {"num_classes": num_classes, "in_chans": 1}
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans}
     model = timm.create_model(name, pretrained=False, **kwargs)
-    save_checkpoint(path, name, model, kwargs, Preprocess(resolution, (0.286,), (0.353,), 1), extra={})
+    mean, std = ((0.286,), (0.353,)) if in_chans == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    save_checkpoint(path, name, model, kwargs, Preprocess(resolution, mean, std, in_chans), extra={})
     return f"{name}@{path}"
+
+
+def torchvision_epoch(root: Path, student: str, num_classes: int, size: int, batch_size: int, steps: int,
+                      workers: int, lr: float, device: str, seed: int) -> float:
+    """Seconds of one epoch of the loop a user would write: ImageFolder + RandomResizedCrop + flip + DataLoader,
+    the same student, normalisation, optimizer and loss as ``stillroom train --loss ce`` (timed from the
+    loader's start, as the trainer's epoch is)."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    from student.models import build_student, normalize
+
+    dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    model = build_student(student, num_classes, 3, size).to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    data = datasets.ImageFolder(str(root / "train"), transforms.Compose([
+        transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.PILToTensor()]))
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, num_workers=workers, pin_memory=dev.type == "cuda",
+                        generator=torch.Generator().manual_seed(seed))
+    t = time.perf_counter()
+    for done, (images, labels) in enumerate(loader):
+        if done >= steps:
+            break
+        x = normalize(images.to(dev, non_blocking=True).float() / 255.0)
+        loss = F.cross_entropy(model(x), labels.to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        float(loss.detach())
+    seconds = time.perf_counter() - t
+    del loader
+    return seconds
+
+
+def run_ways(ways: dict[str, Any], repeats: int) -> dict[str, list[float]]:
+    """Each way once a round, the order rotating every round; every epoch's seconds."""
+    names = list(ways)
+    runs: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+            runs[name].append(ways[name](repeat))
+    return runs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", default="fashion-mnist")
-    ap.add_argument("--split", default="test", help="the split labeled and trained on")
-    ap.add_argument("--teacher", default="resnet50")
-    ap.add_argument("--student", default="resnet18")
-    ap.add_argument("--steps", type=int, default=40, help="training steps per epoch")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3, help="rounds; each way runs once a round")
+    ap.add_argument("--data", default="memory", choices=("memory", "jpeg"))
+    ap.add_argument("--dataset", default="fashion-mnist", help="--data memory: the data set")
+    ap.add_argument("--split", default="test", help="--data memory: the split labeled and trained on")
+    ap.add_argument("--teacher", default=None, help="default: resnet50 (memory), test_resnet (jpeg)")
+    ap.add_argument("--student", default=None, help="default: resnet18 (memory), test_resnet (jpeg)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per epoch (default: 40 memory, 10 jpeg)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: 128 (memory), 32 (jpeg)")
+    ap.add_argument("--repeats", type=int, default=None, help="rounds; each way runs once a round (3 memory, 2 jpeg)")
+    ap.add_argument("--images", type=int, default=480, help="--data jpeg: images in the folder")
+    ap.add_argument("--size", type=int, default=224, help="--data jpeg: the views' side in pixels")
+    ap.add_argument("--loader-workers", type=int, default=None,
+                    help="--data jpeg: loader processes of stillroom and of torchvision (default: stillroom's)")
+    ap.add_argument("--work", default="/tmp/stillroom-bench-training",
+                    help="--data jpeg: where the JPEG folder is kept between runs")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed after)")
     args = ap.parse_args()
+    jpeg = args.data == "jpeg"
+    teacher_name = args.teacher or ("test_resnet" if jpeg else "resnet50")
+    student = args.student or ("test_resnet" if jpeg else "resnet18")
+    steps = args.steps or (10 if jpeg else 40)
+    batch_size = args.batch_size or (32 if jpeg else 128)
+    repeats = args.repeats or (2 if jpeg else 3)
     work = Path(args.dir or tempfile.mkdtemp(prefix="stillroom-bench-training-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        teacher = make_teacher(work / "teacher.pt", args.teacher, 10, 28)
+        extra: dict[str, Any] = {}
+        if jpeg:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from data import make_folder  # bench/data.py: the same generator as the data bench
+
+            from student._loader import default_loader_workers
+
+            workers = args.loader_workers if args.loader_workers is not None else default_loader_workers(False)
+            t = time.perf_counter()
+            root = make_folder(Path(args.work) / f"jpeg-n{args.images}", args.images, None,
+                               max(1, os.cpu_count() or 1))
+            extra["make_data_s"] = round(time.perf_counter() - t, 1)
+            dataset, split, recipe, num_classes = f"imagefolder:{root}", "train", f"imagenet-rrc:size={args.size}", 10
+            teacher = make_teacher(work / "teacher.pt", teacher_name, num_classes, args.size, in_chans=3)
+        else:
+            workers, dataset, split, recipe, num_classes = 0, args.dataset, args.split, "fmnist-rrc", 10
+            teacher = make_teacher(work / "teacher.pt", teacher_name, num_classes, 28)
         t = time.perf_counter()
-        labeled = run_labeling(LabelConfig(dataset=args.dataset, split=args.split, teachers=(teacher,),
-                                           recipe="fmnist-rrc", seeds=(0,), top_k=10, store_root=str(work / "stores"),
-                                           batch_size=512), backend="local", progress=False)
+        labeled = run_labeling(LabelConfig(dataset=dataset, split=split, teachers=(teacher,), recipe=recipe, seeds=(0,),
+                                           top_k=10, store_root=str(work / "stores"), batch_size=64 if jpeg else 512),
+                               backend="local", progress=False)
         label_s = time.perf_counter() - t
-        base = dict(store=labeled["store"], dataset=args.dataset, split=args.split, eval_split=args.split,
-                    student=args.student, epochs=1, batch_size=args.batch_size, max_steps=args.steps,
-                    eval_limit=512, progress=False, device=args.device)
-        ways = {"supervised": dict(loss="ce"), "cached": dict(loss="deit-hard"),
-                "online": dict(loss="deit-hard", online=True)}
-        names = list(ways)
-        runs: dict[str, list[float]] = {name: [] for name in names}
-        for repeat in range(args.repeats):
-            for name in names[repeat % len(names):] + names[: repeat % len(names)]:
-                out = work / f"run-{name}-{repeat}"
-                result = train(TrainConfig(**{**base, **ways[name], "out": str(out)}))  # type: ignore[arg-type]
-                runs[name].append(result["epoch_seconds"][0])
+        base: dict[str, Any] = dict(
+            store=labeled["store"], dataset=dataset, split=split, eval_split=split, student=student, epochs=1,
+            batch_size=batch_size, max_steps=steps, eval_limit=32 if jpeg else 512, progress=False,
+            device=args.device, loader_workers=workers if jpeg else None)
+        configs: dict[str, dict[str, Any]] = {"supervised": dict(loss="ce"), "cached": dict(loss="deit-hard"),
+                   "online": dict(loss="deit-hard", online=True)}
+
+        def trainer_way(name: str):
+            def run(repeat: int) -> float:
+                config = TrainConfig(**{**base, **configs[name], "out": str(work / f"run-{name}-{repeat}")})  # type: ignore[arg-type]
+                return float(train(config)["epoch_seconds"][0])
+            return run
+
+        ways: dict[str, Any] = {name: trainer_way(name) for name in configs}
+        if jpeg:
+            ways["torchvision"] = lambda repeat: torchvision_epoch(root, student, num_classes, args.size, batch_size,
+                                                                   steps, workers, 1e-3, args.device, 0)
+        runs = run_ways(ways, repeats)
         seconds = {name: min(times) for name, times in runs.items()}
-        print(json.dumps({
-            "bench": "training", "dataset": f"{args.dataset}/{args.split}", "student": args.student,
-            "teacher": args.teacher, "teacher_weights": "random init (speed only)", "steps": args.steps,
-            "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+        result: dict[str, Any] = {
+            "bench": "training", "data": args.data,
+            "dataset": f"{args.images} JPEGs 160-512 px" if jpeg else f"{args.dataset}/{args.split}",
+            "student": student, "teacher": teacher_name, "teacher_weights": "random init (speed only)",
+            "steps": steps, "batch_size": batch_size, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "device": "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu",
+            **({"size": args.size, "recipe": recipe, "loader_workers": workers} if jpeg else {}), **extra,
             "labeling_seconds": round(label_s, 2), "labeling_images_per_s": labeled["images_per_s"],
             "epoch_seconds": {k: round(v, 3) for k, v in seconds.items()},
             "epoch_seconds_all": {k: [round(v, 3) for v in times] for k, times in runs.items()},
-            "samples_per_s": {k: round(args.steps * args.batch_size / v, 1) for k, v in seconds.items()},
+            "samples_per_s": {k: round(steps * batch_size / v, 1) for k, v in seconds.items()},
             "cached_over_supervised": round(seconds["cached"] / seconds["supervised"], 3),
             "online_over_cached": round(seconds["online"] / seconds["cached"], 3),
             "target_cached_over_supervised": 1.05,
-        }))
+        }
+        if jpeg:
+            result["loader_over_torchvision"] = round(seconds["torchvision"] / seconds["supervised"], 3)
+            result["target_loader_over_torchvision"] = 1.0
+        print(json.dumps(result))
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)

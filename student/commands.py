@@ -74,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         disc_lr=args.disc_lr, tat_variant=args.tat_variant, tat_weight=args.tat_weight, tat_groups=args.tat_groups,
         tat_patches_per_group=args.tat_patches_per_group,
         tat_anchors=args.tat_anchors, student_layer=args.student_layer, max_steps=args.max_steps,
-        device=args.device, progress=not args.no_progress,
+        device=args.device, progress=not args.no_progress, loader_workers=args.loader_workers,
     )
     print(json.dumps(train(config)))
     return 0
@@ -149,6 +149,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--loader-workers", type=int, default=None,
+                   help="processes that decode and build each batch (default: 0 for in-memory data, whose views "
+                        "are one vectorised crop on the device; for data on disk the cores per rank less one, "
+                        "1 to 4)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a student checkpoint: prints {top1, top5} as JSON")

@@ -1,18 +1,19 @@
 """Loading from the label store: one seed's arrays in memory, gathered by sample id, views rebuilt per batch.
 
-Epoch ``e`` uses seed ``seeds[e % len(seeds)]``. The seed's label arrays are loaded once (``LabelStore.load``,
-about 50 bytes a sample) and every batch is a numpy gather from them; the views are rebuilt from the
-*stored* view parameters with one vectorised ``apply_views`` per batch, so the student sees exactly the
-pixels the teacher labeled. The order of an epoch is a permutation drawn from ``(shuffle_seed, epoch)``;
-with ``world_size > 1`` each rank takes every ``world_size``-th sample of that permutation (the last
-``N % world_size`` are left out of that epoch so every rank runs the same number of steps).
+Epoch ``e`` uses seed ``seeds[e % len(seeds)]``. The seed's label arrays are loaded once (``read_labels``,
+about 50 bytes a sample; teacher feature maps stay on disk and are read by chunk) and every batch is a numpy
+gather from them; the views are rebuilt from the *stored* view parameters, so the student sees exactly the
+pixels the teacher labeled. Batches are built by ``loader_workers`` processes (``student._loader``: a
+DataLoader whose batch sampler is the epoch's order) as uint8 and finished on the training device. The order
+of an epoch is a permutation drawn from ``(shuffle_seed, epoch)``; with ``world_size > 1`` each rank takes
+every ``world_size``-th sample of that permutation (the last ``N % world_size`` are left out of that epoch so
+every rank runs the same number of steps) and reads only those samples' images.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,58 +21,22 @@ import torch
 from pipelines.datasets import Dataset
 from pipelines.errors import UsageError
 from pipelines.store import LabelStore, SeedLabels, StoreError
-from pipelines.views import COL, MIX_NONE, Recipe, build_views, get_recipe
+from pipelines.views import Recipe, get_recipe, output_size
+from student._loader import (
+    FEATURE_WINDOW_CHUNKS,
+    Batch,
+    BatchSource,
+    FeatureChunks,
+    batch_parts,
+    chunk_window_order,
+    default_loader_workers,
+    finish,
+    label_tensors,
+    mixed_targets,
+    on_device,
+)
 
 log = logging.getLogger("stillroom.student")
-
-LABEL_ARRAYS = ("topk_idx", "topk_logit", "lse", "tail_lse", "hard", "sampled", "features")
-
-
-@dataclass
-class Batch:
-    """One training batch: the views, the ground truth and what the teacher said about those views."""
-
-    ids: np.ndarray  # (B,) sample ids
-    views: torch.Tensor  # (B, C, H, W) float in [0, 1]
-    labels: torch.Tensor  # (B,) int64 ground truth of each sample itself
-    targets: torch.Tensor  # (B, num_classes) ground truth mixed by the view's lambda (one-hot where not mixed)
-    teacher: dict[str, torch.Tensor] = field(default_factory=dict)  # topk_idx, topk_logit, lse, tail_lse, ...
-    params: np.ndarray | None = None  # (B, P) the view parameters
-    seed: int = 0
-    epoch: int = 0
-
-    @property
-    def mixed(self) -> bool:
-        return self.params is not None and bool((self.params[:, COL["mix_mode"]] != MIX_NONE).any())
-
-    def to(self, device: torch.device) -> Batch:
-        if device.type == "cpu":
-            return self
-        return Batch(self.ids, self.views.to(device, non_blocking=True), self.labels.to(device),
-                     self.targets.to(device), {k: v.to(device) for k, v in self.teacher.items()},
-                     self.params, self.seed, self.epoch)
-
-
-def label_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Stored label arrays -> tensors: class indices as int64, logits and features as float32 (from float16)."""
-    out = {}
-    for k in LABEL_ARRAYS:
-        if k in arrays:
-            t = torch.from_numpy(np.ascontiguousarray(arrays[k]))
-            out[k] = t.long() if k in ("topk_idx", "hard", "sampled") else t.float()
-    return out
-
-
-def mixed_targets(labels: np.ndarray, params: np.ndarray, partner_labels: np.ndarray, num_classes: int
-                  ) -> np.ndarray:
-    """``lam * onehot(y) + (1 - lam) * onehot(y_partner)`` for mixed views, ``onehot(y)`` for the others."""
-    out = np.zeros((len(labels), num_classes), dtype=np.float32)
-    rows = np.arange(len(labels))
-    mixing = params[:, COL["mix_mode"]] != MIX_NONE
-    lam = np.where(mixing, params[:, COL["lam"]], 1.0).astype(np.float32)
-    out[rows, labels] += lam
-    out[rows, partner_labels] += np.where(mixing, 1.0 - lam, 0.0).astype(np.float32)
-    return out
 
 
 def check_store(store: LabelStore, dataset: Dataset, recipe: str | None = None) -> Recipe:
@@ -104,17 +69,22 @@ class StoreStream:
     Args:
         store: the label store (already checked against ``dataset`` with ``check_store``).
         dataset: the data set the store was labeled from.
-        recipe: the store's view recipe (only its output size matters: views come from stored params).
+        recipe: the store's view recipe (only its output size and draft decoding matter: views come from
+            stored params).
         batch_size: samples per batch on this rank.
         seeds: the store seeds to cycle through (default: every complete seed).
-        rank, world_size: this worker's shard of each epoch.
+        rank, world_size: this worker's shard of each epoch; a rank reads only its own ids.
         shuffle_seed: seeds the per-epoch permutation.
         drop_last: drop a last batch shorter than ``batch_size``.
+        loader_workers: processes that build batches (``None``: ``default_loader_workers``; 0: this process).
+        device: where batches are finished (views built from uint8) and handed over (default: CPU).
+        features: deliver the teacher feature maps (default: when the store has them), read by chunk.
     """
 
     def __init__(self, store: LabelStore, dataset: Dataset, recipe: Recipe, batch_size: int,
                  seeds: tuple[int, ...] | list[int] | None = None, rank: int = 0, world_size: int = 1,
-                 shuffle_seed: int = 0, drop_last: bool = False):
+                 shuffle_seed: int = 0, drop_last: bool = False, loader_workers: int | None = None,
+                 device: torch.device | str | None = None, features: bool | None = None):
         available = store.seeds()
         self.seeds = tuple(int(s) for s in (seeds if seeds else available))
         if not self.seeds:
@@ -126,10 +96,21 @@ class StoreStream:
             raise UsageError(f"batch size {batch_size}: expected >= 1")
         if not 0 <= rank < world_size:
             raise UsageError(f"rank {rank} out of range for world size {world_size}")
+        if loader_workers is not None and loader_workers < 0:
+            raise UsageError(f"--loader-workers {loader_workers}: expected >= 0 (0: batches built in the "
+                             "training process)")
+        has_features = "features" in store.schema.arrays()
+        if features and not has_features:
+            raise StoreError(f"store {store.cache_key} holds no teacher feature maps")
         self.store, self.dataset, self.recipe = store, dataset, recipe
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.shuffle_seed, self.drop_last = shuffle_seed, drop_last
         self.num_classes = dataset.num_classes
+        self.out_size = output_size(recipe, dataset)
+        self.loader_workers = (default_loader_workers(dataset.in_memory, world_size) if loader_workers is None
+                               else loader_workers)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.features = has_features if features is None else features
         self._loaded: SeedLabels | None = None
         self._warned = False
 
@@ -155,37 +136,78 @@ class StoreStream:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def labels_for(self, seed: int) -> SeedLabels:
-        """The seed's arrays in memory (one seed held at a time)."""
+        """The seed's label arrays in memory (one seed held at a time), feature maps left on disk: about 50 bytes
+        a sample, gathered by numpy indexing (``features``, about 2 KB a sample, are read by chunk)."""
         if self._loaded is None or self._loaded.seed != seed:
             self._loaded = None
-            self._loaded = self.store.load(seed)
+            self._loaded = read_labels(self.store, seed)
         return self._loaded
 
+    def feature_chunks(self, seed: int) -> FeatureChunks | None:
+        """The seed's feature maps, read by chunk (None when the stream does not deliver them)."""
+        if not self.features:
+            return None
+        return FeatureChunks(self.store.seed_dir(seed), self.store.schema.chunk_rows)
+
     def order(self, epoch: int) -> np.ndarray:
-        """This rank's sample ids for ``epoch``, in order."""
+        """This rank's sample ids for ``epoch``, in order.
+
+        A permutation drawn from ``(shuffle_seed, epoch)``; when the stream reads feature maps and the split
+        is larger than ``FEATURE_WINDOW_CHUNKS`` chunks, a permutation that reads by chunk
+        (``chunk_window_order``), so each batch decodes a few feature chunks and not one per sample."""
         rng = np.random.default_rng([self.shuffle_seed, epoch])
-        perm = rng.permutation(len(self.dataset))
+        n, chunk_rows = len(self.dataset), self.store.schema.chunk_rows
+        if self.features and n > FEATURE_WINDOW_CHUNKS * chunk_rows:
+            perm = chunk_window_order(rng, n, chunk_rows)
+        else:
+            perm = rng.permutation(n)
         per_rank = len(perm) // self.world_size
         return perm[self.rank :: self.world_size][:per_rank]
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        """The batches of one epoch."""
-        seed = self.seed_for_epoch(epoch)
-        labels = self.labels_for(seed)
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's order cut into this rank's batches (the DataLoader's batch sampler)."""
         ids = self.order(epoch)
-        for start in range(0, len(ids), self.batch_size):
-            batch_ids = ids[start : start + self.batch_size]
-            if self.drop_last and len(batch_ids) < self.batch_size:
-                break
-            yield self.make_batch(labels, batch_ids, epoch)
+        out = [ids[start : start + self.batch_size] for start in range(0, len(ids), self.batch_size)]
+        if self.drop_last and out and len(out[-1]) < self.batch_size:
+            out.pop()
+        return out
+
+    def source(self, labels: SeedLabels, epoch: int = 0) -> BatchSource:
+        """What builds a batch from its ids, in this process or in a loader worker."""
+        return BatchSource(self.dataset, labels.arrays, labels.seed, epoch, self.out_size, self.recipe.draft,
+                           self.num_classes, self.feature_chunks(labels.seed))
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """The batches of one epoch, finished on the stream's device, built by ``loader_workers`` processes."""
+        labels = self.labels_for(self.seed_for_epoch(epoch))
+        source = self.source(labels, epoch)
+        parts = batch_parts(source, self.batches(epoch), self.loader_workers, pin=self.device.type == "cuda")
+        yield from on_device(parts, self.device)
 
     def make_batch(self, labels: SeedLabels, ids: np.ndarray, epoch: int = 0) -> Batch:
-        """Gather the stored arrays of ``ids`` and rebuild their views from the stored parameters."""
-        arrays = labels.gather(ids)
-        params = arrays.pop("view")
-        views, _ = build_views(self.dataset, self.recipe, labels.seed, ids, params=params)
-        y = self.dataset.labels[ids]
-        partners = np.where(params[:, COL["mix_mode"]] != MIX_NONE, params[:, COL["partner"]].astype(np.int64), ids)
-        targets = mixed_targets(y, params, self.dataset.labels[partners], self.num_classes)
-        return Batch(ids, views, torch.from_numpy(y), torch.from_numpy(targets), label_tensors(arrays), params,
-                     labels.seed, epoch)
+        """Gather the stored arrays of ``ids`` and rebuild their views from the stored parameters (on CPU)."""
+        return finish(self.source(labels, epoch).__getitems__(ids), torch.device("cpu"))
+
+
+def read_labels(store: LabelStore, seed: int) -> SeedLabels:
+    """A complete seed's arrays except ``features`` (read by chunk: ``FeatureChunks``)."""
+    import zarr
+
+    if seed not in store.seeds():
+        raise StoreError(f"seed {seed} is not in {store.path}: complete seeds are {store.seeds() or 'none'}")
+    group = zarr.open_group(store=str(store.seed_dir(seed)), mode="r", zarr_format=3)
+    arrays = {}
+    for name in store.schema.arrays():
+        if name == "features":
+            continue
+        array = group.get(name)
+        if not isinstance(array, zarr.Array):
+            raise StoreError(f"seed {seed} of {store.path} has no array {name}")
+        try:
+            arrays[name] = np.asarray(array[...])
+        except Exception as e:  # a truncated or edited chunk fails to decode
+            raise StoreError(f"seed {seed} array {name}: cannot be read ({type(e).__name__}: {e})") from None
+    return SeedLabels(int(seed), arrays)
+
+
+__all__ = ["Batch", "StoreStream", "check_store", "label_tensors", "mixed_targets", "read_labels"]

@@ -6,6 +6,12 @@ epoch's permutation, so the workers see distinct shards and together the whole e
 student's gradients, and the loss modules' own gradients (discriminator, TaT) are averaged by an all-reduce.
 Rank 0 evaluates and writes the run directory; the driver returns its ``metrics.json``.
 
+Each rank streams its shard through its own loader (``student.data.StoreStream``): its batch sampler holds only
+its ids, so its ``--loader-workers`` processes decode only its images. An explicit ``--loader-workers N`` asks Ray
+for ``1 + N`` CPUs per rank (the training process and its loader workers), so ranks are placed where those cores
+are; left at its default, each rank asks for Ray's default (a CPU, or a GPU) and sizes its loader from the
+cores of its machine shared by the ranks on it (``default_loader_workers``).
+
 Ray is started locally (``ray.init()``) unless a cluster is already connected or ``RAY_ADDRESS`` names one.
 """
 
@@ -19,7 +25,7 @@ from typing import Any
 
 import torch
 
-from pipelines.errors import StillroomError
+from pipelines.errors import StillroomError, UsageError
 from student.trainer import Distributed, TrainConfig, fit
 
 
@@ -43,6 +49,12 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     config = TrainConfig(**cfg)
     ctx = ray.train.get_context()
     world = ctx.get_world_size()
+    if config.loader_workers is None:  # the cores of this machine, shared by the ranks on it
+        from pipelines.datasets import load_dataset
+        from student._loader import default_loader_workers
+
+        in_memory = load_dataset(config.dataset, config.split, config.data_root).in_memory
+        config = replace(config, loader_workers=default_loader_workers(in_memory, ctx.get_local_world_size()))
 
     def all_reduce_mean(t: torch.Tensor) -> None:
         torch_dist.all_reduce(t)
@@ -59,6 +71,8 @@ def train_distributed(config: TrainConfig) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     config = _absolute(config)
+    if config.loader_workers is not None and config.loader_workers < 0:
+        raise UsageError(f"--loader-workers {config.loader_workers}: expected >= 0")
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     use_gpu = config.device != "cpu" and torch.cuda.is_available()
@@ -68,7 +82,8 @@ def train_distributed(config: TrainConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         _worker_loop, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu, resources_per_worker=(
+            {"CPU": 1 + config.loader_workers} if config.loader_workers is not None else None)),
         run_config=RunConfig(name="ray_train", storage_path=str(out)),
     )
     try:

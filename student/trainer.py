@@ -125,6 +125,7 @@ class TrainConfig:
     max_steps: int | None = None
     device: str = "auto"
     progress: bool = True
+    loader_workers: int | None = None  # None: student._loader.default_loader_workers
 
     @property
     def resolved_temperature(self) -> float:
@@ -401,7 +402,7 @@ def _check_resume(out: Path, config: TrainConfig) -> dict[str, Any] | None:
         raise UsageError(f"--resume: {out} holds no {CHECKPOINT} to continue from")
     ckpt = read_checkpoint(ckpt_path)
     saved = ckpt.get("config", {})
-    ignore = {"epochs", "resume", "progress", "workers", "device", "max_steps"}
+    ignore = {"epochs", "resume", "progress", "workers", "device", "max_steps", "loader_workers"}
     diff = sorted(k for k, v in config.to_dict().items() if k not in ignore and saved.get(k) != v)
     if diff:
         raise UsageError(f"--resume with a different config than the saved run: {', '.join(diff)}")
@@ -418,7 +419,7 @@ def fit(config: TrainConfig, dist: Distributed | None = None) -> dict[str, Any]:
     resume_ckpt = _check_resume(out, config)
     stream = StoreStream(setup.store, setup.dataset, setup.recipe, config.batch_size, config.seeds,
                          dist.rank, dist.world_size, shuffle_seed=config.seed,
-                         drop_last=dist.world_size > 1)
+                         drop_last=dist.world_size > 1, loader_workers=config.loader_workers, device=device)
     repeat_note = stream.warn_if_repeating(config.epochs)
     if repeat_note and lead:
         print(f"stillroom: note: {repeat_note}", file=sys.stderr)

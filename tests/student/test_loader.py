@@ -1,0 +1,204 @@
+"""The student's loader: worker processes give the same batches as the training process alone (in-memory data and
+a JPEG folder), feature maps read by chunk equal a whole load, and a bad worker count is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_teacher
+from image_data import write_image_folder
+
+from pipelines.datasets import load_dataset
+from pipelines.errors import UsageError
+from pipelines.labeling import LabelConfig, run_labeling
+from pipelines.store import LabelStore
+from pipelines.views import COL, MIX_NONE
+from student._loader import FeatureChunks, chunk_window_order, default_loader_workers
+from student.data import Batch, StoreStream, check_store
+from student.trainer import TrainConfig, train
+
+DATA = "synthetic:n=72,classes=4,size=16"
+
+
+def _store(root: Path, dataset: str, teacher: str, recipe: str, **kw) -> LabelStore:
+    config = LabelConfig(dataset=dataset, teachers=(teacher,), recipe=recipe, seeds=(0, 1), top_k=3,
+                         store_root=str(root), batch_size=40, **kw)
+    return LabelStore(run_labeling(config, backend="local", progress=False)["store"])
+
+
+@pytest.fixture(scope="module")
+def memory_store(tmp_path_factory) -> LabelStore:
+    """In-memory data, mixing views (partners), 8-row chunks and a 2x2 feature map: several chunks to read."""
+    teacher = make_teacher(tmp_path_factory.mktemp("teacher") / "t.pt")
+    return _store(tmp_path_factory.mktemp("stores"), DATA, teacher, "fmnist-rrc-mix", chunk_rows=8,
+                  features="final", feature_grid=2)
+
+
+@pytest.fixture(scope="module")
+def jpeg_store(tmp_path_factory) -> tuple[LabelStore, str]:
+    """A folder of variable-size JPEGs (grayscale, CMYK, PNG-named-JPEG and a large one among them), mixing views."""
+    folder = write_image_folder(tmp_path_factory.mktemp("imagenet"), train=60, val=8)
+    teacher = make_teacher(tmp_path_factory.mktemp("teacher") / "t.pt", in_chans=3, resolution=24)
+    data = f"imagefolder:{folder}"
+    return _store(tmp_path_factory.mktemp("stores"), data, teacher, "fmnist-rrc-mix:size=24"), data
+
+
+def _epochs(store: LabelStore, data: str, workers: int, batch_size: int = 16, **kw) -> list[Batch]:
+    ds = load_dataset(data)
+    stream = StoreStream(store, ds, check_store(store, ds), batch_size, loader_workers=workers, shuffle_seed=5,
+                         **kw)
+    assert stream.loader_workers == workers
+    return [b for epoch in (0, 1) for b in stream.epoch(epoch)]
+
+
+def _assert_same(a: list[Batch], b: list[Batch]) -> None:
+    assert len(a) == len(b) > 1
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x.ids, y.ids)
+        assert x.views.dtype == torch.float32 and torch.equal(x.views, y.views)  # bit-identical
+        assert torch.equal(x.labels, y.labels) and torch.equal(x.targets, y.targets)
+        np.testing.assert_array_equal(x.params, y.params)
+        assert x.teacher.keys() == y.teacher.keys()
+        for k in x.teacher:
+            assert torch.equal(x.teacher[k], y.teacher[k]), k
+        assert (x.seed, x.epoch) == (y.seed, y.epoch)
+
+
+def test_two_workers_give_the_same_batches_as_none_in_memory(memory_store):
+    alone, workers = _epochs(memory_store, DATA, 0), _epochs(memory_store, DATA, 2)
+    _assert_same(alone, workers)
+    assert {b.seed for b in alone} == {0, 1}
+    assert "features" in alone[0].teacher and alone[0].teacher["features"].shape[2:] == (2, 2)
+    assert any(b.mixed for b in alone)  # partners were read too
+    ids = np.concatenate([b.ids for b in alone[: len(alone) // 2]])
+    assert sorted(ids.tolist()) == list(range(72))  # one epoch: every sample once
+
+
+def test_two_workers_give_the_same_batches_as_none_on_a_jpeg_folder(jpeg_store):
+    store, data = jpeg_store
+    alone, workers = _epochs(store, data, 0, batch_size=12), _epochs(store, data, 2, batch_size=12)
+    _assert_same(alone, workers)
+    assert alone[0].views.shape == (12, 3, 24, 24)
+    mixed = [b for b in alone if b.mixed]
+    assert mixed and any(np.isin(b.params[:, COL["mix_mode"]], (1, 2)).any() for b in mixed)
+
+
+def test_each_rank_of_two_workers_gets_its_own_ids(memory_store):
+    shards = [_epochs(memory_store, DATA, 2, batch_size=8, rank=r, world_size=2, drop_last=True) for r in (0, 1)]
+    first = [np.concatenate([b.ids for b in s[: len(s) // 2]]) for s in shards]
+    assert len(first[0]) == len(first[1]) == 32 and not set(first[0]) & set(first[1])
+
+
+def test_rebuilt_batch_equals_the_teacher_labels(memory_store):
+    """A finished batch carries exactly the stored rows of its ids (gathered in a worker)."""
+    batch = _epochs(memory_store, DATA, 2)[0]
+    whole = memory_store.load(0).arrays
+    torch.testing.assert_close(batch.teacher["topk_logit"], torch.from_numpy(whole["topk_logit"][batch.ids]).float(),
+                               rtol=0, atol=0)
+    np.testing.assert_array_equal(batch.params, whole["view"][batch.ids])
+    plain = batch.params[:, COL["mix_mode"]] == MIX_NONE
+    assert torch.equal(batch.targets[plain].argmax(1), batch.labels[plain])
+
+
+def test_features_read_by_chunk_equal_a_whole_load(memory_store):
+    whole = memory_store.load(1).arrays["features"]
+    assert memory_store.schema.chunk_rows == 8 and len(whole) == 72  # nine chunks
+    chunks = FeatureChunks(memory_store.seed_dir(1), memory_store.schema.chunk_rows, cache=2)
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # random batches: chunks read, evicted and read again
+        ids = rng.choice(72, size=20, replace=False)
+        got = chunks.take(ids)
+        assert got.dtype == np.float16
+        np.testing.assert_array_equal(got, whole[ids])
+    assert len(chunks._chunks) <= 2  # the cache holds at most `cache` chunks, never the whole array
+
+
+def test_chunk_window_order_is_a_permutation_that_reads_few_chunks():
+    order = chunk_window_order(np.random.default_rng(3), 1000, 64, window=2)
+    assert sorted(order.tolist()) == list(range(1000))
+    chunks_per_batch = [len(np.unique(order[s : s + 32] // 64)) for s in range(0, 1000, 32)]
+    assert max(chunks_per_batch) <= 4  # a batch spans its window (2 chunks), or two windows at a boundary
+
+
+def test_stream_with_features_uses_the_chunk_order_only_when_the_split_is_large(memory_store):
+    ds = load_dataset(DATA)
+    recipe = check_store(memory_store, ds)
+    with_features = StoreStream(memory_store, ds, recipe, 8, loader_workers=0)
+    without = StoreStream(memory_store, ds, recipe, 8, loader_workers=0, features=False)
+    assert with_features.features and not without.features
+    # 72 samples > 2 chunks of 8: the feature stream reads window by window
+    order = with_features.order(0)
+    assert sorted(order.tolist()) == list(range(72))
+    windows = [set((order[s : s + 16] // 8).tolist()) for s in range(0, 64, 16)]
+    assert all(len(w) <= 2 for w in windows)
+    batch = next(without.epoch(0))
+    assert "features" not in batch.teacher
+
+
+def test_bad_loader_workers_are_refused_and_the_default_is_sensible(memory_store):
+    ds = load_dataset(DATA)
+    with pytest.raises(UsageError, match="--loader-workers -1: expected >= 0"):
+        StoreStream(memory_store, ds, check_store(memory_store, ds), 8, loader_workers=-1)
+    assert default_loader_workers(in_memory=True) == 0
+    assert 1 <= default_loader_workers(in_memory=False) <= 4
+
+
+def test_training_with_two_loader_workers_equals_training_without(jpeg_store, tmp_path):
+    store, data = jpeg_store
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"run{workers}"
+        train(TrainConfig(store=str(store.path), dataset=data, student="test_resnet", loss="kd", out=str(out),
+                          batch_size=12, max_steps=3, epochs=1, eval_split="val", progress=False,
+                          loader_workers=workers))
+        runs[workers] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        assert json.loads((out / "config.json").read_text())["loader_workers"] == workers
+    assert runs[0]["steps"] == runs[2]["steps"] == 3
+    assert runs[0]["first_step"] == runs[2]["first_step"]  # the same first batch, bit for bit
+    assert runs[0]["step_losses"] == runs[2]["step_losses"]
+
+
+def test_cli_refuses_a_negative_loader_worker_count(memory_store, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", "train", "--store", str(memory_store.path), "--dataset", DATA,
+         "--student", "test_resnet", "--loss", "kd", "--out", str(tmp_path / "run"), "--loader-workers", "-1"],
+        capture_output=True, text=True, timeout=180,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("stillroom: error: --loader-workers -1: expected >= 0")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_train_ranks_stream_a_jpeg_folder_through_loader_workers(jpeg_store, tmp_path, ray_cluster):
+    """Two ranks on one machine, each sizing its loader from the cores it shares with the other (1 worker on 2)."""
+    store, data = jpeg_store
+    out = tmp_path / "ddp"
+    result = train(TrainConfig(store=str(store.path), dataset=data, student="test_resnet", loss="kd", out=str(out),
+                               batch_size=10, epochs=1, eval_split="val", progress=False, workers=2))
+    assert result["workers"] == 2
+    assert json.loads((out / "config.json").read_text())["loader_workers"] == default_loader_workers(False, 2)
+    epoch = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert epoch["samples"] == 60 and epoch["steps"] == 3  # two shards of 30 ids, batches of 10
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batches_finished_on_cuda_equal_the_cpu_ones(jpeg_store):
+    store, data = jpeg_store
+    cpu = _epochs(store, data, 2, batch_size=12)
+    gpu = _epochs(store, data, 2, batch_size=12, device="cuda")
+    for x, y in zip(cpu, gpu, strict=True):
+        assert y.views.is_cuda and y.labels.is_cuda
+        np.testing.assert_array_equal(x.ids, y.ids)
+        torch.testing.assert_close(x.views, y.views.cpu(), rtol=0, atol=1e-6)
+        assert torch.equal(x.targets, y.targets.cpu())
