@@ -419,7 +419,8 @@ def fit(config: TrainConfig, dist: Distributed | None = None) -> dict[str, Any]:
     resume_ckpt = _check_resume(out, config)
     stream = StoreStream(setup.store, setup.dataset, setup.recipe, config.batch_size, config.seeds,
                          dist.rank, dist.world_size, shuffle_seed=config.seed,
-                         drop_last=dist.world_size > 1, loader_workers=config.loader_workers, device=device)
+                         drop_last=dist.world_size > 1, loader_workers=config.loader_workers, device=device,
+                         features=config.loss == "tat")  # feature maps only where the loss reads them
     repeat_note = stream.warn_if_repeating(config.epochs)
     if repeat_note and lead:
         print(f"stillroom: note: {repeat_note}", file=sys.stderr)
