@@ -24,35 +24,43 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines._readers import DATASET_HELP
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
+from pipelines.options import check_options, option
 from pipelines.progress import progress_bar
 from pipelines.store import LabelStore, QualitySums, StoreSchema
 from pipelines.teachers import Teacher, load_teacher
 from pipelines.views import COL, Recipe, _key, _uniforms, build_views, get_recipe, output_size
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LabelConfig:
-    """Everything ``stillroom label`` takes. Saved beside the store's manifest as ``sources``."""
+    """Everything ``stillroom label`` and ``POST /v1/label-jobs`` take (``pipelines.options``). Saved beside the
+    store's manifest as ``sources``."""
 
-    dataset: str
-    teachers: tuple[str, ...]
-    recipe: str = "fmnist-rrc"
-    seeds: tuple[int, ...] = (0,)
-    split: str = "train"
-    data_root: str | None = None
-    top_k: int = 10
-    sampled: int = 0
-    features: str | None = None  # "final" (timm forward_features) or a module name
-    feature_grid: int = 4  # the feature map is average-pooled to feature_grid x feature_grid
-    per_teacher: bool = False
-    store_root: str = "stores"
-    batch_size: int = 256
-    chunk_rows: int = 8192
-    ray_address: str | None = None
-    num_workers: int = 1
-    gpus_per_worker: float = 0.0
+    dataset: str = option("fashion-mnist", help=DATASET_HELP)
+    split: str = option("train", help="the split to label", choices=("train", "val", "test"))
+    data_root: str | None = option(None, help="where the data set's files are (fashion-mnist: its idx files)")
+    teachers: tuple[str, ...] = option(help="NAME@CHECKPOINT or NAME (timm weights); repeat for an ensemble",
+                                       flags=("--teacher",), cli={"action": "append"})
+    recipe: str = option("fmnist-rrc", help="the view recipe: the augmentations the teachers see")
+    seeds: tuple[int, ...] = option((0,), help="augmentation seeds to label, e.g. 0-3 or 0,2,5",
+                                    cli={"default": "0"})
+    top_k: int = option(10, help="classes kept per view (the rest: one tail mass)", ge=1, le=100000)
+    sampled: int = option(0, help="also store m classes drawn from the teacher", ge=0, le=4096)
+    # "final" (timm forward_features) or a module name
+    features: str | None = option(None, help="store a teacher feature map: 'final' or a module name")
+    # the feature map is average-pooled to feature_grid x feature_grid
+    feature_grid: int = option(4, help="pool the feature map to GRID x GRID", ge=1, le=64)
+    per_teacher: bool = option(False, help="keep each ensemble member's top-k too")
+    store_root: str = option("stores", help="the store root: the store goes to <root>/<cache_key> (--store: the "
+                                            "older name)", flags=("--store-root", "--store"))
+    batch_size: int = option(256, help="teacher batch size", ge=1, le=65536)
+    chunk_rows: int = option(8192, help="rows per store chunk (the unit of a piece of work)", ge=1, le=1 << 20)
+    ray_address: str | None = option(None, help="an existing cluster (default: a local Ray)")
+    num_workers: int = option(1, help="Ray actors labeling pieces in parallel", ge=1, le=4096)
+    gpus_per_worker: float = option(0.0, help="GPUs each Ray actor asks for (0: CPU)", ge=0, le=16)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -60,8 +68,7 @@ class LabelConfig:
             raise UsageError("give at least one --teacher NAME@CHECKPOINT")
         if not self.seeds:
             raise UsageError("give at least one seed, e.g. --seeds 0-3")
-        if self.batch_size < 1 or self.num_workers < 1 or self.feature_grid < 1:
-            raise UsageError("--batch-size, --num-workers and the feature grid must be >= 1")
+        check_options(self)
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:

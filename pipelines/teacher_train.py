@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,42 +18,44 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines._readers import DATASET_HELP
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
+from pipelines.options import check_options, option
 from pipelines.progress import progress_bar
 from pipelines.teachers import Preprocess, _create, save_checkpoint
 from pipelines.views import Recipe, build_views, eval_views, get_recipe, output_size
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TeacherTrainConfig:
-    dataset: str
-    model: str
-    out: str
-    epochs: int = 2
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    recipe: str = "fmnist-flip"  # see pipelines.views: crops cost a short-budget teacher 3 points
-    resolution: int | None = None  # default: the recipe's output size, else the dataset's native size
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    data_root: str | None = None
-    train_samples: int | None = None  # use only the first N training samples (quick runs)
+    """Everything ``stillroom teacher train`` and ``POST /v1/teacher-jobs`` take (``pipelines.options``)."""
+
+    dataset: str = option("fashion-mnist", help=DATASET_HELP)
+    data_root: str | None = option(None, help="where the data set's files are (fashion-mnist: its idx files)")
+    model: str = option("resnet18", help="a timm model name")
+    model_kwargs: dict[str, Any] = option(default_factory=dict, help="JSON of extra timm.create_model arguments",
+                                          cli={"default": "{}"})
+    out: str = option(help="where the teacher checkpoint goes")
+    epochs: int = option(2, help="passes over the training set", ge=1, le=1000)
+    batch_size: int = option(128, help="training batch size", ge=1, le=65536)
+    lr: float = option(2e-3, help="AdamW learning rate", gt=0, le=10)
+    weight_decay: float = option(0.05, help="AdamW weight decay", ge=0, le=10)
+    # see pipelines.views: crops cost a short-budget teacher 3 points
+    recipe: str = option("fmnist-flip", help="view recipe for training augmentation (default: flips only)")
+    resolution: int | None = option(None, help="input size (default: the recipe's output size, else the dataset's)",
+                                    ge=8, le=2048)
+    train_samples: int | None = option(None, help="train on the first N samples only", ge=1)
     # 0 by default: a teacher trained with label smoothing distils worse, its logits lose the similarity
     # between classes that soft labels carry (Mueller, Kornblith & Hinton 2019, "When does label smoothing help?")
-    label_smoothing: float = 0.0
-    # training views over which BatchNorm's running statistics are re-estimated before the final evaluation
-    # (0: keep the running averages training left)
-    bn_samples: int = 10_000
-    seed: int = 0
+    label_smoothing: float = option(0.0, help="cross-entropy label smoothing (default 0: smoothed teachers distil "
+                                              "worse)", ge=0, lt=1)
+    bn_samples: int = option(10_000, help="re-estimate BatchNorm statistics on this many training views before the "
+                                          "final evaluation (0: keep training's running averages)", ge=0)
+    seed: int = option(0, help="model init and shuffling", ge=0)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise UsageError("--epochs and --batch-size must be >= 1 and --lr > 0")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise UsageError(f"--label-smoothing {self.label_smoothing}: expected 0 <= value < 1")
-        if self.bn_samples < 0:
-            raise UsageError(f"--bn-samples {self.bn_samples}: expected >= 0")
+        check_options(self)
 
 
 def channel_stats(ds: Dataset, size: int, limit: int = 10000) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -85,7 +85,7 @@ class Service:
         entry = self.stores.get(key) or self.stores.reload(key)
         if entry is None:
             raise invalid("store", f"no store {key} under the store root")
-        if "dataset" not in spec.model_fields_set:
+        if resolved["dataset"] is None:  # not named (or null): the store's
             if entry.dataset is None:
                 raise invalid("dataset", f"store {key} does not record its data set: name it in the spec")
             return entry.dataset

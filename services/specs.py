@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
+from dataclasses import MISSING
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from pipelines.labeling import LabelConfig
+from pipelines.options import base_type, default_of, options
+from pipelines.teacher_train import TeacherTrainConfig
+from student.trainer import TrainConfig
 
 NAME = r"^[A-Za-z0-9_.\-]+$"
 TEACHER = r"^[A-Za-z0-9_.\-]+(@.+)?$"
 Scalar = int | float | str | bool
-LOSSES = ("ce", "kd", "deit-soft", "deit-hard", "mealv2", "sampled", "tat")
 
 
 class PathOutsideRoots(ValueError):
@@ -44,52 +50,88 @@ class _Spec(BaseModel):
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-class TeacherJobSpec(_Spec):
-    dataset: str = Field("fashion-mnist", max_length=500)
-    model: str = Field("resnet18", pattern=NAME, max_length=100)
-    model_kwargs: dict[str, Scalar] = Field(default_factory=dict)
-    epochs: int = Field(2, ge=1, le=1000)
-    batch_size: int = Field(128, ge=1, le=65536)
-    lr: float = Field(2e-3, gt=0, le=10)
-    recipe: str = Field("fmnist-flip", pattern=NAME)
-    resolution: int | None = Field(None, ge=8, le=2048)
-    train_samples: int | None = Field(None, ge=1)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+# Options of a job that make no sense over REST, each with the reason: every other option of the job's config
+# (pipelines.options) is a field of its spec, with the config's type, default, help, bounds and choices.
+NOT_OVER_REST: dict[str, dict[str, str]] = {
+    "teacher": {
+        "out": "the service chooses each job's output directory",
+        "data_root": "a path on the service's machine: a spec names its data by `dataset` (confined to the roots)",
+    },
+    "label": {
+        "data_root": "a path on the service's machine: a spec names its data by `dataset` (confined to the roots)",
+        "store_root": "the service's own store root (`serve --store-root`)",
+        "ray_address": "the service's own cluster (`serve --ray-address`)",
+        "no_ray": "a CLI switch: a job always runs on the service's Ray",
+    },
+    "train": {
+        "out": "the service chooses each job's run directory",
+        "data_root": "a path on the service's machine: a spec names its data by `dataset` (confined to the roots)",
+        "store_root": "a CLI switch: `store` is a cache key under the service's store root",
+        "resume": "each job has a run directory of its own: there is nothing to resume",
+        "device": "a job runs where Ray places it and uses CUDA where that machine has it",
+        "progress": "the service records each job's progress itself",
+    },
+}
+
+# what a REST field adds to its option: confinement of names and sizes (the service's own checks), and the
+# types a JSON body carries where the CLI takes text
+_REST: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {
+    "teacher": {
+        "dataset": (str, dict(max_length=500)),
+        "model": (str, dict(pattern=NAME, max_length=100)),
+        "model_kwargs": (dict[str, Scalar], {}),
+        "recipe": (str, dict(pattern=NAME, max_length=100)),
+    },
+    "label": {
+        "dataset": (str, dict(max_length=500)),
+        "teachers": (list[Annotated[str, Field(pattern=TEACHER, max_length=1000)]],
+                     dict(min_length=1, max_length=16,
+                          description="NAME@CHECKPOINT (a path in the roots), or NAME for timm weights")),
+        "recipe": (str, dict(pattern=NAME, max_length=100)),
+        "seeds": (list[Annotated[int, Field(ge=0)]], dict(min_length=1, max_length=1000)),
+        "features": (str | None, dict(pattern=NAME, max_length=200)),
+    },
+    "train": {
+        "store": (str, dict(pattern=r"^[0-9a-f]{8,64}$",
+                            description="the cache key of a store under the store root")),
+        "dataset": (str | None, dict(default=None, max_length=500,
+                                     description="default: the data set the store was labeled from")),
+        "student": (str, dict(pattern=NAME, max_length=100)),
+        "student_kwargs": (dict[str, Scalar], {}),
+        "seeds": (list[Annotated[int, Field(ge=0)]] | None, dict(max_length=1000)),
+        "init": (str | None, dict(max_length=1000, description="pretrained student weights (a path in the roots)")),
+        "student_layer": (str, dict(pattern=NAME, max_length=200)),
+    },
+}
 
 
-class LabelJobSpec(_Spec):
-    dataset: str = Field("fashion-mnist", max_length=500)
-    split: Literal["train", "test"] = "train"
-    teachers: list[Annotated[str, Field(pattern=TEACHER, max_length=1000)]] = Field(
-        min_length=1, max_length=16, description="NAME@CHECKPOINT (a path in the roots), or NAME for timm weights")
-    recipe: str = Field("fmnist-rrc", pattern=NAME)
-    seeds: list[int] = Field([0], min_length=1, max_length=1000)
-    top_k: int = Field(10, ge=1, le=100000)
-    sampled: int = Field(0, ge=0, le=4096)
-    features: str | None = Field(None, pattern=NAME, max_length=200)
-    feature_grid: int = Field(4, ge=1, le=64)
-    per_teacher: bool = False
-    batch_size: int = Field(256, ge=1, le=65536)
-    num_workers: int = Field(1, ge=1, le=4096)
-    gpus_per_worker: float = Field(0.0, ge=0, le=16)
+def _spec_from_config(kind: str, config: type) -> type[_Spec]:
+    """The REST spec of a job: one field per option of its config (``pipelines.options``) but those in
+    ``NOT_OVER_REST``, with the option's default, help, bounds and choices and what ``_REST`` adds."""
+    hints = typing.get_type_hints(config)
+    fields: dict[str, Any] = {}
+    for name, (f, opt) in options(config).items():
+        if name in NOT_OVER_REST[kind]:
+            continue
+        annotation, extra = _REST[kind].get(name, (hints[name], {}))
+        if opt.choices is not None:
+            annotation = Literal[opt.choices]  # type: ignore[valid-type]
+            annotation = annotation | None if base_type(hints[name]) is not hints[name] else annotation
+        kwargs = {"description": opt.help, **opt.bounds, **extra}
+        default = kwargs.pop("default", default_of(f))
+        field = Field(... if default is MISSING else default, **kwargs)
+        fields[name] = (annotation, field)
+    return create_model(f"{kind.capitalize()}JobSpec", __base__=_Spec, __module__=__name__, **fields)
 
 
-class TrainJobSpec(_Spec):
-    store: str = Field(pattern=r"^[0-9a-f]{8,64}$", description="the cache key of a store under the store root")
-    dataset: str = Field("fashion-mnist", max_length=500)
-    student: str = Field(pattern=NAME, max_length=100)
-    student_kwargs: dict[str, Scalar] = Field(default_factory=dict)
-    loss: Literal["ce", "kd", "deit-soft", "deit-hard", "mealv2", "sampled", "tat"] = "kd"
-    epochs: int = Field(1, ge=1, le=1000)
-    batch_size: int = Field(128, ge=1, le=65536)
-    lr: float = Field(1e-3, gt=0, le=10)
-    alpha: float = Field(0.5, ge=0, le=1)
-    temperature: float | None = Field(None, gt=0, le=100)
-    seeds: list[int] | None = Field(None, max_length=1000)
-    online: bool = False
-    workers: int = Field(1, ge=1, le=1024)
-    init: str | None = Field(None, max_length=1000, description="pretrained student weights (a path in the roots)")
-    eval_limit: int | None = Field(None, ge=1)
+if TYPE_CHECKING:  # to a type checker, a spec is a spec; its fields are known when it is built
+    TeacherJobSpec = _Spec
+    LabelJobSpec = _Spec
+    TrainJobSpec = _Spec
+else:
+    TeacherJobSpec = _spec_from_config("teacher", TeacherTrainConfig)
+    LabelJobSpec = _spec_from_config("label", LabelConfig)
+    TrainJobSpec = _spec_from_config("train", TrainConfig)
 
 
 SPECS: dict[str, type[_Spec]] = {"teacher": TeacherJobSpec, "label": LabelJobSpec, "train": TrainJobSpec}
@@ -124,7 +166,8 @@ def confine_dataset(dataset: str, roots: tuple[Path, ...], base: Path) -> str:
 def confined_spec(kind: str, spec: _Spec, roots: tuple[Path, ...], base: Path) -> dict[str, Any]:
     """The spec as the job entry point gets it: every path resolved and checked."""
     d = spec.model_dump(mode="json")
-    d["dataset"] = confine_dataset(d["dataset"], roots, base)
+    if d["dataset"] is not None:  # a train spec without one reads the store's
+        d["dataset"] = confine_dataset(d["dataset"], roots, base)
     if kind == "label":
         teachers = []
         for t in d["teachers"]:

@@ -46,7 +46,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -54,8 +54,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines._readers import DATASET_HELP
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
+from pipelines.options import check_options, option
 from pipelines.progress import progress_bar
 from pipelines.store import LabelStore, StoreError
 from pipelines.views import Recipe, output_size
@@ -79,53 +81,79 @@ TAT_VARIANTS = L.TAT_VARIANTS  # full, patch, anchor, patch-anchor
 CHECKPOINT = "last.pt"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Everything ``stillroom train`` takes; saved, resolved, as ``RUN_DIR/config.json``.
+    """Everything ``stillroom train`` and ``POST /v1/train-jobs`` take (``pipelines.options``); saved, resolved,
+    as ``RUN_DIR/config.json``.
 
     ``temperature=None`` means the loss's default (4 for ``kd``, 1 otherwise). ``seeds=None``
     uses every complete seed of the store. ``max_steps`` stops each epoch early (tests, benchmarks);
     ``eval_limit`` scores only the first samples of the eval split.
     """
 
-    store: str
-    dataset: str
-    student: str
-    loss: str
-    out: str
-    split: str = "train"
-    data_root: str | None = None
-    student_kwargs: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 1
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    alpha: float = 0.5
-    temperature: float | None = None
-    seeds: tuple[int, ...] | None = None
-    workers: int = 1
-    init: str | None = None
-    resume: bool = False
-    online: bool = False
-    online_targets: str = "full"  # full: the teachers' float32 distribution; encoded: the store's encoding
-    eval_split: str = "test"
-    eval_limit: int | None = None
-    seed: int = 0
-    distill_token: bool = False
-    deit_soft_reduction: str = "numel"  # numel: the authors' KL / (B C); batch: KL / B
-    mealv2_form: str = "authors"  # authors: joint discriminator loss; gan: a GAN generator term
-    adv_weight: float = 1.0
-    disc_lr: float = 1e-4
-    tat_variant: str = "full"
-    tat_weight: float = 1.0
-    tat_groups: int = 2
-    tat_patches_per_group: int = 2
-    tat_anchors: int = 2
-    student_layer: str = "final"
-    max_steps: int | None = None
-    device: str = "auto"
-    progress: bool = True
-    loader_workers: int | None = None  # None: student._loader.default_loader_workers
+    store: str = option(help="the label store: its directory (<root>/<cache_key>) or its cache key under "
+                             "--store-root")
+    dataset: str = option(help="default: the data set the store was labeled from (its manifest); " + DATASET_HELP,
+                          cli={"default": None})
+    split: str = option("train", help="default: the split the store was labeled from", choices=("train", "val", "test"),
+                        cli={"default": None})
+    data_root: str | None = option(None, help="where the data set's files are (default: the one the store was "
+                                              "labeled with)")
+    student: str = option(help="a timm model name, e.g. resnet18, deit_tiny_distilled_patch16_224")
+    student_kwargs: dict[str, Any] = option(default_factory=dict, help='JSON architecture kwargs, e.g. '
+                                            '\'{"patch_size": 4}\'', cli={"default": "{}"})
+    loss: str = option("kd", help="the distillation loss", choices=LOSSES, cli={"required": True})
+    out: str = option(help="the run directory")
+    epochs: int = option(1, help="passes over the store's seeds (epoch e reads seed seeds[e % len(seeds)])",
+                         ge=1, le=1000)
+    batch_size: int = option(128, help="training batch size (per worker)", ge=1, le=65536)
+    lr: float = option(1e-3, help="AdamW learning rate", gt=0, le=10)
+    weight_decay: float = option(0.05, help="AdamW weight decay", ge=0, le=10)
+    alpha: float = option(0.5, help="weight of the teacher term, the ground truth's being 1 - alpha (kd, deit-soft, "
+                                    "tat). torchdistill's KDLoss alpha weights the ground truth instead. deit-hard "
+                                    "takes no --alpha: DeiT's hard distillation is fixed at 0.5/0.5", ge=0, le=1)
+    temperature: float | None = option(None, help="default: 4 for kd, 1 otherwise (tat: KD at 1)", gt=0, le=100)
+    seeds: tuple[int, ...] | None = option(None, help="store seeds to cycle through, e.g. 0-3 (default: all)")
+    workers: int = option(1, help="> 1: data-parallel through Ray Train", ge=1, le=1024)
+    init: str | None = option(None, help="pretrained student weights to start from")
+    resume: bool = option(False, help="continue the run in --out from its last checkpoint")
+    online: bool = option(False, help="run the store's teacher(s) in the loop on the same views (baseline): "
+                                      "'full' (default) trains on their full float32 distribution; 'encoded' on the "
+                                      "store's encoding of it (float16 top-k and tail), which a cached run matches "
+                                      "exactly", cli={"nargs": "?", "const": "full", "default": None,
+                                                      "choices": ONLINE_TARGETS, "type": str})
+    online_targets: str = option("full", help="online: train on the teachers' full float32 distribution (full) or "
+                                              "on the store's encoding of it (encoded)", choices=ONLINE_TARGETS,
+                                 flags=("--online",), via="the value of --online")
+    eval_split: str = option("test", help="the split scored after each epoch", choices=("train", "val", "test"))
+    eval_limit: int | None = option(None, help="score only the first N eval samples", ge=1)
+    seed: int = option(0, help="student init and shuffling", ge=0)
+    distill_token: bool = option(False, help="require a student with a distillation token (deit-soft/deit-hard)")
+    deit_soft_reduction: str = option("numel", help="deit-soft: divide the summed KL by B*C as DeiT's code does "
+                                                    "(numel) or by B (batch)", choices=L.DEIT_SOFT_REDUCTIONS)
+    mealv2_form: str = option("authors", help="mealv2: the authors' discriminator (1x1 convs C -> C/8 -> C/64 -> 2, "
+                                              "its loss in the student's objective, one backward) or a GAN generator "
+                                              "term", choices=L.MEALV2_FORMS)
+    adv_weight: float = option(1.0, help="mealv2: weight of the discriminator term", ge=0, le=1000)
+    disc_lr: float = option(1e-4, help="mealv2: discriminator learning rate", gt=0, le=10)
+    tat_variant: str = option("full", help="tat: full, patch, anchor or patch-anchor", choices=TAT_VARIANTS)
+    tat_weight: float = option(1.0, help="tat: weight of the feature term", ge=0, le=1000)
+    tat_groups: int = option(2, help="tat patch: patches per side of the teacher map", ge=1, le=64)
+    tat_patches_per_group: int = option(2, help="tat patch: neighbouring patches sharing one attention (TaT-seg "
+                                                "uses 2 or 4)", ge=1, le=4096)
+    tat_anchors: int = option(2, help="tat anchor: anchors per side of the teacher map", ge=1, le=64)
+    student_layer: str = option("final", help="tat: the student layer to match ('final' or a name)")
+    max_steps: int | None = option(None, help="stop each epoch after this many steps", ge=1)
+    device: str = option("auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
+    progress: bool = option(True, help="show a progress bar", flags=("--no-progress",),
+                            cli={"action": "store_false"})
+    loader_workers: int | None = option(None, help="processes that decode and build each batch (default: 0 for "
+                                                   "in-memory data, whose views are one vectorised crop on the "
+                                                   "device; for data on disk the cores per rank less one, 1 to 4)",
+                                        ge=0, le=64)
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
     @property
     def resolved_temperature(self) -> float:

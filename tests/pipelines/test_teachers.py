@@ -130,7 +130,7 @@ def test_teacher_train_refuses_bad_settings_before_training(tmp_path):
     from pipelines.teacher_train import TeacherTrainConfig
 
     for bad, message in [({"label_smoothing": 1.0}, "--label-smoothing 1.0: expected 0 <= value < 1"),
-                         ({"epochs": 0}, "--epochs and --batch-size must be >= 1")]:
+                         ({"epochs": 0}, "--epochs 0: expected 1 <= value <= 1000")]:
         with pytest.raises(UsageError, match=message):
             TeacherTrainConfig(dataset=SYNTHETIC, model="test_resnet", out=str(tmp_path / "t.pt"), **bad)
     run = subprocess.run([STILLROOM, "teacher", "train", "--dataset", SYNTHETIC, "--model", "test_resnet",

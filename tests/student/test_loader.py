@@ -173,7 +173,7 @@ def test_cli_refuses_a_negative_loader_worker_count(memory_store, tmp_path):
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
-    assert lines[0].startswith("stillroom: error: --loader-workers -1: expected >= 0")
+    assert lines[0].startswith("stillroom: error: --loader-workers -1: expected 0 <= value")
     assert not (tmp_path / "run").exists()
 
 

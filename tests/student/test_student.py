@@ -163,20 +163,27 @@ def test_bad_input_is_refused_before_training(rich_store, plain_store, tmp_path)
         (StoreError, "seeds [7]", _config(rich_store, out, seeds=(7,))),
         (UsageError, "distillation token", _config(rich_store, out, "deit-hard", distill_token=True)),
         (UsageError, "unknown student", _config(rich_store, out, student="no_such_net")),
-        (UsageError, "unknown loss", _config(rich_store, out, "nope")),
         (UsageError, "no layer", _config(rich_store, out, "tat", student_layer="layer9")),
         (UsageError, "--resume", _config(rich_store, out, resume=True)),
         (UsageError, "--init", _config(rich_store, out, init=str(tmp_path / "missing.pt"))),
         (UsageError, "fixed halves", _config(rich_store, out, "deit-hard", alpha=0.7)),
-        (UsageError, "online targets", _config(rich_store, out, online=True, online_targets="top1")),
-        (UsageError, "--mealv2-form", _config(rich_store, out, "mealv2", mealv2_form="wgan")),
-        (UsageError, "--deit-soft-reduction", _config(rich_store, out, "deit-soft", deit_soft_reduction="x")),
         (UsageError, "--tat-patches-per-group", _config(rich_store, out, "tat", tat_variant="patch",
                                                           tat_patches_per_group=3)),
     ]
     for error, words, config in cases:
         with pytest.raises(error, match=words.replace("[", r"\[")):
             train(config)
+    # options outside their choices or bounds (pipelines.options): refused when the config is made
+    for words, bad in [("unknown --loss 'nope'", {"loss": "nope"}),
+                       ("unknown --online 'top1'", {"online": True, "online_targets": "top1"}),
+                       ("unknown --mealv2-form 'wgan'", {"loss": "mealv2", "mealv2_form": "wgan"}),
+                       ("unknown --deit-soft-reduction 'x'", {"loss": "deit-soft", "deit_soft_reduction": "x"}),
+                       ("unknown --tat-variant 'grid'", {"loss": "tat", "tat_variant": "grid"}),
+                       ("--alpha 1.5: expected 0 <= value <= 1", {"alpha": 1.5}),
+                       ("--temperature 0.0: expected 0 < value <= 100", {"temperature": 0.0}),
+                       ("--tat-groups 0: expected 1 <= value <= 64", {"loss": "tat", "tat_groups": 0})]:
+        with pytest.raises(UsageError, match=words):
+            _config(rich_store, out, **bad)
     assert not out.exists()
 
 

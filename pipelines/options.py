@@ -1,0 +1,124 @@
+"""One definition per job option: a config dataclass's fields carry their help text, bounds, choices and CLI
+flag (``option(...)``), from which the CLI's arguments (``add_arguments``), the config's own checks
+(``check_options``) and the REST spec (``services.specs``) are all derived.
+
+A config is a frozen, keyword-only dataclass; each job option is declared once::
+
+    epochs: int = option(2, help="passes over the training set", ge=1, le=1000)
+
+A field without ``option`` metadata is no option (e.g. ``LabelConfig.extra``): no flag, no spec field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import MISSING, dataclass, field
+from typing import Any
+
+from pipelines.errors import UsageError
+
+BOUNDS = ("ge", "gt", "le", "lt")
+
+
+@dataclass(frozen=True)
+class Option:
+    """What a config field says about itself beyond its type and default."""
+
+    help: str
+    flags: tuple[str, ...] = ()  # CLI flags; default: ``--`` + the field name with dashes
+    bounds: dict[str, float] = field(default_factory=dict)  # ge/gt/le/lt, as pydantic names them
+    choices: tuple[str, ...] | None = None
+    cli: dict[str, Any] = field(default_factory=dict)  # argparse keywords that differ from the derived ones
+    via: str | None = None  # set through another flag (why), not a flag of its own
+
+
+def option(default: Any = MISSING, *, help: str, flags: tuple[str, ...] = (), ge: float | None = None,
+           gt: float | None = None, le: float | None = None, lt: float | None = None,
+           choices: tuple[str, ...] | None = None, cli: dict[str, Any] | None = None, via: str | None = None,
+           default_factory: Any = MISSING) -> Any:
+    """A dataclass field that is a job option (see the module docstring)."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    meta = {"option": Option(help, flags, bounds, choices, cli or {}, via)}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def options(config: type) -> dict[str, tuple[dataclasses.Field, Option]]:
+    """The job options of a config class, in declaration order."""
+    return {f.name: (f, f.metadata["option"]) for f in dataclasses.fields(config) if "option" in f.metadata}
+
+
+def flags_of(name: str, opt: Option) -> tuple[str, ...]:
+    return opt.flags or ("--" + name.replace("_", "-"),)
+
+
+def base_type(annotation: Any) -> Any:
+    """``int | None`` -> ``int``; other annotations as they are."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+def add_arguments(parser: argparse.ArgumentParser, config: type) -> None:
+    """One argparse argument per option of ``config`` (``via`` options excepted), its dest the field's name.
+    A tuple or dict option arrives as text for the command to parse (``cli`` says how)."""
+    hints = typing.get_type_hints(config)
+    for name, (f, opt) in options(config).items():
+        if opt.via:
+            continue
+        kind = base_type(hints[name])
+        default = default_of(f)
+        kwargs: dict[str, Any] = {"dest": name, "help": opt.help.replace("%", "%%")}
+        if kind is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = kind if kind in (int, float) else str
+            if default is MISSING:
+                kwargs["required"] = True
+            else:
+                kwargs["default"] = default
+                if default is not None and default is not False and "default" not in opt.help:
+                    kwargs["help"] += " (default: %(default)s)"
+        if opt.choices is not None:
+            kwargs["choices"] = opt.choices
+        kwargs.update(opt.cli)
+        if "default" in opt.cli:
+            kwargs.pop("required", None)
+        if "nargs" in opt.cli or kwargs.get("action") == "store_false":
+            kwargs.pop("action" if "nargs" in opt.cli else "type", None)
+        parser.add_argument(*flags_of(name, opt), **kwargs)
+
+
+def check_options(config: Any) -> None:
+    """UsageError naming the flag for an option outside its bounds or choices (None: unset, allowed)."""
+    for name, (_, opt) in options(type(config)).items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        flag = flags_of(name, opt)[0]
+        if opt.choices is not None and value not in opt.choices:
+            raise UsageError(f"unknown {flag} {value!r}: expected one of {', '.join(opt.choices)}")
+        if opt.bounds and not isinstance(value, int | float):
+            continue
+        b = opt.bounds
+        low = ("ge", b["ge"]) if "ge" in b else ("gt", b["gt"]) if "gt" in b else None
+        high = ("le", b["le"]) if "le" in b else ("lt", b["lt"]) if "lt" in b else None
+        ok = ((low is None or (value >= low[1] if low[0] == "ge" else value > low[1]))
+              and (high is None or (value <= high[1] if high[0] == "le" else value < high[1])))
+        if not ok:
+            left = f"{low[1]:g} {'<=' if low[0] == 'ge' else '<'} " if low else ""
+            right = f" {'<=' if high[0] == 'le' else '<'} {high[1]:g}" if high else ""
+            raise UsageError(f"{flag} {value}: expected {left}value{right}")

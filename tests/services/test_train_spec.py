@@ -1,0 +1,62 @@
+"""A TaT run over REST: every train option of the CLI is a field of the train spec (``pipelines.options``), checked
+at submission with a 422 naming the field."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from pipelines.datasets import load_dataset
+from pipelines.store import LabelStore, StoreSchema
+from services.app import create_app
+from services.config import Settings
+
+TOKEN = "train-spec-test-token"
+DATA = "synthetic:n=64,classes=4,size=16"
+TAT = {"student": "test_resnet", "loss": "tat", "tat_variant": "patch-anchor", "tat_weight": 2.0, "tat_groups": 2,
+       "tat_patches_per_group": 4, "tat_anchors": 2, "student_layer": "layer3", "alpha": 0.3, "epochs": 1,
+       "batch_size": 16, "max_steps": 1, "seeds": [0], "weight_decay": 0.01, "seed": 3}
+
+
+@pytest.fixture()
+def service(tmp_path, ray_dashboard):
+    from services.launcher import RayJobs
+
+    settings = Settings(state_dir=tmp_path / "state", store_root=tmp_path / "stores", data_root=tmp_path,
+                        api_token=TOKEN)
+    from pipelines.views import get_recipe
+
+    ds = load_dataset(DATA, "train")
+    provenance = {"dataset": {"spec": ds.spec, "split": "train", "fingerprint": ds.fingerprint,
+                              "num_samples": len(ds), "num_classes": ds.num_classes},
+                  "recipe": get_recipe("fmnist-flip").to_dict(), "teachers": [{"name": "made-up"}]}
+    store = LabelStore.create(tmp_path / "stores", provenance,
+                              StoreSchema(num_samples=64, num_classes=4, top_k=2, feature_shape=(8, 4, 4)))
+    with TestClient(create_app(settings, RayJobs(ray_dashboard)),
+                    headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        yield http, store.cache_key
+
+
+@pytest.mark.ray
+def test_a_tat_train_spec_is_accepted_over_rest(service):
+    http, key = service
+    for field, wrong in [("tat_variant", "grid"), ("tat_groups", 0), ("tat_anchors", 65), ("tat_weight", -1.0),
+                         ("student_layer", "a b"), ("deit_soft_reduction", "mean"), ("online_targets", "top1"),
+                         ("adv_weight", -1.0), ("disc_lr", 0.0)]:
+        r = http.post("/v1/train-jobs", json={**TAT, "store": key, field: wrong})
+        assert r.status_code == 422 and [e["loc"] for e in r.json()["detail"]] == [["body", field]], r.text
+
+    job = http.post("/v1/train-jobs", json={**TAT, "store": key})
+    assert job.status_code == 202, job.text
+    spec = job.json()["spec"]
+    assert {name: spec[name] for name in TAT} == TAT
+    assert spec["dataset"] == load_dataset(DATA).spec  # none named: the store's
+    deadline = time.monotonic() + 120  # the store holds no seed: the job fails in Ray; wait until it has ended
+    while (done := http.get(f"/v1/jobs/{job.json()['id']}").json())["state"] not in ("FAILED", "SUCCEEDED",
+                                                                                      "CANCELLED"):
+        assert time.monotonic() < deadline, done["state"]
+        time.sleep(0.5)
+    # the trainer took the spec and checked the store: it holds no seed 0
+    assert done["state"] == "FAILED" and "seeds [0] are not in store" in done["error"], done
