@@ -24,12 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines._label_stream import ViewBatch, decode_views_torch, stream_views
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
 from pipelines.progress import progress_bar
 from pipelines.store import LabelStore, QualitySums, StoreSchema
 from pipelines.teachers import Teacher, load_teacher
-from pipelines.views import COL, Recipe, _key, _uniforms, build_views, get_recipe, output_size
+from pipelines.views import COL, MIX_NONE, Recipe, _key, _uniforms, get_recipe, mix_views, output_size
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ class LabelConfig:
     num_workers: int = 1
     gpus_per_worker: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # added by issue 13 (at the end, with defaults):
+    decode_workers: int = -1  # processes per label worker that decode and crop ahead of the teacher; -1: auto
+    decode: str = "auto"  # "cpu" (PIL in the decode processes), "gpu" (nvJPEG + GPU crops), auto: gpu on CUDA
+    gpu_wait_s: float = 60.0  # how long --gpus-per-worker waits for the cluster's GPUs before refusing
 
     def __post_init__(self) -> None:
         if not self.teachers:
@@ -62,6 +67,23 @@ class LabelConfig:
             raise UsageError("give at least one seed, e.g. --seeds 0-3")
         if self.batch_size < 1 or self.num_workers < 1 or self.feature_grid < 1:
             raise UsageError("--batch-size, --num-workers and the feature grid must be >= 1")
+        if self.decode not in ("auto", "cpu", "gpu"):
+            raise UsageError(f"decode {self.decode!r}: expected auto, cpu or gpu")
+        if self.decode == "gpu" and self.gpus_per_worker <= 0:
+            raise UsageError("decode=gpu needs --gpus-per-worker > 0: the JPEGs are decoded on the teacher's GPU")
+        if self.gpus_per_worker < 0 or self.gpu_wait_s < 0:
+            raise UsageError("--gpus-per-worker and the GPU wait must be >= 0")
+
+    @property
+    def decode_on(self) -> str:
+        """Where JPEGs are decoded: ``gpu`` when asked, or by default when the teacher runs on a GPU."""
+        return "gpu" if self.decode == "gpu" or (self.decode == "auto" and self.gpus_per_worker > 0) else "cpu"
+
+    def decode_processes(self, cpus: int) -> int:
+        """Decode processes of one label worker holding ``cpus`` CPUs: ``decode_workers``, or by default a
+        quarter of them (at least one). At 224 px a CPU teacher costs far more per image than a JPEG decode
+        (resnet50: about 4 GFLOPs against about 1.5 ms of a core), so most cores go to the teacher's threads."""
+        return self.decode_workers if self.decode_workers >= 0 else max(1, cpus // 4)
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -79,15 +101,21 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 
 class Labeler:
-    """Labels pieces: loads the dataset and the teachers once, then turns row ranges into store arrays."""
+    """Labels pieces: opens the dataset's index and loads the teachers once, then turns row ranges into store
+    arrays, the views streamed to the teacher by ``decode_workers`` processes (``pipelines._label_stream``)."""
 
-    def __init__(self, config: LabelConfig, store_path: str, device: str = "cpu"):
+    def __init__(self, config: LabelConfig, store_path: str, device: str = "cpu", decode_workers: int | None = None):
         self.config = config
         self.dataset: Dataset = load_dataset(config.dataset, config.split, config.data_root)
         self.recipe: Recipe = get_recipe(config.recipe)
         self.teachers: list[Teacher] = [load_teacher(t, self.dataset.num_classes, device) for t in config.teachers]
         self.store = LabelStore(store_path)
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one input size: the fastest kernels are found once
+        self.decode_workers = (config.decode_processes(torch.get_num_threads()) if decode_workers is None
+                               else decode_workers)
+        self.decode = config.decode_on if self.device.type == "cuda" else "cpu"
 
     def label(self, seed: int, ids: np.ndarray) -> dict[str, np.ndarray]:
         """The store arrays for ``ids`` under ``seed``, computed in batches."""
@@ -97,18 +125,38 @@ class Labeler:
         """The store arrays for ``ids`` under ``seed`` and their label-quality sums (``quality_sums``)."""
         parts: list[dict[str, np.ndarray]] = []
         quality: QualitySums = {}
-        for start in range(0, len(ids), self.config.batch_size):
-            batch = ids[start : start + self.config.batch_size]
+        batches = stream_views(self.dataset, self.recipe, seed, ids, self.config.batch_size, self.decode_workers,
+                               self.decode, pin_memory=self.device.type == "cuda")
+        for batch in batches:
             arrays, sums = self._label_batch(seed, batch)
             parts.append(arrays)
             quality = add_quality(quality, sums)
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, quality
 
+    def _device_views(self, batch: ViewBatch) -> torch.Tensor:
+        """The batch's float views in [0, 1] on the teacher's device (uint8 travels; floats are made there)."""
+        if batch.views is not None:
+            return batch.views.to(self.device)
+        size = int(output_size(self.recipe, self.dataset) or 0)
+        partner = None
+        if batch.encoded is not None:  # decode="gpu"
+            own = decode_views_torch(batch.encoded, batch.params[:, 0:5], size, self.device)
+            if batch.partner_encoded is not None:
+                rows = np.flatnonzero(batch.params[:, COL["mix_mode"]] != MIX_NONE)
+                partner = own.clone()
+                partner[torch.from_numpy(rows).to(self.device)] = decode_views_torch(
+                    batch.partner_encoded, batch.params[rows, 8:13], size, self.device)
+        else:
+            own = batch.own.to(self.device, non_blocking=True)  # type: ignore[union-attr]
+            if batch.partner is not None:
+                partner = batch.partner.to(self.device, non_blocking=True)
+        return mix_views(own, partner, batch.params)
+
     @torch.inference_mode()
-    def _label_batch(self, seed: int, ids: np.ndarray) -> tuple[dict[str, np.ndarray], QualitySums]:
+    def _label_batch(self, seed: int, batch: ViewBatch) -> tuple[dict[str, np.ndarray], QualitySums]:
         cfg, schema = self.config, self.store.schema
-        views, params = build_views(self.dataset, self.recipe, seed, ids)
-        views = views.to(self.device)
+        ids, params = batch.ids, batch.params
+        views = self._device_views(batch)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _null()
         member_logits, fmap = [], None
         with autocast:
@@ -245,7 +293,7 @@ def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Datas
         described["image_shape"] = list(dataset.image_shape)
     else:  # images of many sizes: the recipe's output size is the views' size; bad=skip records what it left out
         described["skipped"] = len(dataset.skipped)
-    provenance = {
+    provenance: dict[str, Any] = {
         "dataset": described,
         "recipe": recipe.to_dict(),
         "teachers": [t.describe() for t in teachers],
@@ -253,6 +301,8 @@ def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Datas
                    "features": {"layer": config.features, "grid": config.feature_grid} if config.features else None,
                    "per_teacher": config.per_teacher},
     }
+    if config.decode_on == "gpu" and not dataset.in_memory:  # other pixels than the PIL views: another key
+        provenance["labels"]["decode"] = "torchvision.io.decode_jpeg+roi_align"
     schema = StoreSchema(num_samples=len(dataset), num_classes=dataset.num_classes, top_k=config.top_k,
                          sampled=config.sampled, feature_shape=feature_shape,  # type: ignore[arg-type]
                          per_teacher=len(teachers) if config.per_teacher else 0, chunk_rows=config.chunk_rows)
@@ -309,7 +359,7 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
         for seed, i, a, b in work:
             labeler.label_piece(seed, i, a, b)
             bar.update(b - a)
-        timing = {"startup_s": t_work - t_start, "work_s": time.perf_counter() - t_work, "nodes": 1}
+        timing: dict[str, Any] = {"startup_s": t_work - t_start, "work_s": time.perf_counter() - t_work, "nodes": 1}
     elif backend == "ray":
         from pipelines._ray_labeling import label_on_ray
 
@@ -323,4 +373,5 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
     return {**result, "cache_hit": False, "samples": total,
             "images_per_s": round(total / max(timing["work_s"], 1e-9), 1),
             "seconds": round(time.perf_counter() - t0, 3), "startup_s": round(timing["startup_s"], 3),
-            "labeling_s": round(timing["work_s"], 3), "nodes": int(timing.get("nodes", 1))}
+            "labeling_s": round(timing["work_s"], 3), "nodes": int(timing.get("nodes", 1)),
+            "pieces_per_node": timing.get("pieces_per_node", {"local": len(work)})}
