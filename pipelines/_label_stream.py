@@ -1,7 +1,8 @@
 """The views a label worker feeds its teacher, as a stream: built ahead of the teacher, off its thread.
 
-For a data set on disk, a small pool of worker processes (a ``torch.utils.data.DataLoader`` over the piece's
-batches, ``batch_size=None``) reads each batch's encoded bytes, draws its view parameters, decodes and crops
+For a data set on disk, a small pool of worker processes (a ``torch.utils.data.DataLoader`` with
+``batch_size=None`` and persistent workers, kept for every piece the label worker labels; its sampler yields the
+piece's ``(seed, ids)`` batches) reads each batch's encoded bytes, draws its view parameters, decodes and crops
 (``pipelines.views.render_batch``) and hands over uint8 views in shared memory, ``prefetch`` batches ahead,
 while the teacher's forward runs on the worker's own thread(s). The teacher's device receives uint8 (a quarter
 of float32's bytes; pinned host memory on CUDA) and finishes the views there (``mix_views``, then the
@@ -44,19 +45,20 @@ class ViewBatch:
     partner_encoded: list[tuple[bytes, str]] | None = None
 
 
-class _PieceBatches(torch.utils.data.Dataset):
-    """The batches of one piece, built in a worker process (``render_batch``: decode, crop, uint8)."""
+class _ViewSource(torch.utils.data.Dataset):
+    """Batches of views of a data set on disk, built in a worker process: an item is ``(seed, ids)``; it is drawn
+    and rendered there (``render_batch``: decode, crop, uint8), or only read with ``decode="gpu"``."""
 
-    def __init__(self, dataset, recipe: Recipe, seed: int, batches: list[np.ndarray], decode: str):
-        self.dataset, self.recipe, self.seed, self.batches, self.decode = dataset, recipe, seed, batches, decode
+    def __init__(self, dataset, recipe: Recipe, decode: str):
+        self.dataset, self.recipe, self.decode = dataset, recipe, decode
         self.size = int(output_size(recipe, dataset) or 0)
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.dataset)
 
-    def __getitem__(self, i: int) -> ViewBatch:
-        ids = self.batches[i]
-        params = draw_views(self.recipe, self.seed, ids, len(self.dataset), self.dataset.sizes)
+    def __getitem__(self, item: tuple[int, np.ndarray]) -> ViewBatch:  # type: ignore[override]
+        seed, ids = item
+        params = draw_views(self.recipe, seed, ids, len(self.dataset), self.dataset.sizes)
         if self.decode == "gpu":
             mixing = params[:, COL["mix_mode"]] != MIX_NONE
             partners = self.dataset.encoded(partner_ids(params, ids)[mixing]) if mixing.any() else None
@@ -65,35 +67,68 @@ class _PieceBatches(torch.utils.data.Dataset):
         return ViewBatch(ids, params, own=own, partner=partner)
 
 
+class _Items(torch.utils.data.Sampler):
+    """The loader's order: the ``(seed, ids)`` batches of the piece at hand, replaced for each piece."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, np.ndarray]] = []
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 def _keep(batch: Any) -> Any:
     """The DataLoader's collate for ``batch_size=None``: each item is a whole batch already."""
     return batch
 
 
-def stream_views(dataset, recipe: Recipe, seed: int, ids: np.ndarray, batch_size: int, workers: int,
-                 decode: str = "cpu", pin_memory: bool = False) -> Iterator[ViewBatch]:
-    """The batches of ``ids`` in order, built ``PREFETCH`` batches ahead by ``workers`` processes (0: here)."""
-    batches = [ids[s : s + batch_size] for s in range(0, len(ids), batch_size)]
-    if dataset.in_memory:
-        _, H, W = dataset.image_shape
-        for batch in batches:
-            params = draw_views(recipe, seed, batch, len(dataset), (H, W))
-            images = dataset.read(batch)
-            partners = partner_ids(params, batch)
-            partner_images = images if np.array_equal(partners, batch) else dataset.read(partners)
-            yield ViewBatch(batch, params, views=apply_views(images, params, recipe.out_size, partner_images))
-        return
-    source = _PieceBatches(dataset, recipe, seed, batches, decode)
-    if workers <= 0:
-        yield from (source[i] for i in range(len(source)))
-        return
-    loader = torch.utils.data.DataLoader(source, batch_size=None, shuffle=False, num_workers=min(workers, len(batches)),
-                                         prefetch_factor=PREFETCH, collate_fn=_keep, pin_memory=False)
-    for batch in loader:
-        if pin_memory and batch.own is not None:
-            batch.own = batch.own.pin_memory()
-            batch.partner = batch.partner.pin_memory() if batch.partner is not None else None
-        yield batch
+class ViewStream:
+    """The views of one label worker, batch by batch, in order. On disk: ``workers`` decode processes (kept for
+    every piece this worker labels) build them ``PREFETCH`` batches ahead each; 0 builds them here. In memory:
+    float views built here (nothing to decode)."""
+
+    def __init__(self, dataset, recipe: Recipe, workers: int, decode: str = "cpu", pin_memory: bool = False):
+        self.dataset, self.recipe, self.workers, self.decode = dataset, recipe, workers, decode
+        self.pin_memory = pin_memory
+        self._items = _Items()
+        self._loader: torch.utils.data.DataLoader | None = None
+
+    def batches(self, seed: int, ids: np.ndarray, batch_size: int) -> Iterator[ViewBatch]:
+        chunks = [ids[s : s + batch_size] for s in range(0, len(ids), batch_size)]
+        if self.dataset.in_memory:
+            yield from (self._in_memory(seed, batch) for batch in chunks)
+            return
+        if self.workers <= 0:
+            source = _ViewSource(self.dataset, self.recipe, self.decode)
+            yield from (source[(seed, batch)] for batch in chunks)
+            return
+        if self._loader is None:
+            self._loader = torch.utils.data.DataLoader(
+                _ViewSource(self.dataset, self.recipe, self.decode), batch_size=None, sampler=self._items,
+                num_workers=self.workers, prefetch_factor=PREFETCH, persistent_workers=True, collate_fn=_keep)
+        self._items.items = [(seed, batch) for batch in chunks]
+        for batch in self._loader:
+            if self.pin_memory and batch.own is not None:
+                batch.own = batch.own.pin_memory()
+                batch.partner = batch.partner.pin_memory() if batch.partner is not None else None
+            yield batch
+
+    def _in_memory(self, seed: int, ids: np.ndarray) -> ViewBatch:
+        _, H, W = self.dataset.image_shape
+        params = draw_views(self.recipe, seed, ids, len(self.dataset), (H, W))
+        images = self.dataset.read(ids)
+        partners = partner_ids(params, ids)
+        partner_images = images if np.array_equal(partners, ids) else self.dataset.read(partners)
+        return ViewBatch(ids, params, views=apply_views(images, params, self.recipe.out_size, partner_images))
+
+    def close(self) -> None:
+        """End the decode processes."""
+        if self._loader is not None and self._loader._iterator is not None:
+            self._loader._iterator._shutdown_workers()  # type: ignore[attr-defined]
+        self._loader = None
 
 
 def decode_views_torch(encoded: list[tuple[bytes, str]], boxes: np.ndarray, out_size: int,

@@ -93,9 +93,10 @@ def _check_same_cluster(address: str | None) -> None:
         raise UsageError(f"this process is connected to the Ray cluster at {current}; cannot also join {address}")
 
 
-def node_cpus() -> list[int]:
-    """The CPU count of each alive node of the cluster that has CPUs."""
-    return [int(n["Resources"]["CPU"]) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
+def node_cpus(with_gpus: bool = False) -> list[int]:
+    """The CPU count of each alive node of the cluster that has CPUs (and GPUs, ``with_gpus``)."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    return [int(r["CPU"]) for r in nodes if r.get("CPU", 0) >= 1 and (r.get("GPU", 0) > 0 or not with_gpus)]
 
 
 def cpus_per_worker(cpus: list[int], workers: int) -> int:
@@ -132,7 +133,8 @@ def label_on_ray(config: LabelConfig, store_path: str, work: list[tuple[int, int
     workers = max(1, min(config.num_workers, len(work)))
     if gpus > 0:
         wait_for_gpus(gpus * workers, config.gpu_wait_s)
-    cpus_each = 1 if gpus else cpus_per_worker(node_cpus(), workers)
+    # a GPU worker's CPUs read (and, with decode=cpu, decode) the images for its GPU: counted on the GPU nodes
+    cpus_each = cpus_per_worker(node_cpus(with_gpus=gpus > 0), workers)
     device = "cuda" if gpus else "cpu"
     # named for the dashboard's Actors view: the store's cache key and the worker's number
     key = os.path.basename(store_path.rstrip("/"))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines._label_stream import ViewBatch, decode_views_torch, stream_views
+from pipelines._label_stream import ViewBatch, ViewStream, decode_views_torch
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
 from pipelines.progress import progress_bar
@@ -116,6 +116,8 @@ class Labeler:
         self.decode_workers = (config.decode_processes(torch.get_num_threads()) if decode_workers is None
                                else decode_workers)
         self.decode = config.decode_on if self.device.type == "cuda" else "cpu"
+        self.views = ViewStream(self.dataset, self.recipe, self.decode_workers, self.decode,
+                                pin_memory=self.device.type == "cuda")
 
     def label(self, seed: int, ids: np.ndarray) -> dict[str, np.ndarray]:
         """The store arrays for ``ids`` under ``seed``, computed in batches."""
@@ -125,9 +127,7 @@ class Labeler:
         """The store arrays for ``ids`` under ``seed`` and their label-quality sums (``quality_sums``)."""
         parts: list[dict[str, np.ndarray]] = []
         quality: QualitySums = {}
-        batches = stream_views(self.dataset, self.recipe, seed, ids, self.config.batch_size, self.decode_workers,
-                               self.decode, pin_memory=self.device.type == "cuda")
-        for batch in batches:
+        for batch in self.views.batches(seed, ids, self.config.batch_size):
             arrays, sums = self._label_batch(seed, batch)
             parts.append(arrays)
             quality = add_quality(quality, sums)
@@ -356,9 +356,12 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
         t_start = time.perf_counter()
         labeler = Labeler(config, str(store.path))
         t_work = time.perf_counter()
-        for seed, i, a, b in work:
-            labeler.label_piece(seed, i, a, b)
-            bar.update(b - a)
+        try:
+            for seed, i, a, b in work:
+                labeler.label_piece(seed, i, a, b)
+                bar.update(b - a)
+        finally:
+            labeler.views.close()
         timing: dict[str, Any] = {"startup_s": t_work - t_start, "work_s": time.perf_counter() - t_work, "nodes": 1}
     elif backend == "ray":
         from pipelines._ray_labeling import label_on_ray
