@@ -113,6 +113,8 @@ class Labeler:
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one input size: the fastest kernels are found once
+            for teacher in self.teachers:  # the uint8 views arrive channels-last: convolutions run in that layout
+                teacher.model.to(memory_format=torch.channels_last)
         self.decode_workers = (config.decode_processes(torch.get_num_threads()) if decode_workers is None
                                else decode_workers)
         self.decode = config.decode_on if self.device.type == "cuda" else "cpu"
