@@ -255,7 +255,7 @@ def main() -> None:
     ap.add_argument("--teacher", default="resnet50", help="a timm model name (random weights)")
     ap.add_argument("--resolution", type=int, help="the teacher's input size (default: 112 fmnist, 224 jpeg)")
     ap.add_argument("--samples", type=int,
-                    help="images labeled (default: 1024 fmnist, 480 jpeg on cpu, 20000 jpeg on cuda)")
+                    help="images labeled (default: 1024 fmnist, 192 jpeg on cpu, 20000 jpeg on cuda)")
     ap.add_argument("--batch-size", type=int, help="default: 64 fmnist, 32 jpeg on cpu, 256 on cuda")
     ap.add_argument("--chunk-rows", type=int, default=8192, help="store chunk (and piece) rows; the CLI default")
     ap.add_argument("--repeats", type=int, default=2, help="fmnist: interleaved rounds; the best of each counts")
@@ -274,7 +274,7 @@ def main() -> None:
         if cuda and not torch.cuda.is_available():
             raise SystemExit("bench/labeling.py: error: --device cuda: torch sees no CUDA device")
         args.resolution = args.resolution or 224
-        args.samples = args.samples or (20_000 if cuda else 480)
+        args.samples = args.samples or (20_000 if cuda else 192)
         args.batch_size = args.batch_size or (256 if cuda else 32)
         bench_jpeg(args)
 
