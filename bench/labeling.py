@@ -1,44 +1,191 @@
-"""Labeling throughput: `stillroom label` on Ray against a plain in-process teacher loop, same views.
+"""Labeling throughput: `stillroom label` on Ray against the loop a user would write, on the same cores.
 
-In one run, on the same views (Fashion-MNIST slice, ``fmnist-rrc``, seed 0), batch size, thread count and device:
-(a) the limit: a plain loop of teacher forwards (``torch.inference_mode``) over views built beforehand with
-    ``build_views``, on as many torch threads as the pipeline's one actor gets (every core);
+``--data fmnist`` (in memory, the default): on the same views (Fashion-MNIST slice, ``fmnist-rrc``, seed 0),
+batch size, thread count and device: (a) the limit, a plain loop of teacher forwards (``torch.inference_mode``)
+over views built beforehand with ``build_views``, on as many torch threads as the pipeline's one actor gets;
 (b) ``run_labeling(backend="ray")`` on a local Ray started beforehand (``ray_start_s``) with one actor holding
-    every core: steady-state images/s (the actor's start and teacher load excluded; view building, top-k and
-    store writes included), and the first run's actor start (``startup_s``) and end-to-end seconds.
-(a) and (b) are interleaved ``--repeats`` times and the best of each is compared, so that load from other
-processes on a shared machine (which hits a multi-threaded torch loop hard) biases neither side. The
-teacher has random weights (speed does not depend on them). Prints one JSON line with the ratio.
-Target: ratio >= 0.9 for resnet50 at 112 px.
+every core: steady-state images/s (actor start and teacher load excluded; view building, top-k and store
+writes included). (a) and (b) are interleaved ``--repeats`` times and the best of each compared. Target:
+ratio >= 0.9 for resnet50 at 112 px.
 
-    python bench/labeling.py [--teacher resnet50] [--resolution 112] [--samples 1024] [--repeats 2] [--threads N]
+``--data jpeg``: a variable-size JPEG folder written once under ``--work`` by ``bench/data.py``'s generator
+(Fashion-MNIST pixels at 160-512 px, random aspect, quality 90), a resnet50 teacher (random weights, 10
+classes) at 224 px. ``plain_ips``: torchvision ``ImageFolder`` + ``RandomResizedCrop(224)`` +
+``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize`` through a ``DataLoader`` into the teacher under
+``torch.inference_mode``, the best of 1 and 2 loader workers (on CUDA: of half and all the cores), the same
+torch threads. ``pipeline_ips``: ``stillroom label`` (``imagenet-rrc``) on a local Ray of ``--threads`` CPUs,
+one label worker: its decode processes build uint8 views ahead of the teacher; start-up (actor, teacher,
+index) excluded and reported as ``startup_s``. Target: ``ratio`` = pipeline / plain >= 1.0. ``peak_pss_mb``:
+the peak memory of each side, its processes' summed proportional set size (PSS: pages forked processes share
+counted once), sampled every 50 ms: the plain loop's process (which also holds the bench) and its loader
+workers; the label actor and its decode processes.
+
+``--device cuda`` (needs a GPU): the same with the teacher on the GPU (bf16 autocast, pinned memory, uint8
+views; stillroom decodes the JPEGs on the GPU with nvJPEG), 20,000 images by default; under 5 minutes on one
+GPU with the folder written.
+
+Prints one JSON line.
+
+    python bench/labeling.py [--data fmnist|jpeg] [--device cpu|cuda] [--teacher resnet50] [--resolution N]
+                             [--samples N] [--batch-size N] [--threads N] [--work DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher", default="resnet50", help="a timm model name (random weights)")
-    ap.add_argument("--resolution", type=int, default=112, help="the teacher's input size (views are upsampled)")
-    ap.add_argument("--samples", type=int, default=1024, help="label the first N Fashion-MNIST training images")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--chunk-rows", type=int, default=8192, help="store chunk (and piece) rows; the CLI default")
-    ap.add_argument("--repeats", type=int, default=2, help="interleaved (a), (b) rounds; the best of each counts")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                    help="torch threads of the loop and CPUs of the local Ray (its one actor's threads)")
-    args = ap.parse_args()
+
+def _pss_mb(pids: set[int]) -> float:
+    """The processes' summed proportional set size (a page shared by forked processes counted once in all)."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process."""
+    out = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            out[int(d.name)] = (ppid, (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+class PeakRss:
+    """Samples the summed PSS of some processes and all their descendants every 50 ms; ``peak_mb`` the largest.
+    The roots: this process, or every process whose command line starts with ``prefix`` (a Ray actor's title)."""
+
+    def __init__(self, prefix: str | None = None):
+        self.prefix, self.peak_mb, self._stop = prefix, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            procs = _processes()
+            roots = ({pid for pid, (_, cmd) in procs.items() if cmd.startswith(self.prefix)} if self.prefix
+                     else {os.getpid()})
+            tree, grew = set(roots), True
+            while grew:
+                more = {pid for pid, (ppid, _) in procs.items() if ppid in tree} - tree
+                tree |= more
+                grew = bool(more)
+            self.peak_mb = max(self.peak_mb, _pss_mb(tree))
+
+
+def plain_pass(folder: Path, model: torch.nn.Module, size: int, workers: int, batch: int, device: str) -> float:
+    """The loop a user would write: torchvision ImageFolder + RandomResizedCrop(size) + DataLoader -> teacher."""
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    data = datasets.ImageFolder(str(folder / "train"), tf)
+    cuda = device == "cuda"
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=cuda)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    n, t = 0, time.perf_counter()
+    with torch.inference_mode(), autocast:
+        for x, _ in loader:
+            model(x.to(device, non_blocking=True))
+            n += len(x)
+    if cuda:
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t)
+
+
+def bench_jpeg(args: argparse.Namespace) -> None:
+    """A JPEG folder at 224 px: the plain torchvision loop against stillroom label, same cores (and GPU)."""
+    import ray
+    import timm
+
+    from bench.data import make_folder
+    from pipelines.labeling import LabelConfig, run_labeling
+    from pipelines.teachers import Preprocess, load_teacher, save_checkpoint
+
+    cuda = args.device == "cuda"
+    threads = args.threads
+    torch.set_num_threads(threads)
+    work = Path(args.work)
+    t = time.perf_counter()
+    folder = make_folder(work / f"jpeg{args.samples}", args.samples, None, max(1, os.cpu_count() or 1))
+    make_s = time.perf_counter() - t
+    kwargs = {"num_classes": 10, "in_chans": 3}
+    ckpt = work / f"{args.teacher}.pt"
+    torch.manual_seed(0)
+    save_checkpoint(ckpt, args.teacher, timm.create_model(args.teacher, **kwargs), kwargs,
+                    Preprocess(args.resolution, IMAGENET_MEAN, IMAGENET_STD, 3), extra={})
+    spec = f"{args.teacher}@{ckpt}"
+    model = load_teacher(spec, 10, args.device).model
+    workers = (max(1, threads // 2), threads) if cuda else (1, 2)
+    plain, plain_rss = {}, 0.0
+    for w in workers:
+        with PeakRss() as rss:
+            plain[w] = plain_pass(folder, model, args.resolution, w, args.batch_size, args.device)
+        plain_rss = max(plain_rss, rss.peak_mb)
+    del model
+    t = time.perf_counter()
+    ray.init(num_cpus=threads, num_gpus=1 if cuda else 0, include_dashboard=False, log_to_driver=False)
+    ray_start_s = time.perf_counter() - t
+    stores = Path(tempfile.mkdtemp(prefix="stillroom-bench-labeling-stores-"))
+    try:
+        recipe = "imagenet-rrc" if args.resolution == 224 else f"imagenet-rrc:size={args.resolution}"
+        config = LabelConfig(dataset=f"imagefolder:{folder}", teachers=(spec,), recipe=recipe, seeds=(0,), top_k=10,
+                             batch_size=args.batch_size, chunk_rows=args.chunk_rows, num_workers=1,
+                             gpus_per_worker=1.0 if cuda else 0.0, store_root=str(stores))
+        t = time.perf_counter()
+        with PeakRss(prefix="ray::LabelWorker") as rss:
+            result = run_labeling(config, backend="ray", progress=False)
+        end_to_end_s = time.perf_counter() - t
+    finally:
+        ray.shutdown()
+        shutil.rmtree(stores, ignore_errors=True)
+    plain_ips = max(plain.values())
+    print(json.dumps({
+        "bench": "labeling", "data": "jpeg", "device": args.device,
+        "card": torch.cuda.get_device_name(0) if cuda else None, "teacher": args.teacher,
+        "resolution": args.resolution, "samples": result["samples"], "batch_size": args.batch_size,
+        "threads": threads, "plain_ips": round(plain_ips, 1), "pipeline_ips": result["images_per_s"],
+        "ratio": round(result["images_per_s"] / plain_ips, 3),
+        "plain_ips_by_workers": {str(w): round(v, 1) for w, v in plain.items()},
+        "startup_s": result["startup_s"], "end_to_end_s": round(end_to_end_s, 1),
+        "decode": config.decode_on, "decode_workers": config.decode_processes(threads),
+        "peak_pss_mb": {"plain": round(plain_rss), "pipeline_actor": round(rss.peak_mb)},
+        "ray_start_s": round(ray_start_s, 1), "folder_write_s": round(make_s, 1),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }))
+
+
+def bench_fmnist(args: argparse.Namespace) -> None:
+    """The in-memory mode: a plain teacher loop on prebuilt views against run_labeling on Ray."""
 
     import ray
     import timm
@@ -88,7 +235,8 @@ def main() -> None:
             pipeline_runs.append(result["images_per_s"])
         raw_ips, pipeline_ips = max(raw_runs), max(pipeline_runs)
         print(json.dumps({
-            "bench": "labeling", "teacher": args.teacher, "resolution": args.resolution, "samples": len(ds),
+            "bench": "labeling", "data": "fmnist", "teacher": args.teacher, "resolution": args.resolution,
+            "samples": len(ds),
             "batch_size": args.batch_size, "threads": threads, "device": "cpu",
             "raw_ips": round(raw_ips, 1), "pipeline_ips": round(pipeline_ips, 1),
             "ratio": round(pipeline_ips / raw_ips, 3), **(cold or {}),
@@ -98,6 +246,37 @@ def main() -> None:
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", choices=("fmnist", "jpeg"), default="fmnist")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the teacher's device (jpeg only)")
+    ap.add_argument("--teacher", default="resnet50", help="a timm model name (random weights)")
+    ap.add_argument("--resolution", type=int, help="the teacher's input size (default: 112 fmnist, 224 jpeg)")
+    ap.add_argument("--samples", type=int,
+                    help="images labeled (default: 1024 fmnist, 192 jpeg on cpu, 20000 jpeg on cuda)")
+    ap.add_argument("--batch-size", type=int, help="default: 64 fmnist, 32 jpeg on cpu, 256 on cuda")
+    ap.add_argument("--chunk-rows", type=int, default=8192, help="store chunk (and piece) rows; the CLI default")
+    ap.add_argument("--repeats", type=int, default=2, help="fmnist: interleaved rounds; the best of each counts")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads of the loop and CPUs of the local Ray (its one actor's threads)")
+    ap.add_argument("--work", default="/tmp/stillroom-bench-labeling", help="jpeg: where the folder is written")
+    args = ap.parse_args()
+    if args.data == "fmnist":
+        if args.device != "cpu":
+            raise SystemExit("bench/labeling.py: error: --device cuda is for --data jpeg")
+        args.resolution, args.samples = args.resolution or 112, args.samples or 1024
+        args.batch_size = args.batch_size or 64
+        bench_fmnist(args)
+    else:
+        cuda = args.device == "cuda"
+        if cuda and not torch.cuda.is_available():
+            raise SystemExit("bench/labeling.py: error: --device cuda: torch sees no CUDA device")
+        args.resolution = args.resolution or 224
+        args.samples = args.samples or (20_000 if cuda else 192)
+        args.batch_size = args.batch_size or (256 if cuda else 32)
+        bench_jpeg(args)
 
 
 if __name__ == "__main__":

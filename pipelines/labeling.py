@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines._label_stream import ViewBatch, ViewStream, decode_views_torch
 from pipelines._readers import DATASET_HELP
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
@@ -31,7 +32,7 @@ from pipelines.options import check_options, option
 from pipelines.progress import progress_bar
 from pipelines.store import LabelStore, QualitySums, StoreSchema
 from pipelines.teachers import Teacher, load_teacher
-from pipelines.views import COL, Recipe, _key, _uniforms, build_views, get_recipe, output_size
+from pipelines.views import COL, MIX_NONE, Recipe, _key, _uniforms, get_recipe, mix_views, output_size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +63,13 @@ class LabelConfig:
     num_workers: int = option(1, help="Ray actors labeling pieces in parallel", ge=1, le=4096)
     gpus_per_worker: float = option(0.0, help="GPUs each Ray actor asks for (0: CPU)", ge=0, le=16)
     extra: dict[str, Any] = field(default_factory=dict)
+    decode_workers: int = option(-1, help="processes per label worker that decode and crop ahead of the teacher "
+                                          "(-1: a quarter of the worker's CPUs, at least one)", ge=-1, le=256)
+    decode: str = option("auto", help="where JPEGs are decoded: cpu (PIL in the decode processes), gpu (nvJPEG and "
+                                      "crops on the teacher's GPU), auto (gpu when --gpus-per-worker > 0)",
+                         choices=("auto", "cpu", "gpu"))
+    gpu_wait_s: float = option(60.0, help="how long --gpus-per-worker waits for the cluster's GPUs before refusing",
+                               ge=0, le=86400)
 
     def __post_init__(self) -> None:
         if not self.teachers:
@@ -69,6 +77,19 @@ class LabelConfig:
         if not self.seeds:
             raise UsageError("give at least one seed, e.g. --seeds 0-3")
         check_options(self)
+        if self.decode == "gpu" and self.gpus_per_worker <= 0:
+            raise UsageError("decode=gpu needs --gpus-per-worker > 0: the JPEGs are decoded on the teacher's GPU")
+
+    @property
+    def decode_on(self) -> str:
+        """Where JPEGs are decoded: ``gpu`` when asked, or by default when the teacher runs on a GPU."""
+        return "gpu" if self.decode == "gpu" or (self.decode == "auto" and self.gpus_per_worker > 0) else "cpu"
+
+    def decode_processes(self, cpus: int) -> int:
+        """Decode processes of one label worker holding ``cpus`` CPUs: ``decode_workers``, or by default a
+        quarter of them (at least one). At 224 px a CPU teacher costs far more per image than a JPEG decode
+        (resnet50: about 4 GFLOPs against about 1.5 ms of a core), so most cores go to the teacher's threads."""
+        return self.decode_workers if self.decode_workers >= 0 else max(1, cpus // 4)
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -86,15 +107,25 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 
 class Labeler:
-    """Labels pieces: loads the dataset and the teachers once, then turns row ranges into store arrays."""
+    """Labels pieces: opens the dataset's index and loads the teachers once, then turns row ranges into store
+    arrays, the views streamed to the teacher by ``decode_workers`` processes (``pipelines._label_stream``)."""
 
-    def __init__(self, config: LabelConfig, store_path: str, device: str = "cpu"):
+    def __init__(self, config: LabelConfig, store_path: str, device: str = "cpu", decode_workers: int | None = None):
         self.config = config
         self.dataset: Dataset = load_dataset(config.dataset, config.split, config.data_root)
         self.recipe: Recipe = get_recipe(config.recipe)
         self.teachers: list[Teacher] = [load_teacher(t, self.dataset.num_classes, device) for t in config.teachers]
         self.store = LabelStore(store_path)
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one input size: the fastest kernels are found once
+            for teacher in self.teachers:  # the uint8 views arrive channels-last: convolutions run in that layout
+                teacher.model.to(memory_format=torch.channels_last)
+        self.decode_workers = (config.decode_processes(torch.get_num_threads()) if decode_workers is None
+                               else decode_workers)
+        self.decode = config.decode_on if self.device.type == "cuda" else "cpu"
+        self.views = ViewStream(self.dataset, self.recipe, self.decode_workers, self.decode,
+                                pin_memory=self.device.type == "cuda")
 
     def label(self, seed: int, ids: np.ndarray) -> dict[str, np.ndarray]:
         """The store arrays for ``ids`` under ``seed``, computed in batches."""
@@ -104,18 +135,36 @@ class Labeler:
         """The store arrays for ``ids`` under ``seed`` and their label-quality sums (``quality_sums``)."""
         parts: list[dict[str, np.ndarray]] = []
         quality: QualitySums = {}
-        for start in range(0, len(ids), self.config.batch_size):
-            batch = ids[start : start + self.config.batch_size]
+        for batch in self.views.batches(seed, ids, self.config.batch_size):
             arrays, sums = self._label_batch(seed, batch)
             parts.append(arrays)
             quality = add_quality(quality, sums)
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, quality
 
+    def _device_views(self, batch: ViewBatch) -> torch.Tensor:
+        """The batch's float views in [0, 1] on the teacher's device (uint8 travels; floats are made there)."""
+        if batch.views is not None:
+            return batch.views.to(self.device)
+        size = int(output_size(self.recipe, self.dataset) or 0)
+        partner = None
+        if batch.encoded is not None:  # decode="gpu"
+            own = decode_views_torch(batch.encoded, batch.params[:, 0:5], size, self.device)
+            if batch.partner_encoded is not None:
+                rows = np.flatnonzero(batch.params[:, COL["mix_mode"]] != MIX_NONE)
+                partner = own.clone()
+                partner[torch.from_numpy(rows).to(self.device)] = decode_views_torch(
+                    batch.partner_encoded, batch.params[rows, 8:13], size, self.device)
+        else:
+            own = batch.own.to(self.device, non_blocking=True)  # type: ignore[union-attr]
+            if batch.partner is not None:
+                partner = batch.partner.to(self.device, non_blocking=True)
+        return mix_views(own, partner, batch.params)
+
     @torch.inference_mode()
-    def _label_batch(self, seed: int, ids: np.ndarray) -> tuple[dict[str, np.ndarray], QualitySums]:
+    def _label_batch(self, seed: int, batch: ViewBatch) -> tuple[dict[str, np.ndarray], QualitySums]:
         cfg, schema = self.config, self.store.schema
-        views, params = build_views(self.dataset, self.recipe, seed, ids)
-        views = views.to(self.device)
+        ids, params = batch.ids, batch.params
+        views = self._device_views(batch)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _null()
         member_logits, fmap = [], None
         with autocast:
@@ -252,7 +301,7 @@ def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Datas
         described["image_shape"] = list(dataset.image_shape)
     else:  # images of many sizes: the recipe's output size is the views' size; bad=skip records what it left out
         described["skipped"] = len(dataset.skipped)
-    provenance = {
+    provenance: dict[str, Any] = {
         "dataset": described,
         "recipe": recipe.to_dict(),
         "teachers": [t.describe() for t in teachers],
@@ -260,6 +309,8 @@ def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Datas
                    "features": {"layer": config.features, "grid": config.feature_grid} if config.features else None,
                    "per_teacher": config.per_teacher},
     }
+    if config.decode_on == "gpu" and not dataset.in_memory:  # other pixels than the PIL views: another key
+        provenance["labels"]["decode"] = "torchvision.io.decode_jpeg+roi_align"
     schema = StoreSchema(num_samples=len(dataset), num_classes=dataset.num_classes, top_k=config.top_k,
                          sampled=config.sampled, feature_shape=feature_shape,  # type: ignore[arg-type]
                          per_teacher=len(teachers) if config.per_teacher else 0, chunk_rows=config.chunk_rows)
@@ -313,10 +364,13 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
         t_start = time.perf_counter()
         labeler = Labeler(config, str(store.path))
         t_work = time.perf_counter()
-        for seed, i, a, b in work:
-            labeler.label_piece(seed, i, a, b)
-            bar.update(b - a)
-        timing = {"startup_s": t_work - t_start, "work_s": time.perf_counter() - t_work, "nodes": 1}
+        try:
+            for seed, i, a, b in work:
+                labeler.label_piece(seed, i, a, b)
+                bar.update(b - a)
+        finally:
+            labeler.views.close()
+        timing: dict[str, Any] = {"startup_s": t_work - t_start, "work_s": time.perf_counter() - t_work, "nodes": 1}
     elif backend == "ray":
         from pipelines._ray_labeling import label_on_ray
 
@@ -330,4 +384,5 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
     return {**result, "cache_hit": False, "samples": total,
             "images_per_s": round(total / max(timing["work_s"], 1e-9), 1),
             "seconds": round(time.perf_counter() - t0, 3), "startup_s": round(timing["startup_s"], 3),
-            "labeling_s": round(timing["work_s"], 3), "nodes": int(timing.get("nodes", 1))}
+            "labeling_s": round(timing["work_s"], 3), "nodes": int(timing.get("nodes", 1)),
+            "pieces_per_node": timing.get("pieces_per_node", {"local": len(work)})}

@@ -15,11 +15,16 @@ Layout (one directory per cache key under a store root)::
         features   (N, C, h, w) f16  optional: a pooled teacher feature map
         teacher<i>_topk_idx, _topk_logit, _lse, _tail_lse   optional: each ensemble member's own
         pieces/<i>.done          a piece (a run of whole chunks) that a writer finished
-        COMPLETE                 written last, atomically, with a sha256 per array
+        COMPLETE                 written last, atomically, with a sha256 per chunk of every array
 
 A seed without ``COMPLETE`` does not exist for a reader. Writers write whole chunks only (zarr's local
 store writes each chunk file atomically), and one writer owns each piece, so a killed writer leaves
 either finished pieces, which a restarted run keeps, or nothing a reader takes.
+
+Checksums are taken as the chunks are written (``chunk_checksums``): a piece's ``.done`` marker keeps the
+sha256 of each of its chunks, and committing a seed only gathers them (it reads no array). An array's
+checksum is the sha256 of its chunks' hex digests in order; ``verify`` recomputes them chunk by chunk and
+names the chunk that differs.
 """
 
 from __future__ import annotations
@@ -166,6 +171,16 @@ def _sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
+def chunk_checksums(data: np.ndarray, chunk_rows: int) -> list[str]:
+    """The sha256 of each ``chunk_rows``-row chunk of ``data`` (its bytes as stored, C order), in order."""
+    return [_sha256(data[s : s + chunk_rows]) for s in range(0, len(data), chunk_rows)]
+
+
+def combine_checksums(chunks: list[str]) -> str:
+    """An array's checksum: the sha256 of its chunks' hex digests, in order."""
+    return hashlib.sha256("".join(chunks).encode()).hexdigest()
+
+
 @dataclass
 class SeedLabels:
     """One seed's arrays, in memory. ``gather(ids)`` is plain numpy fancy indexing."""
@@ -271,31 +286,40 @@ class LabelStore:
         if start % chunk or (n % chunk and start + n != self.schema.num_samples):
             raise StoreError(f"rows [{start}, {start + n}) are not whole {chunk}-row chunks")
         group = zarr.open_group(store=str(self.seed_dir(seed)), mode="r+", zarr_format=3)
+        checksums = {}
         for name, data in arrays.items():
             shape, dtype = expected[name]
             if data.shape != (n, *shape[1:]):
                 raise StoreError(f"array {name}: got shape {data.shape}, expected {(n, *shape[1:])}")
-            _array(group, name)[start : start + n] = data.astype(dtype, copy=False)
+            data = np.ascontiguousarray(data.astype(dtype, copy=False))
+            _array(group, name)[start : start + n] = data
+            checksums[name] = chunk_checksums(data, chunk)  # of the bytes just written: nothing is read back
         _write_json_atomic(self.seed_dir(seed) / "pieces" / f"{piece}.done",
-                           {"start": start, "stop": start + n, "quality": quality or {}})
+                           {"start": start, "stop": start + n, "quality": quality or {}, "chunk_sha256": checksums})
 
     def commit_seed(self, seed: int) -> dict[str, Any]:
-        """Check every piece is done, checksum every array, write ``COMPLETE`` last; return its record."""
+        """Check every piece is done, gather the chunk checksums its writers recorded (no array is read),
+        write ``COMPLETE`` last; return its record."""
         pieces = self.schema.pieces()
         missing = set(range(len(pieces))) - self.done_pieces(seed)
         if missing:
             raise StoreError(f"seed {seed}: pieces {sorted(missing)[:5]} are not written yet")
-        labels = self._read_arrays(seed)
+        arrays = self.schema.arrays()
         sums: QualitySums = {}
+        chunks: dict[str, list[str]] = {name: [] for name in arrays}
         for i in range(len(pieces)):
             done = json.loads((self.seed_dir(seed) / "pieces" / f"{i}.done").read_text())
             for group, values in (done.get("quality") or {}).items():
                 for name, v in values.items():
                     sums.setdefault(group, {})[name] = sums.get(group, {}).get(name, 0.0) + v
+            for name in arrays:
+                if name not in (done.get("chunk_sha256") or {}):
+                    raise StoreError(f"seed {seed} piece {i}: no checksum recorded for {name}; label the seed again")
+                chunks[name] += done["chunk_sha256"][name]
         record = {
-            "seed": int(seed), "written_at": time.time(),
-            "arrays": {name: {"sha256": _sha256(a), "shape": list(a.shape), "dtype": str(a.dtype)}
-                       for name, a in labels.items()},
+            "seed": int(seed), "written_at": time.time(), "checksum": "sha256 of chunk sha256s",
+            "arrays": {name: {"sha256": combine_checksums(chunks[name]), "chunk_sha256": chunks[name],
+                              "shape": list(shape), "dtype": dtype} for name, (shape, dtype) in arrays.items()},
             "quality": quality_report(sums),
         }
         _write_json_atomic(self.seed_dir(seed) / COMPLETE, record)
@@ -356,14 +380,30 @@ class LabelStore:
             record = json.loads((self.seed_dir(seed) / COMPLETE).read_text())
             group = zarr.open_group(store=str(self.seed_dir(seed)), mode="r", zarr_format=3)
             for name, want in record["arrays"].items():
-                try:
-                    got = _sha256(np.asarray(_array(group, name)[...]))
-                except Exception as e:
-                    problems.append(f"seed {seed} array {name}: cannot be read ({type(e).__name__})")
-                    continue
-                if got != want["sha256"]:
-                    problems.append(f"seed {seed} array {name}: checksum mismatch")
+                problem = self._verify_array(_array(group, name), want)
+                if problem:
+                    problems.append(f"seed {seed} array {name}: {problem}")
         return problems
+
+    def _verify_array(self, array: zarr.Array, want: dict[str, Any]) -> str | None:
+        """What is wrong with one array against its ``COMPLETE`` record (None: nothing), read chunk by chunk."""
+        rows = self.schema.chunk_rows
+        if "chunk_sha256" not in want:  # a seed committed before chunk checksums: one sha256 of the whole array
+            try:
+                whole = _sha256(np.asarray(array[...]))
+            except Exception as e:
+                return f"cannot be read ({type(e).__name__})"
+            return None if whole == want["sha256"] else "checksum mismatch"
+        for c, expected in enumerate(want["chunk_sha256"]):
+            try:
+                got = _sha256(np.asarray(array[c * rows : (c + 1) * rows]))
+            except Exception as e:
+                return f"chunk {c} cannot be read ({type(e).__name__})"
+            if got != expected:
+                return f"chunk {c}: checksum mismatch"
+        if combine_checksums(want["chunk_sha256"]) != want["sha256"]:
+            return "checksum record does not match its chunks"
+        return None
 
     def check(self, expected: dict[str, Any]) -> None:
         """Refuse a store made for something else. ``expected`` maps dotted provenance/schema fields

@@ -250,19 +250,40 @@ def test_killed_run_restarts_to_an_identical_store(tmp_path):
     assert LabelStore(store_dir).verify() == []
 
 
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(stat.parent.name))
+    return out
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_killed_ray_worker_still_gives_an_identical_store(tmp_path, ray_cluster, ray_dashboard):
+@pytest.mark.parametrize("data_kind", ["in-memory", "jpeg-folder"])
+def test_killed_ray_worker_still_gives_an_identical_store(tmp_path, ray_cluster, ray_dashboard, data_kind):
     from ray.util.state import list_actors
 
-    teacher = make_teacher(tmp_path / "t64.pt", resolution=64)
-    data = "synthetic:n=1536,classes=4,size=16"  # 24 pieces, two actors of one CPU each
+    if data_kind == "in-memory":
+        teacher = make_teacher(tmp_path / "t64.pt", resolution=64)
+        data, extra = "synthetic:n=1536,classes=4,size=16", {}  # 24 pieces, two actors of one CPU each
+    else:  # each actor streams views from its own decode process
+        from image_data import write_image_folder
+
+        folder = write_image_folder(tmp_path / "jpegs", train=1536, val=4)
+        teacher = make_teacher(tmp_path / "t64.pt", resolution=64, in_chans=3)
+        data, extra = f"imagefolder:{folder}", {"recipe": "imagenet-rrc:size=24", "decode_workers": 1}
     outcome: dict[str, object] = {}
 
     def label() -> None:
         try:
-            outcome["result"] = run_labeling(config(tmp_path / "killed", [teacher], dataset=data, num_workers=2),
-                                             backend="ray", progress=False)
+            outcome["result"] = run_labeling(config(tmp_path / "killed", [teacher], dataset=data, num_workers=2,
+                                                    **extra), backend="ray", progress=False)
         except Exception as e:  # reported by the assertion below
             outcome["result"] = e
 
@@ -271,6 +292,7 @@ def test_killed_ray_worker_still_gives_an_identical_store(tmp_path, ray_cluster,
 
     thread = threading.Thread(target=label)
     thread.start()
+    orphans: set[int] = set()
     try:
         deadline = time.monotonic() + 120
         while len(alive := label_workers()) < 2 and time.monotonic() < deadline:
@@ -278,6 +300,11 @@ def test_killed_ray_worker_still_gives_an_identical_store(tmp_path, ray_cluster,
         assert len(alive) == 2, alive
         _wait_for_done_piece(tmp_path / "killed" / "stores", timeout=120)
         done_at_kill = _done_pieces(tmp_path / "killed" / "stores")
+        if data_kind == "jpeg-folder":  # killed while its decode process works on a piece
+            deadline = time.monotonic() + 30
+            while not (orphans := _children(int(alive[0].pid))) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert orphans, "the actor never had a decode process"
         os.kill(int(alive[0].pid), signal.SIGKILL)
     finally:
         thread.join(timeout=300)
@@ -287,10 +314,15 @@ def test_killed_ray_worker_still_gives_an_identical_store(tmp_path, ray_cluster,
     assert killed["samples"] == 1536 and LabelStore(killed["store"]).verify() == []
     after = list_actors(address=ray_dashboard, filters=[("actor_id", "=", alive[0].actor_id)], detail=True)
     assert after and after[0].num_restarts >= 1  # Ray restarted the actor and retried its piece
+    deadline = time.monotonic() + 15  # the killed actor's decode processes see their parent gone and end
+    while any(Path(f"/proc/{pid}").exists() for pid in orphans) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in orphans if Path(f"/proc/{pid}").exists()], "decode processes outlived their actor"
 
     # the reference: in this process, on one thread like each actor
     with torch_threads(1):
-        clean = run_labeling(config(tmp_path / "clean", [teacher], dataset=data), backend="local", progress=False)
+        clean = run_labeling(config(tmp_path / "clean", [teacher], dataset=data, **extra), backend="local",
+                             progress=False)
     assert killed["cache_key"] == clean["cache_key"]
     assert checksums(killed["store"], 0) == checksums(clean["store"], 0)
 
@@ -304,9 +336,11 @@ TWO_NODES = textwrap.dedent("""
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
-        result = run_labeling(LabelConfig(dataset={data!r}, teachers=({teacher!r},), seeds=(0,), top_k=3,
-                                          chunk_rows=32, batch_size=32, num_workers=2, store_root={root!r},
-                                          ray_address=cluster.address), backend="ray", progress=False)
+        result = run_labeling(LabelConfig(dataset={data!r}, teachers=({teacher!r},), recipe="imagenet-rrc:size=24",
+                                          seeds=(0,), top_k=3, chunk_rows=16, batch_size=16, num_workers=2,
+                                          store_root={root!r}, ray_address=cluster.address), backend="ray",
+                              progress=False)
+        result["cluster_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         print(json.dumps(result))
     finally:
         ray.shutdown()
@@ -316,13 +350,21 @@ TWO_NODES = textwrap.dedent("""
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_node_cluster_uses_both_nodes(tmp_path, tiny_teacher):
-    script = TWO_NODES.format(data=SYNTHETIC, teacher=tiny_teacher, root=str(tmp_path / "stores"))
+def test_two_node_cluster_labels_a_jpeg_folder_on_both_nodes(tmp_path):
+    from image_data import write_image_folder
+
+    folder = write_image_folder(tmp_path / "jpegs", train=96, val=4)
+    teacher = make_teacher(tmp_path / "rgb.pt", in_chans=3, resolution=24)
+    script = TWO_NODES.format(data=f"imagefolder:{folder}", teacher=teacher, root=str(tmp_path / "stores"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["nodes"] == 2 and result["samples"] == 256 and result["seeds_computed"] == [0]
+    assert result["samples"] == 96 and result["seeds_computed"] == [0]
+    # 6 pieces, one worker of one CPU on each 1-CPU node: each node labeled some of them
+    per_node = result["pieces_per_node"]
+    assert result["nodes"] == 2 and set(per_node) == set(result["cluster_nodes"]), result
+    assert sum(per_node.values()) == 6 and min(per_node.values()) >= 1
     assert LabelStore(result["store"]).verify() == []
 
 
