@@ -393,13 +393,29 @@ def start_run(config: TrainConfig, dist: Distributed, setup: Setup) -> Run:
     return run
 
 
+def train_step(step: DistillationStep, batch: Batch, optimizer: torch.optim.Optimizer,
+               method_optimizer: torch.optim.Optimizer | None, dist: Distributed | None = None) -> dict[str, float]:
+    """One optimisation step on ``batch``: the step's losses, the method's backward, the optimizers' steps.
+    Returns the named losses' values."""
+    losses = step(batch)
+    optimizer.zero_grad(set_to_none=True)
+    if method_optimizer is not None:
+        method_optimizer.zero_grad(set_to_none=True)
+    step.method.backward(losses, [p for p in step.student_parameters() if p.requires_grad])
+    if dist is not None and dist.world_size > 1:
+        for p in step.method.parameters():  # DDP averages the student's gradients; the method's are averaged here
+            if p.grad is not None:
+                dist.all_reduce_mean(p.grad)
+    optimizer.step()
+    if method_optimizer is not None:
+        method_optimizer.step()
+    return {k: float(v.detach()) for k, v in losses.items()}
+
+
 def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
     """Train epoch ``epoch`` (at most ``steps_per_epoch`` steps) and return its record: each named loss (the
     epoch's mean, the first step's, per step), steps, samples, samples/s, seconds."""
     config, step, dist = run.config, run.step, run.dist
-    opt, sched, method_opt = run.optimizer, run.scheduler, run.method_optimizer
-    extra_params = list(step.method.parameters())  # DDP averages the student's grads; the method's here
-    student_params = [p for p in step.student_parameters() if p.requires_grad]
     step.train()
     sums: dict[str, float] = {}
     first: dict[str, float] = {}
@@ -413,20 +429,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
         batch = batch.to(run.device)
         if run.online is not None:
             batch.teacher = run.online.labels(batch)
-        losses = step(batch)
-        opt.zero_grad(set_to_none=True)
-        if method_opt is not None:
-            method_opt.zero_grad(set_to_none=True)
-        step.method.backward(losses, student_params)
-        if dist.world_size > 1:
-            for p in extra_params:
-                if p.grad is not None:
-                    dist.all_reduce_mean(p.grad)
-        opt.step()
-        sched.step()
-        if method_opt is not None:
-            method_opt.step()
-        values = {k: float(v.detach()) for k, v in losses.items()}
+        values = train_step(step, batch, run.optimizer, run.method_optimizer, dist)
+        run.scheduler.step()
         if n_steps == 0:
             first = values
         n_steps += 1
@@ -598,5 +602,5 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return fit(config, setup=setup)
 
 
-__all__ = ["LOSSES", "TrainConfig", "DistillationStep", "train", "fit", "prepare", "start_run", "train_one_epoch",
-           "save_run"]
+__all__ = ["LOSSES", "TrainConfig", "DistillationStep", "train", "fit", "prepare", "start_run", "train_step",
+           "train_one_epoch", "save_run"]
