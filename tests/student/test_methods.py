@@ -166,3 +166,9 @@ def test_a_run_checks_its_config_once(store, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "prepare", counting)
     train(_train_config(store, tmp_path / "run", "kd"))
     assert calls == [str(tmp_path / "run")]
+
+
+def test_the_rest_spec_offers_every_registered_method():
+    from services.specs import TrainJobSpec
+
+    assert tuple(TrainJobSpec.model_json_schema()["properties"]["loss"]["enum"]) == method_names()
