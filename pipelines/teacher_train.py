@@ -7,7 +7,6 @@ labeling job uses. The checkpoint records the model name and kwargs, class count
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.accuracy import top1_top5
+from pipelines.atomic import write_json
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
 from pipelines.progress import progress_bar
@@ -153,5 +153,5 @@ def train_teacher(config: TeacherTrainConfig, progress: bool = True) -> dict[str
     save_checkpoint(out, config.model, model, kwargs, preprocess,
                     extra={"metrics": metrics, "history": history, "config": asdict(config),
                            "dataset": {"spec": train.spec, "fingerprint": train.fingerprint}})
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    write_json(out.with_suffix(".json"), result, sort_keys=False)
     return result
