@@ -13,7 +13,6 @@ in this process, the same code without Ray.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ from pipelines.errors import UsageError
 from pipelines.options import check_options, option
 from pipelines.progress import progress_bar
 from pipelines.store import LabelStore, QualitySums, StoreSchema
-from pipelines.teachers import Teacher, load_teacher
+from pipelines.teachers import Teacher, as_feature_map, ensemble_log_probs, load_teacher
 from pipelines.views import COL, MIX_NONE, Recipe, _key, _uniforms, get_recipe, mix_views, output_size
 
 
@@ -203,16 +202,6 @@ class _null:
         return None
 
 
-def ensemble_log_probs(member_logits: list[torch.Tensor]) -> torch.Tensor:
-    """The ensemble's logits: ``log mean_m softmax(t_m)``, computed in log space (``logsumexp`` of the members'
-    log-probabilities minus ``log M``), so the smallest probabilities of the tail keep their value instead
-    of underflowing. One member: its own logits."""
-    if len(member_logits) == 1:
-        return member_logits[0].float()
-    log_probs = torch.stack([m.float().log_softmax(-1) for m in member_logits])
-    return torch.logsumexp(log_probs, 0) - math.log(len(member_logits))
-
-
 def topk_arrays(logits: torch.Tensor, k: int) -> dict[str, np.ndarray]:
     """Top-k indices (best first) and logits (float16), the exact log-sum-exp over all classes (``lse``), the
     log-sum-exp over the classes outside the top-k (``tail_lse``; ``-inf`` when ``k = C``), both float32 and
@@ -275,13 +264,7 @@ def sample_classes(logits: torch.Tensor, recipe: Recipe, seed: int, ids: np.ndar
 
 def pool_features(fmap: torch.Tensor, grid: int) -> torch.Tensor:
     """A teacher feature map ``(B, C, H, W)`` (or ViT tokens ``(B, N, C)``) average-pooled to ``grid x grid``."""
-    if fmap.ndim == 3:  # ViT tokens: the last side*side tokens are the patch grid, the rest prefix tokens
-        n = fmap.shape[1]
-        side = math.isqrt(n)
-        fmap = fmap[:, n - side * side :].transpose(1, 2).reshape(fmap.shape[0], fmap.shape[2], side, side)
-    if fmap.ndim != 4:
-        raise UsageError(f"feature map of shape {tuple(fmap.shape)}: expected (B, C, H, W)")
-    return F.adaptive_avg_pool2d(fmap.float(), grid)
+    return F.adaptive_avg_pool2d(as_feature_map(fmap).float(), grid)
 
 
 def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Dataset, recipe: Recipe

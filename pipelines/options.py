@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import MISSING, dataclass, field
 from typing import Any
 
@@ -30,14 +31,20 @@ class Option:
     help: str
     flags: tuple[str, ...] = ()  # CLI flags; default: ``--`` + the field name with dashes
     bounds: dict[str, float] = field(default_factory=dict)  # ge/gt/le/lt, as pydantic names them
-    choices: tuple[str, ...] | None = None
+    # the allowed values, or a function that lists them when asked (a registry that may grow, e.g. methods)
+    choices: tuple[str, ...] | Callable[[], Iterable[str]] | None = None
     cli: dict[str, Any] = field(default_factory=dict)  # argparse keywords that differ from the derived ones
     via: str | None = None  # set through another flag (why), not a flag of its own
+
+    def allowed(self) -> tuple[str, ...] | None:
+        """The allowed values now (``None``: any)."""
+        return tuple(self.choices()) if callable(self.choices) else self.choices
 
 
 def option(default: Any = MISSING, *, help: str, flags: tuple[str, ...] = (), ge: float | None = None,
            gt: float | None = None, le: float | None = None, lt: float | None = None,
-           choices: tuple[str, ...] | None = None, cli: dict[str, Any] | None = None, via: str | None = None,
+           choices: tuple[str, ...] | Callable[[], Iterable[str]] | None = None, cli: dict[str, Any] | None = None,
+           via: str | None = None,
            default_factory: Any = MISSING) -> Any:
     """A dataclass field that is a job option (see the module docstring)."""
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
@@ -93,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser, config: type) -> None:
                 if default is not None and default is not False and "default" not in opt.help:
                     kwargs["help"] += " (default: %(default)s)"
         if opt.choices is not None:
-            kwargs["choices"] = opt.choices
+            kwargs["choices"] = opt.allowed()
         kwargs.update(opt.cli)
         if "default" in opt.cli:
             kwargs.pop("required", None)
@@ -109,8 +116,9 @@ def check_options(config: Any) -> None:
         if value is None:
             continue
         flag = flags_of(name, opt)[0]
-        if opt.choices is not None and value not in opt.choices:
-            raise UsageError(f"unknown {flag} {value!r}: expected one of {', '.join(opt.choices)}")
+        allowed = opt.allowed()
+        if allowed is not None and value not in allowed:
+            raise UsageError(f"unknown {flag} {value!r}: expected one of {', '.join(allowed)}")
         if opt.bounds and not isinstance(value, int | float):
             continue
         b = opt.bounds

@@ -6,13 +6,15 @@ When ``STILLROOM_PROGRESS_FILE`` is set (the service sets it for every job it ru
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import sys
 import time
 from typing import Any
 
 from tqdm import tqdm
+
+from pipelines.atomic import write_json
 
 PROGRESS_ENV = "STILLROOM_PROGRESS_FILE"
 
@@ -42,14 +44,8 @@ class ProgressBar(tqdm):
         total = float(self.total or 0)
         record = {"desc": self.desc, "done": self.n, "total": total,
                   "fraction": round(self.n / total, 4) if total else None, "at": time.time()}
-        path = str(self._progress_path)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "w") as f:
-                json.dump(record, f)
-            os.replace(tmp, path)
-        except OSError:
-            pass  # progress is a courtesy; the job goes on without it
+        with contextlib.suppress(OSError):  # progress is a courtesy; the job goes on without it
+            write_json(str(self._progress_path), record)
 
 
 def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "img") -> ProgressBar:

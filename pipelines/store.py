@@ -43,6 +43,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from pipelines.atomic import write_json
 from pipelines.errors import StillroomError, UsageError
 from pipelines.views import NUM_VIEW_PARAMS
 
@@ -149,12 +150,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def _compressor(dtype: str) -> BloscCodec:
     # byte shuffle groups the high bytes (mostly equal) of neighbouring values; zstd does the rest
     return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)
@@ -234,7 +229,7 @@ class LabelStore:
         if not os.access(path, os.W_OK):
             raise StoreError(f"store root {root} is not writable")
         if not (path / MANIFEST).exists():
-            _write_json_atomic(path / MANIFEST, {
+            write_json(path / MANIFEST, {
                 "format_version": FORMAT_VERSION, "cache_key": key, "provenance": provenance,
                 "schema": schema.to_dict(), "sources": sources or {}, "seeds": [], "created_at": time.time(),
             })
@@ -294,7 +289,7 @@ class LabelStore:
             data = np.ascontiguousarray(data.astype(dtype, copy=False))
             _array(group, name)[start : start + n] = data
             checksums[name] = chunk_checksums(data, chunk)  # of the bytes just written: nothing is read back
-        _write_json_atomic(self.seed_dir(seed) / "pieces" / f"{piece}.done",
+        write_json(self.seed_dir(seed) / "pieces" / f"{piece}.done",
                            {"start": start, "stop": start + n, "quality": quality or {}, "chunk_sha256": checksums})
 
     def commit_seed(self, seed: int) -> dict[str, Any]:
@@ -322,7 +317,7 @@ class LabelStore:
                               "shape": list(shape), "dtype": dtype} for name, (shape, dtype) in arrays.items()},
             "quality": quality_report(sums),
         }
-        _write_json_atomic(self.seed_dir(seed) / COMPLETE, record)
+        write_json(self.seed_dir(seed) / COMPLETE, record)
         shutil.rmtree(self.seed_dir(seed) / "pieces", ignore_errors=True)
         self._refresh_manifest_seeds()
         return record
@@ -331,7 +326,7 @@ class LabelStore:
         manifest = json.loads((self.path / MANIFEST).read_text())
         manifest["seeds"] = self.seeds()
         manifest["updated_at"] = time.time()
-        _write_json_atomic(self.path / MANIFEST, manifest)
+        write_json(self.path / MANIFEST, manifest)
         self.manifest = manifest
 
     # -- reading --------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ labeling job uses. The checkpoint records the model name and kwargs, class count
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from pipelines._readers import DATASET_HELP
+from pipelines.accuracy import top1_top5
+from pipelines.atomic import write_json
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
 from pipelines.options import check_options, option
@@ -75,15 +76,9 @@ def channel_stats(ds: Dataset, size: int, limit: int = 10000) -> tuple[tuple[flo
 def evaluate(model: torch.nn.Module, preprocess: Preprocess, ds: Dataset, batch_size: int = 512) -> dict[str, float]:
     """Top-1 and top-5 on the un-augmented images of ``ds``."""
     model.eval()
-    hits1 = hits5 = 0
-    for start in range(0, len(ds), batch_size):
-        ids = np.arange(start, min(start + batch_size, len(ds)))
-        logits = model(preprocess(eval_views(ds, ids, None if ds.in_memory else preprocess.resolution)))
-        target = torch.from_numpy(ds.labels[ids])
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits1 += int((top[:, 0] == target).sum())
-        hits5 += int((top == target[:, None]).any(1).sum())
-    return {"top1": hits1 / len(ds), "top5": hits5 / len(ds)}
+    size = None if ds.in_memory else preprocess.resolution
+    top1, top5 = top1_top5(lambda ids: model(preprocess(eval_views(ds, ids, size))), ds.labels, len(ds), batch_size)
+    return {"top1": top1, "top5": top5}
 
 
 def reestimate_batchnorm(model: torch.nn.Module, preprocess: Preprocess, ds: Dataset, recipe: Recipe, seed: int,
@@ -160,5 +155,5 @@ def train_teacher(config: TeacherTrainConfig, progress: bool = True) -> dict[str
     save_checkpoint(out, config.model, model, kwargs, preprocess,
                     extra={"metrics": metrics, "history": history, "config": asdict(config),
                            "dataset": {"spec": train.spec, "fingerprint": train.fingerprint}})
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    write_json(out.with_suffix(".json"), result, sort_keys=False)
     return result

@@ -12,9 +12,11 @@ teacher's resolution, matches the channel count and normalises.
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,7 @@ from torch import nn
 from pipelines.errors import UsageError
 
 CHECKPOINT_FORMAT = "stillroom-teacher/1"
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -96,13 +99,31 @@ class Teacher:
         module = dict(self.model.named_modules()).get(layer)
         if module is None:
             raise UsageError(f"teacher {self.name} has no layer {layer!r}: use 'final' or a module name")
-        captured: list[torch.Tensor] = []
-        handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
-            logits = self.model(x)
-        finally:
-            handle.remove()
-        return logits, captured[0]
+        return forward_capturing(module, lambda: self.model(x))
+
+
+def forward_capturing(module: nn.Module, forward: Callable[[], R]) -> tuple[R, torch.Tensor]:
+    """``(forward(), the output of module during it)``: a forward hook on ``module``, removed afterwards."""
+    captured: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        result = forward()
+    finally:
+        handle.remove()
+    if not captured:
+        raise UsageError(f"layer {type(module).__name__} did not run in the forward pass")
+    return result, captured[0]
+
+
+def as_feature_map(fmap: torch.Tensor) -> torch.Tensor:
+    """A feature map ``(B, C, H, W)``; ViT tokens ``(B, N, C)`` become the patch grid: the last ``side * side``
+    tokens, the rest (class, distillation, register tokens) dropped."""
+    if fmap.ndim == 3:
+        n, side = fmap.shape[1], math.isqrt(fmap.shape[1])
+        return fmap[:, n - side * side :].transpose(1, 2).reshape(fmap.shape[0], fmap.shape[2], side, side)
+    if fmap.ndim != 4:
+        raise UsageError(f"feature map of shape {tuple(fmap.shape)}: expected (B, C, H, W) or ViT tokens (B, N, C)")
+    return fmap
 
 
 def parse_teacher_spec(spec: str) -> tuple[str, str | None]:
@@ -190,13 +211,14 @@ def load_teacher(spec: str, num_classes: int | None = None, device: str | torch.
     return Teacher(name, model, pre, classes, digest, source, kwargs).to(device)
 
 
-def ensemble_logits(teachers: list[Teacher], views: torch.Tensor) -> torch.Tensor:
-    """One teacher: its logits. Several (MEAL V2): log of the mean of their probabilities, a logit
-    vector whose softmax is the ensemble's average distribution."""
-    if len(teachers) == 1:
-        return teachers[0].logits(views).float()
-    probs = torch.stack([t.logits(views).float().softmax(-1) for t in teachers]).mean(0)
-    return probs.clamp_min(1e-30).log()
+def ensemble_log_probs(member_logits: list[torch.Tensor]) -> torch.Tensor:
+    """The ensemble's logits: ``log mean_m softmax(t_m)``, computed in log space (``logsumexp`` of the members'
+    log-probabilities minus ``log M``), so the smallest probabilities of the tail keep their value instead
+    of underflowing. One member: its own logits."""
+    if len(member_logits) == 1:
+        return member_logits[0].float()
+    log_probs = torch.stack([m.float().log_softmax(-1) for m in member_logits])
+    return torch.logsumexp(log_probs, 0) - math.log(len(member_logits))
 
 
 def save_checkpoint(path: str | Path, name: str, model: nn.Module, kwargs: dict[str, Any], preprocess: Preprocess,

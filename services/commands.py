@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -108,12 +107,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _follow(client, job: dict[str, Any], label: str) -> dict[str, Any]:
     """Wait for a job, drawing its progress; return the finished record."""
     from pipelines.progress import progress_bar
@@ -146,9 +139,10 @@ DEMO_STUDENT = {"dataset": DEMO_DATA, "student": "test_resnet", "epochs": 2, "ba
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start the service on a local Ray, run teacher, label and two train jobs over HTTP, print a table."""
     from services.client import StillroomClient
+    from services.launcher import free_port
 
     state_dir, store_root = Path(args.state_dir).resolve(), Path(args.store_root).resolve()
-    port, dash_port = _free_port(), _free_port()
+    port, dash_port = free_port(), free_port()
     env = {**os.environ, "STILLROOM_STATE_DIR": str(state_dir), "STILLROOM_STORE_ROOT": str(store_root),
            "STILLROOM_PORT": str(port), "STILLROOM_DASHBOARD_PORT": str(dash_port)}
     env.setdefault("STILLROOM_API_TOKEN", os.urandom(16).hex())

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipelines.atomic import write_json
 from pipelines.errors import StillroomError
 from pipelines.progress import PROGRESS_ENV
 
@@ -48,22 +49,16 @@ ENTRY_POINTS: dict[str, Callable[[dict[str, Any], dict[str, Any]], dict[str, Any
 }
 
 
-def _write(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
 def main(argv: list[str]) -> int:
     job_dir = Path(argv[0])
     job = json.loads((job_dir / "spec.json").read_text())
     entry = ENTRY_POINTS.get(job["kind"])
     if entry is None:
-        _write(job_dir / "result.json", {"ok": False, "error": f"unknown job kind {job['kind']!r}"})
+        write_json(job_dir / "result.json", {"ok": False, "error": f"unknown job kind {job['kind']!r}"})
         return 2
     os.environ[PROGRESS_ENV] = str(job_dir / "progress.json")
     # who runs this job, so that whoever stops it can check that nothing of it is left
-    _write(job_dir / "process.json", {"pid": os.getpid(), "pgid": os.getpgid(0)})
+    write_json(job_dir / "process.json", {"pid": os.getpid(), "pgid": os.getpgid(0)})
     # Ray starts a job's entry point with OMP_NUM_THREADS=1 (it reserves no CPUs: entrypoint_num_cpus=0), which
     # would run an in-process teacher or student on one core: use the node's cores, as the CLI does.
     import torch
@@ -74,14 +69,14 @@ def main(argv: list[str]) -> int:
         result = entry(job["spec"], job)
     except StillroomError as e:
         print(f"stillroom: error: {e}", file=sys.stderr, flush=True)
-        _write(job_dir / "result.json", {"ok": False, "error": str(e)})
+        write_json(job_dir / "result.json", {"ok": False, "error": str(e)})
         return 1
     except Exception as e:
         traceback.print_exc()
-        _write(job_dir / "result.json", {"ok": False, "error": f"{type(e).__name__}: {e}"})
+        write_json(job_dir / "result.json", {"ok": False, "error": f"{type(e).__name__}: {e}"})
         return 1
     print(json.dumps(result), flush=True)
-    _write(job_dir / "result.json", {"ok": True, "result": result})
+    write_json(job_dir / "result.json", {"ok": True, "result": result})
     return 0
 
 

@@ -43,6 +43,7 @@ def port_free(host: str, port: int) -> bool:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it; bind it soon, another process may take it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -115,7 +115,7 @@ def _spec_from_config(kind: str, config: type) -> type[_Spec]:
             continue
         annotation, extra = _REST[kind].get(name, (hints[name], {}))
         if opt.choices is not None:
-            annotation = Literal[opt.choices]  # type: ignore[valid-type]
+            annotation = Literal[opt.allowed()]  # type: ignore[valid-type]
             annotation = annotation | None if base_type(hints[name]) is not hints[name] else annotation
         kwargs = {"description": opt.help, **opt.bounds, **extra}
         default = kwargs.pop("default", default_of(f))

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.accuracy import top1_top5
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
 from pipelines.views import eval_views
@@ -87,17 +88,10 @@ def evaluate(model: nn.Module, dataset: Dataset, img_size: int, batch_size: int 
     was_training = inner.training
     inner.eval()
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    k = min(5, dataset.num_classes)
-    top1 = top5 = 0
-    for start in range(0, n, batch_size):
-        ids = np.arange(start, min(start + batch_size, n))
-        logits = inner(normalize(eval_inputs(dataset, ids, img_size).to(device)))
-        y = torch.from_numpy(dataset.labels[ids]).to(logits.device)
-        best = logits.topk(k, dim=-1).indices
-        top1 += int((best[:, 0] == y).sum())
-        top5 += int((best == y[:, None]).any(dim=1).sum())
+    top1, top5 = top1_top5(lambda ids: inner(normalize(eval_inputs(dataset, ids, img_size).to(device))),
+                           dataset.labels, n, batch_size)
     inner.train(was_training)
-    return {"top1": round(top1 / n, 6), "top5": round(top5 / n, 6)}
+    return {"top1": round(top1, 6), "top5": round(top5, 6)}
 
 
 def evaluate_checkpoint(path: str | os.PathLike, dataset: str, split: str = "test", data_root: str | None = None,

@@ -15,7 +15,7 @@ the argmax, classes sampled from the teacher), then fed to one of:
 - ``TargetAwareTransformer`` and ``tat_loss``: TaT one-to-many feature distillation (full, patch groups,
   anchors).
 
-``LOSS_NAMES`` lists the loss names the command line accepts.
+``LOSS_NAMES`` lists the loss names the command line accepts: the methods registered in ``student.methods``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSS_NAMES = ("ce", "kd", "deit-soft", "deit-hard", "mealv2", "sampled", "tat")
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    """``LOSS_NAMES``: the registered methods' names (read from the registry, which imports this module)."""
+    if name == "LOSS_NAMES":
+        from student.methods import method_names
+
+        return method_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- input checks --------------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipelines.labeling import ensemble_log_probs, pool_features, sample_classes, topk_arrays
+from pipelines.labeling import pool_features, sample_classes, topk_arrays
 from pipelines.store import LabelStore, StoreError
-from pipelines.teachers import Teacher, load_teacher
+from pipelines.teachers import Teacher, ensemble_log_probs, load_teacher
 from pipelines.views import Recipe
 from student.data import Batch, label_tensors
 

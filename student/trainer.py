@@ -14,7 +14,7 @@ directory::
 Epochs are counted from 0 everywhere: ``"epoch"`` in metrics.jsonl and the checkpoint, the progress bar and
 curves.png; epoch ``e`` uses store seed ``seeds[e % len(seeds)]``; ``epochs=N`` runs epochs 0 to N - 1.
 
-Losses (``LOSSES``; formulas in ``student.losses``):
+Methods (``LOSSES``: registered in ``student.methods``, one unit each; formulas in ``student.losses``):
 
 - ``ce``: cross-entropy with the ground truth (mixed views: ``lam * y + (1 - lam) * y_partner``); no teacher.
 - ``kd``: Hinton KD, soft targets at temperature T rebuilt from the stored top-k and tail, plus the ground
@@ -46,24 +46,26 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipelines._readers import DATASET_HELP
+from pipelines.atomic import write_json
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
 from pipelines.options import check_options, option
 from pipelines.progress import progress_bar
-from pipelines.store import LabelStore, StoreError
+from pipelines.store import LabelStore
+from pipelines.teachers import as_feature_map, forward_capturing
 from pipelines.views import Recipe, output_size
 from student import losses as L
 from student.data import Batch, StoreStream, check_store
 from student.evaluate import evaluate, load_init_weights, read_checkpoint, save_checkpoint
+from student.methods import METHODS, Heads, method_class, method_names
 from student.models import (
     build_student,
     has_distillation_head,
@@ -74,10 +76,10 @@ from student.models import (
 )
 from student.online import ONLINE_TARGETS
 
-LOSSES = L.LOSS_NAMES  # ce, kd, deit-soft, deit-hard, mealv2, sampled, tat
-DEIT_LOSSES = ("deit-soft", "deit-hard")
-DEFAULT_TEMPERATURE = {"kd": 4.0}  # every other loss: 1.0 (TaT pairs its feature loss with KD at T = 1)
+LOSSES = method_names()  # ce, kd, deit-soft, deit-hard, mealv2, sampled, tat
 TAT_VARIANTS = L.TAT_VARIANTS  # full, patch, anchor, patch-anchor
+# kd: 4; every other method: 1 (TaT pairs its feature loss with KD at T = 1)
+DEFAULT_TEMPERATURE = {name: method.default_temperature for name, method in METHODS.items()}
 CHECKPOINT = "last.pt"
 
 
@@ -102,7 +104,7 @@ class TrainConfig:
     student: str = option(help="a timm model name, e.g. resnet18, deit_tiny_distilled_patch16_224")
     student_kwargs: dict[str, Any] = option(default_factory=dict, help='JSON architecture kwargs, e.g. '
                                             '\'{"patch_size": 4}\'', cli={"default": "{}"})
-    loss: str = option("kd", help="the distillation loss", choices=LOSSES, cli={"required": True})
+    loss: str = option("kd", help="the distillation loss", choices=method_names, cli={"required": True})
     out: str = option(help="the run directory")
     epochs: int = option(1, help="passes over the store's seeds (epoch e reads seed seeds[e % len(seeds)])",
                          ge=1, le=1000)
@@ -170,92 +172,35 @@ class TrainConfig:
 
 
 class DistillationStep(nn.Module):
-    """One training step's forward: a student, the loss, and the loss's own modules (discriminator, TaT).
+    """One training step's forward: a student and its method (``student.methods``), whose own modules
+    (discriminator, TaT) it holds.
 
-    ``forward(batch)`` returns a dict of named loss tensors; ``"loss"`` is the student's objective (the sum
-    of the named terms; for ``mealv2`` it includes the discriminator's loss, whose backward also trains the
-    discriminator). With ``mealv2_form="gan"``, ``"gan_disc"`` is the discriminator's own objective, minimised
-    by its own optimizer.
+    ``forward(batch)`` returns the method's named loss tensors and ``"loss"``, the student's objective: the sum
+    of the named terms (for ``mealv2`` it includes the discriminator's loss, whose backward also trains the
+    discriminator). A method's own objectives (``mealv2_form="gan"``: ``"gan_disc"``, the discriminator's
+    objective, minimised by its own optimizer) come after ``"loss"`` and are not in it.
     """
 
     def __init__(self, student: nn.Module, config: TrainConfig, num_classes: int,
                  feature_shape: tuple[int, int, int] | None = None, student_channels: int | None = None):
         super().__init__()
         self.student, self.config, self.num_classes = student, config, num_classes
-        self.T = config.resolved_temperature
-        self.discriminator = L.make_discriminator(num_classes, config.mealv2_form) if config.loss == "mealv2" else None
-        self.tat: nn.Module | None = None
-        if config.loss == "tat":
-            if feature_shape is None or student_channels is None:
-                raise UsageError("the tat loss needs the teacher feature shape and the student's channel count")
-            self.tat = L.TargetAwareTransformer(student_channels, feature_shape[0],
-                                                L.tat_embedding_form(config.tat_variant))
+        self.method = method_class(config.loss)(config, num_classes, feature_shape, student_channels)
 
     def student_parameters(self) -> list[nn.Parameter]:
-        params = list(self.student.parameters())
-        return params + (list(self.tat.parameters()) if self.tat is not None else [])
-
-    def _soft_targets(self, teacher: dict[str, torch.Tensor], T: float) -> torch.Tensor:
-        return L.teacher_targets(teacher, self.num_classes, T=T)
+        return list(self.student.parameters()) + self.method.student_side_parameters()
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        cfg, t = self.config, batch.teacher
         x = normalize(batch.views)
-        f_s = None
-        if cfg.loss == "tat":
-            fmap, (cls, dist) = forward_with_features(self.student, x, cfg.student_layer)
-            f_s = _as_map(fmap)  # tat_loss pools it onto the stored teacher grid
+        if self.method.student_features:
+            fmap, (cls, dist) = forward_with_features(self.student, x, self.config.student_layer)
+            heads = Heads(cls, dist, as_feature_map(fmap))  # tat_loss pools it onto the stored teacher grid
         else:
-            cls, dist = student_heads(self.student, x)
-        truth = batch.targets if batch.mixed else batch.labels
-        out: dict[str, torch.Tensor] = {}
-        if cfg.loss == "ce":
-            out["ce"] = F.cross_entropy(cls, truth)
-        elif cfg.loss == "kd":
-            out["kd"] = L.kd_loss(cls, self._soft_targets(t, self.T), truth, alpha=cfg.alpha, T=self.T)
-        elif cfg.loss == "deit-soft":
-            probs = self._soft_targets(t, self.T)
-            reduction = cfg.deit_soft_reduction
-            if dist is None:
-                out["deit_soft"] = L.deit_soft_loss(cls, probs, truth, alpha=cfg.alpha, T=self.T, reduction=reduction)
-            else:  # class head: the ground truth; distillation head: the teacher
-                out["ce"] = (1 - cfg.alpha) * F.cross_entropy(cls, truth)
-                out["distill"] = cfg.alpha * L.deit_soft_loss(dist, probs, truth, alpha=1.0, T=self.T,
-                                                              reduction=reduction)
-        elif cfg.loss == "deit-hard":
-            out["deit_hard"] = L.deit_hard_loss(cls, dist if dist is not None else cls, truth, t["hard"])
-        elif cfg.loss == "sampled":
-            out["sampled_ce"] = L.unbiased_sampled_ce(cls, t["sampled"], T=self.T)
-        elif cfg.loss == "mealv2":
-            terms = L.mealv2_losses(cls, self._soft_targets(t, 1.0), self.discriminator, form=cfg.mealv2_form)
-            out["soft_ce"] = terms["soft_ce"]
-            if cfg.mealv2_form == "authors":  # one objective, one backward (MEAL-V2 train.py)
-                out["disc"] = cfg.adv_weight * terms["disc"]
-            else:
-                out["adv"] = cfg.adv_weight * terms["adv"]
-                gan_disc = terms["disc"]
-        elif cfg.loss == "tat" and f_s is not None:
-            out["kd"] = L.kd_loss(cls, self._soft_targets(t, self.T), truth, alpha=cfg.alpha, T=self.T)
-            out["tat"] = cfg.tat_weight * L.tat_loss(f_s, t["features"], self.tat, variant=cfg.tat_variant,
-                                                     groups=cfg.tat_groups,
-                                                     patches_per_group=cfg.tat_patches_per_group,
-                                                     anchors=cfg.tat_anchors)
-        else:
-            raise UsageError(f"unknown loss {cfg.loss!r}: expected one of {', '.join(LOSSES)}")
-        out["loss"] = torch.stack(list(out.values())).sum()
-        if cfg.loss == "mealv2" and cfg.mealv2_form == "gan":
-            out["gan_disc"] = gan_disc  # the discriminator's own objective, minimised by its own optimizer
-        return out
-
-
-def _as_map(fmap: torch.Tensor) -> torch.Tensor:
-    """A feature map ``(B, C, H, W)``; ViT tokens ``(B, N, C)`` become the patch grid (prefix tokens dropped)."""
-    if fmap.ndim == 3:
-        n, side = fmap.shape[1], math.isqrt(fmap.shape[1])
-        return fmap[:, n - side * side :].transpose(1, 2).reshape(fmap.shape[0], fmap.shape[2], side, side)
-    if fmap.ndim != 4:
-        raise UsageError(f"student feature map of shape {tuple(fmap.shape)}: expected (B, C, H, W) or (B, N, C)")
-    return fmap
+            heads = Heads(*student_heads(self.student, x))
+        terms = self.method(heads, batch)
+        own = {k: terms.pop(k) for k in self.method.own_objectives if k in terms}
+        terms["loss"] = torch.stack(list(terms.values())).sum()
+        return {**terms, **own}
 
 
 def forward_with_features(model: nn.Module, x: torch.Tensor, layer: str
@@ -264,25 +209,18 @@ def forward_with_features(model: nn.Module, x: torch.Tensor, layer: str
     read with a forward hook."""
     inner = unwrap(model)
     if layer == "final":
-        captured: list[torch.Tensor] = []
         hook_target = _final_feature_module(inner)
         if hook_target is None:  # no known last module: call the parts (bypasses a DDP wrapper's forward)
             fmap = cast(Any, inner).forward_features(x)
             out = cast(Any, inner).forward_head(fmap)
             cls, dist = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
             return fmap, (cls, dist)
-        handle = hook_target.register_forward_hook(lambda _m, _i, o: captured.append(o))
     else:
-        module = dict(inner.named_modules()).get(layer)
-        if module is None:
+        hook_target = dict(inner.named_modules()).get(layer)
+        if hook_target is None:
             raise UsageError(f"student has no layer {layer!r}: use 'final' or a module name")
-        captured = []
-        handle = module.register_forward_hook(lambda _m, _i, o: captured.append(o))
-    try:
-        heads = student_heads(model, x)
-    finally:
-        handle.remove()
-    return captured[0], heads
+    heads, fmap = forward_capturing(hook_target, lambda: student_heads(model, x))
+    return fmap, heads
 
 
 def _final_feature_module(model: nn.Module) -> nn.Module | None:
@@ -302,7 +240,7 @@ def student_feature_channels(student: nn.Module, img_shape: tuple[int, int, int]
     with torch.no_grad():
         fmap, _ = forward_with_features(inner, torch.zeros(1, *img_shape), layer)
     inner.train(was)
-    return int(_as_map(fmap).shape[1])
+    return int(as_feature_map(fmap).shape[1])
 
 
 # -- setup: everything checked before training --------------------------------------------------------
@@ -323,49 +261,22 @@ class Setup:
 
 def prepare(config: TrainConfig) -> Setup:
     """Check the config, the store and the data set; raise UsageError/StoreError before any training."""
-    if config.loss not in LOSSES:
-        raise UsageError(f"unknown loss {config.loss!r}: expected one of {', '.join(LOSSES)}")
+    method = method_class(config.loss)
     if config.epochs < 1 or config.batch_size < 1 or config.workers < 1:
         raise UsageError("--epochs, --batch-size and --workers must be >= 1")
     if config.lr <= 0 or not 0 <= config.alpha <= 1 or config.resolved_temperature <= 0:
         raise UsageError("--lr and --temperature must be > 0 and --alpha in [0, 1]")
-    if config.tat_variant not in TAT_VARIANTS:
-        raise UsageError(f"unknown TaT variant {config.tat_variant!r}: expected one of {', '.join(TAT_VARIANTS)}")
-    if config.loss == "deit-hard" and config.alpha != 0.5:
-        raise UsageError(f"--alpha {config.alpha} with deit-hard: DeiT's hard distillation has fixed halves, "
-                         "0.5 CE(y) + 0.5 CE(teacher argmax); leave --alpha at 0.5")
     if config.online_targets not in ONLINE_TARGETS:
         raise UsageError(f"unknown online targets {config.online_targets!r}: expected one of "
                          f"{', '.join(ONLINE_TARGETS)}")
-    if config.deit_soft_reduction not in L.DEIT_SOFT_REDUCTIONS:
-        raise UsageError(f"unknown --deit-soft-reduction {config.deit_soft_reduction!r}: expected one of "
-                         f"{', '.join(L.DEIT_SOFT_REDUCTIONS)}")
-    if config.mealv2_form not in L.MEALV2_FORMS:
-        raise UsageError(f"unknown --mealv2-form {config.mealv2_form!r}: expected one of {', '.join(L.MEALV2_FORMS)}")
-    if config.distill_token and config.loss not in DEIT_LOSSES:
+    for each in METHODS.values():  # every method's option values: the run's config.json records them all
+        each.check_options(config)
+    if config.distill_token and not method.two_heads:
         raise UsageError(f"--distill-token trains the distillation head with a DeiT loss, not {config.loss!r}")
     store = LabelStore(config.store)
     dataset = load_dataset(config.dataset, config.split, config.data_root)
     recipe = check_store(store, dataset)
-    schema = store.schema
-    if config.loss == "sampled" and not schema.sampled:
-        raise StoreError(f"store {store.cache_key} holds no sampled classes: the sampled loss needs a store "
-                         "labeled with --sampled M")
-    if config.loss == "tat" and not schema.feature_shape:
-        raise StoreError(f"store {store.cache_key} holds no teacher features: the tat loss needs a store "
-                         "labeled with --features LAYER")
-    if config.loss == "tat" and schema.feature_shape:
-        _, h, w = schema.feature_shape
-        patches = config.tat_variant in ("patch", "patch-anchor")
-        if patches and not 1 <= config.tat_groups <= min(h, w):
-            raise UsageError(f"--tat-groups {config.tat_groups} (patches per side) must lie in [1, {min(h, w)}] for "
-                             f"the stored {h}x{w} teacher map")
-        if patches and (config.tat_patches_per_group < 1 or config.tat_groups ** 2 % config.tat_patches_per_group):
-            raise UsageError(f"--tat-patches-per-group {config.tat_patches_per_group} must divide the "
-                             f"{config.tat_groups ** 2} patches")
-        if config.tat_variant in ("anchor", "patch-anchor") and not 1 <= config.tat_anchors <= min(h, w):
-            raise UsageError(f"--tat-anchors {config.tat_anchors} must lie in [1, {min(h, w)}] for the stored "
-                             f"{h}x{w} teacher map")
+    method.check_run(config, store)
     eval_dataset = load_dataset(config.dataset, config.eval_split, config.data_root)
     if eval_dataset.num_classes != dataset.num_classes:
         raise UsageError(f"eval split has {eval_dataset.num_classes} classes, train split {dataset.num_classes}")
@@ -383,7 +294,7 @@ def make_student(setup: Setup) -> nn.Module:
     if cfg.distill_token and not has_distillation_head(student):
         raise UsageError(f"--distill-token needs a student with a distillation token (e.g. "
                          f"deit_tiny_distilled_patch16_224); {cfg.student} has one head")
-    set_distilled_training(student, cfg.loss in DEIT_LOSSES)
+    set_distilled_training(student, method_class(cfg.loss).two_heads)
     if cfg.init:
         load_init_weights(student, cfg.init)
     return student
@@ -437,20 +348,44 @@ def _check_resume(out: Path, config: TrainConfig) -> dict[str, Any] | None:
     return ckpt
 
 
-def fit(config: TrainConfig, dist: Distributed | None = None) -> dict[str, Any]:
-    """The training loop of one worker (all of it when ``dist`` is None). Rank 0 writes the run directory."""
-    dist = dist or Distributed()
-    setup = prepare(config)
+@dataclass
+class Run:
+    """One worker's training run: what ``start_run`` built and the epochs done so far."""
+
+    config: TrainConfig
+    setup: Setup
+    dist: Distributed
+    device: torch.device
+    out: Path
+    stream: StoreStream
+    online: Any  # student.online.OnlineTeacher or None
+    student: nn.Module
+    step: DistillationStep
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    method_optimizer: torch.optim.Optimizer | None
+    steps_per_epoch: int
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    repeat_note: str | None = None
+
+    @property
+    def lead(self) -> bool:
+        return self.dist.rank == 0
+
+
+def start_run(config: TrainConfig, dist: Distributed, setup: Setup) -> Run:
+    """Open the stream (and the online teachers), build the student, its method and optimizers, load the
+    checkpoint to resume from; rank 0 writes ``config.json`` and the ``metrics.jsonl`` of the epochs done."""
     device = dist.device or _device(config.device)
     out = Path(config.out)
-    lead = dist.rank == 0
     resume_ckpt = _check_resume(out, config)
     stream = StoreStream(setup.store, setup.dataset, setup.recipe, config.batch_size, config.seeds,
                          dist.rank, dist.world_size, shuffle_seed=config.seed,
                          drop_last=dist.world_size > 1, loader_workers=config.loader_workers, device=device,
                          features=config.loss == "tat")  # feature maps only where the loss reads them
     repeat_note = stream.warn_if_repeating(config.epochs)
-    if repeat_note and lead:
+    if repeat_note and dist.rank == 0:
         print(f"stillroom: note: {repeat_note}", file=sys.stderr)
     online = None
     if config.online:
@@ -461,128 +396,140 @@ def fit(config: TrainConfig, dist: Distributed | None = None) -> dict[str, Any]:
     student = make_student(setup)
     schema = setup.store.schema
     channels = (student_feature_channels(student, (setup.in_chans, setup.img_size, setup.img_size),
-                                         config.student_layer) if config.loss == "tat" else None)
+                                         config.student_layer) if method_class(config.loss).student_features
+                else None)
     step = DistillationStep(student, config, setup.dataset.num_classes, schema.feature_shape, channels).to(device)
     opt = torch.optim.AdamW(step.student_parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    disc_opt = (torch.optim.AdamW(step.discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.999))
-                if step.discriminator is not None else None)
+    method_opt = step.method.make_optimizer()
     steps_per_epoch = min(len(stream), config.max_steps or len(stream))
     total_steps = max(1, steps_per_epoch * config.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total_steps)
                                                                                     / total_steps)))
-    start_epoch, history = 0, []
+    run = Run(config, setup, dist, device, out, stream, online, student, step, opt, sched, method_opt,
+              steps_per_epoch, repeat_note=repeat_note)
     if resume_ckpt is not None:
         unwrap(student).load_state_dict(resume_ckpt["model"])
-        step.load_state_dict(resume_ckpt["step"], strict=False)  # the loss modules; the student is loaded above
+        step.method.load_checkpoint_state(resume_ckpt, method_opt)
         opt.load_state_dict(resume_ckpt["optimizer"])
         sched.load_state_dict(resume_ckpt["scheduler"])
-        if disc_opt is not None:
-            disc_opt.load_state_dict(resume_ckpt["disc_optimizer"])
-        start_epoch, history = int(resume_ckpt["epoch"]) + 1, list(resume_ckpt.get("history", []))
+        run.start_epoch, run.history = int(resume_ckpt["epoch"]) + 1, list(resume_ckpt.get("history", []))
     step.student = dist.wrap(student)
-    extra_params = [p for name, p in step.named_parameters() if not name.startswith("student.")]
-    student_params = [p for p in step.student_parameters() if p.requires_grad]
-    disc_params = list(step.discriminator.parameters()) if step.discriminator is not None else []
-    if lead:
+    if run.lead:
         out.mkdir(parents=True, exist_ok=True)
         resolved = {**config.to_dict(), "store_cache_key": setup.store.cache_key, "recipe": setup.recipe.name,
                     "seeds_used": list(stream.seeds), "img_size": setup.img_size, "in_chans": setup.in_chans,
                     "num_classes": setup.dataset.num_classes, "device": str(device)}
-        _write_json(out / "config.json", resolved)
+        write_json(out / "config.json", resolved)
         # the epochs the checkpoint holds (none for a new run): a line written after the last checkpoint goes
-        (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in run.history))
+    return run
 
+
+def train_step(step: DistillationStep, batch: Batch, optimizer: torch.optim.Optimizer,
+               method_optimizer: torch.optim.Optimizer | None, dist: Distributed | None = None) -> dict[str, float]:
+    """One optimisation step on ``batch``: the step's losses, the method's backward, the optimizers' steps.
+    Returns the named losses' values."""
+    losses = step(batch)
+    optimizer.zero_grad(set_to_none=True)
+    if method_optimizer is not None:
+        method_optimizer.zero_grad(set_to_none=True)
+    step.method.backward(losses, [p for p in step.student_parameters() if p.requires_grad])
+    if dist is not None and dist.world_size > 1:
+        for p in step.method.parameters():  # DDP averages the student's gradients; the method's are averaged here
+            if p.grad is not None:
+                dist.all_reduce_mean(p.grad)
+    optimizer.step()
+    if method_optimizer is not None:
+        method_optimizer.step()
+    return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
+    """Train epoch ``epoch`` (at most ``steps_per_epoch`` steps) and return its record: each named loss (the
+    epoch's mean, the first step's, per step), steps, samples, samples/s, seconds."""
+    config, step, dist = run.config, run.step, run.dist
+    step.train()
+    sums: dict[str, float] = {}
+    first: dict[str, float] = {}
+    samples, n_steps, t0 = 0, 0, time.perf_counter()
+    per_step = StepLosses(run.steps_per_epoch)
+    bar = progress_bar(run.steps_per_epoch, f"epoch {epoch} of {config.epochs} {config.loss}",
+                       config.progress and run.lead, unit="batch")
+    for batch in run.stream.epoch(epoch):
+        if n_steps >= run.steps_per_epoch:
+            break
+        batch = batch.to(run.device)
+        if run.online is not None:
+            batch.teacher = run.online.labels(batch)
+        values = train_step(step, batch, run.optimizer, run.method_optimizer, dist)
+        run.scheduler.step()
+        if n_steps == 0:
+            first = values
+        n_steps += 1
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        per_step.add(n_steps - 1, values)
+        samples += len(batch.ids)
+        bar.update(1)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return {"epoch": epoch, "seed": run.stream.seed_for_epoch(epoch),
+            "losses": {k: round(v / max(n_steps, 1), 6) for k, v in sums.items()},
+            "first_step": first, "steps": n_steps, "step_losses": per_step.to_dict(),
+            "samples": samples * dist.world_size,
+            "samples_per_s": round(samples * dist.world_size / max(seconds, 1e-9), 1),
+            "seconds": round(seconds, 3)}
+
+
+def save_run(run: Run, record: dict[str, Any]) -> None:
+    """Rank 0 after an epoch: append its record to ``metrics.jsonl``, write ``last.pt`` and ``curves.png``."""
+    config, setup = run.config, run.setup
+    run.history.append(record)
+    with open(run.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    save_checkpoint(run.out / CHECKPOINT, {
+        "student": config.student, "student_kwargs": dict(config.student_kwargs),
+        "num_classes": setup.dataset.num_classes, "in_chans": setup.in_chans, "img_size": setup.img_size,
+        "model": unwrap(run.student).state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), **run.step.method.checkpoint_state(run.method_optimizer),
+        "epoch": record["epoch"], "history": run.history, "config": config.to_dict(),
+        "store_cache_key": setup.store.cache_key,
+    })
+    plot_curves(run.history, run.out / "curves.png")
+
+
+def fit(config: TrainConfig, dist: Distributed | None = None, setup: Setup | None = None) -> dict[str, Any]:
+    """The training loop of one worker (all of it when ``dist`` is None). Rank 0 evaluates after each epoch
+    and writes the run directory. ``setup`` is ``prepare(config)`` when the caller has it already."""
+    run = start_run(config, dist or Distributed(), setup or prepare(config))
     t_run = time.perf_counter()
-    for epoch in range(start_epoch, config.epochs):
-        step.train()
-        sums: dict[str, float] = {}
-        first: dict[str, float] = {}
-        samples, n_steps, t0 = 0, 0, time.perf_counter()
-        per_step = StepLosses(steps_per_epoch)
-        bar = progress_bar(steps_per_epoch, f"epoch {epoch} of {config.epochs} {config.loss}",
-                           config.progress and lead, unit="batch")
-        for batch in stream.epoch(epoch):
-            if n_steps >= steps_per_epoch:
-                break
-            batch = batch.to(device)
-            if online is not None:
-                batch.teacher = online.labels(batch)
-            losses = step(batch)
-            opt.zero_grad(set_to_none=True)
-            if disc_opt is not None:
-                disc_opt.zero_grad(set_to_none=True)
-            if "gan_disc" in losses:
-                losses["loss"].backward(inputs=student_params, retain_graph=True)
-                losses["gan_disc"].backward(inputs=disc_params)
-            else:  # mealv2 (authors): the discriminator's loss is in "loss"; one backward trains both
-                losses["loss"].backward()
-            if dist.world_size > 1:
-                for p in extra_params:  # the student's grads are averaged by DDP; the loss modules' here
-                    if p.grad is not None:
-                        dist.all_reduce_mean(p.grad)
-            opt.step()
-            sched.step()
-            if disc_opt is not None:
-                disc_opt.step()
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            if n_steps == 0:
-                first = values
-            n_steps += 1
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            per_step.add(n_steps - 1, values)
-            samples += len(batch.ids)
-            bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
-        bar.close()
-        seconds = time.perf_counter() - t0
-        record = {"epoch": epoch, "seed": stream.seed_for_epoch(epoch),
-                  "losses": {k: round(v / max(n_steps, 1), 6) for k, v in sums.items()},
-                  "first_step": first, "steps": n_steps, "step_losses": per_step.to_dict(),
-                  "samples": samples * dist.world_size,
-                  "samples_per_s": round(samples * dist.world_size / max(seconds, 1e-9), 1),
-                  "seconds": round(seconds, 3)}
-        if lead:
-            record.update(evaluate(student, setup.eval_dataset, setup.img_size, limit=config.eval_limit,
-                                   device=device))
-            history.append(record)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            save_checkpoint(out / CHECKPOINT, {
-                "student": config.student, "student_kwargs": dict(config.student_kwargs),
-                "num_classes": setup.dataset.num_classes, "in_chans": setup.in_chans, "img_size": setup.img_size,
-                "model": unwrap(student).state_dict(), "step": _step_state(step), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "disc_optimizer": disc_opt.state_dict() if disc_opt is not None else None,
-                "epoch": epoch, "history": history, "config": config.to_dict(),
-                "store_cache_key": setup.store.cache_key,
-            })
-            plot_curves(history, out / "curves.png")
-    if not lead:
+    for epoch in range(run.start_epoch, config.epochs):
+        record = train_one_epoch(run, epoch)
+        if run.lead:
+            record.update(evaluate(run.student, run.setup.eval_dataset, run.setup.img_size,
+                                   limit=config.eval_limit, device=run.device))
+            save_run(run, record)
+    if not run.lead:
         return {}
+    return finish_run(run, time.perf_counter() - t_run)
+
+
+def finish_run(run: Run, seconds: float) -> dict[str, Any]:
+    """The run's final metrics, written to ``metrics.json``."""
+    config, history = run.config, run.history
     final = history[-1] if history else {}
-    result = {"run_dir": str(out), "checkpoint": str(out / CHECKPOINT), "loss": config.loss,
+    result = {"run_dir": str(run.out), "checkpoint": str(run.out / CHECKPOINT), "loss": config.loss,
               "student": config.student, "epochs": config.epochs, "online": config.online,
               "online_targets": config.online_targets if config.online else None,
-              "workers": dist.world_size, "top1": final.get("top1"), "top5": final.get("top5"),
+              "workers": run.dist.world_size, "top1": final.get("top1"), "top5": final.get("top5"),
               "losses": final.get("losses", {}), "samples_per_s": final.get("samples_per_s"),
-              "epoch_seconds": [h["seconds"] for h in history], "seconds": round(time.perf_counter() - t_run, 3),
-              "store_cache_key": setup.store.cache_key}
-    if repeat_note:
-        result["note"] = repeat_note
-    _write_json(out / "metrics.json", result)
+              "epoch_seconds": [h["seconds"] for h in history], "seconds": round(seconds, 3),
+              "store_cache_key": run.setup.store.cache_key}
+    if run.repeat_note:
+        result["note"] = run.repeat_note
+    write_json(run.out / "metrics.json", result)
     return result
-
-
-def _step_state(step: DistillationStep) -> dict[str, torch.Tensor]:
-    """The loss modules' weights (discriminator, TaT), without the student's."""
-    return {k: v for k, v in step.state_dict().items() if not k.startswith("student.")}
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 class StepLosses:
@@ -678,13 +625,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """
     _device(config.device)  # a device that is not here: one error line, before any data is read
     setup = prepare(config)
-    make_student(setup)  # refuses a bad student or --init before any worker starts
-    _check_resume(Path(config.out), config)
     if config.workers > 1:
         from student.train_ray import train_distributed
 
+        make_student(setup)  # refuses a bad student or --init before any worker starts
+        _check_resume(Path(config.out), config)
         return train_distributed(config)
-    return fit(config)
+    return fit(config, setup=setup)
 
 
-__all__ = ["LOSSES", "TrainConfig", "DistillationStep", "train", "fit", "prepare"]
+__all__ = ["LOSSES", "TrainConfig", "DistillationStep", "train", "fit", "prepare", "start_run", "train_step",
+           "train_one_epoch", "save_run"]

@@ -73,7 +73,7 @@ def test_help_choices_and_bounds_match(kind):
             assert action.help is not None and action.help.replace("%%", "%").startswith(opt.help), name
             assert flags_of(name, opt)[0] in action.option_strings
             if opt.choices is not None:
-                assert tuple(action.choices or ()) == opt.choices, name
+                assert tuple(action.choices or ()) == opt.allowed(), name
             if action.default is not None and "default" not in opt.cli and type(action.default) is not bool:
                 assert action.default == default_of(f), name
         if name not in spec:
@@ -85,7 +85,7 @@ def test_help_choices_and_bounds_match(kind):
         if opt.choices is not None:
             literal = next(a for a in (field.annotation, *typing.get_args(field.annotation))
                            if typing.get_origin(a) is typing.Literal)
-            assert typing.get_args(literal) == opt.choices, name
+            assert typing.get_args(literal) == opt.allowed(), name
         if "default" not in _REST[kind].get(name, (None, {}))[1] and default_of(f) is not typing.Any:
             assert field.is_required() or field.get_default(call_default_factory=True) == default_of(f), name
 
