@@ -76,8 +76,15 @@ class LabelConfig:
         if not self.seeds:
             raise UsageError("give at least one seed, e.g. --seeds 0-3")
         check_options(self)
-        if self.decode == "gpu" and self.gpus_per_worker <= 0:
-            raise UsageError("decode=gpu needs --gpus-per-worker > 0: the JPEGs are decoded on the teacher's GPU")
+        for _, why in self.conflicts(vars(self)):
+            raise UsageError(why)
+
+    @staticmethod
+    def conflicts(values: dict[str, Any]) -> list[tuple[str, str]]:
+        """Options each valid alone but not together, as ``(field, why)``: the config and the REST spec both ask."""
+        if values.get("decode") == "gpu" and not (values.get("gpus_per_worker") or 0) > 0:
+            return [("decode", "decode=gpu needs --gpus-per-worker > 0: the JPEGs are decoded on the teacher's GPU")]
+        return []
 
     @property
     def decode_on(self) -> str:

@@ -121,7 +121,15 @@ def _spec_from_config(kind: str, config: type) -> type[_Spec]:
         default = kwargs.pop("default", default_of(f))
         field = Field(... if default is MISSING else default, **kwargs)
         fields[name] = (annotation, field)
-    return create_model(f"{kind.capitalize()}JobSpec", __base__=_Spec, __module__=__name__, **fields)
+    validators: dict[str, Any] = {}
+    if hasattr(config, "conflicts"):  # options each valid alone but not together: a 422, as the CLI refuses them
+        def _no_conflicts(spec: Any) -> Any:
+            for _, why in config.conflicts(dict(spec)):
+                raise ValueError(why)
+            return spec
+        validators["_no_conflicts"] = model_validator(mode="after")(_no_conflicts)
+    return create_model(f"{kind.capitalize()}JobSpec", __base__=_Spec, __module__=__name__,
+                        __validators__=validators, **fields)
 
 
 if TYPE_CHECKING:  # to a type checker, a spec is a spec; its fields are known when it is built
