@@ -1,8 +1,8 @@
 """Distillation methods, registered by name (as timm registers models).
 
-A method is one small unit: the options it reads from ``TrainConfig`` (checked by ``check_options`` and
-``check_store``), its extra modules (the MEAL V2 discriminator, the TaT embeddings), its step (``forward``
-returns a dict of named loss terms; formulas in ``student.losses``) and its checkpoint state (its modules'
+A method is one small unit: the options it reads from ``TrainConfig`` (their bounds and choices checked
+by the config itself, ``pipelines.options``; what the run needs from the store by ``check_run``), its extra
+modules (the MEAL V2 discriminator, the TaT embeddings), its step (``forward`` returns a dict of named loss terms; formulas in ``student.losses``) and its checkpoint state (its modules'
 weights and its own optimizer). ``@register_method("kd")`` puts a class in ``METHODS``; the order of
 registration is the order of ``method_names()``::
 
@@ -98,11 +98,6 @@ class Method(nn.Module):
     # -- options -------------------------------------------------------------------------------------
 
     @classmethod
-    def check_options(cls, config: TrainConfig) -> None:
-        """Refuse option values this method does not know (called for every method: a value is saved in the
-        run's config whichever method runs)."""
-
-    @classmethod
     def check_run(cls, config: TrainConfig, store: LabelStore) -> None:
         """Refuse a run of this method that cannot work: options that contradict it, a store that lacks
         what it needs."""
@@ -172,12 +167,6 @@ class DeiTSoft(Method):
 
     two_heads = True
 
-    @classmethod
-    def check_options(cls, config: TrainConfig) -> None:
-        if config.deit_soft_reduction not in L.DEIT_SOFT_REDUCTIONS:
-            raise UsageError(f"unknown --deit-soft-reduction {config.deit_soft_reduction!r}: expected one of "
-                             f"{', '.join(L.DEIT_SOFT_REDUCTIONS)}")
-
     def forward(self, heads: Heads, batch: Batch) -> dict[str, torch.Tensor]:
         cfg, truth = self.config, heads.truth(batch)
         probs = self.soft_targets(batch, self.T)
@@ -217,12 +206,6 @@ class MealV2(Method):
     adversarial term, ``disc_lr`` is the discriminator's learning rate."""
 
     own_objectives = ("gan_disc",)
-
-    @classmethod
-    def check_options(cls, config: TrainConfig) -> None:
-        if config.mealv2_form not in L.MEALV2_FORMS:
-            raise UsageError(f"unknown --mealv2-form {config.mealv2_form!r}: expected one of "
-                             f"{', '.join(L.MEALV2_FORMS)}")
 
     def __init__(self, config: TrainConfig, num_classes: int, feature_shape: tuple[int, int, int] | None = None,
                  student_channels: int | None = None):
@@ -268,12 +251,6 @@ class TargetAware(Method):
     ``tat_weight``) plus the ``kd`` term at T = 1."""
 
     student_features = True
-
-    @classmethod
-    def check_options(cls, config: TrainConfig) -> None:
-        if config.tat_variant not in L.TAT_VARIANTS:
-            raise UsageError(f"unknown TaT variant {config.tat_variant!r}: expected one of "
-                             f"{', '.join(L.TAT_VARIANTS)}")
 
     @classmethod
     def check_run(cls, config: TrainConfig, store: LabelStore) -> None:

@@ -261,16 +261,8 @@ class Setup:
 
 def prepare(config: TrainConfig) -> Setup:
     """Check the config, the store and the data set; raise UsageError/StoreError before any training."""
+    # bounds and choices of every option were checked when the config was made (TrainConfig.__post_init__)
     method = method_class(config.loss)
-    if config.epochs < 1 or config.batch_size < 1 or config.workers < 1:
-        raise UsageError("--epochs, --batch-size and --workers must be >= 1")
-    if config.lr <= 0 or not 0 <= config.alpha <= 1 or config.resolved_temperature <= 0:
-        raise UsageError("--lr and --temperature must be > 0 and --alpha in [0, 1]")
-    if config.online_targets not in ONLINE_TARGETS:
-        raise UsageError(f"unknown online targets {config.online_targets!r}: expected one of "
-                         f"{', '.join(ONLINE_TARGETS)}")
-    for each in METHODS.values():  # every method's option values: the run's config.json records them all
-        each.check_options(config)
     if config.distill_token and not method.two_heads:
         raise UsageError(f"--distill-token trains the distillation head with a DeiT loss, not {config.loss!r}")
     store = LabelStore(config.store)
