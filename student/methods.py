@@ -2,9 +2,9 @@
 
 A method is one small unit: the options it reads from ``TrainConfig`` (their bounds and choices checked
 by the config itself, ``pipelines.options``; what the run needs from the store by ``check_run``), its extra
-modules (the MEAL V2 discriminator, the TaT embeddings), its step (``forward`` returns a dict of named loss terms; formulas in ``student.losses``) and its checkpoint state (its modules'
-weights and its own optimizer). ``@register_method("kd")`` puts a class in ``METHODS``; the order of
-registration is the order of ``method_names()``::
+modules (the MEAL V2 discriminator, the TaT embeddings), its step (``forward`` returns a dict of named loss
+terms; formulas in ``student.losses``) and its checkpoint state (its modules' weights and its own optimizer).
+``@register_method("kd")`` puts a class in ``METHODS``; the order of registration is the order of ``method_names()``::
 
     @register_method("kd")
     class KnowledgeDistillation(Method):
