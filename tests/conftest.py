@@ -60,3 +60,19 @@ def tiny_teacher(tmp_path_factory) -> str:
 def tiny_teachers(tmp_path_factory) -> list[str]:
     d = tmp_path_factory.mktemp("ensemble")
     return [make_teacher(d / f"t{i}.pt", seed=i) for i in range(2)]
+
+
+@pytest.fixture
+def decodes(monkeypatch) -> list[int]:
+    """Counts PIL decoder runs in this process (``ImageFile.load`` with tiles left to decode)."""
+    from PIL import ImageFile
+
+    calls = [0]
+    load = ImageFile.ImageFile.load
+
+    def counting(self):
+        calls[0] += bool(self.tile)
+        return load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting)
+    return calls

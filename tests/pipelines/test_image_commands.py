@@ -111,21 +111,11 @@ def test_service_paths_stay_confined(tmp_path):
             confine_dataset(spec, roots, tmp_path)
 
 
-def test_a_cache_key_decodes_no_image(folder, tmp_path, monkeypatch):
+def test_a_cache_key_decodes_no_image(folder, tmp_path, decodes):
     """What the service does inside a request (``prepare_store``: open the data, describe the labels, make the
     store) reads headers only, even with a teacher feature map to size."""
-    from PIL import ImageFile
-
     from pipelines.labeling import prepare_store
 
-    decodes = [0]
-    load = ImageFile.ImageFile.load
-
-    def counting(self):
-        decodes[0] += bool(self.tile)
-        return load(self)
-
-    monkeypatch.setattr(ImageFile.ImageFile, "load", counting)
     teacher = make_teacher(tmp_path / "t.pt", in_chans=3, resolution=24)
     config = LabelConfig(dataset=f"imagefolder:{folder},bad=skip", teachers=(teacher,), recipe="imagenet-rrc:size=24",
                          top_k=3, features="final", store_root=str(tmp_path / "stores"))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from image_data import CLASSES, jpeg_bytes, write_image_folder, write_parquet
-from PIL import Image, ImageFile
+from PIL import Image
 
 from pipelines import _readers
 from pipelines.datasets import DataError, ImageFolder, ParquetShards, load_dataset
@@ -43,20 +43,6 @@ def folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, folder) -> Path:
     return write_parquet(tmp_path_factory.mktemp("parquet"), folder)
-
-
-@pytest.fixture
-def decodes(monkeypatch) -> list[int]:
-    """Counts PIL decoder runs in this process (``ImageFile.load`` with tiles left to decode)."""
-    calls = [0]
-    load = ImageFile.ImageFile.load
-
-    def counting(self):
-        calls[0] += bool(self.tile)
-        return load(self)
-
-    monkeypatch.setattr(ImageFile.ImageFile, "load", counting)
-    return calls
 
 
 def _copy(src: Path, dst: Path) -> Path:
