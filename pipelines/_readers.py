@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.atomic import write_atomically
 from pipelines.errors import StillroomError, UsageError
 
 INDEX_VERSION = 3  # bump when the cache file changes: older caches are rebuilt
@@ -189,9 +190,7 @@ def save_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write the cache atomically; a cache that cannot be written is skipped (the next open re-scans)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **{"version": np.int64(INDEX_VERSION), **arrays})  # type: ignore[arg-type]
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: np.savez(tmp, **{"version": np.int64(INDEX_VERSION), **arrays}))  # type: ignore[arg-type]
     except OSError:
         pass
 

@@ -43,7 +43,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from pipelines.atomic import write_json
+from pipelines.atomic import write_atomically, write_json
 from pipelines.errors import StillroomError, UsageError
 from pipelines.views import NUM_VIEW_PARAMS
 
@@ -450,10 +450,7 @@ class LabelStore:
             "stillroom.cache_key": self.cache_key, "stillroom.seed": str(seed),
             "stillroom.manifest": json.dumps(self.manifest),
         })
-        out = Path(out)
-        tmp = out.with_name(f".{out.name}.tmp")
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, out)
+        write_atomically(out, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
         return len(labels)
 
 

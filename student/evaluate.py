@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pipelines.accuracy import top1_top5
+from pipelines.atomic import write_atomically
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
 from pipelines.views import eval_views
@@ -21,10 +22,7 @@ CHECKPOINT_FORMAT = "stillroom-student/1"
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write a student checkpoint atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -54,7 +53,7 @@ import torch
 from torch import nn
 
 from pipelines._readers import DATASET_HELP
-from pipelines.atomic import write_json
+from pipelines.atomic import write_atomically, write_json
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
 from pipelines.options import check_options, option
@@ -602,10 +601,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=80))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
