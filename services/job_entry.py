@@ -39,6 +39,8 @@ def run_train(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     from student.trainer import TrainConfig, train
 
     fields = {**spec, "store": str(Path(job["store_root"]) / spec["store"]), "out": job["out"]}
+    if spec["workers"] > 1 and job["resources"]["gpus"] > 0:  # the Ray Train workers ask for the GPUs
+        fields["device"] = "cuda"
     if fields.get("seeds") is not None:
         fields["seeds"] = tuple(fields["seeds"])
     return train(TrainConfig(**fields))
@@ -56,14 +58,16 @@ def main(argv: list[str]) -> int:
     if entry is None:
         write_json(job_dir / "result.json", {"ok": False, "error": f"unknown job kind {job['kind']!r}"})
         return 2
+    # how the service runs the job (what its process asked Ray for) is no option of the job
+    job["resources"] = job["spec"].pop("resources", {"cpus": 0, "gpus": 0})
     os.environ[PROGRESS_ENV] = str(job_dir / "progress.json")
     # who runs this job, so that whoever stops it can check that nothing of it is left
     write_json(job_dir / "process.json", {"pid": os.getpid(), "pgid": os.getpgid(0)})
-    # Ray starts a job's entry point with OMP_NUM_THREADS=1 (it reserves no CPUs: entrypoint_num_cpus=0), which
-    # would run an in-process teacher or student on one core: use the node's cores, as the CLI does.
+    # a teacher or single-worker student trains in this process on the CPUs it asked Ray for (Ray leaves
+    # OMP_NUM_THREADS=1 to an entry point); a coordinating process asked for none and computes nothing
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(max(1, int(job["resources"]["cpus"])))
     print(f"stillroom job {job['job_id']} ({job['kind']}): {json.dumps(job['spec'])}", flush=True)
     try:
         result = entry(job["spec"], job)

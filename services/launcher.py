@@ -145,14 +145,16 @@ class RayJobs:
         self.client = JobSubmissionClient(self.dashboard_url)
 
     def submit(self, submission_id: str, job_dir: str, python: str, metadata: dict[str, str],
-               agent_wait_s: float = 60.0) -> str:
-        """Submit; while the cluster's job agent is still starting (a fresh head), wait for it."""
+               num_cpus: float = 0.0, num_gpus: float = 0.0, agent_wait_s: float = 60.0) -> str:
+        """Submit; the entry point starts on a node with ``num_cpus`` and ``num_gpus`` free and holds them
+        (Ray's entry-point resources). While the cluster's job agent is still starting (a fresh head), wait."""
         entrypoint = " ".join(shlex.quote(a) for a in (python, "-m", "services.job_entry", job_dir))
         deadline = time.monotonic() + agent_wait_s
         while True:
             try:
                 return self.client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
-                                              metadata=metadata, entrypoint_num_cpus=0)
+                                              metadata=metadata, entrypoint_num_cpus=num_cpus,
+                                              entrypoint_num_gpus=num_gpus)
             except Exception as e:  # the SDK raises RuntimeError; other errors come from requests
                 if "No available agent" not in str(e) or time.monotonic() > deadline:
                     raise

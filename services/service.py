@@ -15,10 +15,19 @@ from fastapi.exceptions import RequestValidationError
 from services.config import Settings
 from services.db import ACTIVE, Database, Job, JobKind, JobPublic, JobState, new_job_id, now
 from services.launcher import RayJobs
-from services.specs import PathOutsideRoots, _Spec, confined_spec
+from services.specs import REST_ONLY, PathOutsideRoots, _Spec, confined_spec
 from services.store_index import StoreIndex
 
 STORE_RESCAN_S = 10.0  # how often the background thread rereads the store root for stores made elsewhere
+
+
+def entry_resources(kind: str, resolved: dict[str, Any]) -> dict[str, float]:
+    """What a job's own process asks Ray for: a teacher job and a single-worker train job train in it (their
+    spec's ``resources``); a label job and a multi-worker train job only coordinate workers that ask for theirs."""
+    if kind == JobKind.teacher or (kind == JobKind.train and resolved.get("workers", 1) == 1):
+        r = resolved["resources"]
+        return {"num_cpus": float(r["cpus"]), "num_gpus": float(r["gpus"])}
+    return {"num_cpus": 0.0, "num_gpus": 0.0}
 
 
 def invalid(field: str, message: str) -> RequestValidationError:
@@ -69,7 +78,7 @@ class Service:
             if idempotency_key and (existing := self.db.by_idempotency_key(idempotency_key)) is not None:
                 return self._same_or_conflict(existing, kind, digest)
             if kind == JobKind.teacher:
-                return self._submit_teacher(job, resolved), 202
+                return self._submit_teacher(job, resolved, spec.digest(exclude=tuple(REST_ONLY["teacher"]))), 202
             if kind == JobKind.label:
                 return self._submit_label(job, resolved), 202
             return self._launch(job, resolved, {"out": str(self._job_dir(job) / "run")}), 202
@@ -99,8 +108,8 @@ class Service:
     def _job_dir(self, job: Job) -> Path:
         return self.settings.state_dir / "jobs" / job.id
 
-    def _submit_teacher(self, job: Job, resolved: dict[str, Any]) -> Job:
-        out = self.settings.state_dir / "teachers" / f"{job.spec_hash[:24]}.pt"
+    def _submit_teacher(self, job: Job, resolved: dict[str, Any], key: str) -> Job:
+        out = self.settings.state_dir / "teachers" / f"{key[:24]}.pt"  # what it computes, not where it runs
         summary = out.with_suffix(".json")
         if out.exists() and summary.exists():
             job.state, job.cache_hit, job.ended_at = JobState.SUCCEEDED.value, True, now()
@@ -191,7 +200,8 @@ class Service:
         self.db.add(job)  # recorded first: the database is the record even if Ray refuses the job
         try:
             self.jobs.submit(job.ray_job_id, str(job_dir), self.settings.job_python,
-                             {"stillroom_job_id": job.id, "kind": job.kind, "cache_key": job.cache_key or ""})
+                             {"stillroom_job_id": job.id, "kind": job.kind, "cache_key": job.cache_key or ""},
+                             **entry_resources(job.kind, resolved))
         except Exception as e:
             return self.db.update(job.id, state=JobState.FAILED, error=f"Ray refused the job: {e}",
                                   ended_at=now()) or job

@@ -46,12 +46,38 @@ class _Spec(BaseModel):
                 out[name] = [int(v) if isinstance(v, float) and v.is_integer() else v for v in value]
         return out
 
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    def digest(self, exclude: tuple[str, ...] = ()) -> str:
+        fields = {k: v for k, v in self.model_dump(mode="json").items() if k not in exclude}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+class JobResources(BaseModel):
+    """What a job's own process asks Ray for (Ray's entry-point resources): the job starts on a node that has
+    them free and holds them until it ends, so a teacher meant for a GPU never trains on a head node's CPU."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    cpus: float = Field(default=1.0, ge=0, le=1024, description="CPUs it holds; it trains with this many torch threads "
+                                                        "(at least one)")
+    gpus: float = Field(default=0.0, ge=0, le=64, description="GPUs it holds (a fraction shares one)")
+
+
+# Fields of a REST spec that are no option of the job's config: how the service runs the job, not what the job
+# computes (a teacher's checkpoint does not depend on them, so they are not part of its cache key).
+REST_ONLY: dict[str, dict[str, tuple[Any, Any]]] = {
+    "teacher": {"resources": (JobResources, Field(JobResources(), description=(
+        "what the job's process asks Ray for: it trains the teacher itself")))},
+    "label": {},  # the job's process only coordinates: each label worker asks for its CPUs and GPUs
+    "train": {"resources": (JobResources, Field(JobResources(), description=(
+        "with workers = 1, what the job's process asks Ray for (it trains the student itself); with "
+        "workers > 1 that process only coordinates and asks for nothing, each Ray Train worker asks for "
+        "1 + loader_workers CPUs, and gpus > 0 gives each worker a GPU")))},
+}
 
 
 # Options of a job that make no sense over REST, each with the reason: every other option of the job's config
-# (pipelines.options) is a field of its spec, with the config's type, default, help, bounds and choices.
+# (pipelines.options) is a field of its spec, with the config's type, default, help, bounds and choices; the
+# spec's other fields are in ``REST_ONLY``.
 NOT_OVER_REST: dict[str, dict[str, str]] = {
     "teacher": {
         "out": "the service chooses each job's output directory",
@@ -121,6 +147,7 @@ def _spec_from_config(kind: str, config: type) -> type[_Spec]:
         default = kwargs.pop("default", default_of(f))
         field = Field(... if default is MISSING else default, **kwargs)
         fields[name] = (annotation, field)
+    fields.update(REST_ONLY[kind])
     validators: dict[str, Any] = {}
     if hasattr(config, "conflicts"):  # options each valid alone but not together: a 422, as the CLI refuses them
         def _no_conflicts(spec: Any) -> Any:

@@ -75,7 +75,8 @@ def train_distributed(config: TrainConfig) -> dict[str, Any]:
         raise UsageError(f"--loader-workers {config.loader_workers}: expected >= 0")
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
-    use_gpu = config.device != "cpu" and torch.cuda.is_available()
+    # cuda: the workers ask Ray for GPUs even where this (coordinating) process sees none; auto: as it sees
+    use_gpu = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
     loop_config = {"config": {**config.__dict__, "seeds": list(config.seeds) if config.seeds else None,
                               "device": "cuda" if use_gpu else "cpu"}}
     out = Path(config.out)

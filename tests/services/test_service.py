@@ -105,6 +105,35 @@ def test_teacher_then_train_jobs_over_http(server):
         assert [j["id"] for j in listed] == [train["id"]]
 
 
+@SQLITE_ONLY
+def test_jobs_ask_ray_for_the_resources_their_process_uses(server, teacher_ckpt, ray_dashboard):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    ray = JobSubmissionClient(ray_dashboard)
+    teacher = {"dataset": DATA, "model": "test_resnet", "epochs": 1}
+    with server.client() as http:
+        # more CPUs than the 2-CPU cluster has, or a GPU it lacks: Ray holds the job back (it never trains on
+        # whatever is there)
+        held = [http.post("/v1/teacher-jobs", json={**teacher, "resources": r}).json()
+                for r in ({"cpus": 64}, {"gpus": 1})]
+        time.sleep(5)
+        for job in held:
+            assert ray.get_job_status(job["ray_job_id"]) == JobStatus.PENDING
+            assert http.get(f"/v1/jobs/{job['id']}").json()["state"] == "PENDING"
+            assert http.post(f"/v1/jobs/{job['id']}/cancel").json()["state"] == "CANCELLED"
+        # what the cluster has: it runs; where a job runs does not change what it computes (one checkpoint)
+        small = wait(http, http.post("/v1/teacher-jobs", json={**teacher, "seed": 7,
+                                                              "resources": {"cpus": 2}}).json()["id"])
+        assert small["state"] == "SUCCEEDED", small["error"]
+        again = http.post("/v1/teacher-jobs", json={**teacher, "seed": 7}).json()
+        assert again["cache_hit"] and again["result"]["out"] == small["result"]["out"]
+        # a label job's process only coordinates (asks for no CPU): its one worker asks for both CPUs, and runs
+        label = http.post("/v1/label-jobs", json=label_spec(teacher_ckpt, seeds=[5])).json()
+        assert wait(http, label["id"])["state"] == "SUCCEEDED"
+        bad = http.post("/v1/teacher-jobs", json={**teacher, "resources": {"cpus": -1}})
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "resources", "cpus"]
+
+
 def test_idempotency_keys(server):
     spec = {"dataset": DATA, "model": "test_resnet", "epochs": 1}
     with server.client() as http:
