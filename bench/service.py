@@ -5,7 +5,8 @@ Labels a small synthetic store in-process first (so every POST is a cache hit), 
 The first POST, which computes the cache key (dataset fingerprint, teacher digest), is timed apart. POSTs
 alternate with rounds of GET /healthz (no database, file or Ray behind it) from the same clients: the floor
 that the machine and the HTTP stack set, measured under the same load.
-A cache-hit POST is answered from the service's in-memory store index (no file read, no Ray call).
+A cache-hit POST is answered from the service's in-memory store index (no file read, no Ray call); concurrent
+submissions are recorded by group commit (one SQLite transaction for the records queued together).
 Prints one JSON line. Target: p99 submission latency < 20 ms with 8 clients.
 
     python bench/service.py [--posts 200] [--clients 8] [--read-seconds 5]

@@ -114,8 +114,9 @@ def test_jobs_ask_ray_for_the_resources_their_process_uses(server, teacher_ckpt,
     with server.client() as http:
         # more CPUs than the 2-CPU cluster has, or a GPU it lacks: Ray holds the job back (it never trains on
         # whatever is there)
-        held = [http.post("/v1/teacher-jobs", json={**teacher, "resources": r}).json()
+        held = [http.post("/v1/teacher-jobs", json={**teacher, "seed": 11, "resources": r}).json()
                 for r in ({"cpus": 64}, {"gpus": 1})]
+        assert held[0]["id"] != held[1]["id"] and not held[0]["cache_hit"]
         time.sleep(5)
         for job in held:
             assert ray.get_job_status(job["ray_job_id"]) == JobStatus.PENDING
