@@ -21,7 +21,7 @@ loader_over_torchvision (the torchvision epoch's seconds over stillroom's superv
 >= 1.0.
 
     python bench/training.py [--steps 40] [--batch-size 128] [--teacher resnet50] [--student resnet18]
-    python bench/training.py --data jpeg [--images 480] [--size 224] [--steps 10] [--batch-size 32]
+    python bench/training.py --data jpeg [--images 480] [--size 224] [--steps 20] [--batch-size 32]
 """
 
 from __future__ import annotations
@@ -105,9 +105,10 @@ def main() -> None:
     ap.add_argument("--split", default="test", help="--data memory: the split labeled and trained on")
     ap.add_argument("--teacher", default=None, help="default: resnet50 (memory), test_resnet (jpeg)")
     ap.add_argument("--student", default=None, help="default: resnet18 (memory), test_resnet (jpeg)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per epoch (default: 40 memory, 10 jpeg)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per epoch (default: 40 memory, 20 jpeg)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: 128 (memory), 32 (jpeg)")
-    ap.add_argument("--repeats", type=int, default=None, help="rounds; each way runs once a round (3 memory, 2 jpeg)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="rounds; each way runs once a round (3 memory, 5 jpeg: a JPEG epoch is short and noisy)")
     ap.add_argument("--images", type=int, default=480, help="--data jpeg: images in the folder")
     ap.add_argument("--size", type=int, default=224, help="--data jpeg: the views' side in pixels")
     ap.add_argument("--loader-workers", type=int, default=None,
@@ -120,9 +121,9 @@ def main() -> None:
     jpeg = args.data == "jpeg"
     teacher_name = args.teacher or ("test_resnet" if jpeg else "resnet50")
     student = args.student or ("test_resnet" if jpeg else "resnet18")
-    steps = args.steps or (10 if jpeg else 40)
+    steps = args.steps or (20 if jpeg else 40)
     batch_size = args.batch_size or (32 if jpeg else 128)
-    repeats = args.repeats or (2 if jpeg else 3)
+    repeats = args.repeats or (5 if jpeg else 3)
     work = Path(args.dir or tempfile.mkdtemp(prefix="stillroom-bench-training-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
