@@ -37,6 +37,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -127,9 +128,11 @@ def bench_jpeg(args: argparse.Namespace) -> None:
     import ray
     import timm
 
-    from bench.data import make_folder
     from pipelines.labeling import LabelConfig, run_labeling
     from pipelines.teachers import Preprocess, load_teacher, save_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from data import make_folder  # bench/data.py: the same generator as the data bench
 
     cuda = args.device == "cuda"
     threads = args.threads
