@@ -9,22 +9,26 @@ import sys
 
 from pipelines.errors import StillroomError
 
-# modules with a ``register(subparsers)``; one that is not there yet is skipped
-COMMAND_MODULES = (
-    "pipelines.commands",
-    "pipelines.teacher_commands",
-    "student.commands",
-    "services.commands",
-)
+# modules with a ``register(subparsers)``, and the top-level commands each registers; one that is not there
+# yet is skipped
+COMMAND_MODULES = {
+    "pipelines.commands": ("store", "view"),
+    "pipelines.teacher_commands": ("teacher", "label"),
+    "student.commands": ("train", "eval"),
+    "services.commands": ("serve", "jobs", "demo"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or, for a ``command`` one module registers, that module's part only: the others
+    import torch to list their options, a second that ``stillroom jobs ls`` need not wait for."""
     parser = argparse.ArgumentParser(
         prog="stillroom",
         description="Run the teacher once per augmentation seed, store its labels, train students from the store.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    names = [m for m, commands in COMMAND_MODULES.items() if command in commands] or list(COMMAND_MODULES)
+    for name in names:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -36,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except StillroomError as e:

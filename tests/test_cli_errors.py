@@ -102,3 +102,15 @@ def test_label_asking_for_gpus_without_cuda(tmp_path):
                          "--store", str(tmp_path), *extra)
         assert_one_error_line(done, 2, "--gpus-per-worker")
     assert not any(tmp_path.iterdir())  # refused before a store was made
+
+
+def test_the_service_commands_start_without_importing_torch():
+    """`stillroom jobs ...` builds only its own part of the parser: the job commands' options import torch."""
+    code = ("import sys; from services.cli import build_parser; "
+            "args = build_parser('jobs').parse_args(['jobs', 'ls']); print(args.func.__name__, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[1] == "False", out
+    from services.cli import build_parser
+
+    whole = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"store", "view", "teacher", "label", "train", "eval", "serve", "jobs", "demo"} <= set(whole.choices)
