@@ -162,7 +162,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if health is None:
             raise UsageError("the service did not answer within 120 s")
         print(f"service http://127.0.0.1:{port}/docs  Ray dashboard {health['dashboard']}", file=sys.stderr)
-        teacher = _follow(client, client.submit("teacher", DEMO_TEACHER), "teacher (resnet10t)")
+        # the teacher trains alone: it asks Ray for every core; the two students then share them, one each
+        every_core = {"resources": {"cpus": os.cpu_count() or 1}}
+        teacher = _follow(client, client.submit("teacher", {**DEMO_TEACHER, **every_core}), "teacher (resnet10t)")
         ckpt = teacher["result"]["out"]
         label = _follow(client, client.submit("label", {
             "dataset": DEMO_DATA, "teachers": [f"resnet10t@{ckpt}"], "recipe": "fmnist-rrc",

@@ -109,7 +109,8 @@ class LocalRayHead:
         raise StillroomError(f"the local Ray head did not answer at {self.dashboard_url} within {timeout_s:.0f} s")
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM to the head (it stops the Ray processes it started), SIGKILL to its group if it lingers."""
+        """SIGTERM to the head (it stops the Ray processes it started), SIGKILL to its group if it lingers;
+        then whatever of its group outlived it (the dashboard's forkserver can, for a moment) is ended too."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -117,7 +118,25 @@ class LocalRayHead:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        if self.proc is not None:
+            end_group(self.proc.pid)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def end_group(pgid: int, grace_s: float = 5.0) -> None:
+    """SIGTERM to every process left in the group, SIGKILL to those still there after ``grace_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return  # the group is empty
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
 
 
 def _token_auth_as_ray_init_does() -> None:

@@ -58,8 +58,8 @@ class JobResources(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    cpus: float = Field(default=1.0, ge=0, le=1024, description="CPUs it holds; it trains with this many torch threads "
-                                                        "(at least one)")
+    cpus: float = Field(default=1.0, ge=0, le=1024,
+                        description="CPUs it holds; it trains with this many torch threads (at least one)")
     gpus: float = Field(default=0.0, ge=0, le=64, description="GPUs it holds (a fraction shares one)")
 
 
@@ -72,7 +72,7 @@ REST_ONLY: dict[str, dict[str, tuple[Any, Any]]] = {
     "train": {"resources": (JobResources, Field(JobResources(), description=(
         "with workers = 1, what the job's process asks Ray for (it trains the student itself); with "
         "workers > 1 that process only coordinates and asks for nothing, each Ray Train worker asks for "
-        "1 + loader_workers CPUs, and gpus > 0 gives each worker a GPU")))},
+        "1 + loader_workers CPUs (1 when loader_workers is unset), and gpus > 0 gives each worker a GPU")))},
 }
 
 
