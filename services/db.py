@@ -191,9 +191,10 @@ class Database:
         with self.session() as s:
             return s.scalars(select(Job).where(Job.idempotency_key == key)).first()
 
-    def active_label_jobs(self, cache_key: str) -> list[Job]:
+    def active_primaries(self, kind: JobKind, cache_key: str) -> list[Job]:
+        """The running (or pending) jobs of ``kind`` that compute ``cache_key`` themselves."""
         with self.session() as s:
-            q = select(Job).where(Job.kind == JobKind.label.value, Job.cache_key == cache_key,
+            q = select(Job).where(Job.kind == kind.value, Job.cache_key == cache_key,
                                   Job.state.in_([s.value for s in ACTIVE]),
                                   Job.attached_to.is_(None), Job.ray_job_id.is_not(None))
             return list(s.scalars(q))

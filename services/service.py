@@ -109,11 +109,17 @@ class Service:
         return self.settings.state_dir / "jobs" / job.id
 
     def _submit_teacher(self, job: Job, resolved: dict[str, Any], key: str) -> Job:
-        out = self.settings.state_dir / "teachers" / f"{key[:24]}.pt"  # what it computes, not where it runs
+        """A cache hit when the checkpoint is there; attached to the job training it now, if one is; else run."""
+        job.cache_key = key[:24]  # the teacher's checkpoint: what it computes, not where it runs
+        out = self.settings.state_dir / "teachers" / f"{job.cache_key}.pt"
         summary = out.with_suffix(".json")
         if out.exists() and summary.exists():
             job.state, job.cache_hit, job.ended_at = JobState.SUCCEEDED.value, True, now()
             job.result = {**json.loads(summary.read_text()), "cache_hit": True}
+            return self.db.add(job)
+        for primary in self.db.active_primaries(JobKind.teacher, job.cache_key):
+            job.attached_to, job.ray_job_id, job.state = primary.id, primary.ray_job_id, primary.state
+            job.started_at = primary.started_at
             return self.db.add(job)
         return self._launch(job, resolved, {"out": str(out)})
 
@@ -131,7 +137,7 @@ class Service:
             return self._cache_hit_label(job, resolved)
         entry = self.stores.get(key)
         have = set(entry.seeds) if entry else set()
-        for primary in self.db.active_label_jobs(key):
+        for primary in self.db.active_primaries(JobKind.label, key):
             if set(seeds) <= set(primary.spec["seeds"]) | have:
                 job.attached_to, job.ray_job_id, job.state = primary.id, primary.ray_job_id, primary.state
                 job.started_at = primary.started_at
@@ -282,6 +288,11 @@ class Service:
             others = [j for j in self.db.active() if j.attached_to == job.id]
             if not others:
                 self.jobs.stop(job.ray_job_id)
+            else:  # the run goes on for the others: the first of them follows it now, the rest follow that one
+                heir = others[0]
+                self.db.update(heir.id, attached_to=None, job_dir=job.job_dir)
+                for other in others[1:]:
+                    self.db.update(other.id, attached_to=heir.id)
         return self.db.update(job.id, state=JobState.CANCELLED, ended_at=now(), error=reason) or job
 
     def cancel_all(self, reason: str, wait_s: float = 60.0) -> list[str]:

@@ -148,6 +148,23 @@ def test_idempotency_keys(server):
 
 
 @SQLITE_ONLY
+def test_identical_teacher_jobs_in_flight_share_one_run_and_outlive_a_cancel(server):
+    spec = {"dataset": DATA, "model": "test_resnet", "epochs": 2, "seed": 21}
+    with server.client() as http:
+        first, second = (http.post("/v1/teacher-jobs", json=spec).json() for _ in range(2))
+        assert second["attached_to"] == first["id"] and second["ray_job_id"] == first["ray_job_id"]
+        assert not second["cache_hit"]
+        # the first is cancelled; the run goes on for the second, which now follows it
+        assert http.post(f"/v1/jobs/{first['id']}/cancel").json()["state"] == "CANCELLED"
+        done = wait(http, second["id"])
+        assert done["state"] == "SUCCEEDED", done["error"]
+        assert done["attached_to"] is None and done["result"]["out"].endswith(".pt")
+        assert http.get(f"/v1/jobs/{first['id']}").json()["state"] == "CANCELLED"
+        third = http.post("/v1/teacher-jobs", json=spec).json()
+        assert third["cache_hit"] and third["result"]["out"] == done["result"]["out"]
+
+
+@SQLITE_ONLY
 def test_cancel_a_running_job(server):
     spec = {"dataset": "synthetic:n=4096,classes=4,size=16", "model": "test_resnet", "epochs": 50}
     with server.client() as http:
