@@ -29,13 +29,8 @@ class JobState(StrEnum):
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
 
-    @property
-    def active(self) -> bool:
-        return self in ACTIVE
-
 
 ACTIVE = (JobState.PENDING, JobState.RUNNING)
-TERMINAL = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
 class JobKind(StrEnum):
@@ -167,6 +162,7 @@ class Database:
         # concurrent submissions that backoff was the tail of the latency. This process is the only writer,
         # so its writes queue on a lock instead and each starts as soon as the one before commits; new
         # records that queue meanwhile are inserted together, in one transaction (``add``).
+        self.sqlite = sqlite
         self.write_lock: threading.Lock | contextlib.nullcontext[None] = (
             threading.Lock() if sqlite else contextlib.nullcontext())
         self._pending: list[_Pending] = []
@@ -239,7 +235,7 @@ class Database:
             if getattr(job, c.key) is None and c.default is not None and c.default.is_scalar:
                 setattr(job, c.key, c.default.arg)
         values = {c.key: v for c in Job.__table__.columns if (v := getattr(job, c.key)) is not None}
-        if isinstance(self.write_lock, contextlib.nullcontext):  # a server database: writers run side by side
+        if not self.sqlite:  # a server database: writers run side by side
             with self.engine.begin() as conn:
                 conn.execute(insert(Job), values)
             return job

@@ -118,9 +118,7 @@ class Service:
             job.result = {**json.loads(summary.read_text()), "cache_hit": True}
             return self.db.add(job)
         for primary in self.db.active_primaries(JobKind.teacher, job.cache_key):
-            job.attached_to, job.ray_job_id, job.state = primary.id, primary.ray_job_id, primary.state
-            job.started_at = primary.started_at
-            return self.db.add(job)
+            return self._attach(job, primary)
         return self._launch(job, resolved, {"out": str(out)})
 
     def _cache_hit_label(self, job: Job, resolved: dict[str, Any]) -> Job:
@@ -139,10 +137,14 @@ class Service:
         have = set(entry.seeds) if entry else set()
         for primary in self.db.active_primaries(JobKind.label, key):
             if set(seeds) <= set(primary.spec["seeds"]) | have:
-                job.attached_to, job.ray_job_id, job.state = primary.id, primary.ray_job_id, primary.state
-                job.started_at = primary.started_at
-                return self.db.add(job)
+                return self._attach(job, primary)
         return self._launch(job, resolved, {})
+
+    def _attach(self, job: Job, primary: Job) -> Job:
+        """Record ``job`` as sharing ``primary``'s run: it follows that run's state (``_mirror``)."""
+        job.attached_to, job.ray_job_id, job.state = primary.id, primary.ray_job_id, primary.state
+        job.started_at = primary.started_at
+        return self.db.add(job)
 
     def cached_label(self, spec: _Spec) -> Job | None:
         """The answer to a label spec when it is a cache hit the service already knows: a spec whose key was
