@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.views import COL, MIX_NONE, Recipe, apply_views, draw_views, output_size, partner_ids, render_batch
+from pipelines.views import COL, MIX_NONE, Recipe, build_views, draw_views, output_size, partner_ids, render_batch
 
 PREFETCH = 2  # batches each worker process builds ahead
 
@@ -117,12 +117,8 @@ class ViewStream:
             yield batch
 
     def _in_memory(self, seed: int, ids: np.ndarray) -> ViewBatch:
-        _, H, W = self.dataset.image_shape
-        params = draw_views(self.recipe, seed, ids, len(self.dataset), (H, W))
-        images = self.dataset.read(ids)
-        partners = partner_ids(params, ids)
-        partner_images = images if np.array_equal(partners, ids) else self.dataset.read(partners)
-        return ViewBatch(ids, params, views=apply_views(images, params, self.recipe.out_size, partner_images))
+        views, params = build_views(self.dataset, self.recipe, seed, ids)
+        return ViewBatch(ids, params, views=views)
 
     def close(self) -> None:
         """End the decode processes."""

@@ -41,13 +41,10 @@ class LabelWorker:
         if device == "cuda" and not torch.cuda.is_available():  # never a silent CPU fallback
             raise UsageError(f"label worker on {socket.gethostname()} was given a GPU by Ray but torch sees no CUDA")
         torch.set_num_threads(max(1, num_threads))
-        self.labeler = Labeler(config, store_path, device, decode_workers=config.decode_processes(num_threads))
+        self.labeler = Labeler(config, store_path, device)  # its decode processes: by the threads just set
 
     def pid(self) -> int:
         return os.getpid()
-
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
 
     def label_piece(self, seed: int, piece: int, start: int, stop: int) -> dict:
         return {**self.labeler.label_piece(seed, piece, start, stop),

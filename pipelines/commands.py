@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipelines._readers import DATASET_HELP
+from pipelines.atomic import write_atomically
 from pipelines.errors import StillroomError, UsageError
 
 if TYPE_CHECKING:
@@ -151,9 +152,7 @@ def cmd_view_show(args: argparse.Namespace) -> int:
     grid = grid[0] if grid.shape[0] == 1 else grid.transpose(1, 2, 0)
     img = Image.fromarray(grid)
     img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    img.save(tmp)
-    tmp.replace(out)
+    write_atomically(out, img.save)  # the temporary file keeps the .png suffix PIL goes by
     print(json.dumps({"out": str(out), "ids": ids.tolist(), "columns": ["original", "view"],
                       "params": [dict(zip(("y0", "x0", "h", "w", "flip"), map(float, p[:5]), strict=True))
                                  for p in params]}))

@@ -29,7 +29,7 @@ from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
 from pipelines.options import check_options, option
 from pipelines.progress import progress_bar
-from pipelines.store import LabelStore, QualitySums, StoreSchema
+from pipelines.store import LabelStore, QualitySums, StoreSchema, add_quality
 from pipelines.teachers import Teacher, as_feature_map, ensemble_log_probs, load_teacher
 from pipelines.views import COL, MIX_NONE, Recipe, _key, _uniforms, get_recipe, mix_views, output_size
 
@@ -253,12 +253,6 @@ def quality_sums(logits: torch.Tensor, truth: np.ndarray, crop_area: np.ndarray,
     return out
 
 
-def add_quality(a: QualitySums, b: QualitySums) -> QualitySums:
-    """The sums of two label-quality records."""
-    return {g: {n: a.get(g, {}).get(n, 0.0) + b.get(g, {}).get(n, 0.0) for n in set(a.get(g, {})) | set(b[g])}
-            for g in set(a) | set(b)}
-
-
 def sample_classes(logits: torch.Tensor, recipe: Recipe, seed: int, ids: np.ndarray, m: int) -> np.ndarray:
     """``m`` classes per view drawn with replacement from softmax(logits), by inverse CDF on uniforms from a
     counter-based generator keyed by the view (recipe, seed, sample id): the same view draws the same classes."""
@@ -328,6 +322,8 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
     t0 = time.perf_counter()
     if backend not in ("ray", "local"):
         raise UsageError(f"unknown backend {backend!r}: expected ray or local")
+    if backend == "local" and config.gpus_per_worker > 0:  # a store keyed as GPU-decoded, labeled on the CPU
+        raise UsageError("--gpus-per-worker asks Ray for GPUs; --no-ray labels in this process on the CPU")
     store = prepare_store(config)
     reused = [s for s in config.seeds if s in store.seeds()]
     todo = [s for s in config.seeds if s not in reused]

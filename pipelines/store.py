@@ -304,9 +304,7 @@ class LabelStore:
         chunks: dict[str, list[str]] = {name: [] for name in arrays}
         for i in range(len(pieces)):
             done = json.loads((self.seed_dir(seed) / "pieces" / f"{i}.done").read_text())
-            for group, values in (done.get("quality") or {}).items():
-                for name, v in values.items():
-                    sums.setdefault(group, {})[name] = sums.get(group, {}).get(name, 0.0) + v
+            sums = add_quality(sums, done.get("quality") or {})
             for name in arrays:
                 if name not in (done.get("chunk_sha256") or {}):
                     raise StoreError(f"seed {seed} piece {i}: no checksum recorded for {name}; label the seed again")
@@ -452,6 +450,12 @@ class LabelStore:
         })
         write_atomically(out, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
         return len(labels)
+
+
+def add_quality(a: QualitySums, b: QualitySums) -> QualitySums:
+    """The sums of two label-quality records."""
+    return {g: {n: a.get(g, {}).get(n, 0.0) + b.get(g, {}).get(n, 0.0) for n in set(a.get(g, {})) | set(b.get(g, {}))}
+            for g in set(a) | set(b)}
 
 
 def quality_report(sums: QualitySums) -> dict[str, dict[str, float]]:

@@ -32,8 +32,6 @@ def cmd_label(args: argparse.Namespace) -> int:
     from pipelines.labeling import LabelConfig, parse_seeds, run_labeling
     from pipelines.options import options
 
-    if args.gpus_per_worker > 0 and args.no_ray:
-        raise UsageError("--gpus-per-worker asks Ray for GPUs; --no-ray labels in this process on the CPU")
     if args.gpus_per_worker > 0 and args.ray_address is None:
         import torch
 

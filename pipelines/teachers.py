@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.atomic import write_atomically
 from pipelines.errors import UsageError
 
 CHECKPOINT_FORMAT = "stillroom-teacher/1"
@@ -224,9 +225,7 @@ def ensemble_log_probs(member_logits: list[torch.Tensor]) -> torch.Tensor:
 def save_checkpoint(path: str | Path, name: str, model: nn.Module, kwargs: dict[str, Any], preprocess: Preprocess,
                     extra: dict[str, Any]) -> None:
     """Write a teacher checkpoint the way ``load_teacher`` reads it (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, "model": name, "kwargs": kwargs,
-                "num_classes": int(kwargs.get("num_classes", 0)), "preprocess": preprocess.to_dict(),
-                "state_dict": model.state_dict(), **extra}, tmp)
-    tmp.replace(path)
+    state = {"format": CHECKPOINT_FORMAT, "model": name, "kwargs": kwargs,
+             "num_classes": int(kwargs.get("num_classes", 0)), "preprocess": preprocess.to_dict(),
+             "state_dict": model.state_dict(), **extra}
+    write_atomically(path, lambda tmp: torch.save(state, tmp))

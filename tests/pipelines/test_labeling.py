@@ -72,6 +72,14 @@ def test_unknown_backend_fails_before_any_work(tmp_path, tiny_teacher):
     assert not (tmp_path / "stores").exists()
 
 
+def test_gpus_in_this_process_are_refused_before_any_work(tmp_path, tiny_teacher):
+    """GPU workers are Ray's to give: in this process the labels would be decoded on the CPU under a store
+    key that says GPU."""
+    with pytest.raises(UsageError, match="--gpus-per-worker asks Ray for GPUs"):
+        run_labeling(config(tmp_path, [tiny_teacher], gpus_per_worker=1), backend="local", progress=False)
+    assert not (tmp_path / "stores").exists()
+
+
 @pytest.mark.parametrize("backend", ["local", pytest.param("ray", marks=pytest.mark.ray)])
 def test_labels_equal_a_direct_forward_on_replayed_views(tmp_path, tiny_teacher, backend, request):
     if backend == "ray":
