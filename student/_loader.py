@@ -55,17 +55,6 @@ class Batch:
     def mixed(self) -> bool:
         return self.params is not None and bool((self.params[:, COL["mix_mode"]] != MIX_NONE).any())
 
-    def to(self, device: torch.device) -> Batch:
-        if _same_device(self.views.device, device):
-            return self
-        return Batch(self.ids, self.views.to(device, non_blocking=True), self.labels.to(device),
-                     self.targets.to(device), {k: v.to(device) for k, v in self.teacher.items()},
-                     self.params, self.seed, self.epoch)
-
-
-def _same_device(have: torch.device, want: torch.device) -> bool:
-    return have.type == want.type and (want.index is None or have.index == want.index)
-
 
 LABEL_ARRAYS = ("topk_idx", "topk_logit", "lse", "tail_lse", "hard", "sampled", "features")
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from pipelines.errors import StillroomError, UsageError
+from pipelines.errors import StillroomError
 from student.trainer import Distributed, TrainConfig, fit
 
 
@@ -71,8 +71,6 @@ def train_distributed(config: TrainConfig) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     config = _absolute(config)
-    if config.loader_workers is not None and config.loader_workers < 0:
-        raise UsageError(f"--loader-workers {config.loader_workers}: expected >= 0")
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     # cuda: the workers ask Ray for GPUs even where this (coordinating) process sees none; auto: as it sees

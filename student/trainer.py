@@ -64,7 +64,7 @@ from pipelines.views import Recipe, output_size
 from student import losses as L
 from student.data import Batch, StoreStream, check_store
 from student.evaluate import evaluate, load_init_weights, read_checkpoint, save_checkpoint
-from student.methods import METHODS, Heads, method_class, method_names
+from student.methods import Heads, method_class, method_names
 from student.models import (
     build_student,
     has_distillation_head,
@@ -77,8 +77,6 @@ from student.online import ONLINE_TARGETS
 
 LOSSES = method_names()  # ce, kd, deit-soft, deit-hard, mealv2, sampled, tat
 TAT_VARIANTS = L.TAT_VARIANTS  # full, patch, anchor, patch-anchor
-# kd: 4; every other method: 1 (TaT pairs its feature loss with KD at T = 1)
-DEFAULT_TEMPERATURE = {name: method.default_temperature for name, method in METHODS.items()}
 CHECKPOINT = "last.pt"
 
 
@@ -158,7 +156,9 @@ class TrainConfig:
 
     @property
     def resolved_temperature(self) -> float:
-        return self.temperature if self.temperature is not None else DEFAULT_TEMPERATURE.get(self.loss, 1.0)
+        # the method's own (kd: 4; every other: 1, TaT pairs its feature loss with KD at T = 1), asked of the
+        # registry now: a method registered after this module was imported has its own too
+        return self.temperature if self.temperature is not None else method_class(self.loss).default_temperature
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -449,7 +449,6 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
     for batch in run.stream.epoch(epoch):
         if n_steps >= run.steps_per_epoch:
             break
-        batch = batch.to(run.device)
         if run.online is not None:
             batch.teacher = run.online.labels(batch)
         values = train_step(step, batch, run.optimizer, run.method_optimizer, dist)

@@ -65,7 +65,8 @@ def _step(config: TrainConfig) -> DistillationStep:
 
 def test_loss_names_are_the_registry():
     assert method_names() == tuple(METHODS) == L.LOSS_NAMES == trainer.LOSSES
-    assert {name: 4.0 if name == "kd" else 1.0 for name in METHODS} == trainer.DEFAULT_TEMPERATURE
+    assert {name: 4.0 if name == "kd" else 1.0 for name in METHODS} == {
+        name: _config(name).resolved_temperature for name in METHODS}
     with pytest.raises(UsageError, match="unknown loss 'nope': expected one of ce, kd"):
         method_class("nope")
 
