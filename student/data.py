@@ -24,6 +24,7 @@ from pipelines.store import LabelStore, SeedLabels, StoreError
 from pipelines.views import Recipe, get_recipe, output_size
 from student._loader import (
     FEATURE_WINDOW_CHUNKS,
+    LABEL_ARRAYS,
     Batch,
     BatchSource,
     FeatureChunks,
@@ -190,24 +191,10 @@ class StoreStream:
 
 
 def read_labels(store: LabelStore, seed: int) -> SeedLabels:
-    """A complete seed's arrays except ``features`` (read by chunk: ``FeatureChunks``)."""
-    import zarr
-
-    if seed not in store.seeds():
-        raise StoreError(f"seed {seed} is not in {store.path}: complete seeds are {store.seeds() or 'none'}")
-    group = zarr.open_group(store=str(store.seed_dir(seed)), mode="r", zarr_format=3)
-    arrays = {}
-    for name in store.schema.arrays():
-        if name == "features":
-            continue
-        array = group.get(name)
-        if not isinstance(array, zarr.Array):
-            raise StoreError(f"seed {seed} of {store.path} has no array {name}")
-        try:
-            arrays[name] = np.asarray(array[...])
-        except Exception as e:  # a truncated or edited chunk fails to decode
-            raise StoreError(f"seed {seed} array {name}: cannot be read ({type(e).__name__}: {e})") from None
-    return SeedLabels(int(seed), arrays)
+    """What the student reads of a complete seed: the view parameters and the label arrays it trains on, not
+    ``features`` (read by chunk: ``FeatureChunks``) nor an ensemble's per-member arrays."""
+    wanted = {"view", *LABEL_ARRAYS} - {"features"}
+    return store.load(seed, [name for name in store.schema.arrays() if name in wanted])
 
 
 __all__ = ["Batch", "StoreStream", "check_store", "label_tensors", "mixed_targets", "read_labels"]
