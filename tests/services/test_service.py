@@ -213,6 +213,7 @@ def test_restart_reconciles_records(tmp_path, ray_dashboard, backend, request):
         second.stop()
 
 
+@SQLITE_ONLY  # validation, roots and limits: nothing of it is the database's
 def test_bad_requests(server, tmp_path):
     outside = tmp_path / "outside.pt"
     outside.write_bytes(b"x")

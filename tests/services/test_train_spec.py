@@ -3,10 +3,9 @@ at submission with a 422 naming the field."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from fastapi.testclient import TestClient
+from serving import wait
 
 from pipelines.datasets import load_dataset
 from pipelines.store import LabelStore, StoreSchema
@@ -53,10 +52,6 @@ def test_a_tat_train_spec_is_accepted_over_rest(service):
     spec = job.json()["spec"]
     assert {name: spec[name] for name in TAT} == TAT
     assert spec["dataset"] == load_dataset(DATA).spec  # none named: the store's
-    deadline = time.monotonic() + 120  # the store holds no seed: the job fails in Ray; wait until it has ended
-    while (done := http.get(f"/v1/jobs/{job.json()['id']}").json())["state"] not in ("FAILED", "SUCCEEDED",
-                                                                                      "CANCELLED"):
-        assert time.monotonic() < deadline, done["state"]
-        time.sleep(0.5)
+    done = wait(http, job.json()["id"], timeout=120)  # the store holds no seed: the job fails in Ray
     # the trainer took the spec and checked the store: it holds no seed 0
     assert done["state"] == "FAILED" and "seeds [0] are not in store" in done["error"], done
