@@ -247,10 +247,11 @@ def quality_sums(logits: torch.Tensor, truth: np.ndarray, crop_area: np.ndarray,
         "topk_mass": log_p.gather(1, top).exp().sum(-1).double(),
     }
     small = torch.from_numpy(np.asarray(crop_area) < 0.5).to(logits.device)
-    out: QualitySums = {}
-    for group, rows in (("all", torch.ones_like(small)), ("area<0.5", small), ("area>=0.5", ~small)):
-        out[group] = {"views": float(rows.sum()), **{name: float(v[rows].sum()) for name, v in per_view.items()}}
-    return out
+    groups = {"all": torch.ones_like(small), "area<0.5": small, "area>=0.5": ~small}
+    # the 15 sums in one tensor, brought to the host at once (one synchronisation on CUDA, not 15)
+    sums = torch.stack([torch.stack([rows.sum().double(), *(v[rows].sum() for v in per_view.values())])
+                        for rows in groups.values()]).tolist()
+    return {group: dict(zip(("views", *per_view), row, strict=True)) for group, row in zip(groups, sums, strict=True)}
 
 
 def sample_classes(logits: torch.Tensor, recipe: Recipe, seed: int, ids: np.ndarray, m: int) -> np.ndarray:
