@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from pipelines.datasets import DatasetSpec
 from pipelines.labeling import LabelConfig
 from pipelines.options import base_type, default_of, options
 from pipelines.teacher_train import TeacherTrainConfig
@@ -201,12 +202,12 @@ def confine(path: str, roots: tuple[Path, ...], base: Path) -> Path:
 
 def confine_dataset(dataset: str, roots: tuple[Path, ...], base: Path) -> str:
     """``imagefolder:`` and ``parquet:`` paths resolved and confined (a Parquet glob: its folder, no ``..``);
-    a ``,bad=`` option is kept."""
+    the options after the path (``,bad=``, ``,val=``) are kept."""
     kind, sep, arg = dataset.partition(":")
     if kind not in ("imagefolder", "parquet") or not sep:
         return dataset
-    path, bad, policy = arg.rpartition(",bad=")
-    path, option = (path, f",bad={policy}") if bad else (arg, "")
+    path, _ = DatasetSpec(kind, arg).path_and_options()
+    option = arg[len(path):]
     if kind == "parquet" and any(ch in path for ch in "*?["):
         if ".." in Path(path).parts:
             raise PathOutsideRoots(f"path {path!r}: '..' is not allowed in a glob")
