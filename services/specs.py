@@ -17,6 +17,7 @@ from pipelines.datasets import DatasetSpec
 from pipelines.labeling import LabelConfig
 from pipelines.options import base_type, default_of, options
 from pipelines.teacher_train import TeacherTrainConfig
+from pipelines.views import recipe_pattern
 from student.trainer import TrainConfig
 
 NAME = r"^[A-Za-z0-9_.\-]+$"
@@ -108,14 +109,14 @@ _REST: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {
         "dataset": (str, dict(max_length=500)),
         "model": (str, dict(pattern=NAME, max_length=100)),
         "model_kwargs": (dict[str, Scalar], {}),
-        "recipe": (str, dict(pattern=NAME, max_length=100)),
+        "recipe": (str, dict(pattern=recipe_pattern(), max_length=100)),
     },
     "label": {
         "dataset": (str, dict(max_length=500)),
         "teachers": (list[Annotated[str, Field(pattern=TEACHER, max_length=1000)]],
                      dict(min_length=1, max_length=16,
                           description="NAME@CHECKPOINT (a path in the roots), or NAME for timm weights")),
-        "recipe": (str, dict(pattern=NAME, max_length=100)),
+        "recipe": (str, dict(pattern=recipe_pattern(), max_length=100)),
         "seeds": (list[Annotated[int, Field(ge=0)]], dict(min_length=1, max_length=1000)),
         "features": (str | None, dict(pattern=NAME, max_length=200)),
     },
