@@ -250,3 +250,83 @@ class RandAugmentPolicy:
             filt = self.interpolation if self.interpolation is not None else filters[int(resample)]
             img = apply_op(img, name, level_args(name, float(magnitude), float(sign), hparams), self.fill, filt)
         return img
+
+
+ERASE_DRAWS_PER_ATTEMPT = 4  # area, log aspect, top, left
+ERASE_ATTEMPTS = 10  # timm's tries per box before it gives that box up
+ERASE_MODES = ("const", "rand", "pixel")
+
+
+@dataclass(frozen=True)
+class RandomErasingPolicy:
+    """timm's ``RandomErasing`` (``re_prob``, ``re_mode``, ``re_count``; area 0.02-1/3, aspect 0.3-1/0.3), drawn
+    from given uniforms: each view's boxes (pixels of the output size) and the seed of its noise are
+    parameters a store keeps; ``apply`` erases the normalised view from them, on any device."""
+
+    probability: float = 0.25
+    mode: str = "pixel"
+    min_count: int = 1
+    max_count: int = 1
+    min_area: float = 0.02
+    max_area: float = 1 / 3
+    min_aspect: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.mode not in ERASE_MODES:
+            raise UsageError(f"random erasing mode {self.mode!r}: expected one of {', '.join(ERASE_MODES)}")
+        if not 0 <= self.probability <= 1 or not 1 <= self.min_count <= self.max_count:
+            raise UsageError("random erasing: expected 0 <= probability <= 1 and 1 <= min_count <= max_count")
+
+    @property
+    def draws(self) -> int:
+        """Uniforms a view takes: erase or not, the count, the noise seed, then every attempt of every box."""
+        return 3 + self.max_count * ERASE_ATTEMPTS * ERASE_DRAWS_PER_ATTEMPT
+
+    def draw(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
+        """``(V, 1 + 4 * max_count)`` float32: the noise seed (an integer below 2**24, exact in float32), then
+        per box ``top, left, h, w`` in pixels (``h = 0``: no box), as timm's ``_erase`` draws them: the box's
+        area scaled by the count, its first attempt that fits inside the image kept."""
+        u = np.asarray(u, dtype=np.float64)
+        views = len(u)
+        out = np.zeros((views, 1 + 4 * self.max_count), dtype=np.float32)
+        out[:, 0] = np.floor(u[:, 2] * (1 << 24))
+        erase = u[:, 0] <= self.probability  # timm skips when random() > probability
+        count = self.min_count + np.minimum((u[:, 1] * (self.max_count - self.min_count + 1)).astype(np.int64),
+                                            self.max_count - self.min_count)
+        log_aspect = (math.log(self.min_aspect), math.log(1 / self.min_aspect))
+        tries = u[:, 3:].reshape(views, self.max_count, ERASE_ATTEMPTS, ERASE_DRAWS_PER_ATTEMPT)
+        area = (self.min_area + (self.max_area - self.min_area) * tries[..., 0]) * height * width / count[:, None, None]
+        aspect = np.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * tries[..., 1])
+        # Python's round() is half-to-even, as numpy's rint
+        h = np.rint(np.sqrt(area * aspect)).astype(np.int64)
+        w = np.rint(np.sqrt(area / aspect)).astype(np.int64)
+        fits = (w < width) & (h < height)
+        first = np.argmax(fits, axis=2)  # the first attempt that fits (timm breaks there)
+        any_fit = fits.any(axis=2) & erase[:, None] & (np.arange(self.max_count)[None] < count[:, None])
+        pick = np.take_along_axis
+        hh = pick(h, first[..., None], 2)[..., 0]
+        ww = pick(w, first[..., None], 2)[..., 0]
+        ut = pick(tries[..., 2], first[..., None], 2)[..., 0]
+        ul = pick(tries[..., 3], first[..., None], 2)[..., 0]
+        top = np.floor(ut * (height - hh + 1))  # random.randint(0, H - h), both ends included
+        left = np.floor(ul * (width - ww + 1))
+        boxes = np.stack([top, left, hh, ww], axis=-1) * any_fit[..., None]
+        out[:, 1:] = boxes.reshape(views, -1)
+        return out
+
+    def apply(self, x: Any, params: np.ndarray) -> Any:
+        """Erase one normalised view ``x`` (a ``(C, H, W)`` float tensor) in place from its ``draw`` row: zeros
+        (``const``), one normal colour per box (``rand``) or normal noise per pixel (``pixel``), drawn by a CPU
+        generator seeded from the row, so every device and process gets the same pixels."""
+        import torch
+
+        row = np.asarray(params, dtype=np.float64)
+        gen = torch.Generator().manual_seed(int(row[0]))
+        chans = x.shape[0]
+        for top, left, h, w in row[1:].reshape(-1, 4).astype(np.int64):
+            if h <= 0:
+                continue
+            shape = (chans, h, w) if self.mode == "pixel" else (chans, 1, 1)
+            fill = (torch.randn(shape, generator=gen) if self.mode != "const" else torch.zeros(shape))
+            x[:, top : top + h, left : left + w] = fill.to(device=x.device, dtype=x.dtype)
+        return x
