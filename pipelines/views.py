@@ -107,6 +107,8 @@ register_recipe(Recipe("fmnist-flip", crop=False))
 register_recipe(Recipe("fmnist-rrc-mix", mixup_p=0.25, cutmix_p=0.25, mix_alpha=1.0))
 # ImageNet: RandomResizedCrop (scale 0.08-1, aspect 3/4-4/3) and flip at 224 px; take :size=N for another size
 register_recipe(Recipe("imagenet-rrc", out_size=224, scale=(0.08, 1.0), draft=True))
+# FKD (Shen & Xing 2022, szq0214/FKD): the crops its soft labels describe, RandomResizedCrop 0.08-1 and flip
+register_recipe(Recipe("fkd", out_size=224, scale=(0.08, 1.0), draft=True))
 # evaluation: shorter side to 256/224 of the size, centre crop (crop first, then one resize: the same box)
 register_recipe(Recipe("imagenet-eval", out_size=224, crop=False, flip_p=0.0, center=224 / 256, draft=True))
 
