@@ -159,7 +159,32 @@ def cmd_view_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """Every registered view recipe with its parameters (``--json``: one JSON object per recipe, a list)."""
+    from pipelines.views import RECIPES
+
+    recipes = [RECIPES[name].to_dict() for name in sorted(RECIPES)]
+    if args.json:
+        print(json.dumps(recipes, indent=1))
+        return 0
+    print(f"{'recipe':<16} {'v':>2} {'size':>5}  {'crop (scale, ratio)':<28} {'flip':>4}  "
+          f"{'mixup/cutmix (alpha)':<22} other")
+    for r in recipes:
+        crop = (f"{r['scale'][0]:g}-{r['scale'][1]:g}, {r['ratio'][0]:.3g}-{r['ratio'][1]:.3g}" if r["crop"]
+                else f"centre {r['center']:.4g}" if r["center"] else "none")
+        mix = f"{r['mixup_p']:g}/{r['cutmix_p']:g} ({r['mix_alpha']:g})" if r["mixup_p"] + r["cutmix_p"] else "none"
+        other = ", ".join(k for k in ("draft",) if r.get(k)) or "-"
+        size = str(r["out_size"]) if r["out_size"] else "own"
+        print(f"{r['name']:<16} {r['version']:>2} {size:>5}  {crop:<28} {r['flip_p']:>4g}  {mix:<22} {other}")
+    print("NAME:size=N: any recipe at output size N (8 to 2048); images of many sizes need one")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recipes", help="list the view recipes with their parameters")
+    p.add_argument("--json", action="store_true", help="one JSON object per recipe")
+    p.set_defaults(func=cmd_recipes)
+
     store = sub.add_parser("store", help="list, inspect, verify and export label stores")
     ssub = store.add_subparsers(dest="store_cmd", required=True)
     p = ssub.add_parser("ls", help="list the stores under a store root")

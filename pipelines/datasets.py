@@ -21,6 +21,10 @@ Specs, as the CLI and the service take them:
   ``image`` ({bytes, path}) and an integer ``label`` column.
 - Both take ``,bad=skip`` after the path: images that cannot be read are left out and recorded
   (``dataset.skipped``) instead of stopping the open with an error naming the file (``bad=stop``, the default).
+- Both take ``,val=F`` (0 < F < 1) after the path, for data with no val split: about a fraction F of each
+  class of the train split is held out as the ``val`` split (``test`` reads it too when there is no ``test/``),
+  each sample by a hash of its path (Parquet: of its shard's path and its row in the shard), so every process
+  holds out the same samples and adding files moves no other; ``train`` is the rest.
 - ``synthetic`` or ``synthetic:n=512,classes=10,size=16,channels=1``: generated from the sample id,
   deterministic, learnable (each class is a different stripe pattern), for tests.
 """
@@ -38,7 +42,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from pipelines._readers import BAD_POLICIES, DATASET_HELP, DataError, ParquetShards
+from pipelines._readers import BAD_POLICIES, DATASET_HELP, DataError, MissingSplit, ParquetShards
 from pipelines._readers import ImageFolder as ImageFolder
 from pipelines.errors import UsageError
 
@@ -47,8 +51,8 @@ FASHION_MNIST_CLASSES = (
     "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
 )
 SPLITS = ("train", "test")  # of the in-memory data sets; those on disk also have "val"
-__all__ = ["DATASET_HELP", "DataError", "Dataset", "FashionMNIST", "ImageFolder", "ParquetShards", "Synthetic",
-           "load_dataset"]
+__all__ = ["DATASET_HELP", "DataError", "Dataset", "FashionMNIST", "ImageFolder", "MissingSplit", "ParquetShards",
+           "Synthetic", "load_dataset", "open_eval_split"]
 
 
 class Dataset(Protocol):
@@ -233,14 +237,37 @@ class DatasetSpec:
             raise UsageError(f"{kind} needs a path: {kind}:<path>")
         return cls(kind, arg)
 
-    def path_and_policy(self) -> tuple[str, str]:
-        """``imagefolder:`` / ``parquet:`` only: the path and the bad-image policy (``,bad=stop|skip``)."""
-        path, sep, option = self.arg.rpartition(",bad=")
-        if not sep:
-            return self.arg, "stop"
-        if option not in BAD_POLICIES:
-            raise UsageError(f"bad={option!r} in {self.kind}:{self.arg}: expected bad=stop or bad=skip")
-        return path, option
+    def path_and_options(self) -> tuple[str, dict[str, str]]:
+        """``imagefolder:`` / ``parquet:`` only: the path and the options after it (``,bad=...``, ``,val=...``,
+        in any order), as written."""
+        path, options = self.arg, dict[str, str]()
+        while True:
+            head, sep, tail = path.rpartition(",")
+            key, eq, value = tail.partition("=")
+            if not sep or not eq or not key.isidentifier():
+                return path, options
+            if key not in DISK_OPTIONS or key in options:
+                why = "twice" if key in options else f"unknown: expected {', '.join(k + '=' for k in DISK_OPTIONS)}"
+                raise UsageError(f"option {key}= in {self.kind}:{self.arg} is {why}")
+            options[key], path = value, head
+
+    def path_and_policy(self) -> tuple[str, str, float | None]:
+        """``imagefolder:`` / ``parquet:`` only: the path, the bad-image policy (``,bad=stop|skip``) and the
+        fraction of each class held out as ``val`` (``,val=F``; None without it)."""
+        path, options = self.path_and_options()
+        bad = options.get("bad", "stop")
+        if bad not in BAD_POLICIES:
+            raise UsageError(f"bad={bad!r} in {self.kind}:{self.arg}: expected bad=stop or bad=skip")
+        if "val" not in options:
+            return path, bad, None
+        try:
+            fraction = float(options["val"])
+        except ValueError:
+            fraction = -1.0
+        if not 0 < fraction < 1:
+            raise UsageError(f"val={options['val']} in {self.kind}:{self.arg}: expected a fraction between 0 and 1 "
+                             "(e.g. val=0.1 holds out a tenth of each class)")
+        return path, bad, fraction
 
 
 def _parse_kwargs(arg: str, spec: str, keys: tuple[str, ...] = ("n", "classes", "size", "channels")) -> dict[str, int]:
@@ -253,6 +280,8 @@ def _parse_kwargs(arg: str, spec: str, keys: tuple[str, ...] = ("n", "classes", 
         out[key] = int(value)
     return out
 
+
+DISK_OPTIONS = ("bad", "val")  # what imagefolder: and parquet: take after their path
 
 _CACHE: dict[tuple[str, str, str], Dataset] = {}
 
@@ -268,8 +297,23 @@ def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike |
         elif parsed.kind == "synthetic":
             ds = Synthetic(split, **_parse_kwargs(parsed.arg, spec))
         else:
-            path, bad = parsed.path_and_policy()
+            path, bad, holdout = parsed.path_and_policy()
             reader = ImageFolder if parsed.kind == "imagefolder" else ParquetShards
-            ds = reader(path, split, bad, spec=spec)
+            ds = reader(path, split, bad, spec=spec, holdout=holdout)
         _CACHE[key] = ds
     return _CACHE[key]
+
+
+def open_eval_split(spec: str, split: str, data_root: str | os.PathLike | None = None) -> Dataset | None:
+    """The split a run evaluates on, or None when the data set has none (a folder of class folders, a glob of
+    shards): the run then trains without evaluating, and one line on stderr says so and how to hold some out."""
+    import sys
+
+    try:
+        return load_dataset(spec, split, data_root)
+    except MissingSplit as e:
+        kind = DatasetSpec.parse(spec).kind
+        how = (f"add ,val=F to the dataset (e.g. {spec},val=0.1) to hold out a fraction of each class"
+               if kind in ("imagefolder", "parquet") else "give a data set with that split")
+        print(f"stillroom: note: nothing to evaluate on ({e}): training without evaluation; {how}", file=sys.stderr)
+        return None

@@ -34,6 +34,7 @@ import functools
 import hashlib
 import io
 import json
+import re
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -106,21 +107,33 @@ register_recipe(Recipe("fmnist-flip", crop=False))
 register_recipe(Recipe("fmnist-rrc-mix", mixup_p=0.25, cutmix_p=0.25, mix_alpha=1.0))
 # ImageNet: RandomResizedCrop (scale 0.08-1, aspect 3/4-4/3) and flip at 224 px; take :size=N for another size
 register_recipe(Recipe("imagenet-rrc", out_size=224, scale=(0.08, 1.0), draft=True))
+# FKD (Shen & Xing 2022, szq0214/FKD): the crops its soft labels describe, RandomResizedCrop 0.08-1 and flip
+register_recipe(Recipe("fkd", out_size=224, scale=(0.08, 1.0), draft=True))
 # evaluation: shorter side to 256/224 of the size, centre crop (crop first, then one resize: the same box)
 register_recipe(Recipe("imagenet-eval", out_size=224, crop=False, flip_p=0.0, center=224 / 256, draft=True))
 
 
+SIZE_RE = r"0*(?:[89]|[1-9][0-9]{1,2}|1[0-9]{3}|20[0-3][0-9]|204[0-8])"  # 8 <= N <= 2048, as get_recipe takes it
+
+
 def get_recipe(name: str) -> Recipe:
-    """A registered recipe by name; ``NAME:size=N`` is that recipe at output size ``N``."""
-    base, _, option = name.partition(":")
+    """A registered recipe by name; ``NAME:size=N`` is that recipe at output size ``N`` (8 to 2048)."""
+    base, colon, option = name.partition(":")
     if base not in RECIPES:
         raise UsageError(f"unknown view recipe {base!r}: expected one of {', '.join(sorted(RECIPES))}")
-    if not option:
+    if not colon:
         return RECIPES[base]
     key, _, value = option.partition("=")
-    if key != "size" or not value.isdigit() or not 8 <= int(value) <= 2048:
+    if key != "size" or not re.fullmatch(SIZE_RE, value):
         raise UsageError(f"bad recipe option {option!r} in {name!r}: expected size=N with 8 <= N <= 2048")
     return replace(RECIPES[base], name=f"{base}:size={int(value)}", out_size=int(value))
+
+
+def recipe_pattern() -> str:
+    """A regular expression of exactly the names ``get_recipe`` takes (the registered recipes, each with an
+    optional ``:size=N``): what a REST spec's ``recipe`` field accepts."""
+    names = "|".join(re.escape(n) for n in sorted(RECIPES))
+    return rf"^(?:{names})(?::size={SIZE_RE})?$"
 
 
 def output_size(recipe: Recipe, dataset) -> int | None:

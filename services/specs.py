@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from pipelines.datasets import DatasetSpec
 from pipelines.labeling import LabelConfig
 from pipelines.options import base_type, default_of, options
 from pipelines.teacher_train import TeacherTrainConfig
+from pipelines.views import recipe_pattern
 from student.trainer import TrainConfig
 
 NAME = r"^[A-Za-z0-9_.\-]+$"
@@ -107,14 +109,14 @@ _REST: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {
         "dataset": (str, dict(max_length=500)),
         "model": (str, dict(pattern=NAME, max_length=100)),
         "model_kwargs": (dict[str, Scalar], {}),
-        "recipe": (str, dict(pattern=NAME, max_length=100)),
+        "recipe": (str, dict(pattern=recipe_pattern(), max_length=100)),
     },
     "label": {
         "dataset": (str, dict(max_length=500)),
         "teachers": (list[Annotated[str, Field(pattern=TEACHER, max_length=1000)]],
                      dict(min_length=1, max_length=16,
                           description="NAME@CHECKPOINT (a path in the roots), or NAME for timm weights")),
-        "recipe": (str, dict(pattern=NAME, max_length=100)),
+        "recipe": (str, dict(pattern=recipe_pattern(), max_length=100)),
         "seeds": (list[Annotated[int, Field(ge=0)]], dict(min_length=1, max_length=1000)),
         "features": (str | None, dict(pattern=NAME, max_length=200)),
     },
@@ -201,12 +203,12 @@ def confine(path: str, roots: tuple[Path, ...], base: Path) -> Path:
 
 def confine_dataset(dataset: str, roots: tuple[Path, ...], base: Path) -> str:
     """``imagefolder:`` and ``parquet:`` paths resolved and confined (a Parquet glob: its folder, no ``..``);
-    a ``,bad=`` option is kept."""
+    the options after the path (``,bad=``, ``,val=``) are kept."""
     kind, sep, arg = dataset.partition(":")
     if kind not in ("imagefolder", "parquet") or not sep:
         return dataset
-    path, bad, policy = arg.rpartition(",bad=")
-    path, option = (path, f",bad={policy}") if bad else (arg, "")
+    path, _ = DatasetSpec(kind, arg).path_and_options()
+    option = arg[len(path):]
     if kind == "parquet" and any(ch in path for ch in "*?["):
         if ".." in Path(path).parts:
             raise PathOutsideRoots(f"path {path!r}: '..' is not allowed in a glob")

@@ -54,7 +54,7 @@ from torch import nn
 
 from pipelines._readers import DATASET_HELP
 from pipelines.atomic import write_atomically, write_json
-from pipelines.datasets import Dataset, load_dataset
+from pipelines.datasets import Dataset, load_dataset, open_eval_split
 from pipelines.errors import UsageError
 from pipelines.options import check_options, option
 from pipelines.progress import progress_bar
@@ -252,7 +252,7 @@ class Setup:
     config: TrainConfig
     store: LabelStore
     dataset: Dataset
-    eval_dataset: Dataset
+    eval_dataset: Dataset | None  # None: the data set has no such split, nothing is evaluated
     recipe: Recipe
     img_size: int
     in_chans: int
@@ -268,8 +268,8 @@ def prepare(config: TrainConfig) -> Setup:
     dataset = load_dataset(config.dataset, config.split, config.data_root)
     recipe = check_store(store, dataset)
     method.check_run(config, store)
-    eval_dataset = load_dataset(config.dataset, config.eval_split, config.data_root)
-    if eval_dataset.num_classes != dataset.num_classes:
+    eval_dataset = open_eval_split(config.dataset, config.eval_split, config.data_root)
+    if eval_dataset is not None and eval_dataset.num_classes != dataset.num_classes:
         raise UsageError(f"eval split has {eval_dataset.num_classes} classes, train split {dataset.num_classes}")
     # the model's input size: the recipe's output size (required for images of many sizes), else the native size
     img_size = output_size(recipe, dataset) or dataset.image_shape[1]
@@ -497,8 +497,9 @@ def fit(config: TrainConfig, dist: Distributed | None = None, setup: Setup | Non
     for epoch in range(run.start_epoch, config.epochs):
         record = train_one_epoch(run, epoch)
         if run.lead:
-            record.update(evaluate(run.student, run.setup.eval_dataset, run.setup.img_size,
-                                   limit=config.eval_limit, device=run.device))
+            if run.setup.eval_dataset is not None:
+                record.update(evaluate(run.student, run.setup.eval_dataset, run.setup.img_size,
+                                       limit=config.eval_limit, device=run.device))
             save_run(run, record)
     if not run.lead:
         return {}

@@ -1,0 +1,73 @@
+"""Every bench script starts and runs its smallest setting, and its last line is the JSON it promises.
+
+A store format, option or API change that breaks a bench fails here, not months later in front of a
+README figure nobody can reproduce. The figures of these tiny runs mean nothing; only the keys are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+
+# script -> runs: (arguments at its smallest setting, keys its JSON line must hold); "{work}" is a fresh
+# directory for the files a bench keeps between runs
+RUNS: dict[str, list[tuple[list[str], set[str]]]] = {
+    "store.py": [(["--smoke"], {"write_samples_per_s", "load_seed_s", "gather_samples_per_s", "bytes_per_sample",
+                                "targets_met"})],
+    "accuracy.py": [(["--dataset", "fashion-mnist:n=128", "--teacher-epochs", "1,1", "--seeds", "1",
+                      "--batch-size", "64"],
+                     {"teacher_top1", "top1", "store_bytes_per_sample", "minutes", "targets"})],
+    "data.py": [(["--n", "40", "--workers", "1", "--images", "20", "--batch", "10", "--rounds", "1",
+                  "--work", "{work}"],
+                 {"cold_open_s", "warm_open_s", "rss_ratio_4n_over_n", "index_bytes_per_sample",
+                  "views_224_per_s_per_core", "ratio_vs_torchvision", "targets"})],
+    "labeling.py": [(["--teacher", "test_resnet", "--resolution", "28", "--samples", "128", "--batch-size", "32",
+                      "--chunk-rows", "64", "--repeats", "1", "--threads", "1"],
+                     {"raw_ips", "pipeline_ips", "ratio", "startup_s"}),
+                    (["--data", "jpeg", "--teacher", "test_resnet", "--resolution", "32", "--samples", "24",
+                      "--batch-size", "8", "--chunk-rows", "16", "--threads", "1", "--work", "{work}"],
+                     {"plain_ips", "pipeline_ips", "ratio", "startup_s", "peak_pss_mb"})],
+    "training.py": [(["--dataset", "fashion-mnist:n=128", "--split", "train", "--teacher", "test_resnet",
+                      "--student", "test_resnet", "--steps", "2", "--batch-size", "16", "--repeats", "1"],
+                     {"epoch_seconds", "cached_over_supervised", "online_over_cached", "labeling_seconds"}),
+                    (["--data", "jpeg", "--images", "24", "--size", "32", "--steps", "2", "--batch-size", "8",
+                      "--repeats", "1", "--loader-workers", "0", "--work", "{work}"],
+                     {"epoch_seconds", "cached_over_supervised", "loader_over_torchvision"})],
+    "service.py": [(["--posts", "16", "--clients", "2", "--read-seconds", "0.5"],
+                    {"submit_p50_ms", "submit_p99_ms", "posts_per_s", "healthz_p99_ms", "status_reads_per_s",
+                     "target_met"})],
+}
+CASES = [pytest.param(script, args, keys, id=f"{script}-{i}") for script, runs in RUNS.items()
+         for i, (args, keys) in enumerate(runs)]
+
+
+def test_every_bench_has_a_smallest_setting():
+    scripts = {p.name for p in BENCH.glob("*.py") if not p.name.startswith("_")}
+    missing = sorted(scripts - set(RUNS))
+    assert not missing, f"bench scripts without a smallest setting in tests/test_benches.py RUNS: {missing}"
+    assert not set(RUNS) - scripts, f"RUNS names scripts that are gone: {sorted(set(RUNS) - scripts)}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("script", "args", "keys"), CASES)
+def test_bench_runs_its_smallest_setting(script, args, keys, tmp_path):
+    work = tmp_path / "work"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "STILLROOM_CACHE": str(tmp_path / "cache")}
+    if script == "labeling.py":  # its ray.init() starts a Ray of its own, never one a `ray start` left here
+        env["RAY_ADDRESS"] = "local"
+    proc = subprocess.run([sys.executable, str(BENCH / script), *(a.replace("{work}", str(work)) for a in args)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{script} {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    lines = proc.stdout.strip().splitlines()
+    assert lines, f"{script} printed nothing"
+    result = json.loads(lines[-1])
+    assert isinstance(result, dict)
+    assert keys <= set(result), f"{script}: its JSON line lacks {sorted(keys - set(result))}"
