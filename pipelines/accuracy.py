@@ -19,8 +19,13 @@ def top1_top5(logits_of: Callable[[np.ndarray], torch.Tensor], labels: np.ndarra
     for start in range(0, n, batch_size):
         ids = np.arange(start, min(start + batch_size, n))
         logits = logits_of(ids)
-        y = torch.from_numpy(labels[ids]).to(logits.device)
-        best = logits.topk(min(5, logits.shape[1]), dim=-1).indices
-        hits1 += int((best[:, 0] == y).sum())
-        hits5 += int((best == y[:, None]).any(dim=1).sum())
+        h1, h5 = topk_hits(logits, torch.from_numpy(labels[ids]).to(logits.device))
+        hits1, hits5 = hits1 + int(h1), hits5 + int(h5)
     return hits1 / n, hits5 / n
+
+
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many of the batch's labels are the argmax of ``logits`` (top-1) and among its ``k = min(5, classes)``
+    highest (top-5), as 0-d tensors on the logits' device (no host synchronisation)."""
+    best = logits.topk(min(5, logits.shape[1]), dim=-1).indices
+    return (best[:, 0] == labels).sum(), (best == labels[:, None]).any(dim=1).sum()

@@ -2,6 +2,10 @@
 
 When ``STILLROOM_PROGRESS_FILE`` is set (the service sets it for every job it runs), each bar also writes
 ``{"desc", "done", "total", "fraction"}`` there, atomically, at most once a second and when it closes.
+
+A bar writing to a terminal redraws its line in place (tqdm). A bar writing to anything else (a file, a Ray
+job's or worker's log) prints whole lines, one at most every ``STILLROOM_PROGRESS_INTERVAL`` seconds (default
+10) plus the last when it closes: tqdm's carriage-return redraws would put one update a second into the log.
 """
 
 from __future__ import annotations
@@ -17,15 +21,42 @@ from tqdm import tqdm
 from pipelines.atomic import write_json
 
 PROGRESS_ENV = "STILLROOM_PROGRESS_FILE"
+INTERVAL_ENV = "STILLROOM_PROGRESS_INTERVAL"
+LOG_INTERVAL_S = 10.0  # a bar that writes to a log prints a line at most this often
+
+
+def log_interval() -> float:
+    """Seconds between two lines of a bar that writes to a log (``STILLROOM_PROGRESS_INTERVAL``, default 10)."""
+    try:
+        return max(0.0, float(os.environ.get(INTERVAL_ENV, LOG_INTERVAL_S)))
+    except ValueError:
+        return LOG_INTERVAL_S
 
 
 class ProgressBar(tqdm):
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("file", sys.stderr)
-        kwargs.setdefault("mininterval", 1.0)
+        isatty = getattr(kwargs["file"], "isatty", None)
+        self._lines = not (callable(isatty) and isatty())  # a log, not a terminal: whole lines, throttled
+        self._line_open = False
+        kwargs.setdefault("mininterval", log_interval() if self._lines else 1.0)
+        if self._lines:
+            kwargs.setdefault("miniters", 1)
+            kwargs.setdefault("dynamic_ncols", False)
+            kwargs.setdefault("ncols", 100)
         super().__init__(*args, **kwargs)
         self._progress_path = os.environ.get(PROGRESS_ENV)
         self._last_write = 0.0
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool | None:
+        if not self._lines:
+            return super().display(msg, pos)
+        text = self.__str__() if msg is None else msg
+        if text:  # the previous line is ended now, this one by the next line or by close's newline
+            self.fp.write(("\n" if self._line_open else "") + text)
+            self.fp.flush()
+            self._line_open = True
+        return True
 
     def update(self, n: float | None = 1) -> bool | None:
         out = super().update(n)

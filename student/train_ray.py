@@ -12,6 +12,11 @@ for ``1 + N`` CPUs per rank (the training process and its loader workers), so ra
 are; left at its default, each rank asks for Ray's default (a CPU, or a GPU) and sizes its loader from the
 cores of its machine shared by the ranks on it (``default_loader_workers``).
 
+After each epoch every rank scores its share of the eval split (``student.evaluate``) and calls
+``ray.train.report``, rank 0 with a checkpoint (its ``last.pt``, kept by Ray under ``RUN_DIR/ray_train``), so
+``FailureConfig(max_failures=config.max_failures)`` restarts a run whose worker died: the new workers continue
+from the last reported checkpoint (``ray.train.get_checkpoint``), the epochs it holds kept as they were.
+
 Ray is started locally (``ray.init()``) unless a cluster is already connected or ``RAY_ADDRESS`` names one.
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +32,7 @@ from typing import Any
 import torch
 
 from pipelines.errors import StillroomError
-from student.trainer import Distributed, TrainConfig, fit
+from student.trainer import CHECKPOINT, Distributed, TrainConfig, fit
 
 
 def _absolute(config: TrainConfig) -> TrainConfig:
@@ -39,35 +45,92 @@ def _absolute(config: TrainConfig) -> TrainConfig:
                    data_root=absolute(config.data_root) if config.data_root else None)
 
 
-def _worker_loop(loop_config: dict[str, Any]) -> None:
+def worker_distributed(resume_from: str | None = None) -> Distributed:
+    """This Ray Train worker's ``Distributed``: its rank, DDP, gloo/nccl all-reduce, its device and the epoch
+    report (``report_epoch``)."""
     import ray.train
     import ray.train.torch
     import torch.distributed as torch_dist
 
-    cfg = dict(loop_config["config"])
-    cfg["seeds"] = tuple(cfg["seeds"]) if cfg["seeds"] is not None else None
-    config = TrainConfig(**cfg)
     ctx = ray.train.get_context()
     world = ctx.get_world_size()
-    if config.loader_workers is None:  # the cores of this machine, shared by the ranks on it
-        from pipelines.datasets import load_dataset
-        from student._loader import default_loader_workers
-
-        in_memory = load_dataset(config.dataset, config.split, config.data_root).in_memory
-        config = replace(config, loader_workers=default_loader_workers(in_memory, ctx.get_local_world_size()))
 
     def all_reduce_mean(t: torch.Tensor) -> None:
         torch_dist.all_reduce(t)
         t.div_(world)
 
-    fit(config, Distributed(rank=ctx.get_world_rank(), world_size=world, wrap=ray.train.torch.prepare_model,
-                            all_reduce_mean=all_reduce_mean, device=ray.train.torch.get_device()))
+    return Distributed(rank=ctx.get_world_rank(), world_size=world, wrap=ray.train.torch.prepare_model,
+                       all_reduce_mean=all_reduce_mean, device=ray.train.torch.get_device(), resume_from=resume_from,
+                       end_epoch=report_epoch)
+
+
+def report_epoch(record: dict[str, Any], checkpoint: Path | None) -> None:
+    """``ray.train.report`` on every rank (it is a barrier): the epoch's scalars, and from rank 0 its checkpoint
+    (``checkpoint``, a ``last.pt``), which Ray copies to its storage and hands to the workers of a restart."""
+    import ray.train
+
+    metrics = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    metrics.update({f"loss/{k}": v for k, v in record.get("losses", {}).items()})
+    if checkpoint is None:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    staging = checkpoint.parent / ".ray-checkpoint"  # beside last.pt: a hard link costs nothing on one disk
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        try:
+            os.link(checkpoint, staging / CHECKPOINT)
+        except OSError:
+            shutil.copy2(checkpoint, staging / CHECKPOINT)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
+                         checkpoint_dir_name=f"epoch_{int(record['epoch']):04d}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def worker_config(loop_config: dict[str, Any]) -> TrainConfig:
+    """The run's config as a worker sees it: its loader workers sized from its machine when not given."""
+    import ray.train
+
+    cfg = dict(loop_config["config"])
+    cfg["seeds"] = tuple(cfg["seeds"]) if cfg["seeds"] is not None else None
+    config = TrainConfig(**cfg)
+    if config.loader_workers is None:  # the cores of this machine, shared by the ranks on it
+        from pipelines.datasets import load_dataset
+        from student._loader import default_loader_workers
+
+        in_memory = load_dataset(config.dataset, config.split, config.data_root).in_memory
+        config = replace(config, loader_workers=default_loader_workers(
+            in_memory, ray.train.get_context().get_local_world_size()))
+    return config
+
+
+def _worker_loop(loop_config: dict[str, Any]) -> None:
+    import ray.train
+
+    config = worker_config(loop_config)
+    restart = ray.train.get_checkpoint()  # set when Ray restarts the run after a worker died
+    if restart is None:
+        if not config.resume and (Path(config.out) / CHECKPOINT).exists():
+            # train() refused a run directory holding a run, so an earlier attempt of this run wrote it: Ray
+            # restarted the run before its controller registered a reported checkpoint (it polls every 2 s)
+            config = replace(config, resume=True)
+        fit(config, worker_distributed())
+        return
+    with restart.as_directory() as d:
+        fit(config, worker_distributed(resume_from=str(Path(d) / CHECKPOINT)))
+
+
+def worker_loop_config(config: TrainConfig, use_gpu: bool) -> dict[str, Any]:
+    """The ``train_loop_config`` that ``worker_config`` reads back on each worker."""
+    return {"config": {**config.__dict__, "seeds": list(config.seeds) if config.seeds else None,
+                       "device": "cuda" if use_gpu else "cpu"}}
 
 
 def train_distributed(config: TrainConfig) -> dict[str, Any]:
     """Train on ``config.workers`` Ray Train workers and return rank 0's final metrics."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     config = _absolute(config)
@@ -75,15 +138,16 @@ def train_distributed(config: TrainConfig) -> dict[str, Any]:
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     # cuda: the workers ask Ray for GPUs even where this (coordinating) process sees none; auto: as it sees
     use_gpu = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
-    loop_config = {"config": {**config.__dict__, "seeds": list(config.seeds) if config.seeds else None,
-                              "device": "cuda" if use_gpu else "cpu"}}
+    loop_config = worker_loop_config(config, use_gpu)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         _worker_loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu, resources_per_worker=(
             {"CPU": 1 + config.loader_workers} if config.loader_workers is not None else None)),
-        run_config=RunConfig(name="ray_train", storage_path=str(out)),
+        run_config=RunConfig(name="ray_train", storage_path=str(out),
+                             failure_config=FailureConfig(max_failures=config.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     try:
         trainer.fit()

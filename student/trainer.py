@@ -67,13 +67,15 @@ from student.evaluate import evaluate, load_init_weights, read_checkpoint, save_
 from student.methods import Heads, method_class, method_names
 from student.models import (
     build_student,
+    forward_capturing_head,
     has_distillation_head,
-    normalize,
+    resolve_input_config,
     set_distilled_training,
     student_heads,
     unwrap,
 )
 from student.online import ONLINE_TARGETS
+from student.tracking import TRACKERS, Tracker, check_tracker
 
 LOSSES = method_names()  # ce, kd, deit-soft, deit-hard, mealv2, sampled, tat
 TAT_VARIANTS = L.TAT_VARIANTS  # full, patch, anchor, patch-anchor
@@ -114,6 +116,9 @@ class TrainConfig:
     temperature: float | None = option(None, help="default: 4 for kd, 1 otherwise (tat: KD at 1)", gt=0, le=100)
     seeds: tuple[int, ...] | None = option(None, help="store seeds to cycle through, e.g. 0-3 (default: all)")
     workers: int = option(1, help="> 1: data-parallel through Ray Train", ge=1, le=1024)
+    max_failures: int = option(3, help="workers > 1: times Ray Train restarts the run from its last epoch's "
+                                       "checkpoint after a worker dies (Ray's FailureConfig; -1: without limit)",
+                               ge=-1, le=1000)
     init: str | None = option(None, help="pretrained student weights to start from")
     resume: bool = option(False, help="continue the run in --out from its last checkpoint")
     online: bool = option(False, help="run the store's teacher(s) in the loop on the same views (baseline): "
@@ -146,6 +151,11 @@ class TrainConfig:
     device: str = option("auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
     progress: bool = option(True, help="show a progress bar", flags=("--no-progress",),
                             cli={"action": "store_false"})
+    tracker: str = option("tensorboard", help="TensorBoard event files in RUN_DIR/tensorboard; mlflow: those and an "
+                                              "MLflow run (MLFLOW_TRACKING_URI; the mlflow extra); none",
+                          choices=TRACKERS)
+    log_interval: int = option(50, help="log losses, lr, gradient norm and images/s every N steps", ge=1,
+                               le=1_000_000)
     loader_workers: int | None = option(None, help="processes that decode and build each batch (default: 0 for "
                                                    "in-memory data, whose views are one vectorised crop on the "
                                                    "device; for data on disk the cores per rank less one, 1 to 4)",
@@ -181,16 +191,21 @@ class DistillationStep(nn.Module):
     """
 
     def __init__(self, student: nn.Module, config: TrainConfig, num_classes: int,
-                 feature_shape: tuple[int, int, int] | None = None, student_channels: int | None = None):
+                 feature_shape: tuple[int, int, int] | None = None, student_channels: int | None = None,
+                 in_chans: int | None = None):
         super().__init__()
         self.student, self.config, self.num_classes = student, config, num_classes
         self.method = method_class(config.loss)(config, num_classes, feature_shape, student_channels)
+        # the student's own mean/std (timm data config); without in_chans, resolved on the first batch
+        self.input_config = resolve_input_config(student, in_chans) if in_chans else None
 
     def student_parameters(self) -> list[nn.Parameter]:
         return list(self.student.parameters()) + self.method.student_side_parameters()
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        x = normalize(batch.views)
+        if self.input_config is None:
+            self.input_config = resolve_input_config(self.student, batch.views.shape[1])
+        x = self.input_config.normalize(batch.views)
         if self.method.student_features:
             fmap, (cls, dist) = forward_with_features(self.student, x, self.config.student_layer)
             heads = Heads(cls, dist, as_feature_map(fmap))  # tat_loss pools it onto the stored teacher grid
@@ -209,11 +224,8 @@ def forward_with_features(model: nn.Module, x: torch.Tensor, layer: str
     inner = unwrap(model)
     if layer == "final":
         hook_target = _final_feature_module(inner)
-        if hook_target is None:  # no known last module: call the parts (bypasses a DDP wrapper's forward)
-            fmap = cast(Any, inner).forward_features(x)
-            out = cast(Any, inner).forward_head(fmap)
-            cls, dist = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
-            return fmap, (cls, dist)
+        if hook_target is None:  # no known last module: the input of forward_head, through the model's forward
+            return forward_capturing_head(model, x)
     else:
         hook_target = dict(inner.named_modules()).get(layer)
         if hook_target is None:
@@ -303,6 +315,10 @@ class Distributed:
     wrap: Callable[[nn.Module], nn.Module] = lambda m: m  # e.g. DDP
     all_reduce_mean: Callable[[torch.Tensor], None] = lambda t: None
     device: torch.device | None = None
+    # Ray Train's restart: the checkpoint to continue from (instead of RUN_DIR/last.pt with --resume)
+    resume_from: str | None = None
+    # after each epoch, on every rank: (the epoch's record, rank 0's checkpoint or None) -> ray.train.report
+    end_epoch: Callable[[dict[str, Any], Path | None], None] = lambda record, checkpoint: None
 
 
 def _device(name: str) -> torch.device:
@@ -322,9 +338,9 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _check_resume(out: Path, config: TrainConfig) -> dict[str, Any] | None:
-    ckpt_path = out / CHECKPOINT
-    if not config.resume:
+def _check_resume(out: Path, config: TrainConfig, resume_from: str | None = None) -> dict[str, Any] | None:
+    ckpt_path = Path(resume_from) if resume_from else out / CHECKPOINT
+    if not config.resume and not resume_from:
         if ckpt_path.exists():
             raise UsageError(f"{out} already holds a run ({CHECKPOINT}): pass --resume or another --out")
         return None
@@ -332,7 +348,8 @@ def _check_resume(out: Path, config: TrainConfig) -> dict[str, Any] | None:
         raise UsageError(f"--resume: {out} holds no {CHECKPOINT} to continue from")
     ckpt = read_checkpoint(ckpt_path)
     saved = ckpt.get("config", {})
-    ignore = {"epochs", "resume", "progress", "workers", "device", "max_steps", "loader_workers"}
+    ignore = {"epochs", "resume", "progress", "workers", "device", "max_steps", "loader_workers", "max_failures",
+              "tracker", "log_interval"}
     diff = sorted(k for k, v in config.to_dict().items() if k not in ignore and saved.get(k) != v)
     if diff:
         raise UsageError(f"--resume with a different config than the saved run: {', '.join(diff)}")
@@ -359,6 +376,7 @@ class Run:
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     repeat_note: str | None = None
+    tracker: Any = None  # student.tracking.Tracker
 
     @property
     def lead(self) -> bool:
@@ -370,7 +388,7 @@ def start_run(config: TrainConfig, dist: Distributed, setup: Setup) -> Run:
     checkpoint to resume from; rank 0 writes ``config.json`` and the ``metrics.jsonl`` of the epochs done."""
     device = dist.device or _device(config.device)
     out = Path(config.out)
-    resume_ckpt = _check_resume(out, config)
+    resume_ckpt = _check_resume(out, config, dist.resume_from)
     stream = StoreStream(setup.store, setup.dataset, setup.recipe, config.batch_size, config.seeds,
                          dist.rank, dist.world_size, shuffle_seed=config.seed,
                          drop_last=dist.world_size > 1, loader_workers=config.loader_workers, device=device,
@@ -389,7 +407,8 @@ def start_run(config: TrainConfig, dist: Distributed, setup: Setup) -> Run:
     channels = (student_feature_channels(student, (setup.in_chans, setup.img_size, setup.img_size),
                                          config.student_layer) if method_class(config.loss).student_features
                 else None)
-    step = DistillationStep(student, config, setup.dataset.num_classes, schema.feature_shape, channels).to(device)
+    step = DistillationStep(student, config, setup.dataset.num_classes, schema.feature_shape, channels,
+                            setup.in_chans).to(device)
     opt = torch.optim.AdamW(step.student_parameters(), lr=config.lr, weight_decay=config.weight_decay)
     method_opt = step.method.make_optimizer()
     steps_per_epoch = min(len(stream), config.max_steps or len(stream))
@@ -413,6 +432,8 @@ def start_run(config: TrainConfig, dist: Distributed, setup: Setup) -> Run:
         write_json(out / "config.json", resolved)
         # the epochs the checkpoint holds (none for a new run): a line written after the last checkpoint goes
         (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in run.history))
+    run.tracker = Tracker.open(config.tracker, out, dist.rank, dist.world_size, config.log_interval,
+                               config.to_dict(), start_step=run.start_epoch * steps_per_epoch)
     return run
 
 
@@ -452,6 +473,9 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
         if run.online is not None:
             batch.teacher = run.online.labels(batch)
         values = train_step(step, batch, run.optimizer, run.method_optimizer, dist)
+        run.tracker.after_step(epoch * run.steps_per_epoch + n_steps + 1, values, len(batch.ids),
+                               run.optimizer.param_groups[0]["lr"], step.student_parameters,
+                               last=n_steps + 1 == run.steps_per_epoch)
         run.scheduler.step()
         if n_steps == 0:
             first = values
@@ -481,7 +505,8 @@ def save_run(run: Run, record: dict[str, Any]) -> None:
     save_checkpoint(run.out / CHECKPOINT, {
         "student": config.student, "student_kwargs": dict(config.student_kwargs),
         "num_classes": setup.dataset.num_classes, "in_chans": setup.in_chans, "img_size": setup.img_size,
-        "model": unwrap(run.student).state_dict(), "optimizer": run.optimizer.state_dict(),
+        "model": unwrap(run.student).state_dict(), "input_config": cast(Any, run.step.input_config).to_dict(),
+        "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(), **run.step.method.checkpoint_state(run.method_optimizer),
         "epoch": record["epoch"], "history": run.history, "config": config.to_dict(),
         "store_cache_key": setup.store.cache_key,
@@ -490,20 +515,34 @@ def save_run(run: Run, record: dict[str, Any]) -> None:
 
 
 def fit(config: TrainConfig, dist: Distributed | None = None, setup: Setup | None = None) -> dict[str, Any]:
-    """The training loop of one worker (all of it when ``dist`` is None). Rank 0 evaluates after each epoch
-    and writes the run directory. ``setup`` is ``prepare(config)`` when the caller has it already."""
+    """The training loop of one worker (all of it when ``dist`` is None). After each epoch every rank scores
+    its share of the eval split (``evaluate_run``), rank 0 writes the run directory, and every rank reports the
+    epoch (``dist.end_epoch``). ``setup`` is ``prepare(config)`` when the caller has it already."""
     run = start_run(config, dist or Distributed(), setup or prepare(config))
     t_run = time.perf_counter()
     for epoch in range(run.start_epoch, config.epochs):
         record = train_one_epoch(run, epoch)
+        record.update(evaluate_run(run))
+        record.update(run.tracker.end_epoch(record, (epoch + 1) * run.steps_per_epoch, run.dist.all_reduce_mean))
         if run.lead:
-            if run.setup.eval_dataset is not None:
-                record.update(evaluate(run.student, run.setup.eval_dataset, run.setup.img_size,
-                                       limit=config.eval_limit, device=run.device))
             save_run(run, record)
+        run.dist.end_epoch(record, run.out / CHECKPOINT if run.lead else None)
+    run.tracker.close()
     if not run.lead:
         return {}
     return finish_run(run, time.perf_counter() - t_run)
+
+
+def evaluate_run(run: Run, model: nn.Module | None = None) -> dict[str, float]:
+    """Top-1/top-5 of the student (or ``model``, e.g. its EMA) on the eval split, each rank scoring its share
+    through its loader workers (all ranks call it)."""
+    if run.setup.eval_dataset is None:
+        return {}
+    dist = run.dist
+    return evaluate(model or run.student, run.setup.eval_dataset, run.setup.img_size, limit=run.config.eval_limit,
+                    device=run.device, rank=dist.rank, world_size=dist.world_size,
+                    all_reduce_mean=dist.all_reduce_mean,
+                    loader_workers=run.stream.loader_workers)
 
 
 def finish_run(run: Run, seconds: float) -> dict[str, Any]:
@@ -613,6 +652,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     cannot feed, a student without the head the loss asks for) raises UsageError/StoreError before training.
     """
     _device(config.device)  # a device that is not here: one error line, before any data is read
+    check_tracker(config.tracker)
     setup = prepare(config)
     if config.workers > 1:
         from student.train_ray import train_distributed
