@@ -43,6 +43,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -426,7 +427,9 @@ class LabelStore:
         if (d / COMPLETE).exists():
             raise StoreError(f"seed {seed} of {self.path} is complete already")
         group = zarr.open_group(store=d.url, mode="a", zarr_format=3)
-        existing = set(group.array_keys())
+        with warnings.catch_warnings():  # on object storage zarr lists pieces/ too, and says it is not zarr's
+            warnings.filterwarnings("ignore", message="Object at pieces is not recognized")
+            existing = set(group.array_keys())
         for name, (shape, dtype) in self.schema.arrays().items():
             if name in existing:
                 continue
