@@ -84,11 +84,7 @@ def serve_s3() -> Iterator[S3Server]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+        os.kill(proc.pid, signal.SIGKILL)  # an in-memory server: nothing of it to keep
+        proc.wait()
         log.close()
         Path(log.name).unlink(missing_ok=True)
