@@ -186,44 +186,29 @@ def test_credentials_are_refused_in_urls_and_absent_from_errors(s3: S3Server, tm
     assert s3.secret not in str(e.value)
 
 
-TWO_NODES_S3 = """
-import json, ray
-from ray.cluster_utils import Cluster
-from pipelines.labeling import LabelConfig, run_labeling
-cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "include_dashboard": False}})
-try:
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    result = run_labeling(LabelConfig(dataset={data!r}, teachers=({teacher!r},), seeds=(0,), top_k=3, chunk_rows=32,
-                                      batch_size=32, num_workers=2, store_root={root!r},
-                                      ray_address=cluster.address), backend="ray", progress=False)
-    result["cluster_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-    print(json.dumps(result))
-finally:
-    ray.shutdown()
-    cluster.shutdown()
-"""
-
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_node_ray_cluster_labels_into_one_s3_store(s3: S3Server, tmp_path):
-    """Both nodes' actors write pieces of one store on s3://, with the teacher read from s3:// too: nothing of
-    the job is on a path the nodes share (the data set is generated in memory). The nodes get the credentials
-    as a cluster's would, from their own environment, not from the job."""
-    local = make_teacher(tmp_path / "t.pt").partition("@")[2]
+    """Both nodes' actors write pieces of one store on s3://, with the teacher read from s3:// too: the store
+    and the teacher are on no path the nodes share (the JPEGs are, as each node's own copy would be). The
+    nodes get the credentials as a cluster's would, from their own environment, not from the job."""
+    from image_data import write_image_folder
+    from test_labeling import TWO_NODES
+
+    folder = write_image_folder(tmp_path / "jpegs", train=96, val=4)
+    local = make_teacher(tmp_path / "rgb.pt", in_chans=3, resolution=24).partition("@")[2]
     s3.fs().put_file(local, f"{s3.bucket}/teachers/two-nodes.pt")
     teacher = f"test_resnet@{s3.url('teachers', 'two-nodes.pt')}"
-    script = TWO_NODES_S3.format(data=SYNTHETIC, teacher=teacher, root=s3.url("two-nodes"))
+    script = TWO_NODES.format(data=f"imagefolder:{folder}", teacher=teacher, root=s3.url("two-nodes"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400, env=env,
                          cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["samples"] == 256 and result["seeds_computed"] == [0] and result["store"].startswith("s3://")
-    per_node = result["pieces_per_node"]  # 8 pieces, one 1-CPU worker on each 1-CPU node
-    assert result["nodes"] == 2 and set(per_node) == set(result["cluster_nodes"]) and sum(per_node.values()) == 8
+    assert result["samples"] == 96 and result["seeds_computed"] == [0] and result["store"].startswith("s3://")
+    per_node = result["pieces_per_node"]  # 6 pieces, one 1-CPU worker on each 1-CPU node
+    assert result["nodes"] == 2 and set(per_node) == set(result["cluster_nodes"]) and sum(per_node.values()) == 6
     store = LabelStore(result["store"])
     assert store.seeds() == [0] and store.verify() == []
     assert s3.secret not in run.stdout + run.stderr and s3.secret.encode() not in s3.everything()
