@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -77,35 +78,53 @@ def test_lease_of_a_killed_process_is_taken_over_at_once(tmp_path):
 
 
 def _label_cmd(teacher: str, seeds: str, root: Path) -> list[str]:
-    return [STILLROOM, "label", "--no-ray", "--dataset", "synthetic:n=2048,classes=4,size=16", "--teacher", teacher,
+    return [STILLROOM, "label", "--no-ray", "--dataset", "synthetic:n=1024,classes=4,size=16", "--teacher", teacher,
             "--seeds", seeds, "--top-k", "3", "--chunk-rows", "64", "--batch-size", "64", "--store", str(root)]
 
 
 @pytest.mark.slow
 def test_two_runs_of_overlapping_seeds_compute_each_seed_once(tmp_path):
-    teacher = make_teacher(tmp_path / "t.pt", resolution=48)  # a few seconds a seed: the runs overlap
+    teacher = make_teacher(tmp_path / "t.pt", resolution=48)
     root = tmp_path / "stores"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(_label_cmd(teacher, "0,1", root), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env=env)
+    second = None
     try:
         deadline = time.monotonic() + 120
         while not list(root.glob("*/leases/1/*.json")):  # the first run holds seeds 0 and 1
             if first.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"the first run took no lease: {first.communicate()[1][-2000:]}")
             time.sleep(0.05)
-        second = subprocess.run(_label_cmd(teacher, "1,2", root), capture_output=True, text=True, env=env,
-                                timeout=600)
+        # the first run is held still until the second has seen seed 1 taken (however slowly it starts here)
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            second = subprocess.Popen(_label_cmd(teacher, "1,2", root), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env)
+            err_lines: list[str] = []
+            reader = threading.Thread(target=lambda: err_lines.extend(second.stderr), daemon=True)
+            reader.start()
+            waiting = f"seed 1 is being labeled by pid {first.pid}"
+            while not any(waiting in line for line in err_lines):
+                if second.poll() is not None or time.monotonic() > deadline + 240:
+                    raise AssertionError(f"the second run did not wait for seed 1: {''.join(err_lines)[-2000:]}")
+                time.sleep(0.05)
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
         out, err = first.communicate(timeout=600)
+        second_out = second.stdout.read()
+        second.wait(timeout=600)
+        reader.join(timeout=30)
     finally:
-        first.kill()
-        first.wait()
-    assert first.returncode == 0 and second.returncode == 0, (err[-2000:], second.stderr[-2000:])
-    a, b = json.loads(out.splitlines()[-1]), json.loads(second.stdout.splitlines()[-1])
+        for proc in (first, second):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+    assert first.returncode == 0 and second.returncode == 0, (err[-2000:], "".join(err_lines)[-2000:])
+    a, b = json.loads(out.splitlines()[-1]), json.loads(second_out.splitlines()[-1])
     assert a["seeds_computed"] == [0, 1] and a["seeds_reused"] == []
     assert b["seeds_computed"] == [2] and b["seeds_reused"] == [1]  # waited for seed 1, did not label it
-    assert f"seed 1 is being labeled by pid {first.pid}" in second.stderr
-    assert a["samples"] == 4096 and b["samples"] == 2048  # each seed computed once
+    assert a["samples"] == 2 * 1024 and b["samples"] == 1024  # each seed computed once
     store = LabelStore(a["store"])
     assert store.seeds() == [0, 1, 2] and store.partial_seeds() == {} and store.verify() == []
     assert not list(root.glob("*/leases/*/*.json"))  # every lease released
