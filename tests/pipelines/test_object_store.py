@@ -38,6 +38,7 @@ def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([STILLROOM, *args], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_store_on_s3_round_trip_commands_and_lease(s3: S3Server, tmp_path):
     schema = StoreSchema(num_samples=300, num_classes=12, top_k=3, chunk_rows=128)
     root = s3.url("roundtrip")
@@ -93,6 +94,7 @@ def test_store_on_s3_round_trip_commands_and_lease(s3: S3Server, tmp_path):
         assert s3.secret not in done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_label_into_s3_with_a_teacher_on_s3_and_train_from_it(s3: S3Server, tmp_path):
     from student.trainer import TrainConfig, train
 
