@@ -48,8 +48,10 @@ def _human(n: float) -> str:
 
 
 def _partial(store: LabelStore) -> str:
-    """``seed 1 partial: 3 of 8 pieces done`` for each seed a writer began and did not commit ('' if none)."""
+    """``seed 1 partial: 3 of 8 pieces done`` for each seed a writer began and did not commit ('' if none), with
+    who holds its lease (``being labeled by pid 42 on node-a since 10:01:02 UTC``) when a run does."""
     return ", ".join(f"seed {seed} partial: {done} of {total} pieces done"
+                     + (f" (being labeled by {lease.describe()})" if (lease := store.lease(seed)).holder() else "")
                      for seed, (done, total) in store.partial_seeds().items())
 
 

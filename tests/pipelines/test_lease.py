@@ -18,7 +18,7 @@ import pytest
 from conftest import make_teacher
 
 from pipelines.storage import Location
-from pipelines.store import LabelStore, SeedLease, StoreError
+from pipelines.store import LabelStore, SeedLease, StoreError, StoreSchema
 
 STILLROOM = str(Path(sys.executable).parent / "stillroom")
 
@@ -35,6 +35,21 @@ def test_one_holder_at_a_time_and_release_frees_it(tmp_path):
         first.release()
     assert second.holder() is None and second.acquire() and second.generation == 0
     second.release()
+
+
+def test_store_commands_name_the_holder_of_a_partial_seed(tmp_path):
+    from pipelines.commands import _partial
+
+    schema = StoreSchema(num_samples=300, num_classes=12, top_k=3, chunk_rows=128)
+    store = LabelStore.create(tmp_path, {"dataset": {"spec": "synthetic"}}, schema)
+    store.begin_seed(4)
+    assert _partial(store) == "seed 4 partial: 0 of 3 pieces done"  # begun, nobody on it: a rerun finishes it
+    lease = store.lease(4)
+    assert lease.acquire()
+    try:
+        assert _partial(store).startswith(f"seed 4 partial: 0 of 3 pieces done (being labeled by pid {os.getpid()} on ")
+    finally:
+        lease.release()
 
 
 def test_renewal_keeps_a_lease_and_silence_loses_it(tmp_path):
