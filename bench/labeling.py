@@ -20,6 +20,10 @@ the peak memory of each side, its processes' summed proportional set size (PSS: 
 counted once), sampled every 50 ms: the plain loop's process (which also holds the bench) and its loader
 workers; the label actor and its decode processes.
 
+``--store-root s3://BUCKET/prefix`` (jpeg): the pipeline also labels into a store under that URL (through s3fs,
+credentials and ``AWS_ENDPOINT_URL`` from the environment), interleaved with local stores ``--repeats`` times;
+``url_vs_local_ratio`` = the best of each (target >= 0.95). The stores made under the URL are removed.
+
 ``--device cuda`` (needs a GPU): the same with the teacher on the GPU (bf16 autocast, pinned memory, uint8
 views; stillroom decodes the JPEGs on the GPU with nvJPEG), 20,000 images by default; under 5 minutes on one
 GPU with the folder written.
@@ -27,7 +31,7 @@ GPU with the folder written.
 Prints one JSON line.
 
     python bench/labeling.py [--data fmnist|jpeg] [--device cpu|cuda] [--teacher resnet50] [--resolution N]
-                             [--samples N] [--batch-size N] [--threads N] [--work DIR]
+                             [--samples N] [--batch-size N] [--threads N] [--work DIR] [--store-root URL]
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -159,18 +164,36 @@ def bench_jpeg(args: argparse.Namespace) -> None:
     ray.init(num_cpus=threads, num_gpus=1 if cuda else 0, include_dashboard=False, log_to_driver=False)
     ray_start_s = time.perf_counter() - t
     stores = Path(tempfile.mkdtemp(prefix="stillroom-bench-labeling-stores-"))
+    recipe = "imagenet-rrc" if args.resolution == 224 else f"imagenet-rrc:size={args.resolution}"
+    config = LabelConfig(dataset=f"imagefolder:{folder}", teachers=(spec,), recipe=recipe, seeds=(0,), top_k=10,
+                         batch_size=args.batch_size, chunk_rows=args.chunk_rows, num_workers=1,
+                         gpus_per_worker=1.0 if cuda else 0.0, store_root=str(stores))
+    by_root: dict[str, list[float]] = {"local": [], "url": []}
     try:
-        recipe = "imagenet-rrc" if args.resolution == 224 else f"imagenet-rrc:size={args.resolution}"
-        config = LabelConfig(dataset=f"imagefolder:{folder}", teachers=(spec,), recipe=recipe, seeds=(0,), top_k=10,
-                             batch_size=args.batch_size, chunk_rows=args.chunk_rows, num_workers=1,
-                             gpus_per_worker=1.0 if cuda else 0.0, store_root=str(stores))
-        t = time.perf_counter()
-        with PeakRss(prefix="ray::LabelWorker") as rss:
-            result = run_labeling(config, backend="ray", progress=False)
-        end_to_end_s = time.perf_counter() - t
+        # with --store-root URL: a local store and one under the URL, interleaved --repeats times (each run a
+        # new store: the same root again would be a cache hit); the best of each compared
+        rounds = [("local", str(stores / str(r))) for r in range(args.repeats if args.store_root else 1)]
+        if args.store_root:
+            url = f"{args.store_root.rstrip('/')}/bench-labeling-{os.getpid()}"
+            rounds = [x for r, local in enumerate(rounds) for x in (local, ("url", f"{url}/{r}"))]
+        for kind, root in rounds:
+            t = time.perf_counter()
+            with PeakRss(prefix="ray::LabelWorker") as rss:
+                result = run_labeling(replace(config, store_root=root), backend="ray", progress=False)
+            by_root[kind].append(result["images_per_s"])
+            if kind == "local":
+                end_to_end_s, local_result = time.perf_counter() - t, result
     finally:
         ray.shutdown()
         shutil.rmtree(stores, ignore_errors=True)
+        if args.store_root:
+            from pipelines.storage import Location
+
+            Location(url).remove(recursive=True)
+    result = {**local_result, "images_per_s": max(by_root["local"])}
+    url_fields = {"store_root_url": args.store_root, "url_pipeline_ips": max(by_root["url"]),
+                  "url_vs_local_ratio": round(max(by_root["url"]) / max(by_root["local"]), 3),
+                  "pipeline_ips_rounds": by_root} if args.store_root else {}
     plain_ips = max(plain.values())
     print(json.dumps({
         "bench": "labeling", "data": "jpeg", "device": args.device,
@@ -183,7 +206,7 @@ def bench_jpeg(args: argparse.Namespace) -> None:
         "decode": config.decode_on, "decode_workers": config.decode_processes(threads),
         "peak_pss_mb": {"plain": round(plain_rss), "pipeline_actor": round(rss.peak_mb)},
         "ray_start_s": round(ray_start_s, 1), "folder_write_s": round(make_s, 1),
-        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "load_avg_1m": round(os.getloadavg()[0], 2), **url_fields,
     }))
 
 
@@ -265,6 +288,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads of the loop and CPUs of the local Ray (its one actor's threads)")
     ap.add_argument("--work", default="/tmp/stillroom-bench-labeling", help="jpeg: where the folder is written")
+    ap.add_argument("--store-root", help="jpeg: also label into this URL (s3://BUCKET/prefix; credentials and "
+                                         "AWS_ENDPOINT_URL from the environment) and compare with a local store")
     args = ap.parse_args()
     if args.data == "fmnist":
         if args.device != "cpu":

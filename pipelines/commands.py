@@ -26,8 +26,13 @@ def _parse_ids(text: str) -> list[int]:
         raise UsageError(f"--ids {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
 
 
-def _output_path(text: str, flag: str = "--out") -> Path:
-    """Where a command will write: its directory must exist (checked before any work is done)."""
+def _output_path(text: str, flag: str = "--out") -> Path | str:
+    """Where a command will write: its directory must exist (checked before any work is done); a URL is kept
+    as it is (object storage has no directories to check)."""
+    from pipelines.storage import check_url, is_url
+
+    if is_url(text):
+        return check_url(text)
     out = Path(text)
     if not out.parent.is_dir():
         raise UsageError(f"{flag} {text}: directory {out.parent} does not exist")
@@ -43,8 +48,10 @@ def _human(n: float) -> str:
 
 
 def _partial(store: LabelStore) -> str:
-    """``seed 1 partial: 3 of 8 pieces done`` for each seed a writer began and did not commit ('' if none)."""
+    """``seed 1 partial: 3 of 8 pieces done`` for each seed a writer began and did not commit ('' if none), with
+    who holds its lease (``being labeled by pid 42 on node-a since 10:01:02 UTC``) when a run does."""
     return ", ".join(f"seed {seed} partial: {done} of {total} pieces done"
+                     + (f" (being labeled by {lease.describe()})" if (lease := store.lease(seed)).holder() else "")
                      for seed, (done, total) in store.partial_seeds().items())
 
 
@@ -133,7 +140,8 @@ def cmd_view_show(args: argparse.Namespace) -> int:
     from pipelines.datasets import load_dataset
     from pipelines.views import build_views, get_recipe, whole_views
 
-    out = _output_path(args.out)
+    out = Path(args.out)
+    _output_path(args.out)
     ds = load_dataset(args.dataset, args.split, args.data_root)
     recipe = get_recipe(args.recipe)
     ids = np.asarray(_parse_ids(args.ids), dtype=np.int64)

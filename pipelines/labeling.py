@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
 from pipelines.options import check_options, option
 from pipelines.progress import progress_bar
-from pipelines.store import LabelStore, QualitySums, StoreSchema, add_quality
+from pipelines.store import LabelStore, QualitySums, SeedLease, StoreSchema, add_quality
 from pipelines.teachers import Teacher, as_feature_map, ensemble_log_probs, load_teacher
 from pipelines.views import COL, MIX_NONE, Recipe, _key, _uniforms, get_recipe, mix_views, output_size
 
@@ -318,35 +319,93 @@ def _jsonable(config: LabelConfig) -> dict[str, Any]:
     return d
 
 
+LEASE_POLL_S = 2.0  # how often a run waiting for a seed another run labels looks again
+
+
 def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = True) -> dict[str, Any]:
-    """Label every seed of ``config`` that the store does not hold yet; return the job's result record."""
+    """Label every seed of ``config`` that the store does not hold yet; return the job's result record.
+
+    Each seed is labeled under its lease (``LabelStore.lease``): a seed that another run is labeling now is
+    waited for and then reused (``seeds_reused``), while this run labels the seeds nobody holds; a lease whose
+    holder died or went silent is taken over, keeping the pieces it finished."""
     t0 = time.perf_counter()
     if backend not in ("ray", "local"):
         raise UsageError(f"unknown backend {backend!r}: expected ray or local")
     if backend == "local" and config.gpus_per_worker > 0:  # a store keyed as GPU-decoded, labeled on the CPU
         raise UsageError("--gpus-per-worker asks Ray for GPUs; --no-ray labels in this process on the CPU")
     store = prepare_store(config)
-    reused = [s for s in config.seeds if s in store.seeds()]
+    reused = [s for s in config.seeds if store.is_complete(s)]
     todo = [s for s in config.seeds if s not in reused]
     if todo and backend == "ray":
         from pipelines._ray_labeling import connect
 
         connect(config.ray_address)  # no Ray there: fail now, before any seed is begun
-    work: list[tuple[int, int, int, int]] = []
-    pieces = store.schema.pieces()
-    for seed in todo:
-        store.begin_seed(seed)
-        done = store.done_pieces(seed)
-        work += [(seed, i, a, b) for i, (a, b) in enumerate(pieces) if i not in done]
-    result = {"cache_key": store.cache_key, "store": str(store.path), "seeds_computed": todo,
-              "seeds_reused": reused, "samples": 0, "images_per_s": 0.0}
+    result: dict[str, Any] = {"cache_key": store.cache_key, "store": str(store.path), "seeds_computed": [],
+                              "seeds_reused": reused, "samples": 0, "images_per_s": 0.0}
     if not todo:
         print(f"cache hit: {store.cache_key} holds seeds {reused}; no teacher ran", file=sys.stderr)
         result["quality"] = {str(s): store.quality(s) for s in config.seeds}
         return {**result, "cache_hit": True, "seconds": round(time.perf_counter() - t0, 3)}
 
+    computed: list[int] = []
+    timings: list[dict[str, Any]] = []
+    held: dict[int, SeedLease] = {}
+    told: set[int] = set()
+    try:
+        while todo:
+            for seed in todo:
+                lease = store.lease(seed)
+                if lease.acquire():
+                    if store.is_complete(seed):  # committed by the run that held the lease before
+                        lease.release()
+                        reused.append(seed)
+                        continue
+                    held[seed] = lease
+                    if lease.taken_over is not None:
+                        was = lease.taken_over
+                        print(f"seed {seed}: took over the lease of pid {was.get('pid')} on {was.get('host')} "
+                              "(gone, or silent past the timeout); its finished pieces are kept", file=sys.stderr)
+                elif store.is_complete(seed):
+                    reused.append(seed)
+                elif seed not in told:
+                    told.add(seed)
+                    print(f"seed {seed} is being labeled by {lease.describe()}: waiting for it", file=sys.stderr)
+            todo = [s for s in todo if s not in held and s not in reused]
+            if held:
+                timings.append(_label_seeds(config, store, held, backend, progress))
+                computed += sorted(held)
+                held.clear()
+            elif todo:
+                time.sleep(LEASE_POLL_S)
+    finally:  # a failed run lets the next one take its seeds at once
+        for lease in held.values():
+            lease.release()
+    result.update(seeds_computed=sorted(computed), seeds_reused=sorted(reused))
+    result["quality"] = {str(s): store.quality(s) for s in config.seeds}
+    if not computed:
+        return {**result, "cache_hit": True, "seconds": round(time.perf_counter() - t0, 3)}
+    total, work_s = sum(t["samples"] for t in timings), sum(t["work_s"] for t in timings)
+    per_node: Counter[str] = Counter()
+    for t in timings:
+        per_node.update(t.get("pieces_per_node", {"local": t["pieces"]}))
+    return {**result, "cache_hit": False, "samples": total,
+            "images_per_s": round(total / max(work_s, 1e-9), 1),
+            "seconds": round(time.perf_counter() - t0, 3), "startup_s": round(sum(t["startup_s"] for t in timings), 3),
+            "labeling_s": round(work_s, 3), "nodes": max(int(t.get("nodes", 1)) for t in timings),
+            "pieces_per_node": dict(per_node)}
+
+
+def _label_seeds(config: LabelConfig, store: LabelStore, leases: dict[int, SeedLease], backend: str,
+                 progress: bool) -> dict[str, Any]:
+    """Label and commit the seeds whose leases this run holds (then released); return the timing record."""
+    work: list[tuple[int, int, int, int]] = []
+    pieces = store.schema.pieces()
+    for seed in sorted(leases):
+        store.begin_seed(seed)
+        done = store.done_pieces(seed)
+        work += [(seed, i, a, b) for i, (a, b) in enumerate(pieces) if i not in done]
     total = sum(b - a for _, _, a, b in work)
-    bar = progress_bar(total, f"labeling {len(todo)} seed(s)", progress)
+    bar = progress_bar(total, f"labeling {len(leases)} seed(s)", progress)
     if backend == "local":
         t_start = time.perf_counter()
         labeler = Labeler(config, str(store.path))
@@ -358,18 +417,12 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
         finally:
             labeler.views.close()
         timing: dict[str, Any] = {"startup_s": t_work - t_start, "work_s": time.perf_counter() - t_work, "nodes": 1}
-    elif backend == "ray":
+    else:
         from pipelines._ray_labeling import label_on_ray
 
         timing = label_on_ray(config, str(store.path), work, on_done=lambda n: bar.update(n))
-    else:
-        raise UsageError(f"unknown backend {backend!r}: expected ray or local")
     bar.close()
-    for seed in todo:
-        store.commit_seed(seed)
-    result["quality"] = {str(s): store.quality(s) for s in config.seeds}
-    return {**result, "cache_hit": False, "samples": total,
-            "images_per_s": round(total / max(timing["work_s"], 1e-9), 1),
-            "seconds": round(time.perf_counter() - t0, 3), "startup_s": round(timing["startup_s"], 3),
-            "labeling_s": round(timing["work_s"], 3), "nodes": int(timing.get("nodes", 1)),
-            "pieces_per_node": timing.get("pieces_per_node", {"local": len(work)})}
+    for seed in sorted(leases):
+        store.commit_seed(seed, leases[seed])
+        leases[seed].release()
+    return {**timing, "samples": total, "pieces": len(work)}

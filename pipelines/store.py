@@ -16,10 +16,17 @@ Layout (one directory per cache key under a store root)::
         teacher<i>_topk_idx, _topk_logit, _lse, _tail_lse   optional: each ensemble member's own
         pieces/<i>.done          a piece (a run of whole chunks) that a writer finished
         COMPLETE                 written last, atomically, with a sha256 per chunk of every array
+      leases/<seed>/<g>.json     the seed's writer (``SeedLease``): host, pid, start, last renewal
 
 A seed without ``COMPLETE`` does not exist for a reader. Writers write whole chunks only (zarr's local
 store writes each chunk file atomically), and one writer owns each piece, so a killed writer leaves
-either finished pieces, which a restarted run keeps, or nothing a reader takes.
+either finished pieces, which a restarted run keeps, or nothing a reader takes. One run writes a seed at a
+time: it holds the seed's lease (``SeedLease``) from ``begin_seed`` to ``commit_seed``; another run waits for the
+seed and reuses it, or takes the lease over when its holder died or went silent.
+
+The root may be a URL (``s3://bucket/prefix``, any installed fsspec protocol: ``pipelines.storage``): zarr
+writes each chunk as one object through its ``FsspecStore``, and every marker is one whole object, so the
+same guarantees hold on object storage.
 
 Checksums are taken as the chunks are written (``chunk_checksums``): a piece's ``.done`` marker keeps the
 sha256 of each of its chunks, and committing a seed only gathers them (it reads no array). An array's
@@ -32,8 +39,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import socket
+import threading
 import time
+import uuid
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,8 +53,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from pipelines.atomic import write_atomically, write_json
+from pipelines.atomic import write_atomically
 from pipelines.errors import StillroomError, UsageError
+from pipelines.storage import Location, is_url
 from pipelines.views import NUM_VIEW_PARAMS
 
 FORMAT_VERSION = 2  # 2: tail_lse (the top-k's complement), label quality in COMPLETE
@@ -176,6 +187,158 @@ def combine_checksums(chunks: list[str]) -> str:
     return hashlib.sha256("".join(chunks).encode()).hexdigest()
 
 
+# A holder renews its lease every LEASE_TIMEOUT_S / 4; one not renewed for LEASE_TIMEOUT_S is taken over. A holder
+# on this host whose process is gone is taken over at once. Hosts' clocks are assumed to agree to well within it.
+LEASE_TIMEOUT_S = 120.0
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux ``/proc``; None elsewhere): with the pid, it
+    tells a live holder from a new process that reuses its pid."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int, start: int | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # there, but another user's
+    return start is None or _process_start(pid) in (None, start)
+
+
+class SeedLease:
+    """The right to write one seed: at most one run holds it at a time (``LabelStore.lease``).
+
+    Why our own lease rather than a lock library's: it must work alike on a local disk and on object storage,
+    where a lock is a conditional create and nothing else (no flock, no rename). The lease is a directory of
+    generations, ``<g>.json``, each made by an exclusive create (``Location.create``: link(2) locally, a PUT
+    with ``If-None-Match: *`` on S3). The highest generation is the lease. Its record names the holder (host,
+    pid, process start, when it was taken) and when it was last renewed; the holder rewrites it every
+    ``timeout_s / 4`` from a thread. Another run takes the lease over by creating generation ``g + 1``, which
+    only one of several takers can do, when the holder is dead (same host, its pid gone or reused) or silent
+    for ``timeout_s``; the old holder finds the higher generation at its next renewal, or at ``check`` before
+    it commits, and stops. Where the storage has no atomic create (a server that ignores ``If-None-Match``,
+    fsspec's check-then-write elsewhere), the taker reads its record back and keeps the lease only if it holds
+    its own token: two takers within one round trip could still both hold it, so point a cluster at storage
+    with conditional writes (AWS S3, MinIO, GCS, local disks and NFS all have them).
+    """
+
+    def __init__(self, where: Location, timeout_s: float = LEASE_TIMEOUT_S):
+        self.dir, self.timeout_s = where, float(timeout_s)
+        self.generation: int | None = None
+        self.taken_over: dict[str, Any] | None = None  # the record of the holder this lease was taken from
+        self.record: dict[str, Any] = {}
+        self._lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _generations(self) -> list[int]:
+        names = self.dir.children()
+        return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+
+    def holder(self) -> dict[str, Any] | None:
+        """The current holder's record (None: nobody holds the lease; ``{}``: one that cannot be read yet)."""
+        gens = self._generations()
+        if not gens:
+            return None
+        try:
+            return dict((self.dir / f"{gens[-1]}.json").read_json())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def _lapsed(self, record: dict[str, Any], gen: int) -> bool:
+        """The holder of ``record`` is dead or has been silent past the timeout."""
+        if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int) \
+                and not _alive(record["pid"], record.get("process_start")):
+            return True
+        try:
+            renewed = float(record.get("renewed_at") or (self.dir / f"{gen}.json").modified())
+        except FileNotFoundError:
+            return False  # released meanwhile: try again
+        return time.time() - renewed > self.timeout_s
+
+    def acquire(self) -> bool:
+        """Take the lease if nobody holds it or its holder lapsed; True when this process holds it now."""
+        if self.generation is not None:
+            raise StoreError("this lease is held already")
+        gens = self._generations()
+        previous = None
+        if gens:
+            previous = self.holder() or {}
+            if not self._lapsed(previous, gens[-1]):
+                return False
+        gen = gens[-1] + 1 if gens else 0
+        now = time.time()
+        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
+                       "taken_at": now, "renewed_at": now, "generation": gen, "token": uuid.uuid4().hex,
+                       **({"took_over": {k: previous.get(k) for k in ("host", "pid", "taken_at", "renewed_at")}}
+                          if previous is not None else {})}
+        mine = self.dir / f"{gen}.json"
+        if not mine.create(json.dumps(self.record).encode()):
+            return False
+        try:  # storage without an atomic create may have let another taker in: it holds the lease if it wrote last
+            if mine.read_json().get("token") != self.record["token"]:
+                return False
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+        self.generation, self.taken_over = gen, previous
+        self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.dir.name}", daemon=True)
+        self._thread.start()
+        return True
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.timeout_s / 4):
+            try:
+                self.renew()
+            except StoreError:
+                return
+            except OSError:
+                continue  # storage briefly unreachable: try again; silent past the timeout, the lease lapses
+
+    def renew(self) -> None:
+        """Say the holder is alive; a StoreError if the lease was taken over meanwhile."""
+        self.check()
+        self.record["renewed_at"] = time.time()
+        (self.dir / f"{self.generation}.json").write_json(self.record, indent=None)
+
+    def check(self) -> None:
+        """Refuse (StoreError) if this process does not hold the lease, or another run took it over."""
+        if self.generation is None:
+            raise StoreError(f"lease {self.dir} is not held")
+        if self._lost.is_set() or any(g > self.generation for g in self._generations()):
+            self._lost.set()
+            raise StoreError(f"lease {self.dir} was taken over by another run (it was silent for over "
+                             f"{self.timeout_s:g} s); that run finishes the seed")
+
+    def release(self) -> None:
+        """Stop renewing and remove this generation and those before it (a lease taken over: nothing)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.generation is None:
+            return
+        gens = self._generations()
+        if not self._lost.is_set() and not any(g > self.generation for g in gens):
+            for g in gens:  # the holder's own generation last: until then, nobody takes the lease
+                if g != self.generation:
+                    (self.dir / f"{g}.json").remove()
+            (self.dir / f"{self.generation}.json").remove()
+        self.generation = None
+
+    def describe(self) -> str:
+        """``host 1234 since 12:01:02 UTC`` for the current holder."""
+        record = self.holder()
+        if not record:
+            return "nobody" if record is None else "a run that is taking it now"
+        when = time.strftime("%H:%M:%S UTC", time.gmtime(float(record.get("taken_at", 0))))
+        return f"pid {record.get('pid')} on {record.get('host')} since {when}"
+
+
 @dataclass
 class SeedLabels:
     """One seed's arrays, in memory. ``gather(ids)`` is plain numpy fancy indexing."""
@@ -193,13 +356,14 @@ class SeedLabels:
 class LabelStore:
     """A store directory ``<root>/<cache_key>``: open it with ``LabelStore(path)``, make it with ``create``."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        manifest = self.path / MANIFEST
+    def __init__(self, path: str | os.PathLike | Location):
+        self.loc = path if isinstance(path, Location) else Location(path)
+        self.path: Path | str = self.loc.where  # a Path for a local store, its URL otherwise
+        manifest = self.loc / MANIFEST
         if not manifest.exists():
             raise StoreError(f"{self.path} is not a label store: {MANIFEST} is missing")
         try:
-            self.manifest: dict[str, Any] = json.loads(manifest.read_text())
+            self.manifest: dict[str, Any] = manifest.read_json()
         except json.JSONDecodeError as e:
             raise StoreError(f"{manifest} is not valid JSON: {e}") from None
         version = self.manifest.get("format_version")
@@ -221,18 +385,20 @@ class LabelStore:
         ``sources`` (e.g. teacher checkpoint paths) is kept in the manifest but not hashed into the key.
         """
         key = cache_key(provenance, schema)
-        path = Path(root) / key
+        path = Location(root) / key
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            path.makedirs()
+            if not path.writable():
+                raise StoreError(f"store root {root} is not writable")
+            if not (path / MANIFEST).exists():
+                # two runs may make the same store at once: the first manifest stays (both are the same but
+                # for created_at)
+                (path / MANIFEST).create(json.dumps({
+                    "format_version": FORMAT_VERSION, "cache_key": key, "provenance": provenance,
+                    "schema": schema.to_dict(), "sources": sources or {}, "seeds": [], "created_at": time.time(),
+                }, indent=2, sort_keys=True).encode())
         except OSError as e:
-            raise StoreError(f"cannot write to store root {root}: {e.strerror}") from None
-        if not os.access(path, os.W_OK):
-            raise StoreError(f"store root {root} is not writable")
-        if not (path / MANIFEST).exists():
-            write_json(path / MANIFEST, {
-                "format_version": FORMAT_VERSION, "cache_key": key, "provenance": provenance,
-                "schema": schema.to_dict(), "sources": sources or {}, "seeds": [], "created_at": time.time(),
-            })
+            raise StoreError(f"cannot write to store root {root}: {e.strerror or type(e).__name__}") from None
         return cls(path)
 
     @property
@@ -243,27 +409,38 @@ class LabelStore:
     def provenance(self) -> dict[str, Any]:
         return dict(self.manifest["provenance"])
 
-    def seed_dir(self, seed: int) -> Path:
-        return self.path / "seeds" / str(int(seed))
+    def seed_dir(self, seed: int) -> Path | str:
+        """The seed's zarr group: a Path for a local store, its URL otherwise."""
+        return self._seed(seed).where
+
+    def _seed(self, seed: int) -> Location:
+        return self.loc / "seeds" / str(int(seed))
+
+    def lease(self, seed: int, timeout_s: float | None = None) -> SeedLease:
+        """The seed's writer lease (not taken yet: ``SeedLease.acquire``)."""
+        return SeedLease(self.loc / "leases" / str(int(seed)), LEASE_TIMEOUT_S if timeout_s is None else timeout_s)
 
     def begin_seed(self, seed: int) -> None:
-        """Make the seed's empty arrays (once; a restarted run keeps what is there)."""
-        d = self.seed_dir(seed)
+        """Make the seed's empty arrays (once; a restarted run keeps what is there). The caller holds the
+        seed's lease (``lease``), so no other run writes it meanwhile."""
+        d = self._seed(seed)
         if (d / COMPLETE).exists():
             raise StoreError(f"seed {seed} of {self.path} is complete already")
-        group = zarr.open_group(store=str(d), mode="a", zarr_format=3)
-        existing = set(group.array_keys())
+        group = zarr.open_group(store=d.url, mode="a", zarr_format=3)
+        with warnings.catch_warnings():  # on object storage zarr lists pieces/ too, and says it is not zarr's
+            warnings.filterwarnings("ignore", message="Object at pieces is not recognized")
+            existing = set(group.array_keys())
         for name, (shape, dtype) in self.schema.arrays().items():
             if name in existing:
                 continue
             chunks = (self.schema.chunk_rows, *shape[1:])
             group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, compressors=_compressor(dtype),
                                fill_value=0)
-        (d / "pieces").mkdir(exist_ok=True)
+        (d / "pieces").makedirs()
 
     def done_pieces(self, seed: int) -> set[int]:
-        d = self.seed_dir(seed) / "pieces"
-        return {int(p.stem) for p in d.glob("*.done")} if d.exists() else set()
+        names = (self._seed(seed) / "pieces").children()
+        return {int(n[: -len(".done")]) for n in names if n.endswith(".done") and n[: -len(".done")].isdigit()}
 
     def write_piece(self, seed: int, piece: int, start: int, arrays: dict[str, np.ndarray],
                     quality: QualitySums | None = None) -> None:
@@ -280,7 +457,7 @@ class LabelStore:
         chunk = self.schema.chunk_rows
         if start % chunk or (n % chunk and start + n != self.schema.num_samples):
             raise StoreError(f"rows [{start}, {start + n}) are not whole {chunk}-row chunks")
-        group = zarr.open_group(store=str(self.seed_dir(seed)), mode="r+", zarr_format=3)
+        group = zarr.open_group(store=self._seed(seed).url, mode="r+", zarr_format=3)
         checksums = {}
         for name, data in arrays.items():
             shape, dtype = expected[name]
@@ -289,12 +466,16 @@ class LabelStore:
             data = np.ascontiguousarray(data.astype(dtype, copy=False))
             _array(group, name)[start : start + n] = data
             checksums[name] = chunk_checksums(data, chunk)  # of the bytes just written: nothing is read back
-        write_json(self.seed_dir(seed) / "pieces" / f"{piece}.done",
-                           {"start": start, "stop": start + n, "quality": quality or {}, "chunk_sha256": checksums})
+        (self._seed(seed) / "pieces" / f"{piece}.done").write_json(
+            {"start": start, "stop": start + n, "quality": quality or {}, "chunk_sha256": checksums})
 
-    def commit_seed(self, seed: int) -> dict[str, Any]:
+    def commit_seed(self, seed: int, lease: SeedLease | None = None) -> dict[str, Any]:
         """Check every piece is done, gather the chunk checksums its writers recorded (no array is read),
-        write ``COMPLETE`` last; return its record."""
+        write ``COMPLETE`` last; return its record. With ``lease``, refuse if it was taken over meanwhile."""
+        if (self._seed(seed) / COMPLETE).exists():
+            raise StoreError(f"seed {seed} of {self.path} is complete already")
+        if lease is not None:
+            lease.check()
         pieces = self.schema.pieces()
         missing = set(range(len(pieces))) - self.done_pieces(seed)
         if missing:
@@ -303,7 +484,7 @@ class LabelStore:
         sums: QualitySums = {}
         chunks: dict[str, list[str]] = {name: [] for name in arrays}
         for i in range(len(pieces)):
-            done = json.loads((self.seed_dir(seed) / "pieces" / f"{i}.done").read_text())
+            done = (self._seed(seed) / "pieces" / f"{i}.done").read_json()
             sums = add_quality(sums, done.get("quality") or {})
             for name in arrays:
                 if name not in (done.get("chunk_sha256") or {}):
@@ -315,43 +496,45 @@ class LabelStore:
                               "shape": list(shape), "dtype": dtype} for name, (shape, dtype) in arrays.items()},
             "quality": quality_report(sums),
         }
-        write_json(self.seed_dir(seed) / COMPLETE, record)
-        shutil.rmtree(self.seed_dir(seed) / "pieces", ignore_errors=True)
+        (self._seed(seed) / COMPLETE).write_json(record)
+        (self._seed(seed) / "pieces").remove(recursive=True)
         self._refresh_manifest_seeds()
         return record
 
     def _refresh_manifest_seeds(self) -> None:
-        manifest = json.loads((self.path / MANIFEST).read_text())
+        """The manifest's seed list, for people reading it (readers go by the ``COMPLETE`` markers: two runs
+        committing at once may leave one of their seeds out of it until the next commit)."""
+        manifest = (self.loc / MANIFEST).read_json()
         manifest["seeds"] = self.seeds()
         manifest["updated_at"] = time.time()
-        write_json(self.path / MANIFEST, manifest)
+        (self.loc / MANIFEST).write_json(manifest)
         self.manifest = manifest
 
     # -- reading --------------------------------------------------------------------------------
 
+    def _begun(self) -> list[int]:
+        return sorted(int(n) for n in (self.loc / "seeds").children() if n.isdigit())
+
     def seeds(self) -> list[int]:
         """The complete seeds: those with a ``COMPLETE`` marker."""
-        d = self.path / "seeds"
-        if not d.exists():
-            return []
-        return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / COMPLETE).exists())
+        return [s for s in self._begun() if (self._seed(s) / COMPLETE).exists()]
+
+    def is_complete(self, seed: int) -> bool:
+        return (self._seed(seed) / COMPLETE).exists()
 
     def partial_seeds(self) -> dict[int, tuple[int, int]]:
         """Seeds a writer began but did not commit (a killed or running job): seed -> (pieces done, pieces)."""
-        d = self.path / "seeds"
-        if not d.exists():
-            return {}
         total = len(self.schema.pieces())
-        begun = sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and not (p / COMPLETE).exists())
+        begun = [s for s in self._begun() if not (self._seed(s) / COMPLETE).exists()]
         return {seed: (len(self.done_pieces(seed)), total) for seed in begun}
 
     def quality(self, seed: int) -> dict[str, dict[str, float]]:
         """The label quality recorded for a complete seed at labeling (``quality_report``); reads no arrays."""
-        record = json.loads((self.seed_dir(seed) / COMPLETE).read_text())
+        record = (self._seed(seed) / COMPLETE).read_json()
         return dict(record.get("quality") or {})
 
     def _read_arrays(self, seed: int, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        group = zarr.open_group(store=str(self.seed_dir(seed)), mode="r", zarr_format=3)
+        group = zarr.open_group(store=self._seed(seed).url, mode="r", zarr_format=3)
         out = {}
         for name in self.schema.arrays() if names is None else names:
             try:
@@ -370,8 +553,8 @@ class LabelStore:
         """Recompute every checksum; return one line per problem (empty: the store is sound)."""
         problems = []
         for seed in seeds if seeds is not None else self.seeds():
-            record = json.loads((self.seed_dir(seed) / COMPLETE).read_text())
-            group = zarr.open_group(store=str(self.seed_dir(seed)), mode="r", zarr_format=3)
+            record = (self._seed(seed) / COMPLETE).read_json()
+            group = zarr.open_group(store=self._seed(seed).url, mode="r", zarr_format=3)
             for name, want in record["arrays"].items():
                 problem = self._verify_array(_array(group, name), want)
                 if problem:
@@ -408,17 +591,15 @@ class LabelStore:
                 raise StoreError(f"store {self.cache_key} was made for {field}={got!r}; this run needs {want!r}")
 
     def size_on_disk(self, seed: int | None = None) -> int:
-        base = self.seed_dir(seed) if seed is not None else self.path
-        return sum(p.stat().st_size for p in base.rglob("*") if p.is_file())
+        return (self._seed(seed) if seed is not None else self.loc).size()
 
     def describe(self) -> dict[str, Any]:
         """What ``stillroom store inspect`` shows."""
         n = self.schema.num_samples
         seeds = {}
         for seed in self.seeds():
-            d = self.seed_dir(seed)
-            per_array = {name: sum(p.stat().st_size for p in (d / name).rglob("*") if p.is_file())
-                         for name in self.schema.arrays()}
+            d = self._seed(seed)
+            per_array = {name: (d / name).size() for name in self.schema.arrays()}
             total = sum(per_array.values())
             seeds[str(seed)] = {"bytes": total, "bytes_per_sample": round(total / n, 2),
                                 "bytes_per_sample_by_array": {k: round(v / n, 2) for k, v in per_array.items()},
@@ -448,7 +629,14 @@ class LabelStore:
             "stillroom.cache_key": self.cache_key, "stillroom.seed": str(seed),
             "stillroom.manifest": json.dumps(self.manifest),
         })
-        write_atomically(out, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+        if is_url(os.fspath(out)):  # one PUT: the object appears whole or not at all
+            import io
+
+            buf = io.BytesIO()
+            pq.write_table(table, buf, compression="zstd")
+            Location(out).write_bytes(buf.getvalue())
+        else:
+            write_atomically(out, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
         return len(labels)
 
 
@@ -473,15 +661,15 @@ def quality_report(sums: QualitySums) -> dict[str, dict[str, float]]:
 
 
 def list_stores(root: str | os.PathLike) -> list[LabelStore]:
-    """Every readable store directly under ``root``."""
-    root = Path(root)
-    if not root.is_dir():
+    """Every readable store directly under ``root`` (a directory or a URL)."""
+    loc = Location(root)
+    if loc.local is not None and not loc.local.is_dir():
         raise UsageError(f"store root {root} does not exist")
     out = []
-    for p in sorted(root.iterdir()):
-        if (p / MANIFEST).exists():
+    for name in loc.children():
+        if (loc / name / MANIFEST).exists():
             try:
-                out.append(LabelStore(p))
+                out.append(LabelStore(loc / name))
             except StoreError:
                 continue
     return out

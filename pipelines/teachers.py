@@ -12,7 +12,9 @@ teacher's resolution, matches the channel count and normalises.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from torch import nn
 
 from pipelines.atomic import write_atomically
 from pipelines.errors import UsageError
+from pipelines.storage import Location, is_url, open_binary
 
 CHECKPOINT_FORMAT = "stillroom-teacher/1"
 R = TypeVar("R")
@@ -176,10 +179,11 @@ def load_teacher(spec: str, num_classes: int | None = None, device: str | torch.
         pre = _preprocess_from_cfg(model, in_chans)
         source = "pretrained"
     else:
-        if not Path(path).is_file():
+        if not Location(path).is_file():  # a local path or a URL (s3://bucket/teacher.pt)
             raise UsageError(f"teacher checkpoint {path} does not exist")
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            with open_binary(path) as f:
+                ckpt = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # not a torch file, truncated, or pickled objects weights_only refuses
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise UsageError(f"cannot read teacher checkpoint {path}: {type(e).__name__}: {first}") from None
@@ -228,4 +232,9 @@ def save_checkpoint(path: str | Path, name: str, model: nn.Module, kwargs: dict[
     state = {"format": CHECKPOINT_FORMAT, "model": name, "kwargs": kwargs,
              "num_classes": int(kwargs.get("num_classes", 0)), "preprocess": preprocess.to_dict(),
              "state_dict": model.state_dict(), **extra}
-    write_atomically(path, lambda tmp: torch.save(state, tmp))
+    if is_url(os.fspath(path)):  # one PUT: the object appears whole or not at all
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        Location(path).write_bytes(buf.getvalue())
+    else:
+        write_atomically(path, lambda tmp: torch.save(state, tmp))

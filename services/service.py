@@ -138,6 +138,8 @@ class Service:
         for primary in self.db.active_primaries(JobKind.label, key):
             if set(seeds) <= set(primary.spec["seeds"]) | have:
                 return self._attach(job, primary)
+        # seeds that only overlap a running job's ([0, 1] and [1, 2]): a run of its own, which labels the seeds
+        # nobody holds and waits for the shared one under its lease (pipelines.store.SeedLease), then reuses it
         return self._launch(job, resolved, {})
 
     def _attach(self, job: Job, primary: Job) -> Job:

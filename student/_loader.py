@@ -23,7 +23,6 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -100,8 +99,9 @@ class FeatureChunks:
     touch once and keeps the last ``cache`` chunks (per process; the open array is not pickled, so a worker
     opens its own)."""
 
-    def __init__(self, seed_dir: Path, chunk_rows: int, cache: int = FEATURE_CHUNK_CACHE):
-        self.seed_dir, self.chunk_rows, self.cache = Path(seed_dir), int(chunk_rows), int(cache)
+    def __init__(self, seed_dir: str | os.PathLike, chunk_rows: int, cache: int = FEATURE_CHUNK_CACHE):
+        # a str: the seed's zarr group may be a URL (s3://...), which Path would mangle
+        self.seed_dir, self.chunk_rows, self.cache = os.fspath(seed_dir), int(chunk_rows), int(cache)
         self._array: Any = None
         self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
 
@@ -113,7 +113,7 @@ class FeatureChunks:
             import zarr
 
             try:
-                self._array = zarr.open_group(store=str(self.seed_dir), mode="r", zarr_format=3)["features"]
+                self._array = zarr.open_group(store=self.seed_dir, mode="r", zarr_format=3)["features"]
             except (KeyError, FileNotFoundError) as e:
                 raise StoreError(f"{self.seed_dir} has no features array ({e})") from None
         return self._array

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from pipelines._readers import DATASET_HELP
 from pipelines.errors import UsageError
@@ -28,19 +27,20 @@ def _parse_seeds(text: str | None) -> tuple[int, ...] | None:
     return parse_seeds(text)
 
 
-def resolve_store(store: str, store_root: str) -> Path:
-    """``--store``: a label store directory, or a cache key under ``--store-root``."""
+def resolve_store(store: str, store_root: str) -> str:
+    """``--store``: a label store directory or URL, or a cache key under ``--store-root`` (a path or a URL)."""
+    from pipelines.storage import Location
     from pipelines.store import MANIFEST
 
-    if (Path(store) / MANIFEST).is_file():
-        return Path(store)
-    if Path(store).name == store and (Path(store_root) / store / MANIFEST).is_file():
-        return Path(store_root) / store
+    if (Location(store) / MANIFEST).is_file():
+        return store
+    if "/" not in store and (Location(store_root) / store / MANIFEST).is_file():
+        return str(Location(store_root) / store)
     raise UsageError(f"--store {store}: neither a label store directory nor the cache key of a store under "
                      f"--store-root {store_root} (`stillroom store ls {store_root}` lists them)")
 
 
-def dataset_of_store(store_dir: Path) -> tuple[str, str, str | None]:
+def dataset_of_store(store_dir: str) -> tuple[str, str, str | None]:
     """The data set a store was labeled from, as its manifest records it: (spec, split, data root)."""
     from pipelines.store import LabelStore
 

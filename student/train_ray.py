@@ -32,13 +32,14 @@ from typing import Any
 import torch
 
 from pipelines.errors import StillroomError
+from pipelines.storage import is_url
 from student.trainer import CHECKPOINT, Distributed, TrainConfig, fit
 
 
 def _absolute(config: TrainConfig) -> TrainConfig:
     """Workers may run in another directory: make every path absolute."""
-    def absolute(p: str) -> str:
-        return str(Path(p).resolve())
+    def absolute(p: str) -> str:  # a URL (s3://...) is the same on every node already
+        return p if is_url(p) else str(Path(p).resolve())
 
     return replace(config, store=absolute(config.store), out=absolute(config.out),
                    init=absolute(config.init) if config.init else None,

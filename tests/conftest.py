@@ -35,6 +35,14 @@ def ray_dashboard(ray_cluster) -> str:
     return _DASHBOARD[0]
 
 
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-compatible server on 127.0.0.1 (moto), its credentials in the environment (tests/s3_server.py)."""
+    from s3_server import serve_s3
+
+    yield from serve_s3()
+
+
 def make_teacher(path: Path, num_classes: int = 4, in_chans: int = 1, resolution: int = 16, seed: int = 0,
                  name: str = "test_resnet") -> str:
     """A randomly initialised timm test model saved as a stillroom teacher checkpoint; returns NAME@PATH."""

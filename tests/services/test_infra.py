@@ -53,3 +53,29 @@ def _containers(doc: dict) -> list[dict]:
     if doc["kind"] == "Deployment":
         return list(doc["spec"]["template"]["spec"]["containers"])
     return []
+
+
+def test_a_failed_store_mount_stops_the_node_setup(tmp_path):
+    """cluster.yaml's mount step, run with a `mount` that fails: the step fails (no `|| true` fallback to a node's
+    own disk), and with one that succeeds it passes."""
+    import subprocess
+
+    config = yaml.safe_load((INFRA / "cluster.yaml").read_text())
+    [step] = [c for c in config["setup_commands"] if "mount -t nfs4" in c]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sudo").write_text('#!/bin/sh\nexec "$@"\n')
+    (bin_dir / "sudo").chmod(0o755)
+
+    def run(mount_rc: int) -> int:
+        state = tmp_path / "mounted"
+        state.unlink(missing_ok=True)
+        (bin_dir / "mount").write_text(f"#!/bin/sh\n[ {mount_rc} = 0 ] && touch {state}\nexit {mount_rc}\n")
+        (bin_dir / "mountpoint").write_text(f"#!/bin/sh\n[ -e {state} ]\n")
+        for name in ("mount", "mountpoint"):
+            (bin_dir / name).chmod(0o755)
+        command = step.replace("/mnt/stillroom", str(tmp_path / "mnt"))
+        return subprocess.run(["bash", "-c", command], env={"PATH": f"{bin_dir}:/usr/bin:/bin"}).returncode
+
+    assert run(32) != 0
+    assert run(0) == 0

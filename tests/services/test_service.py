@@ -75,6 +75,26 @@ def test_concurrent_identical_label_jobs_run_once_then_hit_the_cache(server, tea
 
 
 @SQLITE_ONLY
+def test_label_jobs_of_overlapping_seeds_share_a_seed_through_its_lease(server):
+    """Jobs for seeds [20, 21] and [21, 22]: not one the other's subset, so both run; seed 21's lease makes one of
+    them label it and the other wait and reuse it. Each seed is computed once and the store verifies."""
+    from pipelines.store import LabelStore
+
+    teacher = make_teacher(server.root / "state" / "teachers" / "overlap.pt", seed=7)
+    with server.client() as http:
+        jobs = [http.post("/v1/label-jobs", json=label_spec(teacher, seeds)).json()
+                for seeds in ([20, 21], [21, 22])]
+        assert len({j["ray_job_id"] for j in jobs}) == 2  # two runs
+        done = [wait(http, j["id"]) for j in jobs]
+    assert [d["state"] for d in done] == ["SUCCEEDED"] * 2, done
+    computed = [set(d["result"]["seeds_computed"]) for d in done]
+    assert not computed[0] & computed[1] and computed[0] | computed[1] == {20, 21, 22}
+    assert 21 in set(done[0]["result"]["seeds_reused"]) | set(done[1]["result"]["seeds_reused"])
+    store = LabelStore(server.root / "stores" / done[0]["cache_key"])
+    assert {20, 21, 22} <= set(store.seeds()) and store.verify([20, 21, 22]) == []
+
+
+@SQLITE_ONLY
 def test_teacher_then_train_jobs_over_http(server):
     with server.client() as http:
         t = http.post("/v1/teacher-jobs", json={"dataset": DATA, "model": "test_resnet", "epochs": 1}).json()
