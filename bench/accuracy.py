@@ -36,7 +36,8 @@ from pathlib import Path
 from pipelines.labeling import LabelConfig, run_labeling
 from pipelines.store import LabelStore
 from pipelines.teacher_train import TeacherTrainConfig, train_teacher
-from student.trainer import TrainConfig, train
+from student.config import TrainConfig
+from student.run import train
 
 VIT_STUDENT = "deit_tiny_distilled_patch16_224"
 VIT_KWARGS = {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 2}

@@ -40,7 +40,8 @@ import torch
 
 from pipelines.labeling import LabelConfig, run_labeling
 from pipelines.teachers import Preprocess, save_checkpoint
-from student.trainer import TrainConfig, train
+from student.config import TrainConfig
+from student.run import train
 
 
 def make_teacher(path: Path, name: str, num_classes: int, resolution: int, in_chans: int = 1) -> str:

@@ -130,3 +130,11 @@ def check_options(config: Any) -> None:
             left = f"{low[1]:g} {'<=' if low[0] == 'ge' else '<'} " if low else ""
             right = f" {'<=' if high[0] == 'le' else '<'} {high[1]:g}" if high else ""
             raise UsageError(f"{flag} {value}: expected {left}value{right}")
+
+
+def default_from(config: type, name: str, default: Any) -> Any:
+    """The option ``name`` of ``config`` (its help, bounds, choices, flag) with another default: a config that
+    inherits options (``pipelines.train_recipe.RecipeOptions``) gives some its own default without declaring
+    them twice."""
+    meta = {f.name: f for f in dataclasses.fields(config)}[name].metadata
+    return field(default=default, metadata=meta)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from pipelines.labeling import LabelConfig
 from pipelines.options import base_type, default_of, options
 from pipelines.teacher_train import TeacherTrainConfig
-from student.trainer import TrainConfig
+from student.config import TrainConfig
 
 NAME = r"^[A-Za-z0-9_.\-]+$"
 TEACHER = r"^[A-Za-z0-9_.\-]+(@.+)?$"

@@ -31,7 +31,7 @@ from student import losses as L
 from student.data import Batch
 
 if TYPE_CHECKING:
-    from student.trainer import TrainConfig
+    from student.config import TrainConfig
 
 METHODS: dict[str, type[Method]] = {}
 

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from pipelines.errors import StillroomError
-from student.trainer import Distributed, TrainConfig, fit
+from student.config import TrainConfig
+from student.trainer import Distributed, fit
 
 
 def _absolute(config: TrainConfig) -> TrainConfig:

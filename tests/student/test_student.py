@@ -20,9 +20,10 @@ from pipelines.labeling import LabelConfig, run_labeling
 from pipelines.store import LabelStore, StoreError
 from pipelines.views import COL, MIX_NONE, build_views, draw_views
 from services.cli import main as cli_main
+from student.config import LOSSES, TrainConfig
 from student.data import StoreStream, check_store
 from student.models import build_student, student_heads
-from student.trainer import LOSSES, TrainConfig, train
+from student.run import train
 
 DATA = "synthetic:n=64,classes=4,size=16"
 TINY_DEIT = {"patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}
