@@ -55,7 +55,8 @@ class RecipeOptions:
     default with ``pipelines.options.default_from``."""
 
     opt: str = option("adamw", help="timm optimizer (timm.optim.create_optimizer_v2), e.g. sgd, nesterov, "
-                                    "momentum, adamw, lamb, lars", choices=optimizer_names)
+                                    "momentum, adamw, lamb, lars (any of timm.optim.list_optimizers())",
+                            choices=optimizer_names, cli={"metavar": "NAME"})
     momentum: float = option(0.9, help="optimizer momentum (sgd-like optimizers)", ge=0, lt=1)
     lr: float | None = option(None, help="learning rate (default: --lr-base scaled by the global batch over "
                                          "--lr-base-size)", gt=0, le=10)

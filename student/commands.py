@@ -93,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a student from a label store",
                        description="Train a student from a label store. The last line printed is the final "
                                    "metrics as JSON.")
-    add_arguments(p, TrainConfig)
+    add_arguments(p, TrainConfig, config_file=True)
     p.add_argument("--store-root", default="stores", help="where a --store cache key is looked up")
     p.set_defaults(func=cmd_train)
 

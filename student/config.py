@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipelines._readers import DATASET_HELP
+from pipelines.errors import UsageError
 from pipelines.options import check_options, option
 from pipelines.train_recipe import RecipeOptions
 from student import losses as L
@@ -101,6 +102,20 @@ class TrainConfig(RecipeOptions):
 
     def __post_init__(self) -> None:
         check_options(self)
+        for _, why in self.conflicts(vars(self)):
+            raise UsageError(why)
+
+    @staticmethod
+    def conflicts(values: dict[str, Any]) -> list[tuple[str, str]]:
+        """Options each valid alone but not together, as ``(field, why)``: the config and the REST spec both ask."""
+        out = []
+        loss, smoothing = values.get("loss"), values.get("smoothing") or 0.0
+        if smoothing > 0 and loss in method_names() and not method_class(loss).ground_truth:
+            out.append(("smoothing", f"--smoothing {smoothing} with {loss}: it has no ground-truth term to smooth "
+                                     "(the teacher's term is never smoothed)"))
+        if values.get("best_weights") == "ema" and not values.get("model_ema"):
+            out.append(("best_weights", "--best-weights ema needs --model-ema"))
+        return out
 
     @property
     def resolved_temperature(self) -> float:
