@@ -359,3 +359,22 @@ def test_the_teacher_trains_on_the_same_recipe(tmp_path):
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["resolved_config"] == saved
     assert [h["lr"] for h in ckpt["history"]][-1] < 0.05  # warmed up, then decayed by the cosine
+
+
+@pytest.mark.parametrize("name", ["deit-s-distilled-imagenet", "fkd-resnet50-imagenet"])
+def test_the_imagenet_recipe_files_are_configs(name, capsys):
+    from services.cli import build_parser
+
+    path = Path(__file__).resolve().parents[2] / "infra" / "recipes" / f"{name}.yaml"
+    argv = ["train", "--config", str(path), "--store", "s", "--out", "o", "--dataset", "fashion-mnist"]
+    parser = build_parser("train")
+    from pipelines.options import apply_config_file, options
+
+    args = apply_config_file(parser.parse_args(argv), lambda: parser.parse_args(argv))
+    fields = {k: getattr(args, k) for k in options(TrainConfig) if hasattr(args, k)}
+    config = TrainConfig(**{**fields, "student_kwargs": json.loads(args.student_kwargs), "seeds": None,
+                            "online": False, "online_targets": "full"})
+    expected = {"deit-s-distilled-imagenet": ("adamw", "deit-hard", 1e-3), "fkd-resnet50-imagenet": ("sgd", "kd", 0.2)}
+    opt, loss, lr_at_1024 = expected[name]
+    assert (config.opt, config.loss, config.epochs, config.warmup_epochs) == (opt, loss, 300, 5.0)
+    assert resolve_lr(config, 8 * config.batch_size) == pytest.approx(lr_at_1024)
