@@ -378,3 +378,16 @@ def test_the_imagenet_recipe_files_are_configs(name, capsys):
     opt, loss, lr_at_1024 = expected[name]
     assert (config.opt, config.loss, config.epochs, config.warmup_epochs) == (opt, loss, 300, 5.0)
     assert resolve_lr(config, 8 * config.batch_size) == pytest.approx(lr_at_1024)
+
+
+def test_nothing_imports_the_loop_back():
+    import subprocess
+    import sys
+
+    code = ("import sys; import student.trainer; "
+            "print(sorted(m for m in ('student.run', 'student.train_ray', 'student.commands') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"  # the loop imports the methods, the config and the recipe, not its callers
+    code = "import sys; import student.config, student.methods; print('student.trainer' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"

@@ -231,7 +231,8 @@ def test_two_ray_train_workers_complete_and_the_checkpoint_evaluates(rich_store,
 
 
 def test_only_the_ray_train_entry_point_imports_ray():
-    code = ("import sys; import student.trainer, student.data, student.online, student.commands, student.evaluate; "
+    code = ("import sys; import student.trainer, student.run, student.config, student.data, student.online, "
+            "student.commands, student.evaluate, pipelines.train_recipe; "
             "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
