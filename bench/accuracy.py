@@ -15,6 +15,11 @@ on the test split:
     sampled      ``sampled``: the unbiased sampled-class estimate of the soft cross-entropy
     tat_kd       ``tat``: TaT on teacher A's stored ``layer2`` map (4x4) plus the ``kd`` term at T = 1
 
+``--recipe-rows`` adds, for each row, ``ROW_recipe``: the same student with the recipe's DeiT-style parts
+(``RECIPE_ROW``: 0.5 epoch of warmup from 1e-6, cosine to 1e-5, label smoothing 0.1 on the ground-truth term
+where the method has one, an EMA of the weights at decay 0.998, whose last-epoch top-1 is the row's; the
+model's own is ``top1_recipe_model``), in the same run, from the same teachers and stores.
+
 Prints one JSON line: each row's top-1, the teachers' top-1, minutes, the store's bytes per sample with and
 without features, the two online differences (cached minus full online: what keeping top-k costs; cached
 minus store-encoded online) and the two targets (cached KD >= online KD - 0.3 points; cached KD >=
@@ -22,6 +27,7 @@ supervised + 1.0).
 
     python bench/accuracy.py            # full train split, about 30 minutes on 2 cores
     python bench/accuracy.py --quick    # 8,000 samples, a few minutes
+    python bench/accuracy.py --recipe-rows --rows supervised,cached_kd,deit_hard
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ from pathlib import Path
 from pipelines.labeling import LabelConfig, run_labeling
 from pipelines.store import LabelStore
 from pipelines.teacher_train import TeacherTrainConfig, train_teacher
-from student.trainer import TrainConfig, train
+from student.config import TrainConfig
+from student.methods import method_class
+from student.run import train
 
 VIT_STUDENT = "deit_tiny_distilled_patch16_224"
 VIT_KWARGS = {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 2}
@@ -53,6 +61,11 @@ ROWS = {
     "sampled": ("a", dict(loss="sampled")),
     "tat_kd": ("a", dict(loss="tat", student_layer="layer2", tat_variant="full")),
 }
+
+# the recipe rows' additions: DeiT's parts (warmup, cosine to a floor, smoothing 0.1, EMA) scaled to a run of a few
+# epochs (DeiT: 5 warmup epochs of 300, EMA decay 0.99996 over 375,000 steps; here a few hundred steps an epoch)
+RECIPE_ROW = dict(warmup_epochs=0.5, warmup_lr=1e-6, min_lr=1e-5, sched="cosine", smoothing=0.1, model_ema=True,
+                  model_ema_decay=0.998)
 
 
 def main() -> None:
@@ -73,6 +86,8 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.5,
                     help="weight of the teacher term in kd and tat (1: no ground truth, as Beyer et al. 2022)")
     ap.add_argument("--rows", default=",".join(ROWS), help="which rows to train")
+    ap.add_argument("--recipe-rows", action="store_true",
+                    help="also each row with warmup, cosine, label smoothing and EMA (RECIPE_ROW)")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed after)")
     ap.add_argument("--reuse-teachers", action="store_true",
                     help="keep teacher checkpoints an earlier run left in --dir (their labels are then cache hits)")
@@ -127,21 +142,31 @@ def main() -> None:
         described = LabelStore(stores["a"]).describe()["per_seed"][str(seeds[0])]
         by_array = described["bytes_per_sample_by_array"]
 
-        students = {}
-        for row in rows:
-            store, extra = ROWS[row]
+        students: dict[str, float] = {}
+        recipe_model: dict[str, float] = {}
+        runs = [(row, row, {}) for row in rows]
+        if args.recipe_rows:
+            runs += [(f"{row}_recipe", row, RECIPE_ROW) for row in rows]
+        for row, base_row, recipe_extra in runs:
+            store, extra = ROWS[base_row]
             t = time.perf_counter()
             shutil.rmtree(work / f"run-{row}", ignore_errors=True)
             config = {**dict(store=stores[store], dataset=dataset, student=args.student,
                              student_kwargs=json.loads(args.student_kwargs), out=str(work / f"run-{row}"),
                              epochs=epochs, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
                              seed=args.student_seed, progress=False),
-                      **extra}
+                      **extra, **recipe_extra}
             if config["loss"] == "deit-hard":
                 config["alpha"] = 0.5  # DeiT's hard distillation: fixed halves
+            if recipe_extra and not method_class(str(config["loss"])).ground_truth:
+                config["smoothing"] = 0.0  # mealv2, sampled: no ground-truth term to smooth
             result = train(TrainConfig(**config))  # type: ignore[arg-type]
             minutes[row] = (time.perf_counter() - t) / 60
-            students[row] = round(100 * result["top1"], 2)
+            if recipe_extra:
+                students[row] = round(100 * result["last"]["ema_top1"], 2)
+                recipe_model[row] = round(100 * result["top1"], 2)
+            else:
+                students[row] = round(100 * result["top1"], 2)
             print(f"{row}: top-1 {students[row]:.2f} ({minutes[row]:.1f} min)", flush=True)
 
         out = {
@@ -153,6 +178,7 @@ def main() -> None:
             "teachers": names, "teacher_epochs": teacher_epochs, "teacher_recipe": args.teacher_recipe,
             "teacher_top1": {k: round(100 * v, 2) for k, v in teacher_top1.items()},
             "top1": students,
+            **({"top1_recipe_model": recipe_model, "recipe_row": RECIPE_ROW} if args.recipe_rows else {}),
             "store_bytes_per_sample": {"with_features": described["bytes_per_sample"],
                                        "without_features": round(described["bytes_per_sample"]
                                                                  - by_array.get("features", 0.0), 2),

@@ -20,7 +20,12 @@ normalisation, AdamW and cross-entropy, the same steps). Targets: cached_over_su
 loader_over_torchvision (the torchvision epoch's seconds over stillroom's supervised epoch's: a speed ratio)
 >= 1.0.
 
+``--recipe-ways``: two more ways, the cached run with ``--model-ema`` (EMA updated after every step) and with
+``--amp-dtype bfloat16`` (autocast; on CPU too), and ``recipe_step_ms``: one step of the recipe fp32, fp32 with
+the EMA and bf16, interleaved in one process (``recipe_step_ms``). Target: recipe_ema_over_fp32_step <= 1.05.
+
     python bench/training.py [--steps 40] [--batch-size 128] [--teacher resnet50] [--student resnet18]
+    python bench/training.py --recipe-ways [--ways cached,cached_ema,cached_bf16]
     python bench/training.py --data jpeg [--images 480] [--size 224] [--steps 20] [--batch-size 32]
 """
 
@@ -40,7 +45,8 @@ import torch
 
 from pipelines.labeling import LabelConfig, run_labeling
 from pipelines.teachers import Preprocess, save_checkpoint
-from student.trainer import TrainConfig, train
+from student.config import TrainConfig
+from student.run import train
 
 
 def make_teacher(path: Path, name: str, num_classes: int, resolution: int, in_chans: int = 1) -> str:
@@ -88,6 +94,48 @@ def torchvision_epoch(root: Path, student: str, num_classes: int, size: int, bat
     return seconds
 
 
+def recipe_step_ms(student: str, num_classes: int, in_chans: int, size: int, batch_size: int, steps: int,
+                   rounds: int, device: str) -> dict[str, float]:
+    """Milliseconds of one training step through the recipe (``pipelines.train_recipe.TrainingRecipe``: forward
+    in its autocast, backward, ``step()``) of the same student three ways, fp32, fp32 with the EMA updated every
+    step, bf16 autocast, interleaved in rounds of ``steps`` steps in this one process (whole epochs on a shared
+    machine vary more than the EMA costs); the fastest round of each."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from pipelines.train_recipe import RecipeOptions, TrainingRecipe, resolve_device
+    from student.models import build_student
+
+    dev = resolve_device(device)
+    torch.manual_seed(0)
+    base = build_student(student, num_classes, in_chans, size).to(dev).train()
+    x = torch.rand(batch_size, in_chans, size, size, device=dev)
+    y = torch.randint(0, num_classes, (batch_size,), device=dev)
+    kinds = {"fp32": RecipeOptions(amp_dtype="float32"), "fp32_ema": RecipeOptions(amp_dtype="float32", model_ema=True),
+             "bf16": RecipeOptions(amp_dtype="bfloat16")}
+    runs = {}
+    for name, opts in kinds.items():
+        model = copy.deepcopy(base)
+        runs[name] = (model, TrainingRecipe.build(model, opts, epochs=1, updates_per_epoch=steps * rounds + 1,
+                                                  global_batch=batch_size, device=dev))
+    best = {name: float("inf") for name in kinds}
+    for r in range(rounds + 1):  # round 0 warms up
+        names = list(kinds)
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            model, recipe = runs[name]
+            t = time.perf_counter()
+            for _ in range(steps):
+                with recipe.autocast():
+                    loss = F.cross_entropy(model(x).float(), y)
+                recipe.scaled({"loss": loss})["loss"].backward()
+                recipe.step()
+            float(loss.detach())
+            if r:
+                best[name] = min(best[name], (time.perf_counter() - t) / steps * 1000)
+    return {k: round(v, 2) for k, v in best.items()}
+
+
 def run_ways(ways: dict[str, Any], repeats: int) -> dict[str, list[float]]:
     """Each way once a round, the order rotating every round; every epoch's seconds."""
     names = list(ways)
@@ -116,6 +164,10 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/stillroom-bench-training",
                     help="--data jpeg: where the JPEG folder is kept between runs")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--recipe-ways", action="store_true",
+                    help="also time the cached run with --model-ema and with --amp-dtype bfloat16")
+    ap.add_argument("--ways", default=None, help="only these ways, comma-separated (default: all)")
+    ap.add_argument("--recipe-steps", type=int, default=5, help="--recipe-ways: steps per round of the step timing")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed after)")
     args = ap.parse_args()
     jpeg = args.data == "jpeg"
@@ -155,6 +207,18 @@ def main() -> None:
             device=args.device, loader_workers=workers if jpeg else None)
         configs: dict[str, dict[str, Any]] = {"supervised": dict(loss="ce"), "cached": dict(loss="deit-hard"),
                    "online": dict(loss="deit-hard", online=True)}
+        if args.recipe_ways:
+            configs.update(cached_ema=dict(loss="deit-hard", model_ema=True),
+                           cached_bf16=dict(loss="deit-hard", amp_dtype="bfloat16"))
+        if args.ways:
+            configs = {name: configs[name] for name in args.ways.split(",") if name in configs}
+        if args.recipe_ways:
+            steps_ms = recipe_step_ms(student, num_classes, 3 if jpeg else 1, args.size if jpeg else 28, batch_size,
+                                      args.recipe_steps, repeats * 2, args.device)
+            extra.update(recipe_step_ms=steps_ms,
+                         recipe_ema_over_fp32_step=round(steps_ms["fp32_ema"] / steps_ms["fp32"], 3),
+                         recipe_bf16_over_fp32_step=round(steps_ms["bf16"] / steps_ms["fp32"], 3),
+                         target_recipe_ema_over_fp32_step=1.05)
 
         def trainer_way(name: str):
             def run(repeat: int) -> float:
@@ -179,10 +243,14 @@ def main() -> None:
             "epoch_seconds": {k: round(v, 3) for k, v in seconds.items()},
             "epoch_seconds_all": {k: [round(v, 3) for v in times] for k, times in runs.items()},
             "samples_per_s": {k: round(steps * batch_size / v, 1) for k, v in seconds.items()},
-            "cached_over_supervised": round(seconds["cached"] / seconds["supervised"], 3),
-            "online_over_cached": round(seconds["online"] / seconds["cached"], 3),
-            "target_cached_over_supervised": 1.05,
         }
+        ratios = {"cached_over_supervised": ("cached", "supervised"), "online_over_cached": ("online", "cached"),
+                  "ema_over_cached": ("cached_ema", "cached"), "bf16_over_cached": ("cached_bf16", "cached")}
+        result.update({k: round(seconds[a] / seconds[b], 3) for k, (a, b) in ratios.items()
+                       if a in seconds and b in seconds})
+        result["target_cached_over_supervised"] = 1.05
+        if "ema_over_cached" in result:
+            result["target_ema_over_cached"] = 1.05
         if jpeg:
             result["loader_over_torchvision"] = round(seconds["torchvision"] / seconds["supervised"], 3)
             result["target_loader_over_torchvision"] = 1.0

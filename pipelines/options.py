@@ -79,10 +79,12 @@ def default_of(f: dataclasses.Field) -> Any:
     return MISSING
 
 
-def add_arguments(parser: argparse.ArgumentParser, config: type) -> None:
+def add_arguments(parser: argparse.ArgumentParser, config: type, config_file: bool = False) -> None:
     """One argparse argument per option of ``config`` (``via`` options excepted), its dest the field's name.
-    A tuple or dict option arrives as text for the command to parse (``cli`` says how)."""
+    A tuple or dict option arrives as text for the command to parse (``cli`` says how). ``config_file``: also
+    ``--config FILE.yaml`` (``apply_config_file``), which may hold the required options too."""
     hints = typing.get_type_hints(config)
+    required: list[str] = []
     for name, (f, opt) in options(config).items():
         if opt.via:
             continue
@@ -106,7 +108,13 @@ def add_arguments(parser: argparse.ArgumentParser, config: type) -> None:
             kwargs.pop("required", None)
         if "nargs" in opt.cli or kwargs.get("action") == "store_false":
             kwargs.pop("action" if "nargs" in opt.cli else "type", None)
+        if config_file and kwargs.pop("required", False):  # a --config file may give it: checked after it is read
+            kwargs["default"] = None
+            required.append(name)
         parser.add_argument(*flags_of(name, opt), **kwargs)
+    if config_file:
+        parser.add_argument("--config", dest="config_file", default=None, metavar="FILE.yaml", help=CONFIG_FILE_HELP)
+        parser.set_defaults(config_parser=parser, config_class=config, config_required=tuple(required))
 
 
 def check_options(config: Any) -> None:
@@ -130,3 +138,84 @@ def check_options(config: Any) -> None:
             left = f"{low[1]:g} {'<=' if low[0] == 'ge' else '<'} " if low else ""
             right = f" {'<=' if high[0] == 'le' else '<'} {high[1]:g}" if high else ""
             raise UsageError(f"{flag} {value}: expected {left}value{right}")
+
+
+def default_from(config: type, name: str, default: Any) -> Any:
+    """The option ``name`` of ``config`` (its help, bounds, choices, flag) with another default: a config that
+    inherits options (``pipelines.train_recipe.RecipeOptions``) gives some its own default without declaring
+    them twice."""
+    meta = {f.name: f for f in dataclasses.fields(config)}[name].metadata
+    return field(default=default, metadata=meta)
+
+
+CONFIG_FILE_HELP = ("a YAML file of options under their names with underscores (as timm's --config: 'opt: sgd', "
+                    "'warmup_epochs: 5'); flags given as well override it")
+
+
+def read_config_file(path: str, config: type) -> dict[str, Any]:
+    """The options a ``--config`` YAML file sets, as the command's argparse defaults: each key an option of
+    ``config``, each value of the option's type (lists and mappings as the text their flag takes)."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"--config {path}: cannot read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path}: not YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a mapping of option names to values")
+    known = {name: (f, opt) for name, (f, opt) in options(config).items() if not opt.via}
+    hints = typing.get_type_hints(config)
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key)
+        if name not in known:
+            hint = f" (did you mean {name.replace('-', '_')}?)" if name.replace("-", "_") in known else ""
+            raise UsageError(f"--config {path}: {name!r} is no option{hint}; --help lists them (a flag's name with "
+                             "underscores for dashes)")
+        kind = base_type(hints[name])
+        if value is None:
+            out[name] = None
+        elif isinstance(value, dict):
+            out[name] = json.dumps(value)
+        elif isinstance(value, list | tuple):
+            out[name] = ",".join(str(v) for v in value)
+        elif kind is bool:
+            if not isinstance(value, bool):
+                raise UsageError(f"--config {path}: {name}: expected true or false, got {value!r}")
+            out[name] = value
+        elif kind in (int, float):
+            # YAML 1.1 reads 5e-4 (no dot) as text: a number written so is a number
+            try:
+                number = kind(value) if not isinstance(value, bool) else None
+            except (TypeError, ValueError):
+                number = None
+            if number is None or (kind is int and isinstance(value, float) and not value.is_integer()):
+                raise UsageError(f"--config {path}: {name}: expected a{'n integer' if kind is int else ' number'}, "
+                                 f"got {value!r}")
+            out[name] = number
+        else:
+            out[name] = str(value)
+    return out
+
+
+def apply_config_file(args: argparse.Namespace, parse: Callable[[], argparse.Namespace]) -> argparse.Namespace:
+    """``args`` again, parsed by ``parse`` with the ``--config`` file's values as the command's defaults (so
+    that flags override them), when the command took one and it was given; then the required options, from the
+    flags or the file, are checked (argparse's error, exit 2)."""
+    if not hasattr(args, "config_parser"):
+        return args
+    if args.config_file:
+        args.config_parser.set_defaults(**read_config_file(args.config_file, args.config_class))
+        args = parse()
+    flags = {name: flags_of(name, opt)[0] for name, (_, opt) in options(args.config_class).items()}
+    missing = [flags[name] for name in args.config_required if getattr(args, name) is None]
+    if missing:
+        args.config_parser.error(f"the following arguments are required: {', '.join(missing)}")
+    return args

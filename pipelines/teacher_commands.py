@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     teacher = sub.add_parser("teacher", help="train teachers")
     tsub = teacher.add_subparsers(dest="teacher_cmd", required=True)
     p = tsub.add_parser("train", help="train a timm teacher on a dataset; prints test top-1 as JSON")
-    add_arguments(p, TeacherTrainConfig)
+    add_arguments(p, TeacherTrainConfig, config_file=True)
     p.set_defaults(func=cmd_teacher_train)
 
     p = sub.add_parser("label", help="run the teacher(s) once per seed on Ray and write the label store")

@@ -1,8 +1,11 @@
 """``stillroom teacher train``: train a timm teacher on a dataset, since no pretrained weights reach us here.
 
 Training views come from a view recipe (epoch ``e`` uses seed ``e``), the same vectorised code the
-labeling job uses. The checkpoint records the model name and kwargs, class count, preprocessing
-(resolution, the dataset's channel mean/std, input channels) and test accuracy, as ``load_teacher`` reads it.
+labeling job uses. The training recipe is the students' (``pipelines.train_recipe``: timm's optimizer, warmup
+and schedule per step, EMA, autocast, clipping, accumulation), on ``--device`` (CUDA when there is one). The
+checkpoint records the model name and kwargs, class count, preprocessing (resolution, the dataset's channel
+mean/std, input channels), test accuracy and the resolved config (also written beside it as
+``NAME.config.json``), as ``load_teacher`` reads it.
 """
 
 from __future__ import annotations
@@ -17,20 +20,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines import train_recipe
 from pipelines._readers import DATASET_HELP
 from pipelines.accuracy import top1_top5
 from pipelines.atomic import write_json
 from pipelines.datasets import Dataset, load_dataset, open_eval_split
 from pipelines.errors import UsageError
-from pipelines.options import check_options, option
+from pipelines.options import check_options, default_from, option
 from pipelines.progress import progress_bar
 from pipelines.teachers import Preprocess, _create, save_checkpoint
+from pipelines.train_recipe import RecipeOptions, TrainingRecipe
 from pipelines.views import Recipe, build_views, eval_views, get_recipe, output_size
 
 
 @dataclass(frozen=True, kw_only=True)
-class TeacherTrainConfig:
-    """Everything ``stillroom teacher train`` and ``POST /v1/teacher-jobs`` take (``pipelines.options``)."""
+class TeacherTrainConfig(RecipeOptions):
+    """Everything ``stillroom teacher train`` and ``POST /v1/teacher-jobs`` take (``pipelines.options``); the
+    recipe's options (``RecipeOptions``) with a teacher's defaults: AdamW at 2e-3 for a batch of 128, warmup
+    over the first 0.3 epochs from 8e-5, then cosine to 0 (the one-cycle schedule of earlier versions)."""
+
+    lr_base: float = default_from(RecipeOptions, "lr_base", 2e-3)
+    warmup_epochs: float = default_from(RecipeOptions, "warmup_epochs", 0.3)
+    warmup_lr: float = default_from(RecipeOptions, "warmup_lr", 8e-5)
 
     dataset: str = option("fashion-mnist", help=DATASET_HELP)
     data_root: str | None = option(None, help="where the data set's files are (fashion-mnist: its idx files)")
@@ -40,17 +51,13 @@ class TeacherTrainConfig:
     out: str = option(help="where the teacher checkpoint goes")
     epochs: int = option(2, help="passes over the training set", ge=1, le=1000)
     batch_size: int = option(128, help="training batch size", ge=1, le=65536)
-    lr: float = option(2e-3, help="AdamW learning rate", gt=0, le=10)
-    weight_decay: float = option(0.05, help="AdamW weight decay", ge=0, le=10)
     # see pipelines.views: crops cost a short-budget teacher 3 points
     recipe: str = option("fmnist-flip", help="view recipe for training augmentation (default: flips only)")
     resolution: int | None = option(None, help="input size (default: the recipe's output size, else the dataset's)",
                                     ge=8, le=2048)
     train_samples: int | None = option(None, help="train on the first N samples only", ge=1)
-    # 0 by default: a teacher trained with label smoothing distils worse, its logits lose the similarity
-    # between classes that soft labels carry (Mueller, Kornblith & Hinton 2019, "When does label smoothing help?")
-    label_smoothing: float = option(0.0, help="cross-entropy label smoothing (default 0: smoothed teachers distil "
-                                              "worse)", ge=0, lt=1)
+    # --smoothing is 0 by default (RecipeOptions): a teacher trained with label smoothing distils worse, its logits
+    # lose the similarity between classes that soft labels carry (Mueller, Kornblith & Hinton 2019)
     bn_samples: int = option(10_000, help="re-estimate BatchNorm statistics on this many training views before the "
                                           "final evaluation (0: keep training's running averages)", ge=0)
     seed: int = option(0, help="model init and shuffling", ge=0)
@@ -77,7 +84,9 @@ def evaluate(model: torch.nn.Module, preprocess: Preprocess, ds: Dataset, batch_
     """Top-1 and top-5 on the un-augmented images of ``ds``."""
     model.eval()
     size = None if ds.in_memory else preprocess.resolution
-    top1, top5 = top1_top5(lambda ids: model(preprocess(eval_views(ds, ids, size))), ds.labels, len(ds), batch_size)
+    device = next(model.parameters()).device
+    top1, top5 = top1_top5(lambda ids: model(preprocess(eval_views(ds, ids, size).to(device))), ds.labels, len(ds),
+                           batch_size)
     return {"top1": top1, "top5": top5}
 
 
@@ -97,13 +106,15 @@ def reestimate_batchnorm(model: torch.nn.Module, preprocess: Preprocess, ds: Dat
         return 0
     batches = (preprocess(build_views(ds, recipe, seed, ids[s : s + batch_size])[0])
                for s in range(0, len(ids), batch_size))
-    torch.optim.swa_utils.update_bn(batches, model)
+    torch.optim.swa_utils.update_bn(batches, model, device=next(model.parameters()).device)
     return len(ids)
 
 
 def train_teacher(config: TeacherTrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Train, evaluate on the test split, write the checkpoint; return the result record."""
+    """Train on ``config.device``, evaluate on the test split, write the checkpoint; return the result record.
+    With ``--model-ema`` the EMA weights are the teacher saved (both are scored)."""
     t0 = time.perf_counter()
+    device = train_recipe.resolve_device(config.device)
     train = load_dataset(config.dataset, "train", config.data_root)
     test = open_eval_split(config.dataset, "test", config.data_root)  # None: nothing to evaluate on
     recipe = get_recipe(config.recipe)
@@ -112,7 +123,7 @@ def train_teacher(config: TeacherTrainConfig, progress: bool = True) -> dict[str
     resolution = config.resolution or output_size(recipe, train) or train.image_shape[1]
     kwargs = {**config.model_kwargs, "num_classes": train.num_classes, "in_chans": c}
     torch.manual_seed(config.seed)
-    model = _create(config.model, pretrained=False, **kwargs)
+    model = train_recipe.to_memory_format(_create(config.model, pretrained=False, **kwargs).to(device), config)
     mean, std = channel_stats(train, resolution)
     preprocess = Preprocess(resolution, mean, std, c)
     out = Path(config.out)
@@ -121,9 +132,10 @@ def train_teacher(config: TeacherTrainConfig, progress: bool = True) -> dict[str
 
     n = min(config.train_samples or len(train), len(train))
     steps_per_epoch = math.ceil(n / config.batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch,
-                                                pct_start=0.15)
+    training = TrainingRecipe.build(model, config, epochs=config.epochs,
+                                    updates_per_epoch=math.ceil(steps_per_epoch / config.grad_accum_steps),
+                                    global_batch=config.batch_size * config.grad_accum_steps, device=device)
+    runner = train_recipe.prepare_model(model, config)
     gen = torch.Generator().manual_seed(config.seed)
     history = []
     for epoch in range(config.epochs):
@@ -134,26 +146,37 @@ def train_teacher(config: TeacherTrainConfig, progress: bool = True) -> dict[str
         for step in range(steps_per_epoch):
             ids = order[step * config.batch_size : (step + 1) * config.batch_size]
             views, _ = build_views(train, recipe, epoch, ids)
-            loss = F.cross_entropy(model(preprocess(views)), torch.from_numpy(train.labels[ids]),
-                                   label_smoothing=config.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            labels = torch.from_numpy(train.labels[ids]).to(device)
+            with training.autocast():
+                logits = runner(train_recipe.input_format(preprocess(views.to(device)), config))
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.smoothing)
+            training.scaled({"loss": loss})["loss"].backward()
+            if training.is_update(step, last=step + 1 == steps_per_epoch):
+                training.step()
             value = float(loss.detach())
             total_loss += value * len(ids)
             bar.update(len(ids))
             bar.set_postfix(loss=f"{value:.3f}")
         bar.close()
-        history.append({"epoch": epoch, "train_loss": total_loss / n})
-    bn_samples = reestimate_batchnorm(model, preprocess, train, recipe, config.epochs, order[: config.bn_samples],
+        history.append({"epoch": epoch, "train_loss": total_loss / n, "lr": training.current_lr})
+    final = training.ema.module if training.ema is not None else model
+    bn_samples = reestimate_batchnorm(final, preprocess, train, recipe, config.epochs, order[: config.bn_samples],
                                       config.batch_size)
-    metrics = evaluate(model, preprocess, test) if test is not None else {}
+    metrics = evaluate(final, preprocess, test) if test is not None else {}
+    if training.ema is not None and test is not None:  # the raw weights too, with training's running statistics
+        raw = evaluate(model, preprocess, test)
+        metrics.update(model_top1=raw["top1"], model_top5=raw["top5"])
     result = {"out": str(out), "model": config.model, "dataset": config.dataset, **metrics,
-              "bn_reestimated_on": bn_samples,
-              "epochs": config.epochs, "train_samples": n, "seconds": round(time.perf_counter() - t0, 1)}
-    save_checkpoint(out, config.model, model, kwargs, preprocess,
+              "weights": "ema" if training.ema is not None else "model", "bn_reestimated_on": bn_samples,
+              "epochs": config.epochs, "train_samples": n, "device": str(device),
+              "precision": train_recipe.precision_name(training.dtype), "lr": training.lr,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    resolved = {**asdict(config), "lr_resolved": training.lr, "device": str(device),
+                "precision": train_recipe.precision_name(training.dtype), "resolution": resolution}
+    save_checkpoint(out, config.model, final.to("cpu"), kwargs, preprocess,
                     extra={"metrics": metrics, "history": history, "config": asdict(config),
+                           "resolved_config": resolved,
                            "dataset": {"spec": train.spec, "fingerprint": train.fingerprint}})
+    write_json(out.with_name(out.stem + ".config.json"), resolved)  # beside the checkpoint, as a run's config.json
     write_json(out.with_suffix(".json"), result, sort_keys=False)
     return result

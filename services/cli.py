@@ -8,6 +8,7 @@ import importlib
 import sys
 
 from pipelines.errors import StillroomError
+from pipelines.options import apply_config_file
 
 # modules with a ``register(subparsers)``, and the top-level commands each registers; one that is not there
 # yet is skipped
@@ -41,8 +42,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    parser = build_parser(argv[0] if argv else None)
+    args = parser.parse_args(argv)
     try:
+        args = apply_config_file(args, lambda: parser.parse_args(argv))  # --config FILE.yaml, flags override it
         return int(args.func(args) or 0)
     except StillroomError as e:
         print(f"stillroom: error: {e}", file=sys.stderr)

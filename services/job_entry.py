@@ -36,7 +36,8 @@ def run_label(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_train(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-    from student.trainer import TrainConfig, train
+    from student.config import TrainConfig
+    from student.run import train
 
     fields = {**spec, "store": str(Path(job["store_root"]) / spec["store"]), "out": job["out"]}
     if spec["workers"] > 1 and job["resources"]["gpus"] > 0:  # the Ray Train workers ask for the GPUs

@@ -18,7 +18,7 @@ from pipelines.labeling import LabelConfig
 from pipelines.options import base_type, default_of, options
 from pipelines.teacher_train import TeacherTrainConfig
 from pipelines.views import recipe_pattern
-from student.trainer import TrainConfig
+from student.config import TrainConfig
 
 NAME = r"^[A-Za-z0-9_.\-]+$"
 TEACHER = r"^[A-Za-z0-9_.\-]+(@.+)?$"
@@ -85,6 +85,8 @@ NOT_OVER_REST: dict[str, dict[str, str]] = {
     "teacher": {
         "out": "the service chooses each job's output directory",
         "data_root": "a path on the service's machine: a spec names its data by `dataset` (confined to the roots)",
+        "device": "a job runs where Ray places it and uses CUDA where that machine has it (`resources.gpus`)",
+        "config_file": "a CLI switch: a spec is itself the whole config",
     },
     "label": {
         "data_root": "a path on the service's machine: a spec names its data by `dataset` (confined to the roots)",
@@ -99,6 +101,7 @@ NOT_OVER_REST: dict[str, dict[str, str]] = {
         "resume": "each job has a run directory of its own: there is nothing to resume",
         "device": "a job runs where Ray places it and uses CUDA where that machine has it",
         "progress": "the service records each job's progress itself",
+        "config_file": "a CLI switch: a spec is itself the whole config",
     },
 }
 
@@ -195,7 +198,10 @@ def real_path(p: Path) -> Path:
 def confine(path: str, roots: tuple[Path, ...], base: Path) -> Path:
     """``path`` (relative to ``base``) resolved with symlinks followed; refuse it unless inside one of ``roots``."""
     p = Path(path)
-    resolved = real_path(p if p.is_absolute() else base / p)
+    try:
+        resolved = real_path(p if p.is_absolute() else base / p)
+    except ValueError:  # no path at all (an embedded NUL byte): the OS refuses it before any root is asked
+        raise PathOutsideRoots(f"path {path!r} is not a valid path") from None
     if not any(resolved == r or resolved.is_relative_to(r) for r in roots):
         raise PathOutsideRoots(f"path {path!r} is outside the configured roots")
     return resolved

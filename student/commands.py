@@ -55,7 +55,8 @@ def dataset_of_store(store_dir: str) -> tuple[str, str, str | None]:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a student; the last line of output is the final metrics as JSON."""
     from pipelines.options import options
-    from student.trainer import TrainConfig, train
+    from student.config import TrainConfig
+    from student.run import train
 
     store = resolve_store(args.store, args.store_root)
     dataset, split, data_root = args.dataset, args.split or "train", args.data_root
@@ -87,12 +88,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from pipelines.options import add_arguments
-    from student.trainer import TrainConfig
+    from student.config import TrainConfig
 
     p = sub.add_parser("train", help="train a student from a label store",
                        description="Train a student from a label store. The last line printed is the final "
                                    "metrics as JSON.")
-    add_arguments(p, TrainConfig)
+    add_arguments(p, TrainConfig, config_file=True)
     p.add_argument("--store-root", default="stores", help="where a --store cache key is looked up")
     p.set_defaults(func=cmd_train)
 

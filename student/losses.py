@@ -128,7 +128,7 @@ def soft_cross_entropy(student_logits: torch.Tensor, target_probs: torch.Tensor,
 
 
 def kd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, labels: torch.Tensor,
-            alpha: float = 0.5, T: float = 4.0) -> torch.Tensor:
+            alpha: float = 0.5, T: float = 4.0, smoothing: float = 0.0) -> torch.Tensor:
     """Hinton KD: ``(1 - alpha) CE(s, y) + alpha T^2 KL(p_T || softmax(s / T))``.
 
     ``target_probs`` are the teacher's probabilities already at temperature ``T`` (``p_T``, e.g.
@@ -140,12 +140,15 @@ def kd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, labels: to
     This is torchdistill's ``KDLoss`` (``torchdistill/losses/single.py``, reduction ``batchmean``) with its
     weights swapped: here ``alpha`` weights the teacher term, there ``alpha`` weights the ground truth and
     ``beta = 1 - alpha`` the teacher (our ``alpha`` is torchdistill's ``beta``).
+
+    ``smoothing`` smooths the ground truth of ``CE(s, y)`` only (``y (1 - e) + e / C``, ``F.cross_entropy``'s
+    ``label_smoothing``); the teacher term is untouched.
     """
     _check_temperature(T)
     _check_alpha(alpha)
     _check_probs(student_logits, target_probs)
     _check_labels("labels", labels, student_logits)
-    ce = F.cross_entropy(student_logits, labels)
+    ce = F.cross_entropy(student_logits, labels, label_smoothing=smoothing)
     kl = F.kl_div(F.log_softmax(student_logits / T, dim=1), target_probs, reduction="batchmean")
     return (1 - alpha) * ce + alpha * T * T * kl
 
@@ -154,7 +157,8 @@ DEIT_SOFT_REDUCTIONS = ("numel", "batch")
 
 
 def deit_soft_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, labels: torch.Tensor,
-                   alpha: float = 0.5, T: float = 1.0, reduction: str = "numel") -> torch.Tensor:
+                   alpha: float = 0.5, T: float = 1.0, reduction: str = "numel", smoothing: float = 0.0
+                   ) -> torch.Tensor:
     """DeiT soft distillation (Touvron et al. 2021), as facebookresearch/deit ``losses.py`` computes it::
 
         (1 - alpha) CE(s, y) + alpha T^2 sum_{b,c} KL_bc(softmax(t / T) || softmax(s / T)) / (B C)
@@ -164,7 +168,8 @@ def deit_soft_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, lab
     (the per-sample KL of Hinton KD, ``C`` times larger: with 1,000 classes and ``alpha = 0.5`` it acts like
     the authors' form at ``alpha = 0.999``). ``target_probs`` is ``softmax(t / T)`` (rebuilt from the store).
     A two-head student takes the ground-truth term on its class head and calls this with ``alpha=1`` on its
-    distillation head.
+    distillation head. ``smoothing`` smooths the ground truth of ``CE(s, y)`` only (DeiT's runs: 0.1, its
+    ``base_criterion`` ``LabelSmoothingCrossEntropy``); the KL is untouched.
     """
     _check_temperature(T)
     _check_alpha(alpha)
@@ -175,18 +180,20 @@ def deit_soft_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, lab
                          f"{', '.join(DEIT_SOFT_REDUCTIONS)}")
     kl = F.kl_div(F.log_softmax(student_logits / T, dim=1), target_probs, reduction="sum")
     kl = kl / (student_logits.numel() if reduction == "numel" else student_logits.shape[0])
-    ce = F.cross_entropy(student_logits, labels) if alpha < 1 else student_logits.new_zeros(())
+    ce = (F.cross_entropy(student_logits, labels, label_smoothing=smoothing) if alpha < 1
+          else student_logits.new_zeros(()))
     return (1 - alpha) * ce + alpha * T * T * kl
 
 
 def deit_hard_loss(cls_logits: torch.Tensor, dist_logits: torch.Tensor, labels: torch.Tensor,
-                   teacher_hard: torch.Tensor) -> torch.Tensor:
+                   teacher_hard: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
     """DeiT hard distillation: ``0.5 CE(s_cls, y) + 0.5 CE(s_dist, argmax t)``, the paper's fixed halves
     (it takes no ``alpha``).
 
     ``cls_logits`` and ``dist_logits`` are the class and distillation heads (a one-head student passes its
     head twice); ``labels`` are class indices ``(B,)`` or class probabilities ``(B, C)``; ``teacher_hard``
-    is the teacher's argmax ``(B,)``.
+    is the teacher's argmax ``(B,)``. ``smoothing`` smooths the ground truth of ``CE(s_cls, y)`` only (as DeiT's
+    ``base_criterion``); the teacher's argmax term is a plain cross-entropy.
     """
     _check_logits("cls_logits", cls_logits)
     if dist_logits.shape != cls_logits.shape:
@@ -196,7 +203,8 @@ def deit_hard_loss(cls_logits: torch.Tensor, dist_logits: torch.Tensor, labels: 
     if teacher_hard.shape != cls_logits.shape[:1] or teacher_hard.is_floating_point():
         raise ValueError(f"teacher_hard of shape {tuple(teacher_hard.shape)} ({teacher_hard.dtype}): expected "
                          f"integer class indices ({cls_logits.shape[0]},)")
-    return 0.5 * F.cross_entropy(cls_logits, labels) + 0.5 * F.cross_entropy(dist_logits, teacher_hard.long())
+    return (0.5 * F.cross_entropy(cls_logits, labels, label_smoothing=smoothing)
+            + 0.5 * F.cross_entropy(dist_logits, teacher_hard.long()))
 
 
 def unbiased_sampled_ce(student_logits: torch.Tensor, sampled: torch.Tensor, T: float = 1.0) -> torch.Tensor:

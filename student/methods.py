@@ -31,7 +31,7 @@ from student import losses as L
 from student.data import Batch
 
 if TYPE_CHECKING:
-    from student.trainer import TrainConfig
+    from student.config import TrainConfig
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -88,6 +88,7 @@ class Method(nn.Module):
     two_heads = False  # a two-head student returns (cls, dist) in training (DeiT's distillation token)
     student_features = False  # the student's feature map at --student-layer is computed (Heads.features)
     own_objectives: tuple[str, ...] = ()
+    ground_truth = True  # has a ground-truth term, which --smoothing smooths (the teacher's term never)
 
     def __init__(self, config: TrainConfig, num_classes: int, feature_shape: tuple[int, int, int] | None = None,
                  student_channels: int | None = None):
@@ -143,7 +144,7 @@ class CrossEntropy(Method):
     """Cross-entropy with the ground truth (mixed views: ``lam * y + (1 - lam) * y_partner``); no teacher."""
 
     def forward(self, heads: Heads, batch: Batch) -> dict[str, torch.Tensor]:
-        return {"ce": F.cross_entropy(heads.cls, heads.truth(batch))}
+        return {"ce": F.cross_entropy(heads.cls, heads.truth(batch), label_smoothing=self.config.smoothing)}
 
 
 @register_method("kd")
@@ -156,7 +157,7 @@ class KnowledgeDistillation(Method):
     def forward(self, heads: Heads, batch: Batch) -> dict[str, torch.Tensor]:
         cfg = self.config
         return {"kd": L.kd_loss(heads.cls, self.soft_targets(batch, self.T), heads.truth(batch), alpha=cfg.alpha,
-                                T=self.T)}
+                                T=self.T, smoothing=cfg.smoothing)}
 
 
 @register_method("deit-soft")
@@ -173,9 +174,9 @@ class DeiTSoft(Method):
         reduction = cfg.deit_soft_reduction
         if heads.dist is None:
             return {"deit_soft": L.deit_soft_loss(heads.cls, probs, truth, alpha=cfg.alpha, T=self.T,
-                                                  reduction=reduction)}
-        # class head: the ground truth; distillation head: the teacher
-        return {"ce": (1 - cfg.alpha) * F.cross_entropy(heads.cls, truth),
+                                                  reduction=reduction, smoothing=cfg.smoothing)}
+        # class head: the ground truth (smoothed as asked); distillation head: the teacher
+        return {"ce": (1 - cfg.alpha) * F.cross_entropy(heads.cls, truth, label_smoothing=cfg.smoothing),
                 "distill": cfg.alpha * L.deit_soft_loss(heads.dist, probs, truth, alpha=1.0, T=self.T,
                                                         reduction=reduction)}
 
@@ -195,7 +196,8 @@ class DeiTHard(Method):
 
     def forward(self, heads: Heads, batch: Batch) -> dict[str, torch.Tensor]:
         dist = heads.dist if heads.dist is not None else heads.cls
-        return {"deit_hard": L.deit_hard_loss(heads.cls, dist, heads.truth(batch), batch.teacher["hard"])}
+        return {"deit_hard": L.deit_hard_loss(heads.cls, dist, heads.truth(batch), batch.teacher["hard"],
+                                              smoothing=self.config.smoothing)}
 
 
 @register_method("mealv2")
@@ -206,6 +208,7 @@ class MealV2(Method):
     adversarial term, ``disc_lr`` is the discriminator's learning rate."""
 
     own_objectives = ("gan_disc",)
+    ground_truth = False
 
     def __init__(self, config: TrainConfig, num_classes: int, feature_shape: tuple[int, int, int] | None = None,
                  student_channels: int | None = None):
@@ -233,6 +236,8 @@ class MealV2(Method):
 @register_method("sampled")
 class SampledCrossEntropy(Method):
     """The unbiased estimate of the soft cross-entropy from the stored sampled classes."""
+
+    ground_truth = False
 
     @classmethod
     def check_run(cls, config: TrainConfig, store: LabelStore) -> None:
@@ -282,7 +287,7 @@ class TargetAware(Method):
         if heads.features is None:
             raise UsageError("the tat loss needs the student's feature map")
         return {"kd": L.kd_loss(heads.cls, self.soft_targets(batch, self.T), heads.truth(batch), alpha=cfg.alpha,
-                                T=self.T),
+                                T=self.T, smoothing=cfg.smoothing),
                 "tat": cfg.tat_weight * L.tat_loss(heads.features, batch.teacher["features"], self.tat,
                                                    variant=cfg.tat_variant, groups=cfg.tat_groups,
                                                    patches_per_group=cfg.tat_patches_per_group,

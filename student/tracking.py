@@ -9,9 +9,9 @@ package: the one that also reads the files and serves them, so no second writer 
 Every ``--log-interval`` steps and at the end of each epoch (timm's ``train.py`` logs the same way):
 
 - ``train/<loss>``: each named loss, the mean over the steps since the last log;
-- ``train/lr``: the learning rate (the optimizer's first parameter group);
-- ``train/grad_norm``: the L2 norm of the student's gradients after the step's backward (the averaged gradient
-  under DDP; after clipping when the recipe clips);
+- ``train/lr``: the learning rate the step used (the recipe's schedule);
+- ``train/grad_norm``: the L2 norm of the gradients of the last optimizer update, before clipping (the averaged
+  gradient under DDP; unscaled under fp16);
 - ``throughput/images_per_s``: rank 0's images/s since the last log.
 
 After each epoch, on every rank (one all-reduce): ``throughput/images_per_s_rank<r>`` for each rank and
@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +46,6 @@ def check_tracker(name: str) -> None:
             import mlflow  # noqa: F401
         except ImportError:
             raise UsageError("--tracker mlflow needs MLflow: pip install 'stillroom[mlflow]' (or mlflow)") from None
-
-
-def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
-    """The L2 norm of the gradients of ``parameters`` (those without one left out)."""
-    grads = [p.grad.detach() for p in parameters if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 class Tracker:
@@ -92,7 +84,7 @@ class Tracker:
         return self.writer is not None or self.mlflow is not None
 
     def after_step(self, global_step: int, losses: dict[str, float], images: int, lr: float,
-                   parameters: Callable[[], Iterable[torch.nn.Parameter]], last: bool = False) -> None:
+                   grad_norm: Callable[[], float], last: bool = False) -> None:
         """After an optimiser step (``global_step`` counted from 1 over the run): every ``log_interval`` steps
         and at ``last``, the means since the last log, the learning rate, the gradient norm and images/s."""
         self.last_lr = lr
@@ -107,7 +99,7 @@ class Tracker:
         now = time.perf_counter()
         scalars = {f"train/{k}": v / self._steps for k, v in self._sums.items()}
         scalars["train/lr"] = lr
-        scalars["train/grad_norm"] = grad_norm(parameters())
+        scalars["train/grad_norm"] = grad_norm()
         scalars["throughput/images_per_s"] = self._images / max(now - self._t, 1e-9)
         self._log(scalars, global_step)
         self._sums, self._steps, self._images, self._t = {}, 0, 0, now

@@ -33,7 +33,8 @@ import torch
 
 from pipelines.errors import StillroomError
 from pipelines.storage import is_url
-from student.trainer import CHECKPOINT, Distributed, TrainConfig, fit
+from student.config import TrainConfig
+from student.trainer import CHECKPOINT, Distributed, fit
 
 
 def _absolute(config: TrainConfig) -> TrainConfig:

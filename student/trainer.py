@@ -1,14 +1,19 @@
-"""Train a student from a label store.
+"""The student's training loop: ``fit`` (one worker's run), ``train_one_epoch``, ``train_step``.
 
-``train(TrainConfig(...))`` checks everything first (the store against the data set, its recipe and class
-count; the loss against what the store holds and what the student has), then trains, writing to the run
-directory::
+The loop calls the methods (``student.methods``) and the recipe (``pipelines.train_recipe.TrainingRecipe``:
+optimizer, schedule, EMA, precision, clipping, accumulation); its config is ``student.config.TrainConfig``; its
+entry point, which checks everything first and runs it in this process or on Ray Train, is
+``student.run.train``; nothing imports this module back but that entry point and ``student.train_ray``.
+It writes to the run directory::
 
-    RUN_DIR/config.json     the resolved config
-    RUN_DIR/last.pt         checkpoint after every epoch (atomic); ``resume=True`` continues from it
-    RUN_DIR/metrics.jsonl   one line per epoch: each named loss (the epoch's mean and per step), test
-                            top-1/top-5, samples/s, seconds
-    RUN_DIR/metrics.json    the final metrics (also returned)
+    RUN_DIR/config.json     the resolved config (and what the run resolved: lr, precision, seeds, ...)
+    RUN_DIR/last.pt         checkpoint after every epoch (atomic): weights, EMA weights, optimizer, scaler,
+                            update count, RNG; ``resume=True`` continues from it bit-identically on CPU
+    RUN_DIR/best.pt         the best evaluated epoch's weights by ``--best-metric`` (``--best-weights``: the
+                            model's or the EMA's), in the same format (``stillroom eval`` reads it)
+    RUN_DIR/metrics.jsonl   one line per epoch: each named loss (the epoch's mean and per step), the
+                            learning rate, eval top-1/top-5 (and the EMA's) when evaluated, samples/s, seconds
+    RUN_DIR/metrics.json    the final metrics (also returned): ``last`` and ``best`` (epoch, top-1/top-5)
     RUN_DIR/curves.png      the losses step by step and the accuracy after each epoch
 
 Epochs are counted from 0 everywhere: ``"epoch"`` in metrics.jsonl and the checkpoint, the progress bar and
@@ -45,26 +50,32 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from pipelines._readers import DATASET_HELP
 from pipelines.atomic import write_atomically, write_json
 from pipelines.datasets import Dataset, load_dataset, open_eval_split
 from pipelines.errors import UsageError
-from pipelines.options import check_options, option
 from pipelines.progress import progress_bar
 from pipelines.store import LabelStore
 from pipelines.teachers import as_feature_map, forward_capturing
+from pipelines.train_recipe import (
+    TrainingRecipe,
+    input_format,
+    precision_name,
+    prepare_model,
+    resolve_device,
+    to_memory_format,
+)
 from pipelines.views import Recipe, output_size
-from student import losses as L
+from student.config import LOSSES, TAT_VARIANTS, TrainConfig
 from student.data import Batch, StoreStream, check_store
 from student.evaluate import evaluate, load_init_weights, read_checkpoint, save_checkpoint
-from student.methods import Heads, method_class, method_names
+from student.methods import Heads, method_class
 from student.models import (
     build_student,
     forward_capturing_head,
@@ -74,107 +85,10 @@ from student.models import (
     student_heads,
     unwrap,
 )
-from student.online import ONLINE_TARGETS
-from student.tracking import TRACKERS, Tracker, check_tracker
+from student.tracking import Tracker
 
-LOSSES = method_names()  # ce, kd, deit-soft, deit-hard, mealv2, sampled, tat
-TAT_VARIANTS = L.TAT_VARIANTS  # full, patch, anchor, patch-anchor
 CHECKPOINT = "last.pt"
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """Everything ``stillroom train`` and ``POST /v1/train-jobs`` take (``pipelines.options``); saved, resolved,
-    as ``RUN_DIR/config.json``.
-
-    ``temperature=None`` means the loss's default (4 for ``kd``, 1 otherwise). ``seeds=None``
-    uses every complete seed of the store. ``max_steps`` stops each epoch early (tests, benchmarks);
-    ``eval_limit`` scores only the first samples of the eval split.
-    """
-
-    store: str = option(help="the label store: its directory (<root>/<cache_key>) or its cache key under "
-                             "--store-root")
-    dataset: str = option(help="default: the data set the store was labeled from (its manifest); " + DATASET_HELP,
-                          cli={"default": None})
-    split: str = option("train", help="default: the split the store was labeled from", choices=("train", "val", "test"),
-                        cli={"default": None})
-    data_root: str | None = option(None, help="where the data set's files are (default: the one the store was "
-                                              "labeled with)")
-    student: str = option(help="a timm model name, e.g. resnet18, deit_tiny_distilled_patch16_224")
-    student_kwargs: dict[str, Any] = option(default_factory=dict, help='JSON architecture kwargs, e.g. '
-                                            '\'{"patch_size": 4}\'', cli={"default": "{}"})
-    loss: str = option("kd", help="the distillation loss", choices=method_names, cli={"required": True})
-    out: str = option(help="the run directory")
-    epochs: int = option(1, help="passes over the store's seeds (epoch e reads seed seeds[e % len(seeds)])",
-                         ge=1, le=1000)
-    batch_size: int = option(128, help="training batch size (per worker)", ge=1, le=65536)
-    lr: float = option(1e-3, help="AdamW learning rate", gt=0, le=10)
-    weight_decay: float = option(0.05, help="AdamW weight decay", ge=0, le=10)
-    alpha: float = option(0.5, help="weight of the teacher term, the ground truth's being 1 - alpha (kd, deit-soft, "
-                                    "tat). torchdistill's KDLoss alpha weights the ground truth instead. deit-hard "
-                                    "takes no --alpha: DeiT's hard distillation is fixed at 0.5/0.5", ge=0, le=1)
-    temperature: float | None = option(None, help="default: 4 for kd, 1 otherwise (tat: KD at 1)", gt=0, le=100)
-    seeds: tuple[int, ...] | None = option(None, help="store seeds to cycle through, e.g. 0-3 (default: all)")
-    workers: int = option(1, help="> 1: data-parallel through Ray Train", ge=1, le=1024)
-    max_failures: int = option(3, help="workers > 1: times Ray Train restarts the run from its last epoch's "
-                                       "checkpoint after a worker dies (Ray's FailureConfig; -1: without limit)",
-                               ge=-1, le=1000)
-    init: str | None = option(None, help="pretrained student weights to start from")
-    resume: bool = option(False, help="continue the run in --out from its last checkpoint")
-    online: bool = option(False, help="run the store's teacher(s) in the loop on the same views (baseline): "
-                                      "'full' (default) trains on their full float32 distribution; 'encoded' on the "
-                                      "store's encoding of it (float16 top-k and tail), which a cached run matches "
-                                      "exactly", cli={"nargs": "?", "const": "full", "default": None,
-                                                      "choices": ONLINE_TARGETS, "type": str})
-    online_targets: str = option("full", help="online: train on the teachers' full float32 distribution (full) or "
-                                              "on the store's encoding of it (encoded)", choices=ONLINE_TARGETS,
-                                 flags=("--online",), via="the value of --online")
-    eval_split: str = option("test", help="the split scored after each epoch", choices=("train", "val", "test"))
-    eval_limit: int | None = option(None, help="score only the first N eval samples", ge=1)
-    seed: int = option(0, help="student init and shuffling", ge=0)
-    distill_token: bool = option(False, help="require a student with a distillation token (deit-soft/deit-hard)")
-    deit_soft_reduction: str = option("numel", help="deit-soft: divide the summed KL by B*C as DeiT's code does "
-                                                    "(numel) or by B (batch)", choices=L.DEIT_SOFT_REDUCTIONS)
-    mealv2_form: str = option("authors", help="mealv2: the authors' discriminator (1x1 convs C -> C/8 -> C/64 -> 2, "
-                                              "its loss in the student's objective, one backward) or a GAN generator "
-                                              "term", choices=L.MEALV2_FORMS)
-    adv_weight: float = option(1.0, help="mealv2: weight of the discriminator term", ge=0, le=1000)
-    disc_lr: float = option(1e-4, help="mealv2: discriminator learning rate", gt=0, le=10)
-    tat_variant: str = option("full", help="tat: full, patch, anchor or patch-anchor", choices=TAT_VARIANTS)
-    tat_weight: float = option(1.0, help="tat: weight of the feature term", ge=0, le=1000)
-    tat_groups: int = option(2, help="tat patch: patches per side of the teacher map", ge=1, le=64)
-    tat_patches_per_group: int = option(2, help="tat patch: neighbouring patches sharing one attention (TaT-seg "
-                                                "uses 2 or 4)", ge=1, le=4096)
-    tat_anchors: int = option(2, help="tat anchor: anchors per side of the teacher map", ge=1, le=64)
-    student_layer: str = option("final", help="tat: the student layer to match ('final' or a name)")
-    max_steps: int | None = option(None, help="stop each epoch after this many steps", ge=1)
-    device: str = option("auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
-    progress: bool = option(True, help="show a progress bar", flags=("--no-progress",),
-                            cli={"action": "store_false"})
-    tracker: str = option("tensorboard", help="TensorBoard event files in RUN_DIR/tensorboard; mlflow: those and an "
-                                              "MLflow run (MLFLOW_TRACKING_URI; the mlflow extra); none",
-                          choices=TRACKERS)
-    log_interval: int = option(50, help="log losses, lr, gradient norm and images/s every N steps", ge=1,
-                               le=1_000_000)
-    loader_workers: int | None = option(None, help="processes that decode and build each batch (default: 0 for "
-                                                   "in-memory data, whose views are one vectorised crop on the "
-                                                   "device; for data on disk the cores per rank less one, 1 to 4)",
-                                        ge=0, le=64)
-
-    def __post_init__(self) -> None:
-        check_options(self)
-
-    @property
-    def resolved_temperature(self) -> float:
-        # the method's own (kd: 4; every other: 1, TaT pairs its feature loss with KD at T = 1), asked of the
-        # registry now: a method registered after this module was imported has its own too
-        return self.temperature if self.temperature is not None else method_class(self.loss).default_temperature
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["seeds"] = list(self.seeds) if self.seeds is not None else None
-        d["temperature"] = self.resolved_temperature
-        return d
+BEST = "best.pt"
 
 
 # -- the training step --------------------------------------------------------------------------------
@@ -205,7 +119,7 @@ class DistillationStep(nn.Module):
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         if self.input_config is None:
             self.input_config = resolve_input_config(self.student, batch.views.shape[1])
-        x = self.input_config.normalize(batch.views)
+        x = input_format(self.input_config.normalize(batch.views), self.config)
         if self.method.student_features:
             fmap, (cls, dist) = forward_with_features(self.student, x, self.config.student_layer)
             heads = Heads(cls, dist, as_feature_map(fmap))  # tat_loss pools it onto the stored teacher grid
@@ -321,39 +235,32 @@ class Distributed:
     end_epoch: Callable[[dict[str, Any], Path | None], None] = lambda record, checkpoint: None
 
 
-def _device(name: str) -> torch.device:
-    """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``; UsageError for a device not here."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: torch finds no CUDA device here; use --device cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
-    return device
+# options a resumed run may change: how it runs, not what it computes
+RESUME_MAY_CHANGE = frozenset({"epochs", "resume", "progress", "workers", "device", "max_steps", "loader_workers",
+                               "eval_interval", "torchcompile", "max_failures", "tracker", "log_interval"})
 
 
-def _check_resume(out: Path, config: TrainConfig, resume_from: str | None = None) -> dict[str, Any] | None:
+def check_resume(out: Path, config: TrainConfig, resume_from: str | None = None
+                 ) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The config to run and the checkpoint to resume from (None for a new run): ``resume_from`` (Ray Train's
+    restart) or, with ``--resume``, ``RUN_DIR/last.pt``. A resumed run with no ``--seeds`` takes the saved
+    run's seed list (not the store's, which may have grown since); any other option that changes what the run
+    computes must equal the saved run's."""
     ckpt_path = Path(resume_from) if resume_from else out / CHECKPOINT
     if not config.resume and not resume_from:
         if ckpt_path.exists():
             raise UsageError(f"{out} already holds a run ({CHECKPOINT}): pass --resume or another --out")
-        return None
+        return config, None
     if not ckpt_path.exists():
         raise UsageError(f"--resume: {out} holds no {CHECKPOINT} to continue from")
     ckpt = read_checkpoint(ckpt_path)
     saved = ckpt.get("config", {})
-    ignore = {"epochs", "resume", "progress", "workers", "device", "max_steps", "loader_workers", "max_failures",
-              "tracker", "log_interval"}
-    diff = sorted(k for k, v in config.to_dict().items() if k not in ignore and saved.get(k) != v)
+    if config.seeds is None and saved.get("seeds") is not None:
+        config = replace(config, seeds=tuple(int(s) for s in saved["seeds"]))
+    diff = sorted(k for k, v in config.to_dict().items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v)
     if diff:
         raise UsageError(f"--resume with a different config than the saved run: {', '.join(diff)}")
-    return ckpt
+    return config, ckpt
 
 
 @dataclass
@@ -369,12 +276,12 @@ class Run:
     online: Any  # student.online.OnlineTeacher or None
     student: nn.Module
     step: DistillationStep
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    recipe: TrainingRecipe
     method_optimizer: torch.optim.Optimizer | None
     steps_per_epoch: int
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None  # epoch, weights, top1, top5 of best.pt
     repeat_note: str | None = None
     tracker: Any = None  # student.tracking.Tracker
 
@@ -384,15 +291,17 @@ class Run:
 
 
 def start_run(config: TrainConfig, dist: Distributed, setup: Setup) -> Run:
-    """Open the stream (and the online teachers), build the student, its method and optimizers, load the
-    checkpoint to resume from; rank 0 writes ``config.json`` and the ``metrics.jsonl`` of the epochs done."""
-    device = dist.device or _device(config.device)
+    """Open the stream (and the online teachers), build the student, its method and the recipe (optimizer,
+    schedule, EMA, precision), load the checkpoint to resume from; rank 0 writes ``config.json`` and the
+    ``metrics.jsonl`` of the epochs done. The run's seed list is fixed in its config (and so its checkpoint)."""
+    device = dist.device or resolve_device(config.device)
     out = Path(config.out)
-    resume_ckpt = _check_resume(out, config, dist.resume_from)
+    config, resume_ckpt = check_resume(out, config, dist.resume_from)
     stream = StoreStream(setup.store, setup.dataset, setup.recipe, config.batch_size, config.seeds,
                          dist.rank, dist.world_size, shuffle_seed=config.seed,
                          drop_last=dist.world_size > 1, loader_workers=config.loader_workers, device=device,
                          features=config.loss == "tat")  # feature maps only where the loss reads them
+    config = replace(config, seeds=tuple(stream.seeds))
     repeat_note = stream.warn_if_repeating(config.epochs)
     if repeat_note and dist.rank == 0:
         print(f"stillroom: note: {repeat_note}", file=sys.stderr)
@@ -409,27 +318,26 @@ def start_run(config: TrainConfig, dist: Distributed, setup: Setup) -> Run:
                 else None)
     step = DistillationStep(student, config, setup.dataset.num_classes, schema.feature_shape, channels,
                             setup.in_chans).to(device)
-    opt = torch.optim.AdamW(step.student_parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    to_memory_format(student, config)
     method_opt = step.method.make_optimizer()
     steps_per_epoch = min(len(stream), config.max_steps or len(stream))
-    total_steps = max(1, steps_per_epoch * config.epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total_steps)
-                                                                                    / total_steps)))
-    run = Run(config, setup, dist, device, out, stream, online, student, step, opt, sched, method_opt,
+    recipe = TrainingRecipe.build(
+        student, config, epochs=config.epochs, updates_per_epoch=math.ceil(steps_per_epoch / config.grad_accum_steps),
+        global_batch=config.batch_size * dist.world_size * config.grad_accum_steps, device=device,
+        extra_params=step.method.student_side_parameters(), extra_optimizers=[method_opt])
+    run = Run(config, setup, dist, device, out, stream, online, student, step, recipe, method_opt,
               steps_per_epoch, repeat_note=repeat_note)
     if resume_ckpt is not None:
         unwrap(student).load_state_dict(resume_ckpt["model"])
         step.method.load_checkpoint_state(resume_ckpt, method_opt)
-        opt.load_state_dict(resume_ckpt["optimizer"])
-        sched.load_state_dict(resume_ckpt["scheduler"])
+        recipe.load_state_dict(resume_ckpt["recipe"])
+        torch.set_rng_state(resume_ckpt["rng"])
         run.start_epoch, run.history = int(resume_ckpt["epoch"]) + 1, list(resume_ckpt.get("history", []))
-    step.student = dist.wrap(student)
+        run.best = resume_ckpt.get("best")
+    step.student = prepare_model(dist.wrap(student), config)
     if run.lead:
         out.mkdir(parents=True, exist_ok=True)
-        resolved = {**config.to_dict(), "store_cache_key": setup.store.cache_key, "recipe": setup.recipe.name,
-                    "seeds_used": list(stream.seeds), "img_size": setup.img_size, "in_chans": setup.in_chans,
-                    "num_classes": setup.dataset.num_classes, "device": str(device)}
-        write_json(out / "config.json", resolved)
+        write_json(out / "config.json", resolved_config(run))
         # the epochs the checkpoint holds (none for a new run): a line written after the last checkpoint goes
         (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in run.history))
     run.tracker = Tracker.open(config.tracker, out, dist.rank, dist.world_size, config.log_interval,
@@ -437,33 +345,45 @@ def start_run(config: TrainConfig, dist: Distributed, setup: Setup) -> Run:
     return run
 
 
-def train_step(step: DistillationStep, batch: Batch, optimizer: torch.optim.Optimizer,
-               method_optimizer: torch.optim.Optimizer | None, dist: Distributed | None = None) -> dict[str, float]:
-    """One optimisation step on ``batch``: the step's losses, the method's backward, the optimizers' steps.
-    Returns the named losses' values."""
-    losses = step(batch)
-    optimizer.zero_grad(set_to_none=True)
-    if method_optimizer is not None:
-        method_optimizer.zero_grad(set_to_none=True)
-    step.method.backward(losses, [p for p in step.student_parameters() if p.requires_grad])
-    if dist is not None and dist.world_size > 1:
-        for p in step.method.parameters():  # DDP averages the student's gradients; the method's are averaged here
-            if p.grad is not None:
-                dist.all_reduce_mean(p.grad)
-    optimizer.step()
-    if method_optimizer is not None:
-        method_optimizer.step()
+def resolved_config(run: Run) -> dict[str, Any]:
+    """The run's config as it runs: every option, and what the run resolved from them and from its store."""
+    setup = run.setup
+    return {**run.config.to_dict(), "store_cache_key": setup.store.cache_key, "recipe": setup.recipe.name,
+            "seeds_used": list(run.stream.seeds), "img_size": setup.img_size, "in_chans": setup.in_chans,
+            "num_classes": setup.dataset.num_classes, "device": str(run.device),
+            "lr_resolved": run.recipe.lr, "precision": precision_name(run.recipe.dtype),
+            "updates_per_epoch": math.ceil(run.steps_per_epoch / run.config.grad_accum_steps),
+            "global_batch": run.config.batch_size * run.dist.world_size * run.config.grad_accum_steps,
+            "best_weights": run.config.scored_weights}
+
+
+def train_step(step: DistillationStep, batch: Batch, recipe: TrainingRecipe, dist: Distributed | None = None,
+               update: bool = True) -> dict[str, float]:
+    """One micro-batch: the step's losses under the recipe's autocast, the method's backward of the recipe's
+    scaled losses and, when ``update``, the recipe's optimizer step. Returns the named losses' values."""
+    with recipe.autocast():
+        losses = step(batch)
+    step.method.backward(recipe.scaled(losses), [p for p in step.student_parameters() if p.requires_grad])
+    if update:
+        if dist is not None and dist.world_size > 1:
+            for p in step.method.parameters():  # DDP averages the student's gradients; the method's here
+                if p.grad is not None:
+                    dist.all_reduce_mean(p.grad)
+        recipe.step()
     return {k: float(v.detach()) for k, v in losses.items()}
 
 
 def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
-    """Train epoch ``epoch`` (at most ``steps_per_epoch`` steps) and return its record: each named loss (the
-    epoch's mean, the first step's, per step), steps, samples, samples/s, seconds."""
+    """Train epoch ``epoch`` (at most ``steps_per_epoch`` micro-batches, an optimizer step every
+    ``grad_accum_steps`` and after the last) and return its record: each named loss (the epoch's mean, the first
+    step's, per step), steps, optimizer updates, the learning rate at the end, samples, samples/s, seconds."""
     config, step, dist = run.config, run.step, run.dist
     step.train()
     sums: dict[str, float] = {}
     first: dict[str, float] = {}
     samples, n_steps, t0 = 0, 0, time.perf_counter()
+    updates_before = run.recipe.num_updates
+    lr = run.recipe.current_lr  # the rate of the epoch's last step
     per_step = StepLosses(run.steps_per_epoch)
     bar = progress_bar(run.steps_per_epoch, f"epoch {epoch} of {config.epochs} {config.loss}",
                        config.progress and run.lead, unit="batch")
@@ -472,11 +392,12 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
             break
         if run.online is not None:
             batch.teacher = run.online.labels(batch)
-        values = train_step(step, batch, run.optimizer, run.method_optimizer, dist)
-        run.tracker.after_step(epoch * run.steps_per_epoch + n_steps + 1, values, len(batch.ids),
-                               run.optimizer.param_groups[0]["lr"], step.student_parameters,
+        update = run.recipe.is_update(n_steps, last=n_steps + 1 == run.steps_per_epoch)
+        lr = run.recipe.current_lr  # the rate this step uses (the schedule moves on at the update)
+        values = train_step(step, batch, run.recipe, dist, update=update)
+        run.tracker.after_step(epoch * run.steps_per_epoch + n_steps + 1, values, len(batch.ids), lr,
+                               lambda: float(run.recipe.grad_norm) if run.recipe.grad_norm is not None else 0.0,
                                last=n_steps + 1 == run.steps_per_epoch)
-        run.scheduler.step()
         if n_steps == 0:
             first = values
         n_steps += 1
@@ -491,38 +412,65 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
     return {"epoch": epoch, "seed": run.stream.seed_for_epoch(epoch),
             "losses": {k: round(v / max(n_steps, 1), 6) for k, v in sums.items()},
             "first_step": first, "steps": n_steps, "step_losses": per_step.to_dict(),
+            "updates": run.recipe.num_updates - updates_before, "lr": lr,
             "samples": samples * dist.world_size,
             "samples_per_s": round(samples * dist.world_size / max(seconds, 1e-9), 1),
             "seconds": round(seconds, 3)}
 
 
-def save_run(run: Run, record: dict[str, Any]) -> None:
-    """Rank 0 after an epoch: append its record to ``metrics.jsonl``, write ``last.pt`` and ``curves.png``."""
+def evaluate_epoch(run: Run, record: dict[str, Any]) -> None:
+    """Every rank after an epoch due for evaluation (``evaluate_run``): the model's top-1/top-5 and, with
+    ``--model-ema``, the EMA's (``ema_top1``, ``ema_top5``) into the epoch's record."""
+    record.update(evaluate_run(run))
+    if run.recipe.ema is not None:
+        record.update({f"ema_{k}": v for k, v in evaluate_run(run, run.recipe.ema.module).items()})
+
+
+def _checkpoint(run: Run, epoch: int, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What every student checkpoint holds: the student's description, ``weights`` and the resolved config."""
     config, setup = run.config, run.setup
+    return {"student": config.student, "student_kwargs": dict(config.student_kwargs),
+            "num_classes": setup.dataset.num_classes, "in_chans": setup.in_chans, "img_size": setup.img_size,
+            "model": weights, "input_config": cast(Any, run.step.input_config).to_dict(), "epoch": epoch,
+            "config": config.to_dict(), "resolved_config": resolved_config(run),
+            "store_cache_key": setup.store.cache_key}
+
+
+def save_run(run: Run, record: dict[str, Any]) -> None:
+    """Rank 0 after an epoch: append its record to ``metrics.jsonl``; write ``best.pt`` when the epoch was
+    evaluated and beats the best so far on ``--best-metric`` (the ``--best-weights`` weights, in ``"model"``),
+    then ``last.pt`` (everything a resumed run needs) and ``curves.png``."""
+    config = run.config
     run.history.append(record)
     with open(run.out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+    weights_name = run.config.scored_weights
+    prefix = "ema_" if weights_name == "ema" else ""
+    score = record.get(prefix + config.best_metric)
+    if score is not None and (run.best is None or score > run.best[config.best_metric]):
+        run.best = {"epoch": record["epoch"], "weights": weights_name, "metric": config.best_metric,
+                    "top1": record[prefix + "top1"], "top5": record[prefix + "top5"]}
+        module = run.recipe.ema.module if weights_name == "ema" else unwrap(run.student)
+        save_checkpoint(run.out / BEST, {**_checkpoint(run, record["epoch"], module.state_dict()), "best": run.best})
     save_checkpoint(run.out / CHECKPOINT, {
-        "student": config.student, "student_kwargs": dict(config.student_kwargs),
-        "num_classes": setup.dataset.num_classes, "in_chans": setup.in_chans, "img_size": setup.img_size,
-        "model": unwrap(run.student).state_dict(), "input_config": cast(Any, run.step.input_config).to_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(), **run.step.method.checkpoint_state(run.method_optimizer),
-        "epoch": record["epoch"], "history": run.history, "config": config.to_dict(),
-        "store_cache_key": setup.store.cache_key,
-    })
+        **_checkpoint(run, record["epoch"], unwrap(run.student).state_dict()),
+        "recipe": run.recipe.state_dict(), **run.step.method.checkpoint_state(run.method_optimizer),
+        "rng": torch.get_rng_state(), "history": run.history, "best": run.best})
     plot_curves(run.history, run.out / "curves.png")
 
 
 def fit(config: TrainConfig, dist: Distributed | None = None, setup: Setup | None = None) -> dict[str, Any]:
-    """The training loop of one worker (all of it when ``dist`` is None). After each epoch every rank scores
-    its share of the eval split (``evaluate_run``), rank 0 writes the run directory, and every rank reports the
-    epoch (``dist.end_epoch``). ``setup`` is ``prepare(config)`` when the caller has it already."""
+    """The training loop of one worker (all of it when ``dist`` is None). Every ``eval_interval`` epochs and
+    after the last, every rank scores its share of the eval split (``evaluate_epoch``); rank 0 writes the run
+    directory, and every rank reports the epoch (``dist.end_epoch``). ``setup`` is ``prepare(config)`` when the
+    caller has it already."""
     run = start_run(config, dist or Distributed(), setup or prepare(config))
+    config = run.config
     t_run = time.perf_counter()
     for epoch in range(run.start_epoch, config.epochs):
         record = train_one_epoch(run, epoch)
-        record.update(evaluate_run(run))
+        if (epoch + 1) % config.eval_interval == 0 or epoch + 1 == config.epochs:
+            evaluate_epoch(run, record)
         record.update(run.tracker.end_epoch(record, (epoch + 1) * run.steps_per_epoch, run.dist.all_reduce_mean))
         if run.lead:
             save_run(run, record)
@@ -546,13 +494,21 @@ def evaluate_run(run: Run, model: nn.Module | None = None) -> dict[str, float]:
 
 
 def finish_run(run: Run, seconds: float) -> dict[str, Any]:
-    """The run's final metrics, written to ``metrics.json``."""
+    """The run's final metrics, written to ``metrics.json``: the last epoch's (``top1``/``top5``, and
+    ``last``: its epoch, top-1/top-5 and the EMA's) and ``best`` (best.pt's epoch, weights and top-1/top-5)."""
     config, history = run.config, run.history
     final = history[-1] if history else {}
-    result = {"run_dir": str(run.out), "checkpoint": str(run.out / CHECKPOINT), "loss": config.loss,
+    evaluated = [h for h in history if h.get("top1") is not None]
+    last_eval = evaluated[-1] if evaluated else {}
+    last = {"epoch": last_eval.get("epoch"), "top1": last_eval.get("top1"), "top5": last_eval.get("top5")}
+    if "ema_top1" in last_eval:
+        last.update(ema_top1=last_eval["ema_top1"], ema_top5=last_eval["ema_top5"])
+    result = {"run_dir": str(run.out), "checkpoint": str(run.out / CHECKPOINT),
+              "best_checkpoint": str(run.out / BEST) if run.best else None, "loss": config.loss,
               "student": config.student, "epochs": config.epochs, "online": config.online,
               "online_targets": config.online_targets if config.online else None,
               "workers": run.dist.world_size, "top1": final.get("top1"), "top5": final.get("top5"),
+              "last": last, "best": run.best,
               "losses": final.get("losses", {}), "samples_per_s": final.get("samples_per_s"),
               "epoch_seconds": [h["seconds"] for h in history], "seconds": round(seconds, 3),
               "store_cache_key": run.setup.store.cache_key}
@@ -644,24 +600,6 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Train a student from a label store and return its final metrics.
-
-    One worker runs in this process; ``config.workers > 1`` runs through Ray Train (``student.train_ray``),
-    each worker a distinct shard of every epoch. Bad input (a store made for other data, a loss the store
-    cannot feed, a student without the head the loss asks for) raises UsageError/StoreError before training.
-    """
-    _device(config.device)  # a device that is not here: one error line, before any data is read
-    check_tracker(config.tracker)
-    setup = prepare(config)
-    if config.workers > 1:
-        from student.train_ray import train_distributed
-
-        make_student(setup)  # refuses a bad student or --init before any worker starts
-        _check_resume(Path(config.out), config)
-        return train_distributed(config)
-    return fit(config, setup=setup)
-
-
-__all__ = ["LOSSES", "TrainConfig", "DistillationStep", "train", "fit", "prepare", "start_run", "train_step",
-           "train_one_epoch", "save_run"]
+__all__ = ["BEST", "CHECKPOINT", "LOSSES", "TAT_VARIANTS", "TrainConfig", "DistillationStep", "Distributed", "fit",
+           "prepare", "make_student", "check_resume", "start_run", "train_step", "train_one_epoch", "evaluate_epoch",
+           "evaluate_run", "save_run", "finish_run"]

@@ -16,7 +16,7 @@ from pipelines.options import default_of, flags_of, options
 from pipelines.teacher_train import TeacherTrainConfig
 from services.cli import build_parser
 from services.specs import _REST, NOT_OVER_REST, REST_ONLY, SPECS
-from student.trainer import TrainConfig
+from student.config import TrainConfig
 
 JOBS: dict[str, tuple[tuple[str, ...], type]] = {  # kind -> (CLI command, config)
     "teacher": (("teacher", "train"), TeacherTrainConfig),

@@ -143,7 +143,8 @@ def test_training_with_nothing_to_evaluate_on(classes_only, tmp_path, capsys):
 
     from pipelines.labeling import LabelConfig, run_labeling
     from pipelines.teacher_train import TeacherTrainConfig, train_teacher
-    from student.trainer import TrainConfig, train
+    from student.config import TrainConfig
+    from student.run import train
 
     data = f"imagefolder:{classes_only}"
     result = train_teacher(TeacherTrainConfig(dataset=data, model="test_resnet", recipe="imagenet-rrc:size=16",

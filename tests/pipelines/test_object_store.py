@@ -96,7 +96,8 @@ def test_store_on_s3_round_trip_commands_and_lease(s3: S3Server, tmp_path):
 
 @pytest.mark.slow
 def test_label_into_s3_with_a_teacher_on_s3_and_train_from_it(s3: S3Server, tmp_path):
-    from student.trainer import TrainConfig, train
+    from student.config import TrainConfig
+    from student.run import train
 
     local = make_teacher(tmp_path / "t.pt").partition("@")[2]
     s3.fs().put_file(local, f"{s3.bucket}/teachers/t.pt")

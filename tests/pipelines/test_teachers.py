@@ -129,12 +129,12 @@ def test_teacher_train_command_writes_a_loadable_checkpoint(tmp_path):
 def test_teacher_train_refuses_bad_settings_before_training(tmp_path):
     from pipelines.teacher_train import TeacherTrainConfig
 
-    for bad, message in [({"label_smoothing": 1.0}, "--label-smoothing 1.0: expected 0 <= value < 1"),
+    for bad, message in [({"smoothing": 1.0}, "--smoothing 1.0: expected 0 <= value < 1"),
                          ({"epochs": 0}, "--epochs 0: expected 1 <= value <= 1000")]:
         with pytest.raises(UsageError, match=message):
             TeacherTrainConfig(dataset=SYNTHETIC, model="test_resnet", out=str(tmp_path / "t.pt"), **bad)
     run = subprocess.run([STILLROOM, "teacher", "train", "--dataset", SYNTHETIC, "--model", "test_resnet",
-                          "--label-smoothing", "-0.1", "--out", str(tmp_path / "t.pt")],
+                          "--smoothing", "-0.1", "--out", str(tmp_path / "t.pt")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "expected 0 <= value < 1" in run.stderr and not (tmp_path / "t.pt").exists()
 

@@ -21,8 +21,9 @@ from pipelines.labeling import LabelConfig, run_labeling
 from pipelines.store import LabelStore
 from pipelines.views import COL, MIX_NONE
 from student._loader import FeatureChunks, chunk_window_order, default_loader_workers
+from student.config import TrainConfig
 from student.data import Batch, StoreStream, check_store
-from student.trainer import TrainConfig, train
+from student.run import train
 
 DATA = "synthetic:n=72,classes=4,size=16"
 

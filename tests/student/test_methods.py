@@ -16,13 +16,17 @@ import torch.nn.functional as F
 
 from pipelines.errors import UsageError
 from pipelines.labeling import LabelConfig, run_labeling
+from pipelines.train_recipe import TrainingRecipe
 from pipelines.views import NUM_VIEW_PARAMS
 from student import losses as L
+from student import run as student_run
 from student import trainer
+from student.config import TrainConfig
 from student.data import Batch
 from student.methods import METHODS, Heads, Method, method_class, method_names, register_method
 from student.models import build_student
-from student.trainer import DistillationStep, TrainConfig, train, train_step
+from student.run import train
+from student.trainer import DistillationStep, train_step
 
 CLASSES, SIDE, B = 4, 16, 8
 TINY_DEIT = {"patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}
@@ -63,6 +67,13 @@ def _step(config: TrainConfig) -> DistillationStep:
     return DistillationStep(student, config, CLASSES, FEATURES, channels)
 
 
+def _recipe(step: DistillationStep, method_opt: torch.optim.Optimizer | None, lr: float = 1e-2) -> TrainingRecipe:
+    """The run's recipe for the step's student (constant rate ``lr``), its method's optimizer stepped with it."""
+    return TrainingRecipe.build(step.student, replace(step.config, lr=lr, sched="constant"), epochs=1,
+                                updates_per_epoch=2, global_batch=B, device=torch.device("cpu"),
+                                extra_params=step.method.student_side_parameters(), extra_optimizers=[method_opt])
+
+
 def test_loss_names_are_the_registry():
     assert method_names() == tuple(METHODS) == L.LOSS_NAMES == trainer.LOSSES
     assert {name: 4.0 if name == "kd" else 1.0 for name in METHODS} == {
@@ -80,11 +91,11 @@ VARIANTS = [(name, {}) for name in METHODS] + [
 def test_every_method_trains_two_steps_and_returns_named_losses(loss, options):
     config = _config(loss, **options)
     step = _step(config)
-    opt = torch.optim.AdamW(step.student_parameters(), lr=1e-2)
     method_opt = step.method.make_optimizer()
+    recipe = _recipe(step, method_opt)
     before = {k: v.clone() for k, v in step.state_dict().items() if v.is_floating_point()}
     step.train()
-    records = [train_step(step, _batch(i), opt, method_opt) for i in range(2)]
+    records = [train_step(step, _batch(i), recipe) for i in range(2)]
     for values in records:
         terms = [k for k in values if k != "loss" and k not in step.method.own_objectives]
         assert terms and all(math.isfinite(v) for v in values.values())
@@ -104,8 +115,8 @@ def test_every_method_trains_two_steps_and_returns_named_losses(loss, options):
 def test_method_checkpoint_state_restores_its_modules_and_optimizer():
     config = _config("mealv2", mealv2_form="gan")
     step = _step(config)
-    opt, method_opt = torch.optim.AdamW(step.student_parameters()), step.method.make_optimizer()
-    train_step(step, _batch(0), opt, method_opt)
+    method_opt = step.method.make_optimizer()
+    train_step(step, _batch(0), _recipe(step, method_opt))
     state = step.method.checkpoint_state(method_opt)
     assert set(state["step"]) == set(step.method.state_dict()) and state["step"]
     assert all(k.startswith("discriminator.") for k in state["step"])  # the keys checkpoints have always had
@@ -165,6 +176,7 @@ def test_a_run_checks_its_config_once(store, tmp_path, monkeypatch):
         return prepare(config)
 
     monkeypatch.setattr(trainer, "prepare", counting)
+    monkeypatch.setattr(student_run, "prepare", counting)
     train(_train_config(store, tmp_path / "run", "kd"))
     assert calls == [str(tmp_path / "run")]
 

@@ -20,9 +20,10 @@ from pipelines.labeling import LabelConfig, run_labeling
 from pipelines.store import LabelStore, StoreError
 from pipelines.views import COL, MIX_NONE, build_views, draw_views
 from services.cli import main as cli_main
+from student.config import LOSSES, TrainConfig
 from student.data import StoreStream, check_store
 from student.models import build_student, student_heads
-from student.trainer import LOSSES, TrainConfig, train
+from student.run import train
 
 DATA = "synthetic:n=64,classes=4,size=16"
 TINY_DEIT = {"patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}
@@ -230,7 +231,8 @@ def test_two_ray_train_workers_complete_and_the_checkpoint_evaluates(rich_store,
 
 
 def test_only_the_ray_train_entry_point_imports_ray():
-    code = ("import sys; import student.trainer, student.data, student.online, student.commands, student.evaluate; "
+    code = ("import sys; import student.trainer, student.run, student.config, student.data, student.online, "
+            "student.commands, student.evaluate, pipelines.train_recipe; "
             "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

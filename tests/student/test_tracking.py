@@ -11,8 +11,9 @@ import torch
 
 from pipelines.errors import UsageError
 from pipelines.labeling import LabelConfig, run_labeling
+from student.config import TrainConfig
+from student.run import train
 from student.tracking import Tracker
-from student.trainer import TrainConfig, train
 
 DATA = "synthetic:n=64,classes=4,size=16"
 
@@ -72,7 +73,7 @@ def test_tensorboard_events_and_metrics_carry_losses_lr_grad_norm_throughput_and
 
 def test_the_tracker_logs_ema_accuracy_when_the_epoch_has_it(tmp_path):
     tracker = Tracker(tmp_path, rank=0, world_size=1, log_interval=1)
-    tracker.after_step(4, {"loss": 1.0}, 16, lr=0.1, parameters=list)
+    tracker.after_step(4, {"loss": 1.0}, 16, lr=0.1, grad_norm=lambda: 1.0)
     fields = tracker.end_epoch({"epoch": 0, "samples": 64, "seconds": 2.0, "top1": 0.5, "top5": 0.9,
                                 "ema_top1": 0.55}, global_step=4, all_reduce_mean=lambda t: None)
     tracker.close()

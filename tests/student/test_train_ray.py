@@ -18,9 +18,10 @@ import torch
 
 from pipelines.datasets import load_dataset
 from pipelines.labeling import LabelConfig, run_labeling
+from student.config import TrainConfig
 from student.evaluate import eval_ids, evaluate
 from student.models import build_student
-from student.trainer import TrainConfig, train
+from student.run import train
 
 DATA = "synthetic:n=64,classes=4,size=16"
 # a timm student none of whose modules is a known last one (norm, final_conv, conv_head, layer4, stages, blocks)

@@ -1,0 +1,39 @@
+"""``train(config)``: the entry point of a student run, in this process or on Ray Train.
+
+It checks everything first (the device, the store against the data set, its recipe and class count, the loss
+against what the store holds and what the student has, a run to resume), then runs ``student.trainer.fit`` here
+or ``student.train_ray.train_distributed`` on ``config.workers`` Ray Train workers. It is the one module that
+imports both: the loop (``student.trainer``) imports neither.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipelines.train_recipe import resolve_device
+from student.config import TrainConfig
+from student.tracking import check_tracker
+from student.trainer import check_resume, fit, make_student, prepare
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train a student from a label store and return its final metrics.
+
+    One worker runs in this process; ``config.workers > 1`` runs through Ray Train (``student.train_ray``),
+    each worker a distinct shard of every epoch. Bad input (a store made for other data, a loss the store
+    cannot feed, a student without the head the loss asks for) raises UsageError/StoreError before training.
+    """
+    resolve_device(config.device)  # a device that is not here: one error line, before any data is read
+    check_tracker(config.tracker)
+    setup = prepare(config)
+    if config.workers > 1:
+        from student.train_ray import train_distributed
+
+        make_student(setup)  # refuses a bad student or --init before any worker starts
+        check_resume(Path(config.out), config)
+        return train_distributed(config)
+    return fit(config, setup=setup)
+
+
+__all__ = ["train"]
