@@ -30,8 +30,20 @@ from pipelines.errors import UsageError
 from pipelines.options import check_options, option
 from pipelines.progress import progress_bar
 from pipelines.store import LabelStore, QualitySums, StoreSchema, add_quality
-from pipelines.teachers import Teacher, as_feature_map, ensemble_log_probs, load_teacher
+from pipelines.teachers import (
+    INTERPOLATIONS,
+    Teacher,
+    as_feature_map,
+    ensemble_log_probs,
+    load_teacher,
+    read_class_map,
+)
 from pipelines.views import COL, MIX_NONE, Recipe, _key, _uniforms, get_recipe, mix_views, output_size
+
+# teacher_dtype=auto: measured by bench/precision.py (README, "Teacher precision"): bf16 autocast keeps the
+# targets within 0.01 total variation of fp32's, at T = 1 and T = 4, on a ResNet-50 and a ViT-B/16
+AUTO_DTYPE = {"cpu": "fp32", "cuda": "bf16"}
+AUTO_DTYPE_HELP = "bf16 with --gpus-per-worker, else fp32"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,8 +81,31 @@ class LabelConfig:
                          choices=("auto", "cpu", "gpu"))
     gpu_wait_s: float = option(60.0, help="how long --gpus-per-worker waits for the cluster's GPUs before refusing",
                                ge=0, le=86400)
+    class_map: str | None = option(None, help="a teacher trained on a superset of the dataset's classes (e.g. "
+                                              "ImageNet-1k for ImageNet-100): a file with one line per dataset class, "
+                                              "in order, INDEX or NAME INDEX (the teacher's class index); applies to "
+                                              "every teacher. Without it a teacher of another class count is refused")
+    # preprocessing of every teacher (None: the checkpoint's, else timm's config of the teacher's tag)
+    teacher_input_size: int | None = option(None, help="the teachers' input size in px (default: each teacher's own); "
+                                                       "each teacher's input is rendered from the source image at it",
+                                            ge=8, le=2048)
+    teacher_mean: tuple[float, ...] | None = option(None, help="the teachers' normalisation mean, e.g. "
+                                                               "0.485,0.456,0.406 (default: each teacher's own)")
+    teacher_std: tuple[float, ...] | None = option(None, help="the teachers' normalisation std, e.g. 0.229,0.224,0.225 "
+                                                              "(default: each teacher's own)")
+    teacher_interpolation: str | None = option(None, help="the filter of a resize inside the teacher (default: each "
+                                                          "teacher's own)", choices=INTERPOLATIONS)
+    teacher_crop_pct: float | None = option(None, help="the teachers' eval centre-crop fraction, recorded (a view's "
+                                                       "stored box is what a teacher sees; default: each teacher's "
+                                                       "own)", gt=0, le=1)
+    teacher_dtype: str = option("auto", help="the teachers' compute precision: fp32, bf16 (autocast), auto ("
+                                + AUTO_DTYPE_HELP + ")", choices=("auto", "fp32", "bf16"))
 
     def __post_init__(self) -> None:
+        for name in ("teacher_mean", "teacher_std"):  # the CLI's text, or a REST spec's list
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, parse_floats(value, "--" + name.replace("_", "-")))
         if not self.teachers:
             raise UsageError("give at least one --teacher NAME@CHECKPOINT")
         if not self.seeds:
@@ -87,6 +122,18 @@ class LabelConfig:
         return []
 
     @property
+    def compute_dtype(self) -> str:
+        """The teachers' precision, ``teacher_dtype`` resolved for where they run (``auto``: ``AUTO_DTYPE``)."""
+        if self.teacher_dtype != "auto":
+            return self.teacher_dtype
+        return AUTO_DTYPE["cuda" if self.gpus_per_worker > 0 else "cpu"]
+
+    def preprocess_overrides(self) -> dict[str, Any]:
+        """The preprocessing fields the options set (``pipelines.teachers.with_overrides``)."""
+        return {"resolution": self.teacher_input_size, "mean": self.teacher_mean, "std": self.teacher_std,
+                "interpolation": self.teacher_interpolation, "crop_pct": self.teacher_crop_pct}
+
+    @property
     def decode_on(self) -> str:
         """Where JPEGs are decoded: ``gpu`` when asked, or by default when the teacher runs on a GPU."""
         return "gpu" if self.decode == "gpu" or (self.decode == "auto" and self.gpus_per_worker > 0) else "cpu"
@@ -96,6 +143,34 @@ class LabelConfig:
         quarter of them (at least one). At 224 px a CPU teacher costs far more per image than a JPEG decode
         (resnet50: about 4 GFLOPs against about 1.5 ms of a core), so most cores go to the teacher's threads."""
         return self.decode_workers if self.decode_workers >= 0 else max(1, cpus // 4)
+
+
+def parse_floats(value: Any, flag: str) -> tuple[float, ...]:
+    """``0.485,0.456,0.406`` (or a list of numbers) -> a tuple of floats."""
+    parts = [p for p in value.split(",") if p.strip()] if isinstance(value, str) else list(value)
+    try:
+        return tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag} {value!r}: expected comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+
+
+def load_teachers(config: LabelConfig, dataset: Dataset, device: str = "cpu") -> list[Teacher]:
+    """The config's teachers for ``dataset``: its class count and names checked (or mapped by ``class_map``), the
+    preprocessing options applied."""
+    names = getattr(dataset, "class_names", None)
+    class_map = read_class_map(config.class_map, dataset.num_classes, names) if config.class_map else None
+    return [load_teacher(t, dataset.num_classes, device, class_names=names, class_map=class_map,
+                         preprocess=config.preprocess_overrides()) for t in config.teachers]
+
+
+def describe_teacher(teacher: Teacher, dtype: str) -> str:
+    """One line saying what a teacher's input is: what ``stillroom label`` prints for each."""
+    p = teacher.preprocess
+    floats = lambda v: ",".join(f"{x:g}" for x in v)  # noqa: E731
+    mapped = f", classes mapped {teacher.num_classes} of {teacher.teacher_classes}" if teacher.class_map else ""
+    return (f"teacher {teacher.name} ({teacher.source}): input {p.resolution} px, mean {floats(p.mean)}, "
+            f"std {floats(p.std)}, interpolation {p.interpolation}, crop_pct {p.crop_pct}, {dtype}{mapped}; "
+            f"preprocessing from {teacher.preprocess_from}")
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -120,7 +195,7 @@ class Labeler:
         self.config = config
         self.dataset: Dataset = load_dataset(config.dataset, config.split, config.data_root)
         self.recipe: Recipe = get_recipe(config.recipe)
-        self.teachers: list[Teacher] = [load_teacher(t, self.dataset.num_classes, device) for t in config.teachers]
+        self.teachers: list[Teacher] = load_teachers(config, self.dataset, device)
         self.store = LabelStore(store_path)
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -171,7 +246,8 @@ class Labeler:
         cfg, schema = self.config, self.store.schema
         ids, params = batch.ids, batch.params
         views = self._device_views(batch)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _null()
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.config.compute_dtype == "bf16"
+                    else _null())
         member_logits, fmap = [], None
         with autocast:
             for i, teacher in enumerate(self.teachers):
@@ -292,7 +368,7 @@ def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Datas
         "teachers": [t.describe() for t in teachers],
         "labels": {"top_k": config.top_k, "sampled": config.sampled, "ensemble": "mean-probability",
                    "features": {"layer": config.features, "grid": config.feature_grid} if config.features else None,
-                   "per_teacher": config.per_teacher},
+                   "per_teacher": config.per_teacher, "dtype": config.compute_dtype},
     }
     if config.decode_on == "gpu" and not dataset.in_memory:  # other pixels than the PIL views: another key
         provenance["labels"]["decode"] = "torchvision.io.decode_jpeg+roi_align"
@@ -304,12 +380,19 @@ def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Datas
 
 def prepare_store(config: LabelConfig) -> LabelStore:
     """Validate everything (dataset, recipe, teachers, store root) and open or make the store; no labeling."""
+    return _prepare(config)[0]
+
+
+def _prepare(config: LabelConfig) -> tuple[LabelStore, list[Teacher]]:
     dataset = load_dataset(config.dataset, config.split, config.data_root)
     recipe = get_recipe(config.recipe)
-    teachers = [load_teacher(t, dataset.num_classes) for t in config.teachers]
+    teachers = load_teachers(config, dataset)
     provenance, schema = describe_labels(config, teachers, dataset, recipe)
+    # where each teacher's preprocessing came from: said, not keyed (the same values from anywhere: the same labels)
+    preprocess_from = [t.preprocess_from for t in teachers]
     return LabelStore.create(config.store_root, provenance, schema,
-                             sources={"teachers": list(config.teachers), "label_config": _jsonable(config)})
+                             sources={"teachers": list(config.teachers), "preprocess_from": preprocess_from,
+                                      "label_config": _jsonable(config)}), teachers
 
 
 def _jsonable(config: LabelConfig) -> dict[str, Any]:
@@ -325,7 +408,9 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
         raise UsageError(f"unknown backend {backend!r}: expected ray or local")
     if backend == "local" and config.gpus_per_worker > 0:  # a store keyed as GPU-decoded, labeled on the CPU
         raise UsageError("--gpus-per-worker asks Ray for GPUs; --no-ray labels in this process on the CPU")
-    store = prepare_store(config)
+    store, teachers = _prepare(config)
+    for teacher in teachers:
+        print(describe_teacher(teacher, config.compute_dtype), file=sys.stderr)
     reused = [s for s in config.seeds if s in store.seeds()]
     todo = [s for s in config.seeds if s not in reused]
     if todo and backend == "ray":
@@ -339,7 +424,9 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
         done = store.done_pieces(seed)
         work += [(seed, i, a, b) for i, (a, b) in enumerate(pieces) if i not in done]
     result = {"cache_key": store.cache_key, "store": str(store.path), "seeds_computed": todo,
-              "seeds_reused": reused, "samples": 0, "images_per_s": 0.0}
+              "seeds_reused": reused, "samples": 0, "images_per_s": 0.0,
+              "teachers": [{"name": t.name, "preprocess": t.preprocess.to_dict(), "dtype": config.compute_dtype,
+                            "preprocess_from": t.preprocess_from} for t in teachers]}
     if not todo:
         print(f"cache hit: {store.cache_key} holds seeds {reused}; no teacher ran", file=sys.stderr)
         result["quality"] = {str(s): store.quality(s) for s in config.seeds}

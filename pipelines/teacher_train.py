@@ -154,6 +154,7 @@ def train_teacher(config: TeacherTrainConfig, progress: bool = True) -> dict[str
               "epochs": config.epochs, "train_samples": n, "seconds": round(time.perf_counter() - t0, 1)}
     save_checkpoint(out, config.model, model, kwargs, preprocess,
                     extra={"metrics": metrics, "history": history, "config": asdict(config),
-                           "dataset": {"spec": train.spec, "fingerprint": train.fingerprint}})
+                           "dataset": {"spec": train.spec, "fingerprint": train.fingerprint}},
+                    class_names=getattr(train, "class_names", None))
     write_json(out.with_suffix(".json"), result, sort_keys=False)
     return result

@@ -227,6 +227,8 @@ def confined_spec(kind: str, spec: _Spec, roots: tuple[Path, ...], base: Path) -
             name, sep, path = t.partition("@")
             teachers.append(f"{name}@{confine(path, roots, base)}" if sep else name)
         d["teachers"] = teachers
+        if d.get("class_map"):
+            d["class_map"] = str(confine(d["class_map"], roots, base))
     if kind == "train" and d.get("init"):
         d["init"] = str(confine(d["init"], roots, base))
     return d
