@@ -163,7 +163,8 @@ def bench_jpeg(args: argparse.Namespace) -> None:
         recipe = "imagenet-rrc" if args.resolution == 224 else f"imagenet-rrc:size={args.resolution}"
         config = LabelConfig(dataset=f"imagefolder:{folder}", teachers=(spec,), recipe=recipe, seeds=(0,), top_k=10,
                              batch_size=args.batch_size, chunk_rows=args.chunk_rows, num_workers=1,
-                             gpus_per_worker=1.0 if cuda else 0.0, store_root=str(stores))
+                             gpus_per_worker=1.0 if cuda else 0.0, store_root=str(stores),
+                             teacher_dtype="bf16" if cuda else "fp32")  # as the plain loop: bf16 autocast on CUDA
         t = time.perf_counter()
         with PeakRss(prefix="ray::LabelWorker") as rss:
             result = run_labeling(config, backend="ray", progress=False)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines._label_stream import ViewBatch, ViewStream, decode_views_torch
+from pipelines._label_stream import ViewBatch, ViewStream, decode_views_torch, view_size
 from pipelines._readers import DATASET_HELP
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
@@ -40,10 +40,11 @@ from pipelines.teachers import (
 )
 from pipelines.views import COL, MIX_NONE, Recipe, _key, _uniforms, get_recipe, mix_views, output_size
 
-# teacher_dtype=auto: measured by bench/precision.py (README, "Teacher precision"): bf16 autocast keeps the
-# targets within 0.01 total variation of fp32's, at T = 1 and T = 4, on a ResNet-50 and a ViT-B/16
-AUTO_DTYPE = {"cpu": "fp32", "cuda": "bf16"}
-AUTO_DTYPE_HELP = "bf16 with --gpus-per-worker, else fp32"
+# teacher_dtype=auto: fp32 on every device. bench/precision.py (README, "Teacher precision"): under bf16 autocast
+# the targets of a ResNet-50 and a ViT-B/16 with ImageNet-sized logits move by more than 0.01 total variation from
+# fp32's at T = 1 (within it at T = 4); bf16 stays available, and keyed, as --teacher-dtype bf16
+AUTO_DTYPE = {"cpu": "fp32", "cuda": "fp32"}
+AUTO_DTYPE_HELP = "fp32: bf16 moves T=1 targets by over 0.01 total variation"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,8 +206,10 @@ class Labeler:
         self.decode_workers = (config.decode_processes(torch.get_num_threads()) if decode_workers is None
                                else decode_workers)
         self.decode = config.decode_on if self.device.type == "cuda" else "cpu"
+        # each teacher's input rendered from the source at its own size, from the same boxes
         self.views = ViewStream(self.dataset, self.recipe, self.decode_workers, self.decode,
-                                pin_memory=self.device.type == "cuda")
+                                pin_memory=self.device.type == "cuda",
+                                sizes=tuple(t.preprocess.resolution for t in self.teachers))
 
     def label(self, seed: int, ids: np.ndarray) -> dict[str, np.ndarray]:
         """The store arrays for ``ids`` under ``seed``, computed in batches."""
@@ -222,24 +225,27 @@ class Labeler:
             quality = add_quality(quality, sums)
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, quality
 
-    def _device_views(self, batch: ViewBatch) -> torch.Tensor:
-        """The batch's float views in [0, 1] on the teacher's device (uint8 travels; floats are made there)."""
+    def _device_views(self, batch: ViewBatch) -> dict[int, torch.Tensor]:
+        """The batch's float views in [0, 1] on the teacher's device, by size (uint8 travels; floats are made
+        there)."""
         if batch.views is not None:
-            return batch.views.to(self.device)
-        size = int(output_size(self.recipe, self.dataset) or 0)
-        partner = None
-        if batch.encoded is not None:  # decode="gpu"
-            own = decode_views_torch(batch.encoded, batch.params[:, 0:5], size, self.device)
-            if batch.partner_encoded is not None:
-                rows = np.flatnonzero(batch.params[:, COL["mix_mode"]] != MIX_NONE)
-                partner = own.clone()
-                partner[torch.from_numpy(rows).to(self.device)] = decode_views_torch(
-                    batch.partner_encoded, batch.params[rows, 8:13], size, self.device)
-        else:
-            own = batch.own.to(self.device, non_blocking=True)  # type: ignore[union-attr]
-            if batch.partner is not None:
-                partner = batch.partner.to(self.device, non_blocking=True)
-        return mix_views(own, partner, batch.params)
+            return {size: v.to(self.device) for size, v in batch.views.items()}
+        out = {}
+        for size in self.views.sizes:
+            partner = None
+            if batch.encoded is not None:  # decode="gpu"
+                own = decode_views_torch(batch.encoded, batch.params[:, 0:5], size, self.device)
+                if batch.partner_encoded is not None:
+                    rows = np.flatnonzero(batch.params[:, COL["mix_mode"]] != MIX_NONE)
+                    partner = own.clone()
+                    partner[torch.from_numpy(rows).to(self.device)] = decode_views_torch(
+                        batch.partner_encoded, batch.params[rows, 8:13], size, self.device)
+            else:
+                own = batch.own[size].to(self.device, non_blocking=True)  # type: ignore[index]
+                if batch.partner is not None:
+                    partner = batch.partner[size].to(self.device, non_blocking=True)
+            out[size] = mix_views(own, partner, batch.params)
+        return out
 
     @torch.inference_mode()
     def _label_batch(self, seed: int, batch: ViewBatch) -> tuple[dict[str, np.ndarray], QualitySums]:
@@ -251,10 +257,11 @@ class Labeler:
         member_logits, fmap = [], None
         with autocast:
             for i, teacher in enumerate(self.teachers):
+                x = views[teacher.preprocess.resolution]
                 if i == 0 and cfg.features:
-                    logits, fmap = teacher.features(views, cfg.features)
+                    logits, fmap = teacher.features(x, cfg.features)
                 else:
-                    logits = teacher.logits(views)
+                    logits = teacher.logits(x)
                 member_logits.append(logits.float())
         logits = ensemble_log_probs(member_logits)
         out = {"view": params, **topk_arrays(logits, schema.top_k)}
@@ -350,7 +357,7 @@ def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Datas
     """The store's provenance (what goes into the cache key) and schema for this job."""
     feature_shape = None
     if config.features:
-        size = output_size(recipe, dataset) or dataset.image_shape[1]
+        size = teachers[0].preprocess.resolution  # its input: rendered at its own size
         probe = torch.zeros(1, dataset.channels, size, size)  # only the map's shape matters: nothing is decoded
         with torch.inference_mode():
             _, fmap = teachers[0].features(probe, config.features)
@@ -372,6 +379,8 @@ def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Datas
     }
     if config.decode_on == "gpu" and not dataset.in_memory:  # other pixels than the PIL views: another key
         provenance["labels"]["decode"] = "torchvision.io.decode_jpeg+roi_align"
+    if any(t.preprocess.resolution != view_size(recipe, dataset) for t in teachers):  # once: upsampled views
+        provenance["labels"]["teacher_input"] = "rendered from the source at each teacher's size"
     schema = StoreSchema(num_samples=len(dataset), num_classes=dataset.num_classes, top_k=config.top_k,
                          sampled=config.sampled, feature_shape=feature_shape,  # type: ignore[arg-type]
                          per_teacher=len(teachers) if config.per_teacher else 0, chunk_rows=config.chunk_rows)

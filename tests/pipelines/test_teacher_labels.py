@@ -69,3 +69,103 @@ def test_the_class_map_and_the_dtype_are_in_the_cache_key(offline_hub, tmp_path)
     np.testing.assert_allclose(a["lse"], b["lse"], atol=0.1)
     again = run_labeling(_config(tmp_path), backend="local", progress=False)
     assert again["cache_hit"] and again["cache_key"] == fp32["cache_key"]
+
+
+# --- a teacher of another input size sees its input rendered at that size from the source image
+
+def _store_logits(result: dict) -> np.ndarray:
+    arrays = LabelStore(result["store"]).load(0).arrays
+    return arrays["topk_logit"].astype(np.float32), arrays["topk_idx"]
+
+
+def test_a_teacher_of_another_input_size_sees_the_source_at_its_size(tmp_path, decodes):
+    import torch
+    from conftest import make_teacher
+    from image_data import write_image_folder
+
+    from pipelines.datasets import load_dataset
+    from pipelines.teachers import load_teacher
+    from pipelines.views import draw_views, get_recipe, mix_views, render_batch, render_views
+
+    folder = write_image_folder(tmp_path / "jpegs", train=32, val=4)
+    big = make_teacher(tmp_path / "big.pt", in_chans=3, resolution=40)  # the views are 16 px, the teacher's 40
+    small = make_teacher(tmp_path / "small.pt", in_chans=3, resolution=16, seed=1)
+    recipe = "imagenet-rrc:size=16"
+    result = run_labeling(LabelConfig(dataset=f"imagefolder:{folder}", teachers=(big,), recipe=recipe, top_k=3,
+                                      chunk_rows=32, batch_size=32, store_root=str(tmp_path / "s"),
+                                      decode_workers=0), backend="local", progress=False)
+    ds = load_dataset(f"imagefolder:{folder}", "train")
+    ids = np.arange(len(ds))
+    params = draw_views(get_recipe(recipe), 0, ids, len(ds), ds.sizes)
+    teacher = load_teacher(big, 4)
+    with torch.inference_mode():
+        own = teacher.logits(render_views(ds, ids, params[:, 0:5], 40, draft=True).float() / 255.0).float()
+        upsampled = teacher.logits(mix_views(*render_batch(ds, ids, params, 16, True), params)).float()
+    stored, idx = _store_logits(result)
+    expected = own.topk(3, dim=-1)
+    np.testing.assert_array_equal(idx, expected.indices.numpy())
+    np.testing.assert_allclose(stored, expected.values.numpy(), rtol=2e-3, atol=2e-3)  # float16 in the store
+    assert not np.allclose(stored, upsampled.topk(3, dim=-1).values.numpy(), rtol=2e-3, atol=2e-3)
+    assert LabelStore(result["store"]).provenance["labels"]["teacher_input"].startswith("rendered from the source")
+    # an ensemble of a 40 px and a 16 px teacher: each image is decoded once for both sizes, twice where the two
+    # sizes take their crop at two DCT scales (a JPEG whose crop spans 32 px or more: 1/2 scale for 16 px, full
+    # for 40), and the 16 px teacher sees exactly the student's view
+    from io import BytesIO
+
+    from PIL import Image
+
+    from pipelines.views import draft_scale
+
+    jpeg = [Image.open(BytesIO(data)).format == "JPEG" for data, _ in ds.encoded(ids)]
+    twice = sum(j and draft_scale(tuple(p[2:4]), tuple(hw), 16) != draft_scale(tuple(p[2:4]), tuple(hw), 40)
+                for j, p, hw in zip(jpeg, params, ds.sizes, strict=True))
+    assert twice > 0
+    decodes[0] = 0
+    pair = run_labeling(LabelConfig(dataset=f"imagefolder:{folder}", teachers=(big, small), recipe=recipe, top_k=3,
+                                    chunk_rows=32, batch_size=32, store_root=str(tmp_path / "s"), per_teacher=True,
+                                    decode_workers=0), backend="local", progress=False)
+    assert decodes[0] == len(ds) + twice
+    arrays = LabelStore(pair["store"]).load(0).arrays
+    with torch.inference_mode():
+        student_view = mix_views(*render_batch(ds, ids, params, 16, True), params)
+        direct = load_teacher(small, 4).logits(student_view).float().topk(3, dim=-1)
+    np.testing.assert_array_equal(arrays["teacher0_topk_idx"], idx)
+    np.testing.assert_array_equal(arrays["teacher1_topk_idx"], direct.indices.numpy())
+
+
+def test_an_in_memory_teacher_of_another_size_gets_the_boxes_at_its_size(tmp_path):
+    import torch
+    from conftest import SYNTHETIC, make_teacher
+
+    from pipelines.datasets import load_dataset
+    from pipelines.teachers import load_teacher
+    from pipelines.views import apply_views, draw_views, get_recipe
+
+    spec = make_teacher(tmp_path / "t.pt", resolution=24)  # the synthetic images are 16 px
+    result = run_labeling(LabelConfig(dataset=SYNTHETIC, teachers=(spec,), recipe="fmnist-rrc", top_k=3,
+                                      chunk_rows=256, store_root=str(tmp_path / "s")), backend="local",
+                          progress=False)
+    ds = load_dataset(SYNTHETIC, "train")
+    ids = np.arange(len(ds))
+    params = draw_views(get_recipe("fmnist-rrc"), 0, ids, len(ds), (16, 16))
+    with torch.inference_mode():
+        expected = load_teacher(spec, 4).logits(apply_views(ds.read(ids), params, 24)).float().topk(3, dim=-1)
+    stored, idx = _store_logits(result)
+    np.testing.assert_array_equal(idx, expected.indices.numpy())
+    np.testing.assert_allclose(stored, expected.values.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_views_at_several_sizes_decode_once_per_dct_scale_and_match_views_alone(decodes):
+    from image_data import jpeg_bytes
+
+    from pipelines.views import decode_view, decode_views, draft_scale
+
+    data = jpeg_bytes(480, 320)
+    box = np.array([0.0, 0.0, 1.0, 1.0, 1.0])
+    sizes = [56, 80, 200]  # DCT scales 4, 4 and 1 of a 480 x 320 image's whole box
+    assert [draft_scale((1.0, 1.0), (480, 320), s) for s in sizes] == [4, 4, 1]
+    decodes[0] = 0
+    together = decode_views(data, "x", [(box, s) for s in sizes], draft=True)
+    assert decodes[0] == 2  # scale 4 for the two small views, a full decode for the large one
+    for size, view in zip(sizes, together, strict=True):
+        np.testing.assert_array_equal(view, decode_view(data, "x", box, size, draft=True))
