@@ -117,6 +117,8 @@ _REST: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {
         "recipe": (str, dict(pattern=NAME, max_length=100)),
         "seeds": (list[Annotated[int, Field(ge=0)]], dict(min_length=1, max_length=1000)),
         "features": (str | None, dict(pattern=NAME, max_length=200)),
+        "teacher_mean": (list[float] | None, dict(min_length=1, max_length=4)),
+        "teacher_std": (list[float] | None, dict(min_length=1, max_length=4)),
     },
     "train": {
         "store": (str, dict(pattern=r"^[0-9a-f]{8,64}$",

@@ -169,3 +169,18 @@ def test_views_at_several_sizes_decode_once_per_dct_scale_and_match_views_alone(
     assert decodes[0] == 2  # scale 4 for the two small views, a full decode for the large one
     for size, view in zip(sizes, together, strict=True):
         np.testing.assert_array_equal(view, decode_view(data, "x", box, size, draft=True))
+
+
+def test_a_label_spec_takes_the_preprocessing_and_confines_the_class_map(tmp_path):
+    from services.specs import SPECS, PathOutsideRoots, confined_spec
+
+    (tmp_path / "map.txt").write_text("0\n1\n")
+    body = {"teachers": ["test_resnet"], "teacher_mean": [0.5, 0.5, 0.5], "teacher_interpolation": "bicubic",
+            "class_map": str(tmp_path / "map.txt"), "teacher_dtype": "bf16"}
+    resolved = confined_spec("label", SPECS["label"].model_validate_json(json.dumps(body)), (tmp_path,), tmp_path)
+    config = LabelConfig(**{**resolved, "teachers": tuple(resolved["teachers"]), "seeds": tuple(resolved["seeds"])})
+    assert config.teacher_mean == (0.5, 0.5, 0.5) and config.class_map == str((tmp_path / "map.txt").resolve())
+    assert config.compute_dtype == "bf16" and config.preprocess_overrides()["interpolation"] == "bicubic"
+    with pytest.raises(PathOutsideRoots):
+        confined_spec("label", SPECS["label"].model_validate_json(json.dumps({**body, "class_map": "/etc/hostname"})),
+                      (tmp_path,), tmp_path)
