@@ -66,9 +66,11 @@ class _ViewSource(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, item: tuple[int, np.ndarray]) -> ViewBatch:  # type: ignore[override]
-        seed, ids = item
-        params = draw_views(self.recipe, seed, ids, len(self.dataset), self.dataset.sizes)
+    def __getitem__(self, item: tuple[tuple[int, ...], np.ndarray]) -> ViewBatch:  # type: ignore[override]
+        seeds, ids = item  # the views of ids under each seed, seed after seed: each image read (and decoded) once
+        params = np.concatenate([draw_views(self.recipe, seed, ids, len(self.dataset), self.dataset.sizes)
+                                 for seed in seeds])
+        ids = np.tile(ids, len(seeds))
         if self.decode == "gpu":
             mixing = params[:, COL["mix_mode"]] != MIX_NONE
             partners = self.dataset.encoded(partner_ids(params, ids)[mixing]) if mixing.any() else None
@@ -78,12 +80,12 @@ class _ViewSource(torch.utils.data.Dataset):
 
 
 class _Items(torch.utils.data.Sampler):
-    """The loader's order: the ``(seed, ids)`` batches of the piece at hand, replaced for each piece."""
+    """The loader's order: the ``(seeds, ids)`` batches of the piece at hand, replaced for each piece."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[int, np.ndarray]] = []
+        self.items: list[tuple[tuple[int, ...], np.ndarray]] = []
 
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
         return iter(self.items)
 
     def __len__(self) -> int:
@@ -113,20 +115,25 @@ class ViewStream:
         self._items = _Items()
         self._loader: torch.utils.data.DataLoader | None = None
 
-    def batches(self, seed: int, ids: np.ndarray, batch_size: int) -> Iterator[ViewBatch]:
-        chunks = [ids[s : s + batch_size] for s in range(0, len(ids), batch_size)]
+    def batches(self, seeds: int | tuple[int, ...], ids: np.ndarray, batch_size: int) -> Iterator[ViewBatch]:
+        """Batches of about ``batch_size`` views: each holds the views of ``batch_size // len(seeds)`` ids under
+        every seed, seed after seed (``ViewBatch.ids`` repeats them), so an image is decoded once for all its
+        seeds."""
+        seeds = (seeds,) if isinstance(seeds, int) else tuple(seeds)
+        step = max(1, batch_size // len(seeds))
+        chunks = [ids[s : s + step] for s in range(0, len(ids), step)]
         if self.dataset.in_memory:
-            yield from (self._in_memory(seed, batch) for batch in chunks)
+            yield from (self._in_memory(seeds, batch) for batch in chunks)
             return
         if self.workers <= 0:
             source = _ViewSource(self.dataset, self.recipe, self.decode, self.sizes)
-            yield from (source[(seed, batch)] for batch in chunks)
+            yield from (source[(seeds, batch)] for batch in chunks)
             return
         if self._loader is None:
             self._loader = torch.utils.data.DataLoader(
                 _ViewSource(self.dataset, self.recipe, self.decode, self.sizes), batch_size=None, sampler=self._items,
                 num_workers=self.workers, prefetch_factor=PREFETCH, persistent_workers=True, collate_fn=_keep)
-        self._items.items = [(seed, batch) for batch in chunks]
+        self._items.items = [(seeds, batch) for batch in chunks]
         for batch in self._loader:
             if self.pin_memory and batch.own is not None:
                 batch.own = {size: v.pin_memory() for size, v in batch.own.items()}
@@ -134,8 +141,13 @@ class ViewStream:
                     batch.partner = {size: v.pin_memory() for size, v in batch.partner.items()}
             yield batch
 
-    def _in_memory(self, seed: int, ids: np.ndarray) -> ViewBatch:
-        views, params = build_views(self.dataset, self.recipe, seed, ids)
+    def _in_memory(self, seeds: tuple[int, ...], ids: np.ndarray) -> ViewBatch:
+        if len(seeds) > 1:
+            parts = [self._in_memory((seed,), ids) for seed in seeds]
+            return ViewBatch(np.tile(ids, len(seeds)), np.concatenate([b.params for b in parts]),
+                             views={size: torch.cat([b.views[size] for b in parts])  # type: ignore[index]
+                                    for size in self.sizes})
+        views, params = build_views(self.dataset, self.recipe, seeds[0], ids)
         out = {}
         for size in self.sizes:  # another size: the same boxes applied to the source images at that size
             if size == views.shape[-1]:

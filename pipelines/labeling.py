@@ -217,13 +217,21 @@ class Labeler:
 
     def label_with_quality(self, seed: int, ids: np.ndarray) -> tuple[dict[str, np.ndarray], QualitySums]:
         """The store arrays for ``ids`` under ``seed`` and their label-quality sums (``quality_sums``)."""
-        parts: list[dict[str, np.ndarray]] = []
-        quality: QualitySums = {}
-        for batch in self.views.batches(seed, ids, self.config.batch_size):
-            arrays, sums = self._label_batch(seed, batch)
-            parts.append(arrays)
-            quality = add_quality(quality, sums)
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, quality
+        return self.label_seeds((seed,), ids)[seed]
+
+    def label_seeds(self, seeds: tuple[int, ...], ids: np.ndarray
+                    ) -> dict[int, tuple[dict[str, np.ndarray], QualitySums]]:
+        """``label_with_quality`` for several seeds in one pass: each batch holds the views of some ids under every
+        seed, so each image is read and decoded once for all its seeds and the teacher sees views of several
+        images at once."""
+        parts: dict[int, list[dict[str, np.ndarray]]] = {seed: [] for seed in seeds}
+        quality: dict[int, QualitySums] = {seed: {} for seed in seeds}
+        for batch in self.views.batches(seeds, ids, self.config.batch_size):
+            for seed, (arrays, sums) in zip(seeds, self._label_batch(seeds, batch), strict=True):
+                parts[seed].append(arrays)
+                quality[seed] = add_quality(quality[seed], sums)
+        return {seed: ({k: np.concatenate([p[k] for p in parts[seed]]) for k in parts[seed][0]}, quality[seed])
+                for seed in seeds}
 
     def _device_views(self, batch: ViewBatch) -> dict[int, torch.Tensor]:
         """The batch's float views in [0, 1] on the teacher's device, by size (uint8 travels; floats are made
@@ -248,9 +256,10 @@ class Labeler:
         return out
 
     @torch.inference_mode()
-    def _label_batch(self, seed: int, batch: ViewBatch) -> tuple[dict[str, np.ndarray], QualitySums]:
-        cfg, schema = self.config, self.store.schema
-        ids, params = batch.ids, batch.params
+    def _label_batch(self, seeds: tuple[int, ...], batch: ViewBatch) -> list[tuple[dict[str, np.ndarray], QualitySums]]:
+        """One forward over the batch's views (its ids under each of ``seeds``, seed after seed), then each seed's
+        store arrays and quality sums."""
+        cfg = self.config
         views = self._device_views(batch)
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.config.compute_dtype == "bf16"
                     else _null())
@@ -264,6 +273,16 @@ class Labeler:
                     logits = teacher.logits(x)
                 member_logits.append(logits.float())
         logits = ensemble_log_probs(member_logits)
+        n = len(batch.ids) // len(seeds)
+        return [self._seed_arrays(seed, batch.ids[j * n : (j + 1) * n], batch.params[j * n : (j + 1) * n],
+                                  logits[j * n : (j + 1) * n], [m[j * n : (j + 1) * n] for m in member_logits],
+                                  fmap[j * n : (j + 1) * n] if fmap is not None else None)
+                for j, seed in enumerate(seeds)]
+
+    def _seed_arrays(self, seed: int, ids: np.ndarray, params: np.ndarray, logits: torch.Tensor,
+                     member_logits: list[torch.Tensor], fmap: torch.Tensor | None
+                     ) -> tuple[dict[str, np.ndarray], QualitySums]:
+        cfg, schema = self.config, self.store.schema
         out = {"view": params, **topk_arrays(logits, schema.top_k)}
         if schema.sampled:
             out["sampled"] = sample_classes(logits, self.recipe, seed, ids, schema.sampled)
@@ -275,13 +294,15 @@ class Labeler:
         area = params[:, COL["h"]] * params[:, COL["w"]]
         return out, quality_sums(logits, self.dataset.labels[ids], area, schema.top_k)
 
-    def label_piece(self, seed: int, piece: int, start: int, stop: int) -> dict[str, Any]:
-        """Label rows ``[start, stop)`` of ``seed`` and write them whole; return counts for progress."""
+    def label_piece(self, seeds: int | tuple[int, ...], piece: int, start: int, stop: int) -> dict[str, Any]:
+        """Label rows ``[start, stop)`` under each of ``seeds`` in one pass (``label_seeds``) and write each seed's
+        piece whole; return counts for progress."""
         t = time.perf_counter()
-        arrays, quality = self.label_with_quality(seed, np.arange(start, stop, dtype=np.int64))
-        self.store.write_piece(seed, piece, start, arrays, quality=quality)
-        return {"seed": seed, "piece": piece, "samples": stop - start, "seconds": time.perf_counter() - t,
-                "pid": os.getpid()}
+        seeds = (seeds,) if isinstance(seeds, int) else tuple(seeds)
+        for seed, (arrays, quality) in self.label_seeds(seeds, np.arange(start, stop, dtype=np.int64)).items():
+            self.store.write_piece(seed, piece, start, arrays, quality=quality)
+        return {"seed": seeds[0] if len(seeds) == 1 else seeds, "piece": piece, "samples": (stop - start) * len(seeds),
+                "seconds": time.perf_counter() - t, "pid": os.getpid()}
 
 
 class _null:
@@ -426,12 +447,16 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
         from pipelines._ray_labeling import connect
 
         connect(config.ray_address)  # no Ray there: fail now, before any seed is begun
-    work: list[tuple[int, int, int, int]] = []
+    # one item per piece, for every seed that still needs it: its images are decoded once for all those seeds
     pieces = store.schema.pieces()
+    needs: dict[int, list[int]] = {}
     for seed in todo:
         store.begin_seed(seed)
         done = store.done_pieces(seed)
-        work += [(seed, i, a, b) for i, (a, b) in enumerate(pieces) if i not in done]
+        for i in range(len(pieces)):
+            if i not in done:
+                needs.setdefault(i, []).append(seed)
+    work = [(tuple(seeds), i, *pieces[i]) for i, seeds in sorted(needs.items())]
     result = {"cache_key": store.cache_key, "store": str(store.path), "seeds_computed": todo,
               "seeds_reused": reused, "samples": 0, "images_per_s": 0.0,
               "teachers": [{"name": t.name, "preprocess": t.preprocess.to_dict(), "dtype": config.compute_dtype,
@@ -441,16 +466,16 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
         result["quality"] = {str(s): store.quality(s) for s in config.seeds}
         return {**result, "cache_hit": True, "seconds": round(time.perf_counter() - t0, 3)}
 
-    total = sum(b - a for _, _, a, b in work)
+    total = sum((b - a) * len(seeds) for seeds, _, a, b in work)
     bar = progress_bar(total, f"labeling {len(todo)} seed(s)", progress)
     if backend == "local":
         t_start = time.perf_counter()
         labeler = Labeler(config, str(store.path))
         t_work = time.perf_counter()
         try:
-            for seed, i, a, b in work:
-                labeler.label_piece(seed, i, a, b)
-                bar.update(b - a)
+            for seeds, i, a, b in work:
+                labeler.label_piece(seeds, i, a, b)
+                bar.update((b - a) * len(seeds))
         finally:
             labeler.views.close()
         timing: dict[str, Any] = {"startup_s": t_work - t_start, "work_s": time.perf_counter() - t_work, "nodes": 1}
@@ -468,4 +493,4 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
             "images_per_s": round(total / max(timing["work_s"], 1e-9), 1),
             "seconds": round(time.perf_counter() - t0, 3), "startup_s": round(timing["startup_s"], 3),
             "labeling_s": round(timing["work_s"], 3), "nodes": int(timing.get("nodes", 1)),
-            "pieces_per_node": timing.get("pieces_per_node", {"local": len(work)})}
+            "pieces_per_node": timing.get("pieces_per_node", {"local": sum(len(seeds) for seeds, *_ in work)})}

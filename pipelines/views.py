@@ -410,15 +410,20 @@ def render_views(dataset, ids: np.ndarray, boxes: np.ndarray, out_size: int, dra
 def render_views_at(dataset, ids: np.ndarray, boxes: np.ndarray, sizes: tuple[int, ...], draft: bool
                     ) -> dict[int, torch.Tensor]:
     """``render_views`` at each of ``sizes`` from the same boxes (a teacher of another input size sees the same
-    crop at its own size): each image read once and decoded once per DCT scale; each size's views are those
-    ``render_views`` gives at that size."""
+    crop at its own size): each image read once and decoded once per DCT scale, also where its id is on several
+    rows (its views under several seeds); each size's views are those ``render_views`` gives at that size."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     batches = {size: _uint8_batch((len(ids), size, size, 3)) for size in sizes}
     arrays = {size: b.numpy() for size, b in batches.items()}
-    for row, (data, where) in enumerate(dataset.encoded(ids)):
-        views = decode_views(data, where, [(boxes[row], size) for size in sizes], draft)
-        for size, view in zip(sizes, views, strict=True):
-            arrays[size][row] = view
+    unique, inverse = np.unique(ids, return_inverse=True)  # an id on several rows (several seeds): read once
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(len(unique) + 1))
+    for u, (data, where) in enumerate(dataset.encoded(unique)):
+        rows = order[bounds[u] : bounds[u + 1]]
+        views = iter(decode_views(data, where, [(boxes[r], size) for r in rows for size in sizes], draft))
+        for r in rows:
+            for size in sizes:
+                arrays[size][r] = next(views)
     return {size: b.permute(0, 3, 1, 2) for size, b in batches.items()}  # (B, 3, S, S), channels-last: no copy
 
 

@@ -193,9 +193,9 @@ def test_repeat_is_a_cache_hit_and_a_new_seed_alone_is_computed(tmp_path, tiny_t
 
     labelled: list[int] = []
 
-    def recording(self, seed, *rest):
-        labelled.append(seed)
-        return original(self, seed, *rest)
+    def recording(self, seeds, *rest):
+        labelled.extend(seeds)
+        return original(self, seeds, *rest)
 
     monkeypatch.setattr(Labeler, "label_piece", recording)
     more = run_labeling(config(tmp_path, [tiny_teacher], seeds=(0, 1)), backend="local", progress=False)

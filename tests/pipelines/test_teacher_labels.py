@@ -184,3 +184,46 @@ def test_a_label_spec_takes_the_preprocessing_and_confines_the_class_map(tmp_pat
     with pytest.raises(PathOutsideRoots):
         confined_spec("label", SPECS["label"].model_validate_json(json.dumps({**body, "class_map": "/etc/hostname"})),
                       (tmp_path,), tmp_path)
+
+
+def test_several_seeds_in_one_pass_decode_each_image_once_for_all(tmp_path, decodes):
+    from io import BytesIO
+
+    from conftest import make_teacher
+    from image_data import write_image_folder
+    from PIL import Image
+
+    from pipelines.datasets import load_dataset
+    from pipelines.views import draft_scale, draw_views, get_recipe
+
+    folder = write_image_folder(tmp_path / "jpegs", train=32, val=4)
+    teacher = make_teacher(tmp_path / "t.pt", in_chans=3, resolution=24)
+    recipe, seeds = "imagenet-rrc:size=24", (0, 1, 2)
+
+    def label(root: str, seed_list: tuple[int, ...]) -> dict:
+        return run_labeling(LabelConfig(dataset=f"imagefolder:{folder}", teachers=(teacher,), recipe=recipe, top_k=3,
+                                        seeds=seed_list, chunk_rows=16, batch_size=24, store_root=str(tmp_path / root),
+                                        decode_workers=0), backend="local", progress=False)
+
+    ds = load_dataset(f"imagefolder:{folder}", "train")
+    ids = np.arange(len(ds))
+    jpeg = [Image.open(BytesIO(data)).format == "JPEG" for data, _ in ds.encoded(ids)]
+    scales = [[draft_scale(tuple(p[2:4]), tuple(hw), 24) if j else 1 for p, hw, j in
+               zip(draw_views(get_recipe(recipe), seed, ids, len(ds), ds.sizes), ds.sizes, jpeg, strict=True)]
+              for seed in seeds]
+    distinct = sum(len({scales[k][i] for k in range(len(seeds))}) for i in ids)  # (image, DCT scale) pairs
+    decodes[0] = 0
+    together = label("one-pass", seeds)
+    one_pass = decodes[0]
+    decodes[0] = 0
+    alone = {seed: label(f"seed{seed}", (seed,)) for seed in seeds}
+    assert one_pass == distinct < decodes[0] == len(seeds) * len(ds)
+    assert together["samples"] == len(seeds) * len(ds) and together["seeds_computed"] == list(seeds)
+    store = LabelStore(together["store"])
+    assert store.verify() == [] and store.seeds() == list(seeds)
+    for seed in seeds:  # the same views and labels as one seed at a time (the teacher's batches hold other rows)
+        a, b = store.load(seed).arrays, LabelStore(alone[seed]["store"]).load(seed).arrays
+        np.testing.assert_array_equal(a["view"], b["view"])
+        np.testing.assert_array_equal(a["topk_idx"], b["topk_idx"])
+        np.testing.assert_allclose(a["topk_logit"].astype(np.float32), b["topk_logit"].astype(np.float32),
+                                   rtol=2e-3, atol=2e-3)
