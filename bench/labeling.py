@@ -30,8 +30,12 @@ GPU with the folder written.
 
 Prints one JSON line.
 
+``--data jpeg --seeds S`` (S > 1, CPU): S seeds labeled in one pass (``Labeler.label_seeds``: each image decoded
+once for all its seeds) against one seed at a time, views/s over the labeling time of each. Target: ratio >= 1.3
+with a resnet18 teacher at 224 px.
+
     python bench/labeling.py [--data fmnist|jpeg] [--device cpu|cuda] [--teacher resnet50] [--resolution N]
-                             [--samples N] [--batch-size N] [--threads N] [--work DIR] [--store-root URL]
+                             [--samples N] [--batch-size N] [--threads N] [--work DIR] [--store-root URL] [--seeds S]
 """
 
 from __future__ import annotations
@@ -167,7 +171,8 @@ def bench_jpeg(args: argparse.Namespace) -> None:
     recipe = "imagenet-rrc" if args.resolution == 224 else f"imagenet-rrc:size={args.resolution}"
     config = LabelConfig(dataset=f"imagefolder:{folder}", teachers=(spec,), recipe=recipe, seeds=(0,), top_k=10,
                          batch_size=args.batch_size, chunk_rows=args.chunk_rows, num_workers=1,
-                         gpus_per_worker=1.0 if cuda else 0.0, store_root=str(stores))
+                         gpus_per_worker=1.0 if cuda else 0.0, store_root=str(stores),
+                         teacher_dtype="bf16" if cuda else "fp32")  # as the plain loop: bf16 autocast on CUDA
     by_root: dict[str, list[float]] = {"local": [], "url": []}
     try:
         # with --store-root URL: a local store and one under the URL, interleaved --repeats times (each run a
@@ -207,6 +212,54 @@ def bench_jpeg(args: argparse.Namespace) -> None:
         "peak_pss_mb": {"plain": round(plain_rss), "pipeline_actor": round(rss.peak_mb)},
         "ray_start_s": round(ray_start_s, 1), "folder_write_s": round(make_s, 1),
         "load_avg_1m": round(os.getloadavg()[0], 2), **url_fields,
+    }))
+
+
+def bench_seeds(args: argparse.Namespace) -> None:
+    """``--data jpeg --seeds S``: labeling S seeds in one pass (each image decoded once for all its seeds, the
+    teacher's batches holding views of several images under several seeds) against one seed at a time (S runs of
+    one seed): views/s over the labeling time of each (actor start-up excluded), same folder, teacher, cores."""
+    import ray
+    import timm
+
+    from pipelines.labeling import LabelConfig, run_labeling
+    from pipelines.teachers import Preprocess, save_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from data import make_folder
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    folder = make_folder(work / f"jpeg{args.samples}", args.samples, None, max(1, os.cpu_count() or 1))
+    kwargs = {"num_classes": 10, "in_chans": 3}
+    ckpt = work / f"{args.teacher}.pt"
+    torch.manual_seed(0)
+    save_checkpoint(ckpt, args.teacher, timm.create_model(args.teacher, **kwargs), kwargs,
+                    Preprocess(args.resolution, IMAGENET_MEAN, IMAGENET_STD, 3), extra={})
+    recipe = "imagenet-rrc" if args.resolution == 224 else f"imagenet-rrc:size={args.resolution}"
+    stores = Path(tempfile.mkdtemp(prefix="stillroom-bench-labeling-stores-"))
+    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+    try:
+        def label(root: str, seeds: tuple[int, ...]) -> dict:
+            return run_labeling(LabelConfig(dataset=f"imagefolder:{folder}", teachers=(f"{args.teacher}@{ckpt}",),
+                                            recipe=recipe, seeds=seeds, top_k=10, batch_size=args.batch_size,
+                                            chunk_rows=args.chunk_rows, num_workers=1, store_root=str(stores / root)),
+                                backend="ray", progress=False)
+
+        seeds = tuple(range(args.seeds))
+        alone = [label(f"alone{seed}", (seed,)) for seed in seeds]
+        together = label("together", seeds)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(stores, ignore_errors=True)
+    alone_vps = sum(r["samples"] for r in alone) / sum(r["labeling_s"] for r in alone)
+    together_vps = together["samples"] / together["labeling_s"]
+    print(json.dumps({
+        "bench": "labeling", "data": "jpeg", "mode": "seeds", "seeds": args.seeds, "teacher": args.teacher,
+        "resolution": args.resolution, "images": args.samples, "views": together["samples"],
+        "batch_size": args.batch_size, "threads": args.threads,
+        "one_pass_views_per_s": round(together_vps, 1), "seed_at_a_time_views_per_s": round(alone_vps, 1),
+        "ratio": round(together_vps / alone_vps, 3), "load_avg_1m": round(os.getloadavg()[0], 2),
     }))
 
 
@@ -290,6 +343,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/stillroom-bench-labeling", help="jpeg: where the folder is written")
     ap.add_argument("--store-root", help="jpeg: also label into this URL (s3://BUCKET/prefix; credentials and "
                                          "AWS_ENDPOINT_URL from the environment) and compare with a local store")
+    ap.add_argument("--seeds", type=int, default=1, help="jpeg: S > 1 compares S seeds labeled in one pass against "
+                                                          "one seed at a time (views/s)")
     args = ap.parse_args()
     if args.data == "fmnist":
         if args.device != "cpu":
@@ -304,7 +359,12 @@ def main() -> None:
         args.resolution = args.resolution or 224
         args.samples = args.samples or (20_000 if cuda else 192)
         args.batch_size = args.batch_size or (256 if cuda else 32)
-        bench_jpeg(args)
+        if args.seeds > 1:
+            if cuda:
+                raise SystemExit("bench/labeling.py: error: --seeds is measured on the CPU here")
+            bench_seeds(args)
+        else:
+            bench_jpeg(args)
 
 
 if __name__ == "__main__":

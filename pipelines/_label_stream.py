@@ -26,7 +26,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.views import COL, MIX_NONE, Recipe, build_views, draw_views, output_size, partner_ids, render_batch
+from pipelines.views import (
+    COL,
+    MIX_NONE,
+    Recipe,
+    apply_views,
+    build_views,
+    draw_views,
+    output_size,
+    partner_ids,
+    render_batch_at,
+)
 
 PREFETCH = 2  # batches each worker process builds ahead
 
@@ -34,13 +44,14 @@ PREFETCH = 2  # batches each worker process builds ahead
 @dataclass
 class ViewBatch:
     """One batch on its way to the teacher: ids, view parameters, and either float views (in memory) or uint8
-    views and, where some row mixes, the partners' uint8 views (on disk)."""
+    views and, where some row mixes, the partners' uint8 views (on disk), each by size: one per teacher input
+    size, all rendered from the source image by the same stored boxes."""
 
     ids: np.ndarray
     params: np.ndarray
-    views: torch.Tensor | None = None
-    own: torch.Tensor | None = None
-    partner: torch.Tensor | None = None
+    views: dict[int, torch.Tensor] | None = None
+    own: dict[int, torch.Tensor] | None = None
+    partner: dict[int, torch.Tensor] | None = None
     encoded: list[tuple[bytes, str]] | None = None  # decode="gpu": the bytes, decoded on the device
     partner_encoded: list[tuple[bytes, str]] | None = None
 
@@ -49,31 +60,32 @@ class _ViewSource(torch.utils.data.Dataset):
     """Batches of views of a data set on disk, built in a worker process: an item is ``(seed, ids)``; it is drawn
     and rendered there (``render_batch``: decode, crop, uint8), or only read with ``decode="gpu"``."""
 
-    def __init__(self, dataset, recipe: Recipe, decode: str):
-        self.dataset, self.recipe, self.decode = dataset, recipe, decode
-        self.size = int(output_size(recipe, dataset) or 0)
+    def __init__(self, dataset, recipe: Recipe, decode: str, sizes: tuple[int, ...]):
+        self.dataset, self.recipe, self.decode, self.sizes = dataset, recipe, decode, sizes
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, item: tuple[int, np.ndarray]) -> ViewBatch:  # type: ignore[override]
-        seed, ids = item
-        params = draw_views(self.recipe, seed, ids, len(self.dataset), self.dataset.sizes)
+    def __getitem__(self, item: tuple[tuple[int, ...], np.ndarray]) -> ViewBatch:  # type: ignore[override]
+        seeds, ids = item  # the views of ids under each seed, seed after seed: each image read (and decoded) once
+        params = np.concatenate([draw_views(self.recipe, seed, ids, len(self.dataset), self.dataset.sizes)
+                                 for seed in seeds])
+        ids = np.tile(ids, len(seeds))
         if self.decode == "gpu":
             mixing = params[:, COL["mix_mode"]] != MIX_NONE
             partners = self.dataset.encoded(partner_ids(params, ids)[mixing]) if mixing.any() else None
             return ViewBatch(ids, params, encoded=self.dataset.encoded(ids), partner_encoded=partners)
-        own, partner = render_batch(self.dataset, ids, params, self.size, self.recipe.draft)
+        own, partner = render_batch_at(self.dataset, ids, params, self.sizes, self.recipe.draft)
         return ViewBatch(ids, params, own=own, partner=partner)
 
 
 class _Items(torch.utils.data.Sampler):
-    """The loader's order: the ``(seed, ids)`` batches of the piece at hand, replaced for each piece."""
+    """The loader's order: the ``(seeds, ids)`` batches of the piece at hand, replaced for each piece."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[int, np.ndarray]] = []
+        self.items: list[tuple[tuple[int, ...], np.ndarray]] = []
 
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
         return iter(self.items)
 
     def __len__(self) -> int:
@@ -85,40 +97,67 @@ def _keep(batch: Any) -> Any:
     return batch
 
 
-class ViewStream:
-    """The views of one label worker, batch by batch, in order. On disk: ``workers`` decode processes (kept for
-    every piece this worker labels) build them ``PREFETCH`` batches ahead each; 0 builds them here. In memory:
-    float views built here (nothing to decode)."""
+def view_size(recipe: Recipe, dataset) -> int:
+    """The side of the recipe's views: its output size, or the in-memory data set's own."""
+    return int(output_size(recipe, dataset) or dataset.image_shape[1])
 
-    def __init__(self, dataset, recipe: Recipe, workers: int, decode: str = "cpu", pin_memory: bool = False):
+
+class ViewStream:
+    """The views of one label worker, batch by batch, in order, at each of ``sizes`` (default: the recipe's view
+    size). On disk: ``workers`` decode processes (kept for every piece this worker labels) build them
+    ``PREFETCH`` batches ahead each; 0 builds them here. In memory: float views built here (nothing to decode)."""
+
+    def __init__(self, dataset, recipe: Recipe, workers: int, decode: str = "cpu", pin_memory: bool = False,
+                 sizes: tuple[int, ...] | None = None):
         self.dataset, self.recipe, self.workers, self.decode = dataset, recipe, workers, decode
+        self.sizes = tuple(sorted(set(sizes))) if sizes else (view_size(recipe, dataset),)
         self.pin_memory = pin_memory
         self._items = _Items()
         self._loader: torch.utils.data.DataLoader | None = None
 
-    def batches(self, seed: int, ids: np.ndarray, batch_size: int) -> Iterator[ViewBatch]:
-        chunks = [ids[s : s + batch_size] for s in range(0, len(ids), batch_size)]
+    def batches(self, seeds: int | tuple[int, ...], ids: np.ndarray, batch_size: int) -> Iterator[ViewBatch]:
+        """Batches of about ``batch_size`` views: each holds the views of ``batch_size // len(seeds)`` ids under
+        every seed, seed after seed (``ViewBatch.ids`` repeats them), so an image is decoded once for all its
+        seeds."""
+        seeds = (seeds,) if isinstance(seeds, int) else tuple(seeds)
+        step = max(1, batch_size // len(seeds))
+        chunks = [ids[s : s + step] for s in range(0, len(ids), step)]
         if self.dataset.in_memory:
-            yield from (self._in_memory(seed, batch) for batch in chunks)
+            yield from (self._in_memory(seeds, batch) for batch in chunks)
             return
         if self.workers <= 0:
-            source = _ViewSource(self.dataset, self.recipe, self.decode)
-            yield from (source[(seed, batch)] for batch in chunks)
+            source = _ViewSource(self.dataset, self.recipe, self.decode, self.sizes)
+            yield from (source[(seeds, batch)] for batch in chunks)
             return
         if self._loader is None:
             self._loader = torch.utils.data.DataLoader(
-                _ViewSource(self.dataset, self.recipe, self.decode), batch_size=None, sampler=self._items,
+                _ViewSource(self.dataset, self.recipe, self.decode, self.sizes), batch_size=None, sampler=self._items,
                 num_workers=self.workers, prefetch_factor=PREFETCH, persistent_workers=True, collate_fn=_keep)
-        self._items.items = [(seed, batch) for batch in chunks]
+        self._items.items = [(seeds, batch) for batch in chunks]
         for batch in self._loader:
             if self.pin_memory and batch.own is not None:
-                batch.own = batch.own.pin_memory()
-                batch.partner = batch.partner.pin_memory() if batch.partner is not None else None
+                batch.own = {size: v.pin_memory() for size, v in batch.own.items()}
+                if batch.partner is not None:
+                    batch.partner = {size: v.pin_memory() for size, v in batch.partner.items()}
             yield batch
 
-    def _in_memory(self, seed: int, ids: np.ndarray) -> ViewBatch:
-        views, params = build_views(self.dataset, self.recipe, seed, ids)
-        return ViewBatch(ids, params, views=views)
+    def _in_memory(self, seeds: tuple[int, ...], ids: np.ndarray) -> ViewBatch:
+        if len(seeds) > 1:
+            parts = [self._in_memory((seed,), ids) for seed in seeds]
+            return ViewBatch(np.tile(ids, len(seeds)), np.concatenate([b.params for b in parts]),
+                             views={size: torch.cat([b.views[size] for b in parts])  # type: ignore[index]
+                                    for size in self.sizes})
+        views, params = build_views(self.dataset, self.recipe, seeds[0], ids)
+        out = {}
+        for size in self.sizes:  # another size: the same boxes applied to the source images at that size
+            if size == views.shape[-1]:
+                out[size] = views
+            else:
+                images = self.dataset.read(ids)
+                partners = partner_ids(params, ids)
+                out[size] = apply_views(images, params, size,
+                                        images if np.array_equal(partners, ids) else self.dataset.read(partners))
+        return ViewBatch(ids, params, views=out)
 
     def close(self) -> None:
         """End the decode processes."""

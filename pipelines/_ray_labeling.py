@@ -46,9 +46,13 @@ class LabelWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def label_piece(self, seed: int, piece: int, start: int, stop: int) -> dict:
-        return {**self.labeler.label_piece(seed, piece, start, stop),
+    def label_piece(self, seeds: tuple[int, ...], piece: int, start: int, stop: int) -> dict:
+        return {**self.labeler.label_piece(seeds, piece, start, stop),
                 "node_id": ray.get_runtime_context().get_node_id()}
+
+
+def item_seeds(seed: int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    return (seed,) if isinstance(seed, int) else tuple(seed)
 
 
 def connect(address: str | None) -> None:
@@ -119,9 +123,9 @@ def wait_for_gpus(needed: float, wait_s: float, poll_s: float = 1.0) -> float:
         time.sleep(poll_s)
 
 
-def label_on_ray(config: LabelConfig, store_path: str, work: list[tuple[int, int, int, int]],
+def label_on_ray(config: LabelConfig, store_path: str, work: list[tuple[tuple[int, ...], int, int, int]],
                  on_done: Callable[[int], object], start_timeout_s: float = 600.0) -> dict[str, Any]:
-    """Label ``work`` (seed, piece, start, stop) on a pool of ``config.num_workers`` actors spread over the nodes;
+    """Label ``work`` (seeds, piece, start, stop) on a pool of ``config.num_workers`` actors spread over the nodes;
     return the seconds spent starting the actors (teachers loaded) and labeling, and how many pieces each node
     (by Ray node id) labeled."""
     t0 = time.perf_counter()
@@ -156,12 +160,13 @@ def label_on_ray(config: LabelConfig, store_path: str, work: list[tuple[int, int
             while pending and free:
                 slot = free.pop()
                 item = pending.pop(0)
-                in_flight[actors[slot].label_piece.remote(*item)] = (slot, item[3] - item[2])
+                in_flight[actors[slot].label_piece.remote(*item)] = (slot, (item[3] - item[2]) * len(item[0]))
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in ready:
                 slot, n = in_flight.pop(ref)
                 done = ray.get(ref)  # raises if the piece failed after every retry
-                piece_nodes[(done["seed"], done["piece"])] = done["node_id"]
+                for seed in item_seeds(done["seed"]):  # counted per seed's piece
+                    piece_nodes[(seed, done["piece"])] = done["node_id"]
                 free.append(slot)
                 on_done(n)
         t_end = time.perf_counter()

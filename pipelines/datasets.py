@@ -167,6 +167,7 @@ class FashionMNIST(_InMemory):
     """Fashion-MNIST from its idx files (gzipped or not): 60,000 train and 10,000 test images, 28x28."""
 
     num_classes = 10
+    class_names = FASHION_MNIST_CLASSES
 
     def __init__(self, split: str = "train", data_root: str | os.PathLike | None = None, n: int | None = None):
         _check_split(split)

@@ -24,15 +24,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines._label_stream import ViewBatch, ViewStream, decode_views_torch
+from pipelines._label_stream import ViewBatch, ViewStream, decode_views_torch, view_size
 from pipelines._readers import DATASET_HELP
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
 from pipelines.options import check_options, option
 from pipelines.progress import progress_bar
 from pipelines.store import LabelStore, QualitySums, SeedLease, StoreSchema, add_quality
-from pipelines.teachers import Teacher, as_feature_map, ensemble_log_probs, load_teacher
+from pipelines.teachers import (
+    INTERPOLATIONS,
+    Teacher,
+    as_feature_map,
+    ensemble_log_probs,
+    load_teacher,
+    read_class_map,
+)
 from pipelines.views import COL, MIX_NONE, Recipe, _key, _uniforms, get_recipe, mix_views, output_size
+
+# teacher_dtype=auto: fp32 on every device. bench/precision.py (README, "Teacher precision"): under bf16 autocast
+# the targets of a ResNet-50 and a ViT-B/16 with ImageNet-sized logits move by more than 0.01 total variation from
+# fp32's at T = 1 (within it at T = 4); bf16 stays available, and keyed, as --teacher-dtype bf16
+AUTO_DTYPE = {"cpu": "fp32", "cuda": "fp32"}
+AUTO_DTYPE_HELP = "fp32: bf16 moves T=1 targets by over 0.01 total variation"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,8 +83,31 @@ class LabelConfig:
                          choices=("auto", "cpu", "gpu"))
     gpu_wait_s: float = option(60.0, help="how long --gpus-per-worker waits for the cluster's GPUs before refusing",
                                ge=0, le=86400)
+    class_map: str | None = option(None, help="a teacher trained on a superset of the dataset's classes (e.g. "
+                                              "ImageNet-1k for ImageNet-100): a file with one line per dataset class, "
+                                              "in order, INDEX or NAME INDEX (the teacher's class index); applies to "
+                                              "every teacher. Without it a teacher of another class count is refused")
+    # preprocessing of every teacher (None: the checkpoint's, else timm's config of the teacher's tag)
+    teacher_input_size: int | None = option(None, help="the teachers' input size in px (default: each teacher's own); "
+                                                       "each teacher's input is rendered from the source image at it",
+                                            ge=8, le=2048)
+    teacher_mean: tuple[float, ...] | None = option(None, help="the teachers' normalisation mean, e.g. "
+                                                               "0.485,0.456,0.406 (default: each teacher's own)")
+    teacher_std: tuple[float, ...] | None = option(None, help="the teachers' normalisation std, e.g. 0.229,0.224,0.225 "
+                                                              "(default: each teacher's own)")
+    teacher_interpolation: str | None = option(None, help="the filter of a resize inside the teacher (default: each "
+                                                          "teacher's own)", choices=INTERPOLATIONS)
+    teacher_crop_pct: float | None = option(None, help="the teachers' eval centre-crop fraction, recorded (a view's "
+                                                       "stored box is what a teacher sees; default: each teacher's "
+                                                       "own)", gt=0, le=1)
+    teacher_dtype: str = option("auto", help="the teachers' compute precision: fp32, bf16 (autocast), auto ("
+                                + AUTO_DTYPE_HELP + ")", choices=("auto", "fp32", "bf16"))
 
     def __post_init__(self) -> None:
+        for name in ("teacher_mean", "teacher_std"):  # the CLI's text, or a REST spec's list
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, parse_floats(value, "--" + name.replace("_", "-")))
         if not self.teachers:
             raise UsageError("give at least one --teacher NAME@CHECKPOINT")
         if not self.seeds:
@@ -88,6 +124,18 @@ class LabelConfig:
         return []
 
     @property
+    def compute_dtype(self) -> str:
+        """The teachers' precision, ``teacher_dtype`` resolved for where they run (``auto``: ``AUTO_DTYPE``)."""
+        if self.teacher_dtype != "auto":
+            return self.teacher_dtype
+        return AUTO_DTYPE["cuda" if self.gpus_per_worker > 0 else "cpu"]
+
+    def preprocess_overrides(self) -> dict[str, Any]:
+        """The preprocessing fields the options set (``pipelines.teachers.with_overrides``)."""
+        return {"resolution": self.teacher_input_size, "mean": self.teacher_mean, "std": self.teacher_std,
+                "interpolation": self.teacher_interpolation, "crop_pct": self.teacher_crop_pct}
+
+    @property
     def decode_on(self) -> str:
         """Where JPEGs are decoded: ``gpu`` when asked, or by default when the teacher runs on a GPU."""
         return "gpu" if self.decode == "gpu" or (self.decode == "auto" and self.gpus_per_worker > 0) else "cpu"
@@ -97,6 +145,34 @@ class LabelConfig:
         quarter of them (at least one). At 224 px a CPU teacher costs far more per image than a JPEG decode
         (resnet50: about 4 GFLOPs against about 1.5 ms of a core), so most cores go to the teacher's threads."""
         return self.decode_workers if self.decode_workers >= 0 else max(1, cpus // 4)
+
+
+def parse_floats(value: Any, flag: str) -> tuple[float, ...]:
+    """``0.485,0.456,0.406`` (or a list of numbers) -> a tuple of floats."""
+    parts = [p for p in value.split(",") if p.strip()] if isinstance(value, str) else list(value)
+    try:
+        return tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag} {value!r}: expected comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+
+
+def load_teachers(config: LabelConfig, dataset: Dataset, device: str = "cpu") -> list[Teacher]:
+    """The config's teachers for ``dataset``: its class count and names checked (or mapped by ``class_map``), the
+    preprocessing options applied."""
+    names = getattr(dataset, "class_names", None)
+    class_map = read_class_map(config.class_map, dataset.num_classes, names) if config.class_map else None
+    return [load_teacher(t, dataset.num_classes, device, class_names=names, class_map=class_map,
+                         preprocess=config.preprocess_overrides()) for t in config.teachers]
+
+
+def describe_teacher(teacher: Teacher, dtype: str) -> str:
+    """One line saying what a teacher's input is: what ``stillroom label`` prints for each."""
+    p = teacher.preprocess
+    floats = lambda v: ",".join(f"{x:g}" for x in v)  # noqa: E731
+    mapped = f", classes mapped {teacher.num_classes} of {teacher.teacher_classes}" if teacher.class_map else ""
+    return (f"teacher {teacher.name} ({teacher.source}): input {p.resolution} px, mean {floats(p.mean)}, "
+            f"std {floats(p.std)}, interpolation {p.interpolation}, crop_pct {p.crop_pct}, {dtype}{mapped}; "
+            f"preprocessing from {teacher.preprocess_from}")
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -121,7 +197,7 @@ class Labeler:
         self.config = config
         self.dataset: Dataset = load_dataset(config.dataset, config.split, config.data_root)
         self.recipe: Recipe = get_recipe(config.recipe)
-        self.teachers: list[Teacher] = [load_teacher(t, self.dataset.num_classes, device) for t in config.teachers]
+        self.teachers: list[Teacher] = load_teachers(config, self.dataset, device)
         self.store = LabelStore(store_path)
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -131,8 +207,10 @@ class Labeler:
         self.decode_workers = (config.decode_processes(torch.get_num_threads()) if decode_workers is None
                                else decode_workers)
         self.decode = config.decode_on if self.device.type == "cuda" else "cpu"
+        # each teacher's input rendered from the source at its own size, from the same boxes
         self.views = ViewStream(self.dataset, self.recipe, self.decode_workers, self.decode,
-                                pin_memory=self.device.type == "cuda")
+                                pin_memory=self.device.type == "cuda",
+                                sizes=tuple(t.preprocess.resolution for t in self.teachers))
 
     def label(self, seed: int, ids: np.ndarray) -> dict[str, np.ndarray]:
         """The store arrays for ``ids`` under ``seed``, computed in batches."""
@@ -140,48 +218,72 @@ class Labeler:
 
     def label_with_quality(self, seed: int, ids: np.ndarray) -> tuple[dict[str, np.ndarray], QualitySums]:
         """The store arrays for ``ids`` under ``seed`` and their label-quality sums (``quality_sums``)."""
-        parts: list[dict[str, np.ndarray]] = []
-        quality: QualitySums = {}
-        for batch in self.views.batches(seed, ids, self.config.batch_size):
-            arrays, sums = self._label_batch(seed, batch)
-            parts.append(arrays)
-            quality = add_quality(quality, sums)
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, quality
+        return self.label_seeds((seed,), ids)[seed]
 
-    def _device_views(self, batch: ViewBatch) -> torch.Tensor:
-        """The batch's float views in [0, 1] on the teacher's device (uint8 travels; floats are made there)."""
+    def label_seeds(self, seeds: tuple[int, ...], ids: np.ndarray
+                    ) -> dict[int, tuple[dict[str, np.ndarray], QualitySums]]:
+        """``label_with_quality`` for several seeds in one pass: each batch holds the views of some ids under every
+        seed, so each image is read and decoded once for all its seeds and the teacher sees views of several
+        images at once."""
+        parts: dict[int, list[dict[str, np.ndarray]]] = {seed: [] for seed in seeds}
+        quality: dict[int, QualitySums] = {seed: {} for seed in seeds}
+        for batch in self.views.batches(seeds, ids, self.config.batch_size):
+            for seed, (arrays, sums) in zip(seeds, self._label_batch(seeds, batch), strict=True):
+                parts[seed].append(arrays)
+                quality[seed] = add_quality(quality[seed], sums)
+        return {seed: ({k: np.concatenate([p[k] for p in parts[seed]]) for k in parts[seed][0]}, quality[seed])
+                for seed in seeds}
+
+    def _device_views(self, batch: ViewBatch) -> dict[int, torch.Tensor]:
+        """The batch's float views in [0, 1] on the teacher's device, by size (uint8 travels; floats are made
+        there)."""
         if batch.views is not None:
-            return batch.views.to(self.device)
-        size = int(output_size(self.recipe, self.dataset) or 0)
-        partner = None
-        if batch.encoded is not None:  # decode="gpu"
-            own = decode_views_torch(batch.encoded, batch.params[:, 0:5], size, self.device)
-            if batch.partner_encoded is not None:
-                rows = np.flatnonzero(batch.params[:, COL["mix_mode"]] != MIX_NONE)
-                partner = own.clone()
-                partner[torch.from_numpy(rows).to(self.device)] = decode_views_torch(
-                    batch.partner_encoded, batch.params[rows, 8:13], size, self.device)
-        else:
-            own = batch.own.to(self.device, non_blocking=True)  # type: ignore[union-attr]
-            if batch.partner is not None:
-                partner = batch.partner.to(self.device, non_blocking=True)
-        return mix_views(own, partner, batch.params)
+            return {size: v.to(self.device) for size, v in batch.views.items()}
+        out = {}
+        for size in self.views.sizes:
+            partner = None
+            if batch.encoded is not None:  # decode="gpu"
+                own = decode_views_torch(batch.encoded, batch.params[:, 0:5], size, self.device)
+                if batch.partner_encoded is not None:
+                    rows = np.flatnonzero(batch.params[:, COL["mix_mode"]] != MIX_NONE)
+                    partner = own.clone()
+                    partner[torch.from_numpy(rows).to(self.device)] = decode_views_torch(
+                        batch.partner_encoded, batch.params[rows, 8:13], size, self.device)
+            else:
+                own = batch.own[size].to(self.device, non_blocking=True)  # type: ignore[index]
+                if batch.partner is not None:
+                    partner = batch.partner[size].to(self.device, non_blocking=True)
+            out[size] = mix_views(own, partner, batch.params)
+        return out
 
     @torch.inference_mode()
-    def _label_batch(self, seed: int, batch: ViewBatch) -> tuple[dict[str, np.ndarray], QualitySums]:
-        cfg, schema = self.config, self.store.schema
-        ids, params = batch.ids, batch.params
+    def _label_batch(self, seeds: tuple[int, ...], batch: ViewBatch) -> list[tuple[dict[str, np.ndarray], QualitySums]]:
+        """One forward over the batch's views (its ids under each of ``seeds``, seed after seed), then each seed's
+        store arrays and quality sums."""
+        cfg = self.config
         views = self._device_views(batch)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _null()
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.config.compute_dtype == "bf16"
+                    else _null())
         member_logits, fmap = [], None
         with autocast:
             for i, teacher in enumerate(self.teachers):
+                x = views[teacher.preprocess.resolution]
                 if i == 0 and cfg.features:
-                    logits, fmap = teacher.features(views, cfg.features)
+                    logits, fmap = teacher.features(x, cfg.features)
                 else:
-                    logits = teacher.logits(views)
+                    logits = teacher.logits(x)
                 member_logits.append(logits.float())
         logits = ensemble_log_probs(member_logits)
+        n = len(batch.ids) // len(seeds)
+        return [self._seed_arrays(seed, batch.ids[j * n : (j + 1) * n], batch.params[j * n : (j + 1) * n],
+                                  logits[j * n : (j + 1) * n], [m[j * n : (j + 1) * n] for m in member_logits],
+                                  fmap[j * n : (j + 1) * n] if fmap is not None else None)
+                for j, seed in enumerate(seeds)]
+
+    def _seed_arrays(self, seed: int, ids: np.ndarray, params: np.ndarray, logits: torch.Tensor,
+                     member_logits: list[torch.Tensor], fmap: torch.Tensor | None
+                     ) -> tuple[dict[str, np.ndarray], QualitySums]:
+        cfg, schema = self.config, self.store.schema
         out = {"view": params, **topk_arrays(logits, schema.top_k)}
         if schema.sampled:
             out["sampled"] = sample_classes(logits, self.recipe, seed, ids, schema.sampled)
@@ -193,13 +295,15 @@ class Labeler:
         area = params[:, COL["h"]] * params[:, COL["w"]]
         return out, quality_sums(logits, self.dataset.labels[ids], area, schema.top_k)
 
-    def label_piece(self, seed: int, piece: int, start: int, stop: int) -> dict[str, Any]:
-        """Label rows ``[start, stop)`` of ``seed`` and write them whole; return counts for progress."""
+    def label_piece(self, seeds: int | tuple[int, ...], piece: int, start: int, stop: int) -> dict[str, Any]:
+        """Label rows ``[start, stop)`` under each of ``seeds`` in one pass (``label_seeds``) and write each seed's
+        piece whole; return counts for progress."""
         t = time.perf_counter()
-        arrays, quality = self.label_with_quality(seed, np.arange(start, stop, dtype=np.int64))
-        self.store.write_piece(seed, piece, start, arrays, quality=quality)
-        return {"seed": seed, "piece": piece, "samples": stop - start, "seconds": time.perf_counter() - t,
-                "pid": os.getpid()}
+        seeds = (seeds,) if isinstance(seeds, int) else tuple(seeds)
+        for seed, (arrays, quality) in self.label_seeds(seeds, np.arange(start, stop, dtype=np.int64)).items():
+            self.store.write_piece(seed, piece, start, arrays, quality=quality)
+        return {"seed": seeds[0] if len(seeds) == 1 else seeds, "piece": piece, "samples": (stop - start) * len(seeds),
+                "seconds": time.perf_counter() - t, "pid": os.getpid()}
 
 
 class _null:
@@ -275,7 +379,7 @@ def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Datas
     """The store's provenance (what goes into the cache key) and schema for this job."""
     feature_shape = None
     if config.features:
-        size = output_size(recipe, dataset) or dataset.image_shape[1]
+        size = teachers[0].preprocess.resolution  # its input: rendered at its own size
         probe = torch.zeros(1, dataset.channels, size, size)  # only the map's shape matters: nothing is decoded
         with torch.inference_mode():
             _, fmap = teachers[0].features(probe, config.features)
@@ -293,10 +397,12 @@ def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Datas
         "teachers": [t.describe() for t in teachers],
         "labels": {"top_k": config.top_k, "sampled": config.sampled, "ensemble": "mean-probability",
                    "features": {"layer": config.features, "grid": config.feature_grid} if config.features else None,
-                   "per_teacher": config.per_teacher},
+                   "per_teacher": config.per_teacher, "dtype": config.compute_dtype},
     }
     if config.decode_on == "gpu" and not dataset.in_memory:  # other pixels than the PIL views: another key
         provenance["labels"]["decode"] = "torchvision.io.decode_jpeg+roi_align"
+    if any(t.preprocess.resolution != view_size(recipe, dataset) for t in teachers):  # once: upsampled views
+        provenance["labels"]["teacher_input"] = "rendered from the source at each teacher's size"
     schema = StoreSchema(num_samples=len(dataset), num_classes=dataset.num_classes, top_k=config.top_k,
                          sampled=config.sampled, feature_shape=feature_shape,  # type: ignore[arg-type]
                          per_teacher=len(teachers) if config.per_teacher else 0, chunk_rows=config.chunk_rows)
@@ -305,12 +411,19 @@ def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Datas
 
 def prepare_store(config: LabelConfig) -> LabelStore:
     """Validate everything (dataset, recipe, teachers, store root) and open or make the store; no labeling."""
+    return _prepare(config)[0]
+
+
+def _prepare(config: LabelConfig) -> tuple[LabelStore, list[Teacher]]:
     dataset = load_dataset(config.dataset, config.split, config.data_root)
     recipe = get_recipe(config.recipe)
-    teachers = [load_teacher(t, dataset.num_classes) for t in config.teachers]
+    teachers = load_teachers(config, dataset)
     provenance, schema = describe_labels(config, teachers, dataset, recipe)
+    # where each teacher's preprocessing came from: said, not keyed (the same values from anywhere: the same labels)
+    preprocess_from = [t.preprocess_from for t in teachers]
     return LabelStore.create(config.store_root, provenance, schema,
-                             sources={"teachers": list(config.teachers), "label_config": _jsonable(config)})
+                             sources={"teachers": list(config.teachers), "preprocess_from": preprocess_from,
+                                      "label_config": _jsonable(config)}), teachers
 
 
 def _jsonable(config: LabelConfig) -> dict[str, Any]:
@@ -333,15 +446,20 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
         raise UsageError(f"unknown backend {backend!r}: expected ray or local")
     if backend == "local" and config.gpus_per_worker > 0:  # a store keyed as GPU-decoded, labeled on the CPU
         raise UsageError("--gpus-per-worker asks Ray for GPUs; --no-ray labels in this process on the CPU")
-    store = prepare_store(config)
+    store, teachers = _prepare(config)
+    for teacher in teachers:
+        print(describe_teacher(teacher, config.compute_dtype), file=sys.stderr)
     reused = [s for s in config.seeds if store.is_complete(s)]
     todo = [s for s in config.seeds if s not in reused]
     if todo and backend == "ray":
         from pipelines._ray_labeling import connect
 
         connect(config.ray_address)  # no Ray there: fail now, before any seed is begun
-    result: dict[str, Any] = {"cache_key": store.cache_key, "store": str(store.path), "seeds_computed": [],
-                              "seeds_reused": reused, "samples": 0, "images_per_s": 0.0}
+    result: dict[str, Any] = {
+        "cache_key": store.cache_key, "store": str(store.path), "seeds_computed": [], "seeds_reused": reused,
+        "samples": 0, "images_per_s": 0.0,
+        "teachers": [{"name": t.name, "preprocess": t.preprocess.to_dict(), "dtype": config.compute_dtype,
+                      "preprocess_from": t.preprocess_from} for t in teachers]}
     if not todo:
         print(f"cache hit: {store.cache_key} holds seeds {reused}; no teacher ran", file=sys.stderr)
         result["quality"] = {str(s): store.quality(s) for s in config.seeds}
@@ -397,23 +515,27 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
 
 def _label_seeds(config: LabelConfig, store: LabelStore, leases: dict[int, SeedLease], backend: str,
                  progress: bool) -> dict[str, Any]:
-    """Label and commit the seeds whose leases this run holds (then released); return the timing record."""
-    work: list[tuple[int, int, int, int]] = []
+    """Label and commit the seeds whose leases this run holds (then released); return the timing record. One
+    work item per piece, for every held seed that still needs it: its images are decoded once for all of them."""
     pieces = store.schema.pieces()
+    needs: dict[int, list[int]] = {}
     for seed in sorted(leases):
         store.begin_seed(seed)
         done = store.done_pieces(seed)
-        work += [(seed, i, a, b) for i, (a, b) in enumerate(pieces) if i not in done]
-    total = sum(b - a for _, _, a, b in work)
+        for i in range(len(pieces)):
+            if i not in done:
+                needs.setdefault(i, []).append(seed)
+    work = [(tuple(seeds), i, *pieces[i]) for i, seeds in sorted(needs.items())]
+    total = sum((b - a) * len(seeds) for seeds, _, a, b in work)
     bar = progress_bar(total, f"labeling {len(leases)} seed(s)", progress)
     if backend == "local":
         t_start = time.perf_counter()
         labeler = Labeler(config, str(store.path))
         t_work = time.perf_counter()
         try:
-            for seed, i, a, b in work:
-                labeler.label_piece(seed, i, a, b)
-                bar.update(b - a)
+            for seeds, i, a, b in work:
+                labeler.label_piece(seeds, i, a, b)
+                bar.update((b - a) * len(seeds))
         finally:
             labeler.views.close()
         timing: dict[str, Any] = {"startup_s": t_work - t_start, "work_s": time.perf_counter() - t_work, "nodes": 1}
@@ -425,4 +547,4 @@ def _label_seeds(config: LabelConfig, store: LabelStore, leases: dict[int, SeedL
     for seed in sorted(leases):
         store.commit_seed(seed, leases[seed])
         leases[seed].release()
-    return {**timing, "samples": total, "pieces": len(work)}
+    return {**timing, "samples": total, "pieces": sum(len(seeds) for seeds, *_ in work)}

@@ -176,7 +176,8 @@ def train_teacher(config: TeacherTrainConfig, progress: bool = True) -> dict[str
     save_checkpoint(out, config.model, final.to("cpu"), kwargs, preprocess,
                     extra={"metrics": metrics, "history": history, "config": asdict(config),
                            "resolved_config": resolved,
-                           "dataset": {"spec": train.spec, "fingerprint": train.fingerprint}})
+                           "dataset": {"spec": train.spec, "fingerprint": train.fingerprint}},
+                    class_names=getattr(train, "class_names", None))
     write_json(out.with_name(out.stem + ".config.json"), resolved)  # beside the checkpoint, as a run's config.json
     write_json(out.with_suffix(".json"), result, sort_keys=False)
     return result

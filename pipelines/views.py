@@ -373,19 +373,38 @@ def decode_view(data: bytes, where: str, box: np.ndarray, out_size: int, draft: 
     Decoded to RGB (CMYK, grayscale, palette and PNG-named-JPEG files included), at a DCT scale when
     ``draft`` and the crop allows it (``draft_scale``); the crop box is resized with PIL's antialiased
     bilinear filter straight from the decoded image. Raises ``DataError`` naming ``where``."""
+    return decode_views(data, where, [(box, out_size)], draft)[0]
+
+
+def decode_views(data: bytes, where: str, requests: list[tuple[np.ndarray, int]], draft: bool) -> list[np.ndarray]:
+    """Several views of one encoded image, each ``(box, size)`` as ``decode_view`` renders it alone (the same
+    pixels): the image is decoded once per distinct DCT scale the requests need, not once per view."""
+    from PIL import Image
+
+    out: list[np.ndarray] = [np.empty(0)] * len(requests)
+    try:
+        encoded = Image.open(io.BytesIO(data))
+        jpeg = draft and encoded.format in ("JPEG", "MPO")
+        full = (encoded.height, encoded.width)
+        scales = [draft_scale((float(box[2]), float(box[3])), full, size) if jpeg else 1 for box, size in requests]
+        for n, s in enumerate(sorted(set(scales), reverse=True)):
+            if n:  # a decoded image cannot be decoded again at another scale: open it anew
+                encoded = Image.open(io.BytesIO(data))
+            if s > 1:
+                encoded.draft("RGB", (encoded.width // s, encoded.height // s))
+            img = encoded.convert("RGB") if encoded.mode != "RGB" else encoded
+            img.load()
+            for i in (i for i, scale in enumerate(scales) if scale == s):
+                out[i] = _crop_resize(img, *requests[i])
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{where}: cannot decode ({str(e).splitlines()[0][:120]})") from None
+    return out
+
+
+def _crop_resize(img, box: np.ndarray, out_size: int) -> np.ndarray:
     from PIL import Image
 
     y0, x0, h, w, flip = (float(v) for v in box[:5])
-    try:
-        encoded = Image.open(io.BytesIO(data))
-        if draft and encoded.format in ("JPEG", "MPO"):
-            s = draft_scale((h, w), (encoded.height, encoded.width), out_size)
-            if s > 1:
-                encoded.draft("RGB", (encoded.width // s, encoded.height // s))
-        img = encoded.convert("RGB") if encoded.mode != "RGB" else encoded
-        img.load()
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{where}: cannot decode ({str(e).splitlines()[0][:120]})") from None
     H, W = img.height, img.width
     region = (x0 * W, y0 * H, (x0 + w) * W, (y0 + h) * H)
     view = img.resize((out_size, out_size), Image.Resampling.BILINEAR, box=region)
@@ -398,12 +417,27 @@ def render_views(dataset, ids: np.ndarray, boxes: np.ndarray, out_size: int, dra
     """uint8 ``(B, 3, S, S)`` views of a data set on disk (channels-last in memory): sample ``ids[i]`` cropped by
     ``boxes[i]`` (y0, x0, h, w, flip). Reads only these samples' bytes. A pure function of its arguments: runs
     the same in any process."""
+    return render_views_at(dataset, ids, boxes, (out_size,), draft)[out_size]
+
+
+def render_views_at(dataset, ids: np.ndarray, boxes: np.ndarray, sizes: tuple[int, ...], draft: bool
+                    ) -> dict[int, torch.Tensor]:
+    """``render_views`` at each of ``sizes`` from the same boxes (a teacher of another input size sees the same
+    crop at its own size): each image read once and decoded once per DCT scale, also where its id is on several
+    rows (its views under several seeds); each size's views are those ``render_views`` gives at that size."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    batch = _uint8_batch((len(ids), out_size, out_size, 3))
-    out = batch.numpy()
-    for row, (data, where) in enumerate(dataset.encoded(ids)):
-        out[row] = decode_view(data, where, boxes[row], out_size, draft)
-    return batch.permute(0, 3, 1, 2)  # (B, 3, S, S) in channels-last memory: no copy
+    batches = {size: _uint8_batch((len(ids), size, size, 3)) for size in sizes}
+    arrays = {size: b.numpy() for size, b in batches.items()}
+    unique, inverse = np.unique(ids, return_inverse=True)  # an id on several rows (several seeds): read once
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(len(unique) + 1))
+    for u, (data, where) in enumerate(dataset.encoded(unique)):
+        rows = order[bounds[u] : bounds[u + 1]]
+        views = iter(decode_views(data, where, [(boxes[r], size) for r in rows for size in sizes], draft))
+        for r in rows:
+            for size in sizes:
+                arrays[size][r] = next(views)
+    return {size: b.permute(0, 3, 1, 2) for size, b in batches.items()}  # (B, 3, S, S), channels-last: no copy
 
 
 def _uint8_batch(shape: tuple[int, ...]) -> torch.Tensor:
@@ -419,15 +453,23 @@ def render_batch(dataset, ids: np.ndarray, params: np.ndarray, out_size: int, dr
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A batch's uint8 views and, where some row mixes, its partners' uint8 views (rows that do not mix get
     a copy of their own view). What a loader worker process hands over; ``mix_views`` finishes the batch."""
+    own, partner = render_batch_at(dataset, ids, params, (out_size,), draft)
+    return own[out_size], partner[out_size] if partner is not None else None
+
+
+def render_batch_at(dataset, ids: np.ndarray, params: np.ndarray, sizes: tuple[int, ...], draft: bool
+                    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
+    """``render_batch`` at each of ``sizes`` (``render_views_at``): ``({size: own}, {size: partner} or None)``."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    own = render_views(dataset, ids, params[:, 0:5], out_size, draft)
+    own = render_views_at(dataset, ids, params[:, 0:5], sizes, draft)
     mixing = params[:, COL["mix_mode"]] != MIX_NONE
     if not mixing.any():
         return own, None
-    partner = own.clone()
+    partner = {size: v.clone() for size, v in own.items()}
     rows = np.flatnonzero(mixing)
-    partner[rows] = render_views(dataset, params[rows, COL["partner"]].astype(np.int64), params[rows, 8:13],
-                                 out_size, draft)
+    theirs = render_views_at(dataset, params[rows, COL["partner"]].astype(np.int64), params[rows, 8:13], sizes, draft)
+    for size in sizes:
+        partner[size][rows] = theirs[size]
     return own, partner
 
 

@@ -122,6 +122,8 @@ _REST: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {
         "recipe": (str, dict(pattern=recipe_pattern(), max_length=100)),
         "seeds": (list[Annotated[int, Field(ge=0)]], dict(min_length=1, max_length=1000)),
         "features": (str | None, dict(pattern=NAME, max_length=200)),
+        "teacher_mean": (list[float] | None, dict(min_length=1, max_length=4)),
+        "teacher_std": (list[float] | None, dict(min_length=1, max_length=4)),
     },
     "train": {
         "store": (str, dict(pattern=r"^[0-9a-f]{8,64}$",
@@ -235,6 +237,8 @@ def confined_spec(kind: str, spec: _Spec, roots: tuple[Path, ...], base: Path) -
             name, sep, path = t.partition("@")
             teachers.append(f"{name}@{confine(path, roots, base)}" if sep else name)
         d["teachers"] = teachers
+        if d.get("class_map"):
+            d["class_map"] = str(confine(d["class_map"], roots, base))
     if kind == "train" and d.get("init"):
         d["init"] = str(confine(d["init"], roots, base))
     return d

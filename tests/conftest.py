@@ -84,3 +84,20 @@ def decodes(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", counting)
     return calls
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An offline hub cache holding ``HUB_ID``'s weights, used by timm's real download code in this process
+    (``HF_HOME`` for subprocesses; huggingface_hub reads its constants at import, so they are set too)."""
+    import huggingface_hub.constants as hf
+
+    home = tmp_path / "hf"
+    from hub_cache import write_hub_cache
+
+    model = write_hub_cache(home)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    return model

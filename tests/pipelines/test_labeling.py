@@ -193,9 +193,9 @@ def test_repeat_is_a_cache_hit_and_a_new_seed_alone_is_computed(tmp_path, tiny_t
 
     labelled: list[int] = []
 
-    def recording(self, seed, *rest):
-        labelled.append(seed)
-        return original(self, seed, *rest)
+    def recording(self, seeds, *rest):
+        labelled.extend(seeds)
+        return original(self, seeds, *rest)
 
     monkeypatch.setattr(Labeler, "label_piece", recording)
     more = run_labeling(config(tmp_path, [tiny_teacher], seeds=(0, 1)), backend="local", progress=False)
@@ -388,7 +388,7 @@ def test_bad_input_fails_before_any_work(tmp_path, tiny_teacher):
         (config(tmp_path, [f"resnet18@{plain}"]), "does not fit resnet18"),
         (config(tmp_path, [f"resnet18@{ckpt}"]), "holds a test_resnet, not a resnet18"),
         (config(tmp_path, [tiny_teacher], dataset="synthetic:n=256,classes=5,size=16"),
-         "predicts 4 classes; the dataset has 5"),
+         r"predicts 4 classes \(its stillroom checkpoint\); the dataset has 5"),
         (config(tmp_path, [f"test_resnet@{tmp_path / 'missing.pt'}"]), "does not exist"),
         (config(tmp_path, [tiny_teacher], recipe="no-such-recipe"), "unknown view recipe"),
         (config(tmp_path, [tiny_teacher], top_k=9), "top-k 9 must be between 1 and the class count 4"),

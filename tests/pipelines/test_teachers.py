@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 from conftest import SYNTHETIC, make_teacher
+from hub_cache import HUB_ID
 
 from pipelines.errors import UsageError
 from pipelines.teachers import Preprocess, load_teacher, weights_digest
@@ -104,7 +105,7 @@ def test_bad_teachers_raise_usage_errors(tmp_path):
     for bad, message in cases.items():
         with pytest.raises(UsageError, match=message):
             load_teacher(bad, num_classes=4)
-    with pytest.raises(UsageError, match="predicts 4 classes; the dataset has 10"):
+    with pytest.raises(UsageError, match=r"predicts 4 classes \(its stillroom checkpoint\); the dataset has 10"):
         load_teacher(spec, num_classes=10)
 
 
@@ -174,3 +175,131 @@ def test_batchnorm_statistics_are_reestimated_before_the_final_evaluation(tmp_pa
     assert after["top1"] == eval_after  # the printed accuracy is the eval-mode accuracy of the saved teacher
     assert abs(eval_after - batch_after) < abs(eval_before - batch_before)
     assert abs(eval_after - batch_after) <= 0.1 < abs(eval_before - batch_before)
+
+
+# --- teachers as users bring them: the hub's weights (from an offline cache), other label spaces, preprocessing
+
+def test_a_pretrained_teacher_of_another_class_count_is_refused_unless_mapped(offline_hub, tmp_path):
+    from pipelines.teachers import read_class_map
+
+    for name in (HUB_ID, "test_resnet"):  # tagged, and the default tag
+        with pytest.raises(UsageError, match=r"predicts 1000 classes \(timm's pretrained_cfg num_classes\); "
+                                             r"the dataset has 4\. .* --class-map FILE"):
+            load_teacher(name, num_classes=4)
+    full = load_teacher(HUB_ID, num_classes=1000)  # its own label space: the hub's weights, head and all
+    assert full.weights_sha256 == weights_digest(offline_hub.state_dict()) and full.num_classes == 1000
+    # a data set of 4 classes drawn from the teacher's 1000: class i is the teacher's class map[i]
+    mapping = tmp_path / "classes.txt"
+    mapping.write_text("# ImageNet-100 style: dataset class, teacher class index\nant 7\nbee 300\ncat 281\ndog 999\n")
+    class_map = read_class_map(str(mapping), 4, ("ant", "bee", "cat", "dog"))
+    assert class_map == (7, 300, 281, 999)
+    teacher = load_teacher(HUB_ID, num_classes=4, class_map=class_map)
+    assert (teacher.num_classes, teacher.teacher_classes) == (4, 1000)
+    assert teacher.describe()["class_map"] == {"teacher_classes": 1000, "indices": [7, 300, 281, 999]}
+    x = torch.rand(3, 3, 160, 160)
+    with torch.inference_mode():
+        torch.testing.assert_close(teacher.logits(x), offline_hub(teacher.preprocess(x))[:, [7, 300, 281, 999]])
+        torch.testing.assert_close(teacher.features(x, "final")[0], teacher.logits(x))
+    bad = {"ant 7\nbee 300\ncat 281\n": "maps 3 classes; the dataset has 4",
+           "ant 7\nbee 7\ncat 281\ndog 999\n": "teacher class 7 is given to two data set classes",
+           "ant 7\nbee 300\ndog 281\ncat 999\n": "names 'dog', the dataset's class 2 is 'cat'",
+           "7\n300\nx\n999\n": "line 3: expected INDEX or NAME INDEX"}
+    for text, message in bad.items():
+        mapping.write_text(text)
+        with pytest.raises(UsageError, match=message):
+            read_class_map(str(mapping), 4, ("ant", "bee", "cat", "dog"))
+    with pytest.raises(UsageError, match="gives teacher class 1000; teacher .* predicts 1000 classes"):
+        load_teacher(HUB_ID, num_classes=4, class_map=(0, 1, 2, 1000))
+
+
+def test_a_stillroom_teacher_refuses_a_dataset_whose_class_names_differ(tmp_path):
+    from pipelines.teachers import save_checkpoint
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=4, in_chans=1)
+    path = tmp_path / "named.pt"
+    save_checkpoint(path, "test_resnet", model, {"num_classes": 4, "in_chans": 1}, Preprocess(16, (0.5,), (0.25,), 1),
+                    extra={}, class_names=("ant", "bee", "cat", "dog"))
+    spec = f"test_resnet@{path}"
+    assert load_teacher(spec, 4, class_names=("ant", "bee", "cat", "dog")).class_names == ("ant", "bee", "cat", "dog")
+    with pytest.raises(UsageError, match="its class 2 is 'cat', the dataset's is 'dog' \\(names and order must match"):
+        load_teacher(spec, 4, class_names=("ant", "bee", "dog", "cat"))  # the same names, another order
+    with pytest.raises(UsageError, match="its class 0 is 'ant', the dataset's is 'Ant'"):
+        load_teacher(spec, 4, class_names=("Ant", "bee", "cat", "dog"))
+    # a map onto a named teacher: each mapped class must carry the dataset class's name
+    assert load_teacher(spec, 2, class_names=("dog", "bee"), class_map=(3, 1)).num_classes == 2
+    with pytest.raises(UsageError, match="class 0 \\('dog'\\) to teacher class 2, which the teacher's checkpoint "
+                                         "names 'cat'"):
+        load_teacher(spec, 2, class_names=("dog", "bee"), class_map=(2, 1))
+
+
+def test_teacher_train_records_the_class_names(tmp_path):
+    from image_data import CLASSES, write_image_folder
+
+    from pipelines.teacher_train import TeacherTrainConfig, train_teacher
+
+    root = write_image_folder(tmp_path / "imgs", train=16, val=8)
+    out = tmp_path / "t.pt"
+    train_teacher(TeacherTrainConfig(dataset=f"imagefolder:{root}", model="test_resnet", out=str(out), epochs=1,
+                                     batch_size=16, recipe="imagenet-rrc:size=16", bn_samples=0), progress=False)
+    assert torch.load(out, weights_only=True)["class_names"] == list(CLASSES)
+    assert load_teacher(f"test_resnet@{out}", 4, class_names=CLASSES).class_names == CLASSES
+
+
+def test_preprocessing_comes_from_the_checkpoint_then_the_tagged_name_then_the_default_tag(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10)
+    plain = tmp_path / "plain.pth"
+    torch.save(model.state_dict(), plain)
+    # the default tag (resnet18.a1_in1k: bicubic, crop 0.95), and said to be a guess
+    default = load_teacher(f"resnet18@{plain}", num_classes=10)
+    assert (default.preprocess.interpolation, default.preprocess.crop_pct) == ("bicubic", 0.95)
+    assert "default tag resnet18.a1_in1k (the checkpoint carries none" in default.preprocess_from
+    # the tagged name's (torchvision's weights: bilinear, crop 0.875)
+    tagged = load_teacher(f"resnet18.tv_in1k@{plain}", num_classes=10)
+    assert (tagged.preprocess.interpolation, tagged.preprocess.crop_pct) == ("bilinear", 0.875)
+    assert tagged.preprocess.mean == (0.485, 0.456, 0.406) and tagged.preprocess.resolution == 224
+    assert tagged.preprocess_from == "timm pretrained_cfg of the tag resnet18.tv_in1k"
+    assert tagged.weights_sha256 == default.weights_sha256 and tagged.describe() != default.describe()
+    # a model.safetensors with the hub's config.json beside it: the checkpoint's own preprocessing
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, hub / "model.safetensors")
+    cfg = {"input_size": [3, 176, 176], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear",
+           "crop_pct": 0.9}
+    (hub / "config.json").write_text(json.dumps({"architecture": "resnet18", "num_classes": 10, "pretrained_cfg": cfg}))
+    own = load_teacher(f"resnet18@{hub / 'model.safetensors'}", num_classes=10)
+    assert own.preprocess == Preprocess(176, (0.5,) * 3, (0.25,) * 3, 3, "bilinear", 0.9)
+    assert own.weights_sha256 == default.weights_sha256 and "config.json beside it" in own.preprocess_from
+    # a training script's checkpoint (DeiT's: {"model": state_dict}) carrying a pretrained_cfg
+    deit_style = tmp_path / "deit.pth"
+    torch.save({"model": model.state_dict(), "pretrained_cfg": {"mean": [0.1, 0.2, 0.3]}}, deit_style)
+    carried = load_teacher(f"resnet18@{deit_style}", num_classes=10)
+    assert carried.preprocess.mean == (0.1, 0.2, 0.3) and carried.preprocess.std == (0.229, 0.224, 0.225)
+    # options override any of them, and say so
+    set_ = load_teacher(f"resnet18@{plain}", num_classes=10,
+                        preprocess={"resolution": 96, "mean": (0.5, 0.5, 0.5), "interpolation": "bilinear",
+                                    "std": None})
+    assert (set_.preprocess.resolution, set_.preprocess.mean, set_.preprocess.std) == (96, (0.5,) * 3,
+                                                                                       (0.229, 0.224, 0.225))
+    assert set_.preprocess_from.startswith("options (interpolation, mean, resolution); the rest from timm's default")
+    with pytest.raises(UsageError, match="teacher mean 0.5,0.5: expected 3 value"):
+        load_teacher(f"resnet18@{plain}", num_classes=10, preprocess={"mean": (0.5, 0.5)})
+    # a plain state dict of 10 classes for a data set of 4: refused by its classifier's size
+    with pytest.raises(UsageError, match=r"predicts 10 classes \(its classifier's weights\); the dataset has 4"):
+        load_teacher(f"resnet18@{plain}", num_classes=4)
+    with pytest.raises(UsageError, match="Invalid pretrained tag"):
+        load_teacher(f"resnet18.no_such_tag@{plain}", num_classes=10)
+
+
+def test_an_old_checkpoint_without_the_new_preprocessing_fields_still_loads(tmp_path):
+    spec = make_teacher(tmp_path / "t.pt")
+    ckpt = torch.load(tmp_path / "t.pt", weights_only=True)
+    for key in ("interpolation", "crop_pct"):
+        del ckpt["preprocess"][key]
+    del ckpt["class_names"]
+    torch.save(ckpt, tmp_path / "t.pt")
+    teacher = load_teacher(spec, 4, class_names=("a", "b", "c", "d"))  # no names recorded: nothing to compare
+    assert teacher.preprocess == Preprocess(16, (0.5,), (0.25,), 1, "bilinear", None)
