@@ -87,7 +87,7 @@ class TrainConfig:
 
     ``temperature=None`` means the loss's default (4 for ``kd``, 1 otherwise). ``seeds=None``
     uses every complete seed of the store. ``max_steps`` stops each epoch early (tests, benchmarks);
-    ``eval_limit`` scores only the first samples of the eval split.
+    ``eval_limit`` scores a fixed class-balanced subset of the eval split.
     """
 
     store: str = option(help="the label store: its directory (<root>/<cache_key>) or its cache key under "
@@ -125,7 +125,9 @@ class TrainConfig:
                                               "on the store's encoding of it (encoded)", choices=ONLINE_TARGETS,
                                  flags=("--online",), via="the value of --online")
     eval_split: str = option("test", help="the split scored after each epoch", choices=("train", "val", "test"))
-    eval_limit: int | None = option(None, help="score only the first N eval samples", ge=1)
+    eval_limit: int | None = option(None, help="score a fixed class-balanced subset of N eval samples (the same in "
+                                               "every run: each class in turn, its samples drawn with a fixed seed), "
+                                               "not the first N of a split sorted by class", ge=1)
     seed: int = option(0, help="student init and shuffling", ge=0)
     distill_token: bool = option(False, help="require a student with a distillation token (deit-soft/deit-hard)")
     deit_soft_reduction: str = option("numel", help="deit-soft: divide the summed KL by B*C as DeiT's code does "

@@ -284,3 +284,20 @@ def test_train_takes_a_cache_key_and_the_data_set_from_the_store_manifest(plain_
     assert cli_main(older) == 2
     assert "does not record the data set it was labeled from: pass --dataset" in capsys.readouterr().err
     assert cli_main([*older, "--dataset", DATA]) == 0
+
+
+def test_eval_limit_scores_a_class_balanced_subset_of_a_class_sorted_split():
+    from student.evaluate import evaluate
+
+    ds = load_dataset("synthetic:n=256,classes=4,size=16", "test")
+    order = np.argsort(ds.labels, kind="stable")  # sorted by class, as ImageNet's ids are
+    ds.images, ds.labels = ds.images[order], ds.labels[order]
+
+    class Always0(torch.nn.Module):  # a student that answers class 0 whatever it sees
+        def forward(self, x):
+            return torch.tensor([[1.0, 0.0, 0.0, 0.0]]).repeat(len(x), 1)
+
+    # the first 40 ids are all class 0 (a 100 % score); 10 of each class score 25 %
+    assert (ds.labels[:40] == 0).all()
+    assert evaluate(Always0(), ds, 16, batch_size=16, limit=40)["top1"] == 0.25
+    assert evaluate(Always0(), ds, 16, limit=10_000)["top1"] == round(float((ds.labels == 0).mean()), 6)
