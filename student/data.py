@@ -1,11 +1,12 @@
 """Loading from the label store: one seed's arrays in memory, gathered by sample id, views rebuilt per batch.
 
 Epoch ``e`` uses seed ``seeds[e % len(seeds)]``. The seed's label arrays are loaded once (``read_labels``,
-about 50 bytes a sample; teacher feature maps stay on disk and are read by chunk) and every batch is a numpy
-gather from them; the views are rebuilt from the *stored* view parameters, so the student sees exactly the
+about 50 bytes a sample; teacher feature maps stay on disk and are read by the batch's rows) and every batch is
+a numpy gather from them; the views are rebuilt from the *stored* view parameters, so the student sees exactly the
 pixels the teacher labeled. Batches are built by ``loader_workers`` processes (``student._loader``: a
 DataLoader whose batch sampler is the epoch's order) as uint8 and finished on the training device. The order
-of an epoch is a permutation drawn from ``(shuffle_seed, epoch)``; with ``world_size > 1`` each rank takes
+of an epoch is a permutation of the whole split drawn from ``(shuffle_seed, epoch)``, whatever arrays are read
+(on ids sorted by class, anything less leaves batches of a few classes); with ``world_size > 1`` each rank takes
 every ``world_size``-th sample of that permutation (the last ``N % world_size`` are left out of that epoch so
 every rank runs the same number of steps) and reads only those samples' images.
 """
@@ -23,13 +24,11 @@ from pipelines.errors import UsageError
 from pipelines.store import LabelStore, SeedLabels, StoreError
 from pipelines.views import Recipe, get_recipe, output_size
 from student._loader import (
-    FEATURE_WINDOW_CHUNKS,
     LABEL_ARRAYS,
     Batch,
     BatchSource,
-    FeatureChunks,
+    FeatureRows,
     batch_parts,
-    chunk_window_order,
     default_loader_workers,
     finish,
     label_tensors,
@@ -79,7 +78,7 @@ class StoreStream:
         drop_last: drop a last batch shorter than ``batch_size``.
         loader_workers: processes that build batches (``None``: ``default_loader_workers``; 0: this process).
         device: where batches are finished (views built from uint8) and handed over (default: CPU).
-        features: deliver the teacher feature maps (default: when the store has them), read by chunk.
+        features: deliver the teacher feature maps (default: when the store has them), read by the batch's rows.
     """
 
     def __init__(self, store: LabelStore, dataset: Dataset, recipe: Recipe, batch_size: int,
@@ -138,30 +137,20 @@ class StoreStream:
 
     def labels_for(self, seed: int) -> SeedLabels:
         """The seed's label arrays in memory (one seed held at a time), feature maps left on disk: about 50 bytes
-        a sample, gathered by numpy indexing (``features``, about 2 KB a sample, are read by chunk)."""
+        a sample, gathered by numpy indexing (``features``, about 2 KB a sample, are read by the batch's rows)."""
         if self._loaded is None or self._loaded.seed != seed:
             self._loaded = None
             self._loaded = read_labels(self.store, seed)
         return self._loaded
 
-    def feature_chunks(self, seed: int) -> FeatureChunks | None:
-        """The seed's feature maps, read by chunk (None when the stream does not deliver them)."""
-        if not self.features:
-            return None
-        return FeatureChunks(self.store.seed_dir(seed), self.store.schema.chunk_rows)
+    def feature_rows(self, seed: int) -> FeatureRows | None:
+        """The seed's feature maps, read by the batch's rows (None when the stream does not deliver them)."""
+        return FeatureRows(self.store.seed_dir(seed)) if self.features else None
 
     def order(self, epoch: int) -> np.ndarray:
-        """This rank's sample ids for ``epoch``, in order.
-
-        A permutation drawn from ``(shuffle_seed, epoch)``; when the stream reads feature maps and the split
-        is larger than ``FEATURE_WINDOW_CHUNKS`` chunks, a permutation that reads by chunk
-        (``chunk_window_order``), so each batch decodes a few feature chunks and not one per sample."""
-        rng = np.random.default_rng([self.shuffle_seed, epoch])
-        n, chunk_rows = len(self.dataset), self.store.schema.chunk_rows
-        if self.features and n > FEATURE_WINDOW_CHUNKS * chunk_rows:
-            perm = chunk_window_order(rng, n, chunk_rows)
-        else:
-            perm = rng.permutation(n)
+        """This rank's sample ids for ``epoch``, in order: a permutation of the whole split drawn from
+        ``(shuffle_seed, epoch)``, this rank's share of it."""
+        perm = np.random.default_rng([self.shuffle_seed, epoch]).permutation(len(self.dataset))
         per_rank = len(perm) // self.world_size
         return perm[self.rank :: self.world_size][:per_rank]
 
@@ -176,7 +165,7 @@ class StoreStream:
     def source(self, labels: SeedLabels, epoch: int = 0) -> BatchSource:
         """What builds a batch from its ids, in this process or in a loader worker."""
         return BatchSource(self.dataset, labels.arrays, labels.seed, epoch, self.out_size, self.recipe.draft,
-                           self.num_classes, self.feature_chunks(labels.seed))
+                           self.num_classes, self.feature_rows(labels.seed))
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch, finished on the stream's device, built by ``loader_workers`` processes."""
@@ -192,7 +181,7 @@ class StoreStream:
 
 def read_labels(store: LabelStore, seed: int) -> SeedLabels:
     """What the student reads of a complete seed: the view parameters and the label arrays it trains on, not
-    ``features`` (read by chunk: ``FeatureChunks``) nor an ensemble's per-member arrays."""
+    ``features`` (read by the batch's rows: ``FeatureRows``) nor an ensemble's per-member arrays."""
     wanted = {"view", *LABEL_ARRAYS} - {"features"}
     return store.load(seed, [name for name in store.schema.arrays() if name in wanted])
 
