@@ -364,21 +364,25 @@ class LabelStore:
         record = json.loads((self.seed_dir(seed) / COMPLETE).read_text())
         return dict(record.get("quality") or {})
 
-    def _read_arrays(self, seed: int, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    def _read_arrays(self, seed: int, names: Iterable[str] | None = None, rows: tuple[int, int] | None = None
+                     ) -> dict[str, np.ndarray]:
         group = zarr.open_group(store=str(self.seed_dir(seed)), mode="r", zarr_format=3)
         out = {}
         for name in self.schema.arrays() if names is None else names:
             try:
-                out[name] = np.asarray(_array(group, name)[...])
+                array = _array(group, name)
+                out[name] = np.asarray(array[...] if rows is None else array[rows[0] : rows[1]])
             except Exception as e:  # a truncated or edited chunk fails to decode
                 raise StoreError(f"seed {seed} array {name}: cannot be read ({type(e).__name__}: {e})") from None
         return out
 
-    def load(self, seed: int, names: Iterable[str] | None = None) -> SeedLabels:
-        """Load one complete seed into memory: every array, or those in ``names`` (of ``schema.arrays()``)."""
+    def load(self, seed: int, names: Iterable[str] | None = None, rows: tuple[int, int] | None = None
+             ) -> SeedLabels:
+        """Load one complete seed into memory: every array, or those in ``names`` (of ``schema.arrays()``); only
+        rows ``[start, stop)`` with ``rows``."""
         if seed not in self.seeds():
             raise StoreError(f"seed {seed} is not in {self.path}: complete seeds are {self.seeds() or 'none'}")
-        return SeedLabels(int(seed), self._read_arrays(seed, names))
+        return SeedLabels(int(seed), self._read_arrays(seed, names, rows))
 
     def verify(self, seeds: Iterable[int] | None = None) -> list[str]:
         """Recompute every checksum; return one line per problem (empty: the store is sound)."""

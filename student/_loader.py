@@ -47,8 +47,9 @@ class Batch:
     targets: torch.Tensor  # (B, num_classes) ground truth mixed by the view's lambda (one-hot where not mixed)
     teacher: dict[str, torch.Tensor] = field(default_factory=dict)  # topk_idx, topk_logit, lse, tail_lse, ...
     params: np.ndarray | None = None  # (B, P) the view parameters
-    seed: int = 0
+    seed: int = 0  # the store seed of every view (-1 when the rows come from several: ``row_seeds``)
     epoch: int = 0
+    row_seeds: np.ndarray | None = None  # (B,) each view's store seed under ``--view-order random``
 
     @property
     def mixed(self) -> bool:
@@ -237,6 +238,7 @@ class BatchParts:
     out_size: int | None
     seed: int
     epoch: int
+    row_seeds: np.ndarray | None = None
 
     def pin_memory(self) -> BatchParts:
         """Called by the DataLoader's pinning thread (CUDA): page-locked host tensors copy asynchronously."""
@@ -249,13 +251,17 @@ class BatchParts:
 class BatchSource(torch.utils.data.Dataset):
     """One epoch's batches for a DataLoader: ``__getitems__(ids)`` builds the ``BatchParts`` of those ids.
 
-    Holds the seed's label arrays (gathered by numpy indexing; inherited by forked workers without a copy),
-    the data set's index and, where the store has them and they are wanted, the feature maps by chunk."""
+    Holds the epoch's label arrays (gathered by numpy indexing; inherited by forked workers without a copy),
+    the data set's index and, where the store has them and they are wanted, the feature maps read by rows.
+    The arrays are one seed's (``seed``), or under ``--view-order random`` each sample's row from the seed
+    ``seeds[seed_index[id]]`` (``seed`` -1), whose feature maps are then read from that seed's own array."""
 
     def __init__(self, dataset: Any, arrays: dict[str, np.ndarray], seed: int, epoch: int, out_size: int | None,
-                 draft: bool, num_classes: int, features: FeatureRows | None = None):
+                 draft: bool, num_classes: int, features: dict[int, FeatureRows] | None = None,
+                 seed_index: np.ndarray | None = None, seeds: tuple[int, ...] = ()):
         self.dataset, self.arrays, self.seed, self.epoch = dataset, arrays, seed, epoch
         self.out_size, self.draft, self.num_classes, self.features = out_size, draft, num_classes, features
+        self.seed_index, self.seeds = seed_index, seeds
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -263,12 +269,31 @@ class BatchSource(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> BatchParts:
         return self.__getitems__([i])
 
+    def row_seeds(self, ids: np.ndarray) -> np.ndarray | None:
+        """The store seed of each id's view (None: all are ``seed``)."""
+        if self.seed_index is None:
+            return None
+        return np.asarray(self.seeds, dtype=np.int64)[self.seed_index[ids]]
+
+    def _features(self, features: dict[int, FeatureRows], ids: np.ndarray, row_seeds: np.ndarray | None
+                  ) -> np.ndarray:
+        if row_seeds is None:
+            return features[self.seed].take(ids)
+        parts = {int(s): np.flatnonzero(row_seeds == s) for s in np.unique(row_seeds)}
+        taken = {s: features[s].take(ids[rows]) for s, rows in parts.items()}
+        first = next(iter(taken.values()))
+        out = np.empty((len(ids), *first.shape[1:]), dtype=first.dtype)
+        for s, rows in parts.items():
+            out[rows] = taken[s]
+        return out
+
     def __getitems__(self, ids: Any) -> BatchParts:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         gathered = {name: np.take(a, ids, axis=0) for name, a in self.arrays.items()}
         params = gathered.pop("view")
+        row_seeds = self.row_seeds(ids)
         if self.features is not None:
-            gathered["features"] = self.features.take(ids)
+            gathered["features"] = self._features(self.features, ids, row_seeds)
         partners = partner_ids(params, ids)
         mixing = not np.array_equal(partners, ids)
         if self.dataset.in_memory:
@@ -279,7 +304,8 @@ class BatchSource(torch.utils.data.Dataset):
         y = self.dataset.labels[ids]
         targets = mixed_targets(y, params, self.dataset.labels[partners], self.num_classes)
         return BatchParts(ids, pixels, partner_pixels, params, torch.from_numpy(y), torch.from_numpy(targets),
-                          label_tensors(gathered), not self.dataset.in_memory, self.out_size, self.seed, self.epoch)
+                          label_tensors(gathered), not self.dataset.in_memory, self.out_size, self.seed, self.epoch,
+                          row_seeds)
 
 
 def _first(items: Any) -> BatchParts:
@@ -299,7 +325,7 @@ def finish(parts: BatchParts, device: torch.device) -> Batch:
     return Batch(parts.ids, views, parts.labels.to(device, non_blocking=async_copy),
                  parts.targets.to(device, non_blocking=async_copy),
                  {k: v.to(device, non_blocking=async_copy) for k, v in parts.teacher.items()},
-                 parts.params, parts.seed, parts.epoch)
+                 parts.params, parts.seed, parts.epoch, parts.row_seeds)
 
 
 def batch_parts(source: BatchSource, batches: list[np.ndarray], workers: int, pin: bool) -> Iterable[BatchParts]:

@@ -1,14 +1,16 @@
 """Loading from the label store: one seed's arrays in memory, gathered by sample id, views rebuilt per batch.
 
-Epoch ``e`` uses seed ``seeds[e % len(seeds)]``. The seed's label arrays are loaded once (``read_labels``,
-about 50 bytes a sample; teacher feature maps stay on disk and are read by the batch's rows) and every batch is
-a numpy gather from them; the views are rebuilt from the *stored* view parameters, so the student sees exactly the
-pixels the teacher labeled. Batches are built by ``loader_workers`` processes (``student._loader``: a
-DataLoader whose batch sampler is the epoch's order) as uint8 and finished on the training device. The order
-of an epoch is a permutation of the whole split drawn from ``(shuffle_seed, epoch)``, whatever arrays are read
-(on ids sorted by class, anything less leaves batches of a few classes); with ``world_size > 1`` each rank takes
-every ``world_size``-th sample of that permutation (the last ``N % world_size`` are left out of that epoch so
-every rank runs the same number of steps) and reads only those samples' images.
+Epoch ``e`` uses seed ``seeds[e % len(seeds)]`` (``view_order="cycle"``), or each sample's view from one of
+the seeds drawn at random per epoch and sample (``"random"``, ml-dr's). The label arrays are loaded once an
+epoch (``read_labels``, about 50 bytes a sample; teacher feature maps stay on disk and are read by the batch's
+rows) and every batch is a numpy gather from them; the views are rebuilt from the *stored* view parameters, so
+the student sees exactly the pixels the teacher labeled. Batches are built by ``loader_workers`` processes
+(``student._loader``: a DataLoader whose batch sampler is the epoch's order) as uint8 and finished on the
+training device. The order of an epoch is a permutation of the whole split drawn from ``(shuffle_seed, epoch)``,
+whatever arrays are read (on ids sorted by class, anything less leaves batches of a few classes); with
+``world_size > 1`` each rank takes every ``world_size``-th sample of that permutation (the last
+``N % world_size`` are left out of that epoch so every rank runs the same number of steps) and reads only those
+samples' images.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from student._loader import (
 )
 
 log = logging.getLogger("stillroom.student")
+VIEW_ORDERS = ("cycle", "random")
 
 
 def check_store(store: LabelStore, dataset: Dataset, recipe: str | None = None) -> Recipe:
@@ -79,12 +82,17 @@ class StoreStream:
         loader_workers: processes that build batches (``None``: ``default_loader_workers``; 0: this process).
         device: where batches are finished (views built from uint8) and handed over (default: CPU).
         features: deliver the teacher feature maps (default: when the store has them), read by the batch's rows.
+        view_order: which stored view an epoch replays: ``cycle`` (epoch e: seed ``seeds[e % S]``) or
+            ``random`` (ml-dr's: for each epoch and sample, one of the seeds at random: ``seed_index``).
     """
 
     def __init__(self, store: LabelStore, dataset: Dataset, recipe: Recipe, batch_size: int,
                  seeds: tuple[int, ...] | list[int] | None = None, rank: int = 0, world_size: int = 1,
                  shuffle_seed: int = 0, drop_last: bool = False, loader_workers: int | None = None,
-                 device: torch.device | str | None = None, features: bool | None = None):
+                 device: torch.device | str | None = None, features: bool | None = None,
+                 view_order: str = "cycle"):
+        if view_order not in VIEW_ORDERS:
+            raise UsageError(f"view order {view_order!r}: expected one of {', '.join(VIEW_ORDERS)}")
         available = store.seeds()
         self.seeds = tuple(int(s) for s in (seeds if seeds else available))
         if not self.seeds:
@@ -111,18 +119,41 @@ class StoreStream:
                                else loader_workers)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.features = has_features if features is None else features
+        self.view_order = view_order
         self._loaded: SeedLabels | None = None
         self._warned = False
 
-    def seed_for_epoch(self, epoch: int) -> int:
-        return self.seeds[epoch % len(self.seeds)]
+    def seed_for_epoch(self, epoch: int) -> int | None:
+        """The store seed every view of ``epoch`` comes from (None under ``view_order="random"``: each sample's)."""
+        return self.seeds[epoch % len(self.seeds)] if self.view_order == "cycle" else None
+
+    def seed_index(self, epoch: int) -> np.ndarray:
+        """``view_order="random"``: for each sample id, the index in ``seeds`` of the stored view ``epoch`` replays,
+        uniform, drawn from ``(shuffle_seed, epoch)`` and the id (the id-th draw): the same on every rank."""
+        rng = np.random.default_rng([self.shuffle_seed, epoch, 1])
+        return rng.integers(0, len(self.seeds), len(self.dataset), dtype=np.uint8 if len(self.seeds) <= 256
+                            else np.int32)
+
+    def distinct_views(self, epochs: int) -> float:
+        """How many distinct stored views of a sample ``epochs`` epochs replay: ``min(epochs, S)`` in seed order;
+        at random, on average ``S * (1 - (1 - 1/S)^epochs)``."""
+        s = len(self.seeds)
+        return float(min(epochs, s)) if self.view_order == "cycle" else s * (1 - (1 - 1 / s) ** epochs)
 
     def warn_if_repeating(self, epochs: int) -> str | None:
-        """One line saying that views repeat when there are more epochs than seeds (also logged)."""
-        if epochs <= len(self.seeds):
+        """One line saying that views repeat when there are more epochs than seeds (also logged), and how many
+        distinct views of each sample the run sees."""
+        s = len(self.seeds)
+        if self.view_order == "random":
+            msg = (f"{epochs} epochs, each sample's view drawn at random among {s} seed(s) {list(self.seeds)}: "
+                   f"about {self.distinct_views(epochs):.1f} distinct views of each sample")
+            if epochs > s:
+                log.warning(msg)
+            return msg if epochs > 1 else None
+        if epochs <= s:
             return None
-        msg = (f"{epochs} epochs but the store has {len(self.seeds)} seed(s) {list(self.seeds)}: views repeat "
-               f"every {len(self.seeds)} epoch(s); label more seeds to see new views")
+        msg = (f"{epochs} epochs but the store has {s} seed(s) {list(self.seeds)}: views repeat "
+               f"every {s} epoch(s); label more seeds to see new views")
         log.warning(msg)
         return msg
 
@@ -143,9 +174,34 @@ class StoreStream:
             self._loaded = read_labels(self.store, seed)
         return self._loaded
 
-    def feature_rows(self, seed: int) -> FeatureRows | None:
-        """The seed's feature maps, read by the batch's rows (None when the stream does not deliver them)."""
-        return FeatureRows(self.store.seed_dir(seed)) if self.features else None
+    def labels_for_epoch(self, epoch: int) -> SeedLabels:
+        """The label arrays ``epoch`` reads: one seed's (in seed order), or at random each sample's row from the
+        seed ``seed_index`` picks, gathered by reading each seed once and keeping the rows taken from it. At most
+        two seeds' labels are held at once (the epoch's and one chunk of the seed being read), whatever the seed
+        count."""
+        seed = self.seed_for_epoch(epoch)
+        if seed is not None:
+            return self.labels_for(seed)
+        self._loaded = None  # the epoch's arrays replace the last epoch's before any seed is read
+        index = self.seed_index(epoch)
+        shapes = self.store.schema.arrays()
+        merged = {name: np.empty(shapes[name][0], dtype=shapes[name][1]) for name in label_names(self.store)}
+        rows = self.store.schema.chunk_rows
+        for start in range(0, len(index), rows):  # chunk by chunk: one chunk of one seed read at a time
+            stop = min(start + rows, len(index))
+            for i, s in enumerate(self.seeds):
+                taken = np.flatnonzero(index[start:stop] == i)
+                if taken.size:
+                    for name, a in self.store.load(s, list(merged), (start, stop)).arrays.items():
+                        merged[name][start + taken] = a[taken]
+        return SeedLabels(-1, merged)
+
+    def feature_rows(self, seed: int | None) -> dict[int, FeatureRows] | None:
+        """The feature maps of ``seed`` (None: of every seed of the stream), read by the batch's rows; None when
+        the stream does not deliver them."""
+        if not self.features:
+            return None
+        return {s: FeatureRows(self.store.seed_dir(s)) for s in (self.seeds if seed is None else (seed,))}
 
     def order(self, epoch: int) -> np.ndarray:
         """This rank's sample ids for ``epoch``, in order: a permutation of the whole split drawn from
@@ -164,13 +220,15 @@ class StoreStream:
 
     def source(self, labels: SeedLabels, epoch: int = 0) -> BatchSource:
         """What builds a batch from its ids, in this process or in a loader worker."""
-        return BatchSource(self.dataset, labels.arrays, labels.seed, epoch, self.out_size, self.recipe.draft,
-                           self.num_classes, self.feature_rows(labels.seed))
+        if labels.seed >= 0:
+            return BatchSource(self.dataset, labels.arrays, labels.seed, epoch, self.out_size, self.recipe.draft,
+                               self.num_classes, self.feature_rows(labels.seed))
+        return BatchSource(self.dataset, labels.arrays, -1, epoch, self.out_size, self.recipe.draft,
+                           self.num_classes, self.feature_rows(None), self.seed_index(epoch), self.seeds)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch, finished on the stream's device, built by ``loader_workers`` processes."""
-        labels = self.labels_for(self.seed_for_epoch(epoch))
-        source = self.source(labels, epoch)
+        source = self.source(self.labels_for_epoch(epoch), epoch)
         parts = batch_parts(source, self.batches(epoch), self.loader_workers, pin=self.device.type == "cuda")
         yield from on_device(parts, self.device)
 
@@ -182,8 +240,13 @@ class StoreStream:
 def read_labels(store: LabelStore, seed: int) -> SeedLabels:
     """What the student reads of a complete seed: the view parameters and the label arrays it trains on, not
     ``features`` (read by the batch's rows: ``FeatureRows``) nor an ensemble's per-member arrays."""
+    return store.load(seed, label_names(store))
+
+
+def label_names(store: LabelStore) -> list[str]:
+    """The arrays of a seed the student holds in memory (``read_labels``)."""
     wanted = {"view", *LABEL_ARRAYS} - {"features"}
-    return store.load(seed, [name for name in store.schema.arrays() if name in wanted])
+    return [name for name in store.schema.arrays() if name in wanted]
 
 
 __all__ = ["Batch", "StoreStream", "check_store", "label_tensors", "mixed_targets", "read_labels"]

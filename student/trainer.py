@@ -113,6 +113,12 @@ class TrainConfig:
                                     "takes no --alpha: DeiT's hard distillation is fixed at 0.5/0.5", ge=0, le=1)
     temperature: float | None = option(None, help="default: 4 for kd, 1 otherwise (tat: KD at 1)", gt=0, le=100)
     seeds: tuple[int, ...] | None = option(None, help="store seeds to cycle through, e.g. 0-3 (default: all)")
+    view_order: str = option("cycle", help="which stored view an epoch replays: cycle (epoch e: seed seeds[e % S]; a "
+                                           "run of E epochs sees min(E, S) distinct views of each sample) or random "
+                                           "(ml-dr: each epoch, each sample's view from one of the S seeds at random, "
+                                           "drawn from --seed, the epoch and the id; about S(1 - (1 - 1/S)^E) "
+                                           "distinct views of each sample; the run prints the figure)",
+                             choices=("cycle", "random"))
     workers: int = option(1, help="> 1: data-parallel through Ray Train", ge=1, le=1024)
     init: str | None = option(None, help="pretrained student weights to start from")
     resume: bool = option(False, help="continue the run in --out from its last checkpoint")
@@ -376,7 +382,8 @@ def start_run(config: TrainConfig, dist: Distributed, setup: Setup) -> Run:
     stream = StoreStream(setup.store, setup.dataset, setup.recipe, config.batch_size, config.seeds,
                          dist.rank, dist.world_size, shuffle_seed=config.seed,
                          drop_last=dist.world_size > 1, loader_workers=config.loader_workers, device=device,
-                         features=config.loss == "tat")  # feature maps only where the loss reads them
+                         features=config.loss == "tat",  # feature maps only where the loss reads them
+                         view_order=config.view_order)
     repeat_note = stream.warn_if_repeating(config.epochs)
     if repeat_note and dist.rank == 0:
         print(f"stillroom: note: {repeat_note}", file=sys.stderr)

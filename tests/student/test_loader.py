@@ -126,8 +126,10 @@ def test_features_read_by_rows_equal_a_whole_load(memory_store):
     assert rows._sharded == (8, 8)  # the labeled store's layout, read by our reader
 
 
-def _sorted_store(root: Path, labels: np.ndarray, chunk_rows: int, feature_shape=(2, 1, 1)) -> LabelStore:
-    """A store of one seed written through the store's own API: identity views, random labels and features."""
+def _sorted_store(root: Path, labels: np.ndarray, chunk_rows: int, feature_shape=(2, 1, 1), seeds: int = 1
+                  ) -> LabelStore:
+    """A store written through the store's own API: identity views, the truth as labels, random features (or none);
+    a seed's rows differ from another's by their logit, ``1 + seed``."""
     n = len(labels)
     schema = StoreSchema(num_samples=n, num_classes=int(labels.max()) + 1, top_k=1, feature_shape=feature_shape,
                          chunk_rows=chunk_rows)
@@ -137,12 +139,16 @@ def _sorted_store(root: Path, labels: np.ndarray, chunk_rows: int, feature_shape
     view[:, 2:4] = 1.0
     arrays = {"view": view, "topk_idx": labels[:, None], "topk_logit": np.ones((n, 1)), "lse": np.ones(n),
               "tail_lse": np.full(n, -np.inf), "hard": labels,
-              "features": rng.normal(0, 2, (n, *feature_shape)).astype(np.float16)}
+              "features": rng.normal(0, 2, (n, *(feature_shape or (1,)))).astype(np.float16)}
     arrays["features"][:40] = 0  # zarr leaves out inner chunks of fill values: read back as zeros
-    store.begin_seed(0)
-    for i, (start, stop) in enumerate(schema.pieces()):
-        store.write_piece(0, i, start, {k: v[start:stop] for k, v in arrays.items()})
-    store.commit_seed(0)
+    if feature_shape is None:
+        del arrays["features"]
+    for seed in range(seeds):
+        arrays["topk_logit"] = np.full((n, 1), 1.0 + seed)
+        store.begin_seed(seed)
+        for i, (start, stop) in enumerate(schema.pieces()):
+            store.write_piece(seed, i, start, {k: v[start:stop] for k, v in arrays.items()})
+        store.commit_seed(seed)
     return store
 
 
@@ -212,6 +218,60 @@ def test_stream_without_features_delivers_none(memory_store):
     assert with_features.features and not without.features
     np.testing.assert_array_equal(with_features.order(0), without.order(0))  # the same shuffle either way
     assert "features" not in next(without.epoch(0)).teacher
+
+
+def test_random_view_order_replays_each_sample_from_a_seed_drawn_per_epoch(memory_store):
+    """ml-dr's order: each epoch, each sample's view (its parameters, labels and feature maps) comes from one of the
+    seeds drawn from the run's seed, the epoch and the id; worker processes give the same batches."""
+    alone = _epochs(memory_store, DATA, 0, view_order="random")
+    _assert_same(alone, _epochs(memory_store, DATA, 2, view_order="random"))
+    seeds = {s: memory_store.load(s).arrays for s in (0, 1)}
+    for b in alone:
+        assert b.seed == -1 and b.row_seeds is not None and set(b.row_seeds.tolist()) <= {0, 1}
+        for s, arrays in seeds.items():
+            rows = b.row_seeds == s
+            np.testing.assert_array_equal(b.params[rows], arrays["view"][b.ids[rows]])
+            np.testing.assert_array_equal(b.teacher["topk_logit"][rows].numpy(),
+                                          arrays["topk_logit"][b.ids[rows]].astype(np.float32))
+            np.testing.assert_array_equal(b.teacher["features"][rows].numpy(),
+                                          arrays["features"][b.ids[rows]].astype(np.float32))
+    both = np.concatenate([b.row_seeds for b in alone])
+    assert 0.3 < both.mean() < 0.7  # both seeds in use
+    ds = load_dataset(DATA)
+    recipe = check_store(memory_store, ds)
+    stream = StoreStream(memory_store, ds, recipe, 8, loader_workers=0, view_order="random")
+    other_rank = StoreStream(memory_store, ds, recipe, 8, loader_workers=0, view_order="random", rank=1,
+                             world_size=2)
+    np.testing.assert_array_equal(stream.seed_index(3), other_rank.seed_index(3))  # every rank draws the same
+    assert not np.array_equal(stream.seed_index(0), stream.seed_index(1))  # another epoch, other choices
+    assert stream.seed_for_epoch(0) is None
+    with pytest.raises(UsageError, match="view order 'shuffled'"):
+        StoreStream(memory_store, ds, recipe, 8, view_order="shuffled")
+
+
+@pytest.mark.slow  # 64 seeds written and read: about 35 s on 2 shared cores
+def test_random_view_order_holds_two_seeds_at_most_and_says_how_many_views_a_run_sees(tmp_path):
+    n, seeds = 2048, 64
+    labels = np.repeat(np.arange(8), n // 8)
+    store = _sorted_store(tmp_path, labels, chunk_rows=512, feature_shape=None, seeds=seeds)
+    ds = load_dataset(f"synthetic:n={n},classes=8,size=4")
+    stream = StoreStream(store, ds, get_recipe("identity"), 256, loader_workers=0, view_order="random")
+    one_seed = sum(a.nbytes for a in store.load(0).arrays.values())
+    tracemalloc.start()
+    epoch = stream.labels_for_epoch(0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak <= 2.2 * one_seed, peak / one_seed  # the epoch's rows and the seed being read, not 64 seeds
+    picked = stream.seed_index(0)
+    np.testing.assert_array_equal(epoch.arrays["topk_logit"][:, 0], 1.0 + picked)  # each row from its seed
+    assert np.bincount(picked, minlength=seeds).min() > 10  # every seed in use: about 32 rows each
+    # the distinct views a run sees: 64 epochs at random, about 40.6 of 64 (in seed order: all 64)
+    choices = np.stack([stream.seed_index(e) for e in range(64)])
+    seen = np.mean([len(np.unique(choices[:, i])) for i in range(n)])
+    assert abs(seen - stream.distinct_views(64)) < 0.5 and abs(stream.distinct_views(64) - 40.64) < 0.01
+    assert "about 40.6 distinct views of each sample" in (stream.warn_if_repeating(64) or "")
+    cycle = StoreStream(store, ds, get_recipe("identity"), 256, loader_workers=0)
+    assert cycle.distinct_views(64) == 64 and cycle.warn_if_repeating(64) is None
 
 
 def test_bad_loader_workers_are_refused_and_the_default_is_sensible(memory_store):

@@ -301,3 +301,20 @@ def test_eval_limit_scores_a_class_balanced_subset_of_a_class_sorted_split():
     assert (ds.labels[:40] == 0).all()
     assert evaluate(Always0(), ds, 16, batch_size=16, limit=40)["top1"] == 0.25
     assert evaluate(Always0(), ds, 16, limit=10_000)["top1"] == round(float((ds.labels == 0).mean()), 6)
+
+
+def test_random_view_order_trains_and_online_draws_each_views_own_sampled_classes(rich_store, tmp_path):
+    """--view-order random: rows of a batch come from several seeds; the online teacher's sampled classes are keyed
+    by each view's own seed, so it equals the cached run (the store's sampled classes) at the first step."""
+    firsts = []
+    for online in (False, True):
+        out = tmp_path / f"online{online}"
+        train(_config(rich_store, out, "sampled", online=online, online_targets="encoded", max_steps=1, epochs=2,
+                      view_order="random"))
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [line["seed"] for line in lines] == [None, None]  # no one seed an epoch
+        firsts.append(lines[0]["first_step"]["loss"])
+    assert firsts[0] == pytest.approx(firsts[1], rel=1e-4, abs=1e-5)
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--store", rich_store, "--student", "test_resnet", "--loss", "kd", "--out",
+                  str(tmp_path / "bad"), "--view-order", "shuffled"])
