@@ -34,6 +34,7 @@ import hashlib
 import io
 import json
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -413,36 +414,63 @@ def decode_view(data: bytes, where: str, box: np.ndarray, out_size: int, draft: 
     Decoded to RGB (CMYK, grayscale, palette and PNG-named-JPEG files included), at a DCT scale when
     ``draft`` and the crop allows it (``draft_scale``); the crop box is resized with PIL's antialiased
     bilinear filter straight from the decoded image. Raises ``DataError`` naming ``where``."""
+    return decode_views(data, where, np.asarray(box)[None], out_size, draft)[0]
+
+
+def decode_views(data: bytes, where: str, boxes: np.ndarray, out_size: int, draft: bool) -> np.ndarray:
+    """Several views of one image (FKD's multi-crop): ``(K, 5)`` boxes -> uint8 ``(K, out_size, out_size, 3)``,
+    each bit-identical to ``decode_view`` of its box alone. The image is decoded once for each DCT scale its
+    boxes take (once in all without ``draft``, or when every crop allows the same scale), then cropped K times."""
     from PIL import Image
 
-    y0, x0, h, w, flip = (float(v) for v in box[:5])
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
+    out = np.empty((len(boxes), out_size, out_size, 3), dtype=np.uint8)
+    encoded: Any
     try:
         encoded = Image.open(io.BytesIO(data))
-        if draft and encoded.format in ("JPEG", "MPO"):
-            s = draft_scale((h, w), (encoded.height, encoded.width), out_size)
-            if s > 1:
-                encoded.draft("RGB", (encoded.width // s, encoded.height // s))
-        img = encoded.convert("RGB") if encoded.mode != "RGB" else encoded
-        img.load()
+        size = (encoded.height, encoded.width)
+        drafts = draft and encoded.format in ("JPEG", "MPO")
+        scales = np.array([draft_scale((b[2], b[3]), size, out_size) if drafts else 1 for b in boxes])
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{where}: cannot decode ({str(e).splitlines()[0][:120]})") from None
-    H, W = img.height, img.width
-    region = (x0 * W, y0 * H, (x0 + w) * W, (y0 + h) * H)
-    view = img.resize((out_size, out_size), Image.Resampling.BILINEAR, box=region)
-    if flip:
-        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(view)
+    for s in np.unique(scales):
+        try:
+            if encoded is None:  # a second scale: PIL decodes a file once, so open it again
+                encoded = Image.open(io.BytesIO(data))
+            if s > 1:
+                encoded.draft("RGB", (encoded.width // int(s), encoded.height // int(s)))
+            img = encoded.convert("RGB") if encoded.mode != "RGB" else encoded
+            img.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"{where}: cannot decode ({str(e).splitlines()[0][:120]})") from None
+        encoded = None
+        H, W = img.height, img.width
+        for row in np.flatnonzero(scales == s):
+            y0, x0, h, w, flip = (float(v) for v in boxes[row])
+            view = img.resize((out_size, out_size), Image.Resampling.BILINEAR,
+                              box=(x0 * W, y0 * H, (x0 + w) * W, (y0 + h) * H))
+            if flip:
+                view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            out[row] = np.asarray(view)
+    return out
 
 
 def render_views(dataset, ids: np.ndarray, boxes: np.ndarray, out_size: int, draft: bool) -> torch.Tensor:
     """uint8 ``(B, 3, S, S)`` views of a data set on disk (channels-last in memory): sample ``ids[i]`` cropped by
-    ``boxes[i]`` (y0, x0, h, w, flip). Reads only these samples' bytes. A pure function of its arguments: runs
-    the same in any process."""
+    ``boxes[i]`` (y0, x0, h, w, flip). Reads only these samples' bytes, and each image once: the views of a
+    sample that appears several times (``--views-per-image``) are cropped from one decode (``decode_views``). A
+    pure function of its arguments: runs the same in any process."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     batch = _uint8_batch((len(ids), out_size, out_size, 3))
     out = batch.numpy()
-    for row, (data, where) in enumerate(dataset.encoded(ids)):
-        out[row] = decode_view(data, where, boxes[row], out_size, draft)
+    unique, which = np.unique(ids, return_inverse=True)
+    if len(unique) == len(ids):  # no sample twice: in batch order
+        for row, (data, where) in enumerate(dataset.encoded(ids)):
+            out[row] = decode_view(data, where, boxes[row], out_size, draft)
+    else:
+        for u, (data, where) in enumerate(dataset.encoded(unique)):
+            rows = np.flatnonzero(which == u)
+            out[rows] = decode_views(data, where, boxes[rows], out_size, draft)
     return batch.permute(0, 3, 1, 2)  # (B, 3, S, S) in channels-last memory: no copy
 
 
