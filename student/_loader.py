@@ -254,14 +254,16 @@ class BatchSource(torch.utils.data.Dataset):
     Holds the epoch's label arrays (gathered by numpy indexing; inherited by forked workers without a copy),
     the data set's index and, where the store has them and they are wanted, the feature maps read by rows.
     The arrays are one seed's (``seed``), or under ``--view-order random`` each sample's row from the seed
-    ``seeds[seed_index[id]]`` (``seed`` -1), whose feature maps are then read from that seed's own array."""
+    ``seeds[seed_index[id]]`` (``seed`` -1), whose feature maps are then read from that seed's own array. With
+    ``views_per_image = K`` the batch's keys are ``id * K + j``, view j of sample ``id`` from seed ``seeds[j]``,
+    and the arrays are indexed by key; a sample's K views are cropped from one decode (``render_views``)."""
 
     def __init__(self, dataset: Any, arrays: dict[str, np.ndarray], seed: int, epoch: int, out_size: int | None,
                  draft: bool, num_classes: int, features: dict[int, FeatureRows] | None = None,
-                 seed_index: np.ndarray | None = None, seeds: tuple[int, ...] = ()):
+                 seed_index: np.ndarray | None = None, seeds: tuple[int, ...] = (), views_per_image: int = 1):
         self.dataset, self.arrays, self.seed, self.epoch = dataset, arrays, seed, epoch
         self.out_size, self.draft, self.num_classes, self.features = out_size, draft, num_classes, features
-        self.seed_index, self.seeds = seed_index, seeds
+        self.seed_index, self.seeds, self.views_per_image = seed_index, seeds, views_per_image
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -269,11 +271,13 @@ class BatchSource(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> BatchParts:
         return self.__getitems__([i])
 
-    def row_seeds(self, ids: np.ndarray) -> np.ndarray | None:
-        """The store seed of each id's view (None: all are ``seed``)."""
+    def row_seeds(self, keys: np.ndarray) -> np.ndarray | None:
+        """The store seed of each key's view (None: all are ``seed``)."""
+        if self.views_per_image > 1:
+            return np.asarray(self.seeds, dtype=np.int64)[keys % self.views_per_image]
         if self.seed_index is None:
             return None
-        return np.asarray(self.seeds, dtype=np.int64)[self.seed_index[ids]]
+        return np.asarray(self.seeds, dtype=np.int64)[self.seed_index[keys]]
 
     def _features(self, features: dict[int, FeatureRows], ids: np.ndarray, row_seeds: np.ndarray | None
                   ) -> np.ndarray:
@@ -287,11 +291,12 @@ class BatchSource(torch.utils.data.Dataset):
             out[rows] = taken[s]
         return out
 
-    def __getitems__(self, ids: Any) -> BatchParts:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        gathered = {name: np.take(a, ids, axis=0) for name, a in self.arrays.items()}
+    def __getitems__(self, keys: Any) -> BatchParts:
+        keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+        ids = keys // self.views_per_image
+        gathered = {name: np.take(a, keys, axis=0) for name, a in self.arrays.items()}
         params = gathered.pop("view")
-        row_seeds = self.row_seeds(ids)
+        row_seeds = self.row_seeds(keys)
         if self.features is not None:
             gathered["features"] = self._features(self.features, ids, row_seeds)
         partners = partner_ids(params, ids)

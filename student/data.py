@@ -84,15 +84,22 @@ class StoreStream:
         features: deliver the teacher feature maps (default: when the store has them), read by the batch's rows.
         view_order: which stored view an epoch replays: ``cycle`` (epoch e: seed ``seeds[e % S]``) or
             ``random`` (ml-dr's: for each epoch and sample, one of the seeds at random: ``seed_index``).
+        views_per_image: K views of each sample in a batch (FKD's multi-crop), from the seeds ``view_seeds``:
+            a batch of ``batch_size`` views holds ``batch_size / K`` images, each decoded once for its K crops.
     """
 
     def __init__(self, store: LabelStore, dataset: Dataset, recipe: Recipe, batch_size: int,
                  seeds: tuple[int, ...] | list[int] | None = None, rank: int = 0, world_size: int = 1,
                  shuffle_seed: int = 0, drop_last: bool = False, loader_workers: int | None = None,
                  device: torch.device | str | None = None, features: bool | None = None,
-                 view_order: str = "cycle"):
+                 view_order: str = "cycle", views_per_image: int = 1):
         if view_order not in VIEW_ORDERS:
             raise UsageError(f"view order {view_order!r}: expected one of {', '.join(VIEW_ORDERS)}")
+        if views_per_image < 1 or batch_size % views_per_image:
+            raise UsageError(f"--views-per-image {views_per_image}: expected >= 1 and a divisor of the batch size "
+                             f"{batch_size}")
+        if views_per_image > 1 and view_order != "cycle":
+            raise UsageError("--views-per-image > 1 takes the seeds in order: use --view-order cycle")
         available = store.seeds()
         self.seeds = tuple(int(s) for s in (seeds if seeds else available))
         if not self.seeds:
@@ -119,13 +126,23 @@ class StoreStream:
                                else loader_workers)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.features = has_features if features is None else features
-        self.view_order = view_order
+        self.view_order, self.views_per_image = view_order, views_per_image
+        if views_per_image > len(self.seeds):
+            raise UsageError(f"--views-per-image {views_per_image}: the run has {len(self.seeds)} seed(s); each view "
+                             "of an image comes from a seed of its own")
         self._loaded: SeedLabels | None = None
         self._warned = False
 
     def seed_for_epoch(self, epoch: int) -> int | None:
         """The store seed every view of ``epoch`` comes from (None under ``view_order="random"``: each sample's)."""
-        return self.seeds[epoch % len(self.seeds)] if self.view_order == "cycle" else None
+        if self.view_order != "cycle" or self.views_per_image > 1:
+            return None
+        return self.seeds[epoch % len(self.seeds)]
+
+    def view_seeds(self, epoch: int) -> tuple[int, ...]:
+        """In seed order, the seeds of the K views of each sample in ``epoch``: ``seeds[(e K + j) % S]``."""
+        k = self.views_per_image
+        return tuple(self.seeds[(epoch * k + j) % len(self.seeds)] for j in range(k))
 
     def seed_index(self, epoch: int) -> np.ndarray:
         """``view_order="random"``: for each sample id, the index in ``seeds`` of the stored view ``epoch`` replays,
@@ -138,7 +155,9 @@ class StoreStream:
         """How many distinct stored views of a sample ``epochs`` epochs replay: ``min(epochs, S)`` in seed order;
         at random, on average ``S * (1 - (1 - 1/S)^epochs)``."""
         s = len(self.seeds)
-        return float(min(epochs, s)) if self.view_order == "cycle" else s * (1 - (1 - 1 / s) ** epochs)
+        if self.view_order == "cycle":
+            return float(min(epochs * self.views_per_image, s))
+        return s * (1 - (1 - 1 / s) ** epochs)
 
     def warn_if_repeating(self, epochs: int) -> str | None:
         """One line saying that views repeat when there are more epochs than seeds (also logged), and how many
@@ -150,10 +169,12 @@ class StoreStream:
             if epochs > s:
                 log.warning(msg)
             return msg if epochs > 1 else None
-        if epochs <= s:
+        k = self.views_per_image
+        if epochs * k <= s:
             return None
-        msg = (f"{epochs} epochs but the store has {s} seed(s) {list(self.seeds)}: views repeat "
-               f"every {s} epoch(s); label more seeds to see new views")
+        each = f" of {k} views" if k > 1 else ""
+        msg = (f"{epochs} epochs{each} but the store has {s} seed(s) {list(self.seeds)}: views repeat "
+               f"every {s / k:g} epoch(s); label more seeds to see new views")
         log.warning(msg)
         return msg
 
@@ -163,8 +184,8 @@ class StoreStream:
         return len(self.dataset) // self.world_size
 
     def __len__(self) -> int:
-        n = self.samples_per_epoch
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        n, per_batch = self.samples_per_epoch, self.batch_size // self.views_per_image
+        return n // per_batch if self.drop_last else -(-n // per_batch)
 
     def labels_for(self, seed: int) -> SeedLabels:
         """The seed's label arrays in memory (one seed held at a time), feature maps left on disk: about 50 bytes
@@ -183,6 +204,8 @@ class StoreStream:
         if seed is not None:
             return self.labels_for(seed)
         self._loaded = None  # the epoch's arrays replace the last epoch's before any seed is read
+        if self.views_per_image > 1:
+            return self._views_labels(epoch)
         index = self.seed_index(epoch)
         shapes = self.store.schema.arrays()
         merged = {name: np.empty(shapes[name][0], dtype=shapes[name][1]) for name in label_names(self.store)}
@@ -194,6 +217,17 @@ class StoreStream:
                 if taken.size:
                     for name, a in self.store.load(s, list(merged), (start, stop)).arrays.items():
                         merged[name][start + taken] = a[taken]
+        return SeedLabels(-1, merged)
+
+    def _views_labels(self, epoch: int) -> SeedLabels:
+        """``views_per_image = K``: the K seeds' arrays of ``epoch`` interleaved, row ``id * K + j`` holding view j of
+        sample ``id`` (K seeds' labels in memory, as FKD keeps K crops an image)."""
+        k, merged = self.views_per_image, {}
+        for j, seed in enumerate(self.view_seeds(epoch)):
+            for name, a in read_labels(self.store, seed).arrays.items():
+                if name not in merged:
+                    merged[name] = np.empty((len(a) * k, *a.shape[1:]), dtype=a.dtype)
+                merged[name][j::k] = a
         return SeedLabels(-1, merged)
 
     def feature_rows(self, seed: int | None) -> dict[int, FeatureRows] | None:
@@ -211,11 +245,15 @@ class StoreStream:
         return perm[self.rank :: self.world_size][:per_rank]
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        """The epoch's order cut into this rank's batches (the DataLoader's batch sampler)."""
-        ids = self.order(epoch)
-        out = [ids[start : start + self.batch_size] for start in range(0, len(ids), self.batch_size)]
-        if self.drop_last and out and len(out[-1]) < self.batch_size:
+        """The epoch's order cut into this rank's batches (the DataLoader's batch sampler). With ``views_per_image
+        = K`` a batch holds ``batch_size / K`` samples, each K times in a row, as view keys ``id * K + j``."""
+        ids, k = self.order(epoch), self.views_per_image
+        per_batch = self.batch_size // k
+        out = [ids[start : start + per_batch] for start in range(0, len(ids), per_batch)]
+        if self.drop_last and out and len(out[-1]) < per_batch:
             out.pop()
+        if k > 1:
+            out = [np.repeat(b, k) * k + np.tile(np.arange(k), len(b)) for b in out]
         return out
 
     def source(self, labels: SeedLabels, epoch: int = 0) -> BatchSource:
@@ -223,6 +261,10 @@ class StoreStream:
         if labels.seed >= 0:
             return BatchSource(self.dataset, labels.arrays, labels.seed, epoch, self.out_size, self.recipe.draft,
                                self.num_classes, self.feature_rows(labels.seed))
+        if self.views_per_image > 1:
+            return BatchSource(self.dataset, labels.arrays, -1, epoch, self.out_size, self.recipe.draft,
+                               self.num_classes, self.feature_rows(None), None, self.view_seeds(epoch),
+                               self.views_per_image)
         return BatchSource(self.dataset, labels.arrays, -1, epoch, self.out_size, self.recipe.draft,
                            self.num_classes, self.feature_rows(None), self.seed_index(epoch), self.seeds)
 

@@ -119,6 +119,10 @@ class TrainConfig:
                                            "drawn from --seed, the epoch and the id; about S(1 - (1 - 1/S)^E) "
                                            "distinct views of each sample; the run prints the figure)",
                              choices=("cycle", "random"))
+    views_per_image: int = option(1, help="K views of each image in a batch (FKD's multi-crop): a batch of B views "
+                                          "holds B/K images, view j of each from seed seeds[(e*K + j) % S] in epoch e, "
+                                          "each image decoded once for its K crops; a run sees min(E*K, S) distinct "
+                                          "views of each sample. K must divide --batch-size", ge=1, le=64)
     workers: int = option(1, help="> 1: data-parallel through Ray Train", ge=1, le=1024)
     init: str | None = option(None, help="pretrained student weights to start from")
     resume: bool = option(False, help="continue the run in --out from its last checkpoint")
@@ -383,7 +387,7 @@ def start_run(config: TrainConfig, dist: Distributed, setup: Setup) -> Run:
                          dist.rank, dist.world_size, shuffle_seed=config.seed,
                          drop_last=dist.world_size > 1, loader_workers=config.loader_workers, device=device,
                          features=config.loss == "tat",  # feature maps only where the loss reads them
-                         view_order=config.view_order)
+                         view_order=config.view_order, views_per_image=config.views_per_image)
     repeat_note = stream.warn_if_repeating(config.epochs)
     if repeat_note and dist.rank == 0:
         print(f"stillroom: note: {repeat_note}", file=sys.stderr)

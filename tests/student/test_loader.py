@@ -274,6 +274,32 @@ def test_random_view_order_holds_two_seeds_at_most_and_says_how_many_views_a_run
     assert cycle.distinct_views(64) == 64 and cycle.warn_if_repeating(64) is None
 
 
+def test_views_per_image_puts_k_views_of_a_sample_in_a_batch_each_as_rendered_alone(jpeg_store):
+    """FKD's multi-crop: with K = 2 a batch of 12 views holds 6 images, view j of each from seed j (epoch 0), each
+    image decoded once for both crops; every view is bit-identical to the same view rendered in a batch alone."""
+    store, data = jpeg_store
+    ds = load_dataset(data)
+    recipe = check_store(store, ds)
+    multi = _epochs(store, data, 0, batch_size=12, views_per_image=2)
+    _assert_same(multi, _epochs(store, data, 2, batch_size=12, views_per_image=2))
+    one = StoreStream(store, ds, recipe, 12, loader_workers=0)
+    for b in multi[:3]:
+        assert len(b.ids) == 12 and len(np.unique(b.ids)) == 6 and np.array_equal(b.ids[0::2], b.ids[1::2])
+        assert b.row_seeds is not None and b.row_seeds.tolist() == [0, 1] * 6
+        for seed in (0, 1):
+            rows = b.row_seeds == seed
+            alone = one.make_batch(one.labels_for(seed), b.ids[rows])
+            assert torch.equal(b.views[rows], alone.views)  # bit-identical
+            np.testing.assert_array_equal(b.params[rows], alone.params)
+            assert torch.equal(b.teacher["topk_logit"][rows], alone.teacher["topk_logit"])
+    stream = StoreStream(store, ds, recipe, 12, loader_workers=0, views_per_image=2)
+    assert len(stream) == -(-len(ds) // 6) and stream.distinct_views(3) == 2.0
+    with pytest.raises(UsageError, match="a divisor of the batch size 12"):
+        StoreStream(store, ds, recipe, 12, views_per_image=5)
+    with pytest.raises(UsageError, match="has 2 seed"):
+        StoreStream(store, ds, recipe, 12, views_per_image=3)
+
+
 def test_bad_loader_workers_are_refused_and_the_default_is_sensible(memory_store):
     ds = load_dataset(DATA)
     with pytest.raises(UsageError, match="--loader-workers -1: expected >= 0"):

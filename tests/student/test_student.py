@@ -318,3 +318,13 @@ def test_random_view_order_trains_and_online_draws_each_views_own_sampled_classe
     with pytest.raises(SystemExit):
         cli_main(["train", "--store", rich_store, "--student", "test_resnet", "--loss", "kd", "--out",
                   str(tmp_path / "bad"), "--view-order", "shuffled"])
+
+
+def test_views_per_image_trains_k_views_of_each_sample_a_batch(rich_store, tmp_path):
+    out = tmp_path / "k2"
+    result = train(_config(rich_store, out, "kd", views_per_image=2, max_steps=2))
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["seed"] is None and line["samples"] == 2 * 16  # two steps of 16 views (8 images, 2 views each)
+    assert math.isfinite(result["losses"]["loss"])
+    with pytest.raises(UsageError, match="a divisor of the batch size 16"):
+        train(_config(rich_store, tmp_path / "bad", "kd", views_per_image=3))
