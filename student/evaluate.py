@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines.accuracy import top1_top5
+from pipelines.accuracy import eval_subset, top1_top5
 from pipelines.atomic import write_atomically
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
@@ -81,13 +81,14 @@ def eval_inputs(dataset: Dataset, ids: np.ndarray, img_size: int) -> torch.Tenso
 def evaluate(model: nn.Module, dataset: Dataset, img_size: int, batch_size: int = 512,
              limit: int | None = None, device: torch.device | str = "cpu") -> dict[str, float]:
     """Top-1 and top-5 accuracy (top-k with k = min(5, classes)) of ``model`` in eval mode; a two-head
-    student is scored on the mean of its heads (timm's eval behaviour)."""
+    student is scored on the mean of its heads (timm's eval behaviour). ``limit`` scores a fixed class-balanced
+    subset of that many samples (``eval_subset``)."""
     inner = unwrap(model)
     was_training = inner.training
     inner.eval()
-    n = len(dataset) if limit is None else min(limit, len(dataset))
+    scored = len(dataset) if limit is None else eval_subset(dataset.labels, limit)
     top1, top5 = top1_top5(lambda ids: inner(normalize(eval_inputs(dataset, ids, img_size).to(device))),
-                           dataset.labels, n, batch_size)
+                           dataset.labels, scored, batch_size)
     inner.train(was_training)
     return {"top1": round(top1, 6), "top5": round(top5, 6)}
 

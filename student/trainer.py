@@ -87,7 +87,7 @@ class TrainConfig:
 
     ``temperature=None`` means the loss's default (4 for ``kd``, 1 otherwise). ``seeds=None``
     uses every complete seed of the store. ``max_steps`` stops each epoch early (tests, benchmarks);
-    ``eval_limit`` scores only the first samples of the eval split.
+    ``eval_limit`` scores a fixed class-balanced subset of the eval split.
     """
 
     store: str = option(help="the label store: its directory (<root>/<cache_key>) or its cache key under "
@@ -113,6 +113,16 @@ class TrainConfig:
                                     "takes no --alpha: DeiT's hard distillation is fixed at 0.5/0.5", ge=0, le=1)
     temperature: float | None = option(None, help="default: 4 for kd, 1 otherwise (tat: KD at 1)", gt=0, le=100)
     seeds: tuple[int, ...] | None = option(None, help="store seeds to cycle through, e.g. 0-3 (default: all)")
+    view_order: str = option("cycle", help="which stored view an epoch replays: cycle (epoch e: seed seeds[e % S]; a "
+                                           "run of E epochs sees min(E, S) distinct views of each sample) or random "
+                                           "(ml-dr: each epoch, each sample's view from one of the S seeds at random, "
+                                           "drawn from --seed, the epoch and the id; about S(1 - (1 - 1/S)^E) "
+                                           "distinct views of each sample; the run prints the figure)",
+                             choices=("cycle", "random"))
+    views_per_image: int = option(1, help="K views of each image in a batch (FKD's multi-crop): a batch of B views "
+                                          "holds B/K images, view j of each from seed seeds[(e*K + j) % S] in epoch e, "
+                                          "each image decoded once for its K crops; a run sees min(E*K, S) distinct "
+                                          "views of each sample. K must divide --batch-size", ge=1, le=64)
     workers: int = option(1, help="> 1: data-parallel through Ray Train", ge=1, le=1024)
     init: str | None = option(None, help="pretrained student weights to start from")
     resume: bool = option(False, help="continue the run in --out from its last checkpoint")
@@ -125,7 +135,9 @@ class TrainConfig:
                                               "on the store's encoding of it (encoded)", choices=ONLINE_TARGETS,
                                  flags=("--online",), via="the value of --online")
     eval_split: str = option("test", help="the split scored after each epoch", choices=("train", "val", "test"))
-    eval_limit: int | None = option(None, help="score only the first N eval samples", ge=1)
+    eval_limit: int | None = option(None, help="score a fixed class-balanced subset of N eval samples (the same in "
+                                               "every run: each class in turn, its samples drawn with a fixed seed), "
+                                               "not the first N of a split sorted by class", ge=1)
     seed: int = option(0, help="student init and shuffling", ge=0)
     distill_token: bool = option(False, help="require a student with a distillation token (deit-soft/deit-hard)")
     deit_soft_reduction: str = option("numel", help="deit-soft: divide the summed KL by B*C as DeiT's code does "
@@ -374,7 +386,8 @@ def start_run(config: TrainConfig, dist: Distributed, setup: Setup) -> Run:
     stream = StoreStream(setup.store, setup.dataset, setup.recipe, config.batch_size, config.seeds,
                          dist.rank, dist.world_size, shuffle_seed=config.seed,
                          drop_last=dist.world_size > 1, loader_workers=config.loader_workers, device=device,
-                         features=config.loss == "tat")  # feature maps only where the loss reads them
+                         features=config.loss == "tat",  # feature maps only where the loss reads them
+                         view_order=config.view_order, views_per_image=config.views_per_image)
     repeat_note = stream.warn_if_repeating(config.epochs)
     if repeat_note and dist.rank == 0:
         print(f"stillroom: note: {repeat_note}", file=sys.stderr)
