@@ -27,6 +27,11 @@ the EMA and bf16, interleaved in one process (``recipe_step_ms``). Target: recip
     python bench/training.py [--steps 40] [--batch-size 128] [--teacher resnet50] [--student resnet18]
     python bench/training.py --recipe-ways [--ways cached,cached_ema,cached_bf16]
     python bench/training.py --data jpeg [--images 480] [--size 224] [--steps 20] [--batch-size 32]
+
+``--views-per-image K``: K seeds are labeled and the cached way trains with K views of each image a batch (FKD's
+multi-crop: each image decoded once for its K crops); the batches hold as many views as the supervised way's, so
+``cached_over_supervised`` is the time per view against one view per decode. Target at K = 4 on JPEGs: <= 0.85
+(FKD's 0.84); at K = 1: <= 1.05.
 """
 
 from __future__ import annotations
@@ -168,6 +173,7 @@ def main() -> None:
                     help="also time the cached run with --model-ema and with --amp-dtype bfloat16")
     ap.add_argument("--ways", default=None, help="only these ways, comma-separated (default: all)")
     ap.add_argument("--recipe-steps", type=int, default=5, help="--recipe-ways: steps per round of the step timing")
+    ap.add_argument("--views-per-image", type=int, default=1, help="the cached way's K views of each image a batch")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed after)")
     args = ap.parse_args()
     jpeg = args.data == "jpeg"
@@ -197,7 +203,8 @@ def main() -> None:
             workers, dataset, split, recipe, num_classes = 0, args.dataset, args.split, "fmnist-rrc", 10
             teacher = make_teacher(work / "teacher.pt", teacher_name, num_classes, 28)
         t = time.perf_counter()
-        labeled = run_labeling(LabelConfig(dataset=dataset, split=split, teachers=(teacher,), recipe=recipe, seeds=(0,),
+        labeled = run_labeling(LabelConfig(dataset=dataset, split=split, teachers=(teacher,), recipe=recipe,
+                                           seeds=tuple(range(args.views_per_image)),
                                            top_k=10, store_root=str(work / "stores"), batch_size=64 if jpeg else 512),
                                backend="local", progress=False)
         label_s = time.perf_counter() - t
@@ -205,8 +212,9 @@ def main() -> None:
             store=labeled["store"], dataset=dataset, split=split, eval_split=split, student=student, epochs=1,
             batch_size=batch_size, max_steps=steps, eval_limit=32 if jpeg else 512, progress=False,
             device=args.device, loader_workers=workers if jpeg else None)
-        configs: dict[str, dict[str, Any]] = {"supervised": dict(loss="ce"), "cached": dict(loss="deit-hard"),
-                   "online": dict(loss="deit-hard", online=True)}
+        configs: dict[str, dict[str, Any]] = {"supervised": dict(loss="ce", seeds=(0,)),
+                   "cached": dict(loss="deit-hard", views_per_image=args.views_per_image),
+                   "online": dict(loss="deit-hard", online=True, seeds=(0,))}
         if args.recipe_ways:
             configs.update(cached_ema=dict(loss="deit-hard", model_ema=True),
                            cached_bf16=dict(loss="deit-hard", amp_dtype="bfloat16"))
@@ -236,7 +244,8 @@ def main() -> None:
             "bench": "training", "data": args.data,
             "dataset": f"{args.images} JPEGs 160-512 px" if jpeg else f"{args.dataset}/{args.split}",
             "student": student, "teacher": teacher_name, "teacher_weights": "random init (speed only)",
-            "steps": steps, "batch_size": batch_size, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "steps": steps, "batch_size": batch_size, "views_per_image": args.views_per_image,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "device": "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu",
             **({"size": args.size, "recipe": recipe, "loader_workers": workers} if jpeg else {}), **extra,
             "labeling_seconds": round(label_s, 2), "labeling_images_per_s": labeled["images_per_s"],
@@ -248,7 +257,7 @@ def main() -> None:
                   "ema_over_cached": ("cached_ema", "cached"), "bf16_over_cached": ("cached_bf16", "cached")}
         result.update({k: round(seconds[a] / seconds[b], 3) for k, (a, b) in ratios.items()
                        if a in seconds and b in seconds})
-        result["target_cached_over_supervised"] = 1.05
+        result["target_cached_over_supervised"] = 0.85 if args.views_per_image >= 4 else 1.05
         if "ema_over_cached" in result:
             result["target_ema_over_cached"] = 1.05
         if jpeg:

@@ -12,7 +12,7 @@ Layout (one directory per cache key under a store root)::
         tail_lse   (N,)   f32    log-sum-exp over the classes outside the top-k (-inf when k = C)
         hard       (N,)   i16    teacher argmax
         sampled    (N, m) i16    optional: classes drawn from the teacher's distribution
-        features   (N, C, h, w) f16  optional: a pooled teacher feature map
+        features   (N, C, h, w) f16  optional: a pooled teacher feature map (sharded: 16-row inner chunks)
         teacher<i>_topk_idx, _topk_logit, _lse, _tail_lse   optional: each ensemble member's own
         pieces/<i>.done          a piece (a run of whole chunks) that a writer finished
         COMPLETE                 written last, atomically, with a sha256 per chunk of every array
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 import threading
@@ -59,6 +60,7 @@ from pipelines.storage import Location, is_url
 from pipelines.views import NUM_VIEW_PARAMS
 
 FORMAT_VERSION = 2  # 2: tail_lse (the top-k's complement), label quality in COMPLETE
+FEATURE_READ_ROWS = 16  # rows of a feature map decoded together (an inner chunk of its shards): see _layout
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
 
@@ -164,6 +166,18 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _compressor(dtype: str) -> BloscCodec:
     # byte shuffle groups the high bytes (mostly equal) of neighbouring values; zstd does the rest
     return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)
+
+
+def _layout(name: str, shape: tuple[int, ...], chunk_rows: int
+            ) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """``(chunks, shards)``: how an array is cut. ``chunk_rows`` rows a file, written whole. ``features``
+    (kilobytes a sample, read by the batch's rows in a shuffled epoch) is sharded: each file holds ``chunk_rows``
+    rows as inner chunks of ``FEATURE_READ_ROWS`` rows, so reading one sample decodes its inner chunk alone, not
+    its whole chunk."""
+    rows = (chunk_rows, *shape[1:])
+    if name != "features":
+        return rows, None
+    return (math.gcd(chunk_rows, FEATURE_READ_ROWS), *shape[1:]), rows
 
 
 def _array(group: zarr.Group, name: str) -> zarr.Array:
@@ -433,9 +447,9 @@ class LabelStore:
         for name, (shape, dtype) in self.schema.arrays().items():
             if name in existing:
                 continue
-            chunks = (self.schema.chunk_rows, *shape[1:])
-            group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, compressors=_compressor(dtype),
-                               fill_value=0)
+            chunks, shards = _layout(name, shape, self.schema.chunk_rows)
+            group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
+                               compressors=_compressor(dtype), fill_value=0)
         (d / "pieces").makedirs()
 
     def done_pieces(self, seed: int) -> set[int]:
@@ -533,21 +547,25 @@ class LabelStore:
         record = (self._seed(seed) / COMPLETE).read_json()
         return dict(record.get("quality") or {})
 
-    def _read_arrays(self, seed: int, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    def _read_arrays(self, seed: int, names: Iterable[str] | None = None, rows: tuple[int, int] | None = None
+                     ) -> dict[str, np.ndarray]:
         group = zarr.open_group(store=self._seed(seed).url, mode="r", zarr_format=3)
         out = {}
         for name in self.schema.arrays() if names is None else names:
             try:
-                out[name] = np.asarray(_array(group, name)[...])
+                array = _array(group, name)
+                out[name] = np.asarray(array[...] if rows is None else array[rows[0] : rows[1]])
             except Exception as e:  # a truncated or edited chunk fails to decode
                 raise StoreError(f"seed {seed} array {name}: cannot be read ({type(e).__name__}: {e})") from None
         return out
 
-    def load(self, seed: int, names: Iterable[str] | None = None) -> SeedLabels:
-        """Load one complete seed into memory: every array, or those in ``names`` (of ``schema.arrays()``)."""
+    def load(self, seed: int, names: Iterable[str] | None = None, rows: tuple[int, int] | None = None
+             ) -> SeedLabels:
+        """Load one complete seed into memory: every array, or those in ``names`` (of ``schema.arrays()``); only
+        rows ``[start, stop)`` with ``rows``."""
         if seed not in self.seeds():
             raise StoreError(f"seed {seed} is not in {self.path}: complete seeds are {self.seeds() or 'none'}")
-        return SeedLabels(int(seed), self._read_arrays(seed, names))
+        return SeedLabels(int(seed), self._read_arrays(seed, names, rows))
 
     def verify(self, seeds: Iterable[int] | None = None) -> list[str]:
         """Recompute every checksum; return one line per problem (empty: the store is sound)."""

@@ -23,14 +23,13 @@ Two ways to build views, chosen by the data set:
   stored box, the image's size and ``S`` alone, so the teacher and the student decode the same pixels in
   any process and any batch. ``mix_views`` then mixes the uint8 views (as floats) on the device.
 
-Mixing partners: a permutation of each block of ``PARTNER_BLOCK`` consecutive ids (fixed by recipe and
-seed), so a partner lies near its sample (a streaming reader keeps locality) and never depends on the
-batch. A split of at most ``PARTNER_BLOCK`` samples is one block.
+Mixing partners: the next sample in a random cyclic order of the whole split (``partners_of``), fixed by the
+recipe and the seed, computed per id by a keyed permutation (no table), never from the batch. On a split sorted
+by class a partner is then of any class: two views of one class mix about as often as the class's share.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -54,13 +53,13 @@ NUM_VIEW_PARAMS = len(VIEW_COLUMNS)
 COL = {name: i for i, name in enumerate(VIEW_COLUMNS)}
 MIX_NONE, MIX_MIXUP, MIX_CUTMIX = 0, 1, 2
 GRID = 2048.0  # fractions are multiples of 1/GRID
-PARTNER_BLOCK = 65536  # mixing partners come from the same block of this many consecutive ids
 DRAFT_SCALES = (8, 4, 2, 1)
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A named, versioned augmentation. Bump ``version`` whenever the drawing code changes its output."""
+    """A named, versioned augmentation. Bump ``version`` whenever the drawing code changes its output (the
+    version is in the digest, so a store of the old views gets another cache key)."""
 
     name: str
     version: int = 1
@@ -104,7 +103,8 @@ register_recipe(Recipe("fmnist-rrc"))
 # budget crops cost more than they give: resnet10t, 6 epochs on the train split, reached 92.64 % test top-1
 # with this, 90.94 % with crops of scale 0.7-1 and 89.28 % with fmnist-rrc (scale 0.35-1).
 register_recipe(Recipe("fmnist-flip", crop=False))
-register_recipe(Recipe("fmnist-rrc-mix", mixup_p=0.25, cutmix_p=0.25, mix_alpha=1.0))
+# version 2: mixing partners from the whole split (version 1 took them from blocks of 65,536 consecutive ids)
+register_recipe(Recipe("fmnist-rrc-mix", version=2, mixup_p=0.25, cutmix_p=0.25, mix_alpha=1.0))
 # ImageNet: RandomResizedCrop (scale 0.08-1, aspect 3/4-4/3) and flip at 224 px; take :size=N for another size
 register_recipe(Recipe("imagenet-rrc", out_size=224, scale=(0.08, 1.0), draft=True))
 # FKD (Shen & Xing 2022, szq0214/FKD): the crops its soft labels describe, RandomResizedCrop 0.08-1 and flip
@@ -223,9 +223,9 @@ def draw_views(recipe: Recipe, seed: int, ids: np.ndarray | list[int], num_sampl
                hw: tuple[int, int] | np.ndarray) -> np.ndarray:
     """The ``(len(ids), P)`` float32 view parameters of ``ids`` under ``(recipe, seed)``.
 
-    ``num_samples`` is the size of the split (the mix partner comes from a seeded permutation of the
-    sample's block of ids); ``hw`` the images' native (height, width), which the crop's aspect ratio refers
-    to: one pair for all, or the data set's ``(num_samples, 2)`` ``sizes`` (indexed by sample id).
+    ``num_samples`` is the size of the split (the mix partner is any of its samples: ``partners_of``); ``hw``
+    the images' native (height, width), which the crop's aspect ratio refers to: one pair for all, or the
+    data set's ``(num_samples, 2)`` ``sizes`` (indexed by sample id).
     """
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if ids.size and (ids.min() < 0 or ids.max() >= num_samples):
@@ -265,23 +265,76 @@ def draw_views(recipe: Recipe, seed: int, ids: np.ndarray | list[int], num_sampl
 
 
 def partners_of(recipe: Recipe, seed: int, ids: np.ndarray, num_samples: int) -> np.ndarray:
-    """Partner of each sample id: within its block of ``PARTNER_BLOCK`` ids, a permutation of the block fixed
-    by (recipe, seed, block). Memory and time per call grow with the blocks touched, not the split."""
-    block = ids // PARTNER_BLOCK
-    out = np.empty(len(ids), dtype=np.int64)
-    for b in np.unique(block):
-        start = int(b) * PARTNER_BLOCK
-        rows = block == b
-        perm = _block_permutation(recipe, seed, int(b), min(PARTNER_BLOCK, num_samples - start))
-        out[rows] = start + perm[ids[rows] - start]
-    return out
+    """Partner of each sample id: the sample after it in a random cyclic order of the whole split, fixed by
+    (recipe, seed). ``order`` is a keyed permutation of ``[0, num_samples)`` and the partner of ``i`` is
+    ``order^-1(order(i) + 1 mod N)``: never ``i`` itself (N >= 2), every sample the partner of exactly one, and
+    a partner's class independent of the sample's on a split sorted by class. Computed per id (a Feistel
+    network, ``_SplitPermutation``): memory and time grow with ``len(ids)``, not the split."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if num_samples < 2:
+        return ids.copy()
+    order = _SplitPermutation(_key(recipe, seed, "partners"), num_samples)
+    return order.inverse((order(ids) + 1) % num_samples)
 
 
-@functools.lru_cache(maxsize=8)
-def _block_permutation(recipe: Recipe, seed: int, block: int, length: int) -> np.ndarray:
-    stream = "partners" if block == 0 else f"partners/{block}"  # block 0: the stream of a whole small split
-    rng = np.random.Generator(np.random.Philox(key=_key(recipe, seed, stream)))
-    return rng.permutation(length)
+class _SplitPermutation:
+    """A keyed pseudo-random permutation of ``[0, n)``, evaluated per element in both directions: a balanced
+    Feistel network over ``2^(2h) >= n`` values (8 rounds, each a splitmix64 hash of the half and a round key)
+    with cycle walking (re-apply until the value falls below ``n``; the domain is under ``4 n``, so a few
+    steps on average). Our own because numpy's permutations are tables of ``n`` entries (10 MB at ImageNet's
+    1.28 M, per process and seed) and nothing in numpy, torch or timm permutes by element."""
+
+    ROUNDS = 8
+
+    def __init__(self, key: list[int], n: int):
+        self.n = int(n)
+        self.half = max(1, ((self.n - 1).bit_length() + 1) // 2)
+        self.mask = np.uint64((1 << self.half) - 1)
+        rounds = np.arange(1, self.ROUNDS + 1, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            self.keys = _splitmix64(np.uint64(key[0]) + rounds * np.uint64(key[1] | 1))
+
+    def _round(self, r: int, x: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            return _splitmix64(x ^ self.keys[r]) & self.mask
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> np.uint64(self.half), x & self.mask
+        for r in range(self.ROUNDS):
+            left, right = right, left ^ self._round(r, right)
+        return (left << np.uint64(self.half)) | right
+
+    def _backward(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> np.uint64(self.half), x & self.mask
+        for r in reversed(range(self.ROUNDS)):
+            left, right = right ^ self._round(r, left), left
+        return (left << np.uint64(self.half)) | right
+
+    def _walk(self, step, ids: np.ndarray) -> np.ndarray:
+        x = step(np.asarray(ids, dtype=np.uint64))
+        out = x.copy()
+        outside = np.flatnonzero(x >= self.n)
+        while outside.size:
+            x = step(out[outside])
+            out[outside] = x
+            outside = outside[x >= self.n]
+        return out.astype(np.int64)
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """The position of each id in the order."""
+        return self._walk(self._forward, ids)
+
+    def inverse(self, positions: np.ndarray) -> np.ndarray:
+        """The id at each position of the order."""
+        return self._walk(self._backward, positions)
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser (Steele et al. 2014), on uint64 arrays (wrapping)."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
 
 
 def _crop_flip(images: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
@@ -377,8 +430,11 @@ def decode_view(data: bytes, where: str, box: np.ndarray, out_size: int, draft: 
 
 
 def decode_views(data: bytes, where: str, requests: list[tuple[np.ndarray, int]], draft: bool) -> list[np.ndarray]:
-    """Several views of one encoded image, each ``(box, size)`` as ``decode_view`` renders it alone (the same
-    pixels): the image is decoded once per distinct DCT scale the requests need, not once per view."""
+    """Several views of one encoded image, each ``(box, size)`` a uint8 ``(size, size, 3)`` view bit-identical to
+    ``decode_view`` of that box at that size alone: the views a batch needs of one sample (FKD's multi-crop,
+    ``--views-per-image``; its views under several seeds) at each size they are needed at (a teacher of another
+    input size). The image is decoded once for each distinct DCT scale the requests take (once in all without
+    ``draft``, or when every request allows the same scale), then each request cropped and resized from it."""
     from PIL import Image
 
     out: list[np.ndarray] = [np.empty(0)] * len(requests)
@@ -415,8 +471,9 @@ def _crop_resize(img, box: np.ndarray, out_size: int) -> np.ndarray:
 
 def render_views(dataset, ids: np.ndarray, boxes: np.ndarray, out_size: int, draft: bool) -> torch.Tensor:
     """uint8 ``(B, 3, S, S)`` views of a data set on disk (channels-last in memory): sample ``ids[i]`` cropped by
-    ``boxes[i]`` (y0, x0, h, w, flip). Reads only these samples' bytes. A pure function of its arguments: runs
-    the same in any process."""
+    ``boxes[i]`` (y0, x0, h, w, flip). Reads only these samples' bytes, and each image once: the views of a
+    sample that appears several times (``--views-per-image``, several seeds) are cropped from one decode per DCT
+    scale (``render_views_at``, ``decode_views``). A pure function of its arguments: runs the same in any process."""
     return render_views_at(dataset, ids, boxes, (out_size,), draft)[out_size]
 
 
@@ -424,11 +481,12 @@ def render_views_at(dataset, ids: np.ndarray, boxes: np.ndarray, sizes: tuple[in
                     ) -> dict[int, torch.Tensor]:
     """``render_views`` at each of ``sizes`` from the same boxes (a teacher of another input size sees the same
     crop at its own size): each image read once and decoded once per DCT scale, also where its id is on several
-    rows (its views under several seeds); each size's views are those ``render_views`` gives at that size."""
+    rows (its K views under ``--views-per-image``, its views under several seeds); each size's views are those
+    ``render_views`` gives at that size, each bit-identical to its view rendered alone."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     batches = {size: _uint8_batch((len(ids), size, size, 3)) for size in sizes}
     arrays = {size: b.numpy() for size, b in batches.items()}
-    unique, inverse = np.unique(ids, return_inverse=True)  # an id on several rows (several seeds): read once
+    unique, inverse = np.unique(ids, return_inverse=True)  # an id on several rows: read once
     order = np.argsort(inverse, kind="stable")
     bounds = np.searchsorted(inverse[order], np.arange(len(unique) + 1))
     for u, (data, where) in enumerate(dataset.encoded(unique)):

@@ -13,28 +13,29 @@ normalises on the device):
   student's normalisation follows in its step, on the same device.
 
 With ``workers=0`` the same ``BatchSource`` runs in the training process, so 0 and N workers give the same
-batches bit for bit (the tests check it). Feature maps (TaT) are read by chunk (``FeatureChunks``), never
-loaded whole.
+batches bit for bit (the tests check it). Feature maps (TaT) are read by the batch's rows (``FeatureRows``),
+never loaded whole.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
 
 from pipelines.errors import UsageError
+from pipelines.storage import is_url
 from pipelines.store import StoreError
 from pipelines.views import COL, MIX_NONE, apply_views, mix_views, partner_ids, render_batch
 
+log = logging.getLogger("stillroom.student")
 MAX_AUTO_WORKERS = 4  # more rarely pays for one training process; say --loader-workers N for more
-FEATURE_CHUNK_CACHE = 4  # feature chunks a process keeps (with 2 KB a sample and 8192-row chunks: 64 MB)
-FEATURE_WINDOW_CHUNKS = 2  # with features, an epoch shuffles within windows of this many chunks
 
 
 @dataclass
@@ -47,8 +48,9 @@ class Batch:
     targets: torch.Tensor  # (B, num_classes) ground truth mixed by the view's lambda (one-hot where not mixed)
     teacher: dict[str, torch.Tensor] = field(default_factory=dict)  # topk_idx, topk_logit, lse, tail_lse, ...
     params: np.ndarray | None = None  # (B, P) the view parameters
-    seed: int = 0
+    seed: int = 0  # the store seed of every view (-1 when the rows come from several: ``row_seeds``)
     epoch: int = 0
+    row_seeds: np.ndarray | None = None  # (B,) each view's store seed under ``--view-order random``
 
     @property
     def mixed(self) -> bool:
@@ -91,22 +93,29 @@ def default_loader_workers(in_memory: bool, world_size: int = 1) -> int:
     return max(1, min(cores // max(world_size, 1) - 1, MAX_AUTO_WORKERS))
 
 
-# ---------------------------------------------------------------- feature maps, by chunk
+# ---------------------------------------------------------------- feature maps, by the batch's rows
 
 
-class FeatureChunks:
-    """A seed's ``features`` array ``(N, C, h, w)`` float16, read by chunk: ``take(ids)`` decodes each chunk the ids
-    touch once and keeps the last ``cache`` chunks (per process; the open array is not pickled, so a worker
-    opens its own)."""
+class FeatureRows:
+    """A seed's ``features`` array ``(N, C, h, w)`` float16, read by the rows a batch takes: ``take(ids)``.
 
-    def __init__(self, seed_dir: str | os.PathLike, chunk_rows: int, cache: int = FEATURE_CHUNK_CACHE):
+    The store shards it (``pipelines.store._layout``): a file of ``chunk_rows`` rows made of inner chunks of 16
+    rows, the file's index (where each inner chunk lies, CRC32C-checked) at its end. ``take`` reads, for each
+    file its rows lie in, the index and then only the inner chunks of those rows, decoded with Blosc as zarr
+    decodes them; it keeps nothing between calls, so memory does not grow with the split. Our own reading of
+    zarr's sharding format, because zarr's (``array.oindex[ids]``) spends far longer on its asynchronous
+    machinery per inner chunk than on decoding it (``bench/features.py`` measures both on the same files). Any
+    other layout (a store that chunked features by ``chunk_rows`` rows, or not on a local disk) is read through
+    zarr: right, but for big chunks slow (one warning). The open array is not pickled, so a worker opens its own."""
+
+    def __init__(self, seed_dir: str | os.PathLike):
         # a str: the seed's zarr group may be a URL (s3://...), which Path would mangle
-        self.seed_dir, self.chunk_rows, self.cache = os.fspath(seed_dir), int(chunk_rows), int(cache)
+        self.seed_dir = os.fspath(seed_dir)
         self._array: Any = None
-        self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._sharded: tuple[int, int] | None = None  # (rows a shard, rows an inner chunk) on the fast path
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_array": None, "_chunks": OrderedDict()}
+        return {**self.__dict__, "_array": None, "_sharded": None}
 
     def _open(self) -> Any:
         if self._array is None:
@@ -116,46 +125,102 @@ class FeatureChunks:
                 self._array = zarr.open_group(store=self.seed_dir, mode="r", zarr_format=3)["features"]
             except (KeyError, FileNotFoundError) as e:
                 raise StoreError(f"{self.seed_dir} has no features array ({e})") from None
+            local = not is_url(self.seed_dir)  # the fast path reads the shard files directly
+            self._sharded = _fast_shards(self._array, Path(self.seed_dir) / "features") if local else None
+            rows = self._array.chunks[0]
+            if self._sharded is None and rows > MAX_ROWS_A_READ:
+                log.warning("%s: features are stored in chunks of %d rows (a store made before features were "
+                            "sharded): every row a batch takes decodes its whole chunk; relabel for fast reads",
+                            self.seed_dir, rows)
         return self._array
-
-    def chunk(self, k: int) -> np.ndarray:
-        """Rows ``[k * chunk_rows, (k + 1) * chunk_rows)``, decoded once while cached."""
-        if k not in self._chunks:
-            array = self._open()
-            try:
-                self._chunks[k] = np.asarray(array[k * self.chunk_rows : (k + 1) * self.chunk_rows])
-            except Exception as e:  # a truncated or edited chunk fails to decode
-                raise StoreError(f"{self.seed_dir} features chunk {k}: cannot be read "
-                                 f"({type(e).__name__}: {e})") from None
-            while len(self._chunks) > self.cache:
-                self._chunks.popitem(last=False)
-        self._chunks.move_to_end(k)
-        return self._chunks[k]
 
     def take(self, ids: np.ndarray) -> np.ndarray:
         """The feature maps of ``ids``, in that order."""
-        ids = np.asarray(ids, dtype=np.int64)
-        shape = self._open().shape
-        out = np.empty((len(ids), *shape[1:]), dtype=np.float16)
-        which = ids // self.chunk_rows
-        for k in np.unique(which):
-            rows = np.flatnonzero(which == k)
-            out[rows] = self.chunk(int(k))[ids[rows] - int(k) * self.chunk_rows]
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        array = self._open()
+        if self._sharded is None:
+            try:
+                return np.asarray(array.oindex[ids])
+            except Exception as e:  # a truncated or edited chunk fails to decode
+                raise StoreError(f"{self.seed_dir} features: cannot be read ({type(e).__name__}: {e})") from None
+        shard_rows, inner_rows = self._sharded
+        out = np.empty((len(ids), *array.shape[1:]), dtype=np.float16)
+        order = np.argsort(ids, kind="stable")
+        shard_of = ids[order] // shard_rows
+        bounds = np.flatnonzero(np.diff(shard_of)) + 1
+        for rows in np.split(order, bounds):
+            shard = int(ids[rows[0]]) // shard_rows
+            self._read_shard(shard, (ids[rows] - shard * shard_rows).tolist(), rows.tolist(), out)
         return out
 
+    def _read_shard(self, shard: int, local: list[int], rows: list[int], out: np.ndarray) -> None:
+        """Rows ``local`` (sorted) of file ``shard`` into ``out[rows]``."""
+        from numcodecs import Blosc
 
-def chunk_window_order(rng: np.random.Generator, n: int, chunk_rows: int, window: int = FEATURE_WINDOW_CHUNKS
-                       ) -> np.ndarray:
-    """A permutation of ``range(n)`` that reads by chunk: the chunks in a random order, then the samples shuffled
-    within each run of ``window`` consecutive chunks of that order (a shuffle buffer of ``window * chunk_rows``
-    samples). A reader of chunked arrays then holds about ``window`` chunks at a time."""
-    chunks = rng.permutation(-(-n // chunk_rows))
-    parts = []
-    for start in range(0, len(chunks), window):
-        rows = np.concatenate([np.arange(k * chunk_rows, min((k + 1) * chunk_rows, n))
-                               for k in chunks[start : start + window]])
-        parts.append(rng.permutation(rows))
-    return np.concatenate(parts)
+        shard_rows, inner_rows = self._sharded or (0, 1)
+        path = Path(self.seed_dir) / "features" / self._array.metadata.encode_chunk_key((shard, 0, 0, 0))
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # zarr writes no file of fill values (0) only
+            out[rows] = 0
+            return
+        try:
+            index = _shard_index(fd, shard_rows // inner_rows, path)
+            decoded, chunk = -1, out[:0]
+            for row, i in zip(rows, local, strict=True):
+                k = i // inner_rows
+                if k != decoded:
+                    offset, nbytes = (int(v) for v in index[k])
+                    if offset == _EMPTY:  # an inner chunk of fill values (0), which zarr leaves out
+                        chunk = np.zeros((inner_rows, *out.shape[1:]), dtype=np.float16)
+                    else:
+                        data = Blosc().decode(os.pread(fd, nbytes, offset))
+                        chunk = np.frombuffer(data, dtype="<f2").reshape(inner_rows, *out.shape[1:])
+                    decoded = k
+                out[row] = chunk[i - k * inner_rows]
+        except (OSError, ValueError, RuntimeError) as e:  # a truncated or edited file
+            raise StoreError(f"{path}: features cannot be read ({type(e).__name__}: {e})") from None
+        finally:
+            os.close(fd)
+
+
+MAX_ROWS_A_READ = 64  # past this, reading one sample's features through a chunk warrants a warning
+_EMPTY = 2**64 - 1  # zarr's index entry for an inner chunk not written
+
+
+def _fast_shards(array: Any, path: Path) -> tuple[int, int] | None:
+    """``(rows a shard, rows an inner chunk)`` when ``array`` is laid out as ``pipelines.store`` shards features
+    (the inner chunks little-endian bytes then Blosc, the index at the end with a CRC32C, on a local disk), else
+    None (zarr reads it)."""
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+    from zarr.codecs.sharding import ShardingCodecIndexLocation
+
+    codecs = array.metadata.codecs
+    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or not path.is_dir():
+        return None
+    sharding = codecs[0]
+    inner = sharding.codecs
+    index = sharding.index_codecs
+    little = BytesCodec(endian="little")
+    if not (len(inner) == 2 and inner[0] == little and isinstance(inner[1], BloscCodec)
+            and len(index) == 2 and index[0] == little and isinstance(index[1], Crc32cCodec)
+            and sharding.index_location == ShardingCodecIndexLocation.end
+            and tuple(sharding.chunk_shape[1:]) == tuple(array.shape[1:]) and array.dtype == np.float16):
+        return None
+    return int(array.shards[0]), int(sharding.chunk_shape[0])
+
+
+def _shard_index(fd: int, chunks: int, path: Path) -> np.ndarray:
+    """A shard's ``(chunks, 2)`` index (offset, length of each inner chunk) from the end of its file, its CRC32C
+    checked."""
+    import google_crc32c
+
+    size = chunks * 16
+    end = os.fstat(fd).st_size
+    data = os.pread(fd, size + 4, end - size - 4) if end >= size + 4 else b""
+    if len(data) != size + 4 or google_crc32c.value(data[:size]) != int.from_bytes(data[size:], "little"):
+        raise ValueError(f"the shard index of {path.name} does not match its checksum")
+    return np.frombuffer(data[:size], dtype="<u8").reshape(chunks, 2)
 
 
 # ---------------------------------------------------------------- what a worker hands over
@@ -176,6 +241,7 @@ class BatchParts:
     out_size: int | None
     seed: int
     epoch: int
+    row_seeds: np.ndarray | None = None
 
     def pin_memory(self) -> BatchParts:
         """Called by the DataLoader's pinning thread (CUDA): page-locked host tensors copy asynchronously."""
@@ -188,13 +254,19 @@ class BatchParts:
 class BatchSource(torch.utils.data.Dataset):
     """One epoch's batches for a DataLoader: ``__getitems__(ids)`` builds the ``BatchParts`` of those ids.
 
-    Holds the seed's label arrays (gathered by numpy indexing; inherited by forked workers without a copy),
-    the data set's index and, where the store has them and they are wanted, the feature maps by chunk."""
+    Holds the epoch's label arrays (gathered by numpy indexing; inherited by forked workers without a copy),
+    the data set's index and, where the store has them and they are wanted, the feature maps read by rows.
+    The arrays are one seed's (``seed``), or under ``--view-order random`` each sample's row from the seed
+    ``seeds[seed_index[id]]`` (``seed`` -1), whose feature maps are then read from that seed's own array. With
+    ``views_per_image = K`` the batch's keys are ``id * K + j``, view j of sample ``id`` from seed ``seeds[j]``,
+    and the arrays are indexed by key; a sample's K views are cropped from one decode (``render_views``)."""
 
     def __init__(self, dataset: Any, arrays: dict[str, np.ndarray], seed: int, epoch: int, out_size: int | None,
-                 draft: bool, num_classes: int, features: FeatureChunks | None = None):
+                 draft: bool, num_classes: int, features: dict[int, FeatureRows] | None = None,
+                 seed_index: np.ndarray | None = None, seeds: tuple[int, ...] = (), views_per_image: int = 1):
         self.dataset, self.arrays, self.seed, self.epoch = dataset, arrays, seed, epoch
         self.out_size, self.draft, self.num_classes, self.features = out_size, draft, num_classes, features
+        self.seed_index, self.seeds, self.views_per_image = seed_index, seeds, views_per_image
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -202,12 +274,34 @@ class BatchSource(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> BatchParts:
         return self.__getitems__([i])
 
-    def __getitems__(self, ids: Any) -> BatchParts:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        gathered = {name: np.take(a, ids, axis=0) for name, a in self.arrays.items()}
+    def row_seeds(self, keys: np.ndarray) -> np.ndarray | None:
+        """The store seed of each key's view (None: all are ``seed``)."""
+        if self.views_per_image > 1:
+            return np.asarray(self.seeds, dtype=np.int64)[keys % self.views_per_image]
+        if self.seed_index is None:
+            return None
+        return np.asarray(self.seeds, dtype=np.int64)[self.seed_index[keys]]
+
+    def _features(self, features: dict[int, FeatureRows], ids: np.ndarray, row_seeds: np.ndarray | None
+                  ) -> np.ndarray:
+        if row_seeds is None:
+            return features[self.seed].take(ids)
+        parts = {int(s): np.flatnonzero(row_seeds == s) for s in np.unique(row_seeds)}
+        taken = {s: features[s].take(ids[rows]) for s, rows in parts.items()}
+        first = next(iter(taken.values()))
+        out = np.empty((len(ids), *first.shape[1:]), dtype=first.dtype)
+        for s, rows in parts.items():
+            out[rows] = taken[s]
+        return out
+
+    def __getitems__(self, keys: Any) -> BatchParts:
+        keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+        ids = keys // self.views_per_image
+        gathered = {name: np.take(a, keys, axis=0) for name, a in self.arrays.items()}
         params = gathered.pop("view")
+        row_seeds = self.row_seeds(keys)
         if self.features is not None:
-            gathered["features"] = self.features.take(ids)
+            gathered["features"] = self._features(self.features, ids, row_seeds)
         partners = partner_ids(params, ids)
         mixing = not np.array_equal(partners, ids)
         if self.dataset.in_memory:
@@ -218,7 +312,8 @@ class BatchSource(torch.utils.data.Dataset):
         y = self.dataset.labels[ids]
         targets = mixed_targets(y, params, self.dataset.labels[partners], self.num_classes)
         return BatchParts(ids, pixels, partner_pixels, params, torch.from_numpy(y), torch.from_numpy(targets),
-                          label_tensors(gathered), not self.dataset.in_memory, self.out_size, self.seed, self.epoch)
+                          label_tensors(gathered), not self.dataset.in_memory, self.out_size, self.seed, self.epoch,
+                          row_seeds)
 
 
 def _first(items: Any) -> BatchParts:
@@ -238,7 +333,7 @@ def finish(parts: BatchParts, device: torch.device) -> Batch:
     return Batch(parts.ids, views, parts.labels.to(device, non_blocking=async_copy),
                  parts.targets.to(device, non_blocking=async_copy),
                  {k: v.to(device, non_blocking=async_copy) for k, v in parts.teacher.items()},
-                 parts.params, parts.seed, parts.epoch)
+                 parts.params, parts.seed, parts.epoch, parts.row_seeds)
 
 
 def batch_parts(source: BatchSource, batches: list[np.ndarray], workers: int, pin: bool) -> Iterable[BatchParts]:

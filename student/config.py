@@ -33,7 +33,7 @@ class TrainConfig(RecipeOptions):
 
     ``temperature=None`` means the loss's default (4 for ``kd``, 1 otherwise). ``seeds=None``
     uses every complete seed of the store. ``max_steps`` stops each epoch early (tests, benchmarks);
-    ``eval_limit`` scores only the first samples of the eval split.
+    ``eval_limit`` scores a fixed class-balanced subset of the eval split.
     """
 
     store: str = option(help="the label store: its directory (<root>/<cache_key>) or its cache key under "
@@ -59,6 +59,16 @@ class TrainConfig(RecipeOptions):
     seeds: tuple[int, ...] | None = option(None, help="store seeds to cycle through, e.g. 0-3 (default: every "
                                                        "complete seed when the run starts; a resumed run keeps "
                                                        "its own list)")
+    view_order: str = option("cycle", help="which stored view an epoch replays: cycle (epoch e: seed seeds[e % S]; a "
+                                           "run of E epochs sees min(E, S) distinct views of each sample) or random "
+                                           "(ml-dr: each epoch, each sample's view from one of the S seeds at random, "
+                                           "drawn from --seed, the epoch and the id; about S(1 - (1 - 1/S)^E) "
+                                           "distinct views of each sample; the run prints the figure)",
+                             choices=("cycle", "random"))
+    views_per_image: int = option(1, help="K views of each image in a batch (FKD's multi-crop): a batch of B views "
+                                          "holds B/K images, view j of each from seed seeds[(e*K + j) % S] in epoch e, "
+                                          "each image decoded once for its K crops; a run sees min(E*K, S) distinct "
+                                          "views of each sample. K must divide --batch-size", ge=1, le=64)
     workers: int = option(1, help="> 1: data-parallel through Ray Train", ge=1, le=1024)
     max_failures: int = option(3, help="workers > 1: times Ray Train restarts the run from its last epoch's "
                                        "checkpoint after a worker dies (Ray's FailureConfig; -1: without limit)",
@@ -74,7 +84,9 @@ class TrainConfig(RecipeOptions):
                                               "on the store's encoding of it (encoded)", choices=ONLINE_TARGETS,
                                  flags=("--online",), via="the value of --online")
     eval_split: str = option("test", help="the split scored after each epoch", choices=("train", "val", "test"))
-    eval_limit: int | None = option(None, help="score only the first N eval samples", ge=1)
+    eval_limit: int | None = option(None, help="score a fixed class-balanced subset of N eval samples (the same in "
+                                               "every run: each class in turn, its samples drawn with a fixed seed), "
+                                               "not the first N of a split sorted by class", ge=1)
     seed: int = option(0, help="student init and shuffling", ge=0)
     distill_token: bool = option(False, help="require a student with a distillation token (deit-soft/deit-hard)")
     deit_soft_reduction: str = option("numel", help="deit-soft: divide the summed KL by B*C as DeiT's code does "

@@ -1,13 +1,16 @@
 """Loading from the label store: one seed's arrays in memory, gathered by sample id, views rebuilt per batch.
 
-Epoch ``e`` uses seed ``seeds[e % len(seeds)]``. The seed's label arrays are loaded once (``read_labels``,
-about 50 bytes a sample; teacher feature maps stay on disk and are read by chunk) and every batch is a numpy
-gather from them; the views are rebuilt from the *stored* view parameters, so the student sees exactly the
-pixels the teacher labeled. Batches are built by ``loader_workers`` processes (``student._loader``: a
-DataLoader whose batch sampler is the epoch's order) as uint8 and finished on the training device. The order
-of an epoch is a permutation drawn from ``(shuffle_seed, epoch)``; with ``world_size > 1`` each rank takes
-every ``world_size``-th sample of that permutation (the last ``N % world_size`` are left out of that epoch so
-every rank runs the same number of steps) and reads only those samples' images.
+Epoch ``e`` uses seed ``seeds[e % len(seeds)]`` (``view_order="cycle"``), or each sample's view from one of
+the seeds drawn at random per epoch and sample (``"random"``, ml-dr's). The label arrays are loaded once an
+epoch (``read_labels``, about 50 bytes a sample; teacher feature maps stay on disk and are read by the batch's
+rows) and every batch is a numpy gather from them; the views are rebuilt from the *stored* view parameters, so
+the student sees exactly the pixels the teacher labeled. Batches are built by ``loader_workers`` processes
+(``student._loader``: a DataLoader whose batch sampler is the epoch's order) as uint8 and finished on the
+training device. The order of an epoch is a permutation of the whole split drawn from ``(shuffle_seed, epoch)``,
+whatever arrays are read (on ids sorted by class, anything less leaves batches of a few classes); with
+``world_size > 1`` each rank takes every ``world_size``-th sample of that permutation (the last
+``N % world_size`` are left out of that epoch so every rank runs the same number of steps) and reads only those
+samples' images.
 """
 
 from __future__ import annotations
@@ -23,13 +26,11 @@ from pipelines.errors import UsageError
 from pipelines.store import LabelStore, SeedLabels, StoreError
 from pipelines.views import Recipe, get_recipe, output_size
 from student._loader import (
-    FEATURE_WINDOW_CHUNKS,
     LABEL_ARRAYS,
     Batch,
     BatchSource,
-    FeatureChunks,
+    FeatureRows,
     batch_parts,
-    chunk_window_order,
     default_loader_workers,
     finish,
     label_tensors,
@@ -38,6 +39,7 @@ from student._loader import (
 )
 
 log = logging.getLogger("stillroom.student")
+VIEW_ORDERS = ("cycle", "random")
 
 
 def check_store(store: LabelStore, dataset: Dataset, recipe: str | None = None) -> Recipe:
@@ -79,13 +81,25 @@ class StoreStream:
         drop_last: drop a last batch shorter than ``batch_size``.
         loader_workers: processes that build batches (``None``: ``default_loader_workers``; 0: this process).
         device: where batches are finished (views built from uint8) and handed over (default: CPU).
-        features: deliver the teacher feature maps (default: when the store has them), read by chunk.
+        features: deliver the teacher feature maps (default: when the store has them), read by the batch's rows.
+        view_order: which stored view an epoch replays: ``cycle`` (epoch e: seed ``seeds[e % S]``) or
+            ``random`` (ml-dr's: for each epoch and sample, one of the seeds at random: ``seed_index``).
+        views_per_image: K views of each sample in a batch (FKD's multi-crop), from the seeds ``view_seeds``:
+            a batch of ``batch_size`` views holds ``batch_size / K`` images, each decoded once for its K crops.
     """
 
     def __init__(self, store: LabelStore, dataset: Dataset, recipe: Recipe, batch_size: int,
                  seeds: tuple[int, ...] | list[int] | None = None, rank: int = 0, world_size: int = 1,
                  shuffle_seed: int = 0, drop_last: bool = False, loader_workers: int | None = None,
-                 device: torch.device | str | None = None, features: bool | None = None):
+                 device: torch.device | str | None = None, features: bool | None = None,
+                 view_order: str = "cycle", views_per_image: int = 1):
+        if view_order not in VIEW_ORDERS:
+            raise UsageError(f"view order {view_order!r}: expected one of {', '.join(VIEW_ORDERS)}")
+        if views_per_image < 1 or batch_size % views_per_image:
+            raise UsageError(f"--views-per-image {views_per_image}: expected >= 1 and a divisor of the batch size "
+                             f"{batch_size}")
+        if views_per_image > 1 and view_order != "cycle":
+            raise UsageError("--views-per-image > 1 takes the seeds in order: use --view-order cycle")
         available = store.seeds()
         self.seeds = tuple(int(s) for s in (seeds if seeds else available))
         if not self.seeds:
@@ -112,18 +126,55 @@ class StoreStream:
                                else loader_workers)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.features = has_features if features is None else features
+        self.view_order, self.views_per_image = view_order, views_per_image
+        if views_per_image > len(self.seeds):
+            raise UsageError(f"--views-per-image {views_per_image}: the run has {len(self.seeds)} seed(s); each view "
+                             "of an image comes from a seed of its own")
         self._loaded: SeedLabels | None = None
         self._warned = False
 
-    def seed_for_epoch(self, epoch: int) -> int:
+    def seed_for_epoch(self, epoch: int) -> int | None:
+        """The store seed every view of ``epoch`` comes from (None under ``view_order="random"``: each sample's)."""
+        if self.view_order != "cycle" or self.views_per_image > 1:
+            return None
         return self.seeds[epoch % len(self.seeds)]
 
+    def view_seeds(self, epoch: int) -> tuple[int, ...]:
+        """In seed order, the seeds of the K views of each sample in ``epoch``: ``seeds[(e K + j) % S]``."""
+        k = self.views_per_image
+        return tuple(self.seeds[(epoch * k + j) % len(self.seeds)] for j in range(k))
+
+    def seed_index(self, epoch: int) -> np.ndarray:
+        """``view_order="random"``: for each sample id, the index in ``seeds`` of the stored view ``epoch`` replays,
+        uniform, drawn from ``(shuffle_seed, epoch)`` and the id (the id-th draw): the same on every rank."""
+        rng = np.random.default_rng([self.shuffle_seed, epoch, 1])
+        return rng.integers(0, len(self.seeds), len(self.dataset), dtype=np.uint8 if len(self.seeds) <= 256
+                            else np.int32)
+
+    def distinct_views(self, epochs: int) -> float:
+        """How many distinct stored views of a sample ``epochs`` epochs replay: ``min(epochs, S)`` in seed order;
+        at random, on average ``S * (1 - (1 - 1/S)^epochs)``."""
+        s = len(self.seeds)
+        if self.view_order == "cycle":
+            return float(min(epochs * self.views_per_image, s))
+        return s * (1 - (1 - 1 / s) ** epochs)
+
     def warn_if_repeating(self, epochs: int) -> str | None:
-        """One line saying that views repeat when there are more epochs than seeds (also logged)."""
-        if epochs <= len(self.seeds):
+        """One line saying that views repeat when there are more epochs than seeds (also logged), and how many
+        distinct views of each sample the run sees."""
+        s = len(self.seeds)
+        if self.view_order == "random":
+            msg = (f"{epochs} epochs, each sample's view drawn at random among {s} seed(s) {list(self.seeds)}: "
+                   f"about {self.distinct_views(epochs):.1f} distinct views of each sample")
+            if epochs > s:
+                log.warning(msg)
+            return msg if epochs > 1 else None
+        k = self.views_per_image
+        if epochs * k <= s:
             return None
-        msg = (f"{epochs} epochs but the store has {len(self.seeds)} seed(s) {list(self.seeds)}: views repeat "
-               f"every {len(self.seeds)} epoch(s); label more seeds to see new views")
+        each = f" of {k} views" if k > 1 else ""
+        msg = (f"{epochs} epochs{each} but the store has {s} seed(s) {list(self.seeds)}: views repeat "
+               f"every {s / k:g} epoch(s); label more seeds to see new views")
         log.warning(msg)
         return msg
 
@@ -133,55 +184,93 @@ class StoreStream:
         return len(self.dataset) // self.world_size
 
     def __len__(self) -> int:
-        n = self.samples_per_epoch
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        n, per_batch = self.samples_per_epoch, self.batch_size // self.views_per_image
+        return n // per_batch if self.drop_last else -(-n // per_batch)
 
     def labels_for(self, seed: int) -> SeedLabels:
         """The seed's label arrays in memory (one seed held at a time), feature maps left on disk: about 50 bytes
-        a sample, gathered by numpy indexing (``features``, about 2 KB a sample, are read by chunk)."""
+        a sample, gathered by numpy indexing (``features``, about 2 KB a sample, are read by the batch's rows)."""
         if self._loaded is None or self._loaded.seed != seed:
             self._loaded = None
             self._loaded = read_labels(self.store, seed)
         return self._loaded
 
-    def feature_chunks(self, seed: int) -> FeatureChunks | None:
-        """The seed's feature maps, read by chunk (None when the stream does not deliver them)."""
+    def labels_for_epoch(self, epoch: int) -> SeedLabels:
+        """The label arrays ``epoch`` reads: one seed's (in seed order), or at random each sample's row from the
+        seed ``seed_index`` picks, gathered by reading each seed once and keeping the rows taken from it. At most
+        two seeds' labels are held at once (the epoch's and one chunk of the seed being read), whatever the seed
+        count."""
+        seed = self.seed_for_epoch(epoch)
+        if seed is not None:
+            return self.labels_for(seed)
+        self._loaded = None  # the epoch's arrays replace the last epoch's before any seed is read
+        if self.views_per_image > 1:
+            return self._views_labels(epoch)
+        index = self.seed_index(epoch)
+        shapes = self.store.schema.arrays()
+        merged = {name: np.empty(shapes[name][0], dtype=shapes[name][1]) for name in label_names(self.store)}
+        rows = self.store.schema.chunk_rows
+        for start in range(0, len(index), rows):  # chunk by chunk: one chunk of one seed read at a time
+            stop = min(start + rows, len(index))
+            for i, s in enumerate(self.seeds):
+                taken = np.flatnonzero(index[start:stop] == i)
+                if taken.size:
+                    for name, a in self.store.load(s, list(merged), (start, stop)).arrays.items():
+                        merged[name][start + taken] = a[taken]
+        return SeedLabels(-1, merged)
+
+    def _views_labels(self, epoch: int) -> SeedLabels:
+        """``views_per_image = K``: the K seeds' arrays of ``epoch`` interleaved, row ``id * K + j`` holding view j of
+        sample ``id`` (K seeds' labels in memory, as FKD keeps K crops an image)."""
+        k, merged = self.views_per_image, {}
+        for j, seed in enumerate(self.view_seeds(epoch)):
+            for name, a in read_labels(self.store, seed).arrays.items():
+                if name not in merged:
+                    merged[name] = np.empty((len(a) * k, *a.shape[1:]), dtype=a.dtype)
+                merged[name][j::k] = a
+        return SeedLabels(-1, merged)
+
+    def feature_rows(self, seed: int | None) -> dict[int, FeatureRows] | None:
+        """The feature maps of ``seed`` (None: of every seed of the stream), read by the batch's rows; None when
+        the stream does not deliver them."""
         if not self.features:
             return None
-        return FeatureChunks(self.store.seed_dir(seed), self.store.schema.chunk_rows)
+        return {s: FeatureRows(self.store.seed_dir(s)) for s in (self.seeds if seed is None else (seed,))}
 
     def order(self, epoch: int) -> np.ndarray:
-        """This rank's sample ids for ``epoch``, in order.
-
-        A permutation drawn from ``(shuffle_seed, epoch)``; when the stream reads feature maps and the split
-        is larger than ``FEATURE_WINDOW_CHUNKS`` chunks, a permutation that reads by chunk
-        (``chunk_window_order``), so each batch decodes a few feature chunks and not one per sample."""
-        rng = np.random.default_rng([self.shuffle_seed, epoch])
-        n, chunk_rows = len(self.dataset), self.store.schema.chunk_rows
-        if self.features and n > FEATURE_WINDOW_CHUNKS * chunk_rows:
-            perm = chunk_window_order(rng, n, chunk_rows)
-        else:
-            perm = rng.permutation(n)
+        """This rank's sample ids for ``epoch``, in order: a permutation of the whole split drawn from
+        ``(shuffle_seed, epoch)``, this rank's share of it."""
+        perm = np.random.default_rng([self.shuffle_seed, epoch]).permutation(len(self.dataset))
         per_rank = len(perm) // self.world_size
         return perm[self.rank :: self.world_size][:per_rank]
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        """The epoch's order cut into this rank's batches (the DataLoader's batch sampler)."""
-        ids = self.order(epoch)
-        out = [ids[start : start + self.batch_size] for start in range(0, len(ids), self.batch_size)]
-        if self.drop_last and out and len(out[-1]) < self.batch_size:
+        """The epoch's order cut into this rank's batches (the DataLoader's batch sampler). With ``views_per_image
+        = K`` a batch holds ``batch_size / K`` samples, each K times in a row, as view keys ``id * K + j``."""
+        ids, k = self.order(epoch), self.views_per_image
+        per_batch = self.batch_size // k
+        out = [ids[start : start + per_batch] for start in range(0, len(ids), per_batch)]
+        if self.drop_last and out and len(out[-1]) < per_batch:
             out.pop()
+        if k > 1:
+            out = [np.repeat(b, k) * k + np.tile(np.arange(k), len(b)) for b in out]
         return out
 
     def source(self, labels: SeedLabels, epoch: int = 0) -> BatchSource:
         """What builds a batch from its ids, in this process or in a loader worker."""
-        return BatchSource(self.dataset, labels.arrays, labels.seed, epoch, self.out_size, self.recipe.draft,
-                           self.num_classes, self.feature_chunks(labels.seed))
+        if labels.seed >= 0:
+            return BatchSource(self.dataset, labels.arrays, labels.seed, epoch, self.out_size, self.recipe.draft,
+                               self.num_classes, self.feature_rows(labels.seed))
+        if self.views_per_image > 1:
+            return BatchSource(self.dataset, labels.arrays, -1, epoch, self.out_size, self.recipe.draft,
+                               self.num_classes, self.feature_rows(None), None, self.view_seeds(epoch),
+                               self.views_per_image)
+        return BatchSource(self.dataset, labels.arrays, -1, epoch, self.out_size, self.recipe.draft,
+                           self.num_classes, self.feature_rows(None), self.seed_index(epoch), self.seeds)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch, finished on the stream's device, built by ``loader_workers`` processes."""
-        labels = self.labels_for(self.seed_for_epoch(epoch))
-        source = self.source(labels, epoch)
+        source = self.source(self.labels_for_epoch(epoch), epoch)
         parts = batch_parts(source, self.batches(epoch), self.loader_workers, pin=self.device.type == "cuda")
         yield from on_device(parts, self.device)
 
@@ -192,9 +281,14 @@ class StoreStream:
 
 def read_labels(store: LabelStore, seed: int) -> SeedLabels:
     """What the student reads of a complete seed: the view parameters and the label arrays it trains on, not
-    ``features`` (read by chunk: ``FeatureChunks``) nor an ensemble's per-member arrays."""
+    ``features`` (read by the batch's rows: ``FeatureRows``) nor an ensemble's per-member arrays."""
+    return store.load(seed, label_names(store))
+
+
+def label_names(store: LabelStore) -> list[str]:
+    """The arrays of a seed the student holds in memory (``read_labels``)."""
     wanted = {"view", *LABEL_ARRAYS} - {"features"}
-    return store.load(seed, [name for name in store.schema.arrays() if name in wanted])
+    return [name for name in store.schema.arrays() if name in wanted]
 
 
 __all__ = ["Batch", "StoreStream", "check_store", "label_tensors", "mixed_targets", "read_labels"]

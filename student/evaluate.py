@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines._readers import DataError
-from pipelines.accuracy import topk_hits
+from pipelines.accuracy import eval_subset, topk_hits
 from pipelines.atomic import write_atomically
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
@@ -168,9 +168,14 @@ def eval_batches(dataset: Dataset, ids: np.ndarray, size: int | None, input_conf
         yield input_config.normalize(x), labels.to(device)
 
 
-def eval_ids(n: int, limit: int | None, rank: int = 0, world_size: int = 1) -> np.ndarray:
-    """The eval samples rank ``rank`` of ``world_size`` scores: every W-th of the first ``limit`` (or all)."""
-    return np.arange(rank, n if limit is None else min(limit, n), world_size, dtype=np.int64)
+def eval_ids(n: int, limit: int | None, rank: int = 0, world_size: int = 1,
+             labels: np.ndarray | None = None) -> np.ndarray:
+    """The eval samples rank ``rank`` of ``world_size`` scores: every W-th of all, or of ``limit`` of them (a
+    fixed class-balanced subset, ``eval_subset``, when ``labels`` are given; else the first ``limit``)."""
+    if limit is None or limit >= n:
+        return np.arange(rank, n, world_size, dtype=np.int64)
+    scored = eval_subset(labels, limit) if labels is not None else np.arange(limit, dtype=np.int64)
+    return scored[rank::world_size]
 
 
 @torch.no_grad()
@@ -196,7 +201,8 @@ def evaluate(model: nn.Module, dataset: Dataset, img_size: int | None, batch_siz
 
     With ``world_size > 1`` every rank calls it: each scores its share (``eval_ids``) and the hit counts are
     summed over the ranks with ``all_reduce_mean`` (times the world size: counts in float64 are exact), so every
-    rank returns the whole split's accuracy. ``input_config`` defaults to the student's own (``resolve_input_config``).
+    rank returns the whole split's accuracy. ``limit`` scores a fixed class-balanced subset of that many samples
+    (``eval_subset``). ``input_config`` defaults to the student's own (``resolve_input_config``).
     """
     inner = unwrap(model)
     if world_size > 1:
@@ -206,12 +212,12 @@ def evaluate(model: nn.Module, dataset: Dataset, img_size: int | None, batch_siz
     was_training = inner.training
     inner.eval()
     cfg = input_config or resolve_input_config(inner, dataset.channels)
-    n = len(eval_ids(len(dataset), limit))
+    n = len(eval_ids(len(dataset), limit, labels=dataset.labels))
     if n < 1:
         raise UsageError("the eval split is empty")
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits
-    for x, y in eval_batches(dataset, eval_ids(len(dataset), limit, rank, world_size), img_size, cfg, batch_size,
-                             loader_workers, device):
+    mine = eval_ids(len(dataset), limit, rank, world_size, dataset.labels)
+    for x, y in eval_batches(dataset, mine, img_size, cfg, batch_size, loader_workers, device):
         counts += torch.stack(topk_hits(inner(x), y)).to(counts.dtype)
     if world_size > 1:
         cast(Callable[[torch.Tensor], None], all_reduce_mean)(counts)

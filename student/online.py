@@ -69,14 +69,24 @@ class OnlineTeacher:
         if self.targets == "full":
             out = {"logits": logits, "hard": logits.argmax(1)}
             if self.schema.sampled:
-                out["sampled"] = torch.from_numpy(sample_classes(logits, self.recipe, batch.seed, batch.ids,
-                                                                 self.schema.sampled)).long()
+                out["sampled"] = torch.from_numpy(self._sampled(logits, batch)).long()
             if fmap is not None:
                 out["features"] = pool_features(fmap, self.feature_grid)
             return {k: v.to(views.device) for k, v in out.items()}
         arrays: dict[str, np.ndarray] = topk_arrays(logits, self.schema.top_k)
         if self.schema.sampled:
-            arrays["sampled"] = sample_classes(logits, self.recipe, batch.seed, batch.ids, self.schema.sampled)
+            arrays["sampled"] = self._sampled(logits, batch)
         if fmap is not None:
             arrays["features"] = pool_features(fmap, self.feature_grid).cpu().numpy().astype(np.float16)
         return {k: v.to(views.device) for k, v in label_tensors(arrays).items()}
+
+    def _sampled(self, logits: torch.Tensor, batch: Batch) -> np.ndarray:
+        """The classes drawn for each view, as labeling draws them: keyed by the view's own seed."""
+        if batch.row_seeds is None:
+            return sample_classes(logits, self.recipe, batch.seed, batch.ids, self.schema.sampled)
+        out = np.empty((len(batch.ids), self.schema.sampled), dtype=np.int64)
+        for seed in np.unique(batch.row_seeds):
+            rows = np.flatnonzero(batch.row_seeds == seed)
+            out[rows] = sample_classes(logits[torch.from_numpy(rows).to(logits.device)], self.recipe, int(seed),
+                                       batch.ids[rows], self.schema.sampled)
+        return out

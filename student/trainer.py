@@ -300,7 +300,8 @@ def start_run(config: TrainConfig, dist: Distributed, setup: Setup) -> Run:
     stream = StoreStream(setup.store, setup.dataset, setup.recipe, config.batch_size, config.seeds,
                          dist.rank, dist.world_size, shuffle_seed=config.seed,
                          drop_last=dist.world_size > 1, loader_workers=config.loader_workers, device=device,
-                         features=config.loss == "tat")  # feature maps only where the loss reads them
+                         features=config.loss == "tat",  # feature maps only where the loss reads them
+                         view_order=config.view_order, views_per_image=config.views_per_image)
     config = replace(config, seeds=tuple(stream.seeds))
     repeat_note = stream.warn_if_repeating(config.epochs)
     if repeat_note and dist.rank == 0:

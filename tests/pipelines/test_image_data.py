@@ -30,6 +30,7 @@ from pipelines.views import (
     get_recipe,
     mix_views,
     render_batch,
+    render_views,
 )
 
 MIX = "fmnist-rrc-mix:size=32"  # crops, flips, mixup and cutmix, at 32 px
@@ -230,6 +231,30 @@ def test_odd_files_become_rgb_and_draft_decoding(folder):
     exact = decode_view(big, "big", full[0], 32, draft=False).astype(np.int16)
     assert 0 < np.abs(drafted - exact).mean() < 4  # a recorded, small change (recipe.draft)
     assert np.array_equal(decode_view(big, "big", full[0], 32, draft=True), drafted)
+
+
+def test_views_of_one_image_share_its_decode_and_equal_each_view_alone(folder, monkeypatch):
+    """FKD's multi-crop: a sample that appears K times in a batch is decoded once for each DCT scale its crops take
+    and cropped K times; every view is bit-identical to rendering it alone."""
+    from PIL import Image
+
+    ds = load_dataset(f"imagefolder:{folder}")
+    ids = np.array([150, 3, 150, 150, 3, 150])  # the 320x480 JPEG four times, a small one twice
+    boxes = np.array([[0, 0, 1, 1, 0], [0.1, 0.2, 0.5, 0.5, 1], [0.25, 0.25, 0.5, 0.5, 1],
+                      [0, 0, 0.1, 0.1, 0], [0, 0, 1, 1, 1], [0.5, 0.5, 0.5, 0.5, 0]], dtype=np.float32)
+    assert [draft_scale((b[2], b[3]), (320, 480), 32) for b in boxes[[0, 2, 3, 5]]] == [8, 4, 1, 4]
+    alone = np.stack([decode_view(d, w, b, 32, True) for (d, w), b in zip(ds.encoded(ids), boxes, strict=True)])
+    opens = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opens.append(1) or real_open(*a, **k))
+    together = render_views(ds, ids, boxes, 32, draft=True)
+    assert np.array_equal(together.permute(0, 2, 3, 1).numpy(), alone)
+    assert len(opens) == 3 + 1  # the big one at scales 8, 4 and 1; the small one once
+    opens.clear()
+    exact = render_views(ds, ids, boxes, 32, draft=False).permute(0, 2, 3, 1).numpy()
+    assert len(opens) == 2  # without DCT scaling: one decode an image
+    assert np.array_equal(exact, np.stack([decode_view(d, w, b, 32, False)
+                                           for (d, w), b in zip(ds.encoded(ids), boxes, strict=True)]))
 
 
 def test_recipes_carry_their_output_size(folder):

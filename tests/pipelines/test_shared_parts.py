@@ -9,9 +9,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from class_sorted import class_sorted_labels
 from torch import nn
 
-from pipelines.accuracy import top1_top5
+from pipelines.accuracy import eval_subset, top1_top5
 from pipelines.atomic import write_json
 from pipelines.errors import UsageError
 from pipelines.teachers import as_feature_map, ensemble_log_probs, forward_capturing
@@ -60,6 +61,28 @@ def test_top1_top5_counts_over_batches():
     assert (top1, top5) == (3 / 7, 6 / 7)
     assert top1_top5(lambda ids: scores[ids], labels, 3) == (2 / 3, 1.0)  # only the first n samples
     assert top1_top5(lambda ids: scores[ids, :2], labels % 2, 7) == (4 / 7, 1.0)  # 2 classes: top-5 is top-2
+    assert top1_top5(lambda ids: scores[ids], labels, np.array([0, 4, 6]), batch_size=2) == (1 / 3, 2 / 3)
+
+
+def test_eval_subset_is_class_balanced_and_fixed_on_a_class_sorted_split():
+    val = np.repeat(np.arange(1000), 50)  # ImageNet val: 50,000 ids, 50 a class, sorted
+    assert len(np.unique(val[:5000])) == 100  # what the first 5,000 were: a tenth of the classes
+    for limit in (5000, 1500, 999):
+        ids = eval_subset(val, limit)
+        counts = np.bincount(val[ids], minlength=1000)
+        assert len(ids) == limit and len(np.unique(ids)) == limit
+        assert counts.max() - counts.min() <= 1, (limit, counts.min(), counts.max())
+        np.testing.assert_array_equal(ids, eval_subset(val, limit))  # fixed: every run scores the same subset
+    assert not np.array_equal(eval_subset(val, 5000), eval_subset(val, 5000, seed=1))
+    # random within a class: class 7's five are not its first five
+    assert set(eval_subset(val, 5000)[val[eval_subset(val, 5000)] == 7]) != set(range(350, 355))
+    train = class_sorted_labels()  # 1,281,167 ids, classes of 732 to 1,300
+    counts = np.bincount(train[eval_subset(train, 10_000)], minlength=1000)
+    assert counts.min() == 10 and counts.max() == 10
+    # a class with too few samples gives what it has; the others fill the subset
+    uneven = np.repeat(np.arange(3), [2, 50, 50])
+    assert np.bincount(uneven[eval_subset(uneven, 30)]).tolist() == [2, 14, 14]
+    np.testing.assert_array_equal(eval_subset(uneven, 500), np.arange(102))
 
 
 def test_write_json_replaces_the_file_whole_and_leaves_no_temporary(tmp_path):

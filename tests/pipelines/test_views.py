@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pytest
 import torch
+from class_sorted import class_sorted_labels
 
 from pipelines.datasets import load_dataset
 from pipelines.errors import UsageError
@@ -21,6 +23,7 @@ from pipelines.views import (
     build_views,
     draw_views,
     get_recipe,
+    partners_of,
 )
 
 DATA = "synthetic:n=300,classes=4,size=16"
@@ -134,3 +137,44 @@ def test_bad_input():
         get_recipe("nope")
     with pytest.raises(UsageError, match="out of range|must lie in"):
         build_views(load_dataset(DATA), get_recipe("fmnist-rrc"), 0, [300])
+
+
+def test_partners_come_from_the_whole_class_sorted_split():
+    """ImageNet's shape (1,281,167 ids sorted into 1,000 classes): a partner is of any class, so two views of
+    one class mix about 1/1000 of the time (blocks of 65,536 ids gave about 2 %, with 51 neighbouring classes)."""
+    labels = class_sorted_labels()
+    n, ids = len(labels), np.arange(len(labels))
+    recipe = get_recipe("fmnist-rrc-mix")
+    assert recipe.version >= 2  # views changed with the partners: stores of version 1 have another cache key
+    partners = partners_of(recipe, 0, ids, n)
+    assert (partners != ids).all()
+    assert np.array_equal(np.sort(partners), ids)  # each sample the partner of exactly one
+    same = (labels[partners] == labels).mean()
+    assert abs(same - 1 / 1000) < 0.0005, same
+    # the partner's class does not depend on the sample's: class 0's partners lie over all classes evenly
+    of_class_0 = labels[partners[labels == 0]]
+    deciles = np.bincount(of_class_0 // 100, minlength=10)
+    expected = len(of_class_0) / 10
+    chi2 = float(((deciles - expected) ** 2 / expected).sum())
+    assert chi2 < 30, (chi2, deciles)  # 9 degrees of freedom: p < 0.001 past 27.9
+    assert len(np.unique(labels[partners[labels < 100]])) == 1000  # the first 100 classes reach all 1,000
+    assert abs(np.corrcoef(labels, labels[partners])[0, 1]) < 0.01
+
+
+def test_partners_are_drawn_per_id_with_no_table():
+    n = 1_281_167
+    recipe = get_recipe("fmnist-rrc-mix")
+    rng = np.random.default_rng(0)
+    some = rng.choice(n, 4096, replace=False)
+    whole = partners_of(recipe, 3, np.arange(n), n)
+    np.testing.assert_array_equal(partners_of(recipe, 3, some, n), whole[some])  # any ids, any order
+    assert (partners_of(recipe, 4, some, n) != whole[some]).mean() > 0.99  # another seed, other partners
+    tracemalloc.start()
+    partners_of(recipe, 3, some[:256], n)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 256 * 1024, peak  # a batch's worth (a permutation of one 65,536-id block alone took 512 KB)
+    for small in (2, 3, 5, 64, 1000):  # every small split: a permutation with no sample its own partner
+        p = partners_of(recipe, 1, np.arange(small), small)
+        assert np.array_equal(np.sort(p), np.arange(small)) and (p != np.arange(small)).all()
+    np.testing.assert_array_equal(partners_of(recipe, 1, np.array([0]), 1), [0])

@@ -1,26 +1,32 @@
 """The student's loader: worker processes give the same batches as the training process alone (in-memory data and
-a JPEG folder), feature maps read by chunk equal a whole load, and a bad worker count is refused."""
+a JPEG folder), feature maps read by the batch's rows equal a whole load and leave the epoch a full shuffle, and a
+bad worker count is refused."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zarr
+from class_sorted import distinct_per_batch
 from conftest import make_teacher
 from image_data import write_image_folder
 
 from pipelines.datasets import load_dataset
 from pipelines.errors import UsageError
 from pipelines.labeling import LabelConfig, run_labeling
-from pipelines.store import LabelStore
-from pipelines.views import COL, MIX_NONE
-from student._loader import FeatureChunks, chunk_window_order, default_loader_workers
+from pipelines.store import LabelStore, StoreError, StoreSchema
+from pipelines.views import COL, MIX_NONE, NUM_VIEW_PARAMS, get_recipe
+from student._loader import FeatureRows, default_loader_workers
 from student.config import TrainConfig
 from student.data import Batch, StoreStream, check_store
 from student.run import train
@@ -108,39 +114,191 @@ def test_rebuilt_batch_equals_the_teacher_labels(memory_store):
     assert torch.equal(batch.targets[plain].argmax(1), batch.labels[plain])
 
 
-def test_features_read_by_chunk_equal_a_whole_load(memory_store):
+def test_features_read_by_rows_equal_a_whole_load(memory_store):
     whole = memory_store.load(1).arrays["features"]
-    assert memory_store.schema.chunk_rows == 8 and len(whole) == 72  # nine chunks
-    chunks = FeatureChunks(memory_store.seed_dir(1), memory_store.schema.chunk_rows, cache=2)
+    assert memory_store.schema.chunk_rows == 8 and len(whole) == 72  # nine shards
+    rows = FeatureRows(memory_store.seed_dir(1))
     rng = np.random.default_rng(0)
-    for _ in range(5):  # random batches: chunks read, evicted and read again
-        ids = rng.choice(72, size=20, replace=False)
-        got = chunks.take(ids)
+    for _ in range(5):  # random batches, rows repeated and in any order
+        ids = rng.choice(72, size=20)
+        got = rows.take(ids)
         assert got.dtype == np.float16
         np.testing.assert_array_equal(got, whole[ids])
-    assert len(chunks._chunks) <= 2  # the cache holds at most `cache` chunks, never the whole array
+    assert rows._sharded == (8, 8)  # the labeled store's layout, read by our reader
 
 
-def test_chunk_window_order_is_a_permutation_that_reads_few_chunks():
-    order = chunk_window_order(np.random.default_rng(3), 1000, 64, window=2)
-    assert sorted(order.tolist()) == list(range(1000))
-    chunks_per_batch = [len(np.unique(order[s : s + 32] // 64)) for s in range(0, 1000, 32)]
-    assert max(chunks_per_batch) <= 4  # a batch spans its window (2 chunks), or two windows at a boundary
+def _sorted_store(root: Path, labels: np.ndarray, chunk_rows: int, feature_shape=(2, 1, 1), seeds: int = 1
+                  ) -> LabelStore:
+    """A store written through the store's own API: identity views, the truth as labels, random features (or none);
+    a seed's rows differ from another's by their logit, ``1 + seed``."""
+    n = len(labels)
+    schema = StoreSchema(num_samples=n, num_classes=int(labels.max()) + 1, top_k=1, feature_shape=feature_shape,
+                         chunk_rows=chunk_rows)
+    store = LabelStore.create(root, {"recipe": get_recipe("identity").to_dict(), "test": "sorted"}, schema)
+    rng = np.random.default_rng(0)
+    view = np.zeros((n, NUM_VIEW_PARAMS), dtype=np.float32)
+    view[:, 2:4] = 1.0
+    arrays = {"view": view, "topk_idx": labels[:, None], "topk_logit": np.ones((n, 1)), "lse": np.ones(n),
+              "tail_lse": np.full(n, -np.inf), "hard": labels,
+              "features": rng.normal(0, 2, (n, *(feature_shape or (1,)))).astype(np.float16)}
+    arrays["features"][:40] = 0  # zarr leaves out inner chunks of fill values: read back as zeros
+    if feature_shape is None:
+        del arrays["features"]
+    for seed in range(seeds):
+        arrays["topk_logit"] = np.full((n, 1), 1.0 + seed)
+        store.begin_seed(seed)
+        for i, (start, stop) in enumerate(schema.pieces()):
+            store.write_piece(seed, i, start, {k: v[start:stop] for k, v in arrays.items()})
+        store.commit_seed(seed)
+    return store
 
 
-def test_stream_with_features_uses_the_chunk_order_only_when_the_split_is_large(memory_store):
+def test_feature_rows_read_shards_of_many_inner_chunks_and_refuse_a_corrupt_index(tmp_path, caplog):
+    labels = np.repeat(np.arange(10), 100)
+    store = _sorted_store(tmp_path, labels, chunk_rows=64, feature_shape=(3, 2, 2))
+    whole = store.load(0).arrays["features"]
+    rows = FeatureRows(store.seed_dir(0))
+    ids = np.random.default_rng(1).permutation(1000)
+    np.testing.assert_array_equal(np.concatenate([rows.take(ids[s : s + 100]) for s in range(0, 1000, 100)]),
+                                  whole[ids])
+    assert rows._sharded == (64, 16) and not whole[:40].any()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for start in range(0, 1000, 100):
+        rows.take(ids[start : start + 100])
+    kept = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert kept < 16 * 1024, kept  # nothing kept between batches: memory does not grow with the split
+    again = pickle.loads(pickle.dumps(rows))  # as a loader worker gets it: opens its own, reads the same
+    assert again._array is None
+    np.testing.assert_array_equal(again.take(ids[:50]), whole[ids[:50]])
+    shard = store.seed_dir(0) / "features" / "c" / "3" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # flip bits in the index
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="does not match its checksum"):
+        FeatureRows(store.seed_dir(0)).take(np.array([3 * 64 + 5]))
+    # a store made before features were sharded: read through zarr, the same rows, and a warning
+    group = zarr.open_group(store=str(store.seed_dir(0)), mode="r+", zarr_format=3)
+    del group["features"]
+    group.create_array("features", shape=whole.shape, dtype="float16", chunks=(256, 3, 2, 2), fill_value=0)[:] = whole
+    with caplog.at_level(logging.WARNING, logger="stillroom.student"):
+        old = FeatureRows(store.seed_dir(0))
+        np.testing.assert_array_equal(old.take(ids[:100]), whole[ids[:100]])
+    assert old._sharded is None and "relabel for fast reads" in caplog.text
+
+
+def test_features_on_a_class_sorted_split_leave_batches_as_mixed_as_a_full_shuffle(tmp_path):
+    """With feature maps the epoch is still a shuffle of the whole split: on ids sorted into 256 classes, batches
+    of 128 hold as many classes as a full shuffle's (a shuffle within windows of 2 chunks gave about 16)."""
+    n = 32768
+    ds = load_dataset(f"synthetic:n={n},classes=256,size=4")
+    order = np.argsort(ds.labels, kind="stable")
+    ds.images, ds.labels = ds.images[order], ds.labels[order]
+    store = _sorted_store(tmp_path, ds.labels, chunk_rows=1024)
+    whole = store.load(0).arrays["features"]
+    stream = StoreStream(store, ds, get_recipe("identity"), 128, loader_workers=0, shuffle_seed=3)
+    assert stream.features
+    batches = list(stream.epoch(0))
+    ids = np.concatenate([b.ids for b in batches])
+    assert np.array_equal(np.sort(ids), np.arange(n))
+    for b in batches[:20]:  # the rows delivered are the stored rows of the batch's ids
+        np.testing.assert_array_equal(b.teacher["features"].numpy(), whole[b.ids].astype(np.float32))
+        assert torch.equal(b.labels, torch.from_numpy(ds.labels[b.ids]))
+    shuffled = distinct_per_batch(ds.labels, np.random.default_rng(7).permutation(n), 128)
+    got = distinct_per_batch(ds.labels, ids, 128)
+    assert abs(got - shuffled) / shuffled < 0.05, (got, shuffled)
+    assert shuffled > 90  # 128 draws from 256 classes: about 100 distinct
+
+
+def test_stream_without_features_delivers_none(memory_store):
     ds = load_dataset(DATA)
     recipe = check_store(memory_store, ds)
     with_features = StoreStream(memory_store, ds, recipe, 8, loader_workers=0)
     without = StoreStream(memory_store, ds, recipe, 8, loader_workers=0, features=False)
     assert with_features.features and not without.features
-    # 72 samples > 2 chunks of 8: the feature stream reads window by window
-    order = with_features.order(0)
-    assert sorted(order.tolist()) == list(range(72))
-    windows = [set((order[s : s + 16] // 8).tolist()) for s in range(0, 64, 16)]
-    assert all(len(w) <= 2 for w in windows)
-    batch = next(without.epoch(0))
-    assert "features" not in batch.teacher
+    np.testing.assert_array_equal(with_features.order(0), without.order(0))  # the same shuffle either way
+    assert "features" not in next(without.epoch(0)).teacher
+
+
+def test_random_view_order_replays_each_sample_from_a_seed_drawn_per_epoch(memory_store):
+    """ml-dr's order: each epoch, each sample's view (its parameters, labels and feature maps) comes from one of the
+    seeds drawn from the run's seed, the epoch and the id; worker processes give the same batches."""
+    alone = _epochs(memory_store, DATA, 0, view_order="random")
+    _assert_same(alone, _epochs(memory_store, DATA, 2, view_order="random"))
+    seeds = {s: memory_store.load(s).arrays for s in (0, 1)}
+    for b in alone:
+        assert b.seed == -1 and b.row_seeds is not None and set(b.row_seeds.tolist()) <= {0, 1}
+        for s, arrays in seeds.items():
+            rows = b.row_seeds == s
+            np.testing.assert_array_equal(b.params[rows], arrays["view"][b.ids[rows]])
+            np.testing.assert_array_equal(b.teacher["topk_logit"][rows].numpy(),
+                                          arrays["topk_logit"][b.ids[rows]].astype(np.float32))
+            np.testing.assert_array_equal(b.teacher["features"][rows].numpy(),
+                                          arrays["features"][b.ids[rows]].astype(np.float32))
+    both = np.concatenate([b.row_seeds for b in alone])
+    assert 0.3 < both.mean() < 0.7  # both seeds in use
+    ds = load_dataset(DATA)
+    recipe = check_store(memory_store, ds)
+    stream = StoreStream(memory_store, ds, recipe, 8, loader_workers=0, view_order="random")
+    other_rank = StoreStream(memory_store, ds, recipe, 8, loader_workers=0, view_order="random", rank=1,
+                             world_size=2)
+    np.testing.assert_array_equal(stream.seed_index(3), other_rank.seed_index(3))  # every rank draws the same
+    assert not np.array_equal(stream.seed_index(0), stream.seed_index(1))  # another epoch, other choices
+    assert stream.seed_for_epoch(0) is None
+    with pytest.raises(UsageError, match="view order 'shuffled'"):
+        StoreStream(memory_store, ds, recipe, 8, view_order="shuffled")
+
+
+@pytest.mark.slow  # 64 seeds written and read: about 35 s on 2 shared cores
+def test_random_view_order_holds_two_seeds_at_most_and_says_how_many_views_a_run_sees(tmp_path):
+    n, seeds = 2048, 64
+    labels = np.repeat(np.arange(8), n // 8)
+    store = _sorted_store(tmp_path, labels, chunk_rows=512, feature_shape=None, seeds=seeds)
+    ds = load_dataset(f"synthetic:n={n},classes=8,size=4")
+    stream = StoreStream(store, ds, get_recipe("identity"), 256, loader_workers=0, view_order="random")
+    one_seed = sum(a.nbytes for a in store.load(0).arrays.values())
+    tracemalloc.start()
+    epoch = stream.labels_for_epoch(0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak <= 2.2 * one_seed, peak / one_seed  # the epoch's rows and the seed being read, not 64 seeds
+    picked = stream.seed_index(0)
+    np.testing.assert_array_equal(epoch.arrays["topk_logit"][:, 0], 1.0 + picked)  # each row from its seed
+    assert np.bincount(picked, minlength=seeds).min() > 10  # every seed in use: about 32 rows each
+    # the distinct views a run sees: 64 epochs at random, about 40.6 of 64 (in seed order: all 64)
+    choices = np.stack([stream.seed_index(e) for e in range(64)])
+    seen = np.mean([len(np.unique(choices[:, i])) for i in range(n)])
+    assert abs(seen - stream.distinct_views(64)) < 0.5 and abs(stream.distinct_views(64) - 40.64) < 0.01
+    assert "about 40.6 distinct views of each sample" in (stream.warn_if_repeating(64) or "")
+    cycle = StoreStream(store, ds, get_recipe("identity"), 256, loader_workers=0)
+    assert cycle.distinct_views(64) == 64 and cycle.warn_if_repeating(64) is None
+
+
+def test_views_per_image_puts_k_views_of_a_sample_in_a_batch_each_as_rendered_alone(jpeg_store):
+    """FKD's multi-crop: with K = 2 a batch of 12 views holds 6 images, view j of each from seed j (epoch 0), each
+    image decoded once for both crops; every view is bit-identical to the same view rendered in a batch alone."""
+    store, data = jpeg_store
+    ds = load_dataset(data)
+    recipe = check_store(store, ds)
+    multi = _epochs(store, data, 0, batch_size=12, views_per_image=2)
+    _assert_same(multi, _epochs(store, data, 2, batch_size=12, views_per_image=2))
+    one = StoreStream(store, ds, recipe, 12, loader_workers=0)
+    for b in multi[:3]:
+        assert len(b.ids) == 12 and len(np.unique(b.ids)) == 6 and np.array_equal(b.ids[0::2], b.ids[1::2])
+        assert b.row_seeds is not None and b.row_seeds.tolist() == [0, 1] * 6
+        for seed in (0, 1):
+            rows = b.row_seeds == seed
+            alone = one.make_batch(one.labels_for(seed), b.ids[rows])
+            assert torch.equal(b.views[rows], alone.views)  # bit-identical
+            np.testing.assert_array_equal(b.params[rows], alone.params)
+            assert torch.equal(b.teacher["topk_logit"][rows], alone.teacher["topk_logit"])
+    stream = StoreStream(store, ds, recipe, 12, loader_workers=0, views_per_image=2)
+    assert len(stream) == -(-len(ds) // 6) and stream.distinct_views(3) == 2.0
+    with pytest.raises(UsageError, match="a divisor of the batch size 12"):
+        StoreStream(store, ds, recipe, 12, views_per_image=5)
+    with pytest.raises(UsageError, match="has 2 seed"):
+        StoreStream(store, ds, recipe, 12, views_per_image=3)
 
 
 def test_bad_loader_workers_are_refused_and_the_default_is_sensible(memory_store):

@@ -286,3 +286,47 @@ def test_train_takes_a_cache_key_and_the_data_set_from_the_store_manifest(plain_
     assert cli_main(older) == 2
     assert "does not record the data set it was labeled from: pass --dataset" in capsys.readouterr().err
     assert cli_main([*older, "--dataset", DATA]) == 0
+
+
+def test_eval_limit_scores_a_class_balanced_subset_of_a_class_sorted_split():
+    from student.evaluate import evaluate
+
+    ds = load_dataset("synthetic:n=256,classes=4,size=16", "test")
+    order = np.argsort(ds.labels, kind="stable")  # sorted by class, as ImageNet's ids are
+    ds.images, ds.labels = ds.images[order], ds.labels[order]
+
+    class Always0(torch.nn.Module):  # a student that answers class 0 whatever it sees
+        def forward(self, x):
+            return torch.tensor([[1.0, 0.0, 0.0, 0.0]]).repeat(len(x), 1)
+
+    # the first 40 ids are all class 0 (a 100 % score); 10 of each class score 25 %
+    assert (ds.labels[:40] == 0).all()
+    assert evaluate(Always0(), ds, 16, batch_size=16, limit=40)["top1"] == 0.25
+    assert evaluate(Always0(), ds, 16, limit=10_000)["top1"] == round(float((ds.labels == 0).mean()), 6)
+
+
+def test_random_view_order_trains_and_online_draws_each_views_own_sampled_classes(rich_store, tmp_path):
+    """--view-order random: rows of a batch come from several seeds; the online teacher's sampled classes are keyed
+    by each view's own seed, so it equals the cached run (the store's sampled classes) at the first step."""
+    firsts = []
+    for online in (False, True):
+        out = tmp_path / f"online{online}"
+        train(_config(rich_store, out, "sampled", online=online, online_targets="encoded", max_steps=1, epochs=2,
+                      view_order="random"))
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [line["seed"] for line in lines] == [None, None]  # no one seed an epoch
+        firsts.append(lines[0]["first_step"]["loss"])
+    assert firsts[0] == pytest.approx(firsts[1], rel=1e-4, abs=1e-5)
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--store", rich_store, "--student", "test_resnet", "--loss", "kd", "--out",
+                  str(tmp_path / "bad"), "--view-order", "shuffled"])
+
+
+def test_views_per_image_trains_k_views_of_each_sample_a_batch(rich_store, tmp_path):
+    out = tmp_path / "k2"
+    result = train(_config(rich_store, out, "kd", views_per_image=2, max_steps=2))
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["seed"] is None and line["samples"] == 2 * 16  # two steps of 16 views (8 images, 2 views each)
+    assert math.isfinite(result["losses"]["loss"])
+    with pytest.raises(UsageError, match="a divisor of the batch size 16"):
+        train(_config(rich_store, tmp_path / "bad", "kd", views_per_image=3))
