@@ -50,7 +50,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -60,6 +60,7 @@ from torch import nn
 from pipelines.atomic import write_atomically, write_json
 from pipelines.datasets import Dataset, load_dataset, open_eval_split
 from pipelines.errors import UsageError
+from pipelines.options import default_of
 from pipelines.progress import progress_bar
 from pipelines.store import LabelStore
 from pipelines.teachers import as_feature_map, forward_capturing
@@ -257,7 +258,10 @@ def check_resume(out: Path, config: TrainConfig, resume_from: str | None = None
     saved = ckpt.get("config", {})
     if config.seeds is None and saved.get("seeds") is not None:
         config = replace(config, seeds=tuple(int(s) for s in saved["seeds"]))
-    diff = sorted(k for k, v in config.to_dict().items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v)
+    # an option added since the run was saved is taken as its default there (the run trained that way)
+    defaults = {f.name: default_of(f) for f in fields(config)}
+    diff = sorted(k for k, v in config.to_dict().items()
+                  if k not in RESUME_MAY_CHANGE and saved.get(k, defaults.get(k)) != v)
     if diff:
         raise UsageError(f"--resume with a different config than the saved run: {', '.join(diff)}")
     return config, ckpt

@@ -76,7 +76,8 @@ def test_the_ranks_eval_shares_partition_the_split_and_sum_to_one_process():
     assert sorted(np.concatenate([eval_ids(10, 7, r, 3) for r in range(3)]).tolist()) == list(range(7))
 
     # two real gloo ranks: each scores its half with rank 0's buffers; the summed counts are one process's score
-    ctx = multiprocessing.get_context("fork")
+    # spawned, not forked: a fork of this process (torch's thread pools already running) can hang in gloo
+    ctx = multiprocessing.get_context("spawn")
     results, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_eval_rank, args=(r, port, results)) for r in range(2)]
     for proc in procs:
