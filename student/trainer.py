@@ -45,6 +45,7 @@ one-head student may still use the DeiT losses (its one head serves both terms).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -365,10 +366,14 @@ def resolved_config(run: Run) -> dict[str, Any]:
 def train_step(step: DistillationStep, batch: Batch, recipe: TrainingRecipe, dist: Distributed | None = None,
                update: bool = True) -> dict[str, float]:
     """One micro-batch: the step's losses under the recipe's autocast, the method's backward of the recipe's
-    scaled losses and, when ``update``, the recipe's optimizer step. Returns the named losses' values."""
-    with recipe.autocast():
-        losses = step(batch)
-    step.method.backward(recipe.scaled(losses), [p for p in step.student_parameters() if p.requires_grad])
+    scaled losses and, when ``update``, the recipe's optimizer step. Returns the named losses' values.
+
+    A micro-batch that only accumulates runs under DDP's ``no_sync``: its gradients stay on the rank and the
+    update's backward all-reduces their sum once (as timm's ``train.py``), not once per micro-batch."""
+    with _sync_gradients(step.student, update):
+        with recipe.autocast():  # the forward only: backward runs in the dtypes autocast chose
+            losses = step(batch)
+        step.method.backward(recipe.scaled(losses), [p for p in step.student_parameters() if p.requires_grad])
     if update:
         if dist is not None and dist.world_size > 1:
             for p in step.method.parameters():  # DDP averages the student's gradients; the method's here
@@ -376,6 +381,14 @@ def train_step(step: DistillationStep, batch: Batch, recipe: TrainingRecipe, dis
                     dist.all_reduce_mean(p.grad)
         recipe.step()
     return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def _sync_gradients(module: nn.Module, update: bool) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync`` for a micro-batch that does not update (``module`` may be DDP inside ``torch.compile``)."""
+    ddp = getattr(module, "_orig_mod", module)
+    if not update and isinstance(ddp, nn.parallel.DistributedDataParallel):
+        return ddp.no_sync()
+    return contextlib.nullcontext()
 
 
 def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:

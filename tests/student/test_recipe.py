@@ -145,6 +145,50 @@ def test_accumulated_micro_batches_equal_one_batch():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_accumulating_micro_batches_skip_ddps_all_reduce(tmp_path):
+    """Under DDP a micro-batch that only accumulates runs in ``no_sync``: the gradients are all-reduced once, at the
+    update's backward, and sum to what the accumulation gives without DDP."""
+    import torch.distributed as dist
+    from test_methods import _batch, _step
+    from test_methods import _config as method_config
+
+    from student.trainer import train_step
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        config = method_config("kd", lr=1e-2, sched="constant", grad_accum_steps=2)
+        plain, wrapped = _step(config), _step(config)
+        wrapped.student = nn.parallel.DistributedDataParallel(wrapped.student)
+        reductions: list[int] = []
+
+        def count(state, bucket):  # DDP's default all-reduce, counted
+            reductions.append(1)
+            return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+
+        wrapped.student.register_comm_hook(None, count)
+        recipes = [TrainingRecipe.build(s.student, config, epochs=1, updates_per_epoch=1,
+                                        global_batch=16, device=CPU) for s in (plain, wrapped)]
+        for i in range(2):
+            for s, recipe in zip((plain, wrapped), recipes, strict=True):
+                s.train()
+                train_step(s, _batch(i), recipe, update=i == 1)
+            assert bool(reductions) == (i == 1), reductions
+        for a, b in zip(plain.student.parameters(), wrapped.student.module.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_torchcompile_trains_and_saves_the_models_own_weights(store, tmp_path):
+    """``--torchcompile`` wraps the model the loop runs; the checkpoint keeps the model's own keys (no
+    ``_orig_mod.``), so it loads for evaluation (the eager backend here: inductor needs a compiler run per test)."""
+    train(_config(store, tmp_path / "run", torchcompile="eager"))
+    ckpt = read_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["model"] and not any("_orig_mod" in k for k in ckpt["model"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["torchcompile"] == "eager"
+    assert evaluate_checkpoint(str(tmp_path / "run" / "last.pt"), DATA)["top1"] >= 0
+
+
 # -- precision and devices -----------------------------------------------------------------------------------
 
 
