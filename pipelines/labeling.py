@@ -39,7 +39,17 @@ from pipelines.teachers import (
     load_teacher,
     read_class_map,
 )
-from pipelines.views import COL, MIX_NONE, Recipe, _key, _uniforms, get_recipe, mix_views, output_size
+from pipelines.views import (
+    COL,
+    MIX_NONE,
+    Recipe,
+    _key,
+    _uniforms,
+    get_recipe,
+    mix_views,
+    num_view_params,
+    output_size,
+)
 
 # teacher_dtype=auto: fp32 on every device. bench/precision.py (README, "Teacher precision"): under bf16 autocast
 # the targets of a ResNet-50 and a ViT-B/16 with ImageNet-sized logits move by more than 0.01 total variation from
@@ -399,13 +409,17 @@ def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Datas
                    "features": {"layer": config.features, "grid": config.feature_grid} if config.features else None,
                    "per_teacher": config.per_teacher, "dtype": config.compute_dtype},
     }
+    if config.decode_on == "gpu" and not dataset.in_memory and recipe.photometric:
+        raise UsageError(f"recipe {recipe.name} has photometric ops, which run on the CPU views: label it with "
+                         "--decode cpu")
     if config.decode_on == "gpu" and not dataset.in_memory:  # other pixels than the PIL views: another key
         provenance["labels"]["decode"] = "torchvision.io.decode_jpeg+roi_align"
     if any(t.preprocess.resolution != view_size(recipe, dataset) for t in teachers):  # once: upsampled views
         provenance["labels"]["teacher_input"] = "rendered from the source at each teacher's size"
     schema = StoreSchema(num_samples=len(dataset), num_classes=dataset.num_classes, top_k=config.top_k,
                          sampled=config.sampled, feature_shape=feature_shape,  # type: ignore[arg-type]
-                         per_teacher=len(teachers) if config.per_teacher else 0, chunk_rows=config.chunk_rows)
+                         per_teacher=len(teachers) if config.per_teacher else 0, chunk_rows=config.chunk_rows,
+                         view_params=num_view_params(recipe))
     return provenance, schema
 
 

@@ -21,7 +21,9 @@ BENCH = ROOT / "bench"
 # directory for the files a bench keeps between runs
 RUNS: dict[str, list[tuple[list[str], set[str]]]] = {
     "store.py": [(["--smoke"], {"write_samples_per_s", "load_seed_s", "gather_samples_per_s", "bytes_per_sample",
-                                "targets_met"})],
+                                "targets_met"}),
+                 (["--smoke", "--samples", "2048", "--recipe", "deit"],
+                  {"bytes_per_sample", "view_bytes_per_sample", "view_params", "targets_met"})],
     "accuracy.py": [(["--dataset", "fashion-mnist:n=128", "--teacher-epochs", "1,1", "--seeds", "1",
                       "--batch-size", "64"],
                      {"teacher_top1", "top1", "store_bytes_per_sample", "minutes", "targets"})],
