@@ -131,6 +131,9 @@ class LabelConfig:
         """Options each valid alone but not together, as ``(field, why)``: the config and the REST spec both ask."""
         if values.get("decode") == "gpu" and not (values.get("gpus_per_worker") or 0) > 0:
             return [("decode", "decode=gpu needs --gpus-per-worker > 0: the JPEGs are decoded on the teacher's GPU")]
+        if values.get("decode") == "gpu" and _photometric(values.get("recipe")):
+            return [("decode", f"recipe {values.get('recipe')} has photometric ops, which run on the CPU views: "
+                               "label it with --decode cpu (or auto)")]
         return []
 
     @property
@@ -147,14 +150,26 @@ class LabelConfig:
 
     @property
     def decode_on(self) -> str:
-        """Where JPEGs are decoded: ``gpu`` when asked, or by default when the teacher runs on a GPU."""
-        return "gpu" if self.decode == "gpu" or (self.decode == "auto" and self.gpus_per_worker > 0) else "cpu"
+        """Where JPEGs are decoded: ``gpu`` when asked, or by default when the teacher runs on a GPU and the recipe
+        has no photometric ops (they run on the CPU views)."""
+        if self.decode == "gpu":
+            return "gpu"
+        auto_gpu = self.decode == "auto" and self.gpus_per_worker > 0 and not get_recipe(self.recipe).photometric
+        return "gpu" if auto_gpu else "cpu"
 
     def decode_processes(self, cpus: int) -> int:
         """Decode processes of one label worker holding ``cpus`` CPUs: ``decode_workers``, or by default a
         quarter of them (at least one). At 224 px a CPU teacher costs far more per image than a JPEG decode
         (resnet50: about 4 GFLOPs against about 1.5 ms of a core), so most cores go to the teacher's threads."""
         return self.decode_workers if self.decode_workers >= 0 else max(1, cpus // 4)
+
+
+def _photometric(recipe: Any) -> bool:
+    """Whether a recipe name (None or unknown: no) has photometric ops."""
+    try:
+        return isinstance(recipe, str) and get_recipe(recipe).photometric
+    except UsageError:
+        return False
 
 
 def parse_floats(value: Any, flag: str) -> tuple[float, ...]:
@@ -409,9 +424,6 @@ def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Datas
                    "features": {"layer": config.features, "grid": config.feature_grid} if config.features else None,
                    "per_teacher": config.per_teacher, "dtype": config.compute_dtype},
     }
-    if config.decode_on == "gpu" and not dataset.in_memory and recipe.photometric:
-        raise UsageError(f"recipe {recipe.name} has photometric ops, which run on the CPU views: label it with "
-                         "--decode cpu")
     if config.decode_on == "gpu" and not dataset.in_memory:  # other pixels than the PIL views: another key
         provenance["labels"]["decode"] = "torchvision.io.decode_jpeg+roi_align"
     if any(t.preprocess.resolution != view_size(recipe, dataset) for t in teachers):  # once: upsampled views

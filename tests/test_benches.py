@@ -30,7 +30,7 @@ RUNS: dict[str, list[tuple[list[str], set[str]]]] = {
     "data.py": [(["--n", "40", "--workers", "1", "--images", "20", "--batch", "10", "--rounds", "1",
                   "--work", "{work}"],
                  {"cold_open_s", "warm_open_s", "rss_ratio_4n_over_n", "index_bytes_per_sample",
-                  "views_224_per_s_per_core", "ratio_vs_torchvision", "targets"})],
+                  "views_224_per_s_per_core", "ratio_vs_torchvision", "deit_ratio_vs_timm", "targets"})],
     "labeling.py": [(["--teacher", "test_resnet", "--resolution", "28", "--samples", "128", "--batch-size", "32",
                       "--chunk-rows", "64", "--repeats", "1", "--threads", "1"],
                      {"raw_ips", "pipeline_ips", "ratio", "startup_s"}),

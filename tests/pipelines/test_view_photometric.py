@@ -225,3 +225,17 @@ def test_a_deit_store_on_jpegs_trains_a_student(folder, tmp_path):
     metrics = train(TrainConfig(store=result["store"], dataset=data, student="test_resnet", loss="kd",
                                 out=str(tmp_path / "run"), epochs=1, batch_size=16, max_steps=2, eval_limit=8))
     assert np.isfinite(metrics["losses"]["loss"])
+
+
+def test_photometric_recipes_decode_on_the_cpu(folder, tmp_path):
+    from pipelines.labeling import LabelConfig
+
+    teacher = make_teacher(tmp_path / "t.pt", in_chans=3, resolution=32)
+    data = f"imagefolder:{folder}"
+    auto = LabelConfig(dataset=data, teachers=(teacher,), recipe=DEIT, gpus_per_worker=1, store_root=str(tmp_path))
+    assert auto.decode_on == "cpu"  # a GPU teacher's default, nvJPEG, would skip the ops
+    plain = LabelConfig(dataset=data, teachers=(teacher,), recipe="fkd:size=32", gpus_per_worker=1,
+                        store_root=str(tmp_path))
+    assert plain.decode_on == "gpu"
+    with pytest.raises(UsageError, match="--decode cpu"):
+        LabelConfig(dataset=data, teachers=(teacher,), recipe=DEIT, decode="gpu", gpus_per_worker=1)
