@@ -239,3 +239,26 @@ def test_photometric_recipes_decode_on_the_cpu(folder, tmp_path):
     assert plain.decode_on == "gpu"
     with pytest.raises(UsageError, match="--decode cpu"):
         LabelConfig(dataset=data, teachers=(teacher,), recipe=DEIT, decode="gpu", gpus_per_worker=1)
+
+
+def test_a_student_replays_in_memory_photometric_views(tmp_path, monkeypatch):
+    """In-memory data: the student finishes its batch from the stored rows (``apply_views`` with the recipe), and
+    gets the teacher's views."""
+    from pipelines.labeling import LabelConfig, run_labeling
+    from pipelines.store import LabelStore
+    from pipelines.views import RECIPES
+    from student.data import StoreStream, check_store
+
+    recipe = Recipe("memory-test", mixup_p=0.5, cutmix_p=0.5, color_jitter=(0.4, 0.4, 0.4), re_prob=0.5,
+                    pixel_ops=PIXEL_OPS)
+    monkeypatch.setitem(RECIPES, recipe.name, recipe)
+    teacher = make_teacher(tmp_path / "t.pt")
+    result = run_labeling(LabelConfig(dataset=SYNTHETIC, teachers=(teacher,), recipe=recipe.name, seeds=(0,),
+                                      top_k=3, store_root=str(tmp_path / "stores"), batch_size=64),
+                          backend="local", progress=False)
+    store = LabelStore(result["store"])
+    ds = load_dataset(SYNTHETIC)
+    stream = StoreStream(store, ds, check_store(store, ds), batch_size=32, loader_workers=0)
+    batch = next(iter(stream.epoch(0)))
+    assert batch.params.shape == (32, num_view_params(recipe)) and (batch.params[:, COL["mix_mode"]] > 0).any()
+    assert torch.equal(batch.views, build_views(ds, recipe, 0, batch.ids)[0])
