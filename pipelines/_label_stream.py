@@ -75,7 +75,7 @@ class _ViewSource(torch.utils.data.Dataset):
             mixing = params[:, COL["mix_mode"]] != MIX_NONE
             partners = self.dataset.encoded(partner_ids(params, ids)[mixing]) if mixing.any() else None
             return ViewBatch(ids, params, encoded=self.dataset.encoded(ids), partner_encoded=partners)
-        own, partner = render_batch_at(self.dataset, ids, params, self.sizes, self.recipe.draft)
+        own, partner = render_batch_at(self.dataset, ids, params, self.sizes, self.recipe.draft, self.recipe)
         return ViewBatch(ids, params, own=own, partner=partner)
 
 
@@ -156,7 +156,8 @@ class ViewStream:
                 images = self.dataset.read(ids)
                 partners = partner_ids(params, ids)
                 out[size] = apply_views(images, params, size,
-                                        images if np.array_equal(partners, ids) else self.dataset.read(partners))
+                                        images if np.array_equal(partners, ids) else self.dataset.read(partners),
+                                        self.recipe)
         return ViewBatch(ids, params, views=out)
 
     def close(self) -> None:

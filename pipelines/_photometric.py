@@ -243,18 +243,19 @@ class RandAugmentPolicy:
 
         filters = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
         hparams = {"translate_const": self.translate_const, **self.hparams}
+        fill = self.fill[:1] if img.mode == "L" else self.fill
         for op, magnitude, sign, resample in np.asarray(params, dtype=np.float64).reshape(-1, PARAMS_PER_LAYER):
             if op < 0:
                 continue
             name = self.ops[int(op)]
             filt = self.interpolation if self.interpolation is not None else filters[int(resample)]
-            img = apply_op(img, name, level_args(name, float(magnitude), float(sign), hparams), self.fill, filt)
+            img = apply_op(img, name, level_args(name, float(magnitude), float(sign), hparams), fill, filt)
         return img
 
 
 ERASE_DRAWS_PER_ATTEMPT = 4  # area, log aspect, top, left
 ERASE_ATTEMPTS = 10  # timm's tries per box before it gives that box up
-ERASE_MODES = ("const", "rand", "pixel")
+ERASE_MODES = ("const", "rand", "pixel", "black")  # black: torchvision's value=0 before normalisation (ml-dr)
 
 
 @dataclass(frozen=True)
@@ -270,6 +271,8 @@ class RandomErasingPolicy:
     min_area: float = 0.02
     max_area: float = 1 / 3
     min_aspect: float = 0.3
+    max_aspect: float | None = None  # None: 1 / min_aspect, as timm
+    seed_bits: int = 24  # the noise seed is below 2**seed_bits (at most 24: exact in float32)
 
     def __post_init__(self) -> None:
         if self.mode not in ERASE_MODES:
@@ -283,17 +286,17 @@ class RandomErasingPolicy:
         return 3 + self.max_count * ERASE_ATTEMPTS * ERASE_DRAWS_PER_ATTEMPT
 
     def draw(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
-        """``(V, 1 + 4 * max_count)`` float32: the noise seed (an integer below 2**24, exact in float32), then
+        """``(V, 1 + 4 * max_count)`` float32: the noise seed (an integer below 2**seed_bits), then
         per box ``top, left, h, w`` in pixels (``h = 0``: no box), as timm's ``_erase`` draws them: the box's
         area scaled by the count, its first attempt that fits inside the image kept."""
         u = np.asarray(u, dtype=np.float64)
         views = len(u)
         out = np.zeros((views, 1 + 4 * self.max_count), dtype=np.float32)
-        out[:, 0] = np.floor(u[:, 2] * (1 << 24))
+        out[:, 0] = np.floor(u[:, 2] * (1 << min(self.seed_bits, 24)))
         erase = u[:, 0] <= self.probability  # timm skips when random() > probability
         count = self.min_count + np.minimum((u[:, 1] * (self.max_count - self.min_count + 1)).astype(np.int64),
                                             self.max_count - self.min_count)
-        log_aspect = (math.log(self.min_aspect), math.log(1 / self.min_aspect))
+        log_aspect = (math.log(self.min_aspect), math.log(self.max_aspect or 1 / self.min_aspect))
         tries = u[:, 3:].reshape(views, self.max_count, ERASE_ATTEMPTS, ERASE_DRAWS_PER_ATTEMPT)
         area = (self.min_area + (self.max_area - self.min_area) * tries[..., 0]) * height * width / count[:, None, None]
         aspect = np.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * tries[..., 1])
@@ -330,3 +333,225 @@ class RandomErasingPolicy:
             fill = (torch.randn(shape, generator=gen) if self.mode != "const" else torch.zeros(shape))
             x[:, top : top + h, left : left + w] = fill.to(device=x.device, dtype=x.dtype)
         return x
+
+    def apply_uint8(self, view: np.ndarray, params: np.ndarray, mean: Sequence[float], std: Sequence[float],
+                    scale: float = 1.0) -> np.ndarray:
+        """Erase one uint8 ``(H, W, C)`` view (before normalisation) from its ``draw`` row: the pixels timm's
+        ``apply`` writes in normalised space, ``mean + std * value``, in [0, 255], rounded and clipped (``const``:
+        the mean colour; ``black``: 0, torchvision's ``RandomErasing(value=0)`` before ``Normalize``). Boxes
+        drawn at another size are scaled by ``scale`` (this view's side over the drawn side). The noise comes
+        from a CPU generator seeded from the row, in the order ``apply`` draws it: the same in any process."""
+        import torch
+
+        row = np.asarray(params, dtype=np.float64)
+        boxes = row[1:].reshape(-1, 4)
+        if not (boxes[:, 2] > 0).any():
+            return view
+        out = np.array(view, copy=True)
+        gen = torch.Generator().manual_seed(int(row[0]))
+        chans = out.shape[2]
+        mu = np.asarray(mean, dtype=np.float32)[:chans] * 255.0
+        sd = np.asarray(std, dtype=np.float32)[:chans] * 255.0
+        for box in boxes:
+            if box[2] <= 0:
+                continue
+            top, left, h, w = (int(np.rint(v * scale)) for v in box)
+            h, w = max(1, min(h, out.shape[0] - top)), max(1, min(w, out.shape[1] - left))
+            if self.mode == "black":
+                out[top : top + h, left : left + w] = 0
+                continue
+            shape = (chans, h, w) if self.mode == "pixel" else (chans, 1, 1)
+            z = torch.randn(shape, generator=gen).numpy() if self.mode != "const" else np.zeros(shape, np.float32)
+            pixels = mu[:, None, None] + sd[:, None, None] * z
+            out[top : top + h, left : left + w] = np.clip(np.rint(pixels), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        return out
+
+
+TV_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
+          "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")  # torchvision's RandAugment, in its order
+
+
+@dataclass(frozen=True)
+class TorchvisionRandAugmentPolicy:
+    """torchvision's ``RandAugment(num_ops, magnitude, num_magnitude_bins)`` (what apple/ml-dr's ``randaug``
+    configuration runs, behind its own coin ``p``), drawn from given uniforms like ``RandAugmentPolicy``: per layer
+    an op of ``TV_OPS`` uniformly, its sign by a coin for the signed ops, the magnitude fixed at bin ``magnitude``;
+    applied with torchvision's own ``_apply_op`` (nearest filter, fill 0, as ml-dr). Policy strings
+    ``tv-n2-m9-b31-p1``."""
+
+    config: str
+    num_layers: int = 2
+    magnitude: int = 9
+    bins: int = 31
+    prob: float = 1.0  # ml-dr's coin for the whole policy (torchvision's RandAugment has none)
+    ops: tuple[str, ...] = TV_OPS
+
+    @classmethod
+    def parse(cls, config: str) -> TorchvisionRandAugmentPolicy:
+        parts = config.split("-")
+        if parts[0] != "tv":
+            raise UsageError(f"torchvision RandAugment policy {config!r} must start with 'tv' (e.g. tv-n2-m9-b31-p1)")
+        values: dict[str, Any] = {}
+        names = {"n": "num_layers", "m": "magnitude", "b": "bins", "p": "prob"}
+        for part in parts[1:]:
+            key, value = part[:1], part[1:]
+            if key not in names:
+                raise UsageError(f"unknown section {part!r} in policy {config!r}: expected n, m, b or p")
+            try:
+                values[names[key]] = float(value) if key == "p" else int(value)
+            except ValueError:
+                raise UsageError(f"bad number in section {part!r} of policy {config!r}") from None
+        policy = cls(config, **values)
+        if not 0 <= policy.magnitude < policy.bins:
+            raise UsageError(f"policy {config!r}: expected 0 <= m < b")
+        return policy
+
+    def draw(self, u: np.ndarray) -> np.ndarray:
+        """``(V, num_layers, 4)``: op index (-1 where the policy's coin skips the view), the magnitude bin, the
+        sign, 0 (the filter: nearest, fixed). Uniforms as ``RandAugmentPolicy.draw`` takes them (the first
+        layer's ``apply`` draw is the policy's coin)."""
+        views, layers = len(u), self.num_layers
+        u = np.asarray(u, dtype=np.float64).reshape(views, layers, DRAWS_PER_LAYER)
+        out = np.zeros((views, layers, PARAMS_PER_LAYER), dtype=np.float32)
+        op = np.minimum((u[..., 0] * len(self.ops)).astype(np.int64), len(self.ops) - 1)
+        applied = np.broadcast_to((u[:, 0, 1] <= self.prob)[:, None], (views, layers))
+        out[..., 0] = np.where(applied, op, -1)
+        out[..., 1] = self.magnitude
+        out[..., 2] = np.where(u[..., 4] < 0.5, 1.0, -1.0)
+        return out
+
+    def apply(self, img: Any, params: np.ndarray) -> Any:
+        from torchvision.transforms import InterpolationMode, RandAugment
+        from torchvision.transforms.autoaugment import _apply_op
+
+        space = RandAugment._augmentation_space(None, self.bins, (img.height, img.width))  # type: ignore[arg-type]
+        for op, _magnitude, sign, _ in np.asarray(params, dtype=np.float64).reshape(-1, PARAMS_PER_LAYER):
+            if op < 0:
+                continue
+            name = self.ops[int(op)]
+            magnitudes, signed = space[name]
+            m = float(magnitudes[self.magnitude].item()) if magnitudes.ndim > 0 else 0.0
+            img = _apply_op(img, name, m * (sign if signed else 1.0), interpolation=InterpolationMode.NEAREST,
+                            fill=None)
+        return img
+
+
+JITTER_DRAWS = 8  # four for the order (a random permutation: the argsort of four uniforms), one per factor
+JITTER_PARAMS = 5  # stored: the order (a code, order[0] + 4 order[1] + 16 order[2] + 64 order[3]) and the factors
+
+
+@dataclass(frozen=True)
+class ColorJitterPolicy:
+    """torchvision's ``ColorJitter(brightness, contrast, saturation, hue)`` as timm's ``color_jitter`` makes it (a
+    float: the first three alike; 3 or 4 values), drawn from given uniforms: the factors (brightness, contrast,
+    saturation uniform on ``[max(0, 1 - v), 1 + v]``, hue on ``[-v, v]``) and the order of the four, applied in
+    that order with torchvision's functional ops on the PIL image."""
+
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+
+    @classmethod
+    def of(cls, jitter: float | Sequence[float]) -> ColorJitterPolicy:
+        values = (float(jitter),) * 3 if isinstance(jitter, int | float) else tuple(float(v) for v in jitter)
+        if len(values) not in (3, 4) or min(values) < 0 or (len(values) == 4 and values[3] > 0.5):
+            raise UsageError(f"color jitter {jitter!r}: expected a float or 3 or 4 values >= 0 (hue <= 0.5)")
+        return cls(*values)
+
+    def draw(self, u: np.ndarray) -> np.ndarray:
+        """``(V, 5)`` float32: the order code, then brightness, contrast, saturation and hue factors (1, 1, 1, 0
+        for those not jittered), on a grid of 1/2048."""
+        u = np.asarray(u, dtype=np.float64)
+        out = np.zeros((len(u), JITTER_PARAMS), dtype=np.float32)
+        order = np.argsort(u[:, :4], axis=1)
+        out[:, 0] = order @ np.array([1, 4, 16, 64])
+        ranges = [(max(0.0, 1 - v), 1 + v) for v in (self.brightness, self.contrast, self.saturation)]
+        for i, (lo, hi) in enumerate([*ranges, (-self.hue, self.hue)]):
+            lo_q, hi_q = round(lo * 2048), round(hi * 2048)  # the range's ends on the grid
+            out[:, 1 + i] = (lo_q + np.floor((hi_q - lo_q) * u[:, 4 + i])) / 2048
+        return out
+
+    def apply(self, img: Any, params: np.ndarray) -> Any:
+        import torchvision.transforms.functional as TF
+
+        code, *factors = (float(v) for v in params)
+        order = [(int(code) >> (2 * i)) & 3 for i in range(4)]
+        given = (self.brightness, self.contrast, self.saturation, self.hue)
+        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        for i in order:
+            if given[i] > 0:
+                img = ops[i](img, factors[i])
+        return img
+
+
+MAGNITUDE_GRID = 128.0  # stored RandAugment magnitudes are multiples of 1/128 (exact in float32, compressible)
+
+
+@dataclass(frozen=True)
+class ViewPhotometric:
+    """The photometric ops of one view recipe, in timm's order: RandAugment or else colour jitter on the uint8 view,
+    then random erasing. ``columns()`` names a view's stored parameters, ``draw`` makes them from the view's
+    uniforms, ``apply`` rebuilds the view's pixels from them."""
+
+    randaugment: RandAugmentPolicy | TorchvisionRandAugmentPolicy | None
+    jitter: ColorJitterPolicy | None
+    erasing: RandomErasingPolicy | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def columns(self) -> tuple[str, ...]:
+        out: list[str] = []
+        if self.randaugment is not None:
+            out += [f"ra{i}_{c}" for i in range(self.randaugment.num_layers) for c in ("op", "mag", "sign", "filter")]
+        if self.jitter is not None:
+            out += ["cj_order", "cj_brightness", "cj_contrast", "cj_saturation", "cj_hue"]
+        if self.erasing is not None:
+            out += ["re_seed"] + [f"re{j}_{c}" for j in range(self.erasing.max_count)
+                                  for c in ("top", "left", "h", "w")]
+        return tuple(out)
+
+    @property
+    def draws(self) -> int:
+        n = self.randaugment.num_layers * DRAWS_PER_LAYER if self.randaugment is not None else 0
+        n += JITTER_DRAWS if self.jitter is not None else 0
+        return n + (self.erasing.draws if self.erasing is not None else 0)
+
+    def draw(self, u: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """``(V, len(columns()))`` float32 from ``(V, draws)`` uniforms; erasing boxes in pixels of ``size``
+        (the recipe's output height, width). An erasing seed is kept only where a box is erased (0 elsewhere)."""
+        u = np.asarray(u, dtype=np.float64)
+        parts, at = [], 0
+        if self.randaugment is not None:
+            n = self.randaugment.num_layers * DRAWS_PER_LAYER
+            ra = self.randaugment.draw(u[:, at : at + n])
+            ra[..., 1] = np.round(ra[..., 1] * MAGNITUDE_GRID) / MAGNITUDE_GRID
+            ra[..., 1:3] *= (ra[..., 0:1] >= 0)  # a skipped layer keeps only its -1 (what compresses)
+            parts.append(ra.reshape(len(u), -1))
+            at += n
+        if self.jitter is not None:
+            parts.append(self.jitter.draw(u[:, at : at + JITTER_DRAWS]))
+            at += JITTER_DRAWS
+        if self.erasing is not None:
+            er = self.erasing.draw(u[:, at : at + self.erasing.draws], *size)
+            er[:, 0] *= (er[:, 3::4] > 0).any(axis=1)
+            parts.append(er)
+        return np.concatenate(parts, axis=1) if parts else np.zeros((len(u), 0), dtype=np.float32)
+
+    def apply(self, img: Any, row: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """A PIL view (the crop, resized and flipped) and its stored columns -> uint8 ``(H, W, C)``; ``scale`` is
+        this view's side over the side its erasing boxes were drawn at."""
+        at = 0
+        if self.randaugment is not None:
+            n = self.randaugment.num_layers * PARAMS_PER_LAYER
+            img = self.randaugment.apply(img, row[at : at + n])
+            at += n
+        if self.jitter is not None:
+            img = self.jitter.apply(img, row[at : at + JITTER_PARAMS])
+            at += JITTER_PARAMS
+        view = np.asarray(img)
+        if view.ndim == 2:
+            view = view[:, :, None]
+        if self.erasing is not None:
+            view = self.erasing.apply_uint8(view, row[at:], self.mean, self.std, scale)
+        return view

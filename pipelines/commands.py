@@ -175,16 +175,30 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(recipes, indent=1))
         return 0
+    from pipelines.views import num_view_params
+
     print(f"{'recipe':<16} {'v':>2} {'size':>5}  {'crop (scale, ratio)':<28} {'flip':>4}  "
-          f"{'mixup/cutmix (alpha)':<22} other")
+          f"{'mixup/cutmix (alpha)':<22} {'P':>3}  other")
     for r in recipes:
         crop = (f"{r['scale'][0]:g}-{r['scale'][1]:g}, {r['ratio'][0]:.3g}-{r['ratio'][1]:.3g}" if r["crop"]
                 else f"centre {r['center']:.4g}" if r["center"] else "none")
-        mix = f"{r['mixup_p']:g}/{r['cutmix_p']:g} ({r['mix_alpha']:g})" if r["mixup_p"] + r["cutmix_p"] else "none"
-        other = ", ".join(k for k in ("draft",) if r.get(k)) or "-"
+        alpha = f"{r['mix_alpha']:g}" + (f"/{r['cutmix_alpha']:g}" if r.get("cutmix_alpha") is not None else "")
+        mix = f"{r['mixup_p']:g}/{r['cutmix_p']:g} ({alpha})" if r["mixup_p"] + r["cutmix_p"] else "none"
+        other = [k for k in ("draft",) if r.get(k)]
+        if r.get("interpolation", "bilinear") != "bilinear":
+            other.append(r["interpolation"])
+        if r.get("auto_augment"):
+            other.append(r["auto_augment"])
+        elif r.get("color_jitter"):
+            other.append("jitter " + "/".join(f"{v:g}" for v in r["color_jitter"]))
+        if r.get("re_prob"):
+            other.append(f"erase {r['re_prob']:g} {r['re_mode']}" + (f" x{r['re_count']}" if r["re_count"] > 1 else ""))
         size = str(r["out_size"]) if r["out_size"] else "own"
-        print(f"{r['name']:<16} {r['version']:>2} {size:>5}  {crop:<28} {r['flip_p']:>4g}  {mix:<22} {other}")
-    print("NAME:size=N: any recipe at output size N (8 to 2048); images of many sizes need one")
+        width = num_view_params(RECIPES[r["name"]])
+        print(f"{r['name']:<16} {r['version']:>2} {size:>5}  {crop:<28} {r['flip_p']:>4g}  {mix:<22} {width:>3}  "
+              f"{', '.join(other) or '-'}")
+    print("P: view parameters stored per view; NAME:size=N: any recipe at output size N (8 to 2048); images of many "
+          "sizes need one")
     return 0
 
 

@@ -39,7 +39,17 @@ from pipelines.teachers import (
     load_teacher,
     read_class_map,
 )
-from pipelines.views import COL, MIX_NONE, Recipe, _key, _uniforms, get_recipe, mix_views, output_size
+from pipelines.views import (
+    COL,
+    MIX_NONE,
+    Recipe,
+    _key,
+    _uniforms,
+    get_recipe,
+    mix_views,
+    num_view_params,
+    output_size,
+)
 
 # teacher_dtype=auto: fp32 on every device. bench/precision.py (README, "Teacher precision"): under bf16 autocast
 # the targets of a ResNet-50 and a ViT-B/16 with ImageNet-sized logits move by more than 0.01 total variation from
@@ -121,6 +131,9 @@ class LabelConfig:
         """Options each valid alone but not together, as ``(field, why)``: the config and the REST spec both ask."""
         if values.get("decode") == "gpu" and not (values.get("gpus_per_worker") or 0) > 0:
             return [("decode", "decode=gpu needs --gpus-per-worker > 0: the JPEGs are decoded on the teacher's GPU")]
+        if values.get("decode") == "gpu" and _photometric(values.get("recipe")):
+            return [("decode", f"recipe {values.get('recipe')} has photometric ops, which run on the CPU views: "
+                               "label it with --decode cpu (or auto)")]
         return []
 
     @property
@@ -137,14 +150,26 @@ class LabelConfig:
 
     @property
     def decode_on(self) -> str:
-        """Where JPEGs are decoded: ``gpu`` when asked, or by default when the teacher runs on a GPU."""
-        return "gpu" if self.decode == "gpu" or (self.decode == "auto" and self.gpus_per_worker > 0) else "cpu"
+        """Where JPEGs are decoded: ``gpu`` when asked, or by default when the teacher runs on a GPU and the recipe
+        has no photometric ops (they run on the CPU views)."""
+        if self.decode == "gpu":
+            return "gpu"
+        auto_gpu = self.decode == "auto" and self.gpus_per_worker > 0 and not get_recipe(self.recipe).photometric
+        return "gpu" if auto_gpu else "cpu"
 
     def decode_processes(self, cpus: int) -> int:
         """Decode processes of one label worker holding ``cpus`` CPUs: ``decode_workers``, or by default a
         quarter of them (at least one). At 224 px a CPU teacher costs far more per image than a JPEG decode
         (resnet50: about 4 GFLOPs against about 1.5 ms of a core), so most cores go to the teacher's threads."""
         return self.decode_workers if self.decode_workers >= 0 else max(1, cpus // 4)
+
+
+def _photometric(recipe: Any) -> bool:
+    """Whether a recipe name (None or unknown: no) has photometric ops."""
+    try:
+        return isinstance(recipe, str) and get_recipe(recipe).photometric
+    except UsageError:
+        return False
 
 
 def parse_floats(value: Any, flag: str) -> tuple[float, ...]:
@@ -405,7 +430,8 @@ def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Datas
         provenance["labels"]["teacher_input"] = "rendered from the source at each teacher's size"
     schema = StoreSchema(num_samples=len(dataset), num_classes=dataset.num_classes, top_k=config.top_k,
                          sampled=config.sampled, feature_shape=feature_shape,  # type: ignore[arg-type]
-                         per_teacher=len(teachers) if config.per_teacher else 0, chunk_rows=config.chunk_rows)
+                         per_teacher=len(teachers) if config.per_teacher else 0, chunk_rows=config.chunk_rows,
+                         view_params=num_view_params(recipe))
     return provenance, schema
 
 

@@ -5,7 +5,8 @@ Layout (one directory per cache key under a store root)::
     <root>/<cache_key>/
       manifest.json              provenance, schema, seeds done, format version
       seeds/<seed>/              a zarr v3 group per augmentation seed
-        view       (N, P) f32    view parameters (pipelines.views.VIEW_COLUMNS)
+        view       (N, P) f32    view parameters (pipelines.views.view_columns of the recipe: 17, or more with
+                                 photometric ops; the schema's view_params)
         topk_idx   (N, k) i16    class indices, best first (i32 past 32,767 classes)
         topk_logit (N, k) f16    teacher (ensemble) logits of those classes
         lse        (N,)   f32    log-sum-exp over all classes: exp(logit - lse) is the exact probability
@@ -52,7 +53,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, TransposeCodec
 
 from pipelines.atomic import write_atomically
 from pipelines.errors import StillroomError, UsageError
@@ -83,6 +84,7 @@ class StoreSchema:
     feature_shape: tuple[int, int, int] | None = None  # (C, h, w)
     per_teacher: int = 0  # teachers whose own top-k is kept beside the ensemble's (0: none)
     chunk_rows: int = 8192
+    view_params: int = NUM_VIEW_PARAMS  # P: the recipe's view columns (more than 17 with photometric ops)
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= self.num_classes:
@@ -98,7 +100,7 @@ class StoreSchema:
         """name -> (shape, dtype)."""
         n, idx = self.num_samples, self.index_dtype
         out = {
-            "view": ((n, NUM_VIEW_PARAMS), "float32"),
+            "view": ((n, self.view_params), "float32"),
             "topk_idx": ((n, self.top_k), idx),
             "topk_logit": ((n, self.top_k), "float16"),
             "lse": ((n,), "float32"),
@@ -126,6 +128,8 @@ class StoreSchema:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["feature_shape"] = list(self.feature_shape) if self.feature_shape else None
+        if self.view_params == NUM_VIEW_PARAMS:  # older stores' schemas (and cache keys) have no such field
+            del d["view_params"]
         return d
 
     @classmethod
@@ -448,7 +452,9 @@ class LabelStore:
             if name in existing:
                 continue
             chunks, shards = _layout(name, shape, self.schema.chunk_rows)
-            group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
+            # the view parameters column by column: each column's values (a crop fraction, an op index) together
+            filters = [TransposeCodec(order=(1, 0))] if name == "view" else None
+            group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards, filters=filters,
                                compressors=_compressor(dtype), fill_value=0)
         (d / "pieces").makedirs()
 

@@ -10,6 +10,28 @@ partner's own crop box and flip (so a row rebuilds its view alone); the cutmix b
 lambda lie on a grid of 1/2048 (pixel-exact for images up to 2048 px), so they are exact in float32
 and compress well in the store.
 
+A recipe with photometric ops (``auto_augment``, ``color_jitter``, ``re_prob``) has more columns
+(``view_columns(recipe)``), drawn from the view's own stream (keyed by recipe digest, seed and id, stream
+``photo``): after the 17, the view's own ops, then (a recipe that mixes) its partner's, ``p_``-prefixed, the
+partner's being the partner's own unmixed view's (drawn from the partner's id), so a row rebuilds its view alone:
+
+- RandAugment, per layer ``ra{i}_op`` (index in the policy's op set, -1: skipped), ``ra{i}_mag`` (0-10, a multiple
+  of 1/128; torchvision's: the bin), ``ra{i}_sign`` (+1/-1), ``ra{i}_filter`` (0 bilinear, 1 bicubic);
+- colour jitter (a recipe without RandAugment, as timm), ``cj_order`` (a code of the permutation of brightness,
+  contrast, saturation, hue), ``cj_brightness``, ``cj_contrast``, ``cj_saturation``, ``cj_hue``;
+- random erasing, ``re_seed`` (the seed of the erased pixels' noise, below 2**16; 0 where nothing is erased), then
+  per box ``re{j}_top``, ``re{j}_left``, ``re{j}_h``, ``re{j}_w`` in pixels of the output size (``h`` 0: no box).
+
+A recipe without them keeps the 17 columns and its digest. The ops run in timm's order on the uint8 view in the
+worker that renders it: crop and resize (the recipe's ``interpolation``) and flip, then RandAugment or colour
+jitter on the PIL image (``pipelines._photometric``: PIL's ``ImageOps``/``ImageEnhance``/``transform`` as timm
+calls them; torchvision's functional ops for colour jitter and torchvision's RandAugment), then random erasing on
+the uint8 view, then (on the device) mixing. timm erases the normalised tensor per sample, before its batch is
+mixed; here the erased pixels are ``mean + std * N(0, 1)`` in [0, 1] (timm's noise in the recipe's mean/std,
+ImageNet's), rounded to uint8 and clipped, from a CPU generator seeded by ``re_seed``, before the views mix: the
+pixels cross processes as uint8 like every view and the same in any process. The libraries that run the ops are
+named in the recipe's ``pixel_ops`` (in its digest).
+
 Two ways to build views, chosen by the data set:
 
 - in-memory data sets (every image the same size): ``apply_views`` turns uint8 images and parameter rows
@@ -30,6 +52,7 @@ by class a partner is then of any class: two views of one class mix about as oft
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -40,6 +63,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines._photometric import (
+    ColorJitterPolicy,
+    RandAugmentPolicy,
+    RandomErasingPolicy,
+    TorchvisionRandAugmentPolicy,
+    ViewPhotometric,
+)
 from pipelines._readers import DataError
 from pipelines.errors import UsageError
 
@@ -74,6 +104,30 @@ class Recipe:
     # added later; left out of the digest while at their defaults, so older recipes keep their digests
     center: float | None = None  # eval: the centred square of this fraction of the shorter side, no randomness
     draft: bool = False  # JPEG DCT-scaled decoding where the crop allows it (see the module docstring)
+    interpolation: str = "bilinear"  # the crop's resize filter (PIL's, antialiased): bilinear or bicubic
+    cutmix_alpha: float | None = None  # cutmix's Beta alpha where it is not mix_alpha (DeiT: mixup 0.8, cutmix 1.0)
+    auto_augment: str | None = None  # a timm RandAugment policy (rand-m9-mstd0.5-inc1) or torchvision's (tv-n2-m9)
+    color_jitter: tuple[float, ...] | None = None  # torchvision's ColorJitter factors; used without auto_augment
+    re_prob: float = 0.0  # timm's random erasing: probability, mode, boxes, area and aspect ranges
+    re_mode: str = "pixel"
+    re_count: int = 1
+    re_area: tuple[float, float] = (0.02, 1 / 3)
+    re_aspect: tuple[float, float] = (0.3, 1 / 0.3)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # RandAugment's fill and the erasing noise (timm's)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    pixel_ops: str | None = None  # the libraries the photometric ops run on (PIXEL_OPS), required with them
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise UsageError(f"recipe {self.name}: interpolation {self.interpolation!r}, expected one of "
+                             f"{', '.join(INTERPOLATIONS)}")
+        if self.photometric and self.pixel_ops is None:
+            raise UsageError(f"recipe {self.name} has photometric ops: name the libraries that run them (pixel_ops)")
+
+    @property
+    def photometric(self) -> bool:
+        """Whether the recipe has RandAugment, colour jitter or random erasing (more view columns)."""
+        return self.auto_augment is not None or self.color_jitter is not None or self.re_prob > 0
 
     @property
     def digest(self) -> str:
@@ -88,7 +142,12 @@ class Recipe:
         return {**asdict(self), "digest": self.digest}
 
 
-_LATER_FIELDS = ("center", "draft")
+_LATER_FIELDS = ("center", "draft", "interpolation", "cutmix_alpha", "auto_augment", "color_jitter", "re_prob",
+                 "re_mode", "re_count", "re_area", "re_aspect", "mean", "std", "pixel_ops")
+INTERPOLATIONS = ("bilinear", "bicubic")
+# what runs the photometric ops: PIL (timm's RandAugment ops), torchvision's functional ops on PIL images (colour
+# jitter, torchvision's RandAugment), torch's CPU normal generator (the erased pixels)
+PIXEL_OPS = "pil+torchvision.functional+torch.randn-cpu"
 RECIPES: dict[str, Recipe] = {}
 
 
@@ -109,6 +168,19 @@ register_recipe(Recipe("fmnist-rrc-mix", version=2, mixup_p=0.25, cutmix_p=0.25,
 register_recipe(Recipe("imagenet-rrc", out_size=224, scale=(0.08, 1.0), draft=True))
 # FKD (Shen & Xing 2022, szq0214/FKD): the crops its soft labels describe, RandomResizedCrop 0.08-1 and flip
 register_recipe(Recipe("fkd", out_size=224, scale=(0.08, 1.0), draft=True))
+# DeiT (Touvron et al. 2021, facebookresearch/deit main.py and timm's create_transform): RandomResizedCrop 0.08-1
+# bicubic, flip, RandAugment rand-m9-mstd0.5-inc1 (bicubic, fill the ImageNet mean), random erasing 0.25 (pixel, one
+# box); its Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5) mixes every batch, by cutmix half
+# the time: here every pair mixes, cutmix with probability 0.5 (lambda ~ Beta(1, 1)), else mixup (Beta(0.8, 0.8))
+register_recipe(Recipe("deit", out_size=224, scale=(0.08, 1.0), draft=True, interpolation="bicubic",
+                       mixup_p=0.5, cutmix_p=0.5, mix_alpha=0.8, cutmix_alpha=1.0,
+                       auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel", pixel_ops=PIXEL_OPS))
+# apple/ml-dr's configs/imagenet/reinforce/randaug.yaml: RandomResizedCrop 224 (torchvision's: 0.08-1, bilinear),
+# flip, torchvision's RandAugment (2 ops, magnitude 9 of 31 bins, nearest, fill 0) behind ml-dr's p = 1.0,
+# torchvision's RandomErasing p = 0.25 (area 0.02-0.33, aspect 0.3-3.3, value 0 before Normalize); no mixing
+register_recipe(Recipe("ml-dr", out_size=224, scale=(0.08, 1.0), draft=True, auto_augment="tv-n2-m9-b31-p1",
+                       re_prob=0.25, re_mode="black", re_area=(0.02, 0.33), re_aspect=(0.3, 3.3),
+                       pixel_ops=PIXEL_OPS))
 # evaluation: shorter side to 256/224 of the size, centre crop (crop first, then one resize: the same box)
 register_recipe(Recipe("imagenet-eval", out_size=224, crop=False, flip_p=0.0, center=224 / 256, draft=True))
 
@@ -143,6 +215,76 @@ def output_size(recipe: Recipe, dataset) -> int | None:
         raise UsageError(f"recipe {recipe.name} has no output size and {dataset.spec} holds images of many sizes: "
                          f"use {recipe.name}:size=N (e.g. {recipe.name}:size=224) or imagenet-rrc")
     return recipe.out_size
+
+
+@functools.lru_cache(maxsize=64)
+def photometric_of(recipe: Recipe, size: int | None = None) -> ViewPhotometric | None:
+    """The recipe's photometric ops for views of side ``size`` (default: the recipe's output size; RandAugment's
+    absolute translations are 0.45 of the side, as timm's ``create_transform`` sets them), None without any."""
+    if not recipe.photometric:
+        return None
+    side = size or recipe.out_size or 224
+    randaugment: RandAugmentPolicy | TorchvisionRandAugmentPolicy | None = None
+    if recipe.auto_augment is not None:
+        if recipe.auto_augment.startswith("tv-"):
+            randaugment = TorchvisionRandAugmentPolicy.parse(recipe.auto_augment)
+        else:
+            from PIL import Image
+
+            fill = tuple(min(255, round(255 * m)) for m in recipe.mean)
+            filt = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}[recipe.interpolation]
+            randaugment = RandAugmentPolicy.parse(recipe.auto_augment, translate_const=int(side * 0.45), fill=fill,
+                                                  interpolation=int(filt))
+    jitter = ColorJitterPolicy.of(recipe.color_jitter) if recipe.color_jitter and randaugment is None else None
+    erasing = None
+    if recipe.re_prob > 0:
+        erasing = RandomErasingPolicy(recipe.re_prob, recipe.re_mode, 1, recipe.re_count, recipe.re_area[0],
+                                      recipe.re_area[1], recipe.re_aspect[0], recipe.re_aspect[1], seed_bits=16)
+    return ViewPhotometric(randaugment, jitter, erasing, tuple(recipe.mean), tuple(recipe.std))
+
+
+def view_columns(recipe: Recipe) -> tuple[str, ...]:
+    """The names of a view's stored parameters under ``recipe``: ``VIEW_COLUMNS``, then (a recipe with photometric
+    ops) the view's own ops' and, where it mixes, the partner's (``p_``): see the module docstring."""
+    photo = photometric_of(recipe)
+    if photo is None:
+        return VIEW_COLUMNS
+    own = photo.columns()
+    return VIEW_COLUMNS + own + (tuple(f"p_{c}" for c in own) if _mixing(recipe) else ())
+
+
+def num_view_params(recipe: Recipe) -> int:
+    """P, the width of the store's ``view`` array under ``recipe``."""
+    return len(view_columns(recipe))
+
+
+def _mixing(recipe: Recipe) -> bool:
+    return recipe.mixup_p + recipe.cutmix_p > 0
+
+
+def own_rows(params: np.ndarray, recipe: Recipe | None) -> np.ndarray:
+    """Each row's own view in one-view layout: its crop box and flip, then its photometric columns."""
+    photo = photometric_of(recipe) if recipe is not None else None
+    if photo is None:
+        return params[:, 0:5]
+    q = len(photo.columns())
+    return np.concatenate([params[:, 0:5], params[:, NUM_VIEW_PARAMS : NUM_VIEW_PARAMS + q]], axis=1)
+
+
+def partner_rows(params: np.ndarray, recipe: Recipe | None) -> np.ndarray:
+    """Each row's partner's view in one-view layout (its box and flip, then its photometric columns)."""
+    photo = photometric_of(recipe) if recipe is not None else None
+    if photo is None:
+        return params[:, 8:13]
+    q = len(photo.columns())
+    return np.concatenate([params[:, 8:13], params[:, NUM_VIEW_PARAMS + q : NUM_VIEW_PARAMS + 2 * q]], axis=1)
+
+
+def _check_width(params: np.ndarray | torch.Tensor, recipe: Recipe | None) -> None:
+    width = num_view_params(recipe) if recipe is not None else NUM_VIEW_PARAMS
+    if params.ndim != 2 or params.shape[1] != width:
+        name = recipe.name if recipe is not None else "without photometric ops"
+        raise UsageError(f"view params of shape {tuple(params.shape)}: expected {width} columns (recipe {name})")
 
 
 def _key(recipe: Recipe, seed: int, stream: str) -> list[int]:
@@ -237,15 +379,22 @@ def draw_views(recipe: Recipe, seed: int, ids: np.ndarray | list[int], num_sampl
         pairs = sizes[rows] if sizes.ndim == 2 else np.broadcast_to(sizes, (len(rows), 2))
         return pairs[:, 0].astype(np.float64), pairs[:, 1].astype(np.float64)
 
-    out = np.zeros((len(ids), NUM_VIEW_PARAMS), dtype=np.float32)
+    out = np.zeros((len(ids), num_view_params(recipe)), dtype=np.float32)
     own_key = _key(recipe, seed, "own")
     out[:, 0:5] = _own(recipe, own_key, ids, *hw_of(ids))
-    if recipe.mixup_p + recipe.cutmix_p <= 0:
+    photo = photometric_of(recipe)
+    if photo is not None:
+        q = len(photo.columns())
+        out[:, NUM_VIEW_PARAMS : NUM_VIEW_PARAMS + q] = _photometric_params(recipe, photo, seed, ids, sizes)
+    if not _mixing(recipe):
         return out
     mix_key = _key(recipe, seed, "mix")
     draws = np.empty((len(ids), 4))  # mode, lambda, cutmix centre y, x
+    cut_alpha = recipe.mix_alpha if recipe.cutmix_alpha is None else recipe.cutmix_alpha
     for row, rng in enumerate(_streams(mix_key, ids)):
-        draws[row] = (rng.random(), rng.beta(recipe.mix_alpha, recipe.mix_alpha), *rng.random(2))
+        mode_u = rng.random()
+        alpha = cut_alpha if recipe.mixup_p <= mode_u < recipe.mixup_p + recipe.cutmix_p else recipe.mix_alpha
+        draws[row] = (mode_u, rng.beta(alpha, alpha), *rng.random(2))
     mode = np.select([draws[:, 0] < recipe.mixup_p, draws[:, 0] < recipe.mixup_p + recipe.cutmix_p],
                      [MIX_MIXUP, MIX_CUTMIX], MIX_NONE)
     mixing = mode != MIX_NONE
@@ -253,6 +402,9 @@ def draw_views(recipe: Recipe, seed: int, ids: np.ndarray | list[int], num_sampl
     out[:, COL["mix_mode"]] = mode
     out[mixing, COL["partner"]] = partners[mixing]
     out[mixing, 8:13] = _own(recipe, own_key, partners[mixing], *hw_of(partners[mixing]))
+    if photo is not None:
+        q = len(photo.columns())
+        out[mixing, NUM_VIEW_PARAMS + q :] = _photometric_params(recipe, photo, seed, partners[mixing], sizes)
     lam = draws[:, 1]
     # cutmix: a box of area (1 - lam), centred uniformly and clipped; lambda then from the clipped box
     cut = np.sqrt(1 - lam)
@@ -262,6 +414,16 @@ def draw_views(recipe: Recipe, seed: int, ids: np.ndarray | list[int], num_sampl
     out[is_cut, 13:17] = np.stack([y0, x0, y1 - y0, x1 - x0], axis=1)[is_cut]
     out[:, COL["lam"]] = np.select([mode == MIX_MIXUP, is_cut], [_q(lam), 1 - (y1 - y0) * (x1 - x0)], 0.0)
     return out
+
+
+def _photometric_params(recipe: Recipe, photo: ViewPhotometric, seed: int, ids: np.ndarray, sizes: np.ndarray
+                        ) -> np.ndarray:
+    """The photometric columns of the views of ``ids`` (their own, unmixed), from each id's ``photo`` stream;
+    erasing boxes in pixels of the recipe's output size (in-memory data without one: the images' own)."""
+    side = (recipe.out_size, recipe.out_size) if recipe.out_size else tuple(int(v) for v in np.asarray(sizes)[-2:])
+    if not recipe.out_size and np.asarray(sizes).ndim != 1:
+        raise UsageError(f"recipe {recipe.name} erases boxes in pixels of the views: give it an output size (:size=N)")
+    return photo.draw(_uniforms(_key(recipe, seed, "photo"), ids, photo.draws), side)  # type: ignore[arg-type]
 
 
 def partners_of(recipe: Recipe, seed: int, ids: np.ndarray, num_samples: int) -> np.ndarray:
@@ -337,8 +499,9 @@ def _splitmix64(z: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def _crop_flip(images: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
-    """Crop ``(y0, x0, h, w)`` fractions and flip (5th column), resized to ``out_hw``, bilinear."""
+def _crop_flip(images: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int, int], mode: str = "bilinear"
+               ) -> torch.Tensor:
+    """Crop ``(y0, x0, h, w)`` fractions and flip (5th column), resized to ``out_hw``, bilinear (or ``mode``)."""
     y0, x0, h, w, flip = boxes.unbind(1)
     sign = 1 - 2 * flip
     theta = torch.zeros(len(images), 2, 3, dtype=images.dtype, device=images.device)
@@ -347,7 +510,8 @@ def _crop_flip(images: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int, int
     theta[:, 1, 1] = h
     theta[:, 1, 2] = 2 * y0 + h - 1
     grid = F.affine_grid(theta, [len(images), images.shape[1], *out_hw], align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
+    return out if mode == "bilinear" else out.clamp_(0, 1)
 
 
 def _cut_mask(boxes: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
@@ -362,24 +526,48 @@ def _cut_mask(boxes: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
 
 
 def apply_views(images: torch.Tensor, params: torch.Tensor | np.ndarray, out_size: int | None = None,
-                partner_images: torch.Tensor | None = None) -> torch.Tensor:
+                partner_images: torch.Tensor | None = None, recipe: Recipe | None = None) -> torch.Tensor:
     """Build the views: uint8 ``(B, C, H, W)`` images and ``(B, P)`` params -> float32 views in [0, 1].
 
     ``partner_images`` are the images of each row's partner (any image where the row does not mix);
     they are needed only when some row mixes. Mixup blends the two views by lambda; cutmix pastes the
-    partner's view inside the cutmix box.
+    partner's view inside the cutmix box. A ``recipe`` with photometric ops (its rows have their columns):
+    the cropped views are rounded to uint8 and the ops applied to each on the CPU (``_photometric_views``)
+    before they mix; ``recipe.interpolation`` bicubic samples the crop bicubically.
     """
     params = torch.as_tensor(params, dtype=torch.float32, device=images.device)
-    if params.ndim != 2 or params.shape != (len(images), NUM_VIEW_PARAMS):
-        raise UsageError(f"view params of shape {tuple(params.shape)}: expected ({len(images)}, {NUM_VIEW_PARAMS})")
+    _check_width(params, recipe)
+    if len(params) != len(images):
+        raise UsageError(f"view params of shape {tuple(params.shape)} for {len(images)} images")
     out_hw = (out_size, out_size) if out_size else (int(images.shape[2]), int(images.shape[3]))
-    x = _crop_flip(images.float() / 255.0, params[:, 0:5], out_hw)
+    mode = recipe.interpolation if recipe is not None else "bilinear"
+    photo = photometric_of(recipe, out_hw[0]) if recipe is not None else None
+    x = _crop_flip(images.float() / 255.0, params[:, 0:5], out_hw, mode)
+    if photo is not None:
+        x = _photometric_views(x, own_rows(params.cpu().numpy(), recipe)[:, 5:], photo, recipe, out_hw[0])
     if _mixes(params):
         if partner_images is None:
             raise UsageError("these views mix two images: pass partner_images")
-        p = _crop_flip(partner_images.float() / 255.0, params[:, 8:13], out_hw)
+        p = _crop_flip(partner_images.float() / 255.0, params[:, 8:13], out_hw, mode)
+        if photo is not None:
+            p = _photometric_views(p, partner_rows(params.cpu().numpy(), recipe)[:, 5:], photo, recipe, out_hw[0])
         x = _mix(x, p, params, out_hw)
     return x
+
+
+def _photometric_views(x: torch.Tensor, rows: np.ndarray, photo: ViewPhotometric, recipe: Recipe | None, side: int
+                       ) -> torch.Tensor:
+    """Float views in [0, 1] -> the same views rounded to uint8, each through the photometric ops (PIL, on the
+    CPU) from its row, back as floats in [0, 1] on ``x``'s device."""
+    from PIL import Image
+
+    u8 = (x * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    scale = side / float(getattr(recipe, "out_size", None) or side)
+    out = np.empty_like(u8)
+    for i, view in enumerate(u8):
+        img = Image.fromarray(view[:, :, 0] if view.shape[2] == 1 else view)
+        out[i] = photo.apply(img, rows[i], scale)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).to(x.device).float() / 255.0
 
 
 def _mixes(params: torch.Tensor) -> bool:
@@ -420,16 +608,20 @@ def draft_scale(box_hw: tuple[float, float], image_hw: tuple[int, int], out_size
     return 1
 
 
-def decode_view(data: bytes, where: str, box: np.ndarray, out_size: int, draft: bool) -> np.ndarray:
+def decode_view(data: bytes, where: str, box: np.ndarray, out_size: int, draft: bool, recipe: Recipe | None = None
+                ) -> np.ndarray:
     """One view from encoded bytes: ``box`` = (y0, x0, h, w, flip) -> uint8 ``(out_size, out_size, 3)``.
 
     Decoded to RGB (CMYK, grayscale, palette and PNG-named-JPEG files included), at a DCT scale when
     ``draft`` and the crop allows it (``draft_scale``); the crop box is resized with PIL's antialiased
-    bilinear filter straight from the decoded image. Raises ``DataError`` naming ``where``."""
-    return decode_views(data, where, [(box, out_size)], draft)[0]
+    bilinear filter (``recipe.interpolation``: bicubic where the recipe says so) straight from the decoded image.
+    With a ``recipe`` that has photometric ops, ``box`` goes on with the view's photometric columns (``own_rows``),
+    applied after the flip. Raises ``DataError`` naming ``where``."""
+    return decode_views(data, where, [(box, out_size)], draft, recipe)[0]
 
 
-def decode_views(data: bytes, where: str, requests: list[tuple[np.ndarray, int]], draft: bool) -> list[np.ndarray]:
+def decode_views(data: bytes, where: str, requests: list[tuple[np.ndarray, int]], draft: bool,
+                 recipe: Recipe | None = None) -> list[np.ndarray]:
     """Several views of one encoded image, each ``(box, size)`` a uint8 ``(size, size, 3)`` view bit-identical to
     ``decode_view`` of that box at that size alone: the views a batch needs of one sample (FKD's multi-crop,
     ``--views-per-image``; its views under several seeds) at each size they are needed at (a teacher of another
@@ -451,34 +643,42 @@ def decode_views(data: bytes, where: str, requests: list[tuple[np.ndarray, int]]
             img = encoded.convert("RGB") if encoded.mode != "RGB" else encoded
             img.load()
             for i in (i for i, scale in enumerate(scales) if scale == s):
-                out[i] = _crop_resize(img, *requests[i])
+                out[i] = _crop_resize(img, *requests[i], recipe)
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{where}: cannot decode ({str(e).splitlines()[0][:120]})") from None
     return out
 
 
-def _crop_resize(img, box: np.ndarray, out_size: int) -> np.ndarray:
+def _crop_resize(img, box: np.ndarray, out_size: int, recipe: Recipe | None = None) -> np.ndarray:
     from PIL import Image
 
     y0, x0, h, w, flip = (float(v) for v in box[:5])
     H, W = img.height, img.width
     region = (x0 * W, y0 * H, (x0 + w) * W, (y0 + h) * H)
-    view = img.resize((out_size, out_size), Image.Resampling.BILINEAR, box=region)
+    bicubic = recipe is not None and recipe.interpolation == "bicubic"
+    view = img.resize((out_size, out_size), Image.Resampling.BICUBIC if bicubic else Image.Resampling.BILINEAR,
+                      box=region)
     if flip:
         view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(view)
+    photo = photometric_of(recipe, out_size) if recipe is not None else None
+    if photo is None:
+        return np.asarray(view)
+    return photo.apply(view, np.asarray(box[5:]), out_size / float(recipe.out_size or out_size))  # type: ignore[union-attr]
 
 
-def render_views(dataset, ids: np.ndarray, boxes: np.ndarray, out_size: int, draft: bool) -> torch.Tensor:
+def render_views(dataset, ids: np.ndarray, boxes: np.ndarray, out_size: int, draft: bool, recipe: Recipe | None = None
+                 ) -> torch.Tensor:
     """uint8 ``(B, 3, S, S)`` views of a data set on disk (channels-last in memory): sample ``ids[i]`` cropped by
     ``boxes[i]`` (y0, x0, h, w, flip). Reads only these samples' bytes, and each image once: the views of a
     sample that appears several times (``--views-per-image``, several seeds) are cropped from one decode per DCT
-    scale (``render_views_at``, ``decode_views``). A pure function of its arguments: runs the same in any process."""
-    return render_views_at(dataset, ids, boxes, (out_size,), draft)[out_size]
+    scale (``render_views_at``, ``decode_views``). With a ``recipe`` that has photometric ops, each row of ``boxes``
+    goes on with the view's photometric columns (``own_rows``). A pure function of its arguments: runs the same in
+    any process."""
+    return render_views_at(dataset, ids, boxes, (out_size,), draft, recipe)[out_size]
 
 
-def render_views_at(dataset, ids: np.ndarray, boxes: np.ndarray, sizes: tuple[int, ...], draft: bool
-                    ) -> dict[int, torch.Tensor]:
+def render_views_at(dataset, ids: np.ndarray, boxes: np.ndarray, sizes: tuple[int, ...], draft: bool,
+                    recipe: Recipe | None = None) -> dict[int, torch.Tensor]:
     """``render_views`` at each of ``sizes`` from the same boxes (a teacher of another input size sees the same
     crop at its own size): each image read once and decoded once per DCT scale, also where its id is on several
     rows (its K views under ``--views-per-image``, its views under several seeds); each size's views are those
@@ -491,7 +691,7 @@ def render_views_at(dataset, ids: np.ndarray, boxes: np.ndarray, sizes: tuple[in
     bounds = np.searchsorted(inverse[order], np.arange(len(unique) + 1))
     for u, (data, where) in enumerate(dataset.encoded(unique)):
         rows = order[bounds[u] : bounds[u + 1]]
-        views = iter(decode_views(data, where, [(boxes[r], size) for r in rows for size in sizes], draft))
+        views = iter(decode_views(data, where, [(boxes[r], size) for r in rows for size in sizes], draft, recipe))
         for r in rows:
             for size in sizes:
                 arrays[size][r] = next(views)
@@ -507,25 +707,28 @@ def _uint8_batch(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
-def render_batch(dataset, ids: np.ndarray, params: np.ndarray, out_size: int, draft: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def render_batch(dataset, ids: np.ndarray, params: np.ndarray, out_size: int, draft: bool,
+                 recipe: Recipe | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A batch's uint8 views and, where some row mixes, its partners' uint8 views (rows that do not mix get
-    a copy of their own view). What a loader worker process hands over; ``mix_views`` finishes the batch."""
-    own, partner = render_batch_at(dataset, ids, params, (out_size,), draft)
+    a copy of their own view). What a loader worker process hands over; ``mix_views`` finishes the batch. The
+    ``recipe`` (needed where its rows have photometric columns) gives the filter and the photometric ops."""
+    own, partner = render_batch_at(dataset, ids, params, (out_size,), draft, recipe)
     return own[out_size], partner[out_size] if partner is not None else None
 
 
-def render_batch_at(dataset, ids: np.ndarray, params: np.ndarray, sizes: tuple[int, ...], draft: bool
-                    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
+def render_batch_at(dataset, ids: np.ndarray, params: np.ndarray, sizes: tuple[int, ...], draft: bool,
+                    recipe: Recipe | None = None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
     """``render_batch`` at each of ``sizes`` (``render_views_at``): ``({size: own}, {size: partner} or None)``."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    own = render_views_at(dataset, ids, params[:, 0:5], sizes, draft)
+    _check_width(params, recipe)
+    own = render_views_at(dataset, ids, own_rows(params, recipe), sizes, draft, recipe)
     mixing = params[:, COL["mix_mode"]] != MIX_NONE
     if not mixing.any():
         return own, None
     partner = {size: v.clone() for size, v in own.items()}
     rows = np.flatnonzero(mixing)
-    theirs = render_views_at(dataset, params[rows, COL["partner"]].astype(np.int64), params[rows, 8:13], sizes, draft)
+    theirs = render_views_at(dataset, params[rows, COL["partner"]].astype(np.int64), partner_rows(params[rows], recipe),
+                             sizes, draft, recipe)
     for size in sizes:
         partner[size][rows] = theirs[size]
     return own, partner
@@ -546,7 +749,7 @@ def build_views(dataset, recipe: Recipe, seed: int, ids: np.ndarray | list[int],
     if not dataset.in_memory:
         if params is None:
             params = draw_views(recipe, seed, ids, len(dataset), dataset.sizes)
-        own, partner = render_batch(dataset, ids, params, int(size or 0), recipe.draft)  # output_size: not None
+        own, partner = render_batch(dataset, ids, params, int(size or 0), recipe.draft, recipe)  # size: not None
         return mix_views(own, partner, params), params
     _, H, W = dataset.image_shape
     if params is None:
@@ -554,7 +757,7 @@ def build_views(dataset, recipe: Recipe, seed: int, ids: np.ndarray | list[int],
     images = dataset.read(ids)
     partners = partner_ids(params, ids)
     partner_images = images if np.array_equal(partners, ids) else dataset.read(partners)
-    return apply_views(images, params, recipe.out_size, partner_images), params
+    return apply_views(images, params, recipe.out_size, partner_images, recipe), params
 
 
 def eval_views(dataset, ids: np.ndarray, size: int | None) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 from pipelines.errors import UsageError
 from pipelines.storage import is_url
 from pipelines.store import StoreError
-from pipelines.views import COL, MIX_NONE, apply_views, mix_views, partner_ids, render_batch
+from pipelines.views import COL, MIX_NONE, Recipe, apply_views, mix_views, partner_ids, render_batch
 
 log = logging.getLogger("stillroom.student")
 MAX_AUTO_WORKERS = 4  # more rarely pays for one training process; say --loader-workers N for more
@@ -242,6 +242,7 @@ class BatchParts:
     seed: int
     epoch: int
     row_seeds: np.ndarray | None = None
+    recipe: Recipe | None = None  # what finishes in-memory views with photometric ops (``apply_views``)
 
     def pin_memory(self) -> BatchParts:
         """Called by the DataLoader's pinning thread (CUDA): page-locked host tensors copy asynchronously."""
@@ -263,8 +264,9 @@ class BatchSource(torch.utils.data.Dataset):
 
     def __init__(self, dataset: Any, arrays: dict[str, np.ndarray], seed: int, epoch: int, out_size: int | None,
                  draft: bool, num_classes: int, features: dict[int, FeatureRows] | None = None,
-                 seed_index: np.ndarray | None = None, seeds: tuple[int, ...] = (), views_per_image: int = 1):
-        self.dataset, self.arrays, self.seed, self.epoch = dataset, arrays, seed, epoch
+                 seed_index: np.ndarray | None = None, seeds: tuple[int, ...] = (), views_per_image: int = 1,
+                 recipe: Recipe | None = None):
+        self.dataset, self.arrays, self.seed, self.epoch, self.recipe = dataset, arrays, seed, epoch, recipe
         self.out_size, self.draft, self.num_classes, self.features = out_size, draft, num_classes, features
         self.seed_index, self.seeds, self.views_per_image = seed_index, seeds, views_per_image
 
@@ -308,12 +310,13 @@ class BatchSource(torch.utils.data.Dataset):
             pixels = self.dataset.read(ids)
             partner_pixels = self.dataset.read(partners) if mixing else None
         else:
-            pixels, partner_pixels = render_batch(self.dataset, ids, params, int(self.out_size or 0), self.draft)
+            pixels, partner_pixels = render_batch(self.dataset, ids, params, int(self.out_size or 0), self.draft,
+                                                  self.recipe)
         y = self.dataset.labels[ids]
         targets = mixed_targets(y, params, self.dataset.labels[partners], self.num_classes)
         return BatchParts(ids, pixels, partner_pixels, params, torch.from_numpy(y), torch.from_numpy(targets),
                           label_tensors(gathered), not self.dataset.in_memory, self.out_size, self.seed, self.epoch,
-                          row_seeds)
+                          row_seeds, self.recipe)
 
 
 def _first(items: Any) -> BatchParts:
@@ -329,7 +332,7 @@ def finish(parts: BatchParts, device: torch.device) -> Batch:
     if parts.rendered:
         views = mix_views(pixels, partners, parts.params)
     else:
-        views = apply_views(pixels, parts.params, parts.out_size, partners)
+        views = apply_views(pixels, parts.params, parts.out_size, partners, parts.recipe)
     return Batch(parts.ids, views, parts.labels.to(device, non_blocking=async_copy),
                  parts.targets.to(device, non_blocking=async_copy),
                  {k: v.to(device, non_blocking=async_copy) for k, v in parts.teacher.items()},

@@ -72,8 +72,8 @@ class StoreStream:
     Args:
         store: the label store (already checked against ``dataset`` with ``check_store``).
         dataset: the data set the store was labeled from.
-        recipe: the store's view recipe (only its output size and draft decoding matter: views come from
-            stored params).
+        recipe: the store's view recipe (its output size, draft decoding, filter and photometric ops matter:
+            the views come from the stored params).
         batch_size: samples per batch on this rank.
         seeds: the store seeds to cycle through (default: every complete seed).
         rank, world_size: this worker's shard of each epoch; a rank reads only its own ids.
@@ -260,13 +260,14 @@ class StoreStream:
         """What builds a batch from its ids, in this process or in a loader worker."""
         if labels.seed >= 0:
             return BatchSource(self.dataset, labels.arrays, labels.seed, epoch, self.out_size, self.recipe.draft,
-                               self.num_classes, self.feature_rows(labels.seed))
+                               self.num_classes, self.feature_rows(labels.seed), recipe=self.recipe)
         if self.views_per_image > 1:
             return BatchSource(self.dataset, labels.arrays, -1, epoch, self.out_size, self.recipe.draft,
                                self.num_classes, self.feature_rows(None), None, self.view_seeds(epoch),
-                               self.views_per_image)
+                               self.views_per_image, recipe=self.recipe)
         return BatchSource(self.dataset, labels.arrays, -1, epoch, self.out_size, self.recipe.draft,
-                           self.num_classes, self.feature_rows(None), self.seed_index(epoch), self.seeds)
+                           self.num_classes, self.feature_rows(None), self.seed_index(epoch), self.seeds,
+                           recipe=self.recipe)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch, finished on the stream's device, built by ``loader_workers`` processes."""

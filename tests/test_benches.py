@@ -21,14 +21,16 @@ BENCH = ROOT / "bench"
 # directory for the files a bench keeps between runs
 RUNS: dict[str, list[tuple[list[str], set[str]]]] = {
     "store.py": [(["--smoke"], {"write_samples_per_s", "load_seed_s", "gather_samples_per_s", "bytes_per_sample",
-                                "targets_met"})],
+                                "targets_met"}),
+                 (["--smoke", "--samples", "2048", "--recipe", "deit"],
+                  {"bytes_per_sample", "view_bytes_per_sample", "view_params", "targets_met"})],
     "accuracy.py": [(["--dataset", "fashion-mnist:n=128", "--teacher-epochs", "1,1", "--seeds", "1",
                       "--batch-size", "64"],
                      {"teacher_top1", "top1", "store_bytes_per_sample", "minutes", "targets"})],
     "data.py": [(["--n", "40", "--workers", "1", "--images", "20", "--batch", "10", "--rounds", "1",
                   "--work", "{work}"],
                  {"cold_open_s", "warm_open_s", "rss_ratio_4n_over_n", "index_bytes_per_sample",
-                  "views_224_per_s_per_core", "ratio_vs_torchvision", "targets"})],
+                  "views_224_per_s_per_core", "ratio_vs_torchvision", "deit_ratio_vs_timm", "targets"})],
     "labeling.py": [(["--teacher", "test_resnet", "--resolution", "28", "--samples", "128", "--batch-size", "32",
                       "--chunk-rows", "64", "--repeats", "1", "--threads", "1"],
                      {"raw_ips", "pipeline_ips", "ratio", "startup_s"}),
