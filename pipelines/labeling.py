@@ -195,7 +195,7 @@ class Labeler:
 
     def __init__(self, config: LabelConfig, store_path: str, device: str = "cpu", decode_workers: int | None = None):
         self.config = config
-        self.dataset: Dataset = load_dataset(config.dataset, config.split, config.data_root)
+        self.dataset: Dataset = load_dataset(config.dataset, config.split, config.data_root, config.store_root)
         self.recipe: Recipe = get_recipe(config.recipe)
         self.teachers: list[Teacher] = load_teachers(config, self.dataset, device)
         self.store = LabelStore(store_path)
@@ -415,7 +415,7 @@ def prepare_store(config: LabelConfig) -> LabelStore:
 
 
 def _prepare(config: LabelConfig) -> tuple[LabelStore, list[Teacher]]:
-    dataset = load_dataset(config.dataset, config.split, config.data_root)
+    dataset = load_dataset(config.dataset, config.split, config.data_root, config.store_root)
     recipe = get_recipe(config.recipe)
     teachers = load_teachers(config, dataset)
     provenance, schema = describe_labels(config, teachers, dataset, recipe)
