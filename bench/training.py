@@ -27,6 +27,14 @@ the EMA and bf16, interleaved in one process (``recipe_step_ms``). Target: recip
     python bench/training.py [--steps 40] [--batch-size 128] [--teacher resnet50] [--student resnet18]
     python bench/training.py --recipe-ways [--ways cached,cached_ema,cached_bf16]
     python bench/training.py --data jpeg [--images 480] [--size 224] [--steps 20] [--batch-size 32]
+    python bench/training.py --data parquet-s3 [--images 480] [--rows-per-group 100] [--shards 4]
+
+``--data parquet-s3``: the same JPEGs as Parquet shards (Hugging Face's layout: ``train/*.parquet``, an ``image``
+{bytes, path} struct and a ``label``, ``--rows-per-group`` rows a row group), on a local S3 server that the bench
+starts (moto's, ``bench/_s3.py``, counting the bytes it sends) and the same shards on disk, side by side in one
+run: the cached way trains from each (one store serves both: the fingerprint covers the bytes, not where they
+lie). Prints ``s3_over_disk`` (epoch seconds, target <= 1.15) and the bytes the object store sent each epoch
+(``s3_bytes_per_epoch``) beside the encoded bytes of the images the epoch took (``epoch_image_bytes``).
 
 ``--views-per-image K``: K seeds are labeled and the cached way trains with K views of each image a batch (FKD's
 multi-crop: each image decoded once for its K crops); the batches hold as many views as the supervised way's, so
@@ -141,6 +149,42 @@ def recipe_step_ms(student: str, num_classes: int, in_chans: int, size: int, bat
     return {k: round(v, 2) for k, v in best.items()}
 
 
+def write_shards(folder: Path, out: Path, rows_per_group: int, shards: int) -> Path:
+    """The image folder's train split as Hugging Face-style Parquet shards, ``out/train/*.parquet`` (kept: the
+    same folder gives the same shards)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    done = out / f".complete-g{rows_per_group}-s{shards}"
+    if done.exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    classes = sorted(p.name for p in (folder / "train").iterdir() if p.is_dir())
+    files = [(p, c) for c, name in enumerate(classes) for p in sorted((folder / "train" / name).iterdir())]
+    meta = {"info": {"features": {"image": {"_type": "Image"}, "label": {"names": classes, "_type": "ClassLabel"}}}}
+    (out / "train").mkdir(parents=True)
+    per = -(-len(files) // shards)
+    for s in range(shards):
+        part = files[s * per : (s + 1) * per]
+        table = pa.table({"image": [{"bytes": p.read_bytes(), "path": p.name} for p, _ in part],
+                          "label": pa.array([c for _, c in part], pa.int64())})
+        table = table.replace_schema_metadata({"huggingface": json.dumps(meta)})
+        pq.write_table(table, out / "train" / f"train-{s:05d}-of-{shards:05d}.parquet", row_group_size=rows_per_group)
+    done.touch()
+    return out
+
+
+def upload(local: Path, url: str) -> str:
+    """Every Parquet file under ``local`` to ``url`` (its bucket made first); the URL."""
+    from pipelines.storage import filesystem
+
+    fs, path = filesystem(url)
+    fs.mkdir(path.split("/")[0])
+    for p in sorted(local.rglob("*.parquet")):
+        fs.put_file(str(p), f"{path}/{p.relative_to(local)}")
+    return url
+
+
 def run_ways(ways: dict[str, Any], repeats: int) -> dict[str, list[float]]:
     """Each way once a round, the order rotating every round; every epoch's seconds."""
     names = list(ways)
@@ -153,7 +197,7 @@ def run_ways(ways: dict[str, Any], repeats: int) -> dict[str, list[float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="memory", choices=("memory", "jpeg"))
+    ap.add_argument("--data", default="memory", choices=("memory", "jpeg", "parquet-s3"))
     ap.add_argument("--dataset", default="fashion-mnist", help="--data memory: the data set")
     ap.add_argument("--split", default="test", help="--data memory: the split labeled and trained on")
     ap.add_argument("--teacher", default=None, help="default: resnet50 (memory), test_resnet (jpeg)")
@@ -164,6 +208,9 @@ def main() -> None:
                     help="rounds; each way runs once a round (3 memory, 5 jpeg: a JPEG epoch is short and noisy)")
     ap.add_argument("--images", type=int, default=480, help="--data jpeg: images in the folder")
     ap.add_argument("--size", type=int, default=224, help="--data jpeg: the views' side in pixels")
+    ap.add_argument("--rows-per-group", type=int, default=100,
+                    help="--data parquet-s3: rows a Parquet row group (100: Hugging Face's for image data sets)")
+    ap.add_argument("--shards", type=int, default=4, help="--data parquet-s3: Parquet files")
     ap.add_argument("--loader-workers", type=int, default=None,
                     help="--data jpeg: loader processes of stillroom and of torchvision (default: stillroom's)")
     ap.add_argument("--work", default="/tmp/stillroom-bench-training",
@@ -176,7 +223,8 @@ def main() -> None:
     ap.add_argument("--views-per-image", type=int, default=1, help="the cached way's K views of each image a batch")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed after)")
     args = ap.parse_args()
-    jpeg = args.data == "jpeg"
+    parquet = args.data == "parquet-s3"
+    jpeg = args.data == "jpeg" or parquet  # the same JPEGs, in a folder or in Parquet shards
     teacher_name = args.teacher or ("test_resnet" if jpeg else "resnet50")
     student = args.student or ("test_resnet" if jpeg else "resnet18")
     steps = args.steps or (20 if jpeg else 40)
@@ -184,6 +232,7 @@ def main() -> None:
     repeats = args.repeats or (5 if jpeg else 3)
     work = Path(args.dir or tempfile.mkdtemp(prefix="stillroom-bench-training-"))
     work.mkdir(parents=True, exist_ok=True)
+    server: Any = None
     try:
         extra: dict[str, Any] = {}
         if jpeg:
@@ -198,6 +247,20 @@ def main() -> None:
                                max(1, os.cpu_count() or 1))
             extra["make_data_s"] = round(time.perf_counter() - t, 1)
             dataset, split, recipe, num_classes = f"imagefolder:{root}", "train", f"imagenet-rrc:size={args.size}", 10
+            if parquet:
+                from _s3 import S3Bench
+
+                shards = write_shards(root, work / "parquet", args.rows_per_group, args.shards)
+                server = S3Bench()
+                s3_url = upload(shards, "s3://stillroom-bench/parquet")
+                dataset = f"parquet:{shards}"
+                from pipelines.datasets import load_dataset
+
+                t = time.perf_counter()
+                load_dataset(f"parquet:{s3_url}")  # its index, built here once (not in an epoch's bytes)
+                extra["s3_index_open_s"] = round(time.perf_counter() - t, 2)
+                extra.update(rows_per_group=args.rows_per_group, shards=args.shards,
+                             shard_bytes=sum(p.stat().st_size for p in shards.rglob("*.parquet")))
             teacher = make_teacher(work / "teacher.pt", teacher_name, num_classes, args.size, in_chans=3)
         else:
             workers, dataset, split, recipe, num_classes = 0, args.dataset, args.split, "fmnist-rrc", 10
@@ -235,7 +298,18 @@ def main() -> None:
             return run
 
         ways: dict[str, Any] = {name: trainer_way(name) for name in configs}
-        if jpeg:
+        s3_bytes: list[int] = []
+        if parquet:  # the cached way from the shards on disk and from the same shards on S3, nothing else
+            configs = {"disk": configs["cached"], "s3": {**configs["cached"], "dataset": f"parquet:{s3_url}"}}
+
+            def s3_way(repeat: int) -> float:
+                server.counts(reset=True)
+                seconds = trainer_way("s3")(repeat)
+                s3_bytes.append(int(server.counts()["bytes"]))
+                return seconds
+
+            ways = {"disk": trainer_way("disk"), "s3": s3_way}
+        if jpeg and not parquet:
             ways["torchvision"] = lambda repeat: torchvision_epoch(root, student, num_classes, args.size, batch_size,
                                                                    steps, workers, 1e-3, args.device, 0)
         runs = run_ways(ways, repeats)
@@ -260,11 +334,27 @@ def main() -> None:
         result["target_cached_over_supervised"] = 0.85 if args.views_per_image >= 4 else 1.05
         if "ema_over_cached" in result:
             result["target_ema_over_cached"] = 1.05
-        if jpeg:
+        if parquet:
+            import numpy as np
+
+            from pipelines.datasets import load_dataset
+
+            ds = load_dataset(dataset)
+            mean_image = float(np.mean([len(b) for b, _ in ds.encoded(np.arange(len(ds)))]))
+            result.update(s3_over_disk=round(seconds["s3"] / seconds["disk"], 3), target_s3_over_disk=1.15,
+                          s3_bytes_per_epoch=s3_bytes, epoch_image_bytes=int(steps * batch_size * mean_image),
+                          note="s3_bytes_per_epoch: every response body the S3 server sent during each run of the "
+                               "s3 way (its epoch, and the run's start: listing, cached index, footers); the store "
+                               "is on disk")
+            for key in ("cached_over_supervised", "target_cached_over_supervised"):
+                result.pop(key, None)
+        elif jpeg:
             result["loader_over_torchvision"] = round(seconds["torchvision"] / seconds["supervised"], 3)
             result["target_loader_over_torchvision"] = 1.0
         print(json.dumps(result))
     finally:
+        if server is not None:
+            server.close()
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -7,9 +7,16 @@ are, its height and width (from the image header: nothing is decoded) and a hash
 That index is kept in memory as a few flat numpy arrays (about 30-70 bytes a sample) and cached on disk,
 so a second open only lists and stats the files (or the shards) and compares them with the cache.
 
-Where the cache lives: ``$STILLROOM_CACHE/index/`` when that variable is set; otherwise
+Where the cache lives, for data on disk: ``$STILLROOM_CACHE/index/`` when that variable is set; otherwise
 ``<data root>/.stillroom-index/`` when the data root is writable (the cache then moves with the
 folder), else ``~/.cache/stillroom/index/``. An entry is reused when its path, size and mtime match.
+
+Data on a URL (``s3://bucket/prefix``, ``gs://...``, any installed fsspec protocol) is listed once (one
+recursive listing: every key with its size and ETag) and its index is cached where every node of a cluster
+finds it: next to the data (``<url>/.stillroom-index/``) when that prefix takes a write, else under the shared
+index cache (``index_cache=``, ``$STILLROOM_INDEX_CACHE``, or the store root the job was given), else on this
+node only (``url_cache_places``). It is one object, written whole by one PUT; an entry is reused when its key,
+size and ETag match the listing. The fingerprint is the same as for the same bytes on disk (below).
 
 This module does not import torch: a worker process that turns sample ids into encoded bytes needs only
 numpy, PIL and pyarrow.
@@ -21,18 +28,25 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import multiprocessing
 import os
+import threading
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from pipelines.atomic import write_atomically
 from pipelines.errors import StillroomError, UsageError
+from pipelines.storage import Location, filesystem, is_url, local_path
+
+log = logging.getLogger("stillroom.data")
 
 INDEX_VERSION = 3  # bump when the cache file changes: older caches are rebuilt
 HASH_BYTES = 16  # blake2b digest of a sample's encoded bytes
@@ -158,30 +172,97 @@ def cache_file(root: Path, name: str) -> Path:
 
 
 class CachedIndex:
-    """The arrays of a cache file, each read when first asked for (a warm open never reads the paths)."""
+    """The arrays of a cache file (a local path, or the bytes of an object read from a URL), each read when first
+    asked for (a warm open never reads the paths)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | bytes, where: str | None = None):
         self.path = path
+        self.where = where or str(path)
         self._arrays: dict[str, np.ndarray] = {}
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._arrays:
-            with np.load(self.path, allow_pickle=False) as z:
+            source = io.BytesIO(self.path) if isinstance(self.path, bytes) else self.path
+            with np.load(source, allow_pickle=False) as z:
                 self._arrays[key] = z[key]
         return self._arrays[key]
 
 
-def load_cache(path: Path) -> CachedIndex | None:
-    """The cache at ``path`` if it exists and is of this version; a damaged one counts as missing (rebuilt)."""
-    if not path.is_file():
+def load_cache(path: Path | bytes, where: str | None = None) -> CachedIndex | None:
+    """The cache at ``path`` (or in these bytes) if it exists and is of this version; a damaged one counts as
+    missing (rebuilt): an npz is a zip, whose CRC32 of each member catches a damaged object too."""
+    if isinstance(path, Path) and not path.is_file():
         return None
-    cached = CachedIndex(path)
+    cached = CachedIndex(path, where)
     try:
         if int(cached["version"]) != INDEX_VERSION:
             return None
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return None
     return cached
+
+
+# where the index of data on a URL is cached when the data's own prefix is not writable: ``index_cache=`` of
+# ``load_dataset``, else $STILLROOM_INDEX_CACHE, else this process's default (``use_index_cache``: the store root)
+_DEFAULT_INDEX_CACHE: list[str] = []
+INDEX_CACHE_ENV = "STILLROOM_INDEX_CACHE"
+
+
+def use_index_cache(url: str | os.PathLike | None) -> None:
+    """Make ``url`` (a store root, say) this process's shared index cache for data on URLs when neither
+    ``index_cache=`` nor $STILLROOM_INDEX_CACHE names one; None forgets it."""
+    _DEFAULT_INDEX_CACHE[:] = [os.fspath(url)] if url else []
+
+
+def url_cache_places(root_url: str, name: str, index_cache: str | os.PathLike | None = None) -> list[str]:
+    """Where the index ``name`` of data under ``root_url`` is looked for and written, in order: next to the data
+    (``<root>/.stillroom-index/<name>.npz``: it moves with the data, and every node finds it); under the shared
+    index cache (``<cache>/.stillroom-index/<name>-<hash of root>.npz``; a URL or a path); last this node's own
+    (``$STILLROOM_CACHE/index/`` or ``~/.cache/stillroom/index/``), where no other node will find it."""
+    key = hashlib.sha256(root_url.encode()).hexdigest()[:16]
+    places = [f"{root_url}/.stillroom-index/{name}.npz"]
+    shared = (os.fspath(index_cache) if index_cache else None) or os.environ.get(INDEX_CACHE_ENV) or next(
+        iter(_DEFAULT_INDEX_CACHE), None)
+    if shared:
+        places.append(f"{shared.rstrip('/')}/.stillroom-index/{name}-{key}.npz")
+    env = os.environ.get("STILLROOM_CACHE")
+    local = Path(env) / "index" if env else Path.home() / ".cache" / "stillroom" / "index"
+    places.append(str(local / f"{name}-{key}.npz"))
+    return places
+
+
+def load_url_cache(places: list[str]) -> CachedIndex | None:
+    """The first of ``places`` that holds a cache of this version (one GET each until then)."""
+    for place in places:
+        try:
+            data = Location(place).read_bytes()
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            continue
+        except OSError as e:  # a place that cannot be read now (a bucket that does not exist, ...) is skipped
+            log.warning("index cache %s not read: %s", place, str(e).splitlines()[0][:200] if str(e) else type(e))
+            continue
+        cached = load_cache(data, place)
+        if cached is not None:
+            return cached
+    return None
+
+
+def save_url_cache(places: list[str], arrays: dict[str, np.ndarray]) -> str | None:
+    """Write the cache to the first of ``places`` that takes it, whole (one PUT of the complete object, or an
+    atomic rename on disk: a reader never sees half of it); where it went, or None when none did."""
+    buf = io.BytesIO()
+    np.savez(buf, **{"version": np.int64(INDEX_VERSION), **arrays})  # type: ignore[arg-type]
+    data = buf.getvalue()
+    for place in places:
+        try:
+            loc = Location(place)
+            if loc.local is not None:
+                loc.local.parent.mkdir(parents=True, exist_ok=True)
+            loc.write_bytes(data)
+            return place
+        except (OSError, NotImplementedError) as e:  # read-only (403 / EACCES), no such bucket: the next place
+            log.info("index cache not written to %s (%s): trying the next place", place, type(e).__name__)
+    return None
 
 
 def listing_digest(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -318,7 +399,7 @@ class FileDataset:
     skipped: list[str]  # bad samples left out (bad=skip), one line each
     channels = 3
     in_memory = False
-    cache_path: Path | None = None
+    cache_path: Path | str | None = None  # where the index is cached (a URL for data on one)
     index_reused: bool = False  # True when this open took every entry from the cache
     _fingerprint: str = ""
 
@@ -389,30 +470,154 @@ def check_split(split: str) -> None:
         raise UsageError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
 
 
-def _split_dir(base: Path, split: str, what: str) -> Path | None:
-    """``base/split`` (``test`` falls back to ``val``); None when ``base`` has no split folders at all."""
-    present = [s for s in SPLITS if (base / s).is_dir()]
+# ---------------------------------------------------------------- a data root: a local folder, or a URL listed once
+
+
+def _version_tag(info: dict[str, Any]) -> int:
+    """A 64-bit tag of an object's version from its listing entry: its ETag (S3), etag/generation (GCS), else
+    its modification time; 0 when the listing has none (then only the size tells a change)."""
+    for key in ("ETag", "etag", "md5Hash", "generation", "mtime", "LastModified", "last_modified", "updated"):
+        if info.get(key) is not None:
+            digest = hashlib.blake2b(str(info[key]).encode(), digest_size=8).digest()
+            return int(np.frombuffer(digest, dtype=np.int64)[0])
+    return 0
+
+
+class RemoteRoot:
+    """A data set's URL (``s3://bucket/prefix``, ``gs://...``, any installed fsspec protocol) and its filesystem.
+
+    Picklable, and never shares a client between processes: the filesystem is opened again in a process that
+    did not open it (a forked loader worker, a Ray actor), as fsspec's async clients are not fork-safe."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self._fs, self.path = filesystem(self.url)
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fs": None, "_pid": None}
+
+    @property
+    def fs(self) -> Any:
+        if self._pid != os.getpid():
+            self._fs, _ = filesystem(self.url)
+            self._pid = os.getpid()
+        return self._fs
+
+    def key(self, rel: str) -> str:
+        """The filesystem's path of ``rel`` (relative to the root)."""
+        return f"{self.path}/{rel}" if rel else self.path
+
+    def show(self, rel: str) -> str:
+        return f"{self.url}/{rel}" if rel else self.url
+
+    def listing(self) -> dict[str, tuple[int, int]]:
+        """Every object under the root, by path relative to it: ``(size, version tag)``, from one recursive
+        listing (on S3, ``ListObjectsV2`` pages of 1,000 keys; no request per file)."""
+        try:
+            found = self.fs.find(self.path, detail=True)
+        except FileNotFoundError:
+            found = {}
+        prefix = self.path.rstrip("/") + "/"
+        return {k[len(prefix):]: (int(v.get("size") or 0), _version_tag(v)) for k, v in found.items()
+                if k.startswith(prefix) and v.get("type", "file") != "directory"}
+
+    def cat(self, rels: list[str]) -> list[bytes | BaseException]:
+        """The bytes of each object (one GET each, issued together by fsspec's async filesystems), or the error."""
+        keys = [self.key(r) for r in rels]
+        # cat_ranges from byte 0: one GET ("Range: bytes=0-") each; cat would first HEAD every path (s3fs asks
+        # for its size, to split a large object into concurrent parts)
+        return list(self.fs.cat_ranges(keys, 0, None, on_error="return")) if keys else []
+
+
+class _LocalTree:
+    """Folders under a local root (what split and class discovery ask of it)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def is_dir(self, rel: str) -> bool:
+        return (self.root / rel).is_dir()
+
+    def subdirs(self, rel: str) -> list[str]:
+        return sorted(p.name for p in (self.root / rel).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def show(self, rel: str) -> str:
+        return str(self.root / rel) if rel else str(self.root)
+
+
+class _ListedTree:
+    """Folders and files under a URL, from one listing (object storage has no folders: a prefix with objects)."""
+
+    def __init__(self, remote: RemoteRoot, listing: dict[str, tuple[int, int]]):
+        self.remote, self.listing = remote, listing
+        self._dirs: dict[str, set[str]] = {"": set()}
+        self._files: dict[str, list[str]] = {}
+        for rel in listing:
+            parts = rel.split("/")
+            for depth in range(len(parts) - 1):
+                parent, child = "/".join(parts[:depth]), parts[depth]
+                self._dirs.setdefault(parent, set()).add(child)
+                self._dirs.setdefault("/".join(parts[: depth + 1]), set())
+            self._files.setdefault("/".join(parts[:-1]), []).append(parts[-1])
+
+    def is_dir(self, rel: str) -> bool:
+        return rel in self._dirs and (rel != "" or bool(self.listing))
+
+    def subdirs(self, rel: str) -> list[str]:
+        return sorted(d for d in self._dirs.get(rel, ()) if not d.startswith("."))
+
+    def files(self, rel: str) -> list[str]:
+        """The non-hidden objects directly under ``rel``, sorted by name."""
+        return sorted(f for f in self._files.get(rel, ()) if not f.startswith("."))
+
+    def show(self, rel: str) -> str:
+        return self.remote.show(rel)
+
+
+Tree = _LocalTree | _ListedTree
+
+
+def _open_root(where: str, split: str, holdout: float | None, what: str) -> tuple[Tree, str, str, str | None]:
+    """The tree of a data root (a URL: from one listing of the whole prefix: splits, classes, files, sizes, ETags),
+    the split whose files ``split`` reads with its side of ``,val=F``, and that split's folder (None: the root)."""
+    tree: Tree
+    if is_url(where):
+        remote = RemoteRoot(where)
+        tree = _ListedTree(remote, remote.listing())
+    else:
+        tree = _LocalTree(local_path(where))
+    if not tree.is_dir(""):
+        raise UsageError(f"{what} {where} does not exist")
+    files_split, side = _holdout_split(tree, split, holdout, what)
+    return tree, files_split, side, _split_dir(tree, files_split, what)
+
+
+def _split_dir(tree: Tree, split: str, what: str) -> str | None:
+    """The folder of ``split`` under the root (``test`` falls back to ``val``); None when the root has no split
+    folders at all."""
+    present = [s for s in SPLITS if tree.is_dir(s)]
     if not present:
         if split != "train":
-            raise MissingSplit(f"{what} {base} has no split folders (train/, val/, test/): it is one train split, "
-                               f"so it has no {split} split")
+            raise MissingSplit(f"{what} {tree.show('')} has no split folders (train/, val/, test/): it is one train "
+                               f"split, so it has no {split} split")
         return None
-    if (base / split).is_dir():
-        return base / split
-    if split == "test" and (base / "val").is_dir():
-        return base / "val"
-    raise MissingSplit(f"{what} {base} has no {split}/ folder: it has {', '.join(p + '/' for p in present)}")
+    if tree.is_dir(split):
+        return split
+    if split == "test" and tree.is_dir("val"):
+        return "val"
+    raise MissingSplit(f"{what} {tree.show('')} has no {split}/ folder: it has {', '.join(p + '/' for p in present)}")
 
 
-def _holdout_split(base: Path, split: str, holdout: float | None, what: str) -> tuple[str, str]:
+def _holdout_split(tree: Tree, split: str, holdout: float | None, what: str) -> tuple[str, str]:
     """The split whose files a split reads, and its side (``holdout_part``); refuses ``,val=F`` beside a
     ``val/`` folder (the data set has a val split already)."""
     if holdout is None:
         return split, "test"
-    if (base / "val").is_dir():
-        raise UsageError(f"{what} {base} has a val/ folder: val=F holds out part of the train split of data with "
-                         "no val split; drop ,val= to use val/")
-    side = holdout_part(split, (base / "test").is_dir())
+    if tree.is_dir("val"):
+        raise UsageError(f"{what} {tree.show('')} has a val/ folder: val=F holds out part of the train split of "
+                         "data with no val split; drop ,val= to use val/")
+    side = holdout_part(split, tree.is_dir("test"))
     return ("test" if side == "test" else "train"), side
 
 
@@ -432,44 +637,68 @@ class ImageFolder(FileDataset):
     kind = "imagefolder"
 
     def __init__(self, root: str | os.PathLike, split: str = "train", bad: str = "stop", workers: int | None = None,
-                 spec: str | None = None, holdout: float | None = None):
+                 spec: str | None = None, holdout: float | None = None, index_cache: str | os.PathLike | None = None):
         check_split(split)
-        root_path = Path(root)
-        if not root_path.is_dir():
-            raise UsageError(f"image folder {root_path} does not exist")
-        files_split, side = _holdout_split(root_path, split, holdout, "image folder")
-        split_dir = _split_dir(root_path, files_split, "image folder")
-        base = split_dir or root_path
-        classes = _class_folders(root_path / "train" if split_dir else root_path)
-        if split_dir is not None and split_dir.name != "train":
-            here = _class_folders(split_dir)
+        text = os.fspath(root)
+        tree, files_split, side, split_dir = _open_root(text, split, holdout, "image folder")
+        self.remote = tree.remote if isinstance(tree, _ListedTree) else None
+        classes = _class_folders(tree, "train" if split_dir else "")
+        if split_dir is not None and split_dir != "train":
+            here = _class_folders(tree, split_dir)
             if here != classes:
                 missing = sorted(set(classes) - set(here)) or sorted(set(here) - set(classes))
                 side = "lacks" if set(classes) - set(here) else "has extra"
-                raise UsageError(f"{split_dir} {side} class folder {missing[0]!r} (train/ has {len(classes)} classes, "
-                                 f"{split_dir.name}/ {len(here)})")
+                raise UsageError(f"{tree.show(split_dir)} {side} class folder {missing[0]!r} (train/ has "
+                                 f"{len(classes)} classes, {split_dir}/ {len(here)})")
         self.spec = spec or f"imagefolder:{root}"
-        self.split, self.root, self.base = split, root_path, base
+        self.split = split
         self.class_names, self.num_classes = tuple(classes), len(classes)
-        blob, offsets, labels, stat = _scan(base, classes)
+        self._base_rel = split_dir or ""
+        self.root: Path | str  # a Path on disk, the URL otherwise (and the same for ``base``, the split's folder)
+        self.base: Path | str
+        name = f"imagefolder-{split_dir or 'train'}"
+        places: list[str] = []
+        if isinstance(tree, _ListedTree):
+            self.root, self.base = tree.show(""), tree.show(self._base_rel)
+            blob, offsets, labels, stat = _scan_listed(tree, self._base_rel, classes)
+            places = url_cache_places(tree.show(""), name, index_cache)
+            cached = load_url_cache(_unlisted_skipped(places, tree, name))
+        else:
+            self.root, self.base = tree.root, tree.root / self._base_rel
+            blob, offsets, labels, stat = _scan(tree.root / self._base_rel, classes)
+            self.cache_path = cache_file(tree.root, name)
+            cached = load_cache(self.cache_path)
         n = len(labels)
-        self.cache_path = cache_file(root_path, f"imagefolder-{split_dir.name if split_dir else 'train'}")
-        hw, hashes, errors, reused = _reuse(load_cache(self.cache_path), blob, offsets, stat)
+        hw, hashes, errors, reused = _reuse(cached, blob, offsets, stat)
         todo = np.flatnonzero(~reused)
         if len(todo):
             chunks = [todo[i : i + 512] for i in range(0, len(todo), 512)]
-            tasks = [([str(base / unpack_string(blob, offsets, int(i))) for i in chunk],) for chunk in chunks]
-            results = _parallel(_probe_files, tasks, workers if len(todo) >= PARALLEL_FROM else 1)
+            rels = [[unpack_string(blob, offsets, int(i)) for i in chunk] for chunk in chunks]
+            if self.remote is not None:
+                base_rel = self._base_rel
+                tasks: list[tuple] = [(self.remote, [f"{base_rel}/{r}" if base_rel else r for r in chunk])
+                                      for chunk in rels]
+                results = _parallel(_probe_objects, tasks, workers if len(todo) >= PARALLEL_FROM else 1)
+            else:
+                tasks = [([str(Path(self.base) / r) for r in chunk],) for chunk in rels]
+                results = _parallel(_probe_files, tasks, workers if len(todo) >= PARALLEL_FROM else 1)
             for chunk, (c_hw, c_hash, c_err) in zip(chunks, results, strict=True):
                 hw[chunk], hashes[chunk] = c_hw, c_hash
                 errors.update({int(chunk[j]): e for j, e in c_err.items()})
-            save_cache(self.cache_path, {"paths": blob, "offsets": offsets, "listing": listing_digest(blob, offsets),
-                                         "stat": stat, "hw": hw, "hash": hashes, "errors": dump_errors(errors)})
+            arrays = {"paths": blob, "offsets": offsets, "listing": listing_digest(blob, offsets),
+                      "stat": stat, "hw": hw, "hash": hashes, "errors": dump_errors(errors)}
+            if places:
+                self.cache_path = save_url_cache(places, arrays)
+            else:
+                save_cache(cast(Path, self.cache_path), arrays)
+        elif cached is not None and places:
+            self.cache_path = cached.where
         self.index_reused = not len(todo)
         kept = self._keep(errors, n, bad)
         empty = np.flatnonzero(np.bincount(labels[kept], minlength=self.num_classes) == 0)
         if len(empty):
-            raise UsageError(f"class folder {base / classes[int(empty[0])]} has no readable images")
+            folder = f"{self._base_rel}/{classes[int(empty[0])]}".lstrip("/")
+            raise UsageError(f"class folder {tree.show(folder)} has no readable images")
         if holdout is not None and side != "test":  # keyed on each file's path within the split's folder
             kept = kept[self._hold_out(string_hashes(*take_strings(blob, offsets, kept)), labels[kept], holdout, side)]
         self.labels = labels[kept]
@@ -478,11 +707,28 @@ class ImageFolder(FileDataset):
         self._set_fingerprint(hashes[kept])
 
     def path(self, i: int) -> Path:
-        return self.base / unpack_string(self._paths, self._offsets, i)
+        """The file of sample ``i`` (a local folder; ``location(i)`` on a URL too)."""
+        if self.remote is not None:
+            raise UsageError(f"{self.spec} is on {self.remote.url}: its samples have URLs (location(i)), not paths")
+        return cast(Path, self.base) / unpack_string(self._paths, self._offsets, i)
+
+    def location(self, i: int) -> str:
+        """Where sample ``i``'s bytes are: its path, or its URL."""
+        return f"{self.base}/{unpack_string(self._paths, self._offsets, i)}"
 
     def encoded(self, ids: np.ndarray) -> list[tuple[bytes, str]]:
+        ids = self._check_ids(ids)
+        if self.remote is not None:  # one GET per image, the batch's issued together
+            rels = [unpack_string(self._paths, self._offsets, int(i)) for i in ids]
+            keys = [f"{self._base_rel}/{r}" if self._base_rel else r for r in rels]
+            out = []
+            for rel, got in zip(keys, self.remote.cat(keys), strict=True):
+                if isinstance(got, BaseException):
+                    raise DataError(f"{self.remote.show(rel)}: cannot read ({str(got)[:200] or type(got).__name__})")
+                out.append((got, self.remote.show(rel)))
+            return out
         out = []
-        for i in self._check_ids(ids):
+        for i in ids:
             p = self.path(int(i))
             try:
                 out.append((p.read_bytes(), str(p)))
@@ -491,14 +737,45 @@ class ImageFolder(FileDataset):
         return out
 
 
-def _class_folders(base: Path) -> list[str]:
-    if not base.is_dir():
-        raise UsageError(f"image folder {base} does not exist")
-    classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _class_folders(tree: Tree, rel: str) -> list[str]:
+    if not tree.is_dir(rel):
+        raise UsageError(f"image folder {tree.show(rel)} does not exist")
+    classes = tree.subdirs(rel)
     if len(classes) < 2:
-        raise UsageError(f"image folder {base} needs at least 2 class folders (one per class) with images: "
+        raise UsageError(f"image folder {tree.show(rel)} needs at least 2 class folders (one per class) with images: "
                          f"found {len(classes)}")
     return classes
+
+
+def _probe_objects(remote: RemoteRoot, rels: list[str]) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """``_probe_files`` for objects under a URL: their bytes fetched together (one GET each)."""
+    items: list[tuple[bytes | str, str]] = []
+    errors: dict[int, str] = {}
+    for i, (rel, got) in enumerate(zip(rels, remote.cat(rels), strict=True)):
+        if isinstance(got, BaseException):
+            errors[i] = f"{remote.show(rel)}: cannot read ({str(got)[:200] or type(got).__name__})"
+            got = b""
+        items.append((got, remote.show(rel)))
+    hw, hashes, probe_errors = _probe_many(items)
+    return hw, hashes, {**probe_errors, **errors}
+
+
+def _scan_listed(tree: _ListedTree, base: str, classes: list[str]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``_scan`` from a listing: the class folders' objects, sorted by class then name, with ``(size, version
+    tag)`` in place of ``(size, mtime_ns)``."""
+    names, labels, stats = [], [], []
+    for c, name in enumerate(classes):
+        folder = f"{base}/{name}" if base else name
+        files = tree.files(folder)
+        if not files:
+            raise UsageError(f"class folder {tree.show(folder)} is empty: expected image files")
+        for f in files:
+            names.append(f"{name}/{f}")
+            labels.append(c)
+            stats.append(tree.listing[f"{folder}/{f}"])
+    blob, offsets = pack_strings(names)
+    return blob, offsets, np.array(labels, dtype=np.int64), np.array(stats, dtype=np.int64).reshape(-1, 2)
 
 
 def _scan(base: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -562,11 +839,45 @@ def _reuse(cached: CachedIndex | None, blob: np.ndarray, offsets: np.ndarray, st
 # ---------------------------------------------------------------- parquet
 
 
-def read_row_group_bytes(path: str, row_group: int, column: str) -> list[bytes | None]:
-    """The encoded image bytes of one row group (``column`` is a ``{bytes, path}`` struct or binary)."""
+OPEN_SHARDS = 64  # Parquet shards on URLs a process keeps open (their footers parsed): no footer GET per read
+_OPEN: OrderedDict[str, Any] = OrderedDict()
+_OPEN_PID = [0]
+_OPEN_LOCK = threading.Lock()
+
+
+def open_parquet(where: str) -> Any:
+    """A ``pyarrow.parquet.ParquetFile`` of a shard: a local path, or a URL read with ranged GETs.
+
+    On a URL the shard is an fsspec file with ``cache_type="none"``: pyarrow's reads (the footer once, then one
+    column chunk of one row group at a time, each in one ``ReadAt``) are each one ranged GET of exactly those
+    bytes, and nothing is read ahead (fsspec's default read-ahead block is 5-50 MB). fsspec rather than pyarrow's
+    own ``S3FileSystem``: the same URL, client and credential chain as the label store (``pipelines.storage``),
+    ``gs://`` and every other installed protocol alike. Opened files are kept per process (the last
+    ``OPEN_SHARDS``) and never cross a process: a forked child opens its own."""
     import pyarrow.parquet as pq
 
-    table = pq.ParquetFile(path).read_row_group(row_group, columns=[column])
+    if not is_url(where):
+        return pq.ParquetFile(local_path(where))
+    with _OPEN_LOCK:
+        if _OPEN_PID[0] != os.getpid():  # inherited by fork: the parent's clients are not ours to use
+            _OPEN.clear()
+            _OPEN_PID[0] = os.getpid()
+        pf = _OPEN.get(where)
+        if pf is not None:
+            _OPEN.move_to_end(where)
+            return pf
+    fs, path = filesystem(where)
+    pf = pq.ParquetFile(fs.open(path, "rb", cache_type="none"))
+    with _OPEN_LOCK:
+        _OPEN[where] = pf
+        while len(_OPEN) > OPEN_SHARDS:
+            _OPEN.popitem(last=False)[1].close()
+    return pf
+
+
+def read_row_group_bytes(path: str, row_group: int, column: str) -> list[bytes | None]:
+    """The encoded image bytes of one row group (``column`` is a ``{bytes, path}`` struct or binary)."""
+    table = open_parquet(path).read_row_group(row_group, columns=[column])
     col = table.column(0).combine_chunks()
     if hasattr(col, "field"):  # struct {bytes, path}
         col = col.field("bytes")
@@ -575,52 +886,60 @@ def read_row_group_bytes(path: str, row_group: int, column: str) -> list[bytes |
 
 class ParquetShards(FileDataset):
     """Hugging Face ``datasets`` Parquet shards: ``<dir>/<split>/*.parquet`` (``test`` falls back to ``val``),
-    ``<dir>/*.parquet`` or a glob (one train split). Columns: ``image`` (``{bytes, path}`` or binary) and an
-    integer ``label``; class names from the schema's ``huggingface`` metadata where present, else the class
-    count is one more than the largest train label. Rows are read by row group, on demand.
+    ``<dir>/*.parquet`` or a glob (one train split), on disk or under a URL (``s3://bucket/prefix``: listed once,
+    each shard read by row group with ranged GETs, ``open_parquet``). Columns: ``image`` (``{bytes, path}`` or
+    binary) and an integer ``label``; class names from the schema's ``huggingface`` metadata where present, else
+    the class count is one more than the largest train label. Rows are read by row group, on demand.
     """
 
     kind = "parquet"
 
     def __init__(self, where: str, split: str = "train", bad: str = "stop", workers: int | None = None,
-                 spec: str | None = None, holdout: float | None = None):
+                 spec: str | None = None, holdout: float | None = None, index_cache: str | os.PathLike | None = None):
         check_split(split)
         self.spec, self.split = spec or f"parquet:{where}", split
-        if any(ch in where for ch in "*?["):  # a glob: one train split, which ,val=F may split
-            files_split, side = ("train", holdout_part(split, False)) if holdout is not None else (split, "test")
+        self.index_cache = index_cache
+        src = _parquet_source(where, split, holdout)
+        files_split, side = src.files_split, src.side
+        self.files, self.root, rel, stat = src.files, src.root, src.rel, src.stat
+        places: list[str] = []
+        if isinstance(src.root, Path):
+            self.cache_path = cache_file(src.root, src.name)
+            cached = load_cache(self.cache_path)
         else:
-            files_split, side = _holdout_split(Path(where), split, holdout, "Parquet folder")
-        files, root, name = _parquet_files(where, files_split)
-        self.files = [str(f) for f in files]
-        self.root = root
-        names, label_col, image_col = _parquet_schema(files)
-        self.image_column = image_col
-        self.cache_path = cache_file(root, name)
-        cached = load_cache(self.cache_path)
-        rel = [os.path.relpath(f, root) for f in files]
-        stat = np.array([(f.stat().st_size, f.stat().st_mtime_ns) for f in files], dtype=np.int64).reshape(-1, 2)
+            places = url_cache_places(src.root, src.name, index_cache)
+            cached = load_url_cache(_unlisted_skipped(places, src.tree, src.name))
         parts = _parquet_parts(cached, rel, stat)  # per shard: None (to probe) or its cached arrays
+        schema = _cached_schema(cached) if all(p is not None for p in parts) else None
+        names, label_col, image_col = schema or _parquet_schema(self.files)
+        self.image_column = image_col
         tasks = []
         for s, part in enumerate(parts):
             if part is None:
-                import pyarrow.parquet as pq
-
-                tasks += [(self.files[s], g, image_col) for g in range(pq.ParquetFile(files[s]).num_row_groups)]
-        total_rows = _rows(files)
-        results = iter(_parallel(_probe_row_group, tasks, workers if sum(total_rows) >= PARALLEL_FROM else 1))
+                tasks += [(self.files[s], g, image_col) for g in range(open_parquet(self.files[s]).num_row_groups)]
+        if tasks:
+            total_rows = sum(open_parquet(f).metadata.num_rows for f in self.files)
+            results = iter(_parallel(_probe_row_group, tasks, workers if total_rows >= PARALLEL_FROM else 1))
         shards = []
         for s, part in enumerate(parts):
             if part is None:
-                part = _probe_shard(files[s], s, results, label_col)
+                part = _probe_shard(self.files[s], s, results, label_col)
             shards.append(part)
         if tasks:
             blob, offsets = pack_strings(rel)
-            save_cache(self.cache_path, {
+            arrays = {
                 "paths": blob, "offsets": offsets, "stat": stat,
                 "rows": np.array([len(p["label"]) for p in shards], dtype=np.int64),
                 **{k: np.concatenate([p[k] for p in shards]) for k in ("label", "hw", "hash", "loc")},
                 "errors": dump_errors(_shard_errors(shards)),
-            })
+                "schema": np.array(json.dumps({"names": names, "label": label_col, "image": image_col})),
+            }
+            if places:
+                self.cache_path = save_url_cache(places, arrays)
+            else:
+                save_cache(cast(Path, self.cache_path), arrays)
+        elif places and cached is not None:
+            self.cache_path = cached.where
         self.index_reused = not tasks
         labels = np.concatenate([p["label"] for p in shards]).astype(np.int64)
         errors = _shard_errors(shards)
@@ -652,7 +971,7 @@ class ParquetShards(FileDataset):
                                 workers: int | None) -> list[str]:
         top = int(labels.max())
         if split != "train":
-            top = max(top, int(ParquetShards(where, "train", bad, workers).labels.max()))
+            top = max(top, int(ParquetShards(where, "train", bad, workers, index_cache=self.index_cache).labels.max()))
         return [str(c) for c in range(top + 1)]
 
     def __getstate__(self) -> dict[str, Any]:
@@ -679,36 +998,95 @@ class ParquetShards(FileDataset):
         return out
 
 
-def _parquet_files(where: str, split: str) -> tuple[list[Path], Path, str]:
-    """The shards of ``split``, the root the cache belongs to, and the cache's name."""
-    if any(ch in where for ch in "*?["):
-        if split != "train":
-            raise MissingSplit(f"parquet:{where} is a glob of one train split: it has no {split} split")
-        files = sorted(Path(p) for p in glob.glob(where))
-        if not files:
+@dataclass
+class _ParquetSource:
+    """The shards of one split: paths or URLs, their ``(size, mtime or version tag)``, paths relative to the
+    root the cache belongs to, the cache's name, and the split whose files they are with its side of ``,val=F``."""
+
+    files: list[str]
+    stat: np.ndarray
+    rel: list[str]
+    root: Path | str  # a Path on disk, the URL otherwise
+    name: str
+    files_split: str
+    side: str
+    tree: _ListedTree | None = None  # the listing of a URL folder (None for a glob or a local folder)
+
+
+def _unlisted_skipped(places: list[str], tree: _ListedTree | None, name: str) -> list[str]:
+    """The places to look for a cache in, less the one next to the data when the listing shows it is not there."""
+    if tree is not None and f".stillroom-index/{name}.npz" not in tree.listing:
+        return places[1:]
+    return places
+
+
+def _parquet_source(where: str, split: str, holdout: float | None) -> _ParquetSource:
+    is_glob = any(ch in where for ch in "*?[")
+    root: Path | str
+    if is_glob:  # a glob: one train split, which ,val=F may split
+        files_split, side = ("train", holdout_part(split, False)) if holdout is not None else (split, "test")
+        if files_split != "train":
+            raise MissingSplit(f"parquet:{where} is a glob of one train split: it has no {files_split} split")
+        name = "parquet-" + hashlib.sha256(where.encode()).hexdigest()[:12]
+        if not is_url(where):
+            paths = sorted(glob.glob(os.fspath(local_path(where))))
+            if not paths:
+                raise UsageError(f"no Parquet files match {where}")
+            top = Path(os.path.commonpath([os.path.dirname(p) for p in paths]))
+            return _ParquetSource(paths, _local_stat(paths), [os.path.relpath(p, top) for p in paths], top, name,
+                                  files_split, side)
+        fs, pattern = filesystem(where)
+        found = fs.glob(pattern, detail=True)
+        keys = sorted(k for k, v in found.items() if v.get("type", "file") != "directory")
+        if not keys:
             raise UsageError(f"no Parquet files match {where}")
-        root = Path(os.path.commonpath([str(f.parent) for f in files]))
-        return files, root, "parquet-" + hashlib.sha256(where.encode()).hexdigest()[:12]
-    base = Path(where)
-    if not base.is_dir():
-        raise UsageError(f"Parquet folder {base} does not exist")
-    split_dir = _split_dir(base, split, "Parquet folder")
-    folder = split_dir or base
-    files = sorted(folder.glob("*.parquet"))
+        base = os.path.commonpath([k.rpartition("/")[0] for k in keys])
+        url_root = str(fs.unstrip_protocol(base))
+        return _ParquetSource([str(fs.unstrip_protocol(k)) for k in keys],
+                              np.array([(int(found[k].get("size") or 0), _version_tag(found[k])) for k in keys],
+                                       dtype=np.int64).reshape(-1, 2),
+                              [k[len(base) + 1:] for k in keys], url_root, name, files_split, side)
+    tree, files_split, side, split_dir = _open_root(where, split, holdout, "Parquet folder")
+    folder = split_dir or ""
+    name = f"parquet-{split_dir or 'train'}"
+    if isinstance(tree, _ListedTree):
+        names = [n for n in tree.files(folder) if n.endswith(".parquet")]
+        rel = [f"{folder}/{n}" if folder else n for n in names]
+        stat = np.array([tree.listing[r] for r in rel], dtype=np.int64).reshape(-1, 2)
+        files, root = [tree.show(r) for r in rel], tree.show("")
+    else:
+        paths = sorted(str(p) for p in (tree.root / folder).glob("*.parquet"))
+        files, root, stat = paths, tree.root, _local_stat(paths)
+        rel = [os.path.relpath(p, root) for p in paths]
     if not files:
-        raise UsageError(f"no *.parquet files in {folder}")
-    return files, base, f"parquet-{folder.name if split_dir else 'train'}"
+        raise UsageError(f"no *.parquet files in {tree.show(folder)}")
+    return _ParquetSource(files, stat, rel, root, name, files_split, side,
+                          tree if isinstance(tree, _ListedTree) else None)
 
 
-def _parquet_schema(files: list[Path]) -> tuple[list[str] | None, str, str]:
+def _local_stat(paths: list[str]) -> np.ndarray:
+    return np.array([_size_mtime(p) for p in paths], dtype=np.int64).reshape(-1, 2)
+
+
+def _cached_schema(cached: CachedIndex | None) -> tuple[list[str] | None, str, str] | None:
+    """What ``_parquet_schema`` found when the cache was written (caches from before it kept none: None)."""
+    if cached is None:
+        return None
+    try:
+        got = json.loads(str(cached["schema"]))
+    except (KeyError, ValueError):
+        return None
+    return got["names"], got["label"], got["image"]
+
+
+def _parquet_schema(files: list[str]) -> tuple[list[str] | None, str, str]:
     """Class names (from the ``huggingface`` schema metadata, when present), the label and image columns."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     names: list[str] | None = None
     for f in files:
         try:
-            schema = pq.read_schema(f)
+            schema = open_parquet(f).schema_arrow
         except (OSError, pa.ArrowInvalid) as e:
             raise DataError(f"{f}: not a Parquet file ({str(e).splitlines()[0][:120]})") from None
         if "image" not in schema.names:
@@ -728,12 +1106,6 @@ def _parquet_schema(files: list[Path]) -> tuple[list[str] | None, str, str]:
             except (KeyError, TypeError, ValueError):
                 names = None
     return names, "label", "image"
-
-
-def _rows(files: list[Path]) -> list[int]:
-    import pyarrow.parquet as pq
-
-    return [pq.ParquetFile(f).metadata.num_rows for f in files]
 
 
 def _parquet_parts(cached: CachedIndex | None, rel: list[str], stat: np.ndarray
@@ -757,10 +1129,8 @@ def _parquet_parts(cached: CachedIndex | None, rel: list[str], stat: np.ndarray
     return parts
 
 
-def _probe_shard(path: Path, shard: int, results: Any, label_col: str) -> dict[str, Any]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
+def _probe_shard(path: str, shard: int, results: Any, label_col: str) -> dict[str, Any]:
+    pf = open_parquet(path)
     labels = pf.read(columns=[label_col]).column(0).to_numpy(zero_copy_only=False)
     if len(labels) and labels.min() < 0:
         raise UsageError(f"{path}: negative label {int(labels.min())}")

@@ -19,6 +19,9 @@ Specs, as the CLI and the service take them:
   ``test/``), or ``<path>/<class>/*`` for a train split only; JPEG/PNG of any size, decoded to RGB.
 - ``parquet:<dir or glob>``: Hugging Face ``datasets`` shards, ``<dir>/<split>/*.parquet`` with an
   ``image`` ({bytes, path}) and an integer ``label`` column.
+- Both take a URL of any installed fsspec protocol for the path (``imagefolder:s3://bucket/imagenet``,
+  ``parquet:gs://bucket/prefix``, ``file:///data/x``): the prefix is listed once (sizes and ETags) into the
+  cached index; an image folder's file is then one GET, a Parquet row group's image column one ranged GET.
 - Both take ``,bad=skip`` after the path: images that cannot be read are left out and recorded
   (``dataset.skipped``) instead of stopping the open with an error naming the file (``bad=stop``, the default).
 - Both take ``,val=F`` (0 < F < 1) after the path, for data with no val split: about a fraction F of each
@@ -287,8 +290,13 @@ DISK_OPTIONS = ("bad", "val")  # what imagefolder: and parquet: take after their
 _CACHE: dict[tuple[str, str, str], Dataset] = {}
 
 
-def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike | None = None) -> Dataset:
-    """Open a dataset by spec; repeated calls in one process share the loaded images (or index)."""
+def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike | None = None,
+                 index_cache: str | os.PathLike | None = None) -> Dataset:
+    """Open a dataset by spec; repeated calls in one process share the loaded images (or index).
+
+    ``index_cache``: where the index of data on a URL is cached when the data's own prefix is not writable (a
+    URL or a path shared by the cluster; the labeling job gives its store root); default $STILLROOM_INDEX_CACHE,
+    else ``pipelines._readers.use_index_cache``'s. It changes where the index lives, never the data set."""
     key = (spec, split, str(data_root or os.environ.get("STILLROOM_DATA") or ""))
     if key not in _CACHE:
         parsed = DatasetSpec.parse(spec)
@@ -300,7 +308,7 @@ def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike |
         else:
             path, bad, holdout = parsed.path_and_policy()
             reader = ImageFolder if parsed.kind == "imagefolder" else ParquetShards
-            ds = reader(path, split, bad, spec=spec, holdout=holdout)
+            ds = reader(path, split, bad, spec=spec, holdout=holdout, index_cache=index_cache)
         _CACHE[key] = ds
     return _CACHE[key]
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines._label_stream import ViewBatch, ViewStream, decode_views_torch, view_size
-from pipelines._readers import DATASET_HELP
+from pipelines._readers import DATASET_HELP, INDEX_CACHE_ENV
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
 from pipelines.options import check_options, option
@@ -220,7 +220,7 @@ class Labeler:
 
     def __init__(self, config: LabelConfig, store_path: str, device: str = "cpu", decode_workers: int | None = None):
         self.config = config
-        self.dataset: Dataset = load_dataset(config.dataset, config.split, config.data_root)
+        self.dataset: Dataset = load_dataset(config.dataset, config.split, config.data_root, index_cache(config))
         self.recipe: Recipe = get_recipe(config.recipe)
         self.teachers: list[Teacher] = load_teachers(config, self.dataset, device)
         self.store = LabelStore(store_path)
@@ -440,8 +440,14 @@ def prepare_store(config: LabelConfig) -> LabelStore:
     return _prepare(config)[0]
 
 
+def index_cache(config: LabelConfig) -> str:
+    """Where the index of data on a URL is shared when its own prefix is read-only: $STILLROOM_INDEX_CACHE, else the
+    store root (every actor and node of the job knows it)."""
+    return os.environ.get(INDEX_CACHE_ENV) or config.store_root
+
+
 def _prepare(config: LabelConfig) -> tuple[LabelStore, list[Teacher]]:
-    dataset = load_dataset(config.dataset, config.split, config.data_root)
+    dataset = load_dataset(config.dataset, config.split, config.data_root, index_cache(config))
     recipe = get_recipe(config.recipe)
     teachers = load_teachers(config, dataset)
     provenance, schema = describe_labels(config, teachers, dataset, recipe)

@@ -8,9 +8,11 @@ imports both: the loop (``student.trainer``) imports neither.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+from pipelines._readers import use_index_cache
 from pipelines.train_recipe import resolve_device
 from student.config import TrainConfig
 from student.tracking import check_tracker
@@ -25,6 +27,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     cannot feed, a student without the head the loss asks for) raises UsageError/StoreError before training.
     """
     resolve_device(config.device)  # a device that is not here: one error line, before any data is read
+    # data on a URL finds its index where the labeling job cached it (next to the data, else its store root)
+    use_index_cache(os.fspath(config.store).rstrip("/").rpartition("/")[0] or ".")
     check_tracker(config.tracker)
     setup = prepare(config)
     if config.workers > 1:

@@ -10,6 +10,7 @@ Skipped, with the reason, where moto or s3fs is not installed or the server does
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import socket
@@ -31,6 +32,22 @@ class S3Server:
     bucket: str
     secret: str
     pid: int
+    log: str = ""  # the server's request log (werkzeug's access lines: method, path and query, status)
+
+    def requests(self) -> list[str]:
+        """The request lines the server has logged so far (``GET /bucket/key HTTP/1.1``), in order."""
+        text = Path(self.log).read_text(errors="replace") if self.log else ""
+        text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # werkzeug colours some statuses
+        return [line.split('"')[1] for line in text.splitlines() if line.count('"') >= 2]
+
+    def set_auth(self, on: bool) -> None:
+        """Turn moto's IAM checks on (every request then needs an IAM user's key and a policy that allows it) or
+        off again (any key may do anything: the default)."""
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.endpoint}/moto-api/reset-auth", data=b"0" if on else b"inf",
+                                     method="POST", headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(req, timeout=10).read()
 
     def url(self, *parts: str) -> str:
         return "/".join([f"s3://{self.bucket}", *parts])
@@ -74,7 +91,7 @@ def serve_s3() -> Iterator[S3Server]:
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1"}
     before = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    server = S3Server(env["AWS_ENDPOINT_URL"], "stillroom-test", env["AWS_SECRET_ACCESS_KEY"], proc.pid)
+    server = S3Server(env["AWS_ENDPOINT_URL"], "stillroom-test", env["AWS_SECRET_ACCESS_KEY"], proc.pid, log.name)
     try:
         server.fs().mkdir(server.bucket)
         yield server
