@@ -20,6 +20,11 @@ on the test split:
 where the method has one, an EMA of the weights at decay 0.998, whose last-epoch top-1 is the row's; the
 model's own is ``top1_recipe_model``), in the same run, from the same teachers and stores.
 
+``--augment-rows`` adds ``supervised_aug`` and ``cached_kd_aug``: teacher A labels a third store with
+``--augment-recipe`` (default ``fmnist-randaug``: ``fmnist-rrc-mix`` plus timm's RandAugment
+``rand-m9-mstd0.5-inc1`` and random erasing 0.25) under the same seeds, and the two students replay it with
+``--view-order random`` (each epoch, each sample's view drawn among the seeds, as apple/ml-dr's student does).
+
 Prints one JSON line: each row's top-1, the teachers' top-1, minutes, the store's bytes per sample with and
 without features, the two online differences (cached minus full online: what keeping top-k costs; cached
 minus store-encoded online) and the two targets (cached KD >= online KD - 0.3 points; cached KD >=
@@ -28,6 +33,7 @@ supervised + 1.0).
     python bench/accuracy.py            # full train split, about 30 minutes on 2 cores
     python bench/accuracy.py --quick    # 8,000 samples, a few minutes
     python bench/accuracy.py --recipe-rows --rows supervised,cached_kd,deit_hard
+    python bench/accuracy.py --augment-rows --rows supervised,cached_kd
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ ROWS = {
 # epochs (DeiT: 5 warmup epochs of 300, EMA decay 0.99996 over 375,000 steps; here a few hundred steps an epoch)
 RECIPE_ROW = dict(warmup_epochs=0.5, warmup_lr=1e-6, min_lr=1e-5, sched="cosine", smoothing=0.1, model_ema=True,
                   model_ema_decay=0.998)
+AUGMENT_ROWS = ("supervised", "cached_kd")  # replayed from the --augment-recipe store with --view-order random
 
 
 def main() -> None:
@@ -88,6 +95,9 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help="which rows to train")
     ap.add_argument("--recipe-rows", action="store_true",
                     help="also each row with warmup, cosine, label smoothing and EMA (RECIPE_ROW)")
+    ap.add_argument("--augment-rows", action="store_true",
+                    help="also supervised and cached_kd from a RandAugment + erasing store, --view-order random")
+    ap.add_argument("--augment-recipe", default="fmnist-randaug", help="--augment-rows: the third store's views")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed after)")
     ap.add_argument("--reuse-teachers", action="store_true",
                     help="keep teacher checkpoints an earlier run left in --dir (their labels are then cache hits)")
@@ -139,25 +149,35 @@ def main() -> None:
                                                      seeds=seeds, top_k=5, store_root=str(work / "stores"),
                                                      batch_size=512), backend="local", progress=False)["store"]
             minutes["label_ensemble"] = (time.perf_counter() - t) / 60
+        if args.augment_rows:
+            t = time.perf_counter()
+            stores["aug"] = run_labeling(LabelConfig(dataset=dataset, teachers=(teachers[0],),
+                                                     recipe=args.augment_recipe, seeds=seeds, top_k=5,
+                                                     store_root=str(work / "stores"), batch_size=512),
+                                         backend="local", progress=False)["store"]
+            minutes["label_augment"] = (time.perf_counter() - t) / 60
         described = LabelStore(stores["a"]).describe()["per_seed"][str(seeds[0])]
         by_array = described["bytes_per_sample_by_array"]
 
         students: dict[str, float] = {}
         recipe_model: dict[str, float] = {}
-        runs = [(row, row, {}) for row in rows]
+        runs = [(row, row, {}, ROWS[row][0]) for row in rows]
         if args.recipe_rows:
-            runs += [(f"{row}_recipe", row, RECIPE_ROW) for row in rows]
-        for row, base_row, recipe_extra in runs:
-            store, extra = ROWS[base_row]
+            runs += [(f"{row}_recipe", row, RECIPE_ROW, ROWS[row][0]) for row in rows]
+        if args.augment_rows:
+            runs += [(f"{row}_aug", row, {"view_order": "random"}, "aug") for row in AUGMENT_ROWS]
+        for row, base_row, row_extra, store in runs:
+            extra = ROWS[base_row][1]
             t = time.perf_counter()
             shutil.rmtree(work / f"run-{row}", ignore_errors=True)
             config = {**dict(store=stores[store], dataset=dataset, student=args.student,
                              student_kwargs=json.loads(args.student_kwargs), out=str(work / f"run-{row}"),
                              epochs=epochs, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
                              seed=args.student_seed, progress=False),
-                      **extra, **recipe_extra}
+                      **extra, **row_extra}
             if config["loss"] == "deit-hard":
                 config["alpha"] = 0.5  # DeiT's hard distillation: fixed halves
+            recipe_extra = row_extra is RECIPE_ROW
             if recipe_extra and not method_class(str(config["loss"])).ground_truth:
                 config["smoothing"] = 0.0  # mealv2, sampled: no ground-truth term to smooth
             result = train(TrainConfig(**config))  # type: ignore[arg-type]
@@ -179,6 +199,7 @@ def main() -> None:
             "teacher_top1": {k: round(100 * v, 2) for k, v in teacher_top1.items()},
             "top1": students,
             **({"top1_recipe_model": recipe_model, "recipe_row": RECIPE_ROW} if args.recipe_rows else {}),
+            **({"augment_recipe": args.augment_recipe, "augment_view_order": "random"} if args.augment_rows else {}),
             "store_bytes_per_sample": {"with_features": described["bytes_per_sample"],
                                        "without_features": round(described["bytes_per_sample"]
                                                                  - by_array.get("features", 0.0), 2),

@@ -164,6 +164,11 @@ register_recipe(Recipe("fmnist-rrc"))
 register_recipe(Recipe("fmnist-flip", crop=False))
 # version 2: mixing partners from the whole split (version 1 took them from blocks of 65,536 consecutive ids)
 register_recipe(Recipe("fmnist-rrc-mix", version=2, mixup_p=0.25, cutmix_p=0.25, mix_alpha=1.0))
+# fmnist-rrc-mix plus DeiT's photometric parts: timm's RandAugment rand-m9-mstd0.5-inc1 and random erasing 0.25
+# (pixel), filled with Fashion-MNIST's mean and std: the augmentation-heavy row of bench/accuracy.py
+register_recipe(Recipe("fmnist-randaug", mixup_p=0.25, cutmix_p=0.25, mix_alpha=1.0,
+                       auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel",
+                       mean=(0.2860, 0.2860, 0.2860), std=(0.3530, 0.3530, 0.3530), pixel_ops=PIXEL_OPS))
 # ImageNet: RandomResizedCrop (scale 0.08-1, aspect 3/4-4/3) and flip at 224 px; take :size=N for another size
 register_recipe(Recipe("imagenet-rrc", out_size=224, scale=(0.08, 1.0), draft=True))
 # FKD (Shen & Xing 2022, szq0214/FKD): the crops its soft labels describe, RandomResizedCrop 0.08-1 and flip
