@@ -102,6 +102,12 @@ class Location:
     def name(self) -> str:
         return self._path.rstrip("/").rpartition("/")[2]
 
+    def with_name(self, name: str) -> Location:
+        """The location beside this one called ``name`` (``.../teacher.pt`` -> ``.../teacher.json``)."""
+        if self.local is not None:
+            return Location(self.local.with_name(name))
+        return Location("", _fs=self.fs, _path=f"{self._path.rstrip('/').rpartition('/')[0]}/{name}")
+
     @property
     def where(self) -> Path | str:
         """A ``Path`` for a local location (what callers of the store have always had), the URL otherwise."""
@@ -140,6 +146,19 @@ class Location:
             return []
         return sorted({str(e).rstrip("/").rpartition("/")[2] for e in entries} - {""})
 
+    def files(self) -> list[str]:
+        """The paths of every file under this directory, relative to it (``tensorboard/events...``), sorted."""
+        if self.local is not None:
+            if not self.local.is_dir():
+                return []
+            return sorted(p.relative_to(self.local).as_posix() for p in self.local.rglob("*") if p.is_file())
+        root = self._path.rstrip("/") + "/"
+        try:
+            found = self.fs.find(root)
+        except FileNotFoundError:
+            return []
+        return sorted(str(f)[len(root):] for f in found if str(f).startswith(root))
+
     def size(self) -> int:
         """Bytes of every file under this directory (or of this file)."""
         if self.local is not None:
@@ -176,8 +195,39 @@ class Location:
         else:
             self.fs.pipe_file(self._path, data)
 
-    def write_json(self, obj: Any, indent: int | None = 2) -> None:
-        self.write_bytes(json.dumps(obj, indent=indent, sort_keys=True).encode())
+    def write_json(self, obj: Any, indent: int | None = 2, sort_keys: bool = True) -> None:
+        self.write_bytes(json.dumps(obj, indent=indent, sort_keys=sort_keys).encode())
+
+    def upload(self, source: Path) -> None:
+        """Copy the local file ``source`` here whole: an atomic replace locally; on object storage one PUT (a
+        multipart upload for a large file, which the store shows only once it is complete)."""
+        if self.local is not None:
+            import shutil
+
+            self.local.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.local, lambda tmp: shutil.copyfile(source, tmp))
+        else:
+            self.fs.put_file(str(source), self._path)
+
+    def download(self, target: Path) -> None:
+        """Copy this file to the local path ``target`` (its directory made as needed)."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if self.local is not None:
+            import shutil
+
+            shutil.copyfile(self.local, target)
+        else:
+            self.fs.get_file(self._path, str(target))
+
+    def arrow_filesystem(self) -> tuple[Any, str]:
+        """This location as pyarrow sees it, ``(filesystem, path)``: for a URL, pyarrow's ``PyFileSystem`` over this
+        very fsspec filesystem (the same endpoint and credentials chain; what Ray Train's ``storage_filesystem``
+        takes, with the path stripped of its protocol), for a local path pyarrow's local filesystem."""
+        import pyarrow.fs
+
+        if self.local is not None:
+            return pyarrow.fs.LocalFileSystem(), str(self.local)
+        return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(self.fs)), self._path
 
     def create(self, data: bytes) -> bool:
         """Make the file with ``data`` unless it exists; True when this call made it.

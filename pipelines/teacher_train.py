@@ -5,7 +5,9 @@ labeling job uses. The training recipe is the students' (``pipelines.train_recip
 and schedule per step, EMA, autocast, clipping, accumulation), on ``--device`` (CUDA when there is one). The
 checkpoint records the model name and kwargs, class count, preprocessing (resolution, the dataset's channel
 mean/std, input channels), test accuracy and the resolved config (also written beside it as
-``NAME.config.json``), as ``load_teacher`` reads it.
+``NAME.config.json``), as ``load_teacher`` reads it. ``--out`` may be a URL (``s3://bucket/teachers/t.pt``): the
+checkpoint and its records are then written there, each one whole object, and the teacher labels as
+``NAME@s3://bucket/teachers/t.pt``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,11 +24,11 @@ import torch.nn.functional as F
 from pipelines import train_recipe
 from pipelines._readers import DATASET_HELP
 from pipelines.accuracy import top1_top5
-from pipelines.atomic import write_json
 from pipelines.datasets import Dataset, load_dataset, open_eval_split
 from pipelines.errors import UsageError
 from pipelines.options import check_options, default_from, option
 from pipelines.progress import progress_bar
+from pipelines.storage import Location
 from pipelines.teachers import Preprocess, _create, save_checkpoint
 from pipelines.train_recipe import RecipeOptions, TrainingRecipe
 from pipelines.views import Recipe, build_views, eval_views, get_recipe, output_size
@@ -126,9 +127,9 @@ def train_teacher(config: TeacherTrainConfig, progress: bool = True) -> dict[str
     model = train_recipe.to_memory_format(_create(config.model, pretrained=False, **kwargs).to(device), config)
     mean, std = channel_stats(train, resolution)
     preprocess = Preprocess(resolution, mean, std, c)
-    out = Path(config.out)
-    if not out.parent.exists():
-        raise UsageError(f"output directory {out.parent} does not exist")
+    out = Location(config.out)  # refuses a URL that holds credentials, before any training
+    if out.local is not None and not out.local.parent.exists():
+        raise UsageError(f"output directory {out.local.parent} does not exist")
 
     n = min(config.train_samples or len(train), len(train))
     steps_per_epoch = math.ceil(n / config.batch_size)
@@ -166,18 +167,19 @@ def train_teacher(config: TeacherTrainConfig, progress: bool = True) -> dict[str
     if training.ema is not None and test is not None:  # the raw weights too, with training's running statistics
         raw = evaluate(model, preprocess, test)
         metrics.update(model_top1=raw["top1"], model_top5=raw["top5"])
-    result = {"out": str(out), "model": config.model, "dataset": config.dataset, **metrics,
+    result = {"out": out.url, "model": config.model, "dataset": config.dataset, **metrics,
               "weights": "ema" if training.ema is not None else "model", "bn_reestimated_on": bn_samples,
               "epochs": config.epochs, "train_samples": n, "device": str(device),
               "precision": train_recipe.precision_name(training.dtype), "lr": training.lr,
               "seconds": round(time.perf_counter() - t0, 1)}
     resolved = {**asdict(config), "lr_resolved": training.lr, "device": str(device),
                 "precision": train_recipe.precision_name(training.dtype), "resolution": resolution}
-    save_checkpoint(out, config.model, final.to("cpu"), kwargs, preprocess,
+    save_checkpoint(out.url, config.model, final.to("cpu"), kwargs, preprocess,
                     extra={"metrics": metrics, "history": history, "config": asdict(config),
                            "resolved_config": resolved,
                            "dataset": {"spec": train.spec, "fingerprint": train.fingerprint}},
                     class_names=getattr(train, "class_names", None))
-    write_json(out.with_name(out.stem + ".config.json"), resolved)  # beside the checkpoint, as a run's config.json
-    write_json(out.with_suffix(".json"), result, sort_keys=False)
+    stem = out.name.rpartition(".")[0] or out.name
+    out.with_name(stem + ".config.json").write_json(resolved)  # beside the checkpoint, as a run's config.json
+    out.with_name(stem + ".json").write_json(result, sort_keys=False)
     return result

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -25,6 +24,7 @@ from pipelines.accuracy import eval_subset, topk_hits
 from pipelines.atomic import write_atomically
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.errors import UsageError
+from pipelines.storage import Location, open_binary
 from student.models import (
     LEGACY_INPUT,
     InputConfig,
@@ -42,12 +42,19 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     write_atomically(path, lambda tmp: torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp))
 
 
+def _torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load`` (tensors only) of a local file or a URL's object."""
+    with open_binary(path) as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint written by ``save_checkpoint``; UsageError if it is missing or not one."""
-    if not Path(path).is_file():
+    """Read a checkpoint written by ``save_checkpoint`` (a local path or a URL: ``s3://.../best.pt``); UsageError
+    if it is missing or not one."""
+    if not Location(path).is_file():
         raise UsageError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = _torch_load(path)
     except Exception as e:  # not a torch file (a JSON, a truncated file) or one holding pickled objects
         raise UsageError(f"{path} is not a stillroom student checkpoint (the RUN_DIR/last.pt that "
                          f"`stillroom train` writes): torch cannot read it ({type(e).__name__})") from None
@@ -73,11 +80,12 @@ def checkpoint_input_config(ckpt: dict[str, Any]) -> InputConfig:
 
 
 def load_init_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """``--init``: load pretrained student weights from a student checkpoint or a plain state dict."""
-    if not Path(path).is_file():
+    """``--init``: load pretrained student weights from a student checkpoint or a plain state dict (a local path
+    or a URL)."""
+    if not Location(path).is_file():
         raise UsageError(f"--init checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = _torch_load(path)
     except Exception as e:  # not a torch file, or one holding pickled objects that weights_only refuses
         raise UsageError(f"--init {path} is not a checkpoint or state dict torch can read "
                          f"({type(e).__name__})") from None

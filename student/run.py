@@ -9,7 +9,6 @@ imports both: the loop (``student.trainer``) imports neither.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from pipelines._readers import use_index_cache
@@ -35,7 +34,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         from student.train_ray import train_distributed
 
         make_student(setup)  # refuses a bad student or --init before any worker starts
-        check_resume(Path(config.out), config)
+        check_resume(config.out, config)
         return train_distributed(config)
     return fit(config, setup=setup)
 

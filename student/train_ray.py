@@ -13,7 +13,9 @@ are; left at its default, each rank asks for Ray's default (a CPU, or a GPU) and
 cores of its machine shared by the ranks on it (``default_loader_workers``).
 
 After each epoch every rank scores its share of the eval split (``student.evaluate``) and calls
-``ray.train.report``, rank 0 with a checkpoint (its ``last.pt``, kept by Ray under ``RUN_DIR/ray_train``), so
+``ray.train.report``, rank 0 with a checkpoint (its ``last.pt``, kept by Ray under ``RUN_DIR/ray_train``: on
+object storage when ``--out`` is a URL, through Ray's ``storage_filesystem``, pyarrow's ``PyFileSystem`` over
+stillroom's own fsspec filesystem, so Ray writes with the same endpoint and credentials chain), so
 ``FailureConfig(max_failures=config.max_failures)`` restarts a run whose worker died: the new workers continue
 from the last reported checkpoint (``ray.train.get_checkpoint``), the epochs it holds kept as they were.
 
@@ -22,7 +24,6 @@ Ray is started locally (``ray.init()``) unless a cluster is already connected or
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import replace
@@ -32,9 +33,9 @@ from typing import Any
 import torch
 
 from pipelines.errors import StillroomError
-from pipelines.storage import is_url
+from pipelines.storage import Location, is_url
 from student.config import TrainConfig
-from student.trainer import CHECKPOINT, Distributed, fit
+from student.trainer import CHECKPOINT, RAY_TRAIN_DIR, Distributed, fit
 
 
 def _absolute(config: TrainConfig) -> TrainConfig:
@@ -113,7 +114,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     config = worker_config(loop_config)
     restart = ray.train.get_checkpoint()  # set when Ray restarts the run after a worker died
     if restart is None:
-        if not config.resume and (Path(config.out) / CHECKPOINT).exists():
+        if not config.resume and (Location(config.out) / CHECKPOINT).exists():
             # train() refused a run directory holding a run, so an earlier attempt of this run wrote it: Ray
             # restarted the run before its controller registered a reported checkpoint (it polls every 2 s)
             config = replace(config, resume=True)
@@ -141,13 +142,17 @@ def train_distributed(config: TrainConfig) -> dict[str, Any]:
     # cuda: the workers ask Ray for GPUs even where this (coordinating) process sees none; auto: as it sees
     use_gpu = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
     loop_config = worker_loop_config(config, use_gpu)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Location(config.out)
+    out.makedirs()
+    # a URL: Ray writes its checkpoints through our fsspec filesystem (pyarrow's, over it), to the path without
+    # its protocol (bucket/prefix/run), as RunConfig's storage_filesystem asks
+    storage_fs, storage_path = out.arrow_filesystem()
     trainer = TorchTrainer(
         _worker_loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu, resources_per_worker=(
             {"CPU": 1 + config.loader_workers} if config.loader_workers is not None else None)),
-        run_config=RunConfig(name="ray_train", storage_path=str(out),
+        run_config=RunConfig(name=RAY_TRAIN_DIR, storage_path=storage_path,
+                             storage_filesystem=storage_fs if out.local is None else None,
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
@@ -163,4 +168,4 @@ def train_distributed(config: TrainConfig) -> dict[str, Any]:
     metrics = out / "metrics.json"
     if not metrics.exists():
         raise StillroomError(f"Ray Train finished but rank 0 wrote no {metrics}")
-    return json.loads(metrics.read_text())
+    return dict(metrics.read_json())

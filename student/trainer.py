@@ -16,6 +16,10 @@ It writes to the run directory::
     RUN_DIR/metrics.json    the final metrics (also returned): ``last`` and ``best`` (epoch, top-1/top-5)
     RUN_DIR/curves.png      the losses step by step and the accuracy after each epoch
 
+``--out`` may be a URL (``s3://bucket/runs/r1``): the run then writes into a local staging directory and
+uploads what changed at each epoch end, checkpoints last (``pipelines.run_directory.RunDirectory``); ``--resume``
+reads ``last.pt`` from the URL and downloads the rest of the run's files it continues.
+
 Epochs are counted from 0 everywhere: ``"epoch"`` in metrics.jsonl and the checkpoint, the progress bar and
 curves.png; epoch ``e`` uses store seed ``seeds[e % len(seeds)]``; ``epochs=N`` runs epochs 0 to N - 1.
 
@@ -48,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -63,6 +68,8 @@ from pipelines.datasets import Dataset, load_dataset, open_eval_split
 from pipelines.errors import UsageError
 from pipelines.options import default_of
 from pipelines.progress import progress_bar
+from pipelines.run_directory import RunDirectory
+from pipelines.storage import Location
 from pipelines.store import LabelStore
 from pipelines.teachers import as_feature_map, forward_capturing
 from pipelines.train_recipe import (
@@ -91,6 +98,7 @@ from student.tracking import Tracker
 
 CHECKPOINT = "last.pt"
 BEST = "best.pt"
+RAY_TRAIN_DIR = "ray_train"  # Ray Train's own storage in the run directory (student.train_ray)
 
 
 # -- the training step --------------------------------------------------------------------------------
@@ -242,20 +250,20 @@ RESUME_MAY_CHANGE = frozenset({"epochs", "resume", "progress", "workers", "devic
                                "eval_interval", "torchcompile", "max_failures", "tracker", "log_interval"})
 
 
-def check_resume(out: Path, config: TrainConfig, resume_from: str | None = None
+def check_resume(out: str | os.PathLike, config: TrainConfig, resume_from: str | None = None
                  ) -> tuple[TrainConfig, dict[str, Any] | None]:
     """The config to run and the checkpoint to resume from (None for a new run): ``resume_from`` (Ray Train's
-    restart) or, with ``--resume``, ``RUN_DIR/last.pt``. A resumed run with no ``--seeds`` takes the saved
-    run's seed list (not the store's, which may have grown since); any other option that changes what the run
-    computes must equal the saved run's."""
-    ckpt_path = Path(resume_from) if resume_from else out / CHECKPOINT
+    restart) or, with ``--resume``, ``RUN_DIR/last.pt`` (``out`` a path or a URL). A resumed run with no
+    ``--seeds`` takes the saved run's seed list (not the store's, which may have grown since); any other option
+    that changes what the run computes must equal the saved run's."""
+    ckpt_path = Location(resume_from) if resume_from else Location(out) / CHECKPOINT
     if not config.resume and not resume_from:
         if ckpt_path.exists():
             raise UsageError(f"{out} already holds a run ({CHECKPOINT}): pass --resume or another --out")
         return config, None
     if not ckpt_path.exists():
         raise UsageError(f"--resume: {out} holds no {CHECKPOINT} to continue from")
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path.url)
     saved = ckpt.get("config", {})
     if config.seeds is None and saved.get("seeds") is not None:
         config = replace(config, seeds=tuple(int(s) for s in saved["seeds"]))
@@ -276,7 +284,8 @@ class Run:
     setup: Setup
     dist: Distributed
     device: torch.device
-    out: Path
+    out: Path  # where this worker writes: the run directory, or its staging directory for a URL
+    directory: RunDirectory
     stream: StoreStream
     online: Any  # student.online.OnlineTeacher or None
     student: nn.Module
@@ -295,13 +304,18 @@ class Run:
         return self.dist.rank == 0
 
 
-def start_run(config: TrainConfig, dist: Distributed, setup: Setup) -> Run:
+def start_run(config: TrainConfig, dist: Distributed, setup: Setup, directory: RunDirectory | None = None) -> Run:
     """Open the stream (and the online teachers), build the student, its method and the recipe (optimizer,
     schedule, EMA, precision), load the checkpoint to resume from; rank 0 writes ``config.json`` and the
-    ``metrics.jsonl`` of the epochs done. The run's seed list is fixed in its config (and so its checkpoint)."""
+    ``metrics.jsonl`` of the epochs done (into ``directory``, by default ``RunDirectory(config.out)``; a resumed
+    run on a URL first downloads the files it continues, its checkpoints aside). The run's seed list is fixed in
+    its config (and so its checkpoint)."""
     device = dist.device or resolve_device(config.device)
-    out = Path(config.out)
-    config, resume_ckpt = check_resume(out, config, dist.resume_from)
+    config, resume_ckpt = check_resume(config.out, config, dist.resume_from)
+    directory = directory or RunDirectory(config.out, last=(BEST, CHECKPOINT))
+    if resume_ckpt is not None and dist.rank == 0:
+        directory.pull(skip=(CHECKPOINT, BEST, RAY_TRAIN_DIR))
+    out = directory.local
     stream = StoreStream(setup.store, setup.dataset, setup.recipe, config.batch_size, config.seeds,
                          dist.rank, dist.world_size, shuffle_seed=config.seed,
                          drop_last=dist.world_size > 1, loader_workers=config.loader_workers, device=device,
@@ -331,7 +345,7 @@ def start_run(config: TrainConfig, dist: Distributed, setup: Setup) -> Run:
         student, config, epochs=config.epochs, updates_per_epoch=math.ceil(steps_per_epoch / config.grad_accum_steps),
         global_batch=config.batch_size * dist.world_size * config.grad_accum_steps, device=device,
         extra_params=step.method.student_side_parameters(), extra_optimizers=[method_opt])
-    run = Run(config, setup, dist, device, out, stream, online, student, step, recipe, method_opt,
+    run = Run(config, setup, dist, device, out, directory, stream, online, student, step, recipe, method_opt,
               steps_per_epoch, repeat_note=repeat_note)
     if resume_ckpt is not None:
         unwrap(student).load_state_dict(resume_ckpt["model"])
@@ -482,21 +496,28 @@ def fit(config: TrainConfig, dist: Distributed | None = None, setup: Setup | Non
     after the last, every rank scores its share of the eval split (``evaluate_epoch``); rank 0 writes the run
     directory, and every rank reports the epoch (``dist.end_epoch``). ``setup`` is ``prepare(config)`` when the
     caller has it already."""
-    run = start_run(config, dist or Distributed(), setup or prepare(config))
-    config = run.config
-    t_run = time.perf_counter()
-    for epoch in range(run.start_epoch, config.epochs):
-        record = train_one_epoch(run, epoch)
-        if (epoch + 1) % config.eval_interval == 0 or epoch + 1 == config.epochs:
-            evaluate_epoch(run, record)
-        record.update(run.tracker.end_epoch(record, (epoch + 1) * run.steps_per_epoch, run.dist.all_reduce_mean))
-        if run.lead:
-            save_run(run, record)
-        run.dist.end_epoch(record, run.out / CHECKPOINT if run.lead else None)
-    run.tracker.close()
-    if not run.lead:
-        return {}
-    return finish_run(run, time.perf_counter() - t_run)
+    directory = RunDirectory(config.out, last=(BEST, CHECKPOINT))
+    try:
+        run = start_run(config, dist or Distributed(), setup or prepare(config), directory)
+        config = run.config
+        t_run = time.perf_counter()
+        for epoch in range(run.start_epoch, config.epochs):
+            record = train_one_epoch(run, epoch)
+            if (epoch + 1) % config.eval_interval == 0 or epoch + 1 == config.epochs:
+                evaluate_epoch(run, record)
+            record.update(run.tracker.end_epoch(record, (epoch + 1) * run.steps_per_epoch, run.dist.all_reduce_mean))
+            if run.lead:
+                save_run(run, record)
+                directory.sync()  # a run on a URL: the epoch's files, its checkpoints last
+            run.dist.end_epoch(record, run.out / CHECKPOINT if run.lead else None)
+        run.tracker.close()
+        if not run.lead:
+            return {}
+        result = finish_run(run, time.perf_counter() - t_run)
+        directory.sync()
+        return result
+    finally:
+        directory.close()
 
 
 def evaluate_run(run: Run, model: nn.Module | None = None) -> dict[str, float]:
@@ -521,8 +542,9 @@ def finish_run(run: Run, seconds: float) -> dict[str, Any]:
     last = {"epoch": last_eval.get("epoch"), "top1": last_eval.get("top1"), "top5": last_eval.get("top5")}
     if "ema_top1" in last_eval:
         last.update(ema_top1=last_eval["ema_top1"], ema_top5=last_eval["ema_top5"])
-    result = {"run_dir": str(run.out), "checkpoint": str(run.out / CHECKPOINT),
-              "best_checkpoint": str(run.out / BEST) if run.best else None, "loss": config.loss,
+    where = run.directory
+    result = {"run_dir": where.url, "checkpoint": str(where / CHECKPOINT),
+              "best_checkpoint": str(where / BEST) if run.best else None, "loss": config.loss,
               "student": config.student, "epochs": config.epochs, "online": config.online,
               "online_targets": config.online_targets if config.online else None,
               "workers": run.dist.world_size, "top1": final.get("top1"), "top5": final.get("top5"),
