@@ -18,8 +18,11 @@ import pytest
 import torch
 from s3_server import S3Server
 
+from pipelines.errors import UsageError
 from pipelines.labeling import LabelConfig, run_labeling
 from pipelines.run_directory import RunDirectory
+from student.config import TrainConfig
+from student.run import train
 
 STILLROOM = str(Path(sys.executable).parent / "stillroom")
 DATA = "synthetic:n=64,classes=4,size=16"
@@ -42,6 +45,11 @@ def _env(tmp: Path) -> dict[str, str]:
 def _train_args(store: str, out: str, *extra: str) -> list[str]:
     return [STILLROOM, "train", "--store", store, "--student", "test_resnet", "--loss", "kd", "--out", out,
             "--batch-size", "16", "--no-progress", *extra]
+
+
+def _config(store: str, out: str, **kw) -> TrainConfig:
+    return TrainConfig(**{"store": store, "dataset": DATA, "student": "test_resnet", "loss": "kd", "out": out,
+                          "batch_size": 16, "progress": False, **kw})
 
 
 def _objects(s3: S3Server, prefix: str) -> set[str]:
@@ -130,13 +138,79 @@ def test_train_on_s3_killed_then_resumed_from_the_url_then_evaluated_from_it(s3:
     score = json.loads(scored.stdout.strip().splitlines()[-1])
     assert score["checkpoint"] == f"{out}/best.pt" and score["top1"] == metrics["best"]["top1"]
 
-    missing = subprocess.run(_train_args(store, s3.url("runs", "none"), "--resume"), capture_output=True, text=True,
-                             timeout=300)
-    assert missing.returncode != 0 and "holds no last.pt" in missing.stderr
-    again = subprocess.run(_train_args(store, out), capture_output=True, text=True, timeout=300)
-    assert again.returncode != 0 and "already holds a run" in again.stderr
-    printed += [missing.stderr, again.stderr]
+    for config, error in ((_config(store, s3.url("runs", "none"), resume=True), "holds no last.pt"),
+                          (_config(store, out), "already holds a run")):
+        with pytest.raises(UsageError, match=error) as e:
+            train(config)
+        printed.append(str(e.value))
     # the staging directory: the killed run left its own, the finished run removed its own
     assert [p for p in (tmp_path / "tmp1").iterdir() if p.name.startswith("stillroom-run-")]
     assert not [p for p in (tmp_path / "tmp2").iterdir() if p.name.startswith("stillroom-run-")]
     assert s3.secret.encode() not in s3.everything() and not any(s3.secret in text for text in printed)
+
+
+# a driver of its own: its local Ray's workers take the credentials from the environment the test gives it, as a
+# cluster's nodes would (the session's shared Ray may have started before the S3 server set them)
+RAY_ON_S3 = """
+import json, os, signal, sys, threading, time
+import ray, s3fs
+from ray.util.state import list_actors
+from services.launcher import free_port
+from student.config import TrainConfig
+from student.run import train
+
+ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+               dashboard_port=free_port(), log_to_driver=False)
+dashboard = f"http://{ctx.dashboard_url}"
+config, root = TrainConfig(**json.loads(sys.argv[1])), sys.argv[2]
+result = {}
+runner = threading.Thread(target=lambda: result.update(train(config)))
+runner.start()
+fs = s3fs.S3FileSystem(use_listings_cache=False)
+
+def epochs_done():
+    try:
+        return fs.cat_file(root + "/metrics.jsonl").decode().splitlines()
+    except FileNotFoundError:
+        return []
+
+deadline = time.monotonic() + 240
+# two epochs on s3 and Ray's controller has registered a reported checkpoint there
+while runner.is_alive() and time.monotonic() < deadline and not (
+        len(epochs_done()) >= 2 and fs.exists(root + "/ray_train/checkpoint_manager_snapshot.json")):
+    time.sleep(0.1)
+before = epochs_done()
+workers = list_actors(dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+os.kill(workers[-1].pid, signal.SIGKILL)
+runner.join(timeout=400)
+dead = list_actors(dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "DEAD")])
+print(json.dumps({"result": result, "before": before, "workers": len(workers), "killed": workers[-1].pid,
+                  "dead": [a.pid for a in dead], "finished": not runner.is_alive()}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_two_workers_on_ray_train_keep_their_checkpoints_on_s3_and_restart_from_there(s3: S3Server, store,
+                                                                                       tmp_path):
+    out = s3.url("runs", "ray")
+    epochs = 20  # at 8 steps of 4 views per rank an epoch: long enough to be killed mid-run
+    config = {**_config(store, out, workers=2, epochs=epochs, batch_size=4, max_failures=2).__dict__, "seeds": None}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run([sys.executable, "-c", RAY_ON_S3, json.dumps(config), f"{s3.bucket}/runs/ray"],
+                         capture_output=True, text=True, timeout=500, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["finished"] and report["workers"] == 2 and 2 <= len(report["before"]) < epochs
+    assert report["killed"] in report["dead"]  # the worker killed is one that died, and the run went on
+    result = report["result"]
+    assert result["workers"] == 2 and result["epochs"] == epochs and result["run_dir"] == out
+    history = _lines(s3, "runs/ray/metrics.jsonl")
+    assert [r["epoch"] for r in history] == list(range(epochs))
+    assert json.dumps(history[0]) == report["before"][0]  # the restart continued from s3; epoch 0 not trained again
+    objects = _objects(s3, "runs/ray")
+    assert RUN_FILES <= objects and any(o.startswith("ray_train/") and o.endswith("/last.pt") for o in objects)
+    with s3.fs().open(f"{s3.bucket}/runs/ray/last.pt", "rb") as f:
+        assert torch.load(f, weights_only=True)["epoch"] == epochs - 1
+    assert s3.secret.encode() not in s3.everything() and s3.secret not in run.stdout + run.stderr
