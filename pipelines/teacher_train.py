@@ -115,6 +115,9 @@ def train_teacher(config: TeacherTrainConfig, progress: bool = True) -> dict[str
     """Train on ``config.device``, evaluate on the test split, write the checkpoint; return the result record.
     With ``--model-ema`` the EMA weights are the teacher saved (both are scored)."""
     t0 = time.perf_counter()
+    out = Location(config.out)  # refuses a URL that holds credentials, before any data is read
+    if out.local is not None and not out.local.parent.exists():
+        raise UsageError(f"output directory {out.local.parent} does not exist")
     device = train_recipe.resolve_device(config.device)
     train = load_dataset(config.dataset, "train", config.data_root)
     test = open_eval_split(config.dataset, "test", config.data_root)  # None: nothing to evaluate on
@@ -127,9 +130,6 @@ def train_teacher(config: TeacherTrainConfig, progress: bool = True) -> dict[str
     model = train_recipe.to_memory_format(_create(config.model, pretrained=False, **kwargs).to(device), config)
     mean, std = channel_stats(train, resolution)
     preprocess = Preprocess(resolution, mean, std, c)
-    out = Location(config.out)  # refuses a URL that holds credentials, before any training
-    if out.local is not None and not out.local.parent.exists():
-        raise UsageError(f"output directory {out.local.parent} does not exist")
 
     n = min(config.train_samples or len(train), len(train))
     steps_per_epoch = math.ceil(n / config.batch_size)
