@@ -162,6 +162,7 @@ from student.run import train
 ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
                dashboard_port=free_port(), log_to_driver=False)
 dashboard = f"http://{ctx.dashboard_url}"
+t0 = time.monotonic()
 config, root = TrainConfig(**json.loads(sys.argv[1])), sys.argv[2]
 result = {}
 runner = threading.Thread(target=lambda: result.update(train(config)))
@@ -179,13 +180,14 @@ deadline = time.monotonic() + 240
 while runner.is_alive() and time.monotonic() < deadline and not (
         len(epochs_done()) >= 2 and fs.exists(root + "/ray_train/checkpoint_manager_snapshot.json")):
     time.sleep(0.1)
-before = epochs_done()
+before, t_kill = epochs_done(), time.monotonic() - t0
 workers = list_actors(dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
 os.kill(workers[-1].pid, signal.SIGKILL)
 runner.join(timeout=400)
 dead = list_actors(dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "DEAD")])
 print(json.dumps({"result": result, "before": before, "workers": len(workers), "killed": workers[-1].pid,
-                  "dead": [a.pid for a in dead], "finished": not runner.is_alive()}))
+                  "dead": [a.pid for a in dead], "finished": not runner.is_alive(),
+                  "seconds": {"kill": round(t_kill, 1), "end": round(time.monotonic() - t0, 1)}}))
 ray.shutdown()
 """
 
@@ -195,7 +197,7 @@ ray.shutdown()
 def test_two_workers_on_ray_train_keep_their_checkpoints_on_s3_and_restart_from_there(s3: S3Server, store,
                                                                                        tmp_path):
     out = s3.url("runs", "ray")
-    epochs = 20  # at 8 steps of 4 views per rank an epoch: long enough to be killed mid-run
+    epochs = 10  # at 8 steps of 4 views per rank an epoch: long enough to be killed mid-run
     config = {**_config(store, out, workers=2, epochs=epochs, batch_size=4, max_failures=2).__dict__, "seeds": None}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     run = subprocess.run([sys.executable, "-c", RAY_ON_S3, json.dumps(config), f"{s3.bucket}/runs/ray"],
