@@ -216,3 +216,25 @@ def test_two_workers_on_ray_train_keep_their_checkpoints_on_s3_and_restart_from_
     with s3.fs().open(f"{s3.bucket}/runs/ray/last.pt", "rb") as f:
         assert torch.load(f, weights_only=True)["epoch"] == epochs - 1
     assert s3.secret.encode() not in s3.everything() and s3.secret not in run.stdout + run.stderr
+
+
+def test_init_weights_and_a_missing_checkpoint_on_s3(s3: S3Server):
+    import io
+
+    from student.evaluate import load_init_weights, read_checkpoint
+    from student.models import build_student
+
+    torch.manual_seed(1)
+    trained = build_student("test_resnet", 4, 1, 16)
+    buf = io.BytesIO()
+    torch.save(trained.state_dict(), buf)
+    s3.fs().pipe_file(f"{s3.bucket}/init/weights.pt", buf.getvalue())
+    torch.manual_seed(2)
+    student = build_student("test_resnet", 4, 1, 16)
+    load_init_weights(student, s3.url("init", "weights.pt"))
+    for name, value in trained.state_dict().items():
+        assert torch.equal(student.state_dict()[name], value), name
+    with pytest.raises(UsageError, match="does not exist"):
+        read_checkpoint(s3.url("init", "none.pt"))
+    with pytest.raises(UsageError, match="not a stillroom student checkpoint"):
+        read_checkpoint(s3.url("init", "weights.pt"))
