@@ -130,6 +130,11 @@ class Recipe:
         return self.auto_augment is not None or self.color_jitter is not None or self.re_prob > 0
 
     @property
+    def mixes(self) -> bool:
+        """Whether some views mix two samples (mixup or cutmix): their rows name a partner."""
+        return self.mixup_p + self.cutmix_p > 0
+
+    @property
     def digest(self) -> str:
         """Hash of every field: the recipe's identity in cache keys and generator keys."""
         d = asdict(self)
@@ -264,7 +269,7 @@ def num_view_params(recipe: Recipe) -> int:
 
 
 def _mixing(recipe: Recipe) -> bool:
-    return recipe.mixup_p + recipe.cutmix_p > 0
+    return recipe.mixes
 
 
 def own_rows(params: np.ndarray, recipe: Recipe | None) -> np.ndarray:
@@ -442,6 +447,16 @@ def partners_of(recipe: Recipe, seed: int, ids: np.ndarray, num_samples: int) ->
         return ids.copy()
     order = _SplitPermutation(_key(recipe, seed, "partners"), num_samples)
     return order.inverse((order(ids) + 1) % num_samples)
+
+
+def partner_cycle(recipe: Recipe, seed: int, num_samples: int) -> np.ndarray:
+    """The whole split in the cyclic order ``partners_of`` follows under (recipe, seed): the partner of
+    ``cycle[p]`` is ``cycle[(p + 1) % N]`` (N >= 2). A table of N ids (10 MB at ImageNet's 1.28 M), for a reader
+    that orders a whole epoch by it (``student.data.partner_run_order``)."""
+    positions = np.arange(num_samples, dtype=np.int64)
+    if num_samples < 2:
+        return positions
+    return _SplitPermutation(_key(recipe, seed, "partners"), num_samples).inverse(positions)
 
 
 class _SplitPermutation:
@@ -732,11 +747,42 @@ def render_batch_at(dataset, ids: np.ndarray, params: np.ndarray, sizes: tuple[i
         return own, None
     partner = {size: v.clone() for size, v in own.items()}
     rows = np.flatnonzero(mixing)
-    theirs = render_views_at(dataset, params[rows, COL["partner"]].astype(np.int64), partner_rows(params[rows], recipe),
-                             sizes, draft, recipe)
+    source = in_batch_partners(ids, params, rows, recipe)
+    here = source >= 0  # the partner's own view is in the batch, under the same row: copied, not rendered again
     for size in sizes:
-        partner[size][rows] = theirs[size]
+        partner[size][rows[here]] = own[size][source[here]]
+    rows = rows[~here]
+    if rows.size:
+        theirs = render_views_at(dataset, params[rows, COL["partner"]].astype(np.int64),
+                                 partner_rows(params[rows], recipe), sizes, draft, recipe)
+        for size in sizes:
+            partner[size][rows] = theirs[size]
     return own, partner
+
+
+def in_batch_partners(ids: np.ndarray, params: np.ndarray, rows: np.ndarray, recipe: Recipe | None) -> np.ndarray:
+    """For each mixing row in ``rows``, a row of the batch whose own view *is* its partner's view (the partner's id
+    and the same one-view row: box, flip, photometric columns), else -1. Rendering is a pure function of the id and
+    that row, so the partner's view is then the batch's own view of that row, bit for bit: a batch cut from a run of
+    the partner cycle (``StoreStream``, one seed) renders each of its views once and only the last one's partner
+    besides."""
+    out = np.full(len(rows), -1, dtype=np.int64)
+    if not len(rows):
+        return out
+    ids = np.asarray(ids, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    wanted = params[rows, COL["partner"]].astype(np.int64)
+    at = np.minimum(np.searchsorted(ids[order], wanted), len(ids) - 1)
+    found = ids[order[at]] == wanted
+    mine, theirs = own_rows(params, recipe), partner_rows(params[rows], recipe)
+    for i in np.flatnonzero(found):  # an id on several rows (K views, several seeds): the first whose row matches
+        for r in order[at[i]:]:
+            if ids[r] != wanted[i]:
+                break
+            if np.array_equal(mine[r], theirs[i]):
+                out[i] = r
+                break
+    return out
 
 
 def partner_ids(params: np.ndarray, ids: np.ndarray) -> np.ndarray:
