@@ -216,7 +216,7 @@ def throughput(root: Path, ids: np.ndarray, workers: int, batch: int, rounds: in
             for x in loader:
                 x = x[0] if isinstance(x, list) else x  # torchvision: (images, labels)
                 if hasattr(x, "pixels"):  # the student's loader: BatchParts, each view's partner view beside it
-                    assert x.partners is not None and x.partners.shape == x.pixels.shape
+                    assert x.partners is not None and x.partner_index is not None
                     x = x.pixels
                 assert x.dtype == (torch.float32 if name == "timm_deit" else torch.uint8)
                 assert x.shape[1:] == (3, 224, 224)

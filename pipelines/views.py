@@ -604,15 +604,20 @@ def _mix(x: torch.Tensor, p: torch.Tensor, params: torch.Tensor, out_hw: tuple[i
     return x * (1 - cut) + p * cut
 
 
-def mix_views(own: torch.Tensor, partner: torch.Tensor | None, params: torch.Tensor | np.ndarray) -> torch.Tensor:
+def mix_views(own: torch.Tensor, partner: torch.Tensor | None, params: torch.Tensor | np.ndarray,
+              partner_index: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
     """uint8 views from ``render_views`` (and their partners' views, where some row mixes) -> float views in
-    [0, 1], mixed; runs on whatever device ``own`` is on."""
+    [0, 1], mixed; runs on whatever device ``own`` is on. With ``partner_index`` (``render_batch_pool``),
+    ``partner`` holds only the partner views the batch lacks and each row's is gathered here."""
     params = torch.as_tensor(params, dtype=torch.float32, device=own.device)
     x = own.float() / 255.0
     if _mixes(params):
         if partner is None:
             raise UsageError("these views mix two images: pass the partners' views")
-        x = _mix(x, partner.to(own.device).float() / 255.0, params, (int(own.shape[2]), int(own.shape[3])))
+        p = partner.to(own.device).float() / 255.0
+        if partner_index is not None:
+            p = _partner_views(x, p, partner_index)
+        x = _mix(x, p, params, (int(own.shape[2]), int(own.shape[3])))
     return x
 
 
@@ -739,25 +744,49 @@ def render_batch(dataset, ids: np.ndarray, params: np.ndarray, out_size: int, dr
 def render_batch_at(dataset, ids: np.ndarray, params: np.ndarray, sizes: tuple[int, ...], draft: bool,
                     recipe: Recipe | None = None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
     """``render_batch`` at each of ``sizes`` (``render_views_at``): ``({size: own}, {size: partner} or None)``."""
+    own, extra, index = render_batch_pool(dataset, ids, params, sizes, draft, recipe)
+    if extra is None or index is None:
+        return own, None
+    return own, {size: _partner_views(v, extra[size], index) for size, v in own.items()}
+
+
+def render_batch_pool(dataset, ids: np.ndarray, params: np.ndarray, sizes: tuple[int, ...], draft: bool,
+                      recipe: Recipe | None = None
+                      ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None, np.ndarray | None]:
+    """A batch's uint8 views and only the partner views it does not hold: ``({size: own}, {size: extra},
+    partner_index)``, row ``i``'s partner view being row ``partner_index[i]`` of own followed by extra (its own row
+    where it does not mix; ``in_batch_partners`` finds the partners already in the batch); ``(own, None, None)``
+    where no row mixes. What a loader worker hands over (``mix_views(..., partner_index=)`` gathers on the device),
+    so a batch of partners it holds is neither rendered nor copied twice."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     _check_width(params, recipe)
     own = render_views_at(dataset, ids, own_rows(params, recipe), sizes, draft, recipe)
     mixing = params[:, COL["mix_mode"]] != MIX_NONE
     if not mixing.any():
-        return own, None
-    partner = {size: v.clone() for size, v in own.items()}
+        return own, None, None
+    index = np.arange(len(ids), dtype=np.int64)
     rows = np.flatnonzero(mixing)
     source = in_batch_partners(ids, params, rows, recipe)
-    here = source >= 0  # the partner's own view is in the batch, under the same row: copied, not rendered again
-    for size in sizes:
-        partner[size][rows[here]] = own[size][source[here]]
-    rows = rows[~here]
-    if rows.size:
-        theirs = render_views_at(dataset, params[rows, COL["partner"]].astype(np.int64),
-                                 partner_rows(params[rows], recipe), sizes, draft, recipe)
-        for size in sizes:
-            partner[size][rows] = theirs[size]
-    return own, partner
+    here = source >= 0
+    index[rows[here]] = source[here]
+    rest = rows[~here]
+    index[rest] = len(ids) + np.arange(len(rest))
+    if rest.size:
+        extra = render_views_at(dataset, params[rest, COL["partner"]].astype(np.int64),
+                                partner_rows(params[rest], recipe), sizes, draft, recipe)
+    else:
+        extra = {size: v[:0] for size, v in own.items()}
+    return own, extra, index
+
+
+def _partner_views(own: torch.Tensor, extra: torch.Tensor, index: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Row ``i``: row ``index[i]`` of ``own`` followed by ``extra`` (``render_batch_pool``), on ``own``'s device."""
+    index = torch.as_tensor(index, dtype=torch.int64, device=own.device)
+    outside = index >= len(own)
+    out = own[index.clamp(max=len(own) - 1)]
+    if bool(outside.any()):
+        out[outside] = extra.to(own.device)[index[outside] - len(own)]
+    return out
 
 
 def in_batch_partners(ids: np.ndarray, params: np.ndarray, rows: np.ndarray, recipe: Recipe | None) -> np.ndarray:

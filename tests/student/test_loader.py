@@ -37,6 +37,7 @@ from pipelines.views import (
     partner_rows,
     partners_of,
     render_batch,
+    render_batch_pool,
     render_views,
 )
 from student._loader import FeatureRows, default_loader_workers
@@ -275,6 +276,10 @@ def test_partner_runs_render_each_deit_view_once_and_equal_each_view_rendered_al
         alone = torch.stack([render_views(ds, mates[i : i + 1], partner_rows(params[ids[i : i + 1]], recipe), 32,
                                           recipe.draft, recipe)[0] for i in range(8)])
         assert torch.equal(partner, alone)
+        _, extra, index = render_batch_pool(ds, ids, params[ids], (32,), recipe.draft, recipe)
+        assert extra is not None and len(extra[32]) == 1  # what a worker hands over: the last one's partner alone
+        np.testing.assert_array_equal(index, np.arange(1, 9))
+        assert torch.equal(mix_views(own, extra[32], params[ids], index), mix_views(own, alone, params[ids]))
         monkeypatch.setattr(views_module, "decode_views", lambda d, w, req, *a: rendered.append(len(req)) or
                             real(d, w, req, *a))
     shuffled = np.random.default_rng(0).permutation(len(ds))[:8]  # the shuffle's batch: each partner rendered
