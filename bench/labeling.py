@@ -269,7 +269,8 @@ def seeds_profile(folder: Path, teacher: str, kwargs: dict, recipe_name: str, si
                   images: int = 64) -> dict:
     """Where a view's labeling time goes, in this process on the bench's threads: ``decode_ms`` an image and
     ``crop_ms`` a view (``decode_views`` of one view, and of the image's S views, over the first ``images``
-    images: one view costs decode + crop, S views decode + S crops), ``forward_ms`` a view (the teacher at
+    images, without DCT-scaled decoding so that the S views take one decode: one view costs decode + crop, S
+    views decode + S crops; the pipeline's draft decoding makes ``d`` smaller), ``forward_ms`` a view (the teacher at
     ``batch``, ``torch.inference_mode``). From them, the ratio one pass would give if nothing else cost:
     ``S (d + c + f) / (d + S (c + f))`` with ``f`` as measured and with ``f / 50`` (a GPU's teacher, about 50x
     faster than this CPU's): a model, not a measurement."""
@@ -285,11 +286,11 @@ def seeds_profile(folder: Path, teacher: str, kwargs: dict, recipe_name: str, si
     encoded = list(ds.encoded(ids))
     t = time.perf_counter()
     for i, (data, where) in enumerate(encoded):
-        decode_views(data, where, [(rows[0][i], size)], recipe.draft, recipe)
+        decode_views(data, where, [(rows[0][i], size)], False, recipe)
     one = (time.perf_counter() - t) / len(ids)
     t = time.perf_counter()
     for i, (data, where) in enumerate(encoded):
-        decode_views(data, where, [(r[i], size) for r in rows], recipe.draft, recipe)
+        decode_views(data, where, [(r[i], size) for r in rows], False, recipe)
     all_seeds = (time.perf_counter() - t) / len(ids)
     crop = max(all_seeds - one, 0.0) / (seeds - 1)
     decode = max(one - crop, 0.0)
