@@ -14,9 +14,17 @@ first N are hard links to the N folder's files). Then, each open in a fresh subp
   rounds interleaved, the best round of each (target ratio >= 1.0); also without DCT-scaled (draft) decoding;
 - the same for ``deit`` views (bicubic crop, RandAugment ``rand-m9-mstd0.5-inc1``, random erasing 0.25, from the
   stored rows) against timm's own ``create_transform(224, is_training=True, auto_augment='rand-m9-mstd0.5-inc1',
-  re_prob=0.25, interpolation='bicubic')`` on ``ImageFolder`` (target >= 1.0): stillroom's batch holds each
-  view's mix partner's view too (DeiT mixes every pair: a second decode per view, which timm's batch-level
-  Mixup in the training process does not need), so ``deit_own_only`` renders the views alone as well;
+  re_prob=0.25, interpolation='bicubic')`` on ``ImageFolder`` (target >= 1.0). DeiT mixes every pair, so a
+  batch needs each view's partner's view too; timm's batch-level Mixup takes it from the batch. ``deit`` is
+  what the student's loader does per view: its own ``BatchSource`` and DataLoader (``student._loader.
+  batch_parts``) over the batches a ``deit`` store replays in seed order (``student.data.partner_run_order``:
+  runs of ``--batch`` consecutive samples of seed 0's partner cycle, each partner view taken from the batch
+  but the last one's: ``batch + 1`` renders a batch), rows drawn as the store holds them; the uint8 views and
+  partner views handed over count, mixing them (``mix_views``, on the training device) is not timed, as timm's
+  Mixup is not. ``deit_shuffled``: the same loader on the same images in shuffled batches, as ``--view-order
+  random`` and ``--views-per-image K > 1`` replay them (each partner rendered: about two renders a view);
+  ``deit_own_only``: the views alone, no partner. Every loader of the bench reads the same images: the first
+  ``--images`` of that partner order;
 - the index's bytes per sample, in memory and in its cache file.
 
 The warm open time and RAM of a 1.28 M-image index are *extrapolated* linearly from the 4N figures (per-sample
@@ -160,6 +168,21 @@ def _posterize_zero_bits() -> None:
                                          else op(img, bits, **kw))
 
 
+def _deit_loader(root: Path, ids: np.ndarray, workers: int, batch: int, shuffled: bool):
+    """The student's loader (``BatchSource`` through ``batch_parts``) over ``deit`` rows of seed 0, in batches of
+    ``ids`` as given (partner runs) or shuffled: uint8 ``BatchParts``."""
+    from pipelines.datasets import load_dataset
+    from pipelines.views import draw_views, get_recipe
+    from student._loader import BatchSource, batch_parts
+
+    ds = load_dataset(f"imagefolder:{root}")
+    recipe = get_recipe("deit")
+    params = draw_views(recipe, 0, np.arange(len(ds)), len(ds), ds.sizes)  # the store's view array, seed 0
+    source = BatchSource(ds, {"view": params}, 0, 0, 224, recipe.draft, ds.num_classes, recipe=recipe)
+    order = np.random.default_rng(1).permutation(ids) if shuffled else ids
+    return batch_parts(source, [order[s : s + batch] for s in range(0, len(order), batch)], workers, pin=False)
+
+
 def throughput(root: Path, ids: np.ndarray, workers: int, batch: int, rounds: int) -> dict:
     import torch
     from timm.data import create_transform
@@ -178,8 +201,8 @@ def throughput(root: Path, ids: np.ndarray, workers: int, batch: int, rounds: in
         "stillroom_no_draft": lambda: DataLoader(_Ours(f"imagefolder:{root}", ids, batch, False), batch_size=None,
                                                  num_workers=workers),
         "torchvision": lambda: DataLoader(tv, batch_size=batch, num_workers=workers),
-        "deit": lambda: DataLoader(_Ours(f"imagefolder:{root}", ids, batch, True, "deit"), batch_size=None,
-                                   num_workers=workers),
+        "deit": lambda: _deit_loader(root, ids, workers, batch, shuffled=False),
+        "deit_shuffled": lambda: _deit_loader(root, ids, workers, batch, shuffled=True),
         "deit_own_only": lambda: DataLoader(_Ours(f"imagefolder:{root}", ids, batch, True, "deit", own_only=True),
                                             batch_size=None, num_workers=workers),
         "timm_deit": lambda: DataLoader(timm_deit, batch_size=batch, num_workers=workers),
@@ -192,6 +215,9 @@ def throughput(root: Path, ids: np.ndarray, workers: int, batch: int, rounds: in
             seen = 0
             for x in loader:
                 x = x[0] if isinstance(x, list) else x  # torchvision: (images, labels)
+                if hasattr(x, "pixels"):  # the student's loader: BatchParts, each view's partner view beside it
+                    assert x.partners is not None and x.partner_index is not None
+                    x = x.pixels
                 assert x.dtype == (torch.float32 if name == "timm_deit" else torch.uint8)
                 assert x.shape[1:] == (3, 224, 224)
                 seen += len(x)
@@ -223,7 +249,11 @@ def main() -> None:
         opens[name] = {"cold": measure_open(root, cold=True), "warm": measure_open(root, cold=False)}
         if not opens[name]["warm"]["reused"]:
             raise SystemExit(f"the warm open of {root} did not reuse its index")
-    ids = np.sort(np.random.default_rng(0).choice(args.n, size=min(args.images, args.n), replace=False))
+    from pipelines.views import get_recipe
+    from student.data import partner_run_order
+
+    # the images a deit epoch's first batches take (runs of the partner cycle); the same images for every loader
+    ids = partner_run_order(get_recipe("deit"), 0, args.n, args.batch, 0, 0)[: min(args.images, args.n)]
     rates = throughput(small, ids, args.workers, args.batch, args.rounds)
     warm4 = opens["4n"]["warm"]
     per_sample_s = warm4["open_s"] / warm4["samples"]
@@ -254,6 +284,7 @@ def main() -> None:
         "ratio_vs_torchvision": round(ratio, 3),
         "ratio_vs_torchvision_no_draft": round(rates["stillroom_no_draft"] / rates["torchvision"], 3),
         "deit_ratio_vs_timm": round(deit_ratio, 3),
+        "deit_shuffled_ratio_vs_timm": round(rates["deit_shuffled"] / rates["timm_deit"], 3),
         "deit_own_only_ratio_vs_timm": round(rates["deit_own_only"] / rates["timm_deit"], 3),
         "extrapolated_1_28m": {"warm_open_s": round(per_sample_s * IMAGENET, 1),
                                "index_ram_mb": round(bytes_per_sample * IMAGENET / 2**20, 1),

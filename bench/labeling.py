@@ -254,13 +254,61 @@ def bench_seeds(args: argparse.Namespace) -> None:
         shutil.rmtree(stores, ignore_errors=True)
     alone_vps = sum(r["samples"] for r in alone) / sum(r["labeling_s"] for r in alone)
     together_vps = together["samples"] / together["labeling_s"]
+    profile = seeds_profile(folder, args.teacher, kwargs, recipe, args.resolution, args.seeds, args.batch_size)
     print(json.dumps({
         "bench": "labeling", "data": "jpeg", "mode": "seeds", "seeds": args.seeds, "teacher": args.teacher,
         "resolution": args.resolution, "images": args.samples, "views": together["samples"],
         "batch_size": args.batch_size, "threads": args.threads,
         "one_pass_views_per_s": round(together_vps, 1), "seed_at_a_time_views_per_s": round(alone_vps, 1),
         "ratio": round(together_vps / alone_vps, 3), "load_avg_1m": round(os.getloadavg()[0], 2),
+        "profile": profile,
     }))
+
+
+def seeds_profile(folder: Path, teacher: str, kwargs: dict, recipe_name: str, size: int, seeds: int, batch: int,
+                  images: int = 64) -> dict:
+    """Where a view's labeling time goes, in this process on the bench's threads: ``decode_ms`` an image and
+    ``crop_ms`` a view (``decode_views`` of one view, and of the image's S views, over the first ``images``
+    images, without DCT-scaled decoding so that the S views take one decode: one view costs decode + crop, S
+    views decode + S crops; the pipeline's draft decoding makes ``d`` smaller), ``forward_ms`` a view (the teacher at
+    ``batch``, ``torch.inference_mode``). From them, the ratio one pass would give if nothing else cost:
+    ``S (d + c + f) / (d + S (c + f))`` with ``f`` as measured and with ``f / 50`` (a GPU's teacher, about 50x
+    faster than this CPU's): a model, not a measurement."""
+    import timm
+
+    from pipelines.datasets import load_dataset
+    from pipelines.views import decode_views, draw_views, get_recipe
+
+    ds = load_dataset(f"imagefolder:{folder}")
+    recipe = get_recipe(recipe_name)
+    ids = np.arange(min(images, len(ds)))
+    rows = [draw_views(recipe, s, ids, len(ds), ds.sizes)[:, :5] for s in range(seeds)]
+    encoded = list(ds.encoded(ids))
+    t = time.perf_counter()
+    for i, (data, where) in enumerate(encoded):
+        decode_views(data, where, [(rows[0][i], size)], False, recipe)
+    one = (time.perf_counter() - t) / len(ids)
+    t = time.perf_counter()
+    for i, (data, where) in enumerate(encoded):
+        decode_views(data, where, [(r[i], size) for r in rows], False, recipe)
+    all_seeds = (time.perf_counter() - t) / len(ids)
+    crop = max(all_seeds - one, 0.0) / (seeds - 1)
+    decode = max(one - crop, 0.0)
+    model = timm.create_model(teacher, **kwargs).eval()
+    x = torch.rand(batch, 3, size, size)
+    with torch.inference_mode():
+        model(x)  # warm-up
+        t = time.perf_counter()
+        for _ in range(3):
+            model(x)
+    forward = (time.perf_counter() - t) / (3 * batch)
+
+    def modelled(f: float) -> float:
+        return round(seeds * (decode + crop + f) / (decode + seeds * (crop + f)), 3)
+
+    return {"decode_ms": round(decode * 1e3, 2), "crop_ms": round(crop * 1e3, 2), "forward_ms": round(forward * 1e3, 2),
+            "forward_share_of_a_view": round(forward / (decode + crop + forward), 3),
+            "modelled_ratio": modelled(forward), "modelled_ratio_forward_50x_faster": modelled(forward / 50)}
 
 
 def bench_fmnist(args: argparse.Namespace) -> None:

@@ -130,6 +130,11 @@ class Recipe:
         return self.auto_augment is not None or self.color_jitter is not None or self.re_prob > 0
 
     @property
+    def mixes(self) -> bool:
+        """Whether some views mix two samples (mixup or cutmix): their rows name a partner."""
+        return self.mixup_p + self.cutmix_p > 0
+
+    @property
     def digest(self) -> str:
         """Hash of every field: the recipe's identity in cache keys and generator keys."""
         d = asdict(self)
@@ -264,7 +269,7 @@ def num_view_params(recipe: Recipe) -> int:
 
 
 def _mixing(recipe: Recipe) -> bool:
-    return recipe.mixup_p + recipe.cutmix_p > 0
+    return recipe.mixes
 
 
 def own_rows(params: np.ndarray, recipe: Recipe | None) -> np.ndarray:
@@ -444,6 +449,16 @@ def partners_of(recipe: Recipe, seed: int, ids: np.ndarray, num_samples: int) ->
     return order.inverse((order(ids) + 1) % num_samples)
 
 
+def partner_cycle(recipe: Recipe, seed: int, num_samples: int) -> np.ndarray:
+    """The whole split in the cyclic order ``partners_of`` follows under (recipe, seed): the partner of
+    ``cycle[p]`` is ``cycle[(p + 1) % N]`` (N >= 2). A table of N ids (10 MB at ImageNet's 1.28 M), for a reader
+    that orders a whole epoch by it (``student.data.partner_run_order``)."""
+    positions = np.arange(num_samples, dtype=np.int64)
+    if num_samples < 2:
+        return positions
+    return _SplitPermutation(_key(recipe, seed, "partners"), num_samples).inverse(positions)
+
+
 class _SplitPermutation:
     """A keyed pseudo-random permutation of ``[0, n)``, evaluated per element in both directions: a balanced
     Feistel network over ``2^(2h) >= n`` values (8 rounds, each a splitmix64 hash of the half and a round key)
@@ -589,15 +604,20 @@ def _mix(x: torch.Tensor, p: torch.Tensor, params: torch.Tensor, out_hw: tuple[i
     return x * (1 - cut) + p * cut
 
 
-def mix_views(own: torch.Tensor, partner: torch.Tensor | None, params: torch.Tensor | np.ndarray) -> torch.Tensor:
+def mix_views(own: torch.Tensor, partner: torch.Tensor | None, params: torch.Tensor | np.ndarray,
+              partner_index: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
     """uint8 views from ``render_views`` (and their partners' views, where some row mixes) -> float views in
-    [0, 1], mixed; runs on whatever device ``own`` is on."""
+    [0, 1], mixed; runs on whatever device ``own`` is on. With ``partner_index`` (``render_batch_pool``),
+    ``partner`` holds only the partner views the batch lacks and each row's is gathered here."""
     params = torch.as_tensor(params, dtype=torch.float32, device=own.device)
     x = own.float() / 255.0
     if _mixes(params):
         if partner is None:
             raise UsageError("these views mix two images: pass the partners' views")
-        x = _mix(x, partner.to(own.device).float() / 255.0, params, (int(own.shape[2]), int(own.shape[3])))
+        p = partner.to(own.device).float() / 255.0
+        if partner_index is not None:
+            p = _partner_views(x, p, partner_index)
+        x = _mix(x, p, params, (int(own.shape[2]), int(own.shape[3])))
     return x
 
 
@@ -724,19 +744,74 @@ def render_batch(dataset, ids: np.ndarray, params: np.ndarray, out_size: int, dr
 def render_batch_at(dataset, ids: np.ndarray, params: np.ndarray, sizes: tuple[int, ...], draft: bool,
                     recipe: Recipe | None = None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
     """``render_batch`` at each of ``sizes`` (``render_views_at``): ``({size: own}, {size: partner} or None)``."""
+    own, extra, index = render_batch_pool(dataset, ids, params, sizes, draft, recipe)
+    if extra is None or index is None:
+        return own, None
+    return own, {size: _partner_views(v, extra[size], index) for size, v in own.items()}
+
+
+def render_batch_pool(dataset, ids: np.ndarray, params: np.ndarray, sizes: tuple[int, ...], draft: bool,
+                      recipe: Recipe | None = None
+                      ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None, np.ndarray | None]:
+    """A batch's uint8 views and only the partner views it does not hold: ``({size: own}, {size: extra},
+    partner_index)``, row ``i``'s partner view being row ``partner_index[i]`` of own followed by extra (its own row
+    where it does not mix; ``in_batch_partners`` finds the partners already in the batch); ``(own, None, None)``
+    where no row mixes. What a loader worker hands over (``mix_views(..., partner_index=)`` gathers on the device),
+    so a batch of partners it holds is neither rendered nor copied twice."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     _check_width(params, recipe)
     own = render_views_at(dataset, ids, own_rows(params, recipe), sizes, draft, recipe)
     mixing = params[:, COL["mix_mode"]] != MIX_NONE
     if not mixing.any():
-        return own, None
-    partner = {size: v.clone() for size, v in own.items()}
+        return own, None, None
+    index = np.arange(len(ids), dtype=np.int64)
     rows = np.flatnonzero(mixing)
-    theirs = render_views_at(dataset, params[rows, COL["partner"]].astype(np.int64), partner_rows(params[rows], recipe),
-                             sizes, draft, recipe)
-    for size in sizes:
-        partner[size][rows] = theirs[size]
-    return own, partner
+    source = in_batch_partners(ids, params, rows, recipe)
+    here = source >= 0
+    index[rows[here]] = source[here]
+    rest = rows[~here]
+    index[rest] = len(ids) + np.arange(len(rest))
+    if rest.size:
+        extra = render_views_at(dataset, params[rest, COL["partner"]].astype(np.int64),
+                                partner_rows(params[rest], recipe), sizes, draft, recipe)
+    else:
+        extra = {size: v[:0] for size, v in own.items()}
+    return own, extra, index
+
+
+def _partner_views(own: torch.Tensor, extra: torch.Tensor, index: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Row ``i``: row ``index[i]`` of ``own`` followed by ``extra`` (``render_batch_pool``), on ``own``'s device."""
+    index = torch.as_tensor(index, dtype=torch.int64, device=own.device)
+    outside = index >= len(own)
+    out = own[index.clamp(max=len(own) - 1)]
+    if bool(outside.any()):
+        out[outside] = extra.to(own.device)[index[outside] - len(own)]
+    return out
+
+
+def in_batch_partners(ids: np.ndarray, params: np.ndarray, rows: np.ndarray, recipe: Recipe | None) -> np.ndarray:
+    """For each mixing row in ``rows``, a row of the batch whose own view *is* its partner's view (the partner's id
+    and the same one-view row: box, flip, photometric columns), else -1. Rendering is a pure function of the id and
+    that row, so the partner's view is then the batch's own view of that row, bit for bit: a batch cut from a run of
+    the partner cycle (``StoreStream``, one seed) renders each of its views once and only the last one's partner
+    besides."""
+    out = np.full(len(rows), -1, dtype=np.int64)
+    if not len(rows):
+        return out
+    ids = np.asarray(ids, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    wanted = params[rows, COL["partner"]].astype(np.int64)
+    at = np.minimum(np.searchsorted(ids[order], wanted), len(ids) - 1)
+    found = ids[order[at]] == wanted
+    mine, theirs = own_rows(params, recipe), partner_rows(params[rows], recipe)
+    for i in np.flatnonzero(found):  # an id on several rows (K views, several seeds): the first whose row matches
+        for r in order[at[i]:]:
+            if ids[r] != wanted[i]:
+                break
+            if np.array_equal(mine[r], theirs[i]):
+                out[i] = r
+                break
+    return out
 
 
 def partner_ids(params: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -6,8 +6,9 @@ normalises on the device):
 - a worker (``BatchSource.__getitems__``, run by a ``torch.utils.data.DataLoader`` whose batch sampler is
   the epoch's order cut into batches) gathers the stored arrays of its batch's ids, the labels and mixed
   targets, and the *uint8* pixels: on-disk data sets decode and crop each view from its stored parameters
-  (``render_batch``, into shared memory); in-memory data sets hand over the source images (cropping them is
-  one ``grid_sample`` over the batch, cheapest on the device);
+  (``render_batch_pool``, into shared memory: the batch's views and only the partner views it lacks, gathered
+  on the device); in-memory data sets hand over the source images (cropping them is one ``grid_sample`` over
+  the batch, cheapest on the device);
 - the training process (``finish``) moves the uint8 batch to the device (pinned, non-blocking on CUDA, one
   batch ahead on a side stream) and builds the float views there: ``mix_views`` or ``apply_views``. The
   student's normalisation follows in its step, on the same device.
@@ -32,7 +33,7 @@ import torch
 from pipelines.errors import UsageError
 from pipelines.storage import is_url
 from pipelines.store import StoreError
-from pipelines.views import COL, MIX_NONE, Recipe, apply_views, mix_views, partner_ids, render_batch
+from pipelines.views import COL, MIX_NONE, Recipe, apply_views, mix_views, partner_ids, render_batch_pool
 
 log = logging.getLogger("stillroom.student")
 MAX_AUTO_WORKERS = 4  # more rarely pays for one training process; say --loader-workers N for more
@@ -232,7 +233,8 @@ class BatchParts:
 
     ids: np.ndarray
     pixels: torch.Tensor  # uint8: rendered views (B, 3, S, S) when ``rendered``, else source images (B, C, H, W)
-    partners: torch.Tensor | None  # the partners' uint8 pixels where some row mixes, else None
+    partners: torch.Tensor | None  # the partners' uint8 pixels where some row mixes (rendered: those the batch
+    # lacks, ``partner_index``), else None
     params: np.ndarray
     labels: torch.Tensor
     targets: torch.Tensor
@@ -243,6 +245,7 @@ class BatchParts:
     epoch: int
     row_seeds: np.ndarray | None = None
     recipe: Recipe | None = None  # what finishes in-memory views with photometric ops (``apply_views``)
+    partner_index: np.ndarray | None = None  # rendered: each row's partner view in pixels, then partners
 
     def pin_memory(self) -> BatchParts:
         """Called by the DataLoader's pinning thread (CUDA): page-locked host tensors copy asynchronously."""
@@ -306,17 +309,19 @@ class BatchSource(torch.utils.data.Dataset):
             gathered["features"] = self._features(self.features, ids, row_seeds)
         partners = partner_ids(params, ids)
         mixing = not np.array_equal(partners, ids)
+        partner_index = None
         if self.dataset.in_memory:
             pixels = self.dataset.read(ids)
             partner_pixels = self.dataset.read(partners) if mixing else None
         else:
-            pixels, partner_pixels = render_batch(self.dataset, ids, params, int(self.out_size or 0), self.draft,
-                                                  self.recipe)
+            size = int(self.out_size or 0)
+            own, extra, partner_index = render_batch_pool(self.dataset, ids, params, (size,), self.draft, self.recipe)
+            pixels, partner_pixels = own[size], extra[size] if extra is not None else None
         y = self.dataset.labels[ids]
         targets = mixed_targets(y, params, self.dataset.labels[partners], self.num_classes)
         return BatchParts(ids, pixels, partner_pixels, params, torch.from_numpy(y), torch.from_numpy(targets),
                           label_tensors(gathered), not self.dataset.in_memory, self.out_size, self.seed, self.epoch,
-                          row_seeds, self.recipe)
+                          row_seeds, self.recipe, partner_index)
 
 
 def _first(items: Any) -> BatchParts:
@@ -330,7 +335,7 @@ def finish(parts: BatchParts, device: torch.device) -> Batch:
     pixels = parts.pixels.to(device, non_blocking=async_copy)
     partners = parts.partners.to(device, non_blocking=async_copy) if parts.partners is not None else None
     if parts.rendered:
-        views = mix_views(pixels, partners, parts.params)
+        views = mix_views(pixels, partners, parts.params, parts.partner_index)
     else:
         views = apply_views(pixels, parts.params, parts.out_size, partners, parts.recipe)
     return Batch(parts.ids, views, parts.labels.to(device, non_blocking=async_copy),

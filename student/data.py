@@ -11,6 +11,23 @@ whatever arrays are read (on ids sorted by class, anything less leaves batches o
 ``world_size > 1`` each rank takes every ``world_size``-th sample of that permutation (the last
 ``N % world_size`` are left out of that epoch so every rank runs the same number of steps) and reads only those
 samples' images.
+
+One exception, where it saves work: a recipe that mixes, replayed in seed order (one seed an epoch, one view a
+sample) from images on disk. A mixing view's partner is the next sample along the seed's cyclic order of the split
+(``pipelines.views.partners_of``), and its partner view is that sample's own view under the same seed. So the epoch
+is that cycle cut into runs of ``batch_size`` consecutive samples (``partner_run_order``): each batch holds its
+views' partners but the last one's, renders ``batch_size + 1`` views instead of ``2 * batch_size`` and takes each
+partner view from the batch (``pipelines.views.in_batch_partners``: bit-identical to rendering it alone). DeiT
+mixes every pair, so that halves the decodes and RandAugments of a ``deit`` epoch (timm mixes within the batch and
+renders none). Alternatives weighed: timm's batch-level mixing (flip the batch) would make a view depend on its
+batch, which the store's per-pair views exclude; a cache of rendered views across batches would need the partner's
+batch in the same worker at the same time, which a shuffled epoch does not give. A run is a pseudo-random subset
+of the split (the cycle is a keyed permutation), as class-balanced as a shuffle's batch (tests/student: at
+ImageNet's 1.28 M class-sorted ids); the cut offset and the runs' order are drawn from ``(shuffle_seed, epoch)``.
+What it gives up: a sample and its partner always share a batch, and when a seed comes round again (epoch e and
+e + S) the batches are the same runs cut at another offset. ``--view-order random`` and ``--views-per-image K > 1``
+take rows from several seeds, whose cycles differ: they keep the shuffle and render each partner view; in-memory
+data too (its partners are source images cropped on the device, cheap).
 """
 
 from __future__ import annotations
@@ -24,7 +41,7 @@ import torch
 from pipelines.datasets import Dataset
 from pipelines.errors import UsageError
 from pipelines.store import LabelStore, SeedLabels, StoreError
-from pipelines.views import Recipe, get_recipe, output_size
+from pipelines.views import Recipe, get_recipe, output_size, partner_cycle
 from student._loader import (
     LABEL_ARRAYS,
     Batch,
@@ -237,9 +254,21 @@ class StoreStream:
             return None
         return {s: FeatureRows(self.store.seed_dir(s)) for s in (self.seeds if seed is None else (seed,))}
 
+    @property
+    def partner_runs(self) -> bool:
+        """Whether an epoch's batches are runs of the seed's partner cycle (``partner_run_order``; see the module
+        docstring): a mixing recipe in seed order, one view a sample, images on disk."""
+        return (self.recipe.mixes and self.view_order == "cycle" and self.views_per_image == 1
+                and not self.dataset.in_memory and len(self.dataset) >= 2)
+
     def order(self, epoch: int) -> np.ndarray:
         """This rank's sample ids for ``epoch``, in order: a permutation of the whole split drawn from
-        ``(shuffle_seed, epoch)``, this rank's share of it."""
+        ``(shuffle_seed, epoch)``, this rank's share of it (``partner_runs``: the epoch seed's partner cycle cut
+        into runs of ``batch_size``, ``partner_run_order``)."""
+        seed = self.seed_for_epoch(epoch)
+        if self.partner_runs and seed is not None:
+            return partner_run_order(self.recipe, seed, len(self.dataset), self.batch_size, self.shuffle_seed, epoch,
+                                     self.rank, self.world_size)
         perm = np.random.default_rng([self.shuffle_seed, epoch]).permutation(len(self.dataset))
         per_rank = len(perm) // self.world_size
         return perm[self.rank :: self.world_size][:per_rank]
@@ -280,6 +309,26 @@ class StoreStream:
         return finish(self.source(labels, epoch).__getitems__(ids), torch.device("cpu"))
 
 
+def partner_run_order(recipe: Recipe, seed: int, num_samples: int, batch_size: int, shuffle_seed: int, epoch: int,
+                      rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """This rank's ids of an epoch as runs of ``batch_size`` consecutive samples of the partner cycle of
+    (recipe, seed) (``pipelines.views.partner_cycle``): the cycle rotated by an offset drawn from
+    ``(shuffle_seed, epoch)``, cut into ``world_size`` arcs of ``N // world_size`` (the last ``N % world_size``
+    left out, as the shuffle leaves them), this rank's arc cut into runs from its start, the full runs in an order
+    drawn from the same generator and a shorter one last. Cut into batches of ``batch_size`` (``StoreStream.
+    batches``), every batch is a run: each sample's partner is the next sample of its batch, but the last's."""
+    if batch_size < 1 or not 0 <= rank < world_size:
+        raise UsageError(f"batch size {batch_size}, rank {rank} of {world_size}: expected >= 1 and 0 <= rank < "
+                         "world size")
+    rng = np.random.default_rng([shuffle_seed, epoch, 2])
+    cycle = np.roll(partner_cycle(recipe, seed, num_samples), -int(rng.integers(max(num_samples, 1))))
+    per_rank = num_samples // world_size
+    arc = cycle[rank * per_rank : (rank + 1) * per_rank]
+    full = per_rank // batch_size
+    runs = arc[: full * batch_size].reshape(full, batch_size)[rng.permutation(full)]
+    return np.concatenate([runs.reshape(-1), arc[full * batch_size :]])
+
+
 def read_labels(store: LabelStore, seed: int) -> SeedLabels:
     """What the student reads of a complete seed: the view parameters and the label arrays it trains on, not
     ``features`` (read by the batch's rows: ``FeatureRows``) nor an ensemble's per-member arrays."""
@@ -292,4 +341,4 @@ def label_names(store: LabelStore) -> list[str]:
     return [name for name in store.schema.arrays() if name in wanted]
 
 
-__all__ = ["Batch", "StoreStream", "check_store", "label_tensors", "mixed_targets", "read_labels"]
+__all__ = ["Batch", "StoreStream", "check_store", "label_tensors", "mixed_targets", "partner_run_order", "read_labels"]

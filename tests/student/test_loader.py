@@ -17,18 +17,32 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from class_sorted import distinct_per_batch
+from class_sorted import class_sorted_labels, distinct_per_batch
 from conftest import make_teacher
 from image_data import write_image_folder
 
+import pipelines.views as views_module
 from pipelines.datasets import load_dataset
 from pipelines.errors import UsageError
 from pipelines.labeling import LabelConfig, run_labeling
 from pipelines.store import LabelStore, StoreError, StoreSchema
-from pipelines.views import COL, MIX_NONE, NUM_VIEW_PARAMS, get_recipe
+from pipelines.views import (
+    COL,
+    MIX_NONE,
+    NUM_VIEW_PARAMS,
+    draw_views,
+    get_recipe,
+    mix_views,
+    own_rows,
+    partner_rows,
+    partners_of,
+    render_batch,
+    render_batch_pool,
+    render_views,
+)
 from student._loader import FeatureRows, default_loader_workers
 from student.config import TrainConfig
-from student.data import Batch, StoreStream, check_store
+from student.data import Batch, StoreStream, check_store, partner_run_order
 from student.run import train
 
 DATA = "synthetic:n=72,classes=4,size=16"
@@ -55,6 +69,13 @@ def jpeg_store(tmp_path_factory) -> tuple[LabelStore, str]:
     teacher = make_teacher(tmp_path_factory.mktemp("teacher") / "t.pt", in_chans=3, resolution=24)
     data = f"imagefolder:{folder}"
     return _store(tmp_path_factory.mktemp("stores"), data, teacher, "fmnist-rrc-mix:size=24"), data
+
+
+@pytest.fixture(scope="module")
+def folder_deit(tmp_path_factory):
+    """A JPEG folder and ``deit:size=32`` (every pair mixes; RandAugment and erasing columns)."""
+    folder = write_image_folder(tmp_path_factory.mktemp("deit"), train=48, val=4)
+    return load_dataset(f"imagefolder:{folder}"), get_recipe("deit:size=32")
 
 
 def _epochs(store: LabelStore, data: str, workers: int, batch_size: int = 16, **kw) -> list[Batch]:
@@ -209,6 +230,89 @@ def test_features_on_a_class_sorted_split_leave_batches_as_mixed_as_a_full_shuff
     got = distinct_per_batch(ds.labels, ids, 128)
     assert abs(got - shuffled) / shuffled < 0.05, (got, shuffled)
     assert shuffled > 90  # 128 draws from 256 classes: about 100 distinct
+
+
+def test_partner_runs_on_imagenets_class_sorted_ids_are_as_class_balanced_as_a_shuffle():
+    """A mixing recipe in seed order: the epoch is the seed's partner cycle cut into runs of the batch size. At
+    ImageNet's 1,281,167 class-sorted ids (no images), batches of 256 hold as many classes as a shuffle's, each
+    sample's partner is the next of its batch (but the last's), two ranks split the epoch evenly and disjointly,
+    and another epoch cuts and orders the runs anew."""
+    labels = class_sorted_labels()
+    n, batch, recipe = len(labels), 256, get_recipe("deit")
+    ranks = [partner_run_order(recipe, 3, n, batch, 7, 0, rank, 2) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == n // 2
+    both = np.concatenate(ranks)
+    assert len(np.unique(both)) == n - n % 2  # every sample once but the N % world_size left out
+    shuffled = distinct_per_batch(labels, np.random.default_rng(1).permutation(n), batch)
+    for order in ranks:
+        got = distinct_per_batch(labels, order, batch)
+        assert abs(got - shuffled) / shuffled < 0.01, (got, shuffled)  # about 225 distinct of 256
+    runs = ranks[0][: len(ranks[0]) // batch * batch].reshape(-1, batch)[:64]
+    np.testing.assert_array_equal(partners_of(recipe, 3, runs[:, :-1].ravel(), n), runs[:, 1:].ravel())
+    assert (partners_of(recipe, 3, runs[:, -1], n)[:, None] != runs).all()  # the last's partner: not in its run
+    other = partner_run_order(recipe, 3, n, batch, 7, 1, 0, 2)
+    assert not np.isin(runs[0], other[:batch]).all() and len(other) == n // 2
+
+
+def test_partner_runs_render_each_deit_view_once_and_equal_each_view_rendered_alone(folder_deit, monkeypatch):
+    """``render_batch`` on a run of the partner cycle renders the batch's views and the last one's partner, no more,
+    and every view (own and partner, RandAugment and erasing included) is bit-identical to rendering it alone."""
+    ds, recipe = folder_deit
+    params = draw_views(recipe, 1, np.arange(len(ds)), len(ds), ds.sizes)
+    order = partner_run_order(recipe, 1, len(ds), 8, 0, 0)
+    rendered = []
+    real = views_module.decode_views
+    monkeypatch.setattr(views_module, "decode_views", lambda d, w, req, *a: rendered.append(len(req)) or
+                        real(d, w, req, *a))
+    for start in (0, 8, 16):
+        ids = order[start : start + 8]
+        rendered.clear()
+        own, partner = render_batch(ds, ids, params[ids], 32, recipe.draft, recipe)
+        assert sum(rendered) == 8 + 1 and partner is not None  # deit mixes every pair: 9 views, not 16
+        mates = params[ids, COL["partner"]].astype(np.int64)
+        np.testing.assert_array_equal(mates[:-1], ids[1:])
+        monkeypatch.setattr(views_module, "decode_views", real)
+        assert torch.equal(own, render_views(ds, ids, own_rows(params[ids], recipe), 32, recipe.draft, recipe))
+        alone = torch.stack([render_views(ds, mates[i : i + 1], partner_rows(params[ids[i : i + 1]], recipe), 32,
+                                          recipe.draft, recipe)[0] for i in range(8)])
+        assert torch.equal(partner, alone)
+        _, extra, index = render_batch_pool(ds, ids, params[ids], (32,), recipe.draft, recipe)
+        assert extra is not None and len(extra[32]) == 1  # what a worker hands over: the last one's partner alone
+        np.testing.assert_array_equal(index, np.arange(1, 9))
+        assert torch.equal(mix_views(own, extra[32], params[ids], index), mix_views(own, alone, params[ids]))
+        monkeypatch.setattr(views_module, "decode_views", lambda d, w, req, *a: rendered.append(len(req)) or
+                            real(d, w, req, *a))
+    shuffled = np.random.default_rng(0).permutation(len(ds))[:8]  # the shuffle's batch: each partner rendered
+    rendered.clear()
+    render_batch(ds, shuffled, params[shuffled], 32, recipe.draft, recipe)
+    assert sum(rendered) > 8 + 1
+
+
+def test_streams_use_partner_runs_only_where_one_seed_mixes_views_on_disk(jpeg_store, memory_store):
+    """A mixing store on JPEGs in seed order: batches are partner runs, the same with workers; its mixed views equal
+    the views and partners rendered alone and mixed. ``--view-order random``, ``--views-per-image 2`` and in-memory
+    data keep the shuffle."""
+    store, data = jpeg_store
+    ds = load_dataset(data)
+    recipe = check_store(store, ds)
+    stream = StoreStream(store, ds, recipe, 12, loader_workers=0, shuffle_seed=5)
+    assert stream.partner_runs and len(stream) == 5
+    batches = _epochs(store, data, 0, batch_size=12)
+    for b in batches:
+        mixing = b.params[:-1, COL["mix_mode"]] != MIX_NONE
+        np.testing.assert_array_equal(b.params[:-1, COL["partner"]][mixing], b.ids[1:][mixing])
+        own = render_views(ds, b.ids, own_rows(b.params, recipe), 24, recipe.draft, recipe)
+        theirs = render_views(ds, np.where(b.params[:, COL["mix_mode"]] != MIX_NONE, b.params[:, COL["partner"]],
+                                           b.ids).astype(np.int64), partner_rows(b.params, recipe), 24, recipe.draft,
+                              recipe)
+        assert torch.equal(b.views, mix_views(own, theirs, b.params))
+    seed0 = store.load(0).arrays["view"]
+    np.testing.assert_array_equal(batches[0].params, seed0[batches[0].ids])
+    assert sorted(np.concatenate([b.ids for b in batches[:5]]).tolist()) == list(range(60))
+    assert not StoreStream(store, ds, recipe, 12, view_order="random").partner_runs
+    assert not StoreStream(store, ds, recipe, 12, views_per_image=2).partner_runs
+    memory = load_dataset(DATA)
+    assert not StoreStream(memory_store, memory, check_store(memory_store, memory), 8).partner_runs
 
 
 def test_stream_without_features_delivers_none(memory_store):
