@@ -7,8 +7,15 @@ import secrets
 import sys
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipelines.storage import Location, is_url, local_path
+
+if TYPE_CHECKING:
+    from services.specs import Root
 
 
 class Settings(BaseSettings):
@@ -17,8 +24,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     state_dir: Path = Path(".stillroom")  # job directories, the token, the default SQLite file
-    store_root: Path = Path("stores")
-    data_root: Path = Path("/usr/share/datasets")
+    # the store and data roots: a path, or a URL of any installed fsspec protocol (s3://bucket/prefix)
+    store_root: str = "stores"
+    data_root: str = "/usr/share/datasets"
     db: str = ""  # any SQLAlchemy URL; default: sqlite:///<state_dir>/jobs.db
     ray_address: str = ""  # a Ray dashboard URL (http://host:8265); empty: start a local Ray head
     dashboard_port: int = 8265
@@ -27,21 +35,37 @@ class Settings(BaseSettings):
     poll_interval_s: float = 1.0
     max_body_bytes: int = 1 << 20
 
+    @field_validator("store_root", "data_root", mode="before")
+    @classmethod
+    def _path_as_text(cls, v: Any) -> Any:
+        return os.fspath(v) if isinstance(v, os.PathLike) else v
+
     def prepare(self) -> None:
-        """Make the directories; resolve the roots so that path checks compare real paths."""
-        for d in (self.state_dir, self.store_root, self.state_dir / "jobs", self.state_dir / "teachers"):
+        """Make the directories; resolve the local roots so that path checks compare real paths, and check
+        the URL roots (no credentials, query or fragment, no '..')."""
+        from services.specs import root_of
+
+        for d in (self.state_dir, self.state_dir / "jobs", self.state_dir / "teachers"):
             d.mkdir(parents=True, exist_ok=True)
         self.state_dir = self.state_dir.resolve()
-        self.store_root = self.store_root.resolve()
-        self.data_root = self.data_root.resolve()
+        if not is_url(self.store_root):
+            Path(local_path(self.store_root)).mkdir(parents=True, exist_ok=True)
+        self.store_root = str(root_of(self.store_root, "store root"))
+        self.data_root = str(root_of(self.data_root, "data root"))
 
     @property
     def db_url(self) -> str:
         return self.db or f"sqlite:///{self.state_dir / 'jobs.db'}"
 
     @property
-    def allowed_roots(self) -> tuple[Path, ...]:
-        return (self.data_root, self.store_root, self.state_dir)
+    def allowed_roots(self) -> tuple[Root, ...]:
+        from services.specs import root_of
+
+        return tuple(root_of(str(r), "root") for r in (self.data_root, self.store_root, self.state_dir))
+
+    def store_of(self, cache_key: str) -> Location:
+        """Where the store ``cache_key`` lives under the store root (a path or a URL)."""
+        return Location(self.store_root) / cache_key
 
     @cached_property
     def token(self) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 from pipelines.atomic import write_json
 from pipelines.errors import StillroomError
 from pipelines.progress import PROGRESS_ENV
+from pipelines.storage import Location
 
 
 def run_teacher(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def run_train(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     from student.config import TrainConfig
     from student.run import train
 
-    fields = {**spec, "store": str(Path(job["store_root"]) / spec["store"]), "out": job["out"]}
+    fields = {**spec, "store": (Location(job["store_root"]) / spec["store"]).url, "out": job["out"]}
     if spec["workers"] > 1 and job["resources"]["gpus"] > 0:  # the Ray Train workers ask for the GPUs
         fields["device"] = "cuda"
     if fields.get("seeds") is not None:

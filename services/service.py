@@ -12,10 +12,11 @@ from typing import Any
 from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 
+from pipelines.storage import is_url
 from services.config import Settings
 from services.db import ACTIVE, Database, Job, JobKind, JobPublic, JobState, new_job_id, now
 from services.launcher import RayJobs
-from services.specs import REST_ONLY, PathOutsideRoots, _Spec, confined_spec
+from services.specs import REST_ONLY, BadLocation, PathOutsideRoots, _Spec, confined_spec
 from services.store_index import StoreIndex
 
 STORE_RESCAN_S = 10.0  # how often the background thread rereads the store root for stores made elsewhere
@@ -64,6 +65,8 @@ class Service:
             resolved = confined_spec(kind, spec, self.settings.allowed_roots, self.settings.state_dir)
         except PathOutsideRoots as e:
             raise HTTPException(403, str(e)) from None
+        except BadLocation as e:
+            raise invalid(e.field, str(e)) from None
         if kind == JobKind.train:
             resolved["dataset"] = self._train_dataset(spec, resolved)
         job = Job(id=new_job_id(), kind=kind.value, state=JobState.PENDING.value, spec=spec.model_dump(mode="json"),
@@ -123,7 +126,7 @@ class Service:
 
     def _cache_hit_label(self, job: Job, resolved: dict[str, Any]) -> Job:
         job.state, job.cache_hit, job.ended_at = JobState.SUCCEEDED.value, True, now()
-        job.result = {"cache_key": job.cache_key, "store": str(self.settings.store_root / str(job.cache_key)),
+        job.result = {"cache_key": job.cache_key, "store": self.settings.store_of(str(job.cache_key)).url,
                       "seeds_computed": [], "seeds_reused": sorted(resolved["seeds"]), "samples": 0, "cache_hit": True}
         return self.db.add(job)
 
@@ -154,8 +157,8 @@ class Service:
         teacher paths are resolved and stat-ed); one INSERT. None: not known to be a hit (``submit`` decides)."""
         try:
             resolved = confined_spec(JobKind.label, spec, self.settings.allowed_roots, self.settings.state_dir)
-        except PathOutsideRoots:
-            return None
+        except (PathOutsideRoots, BadLocation):
+            return None  # `submit` answers it
         key = self.label_keys.get(self._label_fingerprint(resolved))
         if key is None or not self.stores.has_seeds(key, resolved["seeds"]):
             return None
@@ -166,10 +169,16 @@ class Service:
     @staticmethod
     def _label_fingerprint(resolved: dict[str, Any]) -> str:
         """What makes a label spec's store key: its fields but the seeds and the way it runs, and the teacher
-        checkpoints' size and modification time (a checkpoint rewritten in place is another teacher)."""
+        checkpoints' size and modification time (a checkpoint rewritten in place is another teacher). A
+        checkpoint on a URL counts by its URL: asking the object store for its ETag would make a cache hit
+        wait on the object store (rewrite a checkpoint at a new URL, or restart the service)."""
         stats: list[tuple[Any, ...]] = []
         for t in resolved["teachers"]:
-            path = Path(t.partition("@")[2])
+            where = t.partition("@")[2]
+            if is_url(where):
+                stats.append((t,))
+                continue
+            path = Path(where)
             try:
                 st = path.stat()
                 stats.append((str(path), st.st_mtime_ns, st.st_size))
@@ -190,7 +199,7 @@ class Service:
                 if fingerprint not in self.label_keys:
                     config = LabelConfig(**{**resolved, "teachers": tuple(resolved["teachers"]),
                                             "seeds": tuple(resolved["seeds"]),
-                                            "store_root": str(self.settings.store_root)})
+                                            "store_root": self.settings.store_root})
                     try:
                         key = prepare_store(config).cache_key
                     except StillroomError as e:
@@ -203,7 +212,7 @@ class Service:
         job_dir = self._job_dir(job)
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "spec.json").write_text(json.dumps({
-            "job_id": job.id, "kind": job.kind, "spec": resolved, "store_root": str(self.settings.store_root),
+            "job_id": job.id, "kind": job.kind, "spec": resolved, "store_root": self.settings.store_root,
             **extra}))
         job.job_dir = str(job_dir)
         job.ray_job_id = f"stillroom-{job.id}"

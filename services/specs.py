@@ -1,5 +1,6 @@
 """Typed job specs: what ``POST /v1/{teacher,label,train}-jobs`` accept. Nothing in a spec names code to
-run; paths in a spec must resolve (symlinks followed) inside the configured data, store or state roots."""
+run; paths in a spec must resolve (symlinks followed) inside the configured data, store or state roots, and
+URLs lie under a URL root (same scheme and bucket, under its prefix by path components)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,18 @@ import hashlib
 import json
 import os
 import typing
-from dataclasses import MISSING
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from pipelines.datasets import DatasetSpec
+from pipelines.errors import UsageError
 from pipelines.labeling import LabelConfig
 from pipelines.options import base_type, default_of, options
+from pipelines.storage import is_url, local_path
 from pipelines.teacher_train import TeacherTrainConfig
 from pipelines.views import recipe_pattern
 from student.config import TrainConfig
@@ -26,9 +30,149 @@ Scalar = int | float | str | bool
 
 
 class PathOutsideRoots(ValueError):
-    pass
+    """A spec's path or URL lies outside every configured root: a 403."""
 
 
+class BadLocation(ValueError):
+    """A spec's URL that no root could hold (credentials, a query, '..'): a 422 naming ``field``."""
+
+    def __init__(self, message: str, field: str = ""):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class UrlRoot:
+    """A URL as confinement compares it: scheme, bucket (the URL's host) and the path's components."""
+
+    scheme: str
+    bucket: str
+    parts: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.bucket}" + "".join(f"/{p}" for p in self.parts)
+
+    def holds(self, url: UrlRoot) -> bool:
+        return (url.scheme, url.bucket) == (self.scheme, self.bucket) and url.parts[:len(self.parts)] == self.parts
+
+
+Root = Path | UrlRoot
+
+
+def parse_url(text: str) -> UrlRoot:
+    """``text`` (a URL) split for confinement. Refused, without echoing it (it may hold a secret): credentials,
+    a query or fragment (a signed URL's signature lives there), percent-escapes or backslashes (another client
+    may decode them into '..' or '/'), and empty, '.' or '..' path components. One trailing '/' is allowed.
+
+    Written here rather than taken from fsspec: fsspec's ``_strip_protocol`` normalises nothing and keeps
+    '..', and confinement must compare what the object store will be asked for, component by component."""
+    scheme = text.partition("://")[0]
+    try:
+        parts = urlsplit(text)
+        has_user = parts.username is not None or parts.password is not None
+    except ValueError:
+        raise BadLocation(f"{scheme}://...: not a valid URL") from None
+    if has_user or "@" in parts.netloc:
+        raise BadLocation(f"{scheme}://...: a URL must not hold credentials; the service reads them from the "
+                          "standard chain (environment, ~/.aws, an instance or pod role)")
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        raise BadLocation(f"{scheme}://...: a URL must have no query or fragment")
+    if "%" in text or "\\" in text:
+        raise BadLocation(f"{scheme}://...: percent-escapes and backslashes are not accepted in a URL")
+    if not parts.netloc or ":" in parts.netloc:
+        raise BadLocation(f"{scheme}://...: a URL must name its bucket (scheme://bucket/prefix), without a port")
+    path = parts.path.removeprefix("/").removesuffix("/")
+    components = tuple(path.split("/")) if path else ()
+    if any(c in ("", ".", "..") for c in components):
+        raise BadLocation(f"{scheme}://{parts.netloc}/...: empty, '.' and '..' path components are not allowed")
+    return UrlRoot(parts.scheme.lower(), parts.netloc, components)
+
+
+def root_of(text: str, what: str) -> Root:
+    """A configured root: a URL's parts, or a local path resolved (symlinks followed)."""
+    if is_url(text):
+        try:
+            return parse_url(text)
+        except BadLocation as e:
+            raise UsageError(f"{what}: {e}") from None
+    return local_path(text).resolve()
+
+
+def real_path(p: Path) -> Path:
+    """``p`` (absolute) with every symlink followed, as ``Path.resolve``. On Linux the kernel resolves an
+    existing path in one ``open(O_PATH)`` and ``/proc`` names the result (``resolve`` makes a system call
+    per component, on every submission); elsewhere, or for a path that does not exist, ``resolve``."""
+    try:
+        fd = os.open(p, os.O_PATH | os.O_CLOEXEC)
+    except (OSError, AttributeError):
+        return p.resolve()
+    try:
+        named = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return p.resolve()
+    finally:
+        os.close(fd)
+    return Path(named) if named.startswith("/") and not named.endswith(" (deleted)") else p.resolve()
+
+
+def confine(path: str, roots: tuple[Root, ...], base: Path) -> str:
+    """``path`` confined to ``roots``: a URL by scheme, bucket and path components under a URL root (no
+    request is made); a path (relative to ``base``) resolved with symlinks followed, under a local root."""
+    if is_url(path):
+        url = parse_url(path)
+        if not any(isinstance(r, UrlRoot) and r.holds(url) for r in roots):
+            raise PathOutsideRoots(f"path {str(url)!r} is outside the configured roots")
+        return str(url)
+    p = local_path(path)
+    try:
+        resolved = real_path(p if p.is_absolute() else base / p)
+    except ValueError:  # no path at all (an embedded NUL byte): the OS refuses it before any root is asked
+        raise PathOutsideRoots(f"path {path!r} is not a valid path") from None
+    if not any(isinstance(r, Path) and (resolved == r or resolved.is_relative_to(r)) for r in roots):
+        raise PathOutsideRoots(f"path {path!r} is outside the configured roots")
+    return str(resolved)
+
+
+def confine_dataset(dataset: str, roots: tuple[Root, ...], base: Path) -> str:
+    """``imagefolder:`` and ``parquet:`` paths or URLs confined (a Parquet glob: its folder, no ``..``);
+    the options after the path (``,bad=``, ``,val=``) are kept."""
+    kind, sep, arg = dataset.partition(":")
+    if kind not in ("imagefolder", "parquet") or not sep:
+        return dataset
+    path, _ = DatasetSpec(kind, arg).path_and_options()
+    option = arg[len(path):]
+    if kind == "parquet" and any(ch in path for ch in "*?["):
+        if ".." in path.split("/"):
+            raise PathOutsideRoots(f"path {path!r}: '..' is not allowed in a glob")
+        cut = min(i for i, ch in enumerate(path) if ch in "*?[")
+        folder, _, _ = path[:cut].rpartition("/")
+        return f"parquet:{confine(folder or '.', roots, base)}/{path[len(folder) + 1 if folder else 0:]}{option}"
+    return f"{kind}:{confine(path, roots, base)}{option}"
+
+
+def _field(name: str, confine_one: Any, *args: Any) -> Any:
+    try:
+        return confine_one(*args)
+    except BadLocation as e:
+        raise BadLocation(str(e), name) from None
+
+
+def confined_spec(kind: str, spec: _Spec, roots: tuple[Root, ...], base: Path) -> dict[str, Any]:
+    """The spec as the job entry point gets it: every path or URL checked (local paths resolved)."""
+    d = spec.model_dump(mode="json")
+    if d["dataset"] is not None:  # a train spec without one reads the store's
+        d["dataset"] = _field("dataset", confine_dataset, d["dataset"], roots, base)
+    if kind == "label":
+        teachers = []
+        for t in d["teachers"]:
+            name, sep, path = t.partition("@")
+            teachers.append(f"{name}@{_field('teachers', confine, path, roots, base)}" if sep else name)
+        d["teachers"] = teachers
+        if d.get("class_map"):
+            d["class_map"] = _field("class_map", confine, d["class_map"], roots, base)
+    if kind == "train" and d.get("init"):
+        d["init"] = _field("init", confine, d["init"], roots, base)
+    return d
 class _Spec(BaseModel):
     # strict: "0.1" is not a number and 1 is not a bool (the JSON Schema says so; lax coercion would accept them)
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -180,65 +324,3 @@ else:
 SPECS: dict[str, type[_Spec]] = {"teacher": TeacherJobSpec, "label": LabelJobSpec, "train": TrainJobSpec}
 
 
-def real_path(p: Path) -> Path:
-    """``p`` (absolute) with every symlink followed, as ``Path.resolve``. On Linux the kernel resolves an
-    existing path in one ``open(O_PATH)`` and ``/proc`` names the result (``resolve`` makes a system call
-    per component, on every submission); elsewhere, or for a path that does not exist, ``resolve``."""
-    try:
-        fd = os.open(p, os.O_PATH | os.O_CLOEXEC)
-    except (OSError, AttributeError):
-        return p.resolve()
-    try:
-        named = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return p.resolve()
-    finally:
-        os.close(fd)
-    return Path(named) if named.startswith("/") and not named.endswith(" (deleted)") else p.resolve()
-
-
-def confine(path: str, roots: tuple[Path, ...], base: Path) -> Path:
-    """``path`` (relative to ``base``) resolved with symlinks followed; refuse it unless inside one of ``roots``."""
-    p = Path(path)
-    try:
-        resolved = real_path(p if p.is_absolute() else base / p)
-    except ValueError:  # no path at all (an embedded NUL byte): the OS refuses it before any root is asked
-        raise PathOutsideRoots(f"path {path!r} is not a valid path") from None
-    if not any(resolved == r or resolved.is_relative_to(r) for r in roots):
-        raise PathOutsideRoots(f"path {path!r} is outside the configured roots")
-    return resolved
-
-
-def confine_dataset(dataset: str, roots: tuple[Path, ...], base: Path) -> str:
-    """``imagefolder:`` and ``parquet:`` paths resolved and confined (a Parquet glob: its folder, no ``..``);
-    the options after the path (``,bad=``, ``,val=``) are kept."""
-    kind, sep, arg = dataset.partition(":")
-    if kind not in ("imagefolder", "parquet") or not sep:
-        return dataset
-    path, _ = DatasetSpec(kind, arg).path_and_options()
-    option = arg[len(path):]
-    if kind == "parquet" and any(ch in path for ch in "*?["):
-        if ".." in Path(path).parts:
-            raise PathOutsideRoots(f"path {path!r}: '..' is not allowed in a glob")
-        cut = min(i for i, ch in enumerate(path) if ch in "*?[")
-        folder, _, _ = path[:cut].rpartition("/")
-        return f"parquet:{confine(folder or '.', roots, base)}/{path[len(folder) + 1 if folder else 0:]}{option}"
-    return f"{kind}:{confine(path, roots, base)}{option}"
-
-
-def confined_spec(kind: str, spec: _Spec, roots: tuple[Path, ...], base: Path) -> dict[str, Any]:
-    """The spec as the job entry point gets it: every path resolved and checked."""
-    d = spec.model_dump(mode="json")
-    if d["dataset"] is not None:  # a train spec without one reads the store's
-        d["dataset"] = confine_dataset(d["dataset"], roots, base)
-    if kind == "label":
-        teachers = []
-        for t in d["teachers"]:
-            name, sep, path = t.partition("@")
-            teachers.append(f"{name}@{confine(path, roots, base)}" if sep else name)
-        d["teachers"] = teachers
-        if d.get("class_map"):
-            d["class_map"] = str(confine(d["class_map"], roots, base))
-    if kind == "train" and d.get("init"):
-        d["init"] = str(confine(d["init"], roots, base))
-    return d

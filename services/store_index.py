@@ -2,15 +2,16 @@
 
 A cache-hit submission asks this index, not the disk: the index is filled by one scan at start, brought
 up to date for a store when a label job of this service ends (``reload``), and rescanned now and then in
-the background for stores made outside the service (``stillroom label``).
+the background for stores made outside the service (``stillroom label``). The root may be a URL: only the
+scan and reloads (the background thread, a label job's end) read the object store, never a cache hit.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
+from pipelines.storage import Location
 from pipelines.store import LabelStore, StoreError, list_stores
 
 
@@ -28,7 +29,7 @@ class StoreEntry:
 
 
 class StoreIndex:
-    def __init__(self, root: Path):
+    def __init__(self, root: str):
         self.root = root
         self._entries: dict[str, StoreEntry] = {}
         self._lock = threading.Lock()
@@ -42,7 +43,7 @@ class StoreIndex:
     def reload(self, cache_key: str) -> StoreEntry | None:
         """Read one store again (its label job ended, or a submission needs seeds the index lacks)."""
         try:
-            entry: StoreEntry | None = StoreEntry.of(LabelStore(self.root / cache_key))
+            entry: StoreEntry | None = StoreEntry.of(LabelStore(Location(self.root) / cache_key))
         except StoreError:
             entry = None
         with self._lock:

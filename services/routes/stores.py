@@ -28,6 +28,6 @@ def show(cache_key: Annotated[str, Path(pattern=r"^[0-9a-f]{8,64}$")], service: 
     from pipelines.store import LabelStore, StoreError
 
     try:
-        return LabelStore(service.settings.store_root / cache_key).describe()
+        return LabelStore(service.settings.store_of(cache_key)).describe()
     except StoreError:
         raise HTTPException(404, f"no store {cache_key}") from None

@@ -20,9 +20,11 @@ STILLROOM = str(Path(sys.executable).parent / "stillroom")
 class Server:
     """One `stillroom serve` process on a free port, sharing the state dir across restarts."""
 
-    def __init__(self, root: Path, dashboard: str | None, db: str = "", **env: str):
-        """``dashboard``: the Ray cluster's (``--ray-address``); None: the service starts its own Ray head."""
+    def __init__(self, root: Path, dashboard: str | None, db: str = "", store_root: str = "", **env: str):
+        """``dashboard``: the Ray cluster's (``--ray-address``); None: the service starts its own Ray head.
+        ``store_root``: a path or URL (default: ``root/stores``)."""
         self.root, self.dashboard, self.db, self.env = root, dashboard, db, env
+        self.store_root = store_root or str(root / "stores")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -36,7 +38,7 @@ class Server:
         with open(self.root / "serve.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [STILLROOM, "serve", "--port", str(self.port), *where,
-                 "--state-dir", str(self.root / "state"), "--store-root", str(self.root / "stores")],
+                 "--state-dir", str(self.root / "state"), "--store-root", self.store_root],
                 env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

@@ -1,4 +1,5 @@
-"""The deployment files as written: the Kubernetes manifest's core kinds validate offline against the
+"""The deployment files as written, both ways (the store on object storage, the default, or on a shared
+volume): the Kubernetes manifests' core kinds validate offline against the
 Kubernetes API schemas (kubernetes-validate ships them), and the service Deployment runs `stillroom serve`
 against the head's dashboard with its secrets from Kubernetes Secrets. (The image build itself cannot run
 here: no Docker daemon.)"""
@@ -11,39 +12,70 @@ import pytest
 import yaml
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
-CORE_KINDS = {"Deployment", "Service", "PersistentVolumeClaim", "Secret", "ConfigMap"}
+CORE_KINDS = {"Deployment", "Service", "PersistentVolumeClaim", "Secret", "ConfigMap", "ServiceAccount"}
+OBJECT_STORAGE, SHARED_VOLUME = "kuberay-raycluster.yaml", "kuberay-raycluster-shared-volume.yaml"
 
 
-def manifests() -> list[dict]:
-    return [d for d in yaml.safe_load_all((INFRA / "kuberay-raycluster.yaml").read_text()) if d]
+def manifests(name: str = OBJECT_STORAGE) -> list[dict]:
+    return [d for d in yaml.safe_load_all((INFRA / name).read_text()) if d]
 
 
-def test_core_kinds_validate_against_the_kubernetes_schemas():
+@pytest.mark.parametrize("name, kinds", [
+    (OBJECT_STORAGE, {"Deployment", "Service", "PersistentVolumeClaim", "ServiceAccount"}),
+    (SHARED_VOLUME, {"Deployment", "Service", "PersistentVolumeClaim"})])
+def test_core_kinds_validate_against_the_kubernetes_schemas(name, kinds):
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    core = [d for d in manifests() if d["kind"] in CORE_KINDS]
-    assert {d["kind"] for d in core} == {"Deployment", "Service", "PersistentVolumeClaim"}
+    core = [d for d in manifests(name) if d["kind"] in CORE_KINDS]
+    assert {d["kind"] for d in core} == kinds
     for doc in core:
         kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
-    broken = {**core[0], "spec": {**core[0]["spec"], "replicas": "one"}}  # the validator does reject
+    deployment = next(d for d in core if d["kind"] == "Deployment")
+    broken = {**deployment, "spec": {**deployment["spec"], "replicas": "one"}}  # the validator does reject
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, kubernetes_validate.latest_version(), strict=True)
 
 
-def test_the_service_runs_beside_the_head_with_secrets_from_kubernetes():
-    docs = {(d["kind"], d["metadata"]["name"]): d for d in manifests()}
+@pytest.mark.parametrize("name", [OBJECT_STORAGE, SHARED_VOLUME])
+def test_the_service_runs_beside_the_head_with_secrets_from_kubernetes(name):
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in manifests(name)}
     cluster = docs[("RayCluster", "stillroom")]
     [container] = docs[("Deployment", "stillroom-service")]["spec"]["template"]["spec"]["containers"]
     command = container["command"]
     assert command[:2] == ["stillroom", "serve"]
     assert command[command.index("--ray-address") + 1] == f"http://{cluster['metadata']['name']}-head-svc:8265"
     env = {e["name"]: e for e in container["env"]}
-    for name, secret in (("STILLROOM_API_TOKEN", "stillroom-api"), ("STILLROOM_DB", "stillroom-db")):
-        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == secret and "value" not in env[name]
+    for var, secret in (("STILLROOM_API_TOKEN", "stillroom-api"), ("STILLROOM_DB", "stillroom-db")):
+        assert env[var]["valueFrom"]["secretKeyRef"]["name"] == secret and "value" not in env[var]
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
-    images = {c["image"] for d in manifests() for c in _containers(d)}
+    images = {c["image"] for d in manifests(name) for c in _containers(d)}
     assert len(images) == 1  # one image, built from infra/Dockerfile
     dockerfile = (INFRA / "Dockerfile").read_text()
     assert f"FROM rayproject/ray:{cluster['spec']['rayVersion']}-py311-gpu" in dockerfile
+
+
+def test_the_object_storage_variant_mounts_no_store_and_reads_credentials_only_from_a_secret_or_role():
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in manifests()}
+    [service] = docs[("Deployment", "stillroom-service")]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in service["env"]}
+    assert env["STILLROOM_STORE_ROOT"]["value"].startswith("s3://")
+    assert env["STILLROOM_DATA_ROOT"]["value"].startswith("s3://")
+    claims = [d for d in docs.values() if d["kind"] == "PersistentVolumeClaim"]
+    assert [c["metadata"]["name"] for c in claims] == ["stillroom-state"]  # job files only: no store volume
+    pods = [g["template"]["spec"] for g in (docs[("RayCluster", "stillroom")]["spec"]["headGroupSpec"],
+                                            *docs[("RayCluster", "stillroom")]["spec"]["workerGroupSpecs"])]
+    pods.append(docs[("Deployment", "stillroom-service")]["spec"]["template"]["spec"])
+    for pod in pods:
+        assert pod["serviceAccountName"] == "stillroom"  # the pod role (IRSA) where no Secret is made
+        assert [m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])] == \
+            ["/mnt/stillroom/state"]
+        for c in pod["containers"]:
+            for e in c.get("env", []):
+                if e["name"].startswith("AWS_"):  # never a literal value: a Secret's, and optional
+                    assert "value" not in e and e["valueFrom"]["secretKeyRef"]["optional"] is True
+    cluster = yaml.safe_load((INFRA / "cluster.yaml").read_text())
+    assert not any("mount" in c for c in cluster["setup_commands"])  # nothing to mount
+    for node in cluster["available_node_types"].values():
+        assert node["node_config"]["IamInstanceProfile"]["Name"]  # credentials from the instance role
 
 
 def _containers(doc: dict) -> list[dict]:
@@ -56,11 +88,11 @@ def _containers(doc: dict) -> list[dict]:
 
 
 def test_a_failed_store_mount_stops_the_node_setup(tmp_path):
-    """cluster.yaml's mount step, run with a `mount` that fails: the step fails (no `|| true` fallback to a node's
-    own disk), and with one that succeeds it passes."""
+    """cluster-shared-volume.yaml's mount step, run with a `mount` that fails: the step fails (no `|| true`
+    fallback to a node's own disk), and with one that succeeds it passes."""
     import subprocess
 
-    config = yaml.safe_load((INFRA / "cluster.yaml").read_text())
+    config = yaml.safe_load((INFRA / "cluster-shared-volume.yaml").read_text())
     [step] = [c for c in config["setup_commands"] if "mount -t nfs4" in c]
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -1,0 +1,78 @@
+"""The service with its store and data roots on object storage: a real `stillroom serve` (uvicorn on
+127.0.0.1, its own local Ray head, which inherits the standard chain's credentials from the environment as a
+cluster's nodes would) against the moto S3 server of tests/s3_server.py. A label job into an s3:// store root
+over REST, a cache hit answered while the S3 server is stopped (SIGSTOP: a request to it would hang), a train
+job reading the store, and the secret key in no response, log, record or Ray job."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import httpx
+import pytest
+from conftest import make_teacher
+from s3_server import S3Server
+from serving import DATA, Server, wait
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_label_cache_hit_and_train_on_an_s3_store_root(s3: S3Server, tmp_path):
+    local = make_teacher(tmp_path / "t.pt").partition("@")[2]
+    s3.fs().put_file(local, f"{s3.bucket}/svc/data/teacher.pt")
+    teacher = f"test_resnet@{s3.url('svc', 'data', 'teacher.pt')}"
+    server = Server(tmp_path, None, store_root=s3.url("svc", "stores"), STILLROOM_DATA_ROOT=s3.url("svc", "data"))
+    answers: list[str] = []
+    server.start()
+    try:
+        with server.client() as http:
+            spec = {"dataset": DATA, "teachers": [teacher], "seeds": [0], "top_k": 3, "batch_size": 64}
+            for bad, status in ((s3.url("svc", "stores2", "t.pt"), 403), (f"s3://k:{s3.secret}@{s3.bucket}/t", 422)):
+                r = http.post("/v1/label-jobs", json={**spec, "teachers": [f"test_resnet@{bad}"]})
+                answers.append(r.text)
+                assert r.status_code == status, r.text
+            first = http.post("/v1/label-jobs", json=spec).json()
+            label = wait(http, first["id"], timeout=120)
+            assert label["state"] == "SUCCEEDED", label["error"]
+            key = label["cache_key"]
+            assert label["result"]["store"] == s3.url("svc", "stores", key)
+            assert s3.fs().exists(f"{s3.bucket}/svc/stores/{key}/seeds/0/COMPLETE")
+
+            os.kill(s3.pid, signal.SIGSTOP)  # any request to the S3 server now waits until SIGCONT
+            try:
+                hit = httpx.post(f"{server.url}/v1/label-jobs", json=spec, headers=http.headers, timeout=10)
+            finally:
+                os.kill(s3.pid, signal.SIGCONT)
+            assert hit.status_code == 202, hit.text
+            assert hit.json()["cache_hit"] and hit.json()["state"] == "SUCCEEDED" and hit.json()["ray_job_id"] is None
+
+            train = http.post("/v1/train-jobs", json={"store": key, "student": "test_resnet", "loss": "kd",
+                                                      "epochs": 1, "batch_size": 64, "max_steps": 2,
+                                                      "eval_limit": 64}).json()
+            done = wait(http, train["id"], timeout=120)
+            assert done["state"] == "SUCCEEDED", done["error"]
+            assert done["result"]["store_cache_key"] == key
+            answers += [http.get(f"/v1/jobs/{j}").text for j in (first["id"], train["id"])]
+            answers += [http.get(f"/v1/jobs/{j}/logs").text for j in (first["id"], train["id"])]
+            answers += [hit.text, http.get("/v1/jobs").text, http.get("/v1/stores").text,
+                        http.get(f"/v1/stores/{key}").text, httpx.get(f"{server.url}/healthz").text]
+            assert key in answers[-2]
+            from ray.job_submission import JobSubmissionClient
+
+            from services.launcher import _token_auth_as_ray_init_does
+
+            environ = dict(os.environ)
+            try:
+                _token_auth_as_ray_init_does()  # the token the service's head was started with (~/.ray/auth_token)
+                ray_jobs = repr(JobSubmissionClient(http.get("/healthz").json()["dashboard"]).list_jobs())
+            finally:  # as it was: the session's shared Ray is no business of this test
+                os.environ.clear()
+                os.environ.update(environ)
+            assert "stillroom-" in ray_jobs
+    finally:
+        server.stop()
+    written = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "t.pt")
+    for text in (*answers, ray_jobs):
+        assert s3.secret not in text
+    assert s3.secret.encode() not in written + s3.everything()

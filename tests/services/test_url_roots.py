@@ -1,0 +1,62 @@
+"""Confinement of a spec's URLs under URL roots: scheme, bucket and prefix compared by path components, no
+request made; URLs that no root could hold (credentials, a query, '..') are refused without being echoed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from services.config import Settings
+from services.specs import SPECS, BadLocation, PathOutsideRoots, confine, confine_dataset, confined_spec
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    s = Settings(state_dir=tmp_path / "state", store_root="s3://labels/stores/", data_root="s3://data/imagenet")
+    s.prepare()
+    return s
+
+
+def test_urls_under_a_url_root_pass_and_others_are_outside(settings, tmp_path):
+    roots, base = settings.allowed_roots, settings.state_dir
+    assert settings.store_root == "s3://labels/stores" and settings.store_of("ab12").url == "s3://labels/stores/ab12"
+    assert confine("s3://data/imagenet/train/", roots, base) == "s3://data/imagenet/train"
+    assert confine("S3://data/imagenet", roots, base) == "s3://data/imagenet"
+    assert confine_dataset("parquet:s3://data/imagenet/shards/*.parquet,val=0.1", roots, base) == \
+        "parquet:s3://data/imagenet/shards/*.parquet,val=0.1"
+    for outside in ("s3://data/imagenet2/x",  # a sibling prefix that shares the root's text
+                    "s3://data/other", "s3://labels/x", "gs://data/imagenet/x", "s3://other/imagenet/x",
+                    "/etc/hostname"):
+        with pytest.raises(PathOutsideRoots, match="outside the configured roots"):
+            confine(outside, roots, base)
+    with pytest.raises(PathOutsideRoots):
+        confine_dataset("parquet:s3://data/imagenet/../other/*.parquet", roots, base)
+    # the local state dir is a root still: a plain path under it passes, resolved
+    (settings.state_dir / "t.pt").write_bytes(b"")
+    assert confine("t.pt", roots, base) == str(settings.state_dir / "t.pt")
+
+
+@pytest.mark.parametrize("url, why", [
+    ("s3://AKIA:s3cr3tsecret@data/imagenet/t.pt", "must not hold credentials"),
+    ("s3://data/imagenet/t.pt?X-Amz-Signature=s3cr3tsecret", "no query or fragment"),
+    ("s3://data/imagenet/t.pt#s3cr3tsecret", "no query or fragment"),
+    ("s3://data/imagenet/../secret/t.pt", "'..' path components"),
+    ("s3://data/imagenet//t.pt", "empty"),
+    ("s3://data/imagenet/%2e%2e/t.pt", "percent-escapes"),
+    ("s3:///imagenet/t.pt", "name its bucket"),
+])
+def test_urls_no_root_could_hold_are_bad_input_and_not_echoed(settings, url, why):
+    body = {"dataset": "synthetic", "teachers": [f"test_resnet@{url}"], "seeds": [0]}
+    spec = SPECS["label"].model_validate_json(json.dumps(body))
+    with pytest.raises(BadLocation, match=why) as e:
+        confined_spec("label", spec, settings.allowed_roots, settings.state_dir)
+    assert e.value.field == "teachers" and "s3cr3tsecret" not in str(e.value)
+
+
+def test_a_url_root_with_credentials_is_refused_at_start(tmp_path):
+    from pipelines.errors import UsageError
+
+    with pytest.raises(UsageError, match="store root: .*must not hold credentials") as e:
+        Settings(state_dir=tmp_path, store_root="s3://KEY:s3cr3tsecret@labels/stores").prepare()
+    assert "s3cr3tsecret" not in str(e.value)
