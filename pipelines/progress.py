@@ -1,7 +1,8 @@
 """Progress bars that a person sees in the terminal and the job service reads from a file.
 
 When ``STILLROOM_PROGRESS_FILE`` is set (the service sets it for every job it runs), each bar also writes
-``{"desc", "done", "total", "fraction"}`` there, atomically, at most once a second and when it closes.
+``{"desc", "done", "total", "fraction"}`` there, at most once a second and when it closes: a path (replaced
+atomically) or a URL (``s3://...``: one whole object a write).
 
 A bar writing to a terminal redraws its line in place (tqdm). A bar writing to anything else (a file, a Ray
 job's or worker's log) prints whole lines, one at most every ``STILLROOM_PROGRESS_INTERVAL`` seconds (default
@@ -18,7 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipelines.atomic import write_json
+from pipelines.storage import Location
 
 PROGRESS_ENV = "STILLROOM_PROGRESS_FILE"
 INTERVAL_ENV = "STILLROOM_PROGRESS_INTERVAL"
@@ -45,7 +46,8 @@ class ProgressBar(tqdm):
             kwargs.setdefault("dynamic_ncols", False)
             kwargs.setdefault("ncols", 100)
         super().__init__(*args, **kwargs)
-        self._progress_path = os.environ.get(PROGRESS_ENV)
+        where = os.environ.get(PROGRESS_ENV)
+        self._progress_path = Location(where) if where else None
         self._last_write = 0.0
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool | None:
@@ -71,12 +73,14 @@ class ProgressBar(tqdm):
         super().close()
 
     def _write_progress(self) -> None:
+        if self._progress_path is None:
+            return
         self._last_write = time.monotonic()
         total = float(self.total or 0)
         record = {"desc": self.desc, "done": self.n, "total": total,
                   "fraction": round(self.n / total, 4) if total else None, "at": time.time()}
         with contextlib.suppress(OSError):  # progress is a courtesy; the job goes on without it
-            write_json(str(self._progress_path), record)
+            self._progress_path.write_json(record)
 
 
 def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "img") -> ProgressBar:

@@ -25,7 +25,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {
         "host": args.host, "port": args.port, "ray_address": args.ray_address, "db": args.db,
         "store_root": args.store_root, "data_root": args.data_root, "state_dir": args.state_dir,
-        "dashboard_port": args.dashboard_port}.items() if v is not None}
+        "work_root": args.work_root, "dashboard_port": args.dashboard_port}.items() if v is not None}
     settings = Settings(**overrides)
     settings.prepare()
     if not port_free(settings.host, settings.port):
@@ -210,7 +210,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--db", default=None, help="an SQLAlchemy URL (default: SQLite in the state dir)")
     p.add_argument("--store-root", default=None)
     p.add_argument("--data-root", default=None)
-    p.add_argument("--state-dir", default=None)
+    p.add_argument("--state-dir", default=None, help="the token and the default SQLite file (default: .stillroom)")
+    p.add_argument("--work-root", default=None,
+                   help="job directories and service-trained teachers: a path or a URL (s3://bucket/prefix), "
+                        "which every Ray node reaches (default: the state dir)")
     p.set_defaults(func=cmd_serve)
 
     jobs = sub.add_parser("jobs", help="talk to the job service")

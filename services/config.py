@@ -23,7 +23,11 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
-    state_dir: Path = Path(".stillroom")  # job directories, the token, the default SQLite file
+    state_dir: Path = Path(".stillroom")  # the token, the default SQLite file, the local Ray head's log
+    # the job directories (jobs/<id>: spec, progress, result, a train job's run) and the teachers the service
+    # trains (teachers/<key>.pt): a path or a URL (s3://bucket/prefix: no volume shared with the Ray nodes);
+    # default: the state dir
+    work_root: str = ""
     # the store and data roots: a path, or a URL of any installed fsspec protocol (s3://bucket/prefix)
     store_root: str = "stores"
     data_root: str = "/usr/share/datasets"
@@ -35,7 +39,7 @@ class Settings(BaseSettings):
     poll_interval_s: float = 1.0
     max_body_bytes: int = 1 << 20
 
-    @field_validator("store_root", "data_root", mode="before")
+    @field_validator("store_root", "data_root", "work_root", mode="before")
     @classmethod
     def _path_as_text(cls, v: Any) -> Any:
         return os.fspath(v) if isinstance(v, os.PathLike) else v
@@ -45,9 +49,13 @@ class Settings(BaseSettings):
         the URL roots (no credentials, query or fragment, no '..')."""
         from services.specs import root_of
 
-        for d in (self.state_dir, self.state_dir / "jobs", self.state_dir / "teachers"):
-            d.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir = self.state_dir.resolve()
+        self.work_root = self.work_root or str(self.state_dir)
+        if not is_url(self.work_root):
+            for d in ("jobs", "teachers"):
+                (local_path(self.work_root) / d).mkdir(parents=True, exist_ok=True)
+        self.work_root = str(root_of(self.work_root, "work root"))
         if not is_url(self.store_root):
             Path(local_path(self.store_root)).mkdir(parents=True, exist_ok=True)
         self.store_root = str(root_of(self.store_root, "store root"))
@@ -61,11 +69,18 @@ class Settings(BaseSettings):
     def allowed_roots(self) -> tuple[Root, ...]:
         from services.specs import root_of
 
-        return tuple(root_of(str(r), "root") for r in (self.data_root, self.store_root, self.state_dir))
+        # the work root holds the teachers the service trained, which label specs name
+        roots = (self.data_root, self.store_root, self.work_root or self.state_dir)
+        return tuple(root_of(str(r), "root") for r in roots)
 
     def store_of(self, cache_key: str) -> Location:
         """Where the store ``cache_key`` lives under the store root (a path or a URL)."""
         return Location(self.store_root) / cache_key
+
+    @property
+    def work(self) -> Location:
+        """The work root (a path or a URL): ``jobs/<id>`` and ``teachers/<key>.pt`` are under it."""
+        return Location(self.work_root or self.state_dir)
 
     @cached_property
     def token(self) -> str:

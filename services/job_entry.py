@@ -1,9 +1,12 @@
 """The one entry point the service runs as a Ray job: ``python -m services.job_entry JOB_DIR``.
 
-``JOB_DIR/spec.json`` (written by the service, never a shell string) names the kind, one of an allowlist,
-and its typed spec with paths already resolved and confined. The job writes progress to
-``JOB_DIR/progress.json`` and its result (or error) to ``JOB_DIR/result.json``, which the service reads;
-``JOB_DIR/process.json`` names its process and process group.
+``JOB_DIR`` is a path or a URL under the service's work root (``s3://bucket/prefix/jobs/<id>``: the node
+that runs the job shares no volume with the service). ``JOB_DIR/spec.json`` (written by the service, never a
+shell string) names the kind, one of an allowlist, and its typed spec with paths already resolved and
+confined. The job writes progress to ``JOB_DIR/progress.json`` and its result (or error) to
+``JOB_DIR/result.json``, each write one whole file or object, which the service reads. A local ``JOB_DIR``
+also gets ``process.json``, naming the job's process and process group on this machine (a job elsewhere is
+stopped through Ray's job stop, as every job is).
 """
 
 from __future__ import annotations
@@ -13,10 +16,8 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from pipelines.atomic import write_json
 from pipelines.errors import StillroomError
 from pipelines.progress import PROGRESS_ENV
 from pipelines.storage import Location
@@ -54,17 +55,18 @@ ENTRY_POINTS: dict[str, Callable[[dict[str, Any], dict[str, Any]], dict[str, Any
 
 
 def main(argv: list[str]) -> int:
-    job_dir = Path(argv[0])
-    job = json.loads((job_dir / "spec.json").read_text())
+    job_dir = Location(argv[0])
+    job = (job_dir / "spec.json").read_json()
+    result_file = job_dir / "result.json"
     entry = ENTRY_POINTS.get(job["kind"])
     if entry is None:
-        write_json(job_dir / "result.json", {"ok": False, "error": f"unknown job kind {job['kind']!r}"})
+        result_file.write_json({"ok": False, "error": f"unknown job kind {job['kind']!r}"})
         return 2
     # how the service runs the job (what its process asked Ray for) is no option of the job
     job["resources"] = job["spec"].pop("resources", {"cpus": 0, "gpus": 0})
-    os.environ[PROGRESS_ENV] = str(job_dir / "progress.json")
-    # who runs this job, so that whoever stops it can check that nothing of it is left
-    write_json(job_dir / "process.json", {"pid": os.getpid(), "pgid": os.getpgid(0)})
+    os.environ[PROGRESS_ENV] = (job_dir / "progress.json").url
+    if job_dir.local is not None:  # who runs this job, so that whoever stops it can check nothing of it is left
+        (job_dir / "process.json").write_json({"pid": os.getpid(), "pgid": os.getpgid(0)})
     # a teacher or single-worker student trains in this process on the CPUs it asked Ray for (Ray leaves
     # OMP_NUM_THREADS=1 to an entry point); a coordinating process asked for none and computes nothing
     import torch
@@ -75,14 +77,14 @@ def main(argv: list[str]) -> int:
         result = entry(job["spec"], job)
     except StillroomError as e:
         print(f"stillroom: error: {e}", file=sys.stderr, flush=True)
-        write_json(job_dir / "result.json", {"ok": False, "error": str(e)})
+        result_file.write_json({"ok": False, "error": str(e)})
         return 1
     except Exception as e:
         traceback.print_exc()
-        write_json(job_dir / "result.json", {"ok": False, "error": f"{type(e).__name__}: {e}"})
+        result_file.write_json({"ok": False, "error": f"{type(e).__name__}: {e}"})
         return 1
     print(json.dumps(result), flush=True)
-    write_json(job_dir / "result.json", {"ok": True, "result": result})
+    result_file.write_json({"ok": True, "result": result})
     return 0
 
 

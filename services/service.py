@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 
-from pipelines.storage import is_url
+from pipelines.storage import Location, is_url
 from services.config import Settings
 from services.db import ACTIVE, Database, Job, JobKind, JobPublic, JobState, new_job_id, now
 from services.launcher import RayJobs
@@ -84,7 +84,7 @@ class Service:
                 return self._submit_teacher(job, resolved, spec.digest(exclude=tuple(REST_ONLY["teacher"]))), 202
             if kind == JobKind.label:
                 return self._submit_label(job, resolved), 202
-            return self._launch(job, resolved, {"out": str(self._job_dir(job) / "run")}), 202
+            return self._launch(job, resolved, {"out": (self._job_dir(job) / "run").url}), 202
 
     def _same_or_conflict(self, existing: Job, kind: JobKind, digest: str) -> tuple[Job, int]:
         if existing.kind != kind or existing.spec_hash != digest:
@@ -108,21 +108,22 @@ class Service:
                                      "leave dataset out to use the store's")
         return given
 
-    def _job_dir(self, job: Job) -> Path:
-        return self.settings.state_dir / "jobs" / job.id
+    def _job_dir(self, job: Job) -> Location:
+        """The job's directory under the work root: a path, or a URL the job entry point reads and writes."""
+        return self.settings.work / "jobs" / job.id
 
     def _submit_teacher(self, job: Job, resolved: dict[str, Any], key: str) -> Job:
         """A cache hit when the checkpoint is there; attached to the job training it now, if one is; else run."""
         job.cache_key = key[:24]  # the teacher's checkpoint: what it computes, not where it runs
-        out = self.settings.state_dir / "teachers" / f"{job.cache_key}.pt"
-        summary = out.with_suffix(".json")
+        out = self.settings.work / "teachers" / f"{job.cache_key}.pt"
+        summary = out.with_name(f"{job.cache_key}.json")  # the teacher job writes it after the checkpoint
         if out.exists() and summary.exists():
             job.state, job.cache_hit, job.ended_at = JobState.SUCCEEDED.value, True, now()
-            job.result = {**json.loads(summary.read_text()), "cache_hit": True}
+            job.result = {**summary.read_json(), "cache_hit": True}
             return self.db.add(job)
         for primary in self.db.active_primaries(JobKind.teacher, job.cache_key):
             return self._attach(job, primary)
-        return self._launch(job, resolved, {"out": str(out)})
+        return self._launch(job, resolved, {"out": out.url})
 
     def _cache_hit_label(self, job: Job, resolved: dict[str, Any]) -> Job:
         job.state, job.cache_hit, job.ended_at = JobState.SUCCEEDED.value, True, now()
@@ -210,15 +211,20 @@ class Service:
 
     def _launch(self, job: Job, resolved: dict[str, Any], extra: dict[str, Any]) -> Job:
         job_dir = self._job_dir(job)
-        job_dir.mkdir(parents=True, exist_ok=True)
-        (job_dir / "spec.json").write_text(json.dumps({
-            "job_id": job.id, "kind": job.kind, "spec": resolved, "store_root": self.settings.store_root,
-            **extra}))
-        job.job_dir = str(job_dir)
+        job.job_dir = job_dir.url
         job.ray_job_id = f"stillroom-{job.id}"
+        try:  # one whole object on object storage, an atomic replace locally
+            job_dir.makedirs()
+            (job_dir / "spec.json").write_json({
+                "job_id": job.id, "kind": job.kind, "spec": resolved, "store_root": self.settings.store_root,
+                **extra}, indent=None, sort_keys=False)
+        except OSError as e:
+            job.state, job.ended_at = JobState.FAILED.value, now()
+            job.error = f"could not write the job's spec under the work root: {type(e).__name__}: {e}"
+            return self.db.add(job)
         self.db.add(job)  # recorded first: the database is the record even if Ray refuses the job
         try:
-            self.jobs.submit(job.ray_job_id, str(job_dir), self.settings.job_python,
+            self.jobs.submit(job.ray_job_id, job_dir.url, self.settings.job_python,
                              {"stillroom_job_id": job.id, "kind": job.kind, "cache_key": job.cache_key or ""},
                              **entry_resources(job.kind, resolved))
         except Exception as e:
@@ -275,12 +281,14 @@ class Service:
                 self.db.update(job.id, **fields)
 
     def _read_json(self, job: Job, name: str) -> dict[str, Any] | None:
+        """``name`` in the job's directory (a path or a URL); None while the job has not written it."""
         if not job.job_dir:
             return None
         try:
-            return json.loads((Path(job.job_dir) / name).read_text())
-        except (OSError, json.JSONDecodeError):
+            found = (Location(job.job_dir) / name).read_json()
+        except (OSError, ValueError):  # not there (yet), or not JSON
             return None
+        return found if isinstance(found, dict) else None
 
     def follow(self) -> None:
         """The background thread: refresh active jobs every poll interval, rescan the stores now and then."""

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from pipelines.storage import Location
 from services.db import Job, JobKind, JobList, JobPublic, JobState
 from services.deps import NOT_FOUND, UNAUTHORIZED, Auth, IdemKey, JobDep, Message, ServiceDep
 from services.service import Service
@@ -109,9 +109,14 @@ def job_metrics(job: JobDep, _: Auth) -> dict[str, Any]:
 
 
 def _metrics(job: Job) -> dict[str, Any]:
-    run = Path(job.job_dir or "") / "run"
-    epochs = []
-    if (run / "metrics.jsonl").exists():
-        epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    final = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else None
+    run = Location(job.job_dir or "") / "run"  # a path or a URL under the work root
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        lines = []
+    epochs = [json.loads(line) for line in lines if line.strip()]
+    try:
+        final = (run / "metrics.json").read_json()
+    except FileNotFoundError:
+        final = None
     return {"job_id": job.id, "state": job.state, "epochs": epochs, "final": final}

@@ -21,7 +21,7 @@ def manifests(name: str = OBJECT_STORAGE) -> list[dict]:
 
 
 @pytest.mark.parametrize("name, kinds", [
-    (OBJECT_STORAGE, {"Deployment", "Service", "PersistentVolumeClaim", "ServiceAccount"}),
+    (OBJECT_STORAGE, {"Deployment", "Service", "ServiceAccount"}),
     (SHARED_VOLUME, {"Deployment", "Service", "PersistentVolumeClaim"})])
 def test_core_kinds_validate_against_the_kubernetes_schemas(name, kinds):
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -53,21 +53,24 @@ def test_the_service_runs_beside_the_head_with_secrets_from_kubernetes(name):
     assert f"FROM rayproject/ray:{cluster['spec']['rayVersion']}-py311-gpu" in dockerfile
 
 
-def test_the_object_storage_variant_mounts_no_store_and_reads_credentials_only_from_a_secret_or_role():
+def test_the_object_storage_variant_mounts_nothing_on_ray_and_reads_credentials_only_from_a_secret_or_role():
     docs = {(d["kind"], d["metadata"]["name"]): d for d in manifests()}
-    [service] = docs[("Deployment", "stillroom-service")]["spec"]["template"]["spec"]["containers"]
+    service_pod = docs[("Deployment", "stillroom-service")]["spec"]["template"]["spec"]
+    [service] = service_pod["containers"]
     env = {e["name"]: e for e in service["env"]}
-    assert env["STILLROOM_STORE_ROOT"]["value"].startswith("s3://")
-    assert env["STILLROOM_DATA_ROOT"]["value"].startswith("s3://")
-    claims = [d for d in docs.values() if d["kind"] == "PersistentVolumeClaim"]
-    assert [c["metadata"]["name"] for c in claims] == ["stillroom-state"]  # job files only: no store volume
-    pods = [g["template"]["spec"] for g in (docs[("RayCluster", "stillroom")]["spec"]["headGroupSpec"],
-                                            *docs[("RayCluster", "stillroom")]["spec"]["workerGroupSpecs"])]
-    pods.append(docs[("Deployment", "stillroom-service")]["spec"]["template"]["spec"])
-    for pod in pods:
+    for root in ("STILLROOM_STORE_ROOT", "STILLROOM_DATA_ROOT", "STILLROOM_WORK_ROOT"):  # job files too
+        assert env[root]["value"].startswith("s3://")
+    assert not [d for d in docs.values() if d["kind"] == "PersistentVolumeClaim"]  # no claim at all
+    ray_pods = [g["template"]["spec"] for g in (docs[("RayCluster", "stillroom")]["spec"]["headGroupSpec"],
+                                                *docs[("RayCluster", "stillroom")]["spec"]["workerGroupSpecs"])]
+    for pod in ray_pods:  # nothing shared with the service: no volume, no mount
+        assert not pod.get("volumes") and not any(c.get("volumeMounts") for c in pod["containers"])
+    # the service's state dir (the token and SQLite defaults, both replaced by Secrets here) is its own emptyDir
+    assert [m["mountPath"] for m in service["volumeMounts"]] == [env["STILLROOM_STATE_DIR"]["value"]]
+    [volume] = service_pod["volumes"]
+    assert "emptyDir" in volume and "STILLROOM_DB" in env and "STILLROOM_API_TOKEN" in env
+    for pod in (*ray_pods, service_pod):
         assert pod["serviceAccountName"] == "stillroom"  # the pod role (IRSA) where no Secret is made
-        assert [m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])] == \
-            ["/mnt/stillroom/state"]
         for c in pod["containers"]:
             for e in c.get("env", []):
                 if e["name"].startswith("AWS_"):  # never a literal value: a Secret's, and optional

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from pipelines.errors import UsageError
 from services.config import Settings
 from services.specs import SPECS, BadLocation, PathOutsideRoots, confine, confine_dataset, confined_spec
 
@@ -55,8 +56,26 @@ def test_urls_no_root_could_hold_are_bad_input_and_not_echoed(settings, url, why
 
 
 def test_a_url_root_with_credentials_is_refused_at_start(tmp_path):
-    from pipelines.errors import UsageError
-
     with pytest.raises(UsageError, match="store root: .*must not hold credentials") as e:
         Settings(state_dir=tmp_path, store_root="s3://KEY:s3cr3tsecret@labels/stores").prepare()
     assert "s3cr3tsecret" not in str(e.value)
+
+
+def test_the_work_root_is_the_state_dir_unless_set_and_a_url_work_root_is_a_root_in_its_place(tmp_path):
+    default = Settings(state_dir=tmp_path / "a", store_root=tmp_path / "stores", data_root=tmp_path / "data")
+    default.prepare()
+    assert default.work_root == str(tmp_path / "a") and (tmp_path / "a" / "jobs").is_dir()
+    assert default.work.url == str(tmp_path / "a") and tmp_path / "a" in default.allowed_roots
+
+    s = Settings(state_dir=tmp_path / "b", store_root="s3://labels/stores", data_root="s3://data/imagenet",
+                 work_root="s3://labels/work/")
+    s.prepare()
+    assert s.work_root == "s3://labels/work" and (s.work / "jobs" / "j1").url == "s3://labels/work/jobs/j1"
+    assert not (tmp_path / "b" / "jobs").exists()  # the state dir keeps the token and the SQLite file only
+    roots, base = s.allowed_roots, s.state_dir
+    assert confine("s3://labels/work/teachers/k.pt", roots, base) == "s3://labels/work/teachers/k.pt"
+    (s.state_dir / "api_token").write_text("x")  # no longer under a root: a spec cannot name the state dir
+    with pytest.raises(PathOutsideRoots):
+        confine("api_token", roots, base)
+    with pytest.raises(UsageError, match="work root: .*must not hold credentials"):
+        Settings(state_dir=tmp_path / "c", store_root=tmp_path / "stores", work_root="s3://KEY:s3cr3tsecret@labels/work").prepare()
