@@ -1,11 +1,13 @@
-"""The service with its store and data roots on object storage: a real `stillroom serve` (uvicorn on
+"""The service with its store, data and work roots on object storage: a real `stillroom serve` (uvicorn on
 127.0.0.1, its own local Ray head, which inherits the standard chain's credentials from the environment as a
 cluster's nodes would) against the moto S3 server of tests/s3_server.py. A label job into an s3:// store root
 over REST, a cache hit answered while the S3 server is stopped (SIGSTOP: a request to it would hang), a train
-job reading the store, and the secret key in no response, log, record or Ray job."""
+job reading the store, both jobs' files (spec, progress, result, the run directory) in the bucket and nothing
+of them in the local state dir, and the secret key in no response, log, record or Ray job."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -22,7 +24,8 @@ def test_label_cache_hit_and_train_on_an_s3_store_root(s3: S3Server, tmp_path):
     local = make_teacher(tmp_path / "t.pt").partition("@")[2]
     s3.fs().put_file(local, f"{s3.bucket}/svc/data/teacher.pt")
     teacher = f"test_resnet@{s3.url('svc', 'data', 'teacher.pt')}"
-    server = Server(tmp_path, None, store_root=s3.url("svc", "stores"), STILLROOM_DATA_ROOT=s3.url("svc", "data"))
+    server = Server(tmp_path, None, store_root=s3.url("svc", "stores"), STILLROOM_DATA_ROOT=s3.url("svc", "data"),
+                    STILLROOM_WORK_ROOT=s3.url("svc", "work"))
     answers: list[str] = []
     server.start()
     try:
@@ -53,6 +56,18 @@ def test_label_cache_hit_and_train_on_an_s3_store_root(s3: S3Server, tmp_path):
             done = wait(http, train["id"], timeout=120)
             assert done["state"] == "SUCCEEDED", done["error"]
             assert done["result"]["store_cache_key"] == key
+            # the job files went to the bucket, and the service read progress, result and metrics from it
+            fs, work = s3.fs(), f"{s3.bucket}/svc/work/jobs"
+            for job, names in ((label, ("spec.json", "progress.json", "result.json")),
+                               (done, ("spec.json", "result.json", "run/metrics.json", "run/last.pt"))):
+                assert all(fs.exists(f"{work}/{job['id']}/{n}") for n in names), fs.find(f"{work}/{job['id']}")
+                assert not fs.exists(f"{work}/{job['id']}/process.json")  # a local pid: only for a local job dir
+                assert job["progress"] and job["progress"]["total"] > 0, job
+            assert fs.cat_file(f"{work}/{label['id']}/progress.json") and label["progress"]["fraction"] == 1.0
+            assert json.loads(fs.cat_file(f"{work}/{done['id']}/result.json"))["result"] == done["result"]
+            metrics = http.get(f"/v1/jobs/{train['id']}/metrics").json()
+            assert metrics["final"] == json.loads(fs.cat_file(f"{work}/{done['id']}/run/metrics.json"))
+            assert not (tmp_path / "state" / "jobs").exists()
             answers += [http.get(f"/v1/jobs/{j}").text for j in (first["id"], train["id"])]
             answers += [http.get(f"/v1/jobs/{j}/logs").text for j in (first["id"], train["id"])]
             answers += [hit.text, http.get("/v1/jobs").text, http.get("/v1/stores").text,
