@@ -25,18 +25,18 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_teacher_trained_onto_s3_then_labels_from_there(s3: S3Server, tmp_path):
-    out = s3.url("teachers", "t.pt")
+    out = s3.url("teacher-on-s3", "t.pt")  # a prefix of its own: the session's bucket is shared with other tests
     trained = _run("teacher", "train", "--dataset", SYNTHETIC, "--model", "test_resnet", "--epochs", "1",
                    "--batch-size", "32", "--train-samples", "64", "--resolution", "20", "--out", out)
     assert trained.returncode == 0, trained.stderr[-2000:]
     result = json.loads(trained.stdout.strip().splitlines()[-1])
     assert result["out"] == out and result["train_samples"] == 64
     fs = s3.fs()
-    assert sorted(fs.ls(f"{s3.bucket}/teachers", detail=False)) == [
-        f"{s3.bucket}/teachers/{name}" for name in ("t.config.json", "t.json", "t.pt")]
-    assert json.loads(fs.cat_file(f"{s3.bucket}/teachers/t.json")) == result
-    assert json.loads(fs.cat_file(f"{s3.bucket}/teachers/t.config.json"))["resolution"] == 20
-    with fs.open(f"{s3.bucket}/teachers/t.pt", "rb") as f:
+    assert sorted(fs.ls(f"{s3.bucket}/teacher-on-s3", detail=False)) == [
+        f"{s3.bucket}/teacher-on-s3/{name}" for name in ("t.config.json", "t.json", "t.pt")]
+    assert json.loads(fs.cat_file(f"{s3.bucket}/teacher-on-s3/t.json")) == result
+    assert json.loads(fs.cat_file(f"{s3.bucket}/teacher-on-s3/t.config.json"))["resolution"] == 20
+    with fs.open(f"{s3.bucket}/teacher-on-s3/t.pt", "rb") as f:
         assert torch.load(f, weights_only=True)["metrics"]["top1"] == result["top1"]
 
     teacher = f"test_resnet@{out}"
