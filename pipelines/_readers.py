@@ -42,6 +42,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from pipelines._shard_stage import ShardStage
 from pipelines.atomic import write_atomically
 from pipelines.errors import StillroomError, UsageError
 from pipelines.storage import Location, filesystem, is_url, local_path
@@ -966,6 +967,7 @@ class ParquetShards(FileDataset):
             raise UsageError(f"{self.spec} {split} has no readable rows")
         self._set_fingerprint(hashes[keep])
         self._groups: OrderedDict[tuple[int, int], list[bytes | None]] = OrderedDict()
+        self._stage = None if isinstance(src.root, Path) else ShardStage(self.files, [tuple(s) for s in stat.tolist()])
 
     def _class_names_from_train(self, where: str, split: str, labels: np.ndarray, bad: str,
                                 workers: int | None) -> list[str]:
@@ -978,7 +980,8 @@ class ParquetShards(FileDataset):
         return {**self.__dict__, "_groups": OrderedDict()}
 
     def encoded(self, ids: np.ndarray) -> list[tuple[bytes, str]]:
-        """Each row group the batch touches is read once (its image column only); the last few stay cached."""
+        """Each row group the batch touches is read once (its image column only); the last few stay cached.
+        Shards on a URL that are read at random are staged on the node's disk (``pipelines._shard_stage``)."""
         loc = self._loc[self._check_ids(ids)]
         out: list[tuple[bytes, str]] = [(b"", "")] * len(loc)
         by_group: dict[tuple[int, int], list[int]] = {}
@@ -987,7 +990,14 @@ class ParquetShards(FileDataset):
         for (shard, group), positions in by_group.items():
             key = (shard, group)
             if key not in self._groups:
-                self._groups[key] = read_row_group_bytes(self.files[shard], group, self.image_column)
+                where = self._stage.where(shard, group) if self._stage is not None else self.files[shard]
+                try:
+                    self._groups[key] = read_row_group_bytes(where, group, self.image_column)
+                except OSError:
+                    if where == self.files[shard]:
+                        raise
+                    # a staged copy removed since (its folder cleared): read in place
+                    self._groups[key] = read_row_group_bytes(self.files[shard], group, self.image_column)
                 while len(self._groups) > ROW_GROUP_CACHE:
                     self._groups.popitem(last=False)
             self._groups.move_to_end(key)

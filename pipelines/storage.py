@@ -176,6 +176,20 @@ class Location:
             return self.local.stat().st_mtime
         return float(self.fs.modified(self._path).timestamp())
 
+    def version(self) -> tuple[int, str]:
+        """A file's size and what changes when it is rewritten: its ETag on object storage (its generation or
+        modification time where the store has none), its modification time in nanoseconds on a disk. Asks the
+        store afresh (no listing cache)."""
+        if self.local is not None:
+            st = self.local.stat()
+            return st.st_size, str(st.st_mtime_ns)
+        self.fs.invalidate_cache(self._path)
+        info = self.fs.info(self._path)
+        for key in ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified", "updated"):
+            if info.get(key) is not None:
+                return int(info.get("size") or 0), f"{key}={info[key]}"
+        return int(info.get("size") or 0), ""
+
     # -- writing ------------------------------------------------------------------------------
 
     def makedirs(self) -> None:

@@ -3,6 +3,7 @@ the database, cancel them, and stop them all when the service stops its own Ray 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -47,6 +48,7 @@ class Service:
         self.submit_lock = threading.Lock()
         self.key_lock = threading.Lock()
         self.label_keys: dict[str, str] = {}  # label spec fingerprint -> cache key
+        self.teacher_versions: dict[str, tuple[int, str]] = {}  # a URL teacher checkpoint -> (size, ETag) last seen
         self.stop = threading.Event()
 
     def public(self, job: Job) -> JobPublic:
@@ -74,6 +76,7 @@ class Service:
         if kind == JobKind.train:
             job.spec = {**job.spec, "dataset": resolved["dataset"]}  # the record says what the job reads
         if kind == JobKind.label:
+            self.check_teachers(resolved["teachers"])  # a checkpoint rewritten at its URL is another teacher
             job.cache_key = self._label_cache_key(resolved)
             if self.stores.has_seeds(job.cache_key, resolved["seeds"]) and not idempotency_key:
                 return self._cache_hit_label(job, resolved), 202  # an insert, no file read: no lock needed
@@ -167,17 +170,18 @@ class Service:
                   spec=spec.model_dump(mode="json"), spec_hash=spec.digest(), cache_key=key, created_at=now())
         return self._cache_hit_label(job, resolved)
 
-    @staticmethod
-    def _label_fingerprint(resolved: dict[str, Any]) -> str:
+    def _label_fingerprint(self, resolved: dict[str, Any]) -> str:
         """What makes a label spec's store key: its fields but the seeds and the way it runs, and the teacher
         checkpoints' size and modification time (a checkpoint rewritten in place is another teacher). A
-        checkpoint on a URL counts by its URL: asking the object store for its ETag would make a cache hit
-        wait on the object store (rewrite a checkpoint at a new URL, or restart the service)."""
+        checkpoint on a URL counts by its size and ETag as last seen (``check_teachers``: by every ``submit``,
+        and by the background thread every ``STORE_RESCAN_S``), so a cache hit never waits on the object store;
+        one rewritten at its URL is seen by the next submission that is not answered from the cache, and by all
+        within ``STORE_RESCAN_S``."""
         stats: list[tuple[Any, ...]] = []
         for t in resolved["teachers"]:
             where = t.partition("@")[2]
             if is_url(where):
-                stats.append((t,))
+                stats.append((t, *self.teacher_versions.get(where, (-1, "not seen"))))
                 continue
             path = Path(where)
             try:
@@ -188,6 +192,15 @@ class Service:
         fields = {k: v for k, v in resolved.items() if k not in ("seeds", "batch_size", "num_workers",
                                                                  "gpus_per_worker")}
         return json.dumps([fields, stats], sort_keys=True)
+
+    def check_teachers(self, teachers: list[str] | None = None) -> None:
+        """Ask the object store for the size and ETag of each URL teacher checkpoint (default: every one seen so
+        far) and remember them; a checkpoint that cannot be asked about keeps what was seen last."""
+        urls = [w for t in teachers for w in [t.partition("@")[2]] if is_url(w)] if teachers is not None \
+            else list(self.teacher_versions)
+        for url in urls:
+            with contextlib.suppress(OSError):  # not there (the label job says so), or the store is down
+                self.teacher_versions[url] = Location(url).version()
 
     def _label_cache_key(self, resolved: dict[str, Any]) -> str:
         """The store key of a label spec; computed once (it loads the dataset and teachers), then remembered."""
@@ -298,6 +311,7 @@ class Service:
                 self.refresh()
                 if time.monotonic() - last_scan > STORE_RESCAN_S:
                     self.stores.scan()
+                    self.check_teachers()
                     last_scan = time.monotonic()
             except Exception as e:  # a passing Ray or database hiccup: try again next round
                 print(f"stillroom: job refresh failed: {type(e).__name__}: {e}", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,13 @@ import pytest
 from services.launcher import free_port
 
 SYNTHETIC = "synthetic:n=256,classes=4,size=16"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shard_stage(tmp_path_factory):
+    """Parquet shards staged from object storage (``pipelines._shard_stage``) go under the session's temp folder,
+    here and in every process a test starts."""
+    os.environ.setdefault("STILLROOM_SHARD_STAGE", str(tmp_path_factory.mktemp("shard-stage")))
 
 
 @pytest.fixture(scope="session")

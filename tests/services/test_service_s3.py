@@ -2,14 +2,16 @@
 127.0.0.1, its own local Ray head, which inherits the standard chain's credentials from the environment as a
 cluster's nodes would) against the moto S3 server of tests/s3_server.py. A label job into an s3:// store root
 over REST, a cache hit answered while the S3 server is stopped (SIGSTOP: a request to it would hang), a train
-job reading the store, both jobs' files (spec, progress, result, the run directory) in the bucket and nothing
-of them in the local state dir, and the secret key in no response, log, record or Ray job."""
+job reading the store, the teacher rewritten at its URL taken for another teacher, both jobs' files (spec,
+progress, result, the run directory) in the bucket and nothing of them in the local state dir, and the secret
+key in no response, log, record or Ray job."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import time
 
 import httpx
 import pytest
@@ -68,6 +70,18 @@ def test_label_cache_hit_and_train_on_an_s3_store_root(s3: S3Server, tmp_path):
             metrics = http.get(f"/v1/jobs/{train['id']}/metrics").json()
             assert metrics["final"] == json.loads(fs.cat_file(f"{work}/{done['id']}/run/metrics.json"))
             assert not (tmp_path / "state" / "jobs").exists()
+
+            # the teacher rewritten at its URL: another teacher, so another store, once the service has seen its
+            # new ETag (a cache hit asks the object store nothing: the background thread looks every 10 s)
+            other = make_teacher(tmp_path / "t2.pt", seed=1).partition("@")[2]
+            s3.fs().put_file(other, f"{s3.bucket}/svc/data/teacher.pt")
+            deadline = time.monotonic() + 60
+            while (again := http.post("/v1/label-jobs", json=spec).json())["cache_hit"]:
+                assert again["cache_key"] == key and time.monotonic() < deadline, again
+                time.sleep(1)
+            assert again["cache_key"] != key, again
+            http.post(f"/v1/jobs/{again['id']}/cancel")
+            answers.append(json.dumps(again))
             answers += [http.get(f"/v1/jobs/{j}").text for j in (first["id"], train["id"])]
             answers += [http.get(f"/v1/jobs/{j}/logs").text for j in (first["id"], train["id"])]
             answers += [hit.text, http.get("/v1/jobs").text, http.get("/v1/stores").text,
