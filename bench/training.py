@@ -33,9 +33,10 @@ the EMA and bf16, interleaved in one process (``recipe_step_ms``). Target: recip
 {bytes, path} struct and a ``label``, ``--rows-per-group`` rows a row group), on a local S3 server that the bench
 starts (moto's, ``bench/_s3.py``, counting the bytes it sends) and the same shards on disk, side by side in one
 run: the cached way trains from each (one store serves both: the fingerprint covers the bytes, not where they
-lie). Two S3 ways: ``s3``, a cold node (the shard copies of ``pipelines._shard_stage`` removed before each run:
-the epoch reads by row group and stages the shards it reads at random), and ``s3_warm`` (the copies an earlier
-run left on the node). Prints ``s3_over_disk`` (the cold epoch's seconds, target <= 1.15), ``s3_warm_over_disk``
+lie). Shards read at random are staged on the node's disk as Arrow IPC copies (``pipelines._shard_stage``), from
+either place, so each place runs twice: ``disk`` and ``s3`` on a fresh node (the copies removed before each run:
+the epoch reads by row group and stages meanwhile), ``disk_warm`` and ``s3_warm`` with the copies an earlier run
+left (every later epoch). Prints ``s3_over_disk`` (the fresh node's epoch, target <= 1.15), ``s3_warm_over_disk``
 and the bytes the object store sent each epoch (``s3_bytes_per_epoch``) beside the encoded bytes of the images
 the epoch took (``epoch_image_bytes``).
 
@@ -65,6 +66,7 @@ from typing import Any
 
 import torch
 
+from pipelines.datasets import load_dataset
 from pipelines.labeling import LabelConfig, run_labeling
 from pipelines.teachers import Preprocess, save_checkpoint
 from student.config import TrainConfig
@@ -290,8 +292,6 @@ def main() -> None:
                 server = S3Bench()
                 s3_url = upload(shards, "s3://stillroom-bench/parquet")
                 dataset = f"parquet:{shards}"
-                from pipelines.datasets import load_dataset
-
                 t = time.perf_counter()
                 load_dataset(f"parquet:{s3_url}")  # its index, built here once (not in an epoch's bytes)
                 extra["s3_index_open_s"] = round(time.perf_counter() - t, 2)
@@ -307,6 +307,12 @@ def main() -> None:
                                            top_k=10, store_root=str(work / "stores"), batch_size=64 if jpeg else 512),
                                backend="local", progress=False)
         label_s = time.perf_counter() - t
+        # every way runs the same number of views: no more steps than a one-view-a-sample epoch holds (a way of
+        # K views an image holds K times as many batches; the others' epochs would end first)
+        full_batches = len(load_dataset(dataset, split)) // batch_size
+        if steps > full_batches:
+            extra["steps_asked"] = steps
+            steps = full_batches
         base: dict[str, Any] = dict(
             store=labeled["store"], dataset=dataset, split=split, eval_split=split, student=student, epochs=1,
             batch_size=batch_size, max_steps=steps, eval_limit=32 if jpeg else 512, progress=False,
@@ -337,23 +343,27 @@ def main() -> None:
         s3_bytes: list[int] = []
         s3_warm_bytes: list[int] = []
         if parquet:  # the cached way from the shards on disk and from the same shards on S3, nothing else
-            configs = {"disk": configs["cached"], "s3": {**configs["cached"], "dataset": f"parquet:{s3_url}"}}
+            on_s3 = {**configs["cached"], "dataset": f"parquet:{s3_url}"}
+            configs = {"disk": configs["cached"], "s3": on_s3, "disk_warm": configs["cached"], "s3_warm": on_s3}
 
-            stage = work / "shard-stage"  # pipelines._shard_stage: the node-local copies of shards read at random
-            os.environ["STILLROOM_SHARD_STAGE"] = str(stage)
-            configs["s3_warm"] = configs["s3"]
+            def parquet_way(name: str, counted: list[int] | None):
+                """A way on its own stage folder (pipelines._shard_stage: the node's copies of the shards read at
+                random), emptied first unless the way is warm; the bytes the S3 server sent during the run."""
+                stage = work / f"shard-stage-{name.removesuffix('_warm')}"
 
-            def s3_way(warm: bool, counted: list[int]):
                 def run(repeat: int) -> float:
-                    if not warm:  # cold: nothing staged yet, the epoch fetches the shards it reads at random
+                    if not name.endswith("_warm"):  # a fresh node: the epoch reads in place and stages meanwhile
                         shutil.rmtree(stage, ignore_errors=True)
+                    os.environ["STILLROOM_SHARD_STAGE"] = str(stage)  # read by the loader worker forked next
                     server.counts(reset=True)
-                    seconds = trainer_way("s3_warm" if warm else "s3")(repeat)
-                    counted.append(int(server.counts()["bytes"]))
+                    seconds = trainer_way(name)(repeat)
+                    if counted is not None:
+                        counted.append(int(server.counts()["bytes"]))
                     return seconds
                 return run
 
-            ways = {"disk": trainer_way("disk"), "s3": s3_way(False, s3_bytes), "s3_warm": s3_way(True, s3_warm_bytes)}
+            ways = {"disk": parquet_way("disk", None), "s3": parquet_way("s3", s3_bytes),
+                    "disk_warm": parquet_way("disk_warm", None), "s3_warm": parquet_way("s3_warm", s3_warm_bytes)}
         if jpeg and not parquet and args.loader_ways:
             def loader_way(name: str):
                 config = TrainConfig(**{**base, **configs[name], "out": str(work / f"run-{name}-loader")})  # type: ignore[arg-type]
@@ -391,19 +401,18 @@ def main() -> None:
         if parquet:
             import numpy as np
 
-            from pipelines.datasets import load_dataset
-
             ds = load_dataset(dataset)
             mean_image = float(np.mean([len(b) for b, _ in ds.encoded(np.arange(len(ds)))]))
             result.update(s3_over_disk=round(seconds["s3"] / seconds["disk"], 3), target_s3_over_disk=1.15,
-                          s3_warm_over_disk=round(seconds["s3_warm"] / seconds["disk"], 3),
+                          s3_warm_over_disk=round(seconds["s3_warm"] / seconds["disk_warm"], 3),
                           s3_bytes_per_epoch=s3_bytes, s3_warm_bytes_per_epoch=s3_warm_bytes,
                           epoch_image_bytes=int(steps * batch_size * mean_image),
-                          note="s3: a cold node (nothing staged: the epoch reads by row group and stages the shards "
-                               "it reads at random, pipelines._shard_stage); s3_warm: the copies an earlier run "
-                               "staged on the node (the rotation may run it cold in round one; the fastest counts). "
-                               "s3_bytes_per_epoch: every response body the S3 server sent during each run (its "
-                               "epoch, and the run's start: listing, cached index, footers); the store is on disk")
+                          note="disk, s3: a fresh node (nothing staged: the epoch reads by row group and stages "
+                               "the shards, pipelines._shard_stage); disk_warm, s3_warm: the copies an earlier run "
+                               "staged on the node (the rotation may run them fresh in round one; the fastest "
+                               "counts). s3_bytes_per_epoch: every response body the S3 server sent during each run "
+                               "(its epoch, and the run's start: listing, cached index, footers); the store is on "
+                               "disk")
             for key in ("cached_over_supervised", "target_cached_over_supervised"):
                 result.pop(key, None)
         elif jpeg:

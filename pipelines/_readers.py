@@ -42,7 +42,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from pipelines._shard_stage import ShardStage
+from pipelines._shard_stage import ShardStage, image_bytes
 from pipelines.atomic import write_atomically
 from pipelines.errors import StillroomError, UsageError
 from pipelines.storage import Location, filesystem, is_url, local_path
@@ -878,11 +878,7 @@ def open_parquet(where: str) -> Any:
 
 def read_row_group_bytes(path: str, row_group: int, column: str) -> list[bytes | None]:
     """The encoded image bytes of one row group (``column`` is a ``{bytes, path}`` struct or binary)."""
-    table = open_parquet(path).read_row_group(row_group, columns=[column])
-    col = table.column(0).combine_chunks()
-    if hasattr(col, "field"):  # struct {bytes, path}
-        col = col.field("bytes")
-    return col.to_pylist()
+    return image_bytes(open_parquet(path).read_row_group(row_group, columns=[column]).column(0)).to_pylist()
 
 
 class ParquetShards(FileDataset):
@@ -967,7 +963,7 @@ class ParquetShards(FileDataset):
             raise UsageError(f"{self.spec} {split} has no readable rows")
         self._set_fingerprint(hashes[keep])
         self._groups: OrderedDict[tuple[int, int], list[bytes | None]] = OrderedDict()
-        self._stage = None if isinstance(src.root, Path) else ShardStage(self.files, [tuple(s) for s in stat.tolist()])
+        self._stage = ShardStage(self.files, [tuple(s) for s in stat.tolist()], image_col)
 
     def _class_names_from_train(self, where: str, split: str, labels: np.ndarray, bad: str,
                                 workers: int | None) -> list[str]:
@@ -980,32 +976,32 @@ class ParquetShards(FileDataset):
         return {**self.__dict__, "_groups": OrderedDict()}
 
     def encoded(self, ids: np.ndarray) -> list[tuple[bytes, str]]:
-        """Each row group the batch touches is read once (its image column only); the last few stay cached.
-        Shards on a URL that are read at random are staged on the node's disk (``pipelines._shard_stage``)."""
+        """The rows of a shard staged on the node's disk (``pipelines._shard_stage``: shards read at random) are
+        read from its copy, each its own bytes; the others by row group, each group the batch touches once (its
+        image column only), the last few kept."""
         loc = self._loc[self._check_ids(ids)]
         out: list[tuple[bytes, str]] = [(b"", "")] * len(loc)
         by_group: dict[tuple[int, int], list[int]] = {}
         for pos, (shard, group, _) in enumerate(loc.tolist()):
             by_group.setdefault((shard, group), []).append(pos)
         for (shard, group), positions in by_group.items():
-            key = (shard, group)
-            if key not in self._groups:
-                where = self._stage.where(shard, group) if self._stage is not None else self.files[shard]
-                try:
-                    self._groups[key] = read_row_group_bytes(where, group, self.image_column)
-                except OSError:
-                    if where == self.files[shard]:
-                        raise
-                    # a staged copy removed since (its folder cleared): read in place
-                    self._groups[key] = read_row_group_bytes(self.files[shard], group, self.image_column)
-                while len(self._groups) > ROW_GROUP_CACHE:
-                    self._groups.popitem(last=False)
-            self._groups.move_to_end(key)
-            data = self._groups[key]
-            for pos in positions:
-                row = int(loc[pos, 2])
-                out[pos] = (data[row] or b"", f"{self.files[shard]} row group {group} row {row}")
+            rows = [int(loc[pos, 2]) for pos in positions]
+            data = self._stage.read(shard, group, rows)
+            if data is None:  # not staged (yet): by row group
+                group_bytes = self._row_group(shard, group)
+                data = [group_bytes[r] for r in rows]
+            for pos, row, b in zip(positions, rows, data, strict=True):
+                out[pos] = (b or b"", f"{self.files[shard]} row group {group} row {row}")
         return out
+
+    def _row_group(self, shard: int, group: int) -> list[bytes | None]:
+        key = (shard, group)
+        if key not in self._groups:
+            self._groups[key] = read_row_group_bytes(self.files[shard], group, self.image_column)
+            while len(self._groups) > ROW_GROUP_CACHE:
+                self._groups.popitem(last=False)
+        self._groups.move_to_end(key)
+        return self._groups[key]
 
 
 @dataclass

@@ -173,9 +173,11 @@ def test_read_only_data_bucket_puts_the_index_under_the_cache_url(s3: S3Server, 
     user = f"reader-{uuid.uuid4().hex[:6]}"
     iam.create_user(UserName=user)
     key = iam.create_access_key(UserName=user)["AccessKey"]
+    # read-only on the data bucket; moto 5.2 authorises a ListObjectsV2 as "s3:ListObjectsV2" where S3 asks for
+    # "s3:ListBucket" (no IAM action has the other name): both are allowed, neither writes
     iam.put_user_policy(UserName=user, PolicyName="read-data-write-cache", PolicyDocument=json.dumps({
         "Version": "2012-10-17", "Statement": [
-            {"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"],
+            {"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket", "s3:ListObjectsV2"],
              "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]},
             {"Effect": "Allow", "Action": "s3:*",
              "Resource": [f"arn:aws:s3:::{s3.bucket}", f"arn:aws:s3:::{s3.bucket}/*"]}]}))

@@ -1,8 +1,8 @@
-"""Parquet shards on a real S3 server (moto on 127.0.0.1) staged on the node's disk once read at random
-(``pipelines._shard_stage``): a shuffled read stages every shard and then reads nothing from the server; a copy
-removed meanwhile is read in place; a read in id order stages nothing; a killed download's part file is never
-taken; a copy of the wrong size is not used; another process's download is left to it; a disk too small stages
-nothing and says so."""
+"""Parquet shards read at random staged on the node's disk as Arrow IPC copies (``pipelines._shard_stage``), from
+a real S3 server (moto on 127.0.0.1) and from a local folder: a shuffled read stages every shard and then reads
+nothing from the server, each row its own bytes; a copy removed or cut short meanwhile is read in place; a read in
+id order stages nothing; a killed copy's part files are never taken; another process's copy is left to it; a disk
+too small stages nothing and says so."""
 
 from __future__ import annotations
 
@@ -49,53 +49,74 @@ def _shard_gets(s3: S3Server, mark: int) -> list[str]:
 def _wait_staged(folder: Path, count: int, timeout: float = 30.0) -> list[Path]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        copies = sorted(folder.glob("*.parquet"))
+        copies = sorted(folder.glob("*.arrow"))
         if len(copies) >= count:
             return copies
         time.sleep(0.05)
     raise AssertionError(f"{count} shards not staged in {timeout} s: {sorted(folder.iterdir())}")
 
 
-def test_shuffled_reads_stage_each_shard_then_read_nothing_from_the_server(s3: S3Server, url, shards, stage):
-    ds = ParquetShards(url, "train")
-    local = ParquetShards(str(shards), "train")
-    _readers._OPEN.clear()
+def _shuffled_twice(ds: ParquetShards) -> dict[int, bytes]:
+    """Two shuffled passes in batches of 4 over 8 row groups (re-reads: staging starts); what each id read."""
     order = np.random.default_rng(0).permutation(len(ds))
     got = {}
-    for batch in np.array_split(np.concatenate([order, order]), 16):  # batches of 4 across 8 groups: re-reads
+    for batch in np.array_split(np.concatenate([order, order]), 16):
         for i, (b, _) in zip(batch.tolist(), ds.encoded(batch), strict=True):
             got[i] = b
-    assert got == {i: b for i, (b, _) in enumerate(local.encoded(np.arange(len(local))))}
-    copies = _wait_staged(stage, 2)
-    assert sorted(p.stat().st_size for p in copies) == sorted(Path(f).stat().st_size for f in local.files)
+    return got
+
+
+def test_shuffled_reads_stage_every_shard_then_read_nothing_from_the_server(s3: S3Server, url, shards, stage):
+    ds = ParquetShards(url, "train")
+    local = ParquetShards(str(shards), "train")
+    truth = [b for b, _ in local.encoded(np.arange(len(local)))]
+    _readers._OPEN.clear()
+    assert _shuffled_twice(ds) == dict(enumerate(truth))
+    _wait_staged(stage, 2)
     assert not list(stage.glob("*.part-*"))
 
     mark = len(s3.requests())
+    ds._groups.clear()  # the row groups read before the copies were there
     ids = np.random.default_rng(1).permutation(len(ds))
-    assert [b for b, _ in ds.encoded(ids)] == [b for b, _ in local.encoded(ids)]
+    assert [b for b, _ in ds.encoded(ids)] == [truth[i] for i in ids]
     assert _shard_gets(s3, mark) == []  # every row from the node's copies
+    assert not ds._groups  # row by row: no row group read since the copies were there
     # another process (a loader worker: the data set pickled) finds the copies at once
     mark = len(s3.requests())
     worker = pickle.loads(pickle.dumps(ds))
-    assert [b for b, _ in worker.encoded(ids[:5])] == [b for b, _ in local.encoded(ids[:5])]
-    assert _shard_gets(s3, mark) == []
+    assert [b for b, _ in worker.encoded(ids[:5])] == [truth[i] for i in ids[:5]]
+    assert _shard_gets(s3, mark) == [] and not worker._groups
 
 
-def test_a_copy_removed_while_reading_is_read_in_place(s3: S3Server, url, shards, stage, monkeypatch):
+def test_local_shards_read_at_random_are_staged_too(shards, stage):
+    ds = ParquetShards(str(shards), "train")
+    truth = [b for b, _ in ParquetShards(str(shards), "train").encoded(np.arange(len(ds)))]
+    assert _shuffled_twice(ds) == dict(enumerate(truth))
+    _wait_staged(stage, 2)
+    ds._groups.clear()
+    ids = np.random.default_rng(3).permutation(len(ds))
+    assert [b for b, _ in ds.encoded(ids)] == [truth[i] for i in ids] and not ds._groups
+
+
+def test_a_copy_removed_or_cut_short_is_read_in_place(s3: S3Server, url, shards, stage, caplog):
     ds = ParquetShards(url, "train")
-    local = ParquetShards(str(shards), "train")
-    for batch in np.array_split(np.tile(np.arange(len(ds)), 2), 8):  # every group read twice: staging starts
-        ds.encoded(batch)
+    truth = [b for b, _ in ParquetShards(str(shards), "train").encoded(np.arange(len(ds)))]
+    _shuffled_twice(ds)
     copies = _wait_staged(stage, 2)
+    ids = np.random.default_rng(2).permutation(len(ds))
     for copy in copies:  # the folder cleared while the process runs
         copy.unlink()
-    ids = np.random.default_rng(2).permutation(len(ds))
-    fresh = pickle.loads(pickle.dumps(ds))  # no row group cached in memory
-    assert [b for b, _ in fresh.encoded(ids)] == [b for b, _ in local.encoded(ids)]
-    # a copy that vanishes between the stat and the read (another process clearing the folder)
-    monkeypatch.setattr(_shard_stage.ShardStage, "where", lambda self, shard, group: str(stage / "gone.parquet"))
+    fresh = pickle.loads(pickle.dumps(ds))  # nothing open, no row group cached in memory
+    assert [b for b, _ in fresh.encoded(ids)] == [truth[i] for i in ids]
+    # a copy cut short (a full disk, an edit by hand): removed, its rows read in place
+    st = fresh._stage
+    st.stage(0)
+    copy = stage / st.names[0]
+    copy.write_bytes(copy.read_bytes()[:200])
     fresh = pickle.loads(pickle.dumps(ds))
-    assert [b for b, _ in fresh.encoded(ids[:6])] == [b for b, _ in local.encoded(ids[:6])]
+    with caplog.at_level(logging.WARNING, logger="stillroom.data"):
+        assert [b for b, _ in fresh.encoded(ids)] == [truth[i] for i in ids]
+    assert "removing the unreadable staged copy" in caplog.text and not copy.exists()
 
 
 def test_reads_in_id_order_stage_nothing(s3: S3Server, url, stage):
@@ -103,26 +124,27 @@ def test_reads_in_id_order_stage_nothing(s3: S3Server, url, stage):
     for batch in np.array_split(np.arange(len(ds)), 8):
         ds.encoded(batch)
     time.sleep(0.2)
-    assert not stage.exists() or not list(stage.glob("*.parquet"))
+    assert not stage.exists() or not list(stage.glob("*.arrow"))
 
 
-def test_part_files_stale_copies_and_another_downloader(s3: S3Server, url, stage):
+def test_part_files_and_another_process_copying(s3: S3Server, url, shards, stage):
     ds = ParquetShards(url, "train")
     st = ds._stage
-    assert st is not None and st.where(0, 0) == ds.files[0]  # one read: in place
+    assert st.read(0, 0, [0]) is None  # nothing staged: in place
     stage.mkdir(parents=True, exist_ok=True)
     name = st.names[0]
-    (stage / f"{name}.part-99999").write_bytes(b"half a shard")  # a downloader killed mid-way
-    (stage / name).write_bytes(b"short")  # a copy that does not match the listing's size is not taken
-    assert st.where(0, 1) == ds.files[0]
+    (stage / f"{name}.part-99999").write_bytes(b"half a shard")  # a process killed mid-copy
+    (stage / f"{name}.part-99999.parquet").write_bytes(b"half a download")
+    assert st.read(0, 1, [0]) is None  # part files are never taken for a copy
 
-    with open(stage / f"{name}.lock", "a+b") as held:  # another process on the node is fetching shard 0
+    with open(stage / f"{name}.lock", "a+b") as held:  # another process on the node is copying shard 0
         fcntl.flock(held, fcntl.LOCK_EX)
-        st._download(0)
-        assert (stage / name).read_bytes() == b"short"
-    st._download(0)  # the lock is free: fetched whole, the part file removed
-    assert (stage / name).stat().st_size == st.sizes[0] and not list(stage.glob("*.part-*"))
-    assert st.where(0, 2) == str(stage / name)
+        st.stage(0)
+        assert not (stage / name).exists()
+    st.stage(0)  # the lock is free: copied whole, the part files removed
+    assert (stage / name).exists() and not list(stage.glob("*.part-*"))
+    truth = [b for b, _ in ParquetShards(str(shards), "train").encoded(np.arange(4, 8))]
+    assert st.read(0, 1, [0, 1, 2, 3]) == truth  # rows 4-7 are row group 1 of shard 0
 
 
 def test_a_disk_too_small_stages_nothing_and_says_so(s3: S3Server, url, stage, monkeypatch, caplog):
@@ -132,6 +154,6 @@ def test_a_disk_too_small_stages_nothing_and_says_so(s3: S3Server, url, stage, m
         for _ in range(3):
             ds.encoded(np.array([0, 5, 9, 30]))
     assert "not staging 2 Parquet shards" in caplog.text and _shard_stage.ENV in caplog.text
-    assert not list(stage.glob("*.parquet"))
+    assert not list(stage.glob("*.arrow"))
     monkeypatch.setenv(_shard_stage.ENV, "off")
     assert _shard_stage.stage_dir() is None
