@@ -3,15 +3,15 @@
 A shuffled epoch takes its rows from every row group in turn, and Parquet reads a row group's column whole: each
 image then costs its row group's whole image column (Hugging Face writes 100 rows a group, about 11 MB on
 ImageNet). On object storage that is about 100x the epoch's image bytes fetched, every epoch; on a local disk it
-is still about 6.5 ms of reading and decoding a column chunk an image, from the page cache (measured here on
-row groups of 100 images of 110 KB), more than decoding the JPEG. What a user does by hand instead (``aws s3
+is still about 5 ms of reading a column chunk an image from the page cache (``bench/parquet.py``: row groups of
+100 images of 108 KB), more than decoding the JPEG. What a user does by hand instead (``aws s3
 sync`` to the node's disk, or Hugging Face ``datasets``' Arrow cache, or Mosaic streaming's local shards) is what
 this does on its own: the first time a process reads a row group a second time (the access pattern of a shuffle;
 reading in id order, as labeling does, reads each group once and stages nothing), it queues every shard of the
 data set, that one first, and ``STAGE_THREADS`` threads copy them, once per node: a shard on a URL downloaded by
 one sequential read, then its image column written as an Arrow IPC file (one record batch a row group, the
 images' bytes uncompressed, as the JPEGs are), read later through a memory map: one image costs its own bytes
-(about 0.1 ms against 6.5). Until a shard's copy is there, its reads take the row-group path; from then on, and
+(0.09 ms against 5.2 there). Until a shard's copy is there, its reads take the row-group path; from then on, and
 in every later epoch and run on the node, the copy. The shuffle stays uniform over the whole split: nothing about
 the order changes.
 
