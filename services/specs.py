@@ -139,7 +139,11 @@ def confine_dataset(dataset: str, roots: tuple[Root, ...], base: Path) -> str:
     kind, sep, arg = dataset.partition(":")
     if kind not in ("imagefolder", "parquet") or not sep:
         return dataset
-    path, _ = DatasetSpec(kind, arg).path_and_options()
+    try:
+        path, _, _ = DatasetSpec(kind, arg).path_and_policy()
+    except UsageError:  # the message would echo the spec, which may hold a URL's credentials
+        raise BadLocation("the options after the data set's path are ,bad=stop|skip and ,val=F (0 < F < 1), each "
+                          "at most once", "dataset") from None
     option = arg[len(path):]
     if kind == "parquet" and any(ch in path for ch in "*?["):
         if ".." in path.split("/"):

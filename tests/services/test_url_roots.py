@@ -79,3 +79,16 @@ def test_the_work_root_is_the_state_dir_unless_set_and_a_url_work_root_is_a_root
         confine("api_token", roots, base)
     with pytest.raises(UsageError, match="work root: .*must not hold credentials"):
         Settings(state_dir=tmp_path / "c", store_root=tmp_path / "stores", work_root="s3://KEY:s3cr3tsecret@labels/work").prepare()
+
+
+@pytest.mark.parametrize("options", [",foo=1", ",val=2", ",bad=maybe", ",val=0.1,val=0.2"])
+def test_bad_dataset_options_are_bad_input_and_not_echoed(settings, options):
+    dataset = f"imagefolder:s3://AKIA:s3cr3tsecret@data/imagenet{options}"
+    body = {"dataset": dataset, "teachers": ["test_resnet@s3://data/imagenet/t.pt"], "seeds": [0]}
+    spec = SPECS["label"].model_validate_json(json.dumps(body))
+    with pytest.raises(BadLocation, match=r"options after the data set's path") as e:
+        confined_spec("label", spec, settings.allowed_roots, settings.state_dir)
+    assert e.value.field == "dataset" and "s3cr3tsecret" not in str(e.value)
+    ok = SPECS["label"].model_validate_json(json.dumps({**body, "dataset": "imagefolder:s3://data/imagenet,val=0.1"}))
+    assert confined_spec("label", ok, settings.allowed_roots, settings.state_dir)["dataset"] == \
+        "imagefolder:s3://data/imagenet,val=0.1"
