@@ -998,6 +998,7 @@ class ParquetShards(FileDataset):
         key = (shard, group)
         if key not in self._groups:
             self._groups[key] = read_row_group_bytes(self.files[shard], group, self.image_column)
+            self._stage.read_in_place(shard, group)  # a group read again (a shuffle) starts staging
             while len(self._groups) > ROW_GROUP_CACHE:
                 self._groups.popitem(last=False)
         self._groups.move_to_end(key)

@@ -98,25 +98,31 @@ class ShardStage:
 
     def read(self, shard: int, group: int, rows: list[int]) -> list[bytes | None] | None:
         """The image bytes of ``rows`` of row group ``group`` of ``shard`` from its copy; None when it has none
-        yet (read it in place), and then the first second read of a group in this process starts staging every
-        shard, ``shard`` first."""
+        (yet): read it in place, and say so (``read_in_place``)."""
         if self._pid != os.getpid():
             self._fresh()
         reader = self._copy(shard)
-        if reader is not None:
-            try:
-                column = reader.get_batch(group).column(0)
-                return [column[r].as_py() for r in rows]
-            except Exception as e:  # pyarrow's errors for a file cut short or overwritten: read in place
-                self._drop(shard, e)
-                return None
-        if self._folder() is not None:
-            key = (shard, group)
-            if key not in self._reads:
-                self._reads.add(key)
-            elif not self._started:
-                self._start(shard)
-        return None
+        if reader is None:
+            return None
+        try:
+            column = reader.get_batch(group).column(0)
+            return [column[r].as_py() for r in rows]
+        except Exception as e:  # pyarrow's errors for a file cut short or overwritten: read in place
+            self._drop(shard, e)
+            return None
+
+    def read_in_place(self, shard: int, group: int) -> None:
+        """Row group ``group`` of ``shard`` was read from the shard itself: the first group this process reads a
+        second time starts staging every shard, ``shard`` first."""
+        if self._pid != os.getpid():
+            self._fresh()
+        if self._started or self._folder() is None:
+            return
+        key = (shard, group)
+        if key not in self._reads:
+            self._reads.add(key)
+        else:
+            self._start(shard)
 
     def _copy(self, shard: int) -> Any:
         """The open copy of ``shard`` (opened now if it is on disk), or None."""

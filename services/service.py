@@ -196,8 +196,10 @@ class Service:
     def check_teachers(self, teachers: list[str] | None = None) -> None:
         """Ask the object store for the size and ETag of each URL teacher checkpoint (default: every one seen so
         far) and remember them; a checkpoint that cannot be asked about keeps what was seen last."""
-        urls = [w for t in teachers for w in [t.partition("@")[2]] if is_url(w)] if teachers is not None \
-            else list(self.teacher_versions)
+        if teachers is None:
+            urls = list(self.teacher_versions.copy())  # a copy: request threads may add meanwhile
+        else:
+            urls = [where for t in teachers if is_url(where := t.partition("@")[2])]
         for url in urls:
             with contextlib.suppress(OSError):  # not there (the label job says so), or the store is down
                 self.teacher_versions[url] = Location(url).version()
