@@ -33,7 +33,7 @@ data too (its partners are source images cropped on the device, cheap).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import numpy as np
 import torch
@@ -298,7 +298,7 @@ class StoreStream:
                            self.num_classes, self.feature_rows(None), self.seed_index(epoch), self.seeds,
                            recipe=self.recipe)
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def epoch(self, epoch: int) -> Generator[Batch, None, None]:
         """The batches of one epoch, finished on the stream's device, built by ``loader_workers`` processes."""
         source = self.source(self.labels_for_epoch(epoch), epoch)
         parts = batch_parts(source, self.batches(epoch), self.loader_workers, pin=self.device.type == "cuda")
