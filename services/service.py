@@ -283,11 +283,11 @@ class Service:
             fields["result"] = result
             if result.get("cache_key"):
                 fields["cache_key"] = result["cache_key"]
+        key = fields.get("cache_key") or job.cache_key
+        if job.kind == JobKind.label and key:  # first: whoever sees the job ended finds its seeds in the index
+            self.stores.reload(key)
         self.db.update(job.id, **fields)
         self._mirror(job.id, fields)
-        key = fields.get("cache_key") or job.cache_key
-        if job.kind == JobKind.label and key:
-            self.stores.reload(key)
 
     def _mirror(self, primary_id: str, fields: dict[str, Any]) -> None:
         """Records attached to a primary follow its state."""
