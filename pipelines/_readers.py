@@ -45,7 +45,7 @@ import numpy as np
 from pipelines._shard_stage import ShardStage, image_bytes
 from pipelines.atomic import write_atomically
 from pipelines.errors import StillroomError, UsageError
-from pipelines.storage import Location, filesystem, is_url, local_path
+from pipelines.storage import Location, filesystem, is_url, local_path, version_field
 
 log = logging.getLogger("stillroom.data")
 
@@ -475,13 +475,13 @@ def check_split(split: str) -> None:
 
 
 def _version_tag(info: dict[str, Any]) -> int:
-    """A 64-bit tag of an object's version from its listing entry: its ETag (S3), etag/generation (GCS), else
-    its modification time; 0 when the listing has none (then only the size tells a change)."""
-    for key in ("ETag", "etag", "md5Hash", "generation", "mtime", "LastModified", "last_modified", "updated"):
-        if info.get(key) is not None:
-            digest = hashlib.blake2b(str(info[key]).encode(), digest_size=8).digest()
-            return int(np.frombuffer(digest, dtype=np.int64)[0])
-    return 0
+    """A 64-bit tag of an object's version from its listing entry (``version_field``: its ETag, etag/generation,
+    else its modification time); 0 when the listing has none (then only the size tells a change)."""
+    version = version_field(info)
+    if version is None:
+        return 0
+    digest = hashlib.blake2b(str(version).encode(), digest_size=8).digest()
+    return int(np.frombuffer(digest, dtype=np.int64)[0])
 
 
 class RemoteRoot:

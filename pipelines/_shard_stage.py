@@ -6,8 +6,9 @@ ImageNet). On object storage that is about 100x the epoch's image bytes fetched,
 is still about 5 ms of reading a column chunk an image from the page cache (``bench/parquet.py``: row groups of
 100 images of 108 KB), more than decoding the JPEG. What a user does by hand instead (``aws s3
 sync`` to the node's disk, or Hugging Face ``datasets``' Arrow cache, or Mosaic streaming's local shards) is what
-this does on its own: the first time a process reads a row group a second time (the access pattern of a shuffle;
-reading in id order, as labeling does, reads each group once and stages nothing), it queues every shard of the
+this does on its own: the first time a process reads a row group from its shard a second time (it was read, left
+the last few kept, and is wanted again: a shuffle; reading in id order, as labeling does, whatever the batch size,
+reads each group once and stages nothing), it queues every shard of the
 data set, that one first, and ``STAGE_THREADS`` threads copy them, once per node: a shard on a URL downloaded by
 one sequential read, then its image column written as an Arrow IPC file (one record batch a row group, the
 images' bytes uncompressed, as the JPEGs are), read later through a memory map: one image costs its own bytes

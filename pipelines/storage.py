@@ -34,6 +34,15 @@ def is_url(where: str | os.PathLike) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+def version_field(info: dict[str, Any]) -> Any:
+    """What changes in an object's listing or ``info`` entry when it is rewritten: its ETag (S3), etag, MD5 or
+    generation (GCS), else its modification time; None when the entry has none (then only its size tells)."""
+    for key in ("ETag", "etag", "md5Hash", "generation", "mtime", "LastModified", "last_modified", "updated"):
+        if info.get(key) is not None:
+            return info[key]
+    return None
+
+
 def local_path(where: str | os.PathLike) -> Path:
     """A plain path or a ``file://`` URL as a local path."""
     text = os.fspath(where)
@@ -185,10 +194,8 @@ class Location:
             return st.st_size, str(st.st_mtime_ns)
         self.fs.invalidate_cache(self._path)
         info = self.fs.info(self._path)
-        for key in ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified", "updated"):
-            if info.get(key) is not None:
-                return int(info.get("size") or 0), f"{key}={info[key]}"
-        return int(info.get("size") or 0), ""
+        version = version_field(info)
+        return int(info.get("size") or 0), "" if version is None else str(version)
 
     # -- writing ------------------------------------------------------------------------------
 
