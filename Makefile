@@ -14,8 +14,9 @@ demo: setup
 	$(BIN)/stillroom demo
 
 lint: setup
-	$(BIN)/ruff check pipelines student services tests bench
+	$(BIN)/ruff check pipelines student services tests bench stillroom/__init__.py
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/pytest -q

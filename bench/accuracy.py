@@ -45,12 +45,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines.labeling import LabelConfig, run_labeling
-from pipelines.store import LabelStore
-from pipelines.teacher_train import TeacherTrainConfig, train_teacher
-from student.config import TrainConfig
-from student.methods import method_class
-from student.run import train
+from stillroom.pipelines.labeling import LabelConfig, run_labeling
+from stillroom.pipelines.store import LabelStore
+from stillroom.pipelines.teachers import TeacherTrainConfig, train_teacher
+from stillroom.student.config import TrainConfig
+from stillroom.student.methods import method_class
+from stillroom.student.run import train
 
 VIT_STUDENT = "deit_tiny_distilled_patch16_224"
 VIT_KWARGS = {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 2}

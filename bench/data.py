@@ -53,7 +53,7 @@ def _write_images(args: tuple[str, list[tuple[int, int, int, int, int]]]) -> int
     """Write JPEGs: (sample, label, height, width, seed) rows into ``root/train/<label>/``."""
     from PIL import Image
 
-    from pipelines.datasets import load_dataset
+    from stillroom.pipelines.data import load_dataset
 
     root, rows = args
     images = load_dataset("fashion-mnist").images  # type: ignore[attr-defined]
@@ -73,7 +73,7 @@ def make_folder(root: Path, n: int, reuse: Path | None, workers: int) -> Path:
     """An ImageNet-layout folder of ``n`` JPEGs (ready when ``root/.complete`` exists)."""
     from multiprocessing import get_context
 
-    from pipelines.datasets import load_dataset
+    from stillroom.pipelines.data import load_dataset
 
     if (root / ".complete").exists():
         return root
@@ -104,8 +104,8 @@ def child_open(root: str) -> None:
     """In a fresh process: open the folder's train split, build one batch of views; seconds and peak RSS."""
     import torch  # every command imports it: part of the baseline RSS
 
-    from pipelines.datasets import load_dataset
-    from pipelines.views import build_views, get_recipe
+    from stillroom.pipelines.data import load_dataset
+    from stillroom.pipelines.views import build_views, get_recipe
 
     t = time.perf_counter()
     ds = load_dataset(f"imagefolder:{root}")
@@ -135,8 +135,8 @@ class _Ours:
 
     def __init__(self, spec: str, ids: np.ndarray, batch: int, draft: bool, recipe: str = "imagenet-rrc",
                  own_only: bool = False):
-        from pipelines.datasets import load_dataset
-        from pipelines.views import draw_views, get_recipe
+        from stillroom.pipelines.data import load_dataset
+        from stillroom.pipelines.views import draw_views, get_recipe
 
         self.ds = load_dataset(spec)
         self.ids, self.batch, self.draft, self.own_only = ids, batch, draft, own_only
@@ -147,7 +147,7 @@ class _Ours:
         return -(-len(self.ids) // self.batch)
 
     def __getitem__(self, k: int):
-        from pipelines.views import own_rows, render_batch, render_views
+        from stillroom.pipelines.views import own_rows, render_batch, render_views
 
         rows = slice(k * self.batch, (k + 1) * self.batch)
         if self.own_only:
@@ -171,9 +171,9 @@ def _posterize_zero_bits() -> None:
 def _deit_loader(root: Path, ids: np.ndarray, workers: int, batch: int, shuffled: bool):
     """The student's loader (``BatchSource`` through ``batch_parts``) over ``deit`` rows of seed 0, in batches of
     ``ids`` as given (partner runs) or shuffled: uint8 ``BatchParts``."""
-    from pipelines.datasets import load_dataset
-    from pipelines.views import draw_views, get_recipe
-    from student._loader import BatchSource, batch_parts
+    from stillroom.pipelines.data import load_dataset
+    from stillroom.pipelines.views import draw_views, get_recipe
+    from stillroom.student._loader import BatchSource, batch_parts
 
     ds = load_dataset(f"imagefolder:{root}")
     recipe = get_recipe("deit")
@@ -249,8 +249,8 @@ def main() -> None:
         opens[name] = {"cold": measure_open(root, cold=True), "warm": measure_open(root, cold=False)}
         if not opens[name]["warm"]["reused"]:
             raise SystemExit(f"the warm open of {root} did not reuse its index")
-    from pipelines.views import get_recipe
-    from student.data import partner_run_order
+    from stillroom.pipelines.views import get_recipe
+    from stillroom.student.data import partner_run_order
 
     # the images a deit epoch's first batches take (runs of the partner cycle); the same images for every loader
     ids = partner_run_order(get_recipe("deit"), 0, args.n, args.batch, 0, 0)[: min(args.images, args.n)]

@@ -20,8 +20,8 @@ import time
 import numpy as np
 import zarr
 
-from pipelines.store import LabelStore, StoreSchema, _compressor
-from student._loader import FeatureRows
+from stillroom.pipelines.store._store import LabelStore, StoreSchema, _compressor
+from stillroom.student._loader import FeatureRows
 
 
 def rows_per_s(read, n: int, batch: int, batches: int, rng: np.random.Generator) -> tuple[float, float]:

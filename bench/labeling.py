@@ -137,8 +137,8 @@ def bench_jpeg(args: argparse.Namespace) -> None:
     import ray
     import timm
 
-    from pipelines.labeling import LabelConfig, run_labeling
-    from pipelines.teachers import Preprocess, load_teacher, save_checkpoint
+    from stillroom.pipelines.labeling import LabelConfig, run_labeling
+    from stillroom.pipelines.teachers import Preprocess, load_teacher, save_checkpoint
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from data import make_folder  # bench/data.py: the same generator as the data bench
@@ -192,7 +192,7 @@ def bench_jpeg(args: argparse.Namespace) -> None:
         ray.shutdown()
         shutil.rmtree(stores, ignore_errors=True)
         if args.store_root:
-            from pipelines.storage import Location
+            from stillroom.pipelines.core import Location
 
             Location(url).remove(recursive=True)
     result = {**local_result, "images_per_s": max(by_root["local"])}
@@ -222,8 +222,8 @@ def bench_seeds(args: argparse.Namespace) -> None:
     import ray
     import timm
 
-    from pipelines.labeling import LabelConfig, run_labeling
-    from pipelines.teachers import Preprocess, save_checkpoint
+    from stillroom.pipelines.labeling import LabelConfig, run_labeling
+    from stillroom.pipelines.teachers import Preprocess, save_checkpoint
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from data import make_folder
@@ -276,8 +276,8 @@ def seeds_profile(folder: Path, teacher: str, kwargs: dict, recipe_name: str, si
     faster than this CPU's): a model, not a measurement."""
     import timm
 
-    from pipelines.datasets import load_dataset
-    from pipelines.views import decode_views, draw_views, get_recipe
+    from stillroom.pipelines.data import load_dataset
+    from stillroom.pipelines.views import decode_views, draw_views, get_recipe
 
     ds = load_dataset(f"imagefolder:{folder}")
     recipe = get_recipe(recipe_name)
@@ -317,10 +317,10 @@ def bench_fmnist(args: argparse.Namespace) -> None:
     import ray
     import timm
 
-    from pipelines.datasets import load_dataset
-    from pipelines.labeling import LabelConfig, run_labeling
-    from pipelines.teachers import Preprocess, load_teacher, save_checkpoint
-    from pipelines.views import build_views, get_recipe
+    from stillroom.pipelines.data import load_dataset
+    from stillroom.pipelines.labeling import LabelConfig, run_labeling
+    from stillroom.pipelines.teachers import Preprocess, load_teacher, save_checkpoint
+    from stillroom.pipelines.views import build_views, get_recipe
 
     threads = args.threads  # one actor on a local Ray of `threads` CPUs runs torch on that many threads
     torch.set_num_threads(threads)

@@ -69,8 +69,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/stillroom-bench-parquet")
     args = ap.parse_args()
 
-    from pipelines import _shard_stage
-    from pipelines.datasets import ParquetShards
+    from stillroom.pipelines.data import ParquetShards
+    from stillroom.pipelines.data import stage as _shard_stage
 
     work = Path(args.work)
     root = write_shards(work / "shards", args.shards, args.groups, args.rows_per_group, args.image_kb)

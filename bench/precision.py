@@ -60,9 +60,8 @@ def bf16():
 
 
 def trained(args: argparse.Namespace, work: Path) -> dict[str, object]:
-    from pipelines.datasets import load_dataset
-    from pipelines.teacher_train import TeacherTrainConfig, train_teacher
-    from pipelines.teachers import load_teacher
+    from stillroom.pipelines.data import load_dataset
+    from stillroom.pipelines.teachers import TeacherTrainConfig, load_teacher, train_teacher
 
     test = load_dataset("fashion-mnist", "test")
     ids = np.arange(min(args.views, len(test)))
@@ -91,8 +90,8 @@ def trained(args: argparse.Namespace, work: Path) -> dict[str, object]:
 def imagenet_shape(args: argparse.Namespace) -> dict[str, object]:
     import timm
 
-    from pipelines.datasets import load_dataset
-    from pipelines.views import eval_views
+    from stillroom.pipelines.data import load_dataset
+    from stillroom.pipelines.views import eval_views
 
     test = load_dataset("fashion-mnist", "test")
     x = eval_views(test, np.arange(args.imagenet_views), 224).expand(-1, 3, -1, -1)

@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from services.launcher import free_port
+from stillroom.services.launcher import free_port
 
 DATA = "synthetic:n=1024,classes=10,size=16"
 
@@ -37,8 +37,8 @@ DATA = "synthetic:n=1024,classes=10,size=16"
 def make_store(root: Path) -> str:
     import timm
 
-    from pipelines.labeling import LabelConfig, run_labeling
-    from pipelines.teachers import Preprocess, save_checkpoint
+    from stillroom.pipelines.labeling import LabelConfig, run_labeling
+    from stillroom.pipelines.teachers import Preprocess, save_checkpoint
 
     ckpt = root / "state" / "teachers" / "bench.pt"
     ckpt.parent.mkdir(parents=True)
@@ -64,8 +64,9 @@ def main() -> None:
         teacher = make_store(root)
         env = {**os.environ, "STILLROOM_API_TOKEN": token}
         server = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "serve", "--port", str(port), "--dashboard-port", str(free_port()),
-             "--state-dir", str(root / "state"), "--store-root", str(root / "stores")],
+            [sys.executable, "-m", "stillroom.services.cli", "serve", "--port", str(port),
+             "--dashboard-port", str(free_port()), "--state-dir", str(root / "state"),
+             "--store-root", str(root / "stores")],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
         for _ in range(240):

@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 
-from pipelines.store import LabelStore, StoreSchema
-from pipelines.views import draw_views, get_recipe, num_view_params
+from stillroom.pipelines.store import LabelStore, StoreSchema
+from stillroom.pipelines.views import draw_views, get_recipe, num_view_params
 
 
 def synthetic_labels(n: int, k: int, classes: int, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -66,11 +66,11 @@ from typing import Any
 
 import torch
 
-from pipelines.datasets import load_dataset
-from pipelines.labeling import LabelConfig, run_labeling
-from pipelines.teachers import Preprocess, save_checkpoint
-from student.config import TrainConfig
-from student.run import train
+from stillroom.pipelines.data import load_dataset
+from stillroom.pipelines.labeling import LabelConfig, run_labeling
+from stillroom.pipelines.teachers import Preprocess, save_checkpoint
+from stillroom.student.config import TrainConfig
+from stillroom.student.run import train
 
 
 def make_teacher(path: Path, name: str, num_classes: int, resolution: int, in_chans: int = 1) -> str:
@@ -93,7 +93,7 @@ def torchvision_epoch(root: Path, student: str, num_classes: int, size: int, bat
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from student.models import build_student, normalize
+    from stillroom.student.models import build_student, normalize
 
     dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
@@ -128,8 +128,8 @@ def recipe_step_ms(student: str, num_classes: int, in_chans: int, size: int, bat
 
     import torch.nn.functional as F
 
-    from pipelines.train_recipe import RecipeOptions, TrainingRecipe, resolve_device
-    from student.models import build_student
+    from stillroom.pipelines.training import RecipeOptions, TrainingRecipe, resolve_device
+    from stillroom.student.models import build_student
 
     dev = resolve_device(device)
     torch.manual_seed(0)
@@ -187,7 +187,7 @@ def write_shards(folder: Path, out: Path, rows_per_group: int, shards: int) -> P
 
 def upload(local: Path, url: str) -> str:
     """Every Parquet file under ``local`` to ``url`` (its bucket made first); the URL."""
-    from pipelines.storage import filesystem
+    from stillroom.pipelines.core import filesystem
 
     fs, path = filesystem(url)
     fs.mkdir(path.split("/")[0])
@@ -199,9 +199,9 @@ def upload(local: Path, url: str) -> str:
 def loader_epoch(config: TrainConfig, steps: int) -> float:
     """Seconds from the first batch of epoch 0 of the student's stream (``StoreStream``, as ``stillroom train``
     opens it) to its ``steps``-th, with no training step: the time a student faster than its loader waits."""
-    from pipelines.train_recipe import resolve_device
-    from student.data import StoreStream
-    from student.trainer import prepare
+    from stillroom.pipelines.training import resolve_device
+    from stillroom.student.data import StoreStream
+    from stillroom.student.trainer import prepare
 
     setup = prepare(config)
     stream = StoreStream(setup.store, setup.dataset, setup.recipe, config.batch_size, config.seeds,
@@ -277,7 +277,7 @@ def main() -> None:
             sys.path.insert(0, str(Path(__file__).resolve().parent))
             from data import make_folder  # bench/data.py: the same generator as the data bench
 
-            from student._loader import default_loader_workers
+            from stillroom.student._loader import default_loader_workers
 
             workers = args.loader_workers if args.loader_workers is not None else default_loader_workers(False)
             t = time.perf_counter()

@@ -17,10 +17,10 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from services.config import Settings
-from services.launcher import RayJobs
-from services.routes import health, jobs, stores
-from services.service import Service
+from stillroom.services.config import Settings
+from stillroom.services.launcher import RayJobs
+from stillroom.services.routes import health, jobs, stores
+from stillroom.services.service import Service
 
 STOP_REASON = "the service stopped, and the local Ray cluster it started stops with it"
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from pipelines.errors import StillroomError
+from stillroom.pipelines.core import StillroomError
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipelines.storage import Location, is_url, local_path
+from stillroom.pipelines.core import Location, is_url, local_path
 
 if TYPE_CHECKING:
-    from services.specs import Root
+    from stillroom.services.specs import Root
 
 
 class Settings(BaseSettings):
@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     def prepare(self) -> None:
         """Make the directories; resolve the local roots so that path checks compare real paths, and check
         the URL roots (no credentials, query or fragment, no '..')."""
-        from services.specs import root_of
+        from stillroom.services.specs import root_of
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir = self.state_dir.resolve()
@@ -67,7 +67,7 @@ class Settings(BaseSettings):
 
     @property
     def allowed_roots(self) -> tuple[Root, ...]:
-        from services.specs import root_of
+        from stillroom.services.specs import root_of
 
         # the work root holds the teachers the service trained, which label specs name
         roots = (self.data_root, self.store_root, self.work_root or self.state_dir)

@@ -9,8 +9,8 @@ from fastapi import Depends, Header, HTTPException, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
-from services.db import Job
-from services.service import Service
+from stillroom.services.db import Job
+from stillroom.services.service import Service
 
 
 class Message(BaseModel):

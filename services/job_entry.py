@@ -18,19 +18,17 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from pipelines.errors import StillroomError
-from pipelines.progress import PROGRESS_ENV
-from pipelines.storage import Location
+from stillroom.pipelines.core import PROGRESS_ENV, Location, StillroomError
 
 
 def run_teacher(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-    from pipelines.teacher_train import TeacherTrainConfig, train_teacher
+    from stillroom.pipelines.teachers import TeacherTrainConfig, train_teacher
 
     return train_teacher(TeacherTrainConfig(out=job["out"], **spec))
 
 
 def run_label(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-    from pipelines.labeling import LabelConfig, run_labeling
+    from stillroom.pipelines.labeling import LabelConfig, run_labeling
 
     config = LabelConfig(**{**spec, "teachers": tuple(spec["teachers"]), "seeds": tuple(spec["seeds"]),
                             "store_root": job["store_root"]})
@@ -38,8 +36,8 @@ def run_label(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_train(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-    from student.config import TrainConfig
-    from student.run import train
+    from stillroom.student.config import TrainConfig
+    from stillroom.student.run import train
 
     fields = {**spec, "store": (Location(job["store_root"]) / spec["store"]).url, "out": job["out"]}
     if spec["workers"] > 1 and job["resources"]["gpus"] > 0:  # the Ray Train workers ask for the GPUs

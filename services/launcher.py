@@ -24,8 +24,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import StillroomError, UsageError
-from services.db import JobState
+from stillroom.pipelines.core import StillroomError, UsageError
+from stillroom.services.db import JobState
 
 RAY_TO_STATE = {"PENDING": JobState.PENDING, "RUNNING": JobState.RUNNING, "SUCCEEDED": JobState.SUCCEEDED,
                 "FAILED": JobState.FAILED, "STOPPED": JobState.CANCELLED}
@@ -167,7 +167,7 @@ class RayJobs:
                num_cpus: float = 0.0, num_gpus: float = 0.0, agent_wait_s: float = 60.0) -> str:
         """Submit; the entry point starts on a node with ``num_cpus`` and ``num_gpus`` free and holds them
         (Ray's entry-point resources). While the cluster's job agent is still starting (a fresh head), wait."""
-        entrypoint = " ".join(shlex.quote(a) for a in (python, "-m", "services.job_entry", job_dir))
+        entrypoint = " ".join(shlex.quote(a) for a in (python, "-m", "stillroom.services.job_entry", job_dir))
         deadline = time.monotonic() + agent_wait_s
         while True:
             try:

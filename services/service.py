@@ -13,12 +13,12 @@ from typing import Any
 from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 
-from pipelines.storage import Location, is_url
-from services.config import Settings
-from services.db import ACTIVE, Database, Job, JobKind, JobPublic, JobState, new_job_id, now
-from services.launcher import RayJobs
-from services.specs import REST_ONLY, BadLocation, PathOutsideRoots, _Spec, confined_spec
-from services.store_index import StoreIndex
+from stillroom.pipelines.core import Location, is_url
+from stillroom.services.config import Settings
+from stillroom.services.db import ACTIVE, Database, Job, JobKind, JobPublic, JobState, new_job_id, now
+from stillroom.services.launcher import RayJobs
+from stillroom.services.specs import REST_ONLY, BadLocation, PathOutsideRoots, _Spec, confined_spec
+from stillroom.services.store_index import StoreIndex
 
 STORE_RESCAN_S = 10.0  # how often the background thread rereads the store root for stores made elsewhere
 
@@ -206,8 +206,8 @@ class Service:
 
     def _label_cache_key(self, resolved: dict[str, Any]) -> str:
         """The store key of a label spec; computed once (it loads the dataset and teachers), then remembered."""
-        from pipelines.errors import StillroomError
-        from pipelines.labeling import LabelConfig, prepare_store
+        from stillroom.pipelines.core import StillroomError
+        from stillroom.pipelines.labeling import LabelConfig, prepare_store
 
         fingerprint = self._label_fingerprint(resolved)
         if fingerprint not in self.label_keys:

@@ -15,14 +15,12 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from pipelines.datasets import DatasetSpec
-from pipelines.errors import UsageError
-from pipelines.labeling import LabelConfig
-from pipelines.options import base_type, default_of, options
-from pipelines.storage import is_url, local_path
-from pipelines.teacher_train import TeacherTrainConfig
-from pipelines.views import recipe_pattern
-from student.config import TrainConfig
+from stillroom.pipelines.core import UsageError, base_type, default_of, is_url, local_path, options
+from stillroom.pipelines.data import DatasetSpec
+from stillroom.pipelines.labeling import LabelConfig
+from stillroom.pipelines.teachers import TeacherTrainConfig
+from stillroom.pipelines.views import recipe_pattern
+from stillroom.student.config import TrainConfig
 
 NAME = r"^[A-Za-z0-9_.\-]+$"
 TEACHER = r"^[A-Za-z0-9_.\-]+(@.+)?$"

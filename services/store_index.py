@@ -11,8 +11,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from pipelines.storage import Location
-from pipelines.store import LabelStore, StoreError, list_stores
+from stillroom.pipelines.core import Location
+from stillroom.pipelines.store import LabelStore, StoreError, list_stores
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,9 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from pipelines.errors import UsageError
-from pipelines.storage import is_url
-from pipelines.store import StoreError
-from pipelines.views import COL, MIX_NONE, Recipe, apply_views, mix_views, partner_ids, render_batch_pool
+from stillroom.pipelines.core import UsageError, is_url
+from stillroom.pipelines.store import StoreError
+from stillroom.pipelines.views import COL, MIX_NONE, Recipe, apply_views, mix_views, partner_ids, render_batch_pool
 
 log = logging.getLogger("stillroom.student")
 MAX_AUTO_WORKERS = 4  # more rarely pays for one training process; say --loader-workers N for more

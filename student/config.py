@@ -11,14 +11,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipelines._readers import DATASET_HELP
-from pipelines.errors import UsageError
-from pipelines.options import check_options, option
-from pipelines.train_recipe import RecipeOptions
-from student import losses as L
-from student.methods import method_class, method_names
-from student.online import ONLINE_TARGETS
-from student.tracking import TRACKERS
+from stillroom.pipelines.core import UsageError, check_options, option
+from stillroom.pipelines.data import DATASET_HELP
+from stillroom.pipelines.training import RecipeOptions
+from stillroom.student import losses as L
+from stillroom.student.methods import method_class, method_names
+from stillroom.student.online import ONLINE_TARGETS
+from stillroom.student.tracking import TRACKERS
 
 LOSSES = method_names()  # ce, kd, deit-soft, deit-hard, mealv2, sampled, tat
 TAT_VARIANTS = L.TAT_VARIANTS  # full, patch, anchor, patch-anchor

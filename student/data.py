@@ -38,11 +38,11 @@ from collections.abc import Generator
 import numpy as np
 import torch
 
-from pipelines.datasets import Dataset
-from pipelines.errors import UsageError
-from pipelines.store import LabelStore, SeedLabels, StoreError
-from pipelines.views import Recipe, get_recipe, output_size, partner_cycle
-from student._loader import (
+from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.data import Dataset
+from stillroom.pipelines.store import LabelStore, SeedLabels, StoreError
+from stillroom.pipelines.views import Recipe, get_recipe, output_size, partner_cycle
+from stillroom.student._loader import (
     LABEL_ARRAYS,
     Batch,
     BatchSource,

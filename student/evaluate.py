@@ -19,13 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines._readers import DataError
-from pipelines.accuracy import eval_subset, topk_hits
-from pipelines.atomic import write_atomically
-from pipelines.datasets import Dataset, load_dataset
-from pipelines.errors import UsageError
-from pipelines.storage import Location, open_binary
-from student.models import (
+from stillroom.pipelines.core import Location, UsageError, open_binary, write_atomically
+from stillroom.pipelines.data import DataError, Dataset, load_dataset
+from stillroom.pipelines.training import eval_subset, topk_hits
+from stillroom.student.models import (
     LEGACY_INPUT,
     InputConfig,
     build_student,

@@ -15,7 +15,7 @@ the argmax, classes sampled from the teacher), then fed to one of:
 - ``TargetAwareTransformer`` and ``tat_loss``: TaT one-to-many feature distillation (full, patch groups,
   anchors).
 
-``LOSS_NAMES`` lists the loss names the command line accepts: the methods registered in ``student.methods``.
+The names the command line accepts are the methods registered in ``student.methods`` (``method_names()``).
 """
 
 from __future__ import annotations
@@ -25,16 +25,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def __getattr__(name: str) -> tuple[str, ...]:
-    """``LOSS_NAMES``: the registered methods' names (read from the registry, which imports this module)."""
-    if name == "LOSS_NAMES":
-        from student.methods import method_names
-
-        return method_names()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 # -- input checks --------------------------------------------------------------------------------------
 

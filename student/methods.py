@@ -1,10 +1,11 @@
 """Distillation methods, registered by name (as timm registers models).
 
-A method is one small unit: the options it reads from ``TrainConfig`` (their bounds and choices checked
-by the config itself, ``pipelines.options``; what the run needs from the store by ``check_run``), its extra
-modules (the MEAL V2 discriminator, the TaT embeddings), its step (``forward`` returns a dict of named loss
-terms; formulas in ``student.losses``) and its checkpoint state (its modules' weights and its own optimizer).
-``@register_method("kd")`` puts a class in ``METHODS``; the order of registration is the order of ``method_names()``::
+A method is one small unit: the options it reads (``MethodOptions``, all of them ``TrainConfig``'s; their bounds
+and choices checked by the config itself, ``pipelines.core.options``; what the run needs from the store by
+``check_run``), its extra modules (the MEAL V2 discriminator, the TaT embeddings), its step (``forward``
+returns a dict of named loss terms; formulas in ``student.losses``) and its checkpoint state (its modules'
+weights and its own optimizer). ``@register_method("kd")`` puts a class in ``METHODS``; the order of
+registration is the order of ``method_names()``::
 
     @register_method("kd")
     class KnowledgeDistillation(Method):
@@ -19,19 +20,58 @@ terms; formulas in ``student.losses``) and its checkpoint state (its modules' we
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.errors import UsageError
-from pipelines.store import LabelStore, StoreError
-from student import losses as L
-from student.data import Batch
+from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.store import LabelStore, StoreError
+from stillroom.student import losses as L
+from stillroom.student.data import Batch
 
-if TYPE_CHECKING:
-    from student.config import TrainConfig
+
+class MethodOptions(Protocol):
+    """What a method reads of the run's options (``student.config.TrainConfig`` has them all): named here so
+    that the registry, which the config asks for the method names, does not import the config back."""
+
+    @property
+    def alpha(self) -> float: ...
+
+    @property
+    def smoothing(self) -> float: ...
+
+    @property
+    def deit_soft_reduction(self) -> str: ...
+
+    @property
+    def adv_weight(self) -> float: ...
+
+    @property
+    def disc_lr(self) -> float: ...
+
+    @property
+    def mealv2_form(self) -> str: ...
+
+    @property
+    def tat_variant(self) -> str: ...
+
+    @property
+    def tat_groups(self) -> int: ...
+
+    @property
+    def tat_patches_per_group(self) -> int: ...
+
+    @property
+    def tat_anchors(self) -> int: ...
+
+    @property
+    def tat_weight(self) -> float: ...
+
+    @property
+    def resolved_temperature(self) -> float: ...
+
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -90,7 +130,7 @@ class Method(nn.Module):
     own_objectives: tuple[str, ...] = ()
     ground_truth = True  # has a ground-truth term, which --smoothing smooths (the teacher's term never)
 
-    def __init__(self, config: TrainConfig, num_classes: int, feature_shape: tuple[int, int, int] | None = None,
+    def __init__(self, config: MethodOptions, num_classes: int, feature_shape: tuple[int, int, int] | None = None,
                  student_channels: int | None = None):
         super().__init__()
         self.config, self.num_classes = config, num_classes
@@ -99,7 +139,7 @@ class Method(nn.Module):
     # -- options -------------------------------------------------------------------------------------
 
     @classmethod
-    def check_run(cls, config: TrainConfig, store: LabelStore) -> None:
+    def check_run(cls, config: MethodOptions, store: LabelStore) -> None:
         """Refuse a run of this method that cannot work: options that contradict it, a store that lacks
         what it needs."""
 
@@ -189,7 +229,7 @@ class DeiTHard(Method):
     two_heads = True
 
     @classmethod
-    def check_run(cls, config: TrainConfig, store: LabelStore) -> None:
+    def check_run(cls, config: MethodOptions, store: LabelStore) -> None:
         if config.alpha != 0.5:
             raise UsageError(f"--alpha {config.alpha} with deit-hard: DeiT's hard distillation has fixed halves, "
                              "0.5 CE(y) + 0.5 CE(teacher argmax); leave --alpha at 0.5")
@@ -210,7 +250,7 @@ class MealV2(Method):
     own_objectives = ("gan_disc",)
     ground_truth = False
 
-    def __init__(self, config: TrainConfig, num_classes: int, feature_shape: tuple[int, int, int] | None = None,
+    def __init__(self, config: MethodOptions, num_classes: int, feature_shape: tuple[int, int, int] | None = None,
                  student_channels: int | None = None):
         super().__init__(config, num_classes)
         self.discriminator = L.make_discriminator(num_classes, config.mealv2_form)
@@ -240,7 +280,7 @@ class SampledCrossEntropy(Method):
     ground_truth = False
 
     @classmethod
-    def check_run(cls, config: TrainConfig, store: LabelStore) -> None:
+    def check_run(cls, config: MethodOptions, store: LabelStore) -> None:
         if not store.schema.sampled:
             raise StoreError(f"store {store.cache_key} holds no sampled classes: the sampled loss needs a store "
                              "labeled with --sampled M")
@@ -258,7 +298,7 @@ class TargetAware(Method):
     student_features = True
 
     @classmethod
-    def check_run(cls, config: TrainConfig, store: LabelStore) -> None:
+    def check_run(cls, config: MethodOptions, store: LabelStore) -> None:
         if not store.schema.feature_shape:
             raise StoreError(f"store {store.cache_key} holds no teacher features: the tat loss needs a store "
                              "labeled with --features LAYER")
@@ -274,7 +314,7 @@ class TargetAware(Method):
             raise UsageError(f"--tat-anchors {config.tat_anchors} must lie in [1, {min(h, w)}] for the stored "
                              f"{h}x{w} teacher map")
 
-    def __init__(self, config: TrainConfig, num_classes: int, feature_shape: tuple[int, int, int] | None = None,
+    def __init__(self, config: MethodOptions, num_classes: int, feature_shape: tuple[int, int, int] | None = None,
                  student_channels: int | None = None):
         super().__init__(config, num_classes)
         if feature_shape is None or student_channels is None:

@@ -19,7 +19,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from pipelines.errors import UsageError
+from stillroom.pipelines.core import UsageError
 
 # timm modules whose models take img_size / patch_size
 _VIT_MODULES = (

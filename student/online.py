@@ -17,11 +17,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipelines.labeling import pool_features, sample_classes, topk_arrays
-from pipelines.store import LabelStore, StoreError
-from pipelines.teachers import Teacher, ensemble_log_probs, load_teacher
-from pipelines.views import Recipe
-from student.data import Batch, label_tensors
+from stillroom.pipelines.labeling import pool_features, sample_classes, topk_arrays
+from stillroom.pipelines.store import LabelStore, StoreError
+from stillroom.pipelines.teachers import Teacher, ensemble_log_probs, load_teacher
+from stillroom.pipelines.views import Recipe
+from stillroom.student.data import Batch, label_tensors
 
 ONLINE_TARGETS = ("full", "encoded")
 

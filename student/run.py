@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pipelines._readers import use_index_cache
-from pipelines.train_recipe import resolve_device
-from student.config import TrainConfig
-from student.tracking import check_tracker
-from student.trainer import check_resume, fit, make_student, prepare
+from stillroom.pipelines.data import use_index_cache
+from stillroom.pipelines.training import resolve_device
+from stillroom.student.config import TrainConfig
+from stillroom.student.tracking import check_tracker
+from stillroom.student.trainer import check_resume, fit, make_student, prepare
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -31,7 +31,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     check_tracker(config.tracker)
     setup = prepare(config)
     if config.workers > 1:
-        from student.train_ray import train_distributed
+        from stillroom.student.train_ray import train_distributed
 
         make_student(setup)  # refuses a bad student or --init before any worker starts
         check_resume(config.out, config)

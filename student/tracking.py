@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from pipelines.errors import UsageError
+from stillroom.pipelines.core import UsageError
 
 TRACKERS = ("tensorboard", "mlflow", "none")
 EVAL_KEYS = ("top1", "top5", "ema_top1", "ema_top5")

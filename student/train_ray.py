@@ -32,10 +32,9 @@ from typing import Any
 
 import torch
 
-from pipelines.errors import StillroomError
-from pipelines.storage import Location, is_url
-from student.config import TrainConfig
-from student.trainer import CHECKPOINT, RAY_TRAIN_DIR, Distributed, fit
+from stillroom.pipelines.core import Location, StillroomError, is_url
+from stillroom.student.config import TrainConfig
+from stillroom.student.trainer import CHECKPOINT, RAY_TRAIN_DIR, Distributed, fit
 
 
 def _absolute(config: TrainConfig) -> TrainConfig:
@@ -99,8 +98,8 @@ def worker_config(loop_config: dict[str, Any]) -> TrainConfig:
     cfg["seeds"] = tuple(cfg["seeds"]) if cfg["seeds"] is not None else None
     config = TrainConfig(**cfg)
     if config.loader_workers is None:  # the cores of this machine, shared by the ranks on it
-        from pipelines.datasets import load_dataset
-        from student._loader import default_loader_workers
+        from stillroom.pipelines.data import load_dataset
+        from stillroom.student._loader import default_loader_workers
 
         in_memory = load_dataset(config.dataset, config.split, config.data_root).in_memory
         config = replace(config, loader_workers=default_loader_workers(

@@ -63,16 +63,19 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from pipelines.atomic import write_atomically, write_json
-from pipelines.datasets import Dataset, load_dataset, open_eval_split
-from pipelines.errors import UsageError
-from pipelines.options import default_of
-from pipelines.progress import progress_bar
-from pipelines.run_directory import RunDirectory
-from pipelines.storage import Location
-from pipelines.store import LabelStore
-from pipelines.teachers import as_feature_map, forward_capturing
-from pipelines.train_recipe import (
+from stillroom.pipelines.core import (
+    Location,
+    RunDirectory,
+    UsageError,
+    default_of,
+    progress_bar,
+    write_atomically,
+    write_json,
+)
+from stillroom.pipelines.data import Dataset, load_dataset, open_eval_split
+from stillroom.pipelines.store import LabelStore
+from stillroom.pipelines.teachers import as_feature_map, forward_capturing
+from stillroom.pipelines.training import (
     TrainingRecipe,
     input_format,
     precision_name,
@@ -80,12 +83,12 @@ from pipelines.train_recipe import (
     resolve_device,
     to_memory_format,
 )
-from pipelines.views import Recipe, output_size
-from student.config import LOSSES, TAT_VARIANTS, TrainConfig
-from student.data import Batch, StoreStream, check_store
-from student.evaluate import evaluate, load_init_weights, read_checkpoint, save_checkpoint
-from student.methods import Heads, method_class
-from student.models import (
+from stillroom.pipelines.views import Recipe, output_size
+from stillroom.student.config import LOSSES, TAT_VARIANTS, TrainConfig
+from stillroom.student.data import Batch, StoreStream, check_store
+from stillroom.student.evaluate import evaluate, load_init_weights, read_checkpoint, save_checkpoint
+from stillroom.student.methods import Heads, method_class
+from stillroom.student.models import (
     build_student,
     forward_capturing_head,
     has_distillation_head,
@@ -94,7 +97,7 @@ from student.models import (
     student_heads,
     unwrap,
 )
-from student.tracking import Tracker
+from stillroom.student.tracking import Tracker
 
 CHECKPOINT = "last.pt"
 BEST = "best.pt"
@@ -327,7 +330,7 @@ def start_run(config: TrainConfig, dist: Distributed, setup: Setup, directory: R
         print(f"stillroom: note: {repeat_note}", file=sys.stderr)
     online = None
     if config.online:
-        from student.online import OnlineTeacher
+        from stillroom.student.online import OnlineTeacher
 
         online = OnlineTeacher(setup.store, setup.recipe, device, targets=config.online_targets)
 

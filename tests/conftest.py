@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.launcher import free_port
+from stillroom.services.launcher import free_port
 
 SYNTHETIC = "synthetic:n=256,classes=4,size=16"
 
@@ -57,7 +57,7 @@ def make_teacher(path: Path, num_classes: int = 4, in_chans: int = 1, resolution
     import timm
     import torch
 
-    from pipelines.teachers import Preprocess, save_checkpoint
+    from stillroom.pipelines.teachers import Preprocess, save_checkpoint
 
     torch.manual_seed(seed)
     kwargs = {"num_classes": num_classes, "in_chans": in_chans}

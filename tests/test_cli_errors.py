@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.store import LabelStore, StoreSchema
+from stillroom.pipelines.store import LabelStore, StoreSchema
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = "synthetic:n=256,classes=4,size=16"
@@ -21,7 +21,7 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error
 
 def stillroom(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "stillroom.services.cli", *args], capture_output=True, text=True,
                           timeout=180, env=env, cwd=cwd)
 
 
@@ -37,8 +37,8 @@ def assert_one_error_line(done: subprocess.CompletedProcess, exit_code: int, *fr
 
 def make_store(root: Path, seeds: tuple[int, ...] = (0,)) -> LabelStore:
     """A real store for the synthetic data set, its seeds written piece by piece and committed."""
-    from pipelines.datasets import load_dataset
-    from pipelines.views import get_recipe
+    from stillroom.pipelines.data import load_dataset
+    from stillroom.pipelines.views import get_recipe
 
     ds = load_dataset(SYNTHETIC, "train")
     recipe = get_recipe("fmnist-flip")
@@ -110,7 +110,7 @@ def test_the_service_commands_start_without_importing_torch():
             "args = build_parser('jobs').parse_args(['jobs', 'ls']); print(args.func.__name__, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[1] == "False", out
-    from services.cli import build_parser
+    from stillroom.services.cli import build_parser
 
     whole = next(a for a in build_parser()._actions if a.dest == "command")
     assert {"store", "view", "teacher", "label", "train", "eval", "serve", "jobs", "demo"} <= set(whole.choices)

@@ -10,13 +10,12 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from pipelines.errors import UsageError
-from pipelines.labeling import LabelConfig
-from pipelines.options import default_of, flags_of, options
-from pipelines.teacher_train import TeacherTrainConfig
-from services.cli import build_parser
-from services.specs import _REST, NOT_OVER_REST, REST_ONLY, SPECS
-from student.config import TrainConfig
+from stillroom.pipelines.core import UsageError, default_of, flags_of, options
+from stillroom.pipelines.labeling import LabelConfig
+from stillroom.pipelines.teachers import TeacherTrainConfig
+from stillroom.services.cli import build_parser
+from stillroom.services.specs import _REST, NOT_OVER_REST, REST_ONLY, SPECS
+from stillroom.student.config import TrainConfig
 
 JOBS: dict[str, tuple[tuple[str, ...], type]] = {  # kind -> (CLI command, config)
     "teacher": (("teacher", "train"), TeacherTrainConfig),

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
-from services.deps import ServiceDep
+from stillroom.services.deps import ServiceDep
 
 router = APIRouter(tags=["health"])
 

@@ -10,11 +10,11 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from pipelines.storage import Location
-from services.db import Job, JobKind, JobList, JobPublic, JobState
-from services.deps import NOT_FOUND, UNAUTHORIZED, Auth, IdemKey, JobDep, Message, ServiceDep
-from services.service import Service
-from services.specs import LabelJobSpec, TeacherJobSpec, TrainJobSpec, _Spec
+from stillroom.pipelines.core import Location
+from stillroom.services.db import Job, JobKind, JobList, JobPublic, JobState
+from stillroom.services.deps import NOT_FOUND, UNAUTHORIZED, Auth, IdemKey, JobDep, Message, ServiceDep
+from stillroom.services.service import Service
+from stillroom.services.specs import LabelJobSpec, TeacherJobSpec, TrainJobSpec, _Spec
 
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=UNAUTHORIZED)
 

@@ -6,14 +6,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path
 
-from services.deps import NOT_FOUND, UNAUTHORIZED, Auth, ServiceDep
+from stillroom.services.deps import NOT_FOUND, UNAUTHORIZED, Auth, ServiceDep
 
 router = APIRouter(prefix="/v1/stores", tags=["stores"], responses=UNAUTHORIZED)
 
 
 @router.get("", summary="Every store: its key, complete seeds, samples, data set, recipe, teachers, size")
 def list_all(service: ServiceDep, _: Auth) -> list[dict[str, Any]]:
-    from pipelines.store import list_stores
+    from stillroom.pipelines.store import list_stores
 
     return [{"cache_key": s.cache_key, "seeds": s.seeds(), "samples": s.schema.num_samples,
              "dataset": s.provenance.get("dataset", {}).get("spec"),
@@ -25,7 +25,7 @@ def list_all(service: ServiceDep, _: Auth) -> list[dict[str, Any]]:
 @router.get("/{cache_key}", responses=NOT_FOUND, summary="One store, as `stillroom store inspect` shows it")
 def show(cache_key: Annotated[str, Path(pattern=r"^[0-9a-f]{8,64}$")], service: ServiceDep,
          _: Auth) -> dict[str, Any]:
-    from pipelines.store import LabelStore, StoreError
+    from stillroom.pipelines.store import LabelStore, StoreError
 
     try:
         return LabelStore(service.settings.store_of(cache_key)).describe()

@@ -11,7 +11,7 @@ import pytest
 from test_datasets import needs_fmnist
 from test_store import PROVENANCE, fake_labels, write_seed
 
-from pipelines.store import LabelStore, StoreSchema
+from stillroom.pipelines.store import LabelStore, StoreSchema
 
 STILLROOM = str(Path(sys.executable).parent / "stillroom")
 

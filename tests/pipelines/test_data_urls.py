@@ -18,8 +18,7 @@ from conftest import make_teacher
 from image_data import jpeg_bytes, write_image_folder, write_parquet
 from s3_server import S3Server
 
-from pipelines import _readers
-from pipelines.datasets import ImageFolder, ParquetShards
+from stillroom.pipelines.data import ImageFolder, ParquetShards, _readers
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -128,10 +127,10 @@ def test_parquet_shards_on_s3_read_by_row_group_with_ranged_reads(s3: S3Server, 
 
 @pytest.mark.slow
 def test_parquet_on_s3_labeled_into_s3_and_trained_from(s3: S3Server, shards, tmp_path):
-    from pipelines.labeling import LabelConfig, run_labeling
-    from pipelines.store import LabelStore
-    from student.config import TrainConfig
-    from student.run import train
+    from stillroom.pipelines.labeling import LabelConfig, run_labeling
+    from stillroom.pipelines.store import LabelStore
+    from stillroom.student.config import TrainConfig
+    from stillroom.student.run import train
 
     url = _upload(s3, shards)
     teacher = make_teacher(tmp_path / "t.pt", num_classes=4, in_chans=3, resolution=32)

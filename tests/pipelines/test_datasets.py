@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.datasets import FASHION_MNIST_DIR, ImageFolder, load_dataset
-from pipelines.errors import UsageError
+from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.data import FASHION_MNIST_DIR, ImageFolder, load_dataset
 
 needs_fmnist = pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
                                   reason="Debian package dataset-fashion-mnist is not installed")
@@ -27,7 +27,7 @@ def test_fashion_mnist_test_split():
 
 def test_synthetic_is_deterministic_and_fingerprinted():
     a = load_dataset("synthetic:n=50,classes=3,size=8")
-    from pipelines.datasets import Synthetic
+    from stillroom.pipelines.data import Synthetic
 
     b = Synthetic("train", n=50, classes=3, size=8)
     assert np.array_equal(a.images, b.images) and a.fingerprint == b.fingerprint

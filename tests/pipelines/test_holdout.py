@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 from image_data import CLASSES, write_image_folder, write_parquet
 
-from pipelines._readers import holdout_mask, pack_strings, string_hashes
-from pipelines.datasets import ImageFolder, load_dataset
-from pipelines.errors import UsageError
+from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.data import ImageFolder, holdout_mask, load_dataset, pack_strings, string_hashes
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +140,10 @@ def test_training_with_nothing_to_evaluate_on(classes_only, tmp_path, capsys):
     hold some out, and write metrics without accuracy."""
     from conftest import make_teacher
 
-    from pipelines.labeling import LabelConfig, run_labeling
-    from pipelines.teacher_train import TeacherTrainConfig, train_teacher
-    from student.config import TrainConfig
-    from student.run import train
+    from stillroom.pipelines.labeling import LabelConfig, run_labeling
+    from stillroom.pipelines.teachers import TeacherTrainConfig, train_teacher
+    from stillroom.student.config import TrainConfig
+    from stillroom.student.run import train
 
     data = f"imagefolder:{classes_only}"
     result = train_teacher(TeacherTrainConfig(dataset=data, model="test_resnet", recipe="imagenet-rrc:size=16",
@@ -169,7 +168,7 @@ def test_training_with_nothing_to_evaluate_on(classes_only, tmp_path, capsys):
 
 
 def test_service_keeps_the_options_and_confines_the_path(tmp_path):
-    from services.specs import PathOutsideRoots, confine_dataset
+    from stillroom.services.specs import PathOutsideRoots, confine_dataset
 
     roots = (tmp_path,)
     assert confine_dataset("imagefolder:data,val=0.1,bad=skip", roots, tmp_path) == \

@@ -13,10 +13,10 @@ import pytest
 from conftest import make_teacher
 from image_data import write_image_folder, write_parquet
 
-from pipelines.datasets import load_dataset
-from pipelines.labeling import LabelConfig, run_labeling
-from pipelines.store import LabelStore
-from pipelines.views import COL, get_recipe
+from stillroom.pipelines.data import load_dataset
+from stillroom.pipelines.labeling import LabelConfig, run_labeling
+from stillroom.pipelines.store import LabelStore
+from stillroom.pipelines.views import COL, get_recipe
 
 STILLROOM = str(Path(sys.executable).parent / "stillroom")
 
@@ -72,7 +72,7 @@ def test_loader_reads_only_the_batch_and_replays_the_teacher_views(folder, tmp_p
     config = LabelConfig(dataset=data, teachers=(teacher,), recipe="fmnist-rrc-mix:size=24", seeds=(0,), top_k=3,
                          store_root=str(tmp_path / "stores"), batch_size=50)
     result = run_labeling(config, backend="local", progress=False)
-    from student.data import StoreStream, check_store
+    from stillroom.student.data import StoreStream, check_store
 
     store = LabelStore(result["store"])
     ds = load_dataset(data)
@@ -93,14 +93,14 @@ def test_loader_reads_only_the_batch_and_replays_the_teacher_views(folder, tmp_p
     params = labels.gather(ids)["view"]
     mixing = params[:, COL["mix_mode"]] > 0
     assert sorted(asked) == sorted(ids.tolist() + params[mixing, COL["partner"]].astype(int).tolist())
-    from pipelines.views import build_views
+    from stillroom.pipelines.views import build_views
 
     teacher_views, _ = build_views(ds, get_recipe("fmnist-rrc-mix:size=24"), 0, ids)  # drawn afresh
     assert batch.views.shape == (5, 3, 24, 24) and (batch.views == teacher_views).all()
 
 
 def test_service_paths_stay_confined(tmp_path):
-    from services.specs import PathOutsideRoots, confine_dataset
+    from stillroom.services.specs import PathOutsideRoots, confine_dataset
 
     roots = (tmp_path,)
     assert confine_dataset("parquet:shards/*.parquet,bad=skip", roots, tmp_path) == \
@@ -114,7 +114,7 @@ def test_service_paths_stay_confined(tmp_path):
 def test_a_cache_key_decodes_no_image(folder, tmp_path, decodes):
     """What the service does inside a request (``prepare_store``: open the data, describe the labels, make the
     store) reads headers only, even with a teacher feature map to size."""
-    from pipelines.labeling import prepare_store
+    from stillroom.pipelines.labeling import prepare_store
 
     teacher = make_teacher(tmp_path / "t.pt", in_chans=3, resolution=24)
     config = LabelConfig(dataset=f"imagefolder:{folder},bad=skip", teachers=(teacher,), recipe="imagenet-rrc:size=24",

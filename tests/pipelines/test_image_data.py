@@ -17,10 +17,9 @@ import torch
 from image_data import CLASSES, jpeg_bytes, write_image_folder, write_parquet
 from PIL import Image
 
-from pipelines import _readers
-from pipelines.datasets import DataError, ImageFolder, ParquetShards, load_dataset
-from pipelines.errors import UsageError
-from pipelines.views import (
+from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.data import DataError, ImageFolder, ParquetShards, _readers, load_dataset
+from stillroom.pipelines.views import (
     COL,
     build_views,
     decode_view,

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.datasets import load_dataset
-from pipelines.labeling import LabelConfig, run_labeling
-from pipelines.store import LabelStore
-from pipelines.teachers import load_teacher
-from pipelines.views import COL, build_views, get_recipe
-from services.cli import main as cli_main
+from stillroom.pipelines.data import load_dataset
+from stillroom.pipelines.labeling import LabelConfig, run_labeling
+from stillroom.pipelines.store import LabelStore
+from stillroom.pipelines.teachers import load_teacher
+from stillroom.pipelines.views import COL, build_views, get_recipe
+from stillroom.services.cli import main as cli_main
 
 DATA = "synthetic:n=96,classes=4,size=16"
 

@@ -16,14 +16,13 @@ import torch
 from conftest import make_teacher
 from image_data import write_image_folder
 
-from pipelines._label_stream import decode_views_torch
-from pipelines._ray_labeling import cpus_per_worker
-from pipelines.datasets import load_dataset
-from pipelines.errors import UsageError
-from pipelines.labeling import LabelConfig, run_labeling
-from pipelines.store import LabelStore
-from pipelines.teachers import load_teacher
-from pipelines.views import build_views, draw_views, get_recipe, render_views
+from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.data import load_dataset
+from stillroom.pipelines.labeling import LabelConfig, decode_views_torch, run_labeling
+from stillroom.pipelines.labeling.ray_pool import cpus_per_worker
+from stillroom.pipelines.store import LabelStore
+from stillroom.pipelines.teachers import load_teacher
+from stillroom.pipelines.views import build_views, draw_views, get_recipe, render_views
 
 RECIPE = "imagenet-rrc:size=24"
 
@@ -103,7 +102,7 @@ def test_a_gpu_request_waits_then_refuses_rather_than_labeling_on_cpus(tmp_path,
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_labeling_decodes_on_the_gpu_and_agrees_with_cpu_labels(tmp_path, folder, rgb_teacher):
-    from pipelines.labeling import Labeler, prepare_store
+    from stillroom.pipelines.labeling import Labeler, prepare_store
 
     ds = load_dataset(f"imagefolder:{folder}")
     ids = np.arange(48)

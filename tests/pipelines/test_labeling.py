@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from conftest import SYNTHETIC, make_teacher
 
-from pipelines.datasets import load_dataset
-from pipelines.errors import StillroomError, UsageError
-from pipelines.labeling import LabelConfig, Labeler, run_labeling, sample_classes
-from pipelines.store import COMPLETE, LabelStore
-from pipelines.teachers import load_teacher
-from pipelines.views import build_views, get_recipe
+from stillroom.pipelines.core import StillroomError, UsageError
+from stillroom.pipelines.data import load_dataset
+from stillroom.pipelines.labeling import LabelConfig, Labeler, run_labeling, sample_classes
+from stillroom.pipelines.store import COMPLETE, LabelStore
+from stillroom.pipelines.teachers import load_teacher
+from stillroom.pipelines.views import build_views, get_recipe
 
 STILLROOM = str(Path(sys.executable).parent / "stillroom")
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import make_teacher
 
-from pipelines.storage import Location
-from pipelines.store import LabelStore, SeedLease, StoreError, StoreSchema
+from stillroom.pipelines.core import Location
+from stillroom.pipelines.store import LabelStore, SeedLease, StoreError, StoreSchema
 
 STILLROOM = str(Path(sys.executable).parent / "stillroom")
 
@@ -38,7 +38,7 @@ def test_one_holder_at_a_time_and_release_frees_it(tmp_path):
 
 
 def test_store_commands_name_the_holder_of_a_partial_seed(tmp_path):
-    from pipelines.commands import _partial
+    from stillroom.services.cli.store import _partial
 
     schema = StoreSchema(num_samples=300, num_classes=12, top_k=3, chunk_rows=128)
     store = LabelStore.create(tmp_path, {"dataset": {"spec": "synthetic"}}, schema)

@@ -20,9 +20,9 @@ import torch
 from conftest import SYNTHETIC, make_teacher
 from s3_server import S3Server
 
-from pipelines.labeling import LabelConfig, run_labeling
-from pipelines.storage import Location
-from pipelines.store import COMPLETE, LabelStore, SeedLease, StoreSchema, list_stores
+from stillroom.pipelines.core import Location
+from stillroom.pipelines.labeling import LabelConfig, run_labeling
+from stillroom.pipelines.store import COMPLETE, LabelStore, SeedLease, StoreSchema, list_stores
 
 STILLROOM = str(Path(sys.executable).parent / "stillroom")
 PROVENANCE = {"dataset": {"spec": "synthetic", "fingerprint": "abc", "num_classes": 12}, "recipe": {"name": "r1"}}
@@ -96,8 +96,8 @@ def test_store_on_s3_round_trip_commands_and_lease(s3: S3Server, tmp_path):
 
 @pytest.mark.slow
 def test_label_into_s3_with_a_teacher_on_s3_and_train_from_it(s3: S3Server, tmp_path):
-    from student.config import TrainConfig
-    from student.run import train
+    from stillroom.student.config import TrainConfig
+    from stillroom.student.run import train
 
     local = make_teacher(tmp_path / "t.pt").partition("@")[2]
     s3.fs().put_file(local, f"{s3.bucket}/teachers/t.pt")

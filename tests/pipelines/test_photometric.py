@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines._photometric import (
+from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.views import (
     DRAWS_PER_LAYER,
     RAND_3A,
     RAND_INCREASING_TRANSFORMS,
@@ -19,7 +20,6 @@ from pipelines._photometric import (
     apply_op,
     level_args,
 )
-from pipelines.errors import UsageError
 
 timm_aa = pytest.importorskip("timm.data.auto_augment")
 DRAWS = 100_000
@@ -170,7 +170,7 @@ class _Recorder:
 def test_erasing_draws_match_timms_random_erasing(count, mode, monkeypatch):
     from timm.data import random_erasing
 
-    from pipelines._photometric import RandomErasingPolicy
+    from stillroom.pipelines.views import RandomErasingPolicy
 
     monkeypatch.setattr(random_erasing, "_get_pixels", lambda *a, **k: None)
     theirs = random_erasing.RandomErasing(probability=0.25, mode=mode, max_count=count, device="cpu")
@@ -201,7 +201,7 @@ def test_erasing_draws_match_timms_random_erasing(count, mode, monkeypatch):
 def test_erasing_is_rebuilt_from_its_parameters():
     import torch
 
-    from pipelines._photometric import RandomErasingPolicy
+    from stillroom.pipelines.views import RandomErasingPolicy
 
     for mode in ("const", "rand", "pixel"):
         policy = RandomErasingPolicy(probability=1.0, mode=mode, max_count=2, min_count=2)

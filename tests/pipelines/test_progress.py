@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from pipelines.progress import ProgressBar
+from stillroom.pipelines.core import ProgressBar
 
 
 class _Clock:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipelines.views import RECIPES
+from stillroom.pipelines.views import RECIPES
 
 STILLROOM = str(Path(sys.executable).parent / "stillroom")
 

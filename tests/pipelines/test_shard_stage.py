@@ -18,8 +18,8 @@ import pytest
 from image_data import write_image_folder, write_parquet
 from s3_server import S3Server
 
-from pipelines import _readers, _shard_stage
-from pipelines.datasets import ParquetShards
+from stillroom.pipelines.data import ParquetShards, _readers
+from stillroom.pipelines.data import stage as _shard_stage
 
 
 @pytest.fixture(scope="module")

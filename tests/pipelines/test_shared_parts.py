@@ -12,10 +12,9 @@ import torch
 from class_sorted import class_sorted_labels
 from torch import nn
 
-from pipelines.accuracy import eval_subset, top1_top5
-from pipelines.atomic import write_json
-from pipelines.errors import UsageError
-from pipelines.teachers import as_feature_map, ensemble_log_probs, forward_capturing
+from stillroom.pipelines.core import UsageError, write_json
+from stillroom.pipelines.teachers import as_feature_map, ensemble_log_probs, forward_capturing
+from stillroom.pipelines.training import eval_subset, top1_top5
 
 
 def test_ensemble_log_probs_is_the_log_of_the_mean_probability():

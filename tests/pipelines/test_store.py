@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.errors import StillroomError
-from pipelines.store import COMPLETE, MANIFEST, LabelStore, StoreError, StoreSchema, cache_key
+from stillroom.pipelines.core import StillroomError
+from stillroom.pipelines.store import COMPLETE, MANIFEST, LabelStore, StoreError, StoreSchema, cache_key
 
 PROVENANCE = {"dataset": {"spec": "synthetic", "fingerprint": "abc", "num_classes": 12}, "recipe": {"name": "r1"}}
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.labeling import ensemble_log_probs, topk_arrays
-from pipelines.store import MANIFEST, LabelStore, StoreError, StoreSchema
-from student.losses import soft_targets_from_topk
+from stillroom.pipelines.labeling import topk_arrays
+from stillroom.pipelines.store import MANIFEST, LabelStore, StoreError, StoreSchema
+from stillroom.pipelines.teachers import ensemble_log_probs
+from stillroom.student.losses import soft_targets_from_topk
 
 TOP_K = 5
 

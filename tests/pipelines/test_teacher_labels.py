@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from hub_cache import HUB_ID
 
-from pipelines.errors import UsageError
-from pipelines.labeling import LabelConfig, run_labeling
-from pipelines.store import LabelStore
+from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.labeling import LabelConfig, run_labeling
+from stillroom.pipelines.store import LabelStore
 
 STILLROOM = str(Path(sys.executable).parent / "stillroom")
 RGB = "synthetic:n=64,classes=4,size=16,channels=3"
@@ -83,9 +83,9 @@ def test_a_teacher_of_another_input_size_sees_the_source_at_its_size(tmp_path, d
     from conftest import make_teacher
     from image_data import write_image_folder
 
-    from pipelines.datasets import load_dataset
-    from pipelines.teachers import load_teacher
-    from pipelines.views import draw_views, get_recipe, mix_views, render_batch, render_views
+    from stillroom.pipelines.data import load_dataset
+    from stillroom.pipelines.teachers import load_teacher
+    from stillroom.pipelines.views import draw_views, get_recipe, mix_views, render_batch, render_views
 
     folder = write_image_folder(tmp_path / "jpegs", train=32, val=4)
     big = make_teacher(tmp_path / "big.pt", in_chans=3, resolution=40)  # the views are 16 px, the teacher's 40
@@ -114,7 +114,7 @@ def test_a_teacher_of_another_input_size_sees_the_source_at_its_size(tmp_path, d
 
     from PIL import Image
 
-    from pipelines.views import draft_scale
+    from stillroom.pipelines.views import draft_scale
 
     jpeg = [Image.open(BytesIO(data)).format == "JPEG" for data, _ in ds.encoded(ids)]
     twice = sum(j and draft_scale(tuple(p[2:4]), tuple(hw), 16) != draft_scale(tuple(p[2:4]), tuple(hw), 40)
@@ -137,9 +137,9 @@ def test_an_in_memory_teacher_of_another_size_gets_the_boxes_at_its_size(tmp_pat
     import torch
     from conftest import SYNTHETIC, make_teacher
 
-    from pipelines.datasets import load_dataset
-    from pipelines.teachers import load_teacher
-    from pipelines.views import apply_views, draw_views, get_recipe
+    from stillroom.pipelines.data import load_dataset
+    from stillroom.pipelines.teachers import load_teacher
+    from stillroom.pipelines.views import apply_views, draw_views, get_recipe
 
     spec = make_teacher(tmp_path / "t.pt", resolution=24)  # the synthetic images are 16 px
     result = run_labeling(LabelConfig(dataset=SYNTHETIC, teachers=(spec,), recipe="fmnist-rrc", top_k=3,
@@ -158,7 +158,7 @@ def test_an_in_memory_teacher_of_another_size_gets_the_boxes_at_its_size(tmp_pat
 def test_views_at_several_sizes_decode_once_per_dct_scale_and_match_views_alone(decodes):
     from image_data import jpeg_bytes
 
-    from pipelines.views import decode_view, decode_views, draft_scale
+    from stillroom.pipelines.views import decode_view, decode_views, draft_scale
 
     data = jpeg_bytes(480, 320)
     box = np.array([0.0, 0.0, 1.0, 1.0, 1.0])
@@ -172,7 +172,7 @@ def test_views_at_several_sizes_decode_once_per_dct_scale_and_match_views_alone(
 
 
 def test_a_label_spec_takes_the_preprocessing_and_confines_the_class_map(tmp_path):
-    from services.specs import SPECS, PathOutsideRoots, confined_spec
+    from stillroom.services.specs import SPECS, PathOutsideRoots, confined_spec
 
     (tmp_path / "map.txt").write_text("0\n1\n")
     body = {"teachers": ["test_resnet"], "teacher_mean": [0.5, 0.5, 0.5], "teacher_interpolation": "bicubic",
@@ -193,8 +193,8 @@ def test_several_seeds_in_one_pass_decode_each_image_once_for_all(tmp_path, deco
     from image_data import write_image_folder
     from PIL import Image
 
-    from pipelines.datasets import load_dataset
-    from pipelines.views import draft_scale, draw_views, get_recipe
+    from stillroom.pipelines.data import load_dataset
+    from stillroom.pipelines.views import draft_scale, draw_views, get_recipe
 
     folder = write_image_folder(tmp_path / "jpegs", train=32, val=4)
     teacher = make_teacher(tmp_path / "t.pt", in_chans=3, resolution=24)

@@ -14,7 +14,7 @@ import torch
 from conftest import SYNTHETIC
 from s3_server import S3Server
 
-from pipelines.store import LabelStore
+from stillroom.pipelines.store import LabelStore
 
 STILLROOM = str(Path(sys.executable).parent / "stillroom")
 

@@ -14,8 +14,8 @@ import torch
 from conftest import SYNTHETIC, make_teacher
 from hub_cache import HUB_ID
 
-from pipelines.errors import UsageError
-from pipelines.teachers import Preprocess, load_teacher, weights_digest
+from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.teachers import Preprocess, load_teacher, weights_digest
 
 STILLROOM = str(Path(sys.executable).parent / "stillroom")
 
@@ -128,7 +128,7 @@ def test_teacher_train_command_writes_a_loadable_checkpoint(tmp_path):
 
 
 def test_teacher_train_refuses_bad_settings_before_training(tmp_path):
-    from pipelines.teacher_train import TeacherTrainConfig
+    from stillroom.pipelines.teachers import TeacherTrainConfig
 
     for bad, message in [({"smoothing": 1.0}, "--smoothing 1.0: expected 0 <= value < 1"),
                          ({"epochs": 0}, "--epochs 0: expected 1 <= value <= 1000")]:
@@ -145,8 +145,8 @@ def test_batchnorm_statistics_are_reestimated_before_the_final_evaluation(tmp_pa
     weights score much lower in eval mode than with batch statistics until they are re-estimated."""
     import numpy as np
 
-    from pipelines.datasets import load_dataset
-    from pipelines.teacher_train import TeacherTrainConfig, train_teacher
+    from stillroom.pipelines.data import load_dataset
+    from stillroom.pipelines.teachers import TeacherTrainConfig, train_teacher
 
     test = load_dataset(SYNTHETIC, "test")
 
@@ -180,7 +180,7 @@ def test_batchnorm_statistics_are_reestimated_before_the_final_evaluation(tmp_pa
 # --- teachers as users bring them: the hub's weights (from an offline cache), other label spaces, preprocessing
 
 def test_a_pretrained_teacher_of_another_class_count_is_refused_unless_mapped(offline_hub, tmp_path):
-    from pipelines.teachers import read_class_map
+    from stillroom.pipelines.teachers import read_class_map
 
     for name in (HUB_ID, "test_resnet"):  # tagged, and the default tag
         with pytest.raises(UsageError, match=r"predicts 1000 classes \(timm's pretrained_cfg num_classes\); "
@@ -213,7 +213,7 @@ def test_a_pretrained_teacher_of_another_class_count_is_refused_unless_mapped(of
 
 
 def test_a_stillroom_teacher_refuses_a_dataset_whose_class_names_differ(tmp_path):
-    from pipelines.teachers import save_checkpoint
+    from stillroom.pipelines.teachers import save_checkpoint
 
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=4, in_chans=1)
@@ -236,7 +236,7 @@ def test_a_stillroom_teacher_refuses_a_dataset_whose_class_names_differ(tmp_path
 def test_teacher_train_records_the_class_names(tmp_path):
     from image_data import CLASSES, write_image_folder
 
-    from pipelines.teacher_train import TeacherTrainConfig, train_teacher
+    from stillroom.pipelines.teachers import TeacherTrainConfig, train_teacher
 
     root = write_image_folder(tmp_path / "imgs", train=16, val=8)
     out = tmp_path / "t.pt"

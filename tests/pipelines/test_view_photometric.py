@@ -17,20 +17,18 @@ from conftest import SYNTHETIC, make_teacher
 from image_data import write_image_folder
 from PIL import Image
 
-from pipelines._photometric import (
-    ColorJitterPolicy,
-    RandAugmentPolicy,
-    RandomErasingPolicy,
-    TorchvisionRandAugmentPolicy,
-)
-from pipelines.datasets import load_dataset
-from pipelines.errors import UsageError
-from pipelines.views import (
+from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.data import load_dataset
+from stillroom.pipelines.views import (
     COL,
     NUM_VIEW_PARAMS,
     PIXEL_OPS,
     VIEW_COLUMNS,
+    ColorJitterPolicy,
+    RandAugmentPolicy,
+    RandomErasingPolicy,
     Recipe,
+    TorchvisionRandAugmentPolicy,
     build_views,
     draw_views,
     get_recipe,
@@ -199,11 +197,11 @@ def test_in_memory_photometric_views_replay():
 
 
 def test_a_deit_store_on_jpegs_trains_a_student(folder, tmp_path):
-    from pipelines.labeling import LabelConfig, run_labeling
-    from pipelines.store import LabelStore
-    from student.config import TrainConfig
-    from student.data import StoreStream, check_store
-    from student.run import train
+    from stillroom.pipelines.labeling import LabelConfig, run_labeling
+    from stillroom.pipelines.store import LabelStore
+    from stillroom.student.config import TrainConfig
+    from stillroom.student.data import StoreStream, check_store
+    from stillroom.student.run import train
 
     data = f"imagefolder:{folder}"
     teacher = make_teacher(tmp_path / "t.pt", in_chans=3, resolution=32)
@@ -228,7 +226,7 @@ def test_a_deit_store_on_jpegs_trains_a_student(folder, tmp_path):
 
 
 def test_photometric_recipes_decode_on_the_cpu(folder, tmp_path):
-    from pipelines.labeling import LabelConfig
+    from stillroom.pipelines.labeling import LabelConfig
 
     teacher = make_teacher(tmp_path / "t.pt", in_chans=3, resolution=32)
     data = f"imagefolder:{folder}"
@@ -244,10 +242,10 @@ def test_photometric_recipes_decode_on_the_cpu(folder, tmp_path):
 def test_a_student_replays_in_memory_photometric_views(tmp_path, monkeypatch):
     """In-memory data: the student finishes its batch from the stored rows (``apply_views`` with the recipe), and
     gets the teacher's views."""
-    from pipelines.labeling import LabelConfig, run_labeling
-    from pipelines.store import LabelStore
-    from pipelines.views import RECIPES
-    from student.data import StoreStream, check_store
+    from stillroom.pipelines.labeling import LabelConfig, run_labeling
+    from stillroom.pipelines.store import LabelStore
+    from stillroom.pipelines.views import RECIPES
+    from stillroom.student.data import StoreStream, check_store
 
     recipe = Recipe("memory-test", mixup_p=0.5, cutmix_p=0.5, color_jitter=(0.4, 0.4, 0.4), re_prob=0.5,
                     pixel_ops=PIXEL_OPS)

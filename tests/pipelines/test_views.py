@@ -12,9 +12,9 @@ import pytest
 import torch
 from class_sorted import class_sorted_labels
 
-from pipelines.datasets import load_dataset
-from pipelines.errors import UsageError
-from pipelines.views import (
+from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.data import load_dataset
+from stillroom.pipelines.views import (
     COL,
     MIX_CUTMIX,
     MIX_MIXUP,

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 
-from services.db import Database, Job, new_job_id
+from stillroom.services.db import Database, Job, new_job_id
 
 
 def record(key: str | None = None, **fields) -> Job:

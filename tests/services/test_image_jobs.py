@@ -10,9 +10,9 @@ from image_data import write_image_folder
 from pydantic import ValidationError
 from serving import Server, wait
 
-from pipelines.errors import UsageError
-from pipelines.views import RECIPES, get_recipe, recipe_pattern
-from services.specs import LabelJobSpec, TeacherJobSpec
+from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.views import RECIPES, get_recipe, recipe_pattern
+from stillroom.services.specs import LabelJobSpec, TeacherJobSpec
 
 OPTIONS = ("", ":size=8", ":size=0112", ":size=2048", ":size=7", ":size=2049", ":size=", ":size=x", ":size=1e2",
            ":foo=32", ":", ":size=32:size=32", ":size=32 ")

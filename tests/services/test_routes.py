@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from services.app import create_app
-from services.config import Settings
-from services.db import JobState
-from services.deps import authorized
+from stillroom.services.app import create_app
+from stillroom.services.config import Settings
+from stillroom.services.db import JobState
+from stillroom.services.deps import authorized
 
 
 @pytest.fixture()
 def app(tmp_path, ray_dashboard):
-    from services.launcher import RayJobs
+    from stillroom.services.launcher import RayJobs
 
     settings = Settings(state_dir=tmp_path / "state", store_root=tmp_path / "stores", data_root=tmp_path,
                         api_token="route-test-token")

@@ -78,7 +78,7 @@ def test_concurrent_identical_label_jobs_run_once_then_hit_the_cache(server, tea
 def test_label_jobs_of_overlapping_seeds_share_a_seed_through_its_lease(server):
     """Jobs for seeds [20, 21] and [21, 22]: not one the other's subset, so both run; seed 21's lease makes one of
     them label it and the other wait and reuse it. Each seed is computed once and the store verifies."""
-    from pipelines.store import LabelStore
+    from stillroom.pipelines.store import LabelStore
 
     teacher = make_teacher(server.root / "state" / "teachers" / "overlap.pt", seed=7)
     with server.client() as http:
@@ -205,7 +205,7 @@ def test_cancel_a_running_job(server):
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_restart_reconciles_records(tmp_path, ray_dashboard, backend, request):
-    from services.db import Database, Job
+    from stillroom.services.db import Database, Job
 
     (tmp_path / "data").mkdir()
     db = database_url(backend, request)

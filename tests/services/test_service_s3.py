@@ -89,7 +89,7 @@ def test_label_cache_hit_and_train_on_an_s3_store_root(s3: S3Server, tmp_path):
             assert key in answers[-2]
             from ray.job_submission import JobSubmissionClient
 
-            from services.launcher import _token_auth_as_ray_init_does
+            from stillroom.services.launcher import _token_auth_as_ray_init_does
 
             environ = dict(os.environ)
             try:

@@ -116,7 +116,7 @@ def test_ctrl_c_does_the_same(tmp_path):
 def stop_and_check(running: dict, sig: int, exit_code: int) -> None:
     """``sig`` to the service: it exits with ``exit_code``, nothing of the job or the head is left, and the
     job's record is CANCELLED with the reason."""
-    from services.db import Database
+    from stillroom.services.db import Database
 
     server, job, proc = running["server"], running["job"], running["process"]
     assert running["head"], "the service's own Ray head was not found among its children"

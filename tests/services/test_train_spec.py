@@ -7,10 +7,10 @@ import pytest
 from fastapi.testclient import TestClient
 from serving import wait
 
-from pipelines.datasets import load_dataset
-from pipelines.store import LabelStore, StoreSchema
-from services.app import create_app
-from services.config import Settings
+from stillroom.pipelines.data import load_dataset
+from stillroom.pipelines.store import LabelStore, StoreSchema
+from stillroom.services.app import create_app
+from stillroom.services.config import Settings
 
 TOKEN = "train-spec-test-token"
 DATA = "synthetic:n=64,classes=4,size=16"
@@ -21,11 +21,11 @@ TAT = {"student": "test_resnet", "loss": "tat", "tat_variant": "patch-anchor", "
 
 @pytest.fixture()
 def service(tmp_path, ray_dashboard):
-    from services.launcher import RayJobs
+    from stillroom.services.launcher import RayJobs
 
     settings = Settings(state_dir=tmp_path / "state", store_root=tmp_path / "stores", data_root=tmp_path,
                         api_token=TOKEN)
-    from pipelines.views import get_recipe
+    from stillroom.pipelines.views import get_recipe
 
     ds = load_dataset(DATA, "train")
     provenance = {"dataset": {"spec": ds.spec, "split": "train", "fingerprint": ds.fingerprint,

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from pipelines.errors import UsageError
-from services.config import Settings
-from services.specs import SPECS, BadLocation, PathOutsideRoots, confine, confine_dataset, confined_spec
+from stillroom.pipelines.core import UsageError
+from stillroom.services.config import Settings
+from stillroom.services.specs import SPECS, BadLocation, PathOutsideRoots, confine, confine_dataset, confined_spec
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ import torch
 from image_data import write_image_folder
 from PIL import Image
 
-from pipelines.datasets import load_dataset
-from student import evaluate as E
-from student.models import LEGACY_INPUT, InputConfig, build_student, resolve_input_config, set_input_config
+from stillroom.pipelines.data import load_dataset
+from stillroom.student import evaluate as E
+from stillroom.student.models import LEGACY_INPUT, InputConfig, build_student, resolve_input_config, set_input_config
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,12 @@ from class_sorted import class_sorted_labels, distinct_per_batch
 from conftest import make_teacher
 from image_data import write_image_folder
 
-import pipelines.views as views_module
-from pipelines.datasets import load_dataset
-from pipelines.errors import UsageError
-from pipelines.labeling import LabelConfig, run_labeling
-from pipelines.store import LabelStore, StoreError, StoreSchema
-from pipelines.views import (
+import stillroom.pipelines.views._views as views_module
+from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.data import load_dataset
+from stillroom.pipelines.labeling import LabelConfig, run_labeling
+from stillroom.pipelines.store import LabelStore, StoreError, StoreSchema
+from stillroom.pipelines.views import (
     COL,
     MIX_NONE,
     NUM_VIEW_PARAMS,
@@ -40,10 +40,10 @@ from pipelines.views import (
     render_batch_pool,
     render_views,
 )
-from student._loader import FeatureRows, default_loader_workers
-from student.config import TrainConfig
-from student.data import Batch, StoreStream, check_store, partner_run_order
-from student.run import train
+from stillroom.student._loader import FeatureRows, default_loader_workers
+from stillroom.student.config import TrainConfig
+from stillroom.student.data import Batch, StoreStream, check_store, partner_run_order
+from stillroom.student.run import train
 
 DATA = "synthetic:n=72,classes=4,size=16"
 
@@ -430,7 +430,7 @@ def test_training_with_two_loader_workers_equals_training_without(jpeg_store, tm
 
 def test_cli_refuses_a_negative_loader_worker_count(memory_store, tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "train", "--store", str(memory_store.path), "--dataset", DATA,
+        [sys.executable, "-m", "stillroom.services.cli", "train", "--store", str(memory_store.path), "--dataset", DATA,
          "--student", "test_resnet", "--loss", "kd", "--out", str(tmp_path / "run"), "--loader-workers", "-1"],
         capture_output=True, text=True, timeout=180,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})

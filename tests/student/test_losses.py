@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from student.losses import (
-    LOSS_NAMES,
+from stillroom.student.losses import (
     LogitDiscriminator,
     MealDiscriminator,
     TargetAwareTransformer,
@@ -25,6 +24,7 @@ from student.losses import (
     tat_loss,
     unbiased_sampled_ce,
 )
+from stillroom.student.methods import method_names
 
 # Two samples, four classes. Student logits and class labels used throughout.
 S = [[1.0, 2.0, 0.5, -1.0], [0.0, -2.0, 3.0, 1.0]]
@@ -59,7 +59,7 @@ def t(x: list) -> torch.Tensor:
 
 
 def test_loss_names():
-    assert LOSS_NAMES == ("ce", "kd", "deit-soft", "deit-hard", "mealv2", "sampled", "tat")
+    assert method_names() == ("ce", "kd", "deit-soft", "deit-hard", "mealv2", "sampled", "tat")
 
 
 # -- soft_targets_from_topk ----------------------------------------------------------------------------

@@ -15,15 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.errors import UsageError
-from pipelines.labeling import LabelConfig, run_labeling
-from pipelines.train_recipe import RecipeOptions, TrainingRecipe, amp_dtype, resolve_lr
-from services.cli import main as cli_main
-from student import losses as L
-from student.config import TrainConfig
-from student.evaluate import evaluate_checkpoint, read_checkpoint
-from student.models import build_student
-from student.run import train
+from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.labeling import LabelConfig, run_labeling
+from stillroom.pipelines.training import RecipeOptions, TrainingRecipe, amp_dtype, resolve_lr
+from stillroom.services.cli import main as cli_main
+from stillroom.student import losses as L
+from stillroom.student.config import TrainConfig
+from stillroom.student.evaluate import evaluate_checkpoint, read_checkpoint
+from stillroom.student.models import build_student
+from stillroom.student.run import train
 
 DATA = "synthetic:n=64,classes=4,size=16"
 CPU = torch.device("cpu")
@@ -152,7 +152,7 @@ def test_accumulating_micro_batches_skip_ddps_all_reduce(tmp_path):
     from test_methods import _batch, _step
     from test_methods import _config as method_config
 
-    from student.trainer import train_step
+    from stillroom.student.trainer import train_step
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
@@ -256,7 +256,7 @@ def test_smoothing_touches_the_ground_truth_term_only():
     assert float(hard) == pytest.approx(float(0.5 * ce_smoothed + 0.5 * F.cross_entropy(s.flip(0), t.argmax(1))),
                                         abs=1e-6)
     # a two-head DeiT: the distillation head's term is the same with or without smoothing
-    from student.methods import Heads, method_class
+    from stillroom.student.methods import Heads, method_class
 
     batch = SimpleNamespace(mixed=False, labels=y, targets=None,
                             teacher={"topk_idx": t.topk(2, 1).indices, "topk_logit": t.topk(2, 1).values,
@@ -281,7 +281,7 @@ def test_smoothing_is_refused_where_there_is_no_ground_truth(loss):
 
 @pytest.mark.slow
 def test_four_epochs_equal_two_and_a_resume_of_two_bit_for_bit(store, tmp_path, monkeypatch):
-    from student import trainer
+    from stillroom.student import trainer
 
     recipe = dict(model_ema=True, model_ema_decay=0.9, warmup_epochs=1, lr=5e-3, smoothing=0.1, clip_grad=1.0,
                   max_steps=3, epochs=4)
@@ -392,7 +392,7 @@ def test_a_config_file_sets_options_by_their_names_and_flags_override_it(store, 
 
 
 def test_the_teacher_trains_on_the_same_recipe(tmp_path):
-    from pipelines.teacher_train import TeacherTrainConfig, train_teacher
+    from stillroom.pipelines.teachers import TeacherTrainConfig, train_teacher
 
     out = tmp_path / "t.pt"
     result = train_teacher(TeacherTrainConfig(dataset="synthetic:n=64,classes=4,size=16", model="test_resnet",
@@ -410,12 +410,12 @@ def test_the_teacher_trains_on_the_same_recipe(tmp_path):
 
 @pytest.mark.parametrize("name", ["deit-s-distilled-imagenet", "fkd-resnet50-imagenet"])
 def test_the_imagenet_recipe_files_are_configs(name, capsys):
-    from services.cli import build_parser
+    from stillroom.services.cli import build_parser
 
     path = Path(__file__).resolve().parents[2] / "infra" / "recipes" / f"{name}.yaml"
     argv = ["train", "--config", str(path), "--store", "s", "--out", "o", "--dataset", "fashion-mnist"]
     parser = build_parser("train")
-    from pipelines.options import apply_config_file, options
+    from stillroom.pipelines.core import apply_config_file, options
 
     args = apply_config_file(parser.parse_args(argv), lambda: parser.parse_args(argv))
     fields = {k: getattr(args, k) for k in options(TrainConfig) if hasattr(args, k)}
@@ -431,10 +431,11 @@ def test_nothing_imports_the_loop_back():
     import subprocess
     import sys
 
-    code = ("import sys; import student.trainer; "
-            "print(sorted(m for m in ('student.run', 'student.train_ray', 'student.commands') if m in sys.modules))")
+    code = ("import sys; import stillroom.student.trainer; print(sorted(m for m in ('stillroom.student.run', "
+            "'stillroom.student.train_ray', 'stillroom.services.cli.train') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"  # the loop imports the methods, the config and the recipe, not its callers
-    code = "import sys; import student.config, student.methods; print('student.trainer' in sys.modules)"
+    code = ("import sys; import stillroom.student.config, stillroom.student.methods; "
+            "print('stillroom.student.trainer' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from student import losses as L
+from stillroom.student import losses as L
 
 SHAPES = [(2, 10), (5, 3), (8, 100), (3, 1000)]  # (B, C)
 RTOL, ATOL = 1e-5, 1e-12

@@ -18,11 +18,10 @@ import pytest
 import torch
 from s3_server import S3Server
 
-from pipelines.errors import UsageError
-from pipelines.labeling import LabelConfig, run_labeling
-from pipelines.run_directory import RunDirectory
-from student.config import TrainConfig
-from student.run import train
+from stillroom.pipelines.core import RunDirectory, UsageError
+from stillroom.pipelines.labeling import LabelConfig, run_labeling
+from stillroom.student.config import TrainConfig
+from stillroom.student.run import train
 
 STILLROOM = str(Path(sys.executable).parent / "stillroom")
 DATA = "synthetic:n=64,classes=4,size=16"
@@ -221,8 +220,8 @@ def test_two_workers_on_ray_train_keep_their_checkpoints_on_s3_and_restart_from_
 def test_init_weights_and_a_missing_checkpoint_on_s3(s3: S3Server):
     import io
 
-    from student.evaluate import load_init_weights, read_checkpoint
-    from student.models import build_student
+    from stillroom.student.evaluate import load_init_weights, read_checkpoint
+    from stillroom.student.models import build_student
 
     torch.manual_seed(1)
     trained = build_student("test_resnet", 4, 1, 16)

@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.datasets import load_dataset
-from pipelines.errors import UsageError
-from pipelines.labeling import LabelConfig, run_labeling
-from pipelines.store import LabelStore, StoreError
-from pipelines.views import COL, MIX_NONE, build_views, draw_views
-from services.cli import main as cli_main
-from student.config import LOSSES, TrainConfig
-from student.data import StoreStream, check_store
-from student.models import build_student, student_heads
-from student.run import train
+from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.data import load_dataset
+from stillroom.pipelines.labeling import LabelConfig, run_labeling
+from stillroom.pipelines.store import LabelStore, StoreError
+from stillroom.pipelines.views import COL, MIX_NONE, build_views, draw_views
+from stillroom.services.cli import main as cli_main
+from stillroom.student.config import LOSSES, TrainConfig
+from stillroom.student.data import StoreStream, check_store
+from stillroom.student.models import build_student, student_heads
+from stillroom.student.run import train
 
 DATA = "synthetic:n=64,classes=4,size=16"
 TINY_DEIT = {"patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}
@@ -135,8 +135,8 @@ def test_cached_and_store_encoded_online_give_the_same_first_step_loss(rich_stor
 
 
 def test_full_online_targets_are_the_teachers_float32_distribution(rich_store, tmp_path):
-    from student.losses import soft_targets_from_topk
-    from student.online import OnlineTeacher
+    from stillroom.student.losses import soft_targets_from_topk
+    from stillroom.student.online import OnlineTeacher
 
     store, ds = LabelStore(rich_store), load_dataset(DATA)
     recipe = check_store(store, ds)
@@ -231,15 +231,17 @@ def test_two_ray_train_workers_complete_and_the_checkpoint_evaluates(rich_store,
 
 
 def test_only_the_ray_train_entry_point_imports_ray():
-    code = ("import sys; import student.trainer, student.run, student.config, student.data, student.online, "
-            "student.commands, student.evaluate, pipelines.train_recipe; "
+    code = ("import sys; import stillroom.student.trainer, stillroom.student.run, stillroom.student.config, "
+            "stillroom.student.data, stillroom.student.online, stillroom.services.cli.train, "
+            "stillroom.student.evaluate, "
+            "stillroom.pipelines.training, stillroom.pipelines.labeling; "
             "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_metrics_record_every_step_and_count_epochs_from_0(plain_store, tmp_path):
-    from student.trainer import StepLosses
+    from stillroom.student.trainer import StepLosses
 
     out = tmp_path / "run"
     train(_config(plain_store, out, "kd", epochs=2, max_steps=3))
@@ -289,7 +291,7 @@ def test_train_takes_a_cache_key_and_the_data_set_from_the_store_manifest(plain_
 
 
 def test_eval_limit_scores_a_class_balanced_subset_of_a_class_sorted_split():
-    from student.evaluate import evaluate
+    from stillroom.student.evaluate import evaluate
 
     ds = load_dataset("synthetic:n=256,classes=4,size=16", "test")
     order = np.argsort(ds.labels, kind="stable")  # sorted by class, as ImageNet's ids are

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.errors import UsageError
-from pipelines.labeling import LabelConfig, run_labeling
-from student.config import TrainConfig
-from student.run import train
-from student.tracking import Tracker
+from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.labeling import LabelConfig, run_labeling
+from stillroom.student.config import TrainConfig
+from stillroom.student.run import train
+from stillroom.student.tracking import Tracker
 
 DATA = "synthetic:n=64,classes=4,size=16"
 

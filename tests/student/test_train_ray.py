@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.datasets import load_dataset
-from pipelines.labeling import LabelConfig, run_labeling
-from student.config import TrainConfig
-from student.evaluate import eval_ids, evaluate
-from student.models import build_student
-from student.run import train
+from stillroom.pipelines.data import load_dataset
+from stillroom.pipelines.labeling import LabelConfig, run_labeling
+from stillroom.student.config import TrainConfig
+from stillroom.student.evaluate import eval_ids, evaluate
+from stillroom.student.models import build_student
+from stillroom.student.run import train
 
 DATA = "synthetic:n=64,classes=4,size=16"
 # a timm student none of whose modules is a known last one (norm, final_conv, conv_head, layer4, stages, blocks)
@@ -69,7 +69,7 @@ def _eval_rank(rank: int, port: int, results: Any) -> None:
 def test_the_ranks_eval_shares_partition_the_split_and_sum_to_one_process():
     import multiprocessing
 
-    from services.launcher import free_port
+    from stillroom.services.launcher import free_port
 
     parts = [eval_ids(10, None, r, 3) for r in range(3)]
     assert sorted(np.concatenate(parts).tolist()) == list(range(10))
@@ -136,15 +136,15 @@ def test_tat_on_a_student_without_a_known_last_module_keeps_ddp_and_the_ranks_eq
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from student.train_ray import worker_loop_config
+    from stillroom.student.train_ray import worker_loop_config
 
     out = tmp_path / "tat"
     config = _config(feature_store, out, loss="tat", workers=2, max_steps=3, **NAMELESS)
 
     def loop(loop_config: dict[str, Any]) -> None:
-        from student.models import unwrap
-        from student.train_ray import worker_config, worker_distributed
-        from student.trainer import prepare, start_run, train_one_epoch
+        from stillroom.student.models import unwrap
+        from stillroom.student.train_ray import worker_config, worker_distributed
+        from stillroom.student.trainer import prepare, start_run, train_one_epoch
 
         cfg = worker_config(loop_config)
         dist = worker_distributed()

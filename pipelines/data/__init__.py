@@ -1,0 +1,41 @@
+"""Data sets as an index, not pixels: the in-memory ones, image folders and Parquet shards, the index cache,
+shard staging.
+"""
+
+from stillroom.pipelines.data._readers import (
+    DATASET_HELP,
+    INDEX_CACHE_ENV,
+    holdout_mask,
+    pack_strings,
+    string_hashes,
+    use_index_cache,
+)
+from stillroom.pipelines.data.datasets import (
+    FASHION_MNIST_DIR,
+    DataError,
+    Dataset,
+    DatasetSpec,
+    ImageFolder,
+    ParquetShards,
+    Synthetic,
+    load_dataset,
+    open_eval_split,
+)
+
+__all__ = [
+    "DATASET_HELP",
+    "DataError",
+    "Dataset",
+    "DatasetSpec",
+    "FASHION_MNIST_DIR",
+    "INDEX_CACHE_ENV",
+    "ImageFolder",
+    "ParquetShards",
+    "Synthetic",
+    "holdout_mask",
+    "load_dataset",
+    "open_eval_split",
+    "pack_strings",
+    "string_hashes",
+    "use_index_cache",
+]

@@ -1,0 +1,693 @@
+"""The label store: what the teacher said about every view, written once, read by every student run.
+
+Layout (one directory per cache key under a store root)::
+
+    <root>/<cache_key>/
+      manifest.json              provenance, schema, seeds done, format version
+      seeds/<seed>/              a zarr v3 group per augmentation seed
+        view       (N, P) f32    view parameters (pipelines.views.view_columns of the recipe: 17, or more with
+                                 photometric ops; the schema's view_params)
+        topk_idx   (N, k) i16    class indices, best first (i32 past 32,767 classes)
+        topk_logit (N, k) f16    teacher (ensemble) logits of those classes
+        lse        (N,)   f32    log-sum-exp over all classes: exp(logit - lse) is the exact probability
+        tail_lse   (N,)   f32    log-sum-exp over the classes outside the top-k (-inf when k = C)
+        hard       (N,)   i16    teacher argmax
+        sampled    (N, m) i16    optional: classes drawn from the teacher's distribution
+        features   (N, C, h, w) f16  optional: a pooled teacher feature map (sharded: 16-row inner chunks)
+        teacher<i>_topk_idx, _topk_logit, _lse, _tail_lse   optional: each ensemble member's own
+        pieces/<i>.done          a piece (a run of whole chunks) that a writer finished
+        COMPLETE                 written last, atomically, with a sha256 per chunk of every array
+      leases/<seed>/<g>.json     the seed's writer (``SeedLease``): host, pid, start, last renewal
+
+A seed without ``COMPLETE`` does not exist for a reader. Writers write whole chunks only (zarr's local
+store writes each chunk file atomically), and one writer owns each piece, so a killed writer leaves
+either finished pieces, which a restarted run keeps, or nothing a reader takes. One run writes a seed at a
+time: it holds the seed's lease (``SeedLease``) from ``begin_seed`` to ``commit_seed``; another run waits for the
+seed and reuses it, or takes the lease over when its holder died or went silent.
+
+The root may be a URL (``s3://bucket/prefix``, any installed fsspec protocol: ``pipelines.storage``): zarr
+writes each chunk as one object through its ``FsspecStore``, and every marker is one whole object, so the
+same guarantees hold on object storage.
+
+Checksums are taken as the chunks are written (``chunk_checksums``): a piece's ``.done`` marker keeps the
+sha256 of each of its chunks, and committing a seed only gathers them (it reads no array). An array's
+checksum is the sha256 of its chunks' hex digests in order; ``verify`` recomputes them chunk by chunk and
+names the chunk that differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, TransposeCodec
+
+from stillroom.pipelines.core import Location, StoreError, UsageError, is_url, write_atomically
+from stillroom.pipelines.views import NUM_VIEW_PARAMS
+
+FORMAT_VERSION = 2  # 2: tail_lse (the top-k's complement), label quality in COMPLETE
+FEATURE_READ_ROWS = 16  # rows of a feature map decoded together (an inner chunk of its shards): see _layout
+MANIFEST = "manifest.json"
+COMPLETE = "COMPLETE"
+
+
+QualitySums = dict[str, dict[str, float]]  # group -> quantity -> sum over views (see labeling.quality_sums)
+
+
+@dataclass(frozen=True)
+class StoreSchema:
+    """The arrays of every seed of a store, and how they are chunked."""
+
+    num_samples: int
+    num_classes: int
+    top_k: int
+    sampled: int = 0
+    feature_shape: tuple[int, int, int] | None = None  # (C, h, w)
+    per_teacher: int = 0  # teachers whose own top-k is kept beside the ensemble's (0: none)
+    chunk_rows: int = 8192
+    view_params: int = NUM_VIEW_PARAMS  # P: the recipe's view columns (more than 17 with photometric ops)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= self.num_classes:
+            raise UsageError(f"top-k {self.top_k} must be between 1 and the class count {self.num_classes}")
+        if self.sampled < 0 or self.chunk_rows < 1 or self.num_samples < 1:
+            raise UsageError("sampled must be >= 0, chunk_rows and num_samples >= 1")
+
+    @property
+    def index_dtype(self) -> str:
+        return "int16" if self.num_classes <= np.iinfo(np.int16).max else "int32"
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (shape, dtype)."""
+        n, idx = self.num_samples, self.index_dtype
+        out = {
+            "view": ((n, self.view_params), "float32"),
+            "topk_idx": ((n, self.top_k), idx),
+            "topk_logit": ((n, self.top_k), "float16"),
+            "lse": ((n,), "float32"),
+            "tail_lse": ((n,), "float32"),
+            "hard": ((n,), idx),
+        }
+        if self.sampled:
+            out["sampled"] = ((n, self.sampled), idx)
+        if self.feature_shape:
+            out["features"] = ((n, *self.feature_shape), "float16")
+        for t in range(self.per_teacher):
+            out[f"teacher{t}_topk_idx"] = ((n, self.top_k), idx)
+            out[f"teacher{t}_topk_logit"] = ((n, self.top_k), "float16")
+            out[f"teacher{t}_lse"] = ((n,), "float32")
+            out[f"teacher{t}_tail_lse"] = ((n,), "float32")
+        return out
+
+    def pieces(self, rows_per_piece: int | None = None) -> list[tuple[int, int]]:
+        """``[start, stop)`` row ranges made of whole chunks: the unit one writer owns."""
+        step = rows_per_piece or self.chunk_rows
+        if step % self.chunk_rows:
+            raise UsageError(f"a piece of {step} rows is not a whole number of {self.chunk_rows}-row chunks")
+        return [(s, min(s + step, self.num_samples)) for s in range(0, self.num_samples, step)]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["feature_shape"] = list(self.feature_shape) if self.feature_shape else None
+        if self.view_params == NUM_VIEW_PARAMS:  # older stores' schemas (and cache keys) have no such field
+            del d["view_params"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StoreSchema:
+        d = dict(d)
+        d["feature_shape"] = tuple(d["feature_shape"]) if d.get("feature_shape") else None
+        return cls(**d)
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def cache_key(provenance: dict[str, Any], schema: StoreSchema) -> str:
+    """Hash of everything that changes the labels.
+
+    ``provenance`` holds the dataset fingerprint and split, the recipe (with its version and digest), the
+    teachers' names and weight digests, their preprocessing, top-k, sampled count and feature spec. The
+    schema adds the dtypes (through the class count) and the format version. Seeds are not in the key:
+    they are added to a store over time. Chunking is not either: it does not change a label.
+    """
+    labels = {k: v for k, v in schema.to_dict().items() if k != "chunk_rows"}
+    blob = _canonical({"provenance": provenance, "schema": labels, "format_version": FORMAT_VERSION,
+                       "dtypes": {k: v[1] for k, v in schema.arrays().items()}})
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _compressor(dtype: str) -> BloscCodec:
+    # byte shuffle groups the high bytes (mostly equal) of neighbouring values; zstd does the rest
+    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)
+
+
+def _layout(name: str, shape: tuple[int, ...], chunk_rows: int
+            ) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """``(chunks, shards)``: how an array is cut. ``chunk_rows`` rows a file, written whole. ``features``
+    (kilobytes a sample, read by the batch's rows in a shuffled epoch) is sharded: each file holds ``chunk_rows``
+    rows as inner chunks of ``FEATURE_READ_ROWS`` rows, so reading one sample decodes its inner chunk alone, not
+    its whole chunk."""
+    rows = (chunk_rows, *shape[1:])
+    if name != "features":
+        return rows, None
+    return (math.gcd(chunk_rows, FEATURE_READ_ROWS), *shape[1:]), rows
+
+
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    array = group[name]
+    if not isinstance(array, zarr.Array):
+        raise StoreError(f"{name} in {group.store} is not an array")
+    return array
+
+
+def _sha256(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def chunk_checksums(data: np.ndarray, chunk_rows: int) -> list[str]:
+    """The sha256 of each ``chunk_rows``-row chunk of ``data`` (its bytes as stored, C order), in order."""
+    return [_sha256(data[s : s + chunk_rows]) for s in range(0, len(data), chunk_rows)]
+
+
+def combine_checksums(chunks: list[str]) -> str:
+    """An array's checksum: the sha256 of its chunks' hex digests, in order."""
+    return hashlib.sha256("".join(chunks).encode()).hexdigest()
+
+
+# A holder renews its lease every LEASE_TIMEOUT_S / 4; one not renewed for LEASE_TIMEOUT_S is taken over. A holder
+# on this host whose process is gone is taken over at once. Hosts' clocks are assumed to agree to well within it.
+LEASE_TIMEOUT_S = 120.0
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux ``/proc``; None elsewhere): with the pid, it
+    tells a live holder from a new process that reuses its pid."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int, start: int | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # there, but another user's
+    return start is None or _process_start(pid) in (None, start)
+
+
+class SeedLease:
+    """The right to write one seed: at most one run holds it at a time (``LabelStore.lease``).
+
+    Why our own lease rather than a lock library's: it must work alike on a local disk and on object storage,
+    where a lock is a conditional create and nothing else (no flock, no rename). The lease is a directory of
+    generations, ``<g>.json``, each made by an exclusive create (``Location.create``: link(2) locally, a PUT
+    with ``If-None-Match: *`` on S3). The highest generation is the lease. Its record names the holder (host,
+    pid, process start, when it was taken) and when it was last renewed; the holder rewrites it every
+    ``timeout_s / 4`` from a thread. Another run takes the lease over by creating generation ``g + 1``, which
+    only one of several takers can do, when the holder is dead (same host, its pid gone or reused) or silent
+    for ``timeout_s``; the old holder finds the higher generation at its next renewal, or at ``check`` before
+    it commits, and stops. Where the storage has no atomic create (a server that ignores ``If-None-Match``,
+    fsspec's check-then-write elsewhere), the taker reads its record back and keeps the lease only if it holds
+    its own token: two takers within one round trip could still both hold it, so point a cluster at storage
+    with conditional writes (AWS S3, MinIO, GCS, local disks and NFS all have them).
+    """
+
+    def __init__(self, where: Location, timeout_s: float = LEASE_TIMEOUT_S):
+        self.dir, self.timeout_s = where, float(timeout_s)
+        self.generation: int | None = None
+        self.taken_over: dict[str, Any] | None = None  # the record of the holder this lease was taken from
+        self.record: dict[str, Any] = {}
+        self._lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _generations(self) -> list[int]:
+        names = self.dir.children()
+        return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+
+    def holder(self) -> dict[str, Any] | None:
+        """The current holder's record (None: nobody holds the lease; ``{}``: one that cannot be read yet)."""
+        gens = self._generations()
+        if not gens:
+            return None
+        try:
+            return dict((self.dir / f"{gens[-1]}.json").read_json())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def _lapsed(self, record: dict[str, Any], gen: int) -> bool:
+        """The holder of ``record`` is dead or has been silent past the timeout."""
+        if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int) \
+                and not _alive(record["pid"], record.get("process_start")):
+            return True
+        try:
+            renewed = float(record.get("renewed_at") or (self.dir / f"{gen}.json").modified())
+        except FileNotFoundError:
+            return False  # released meanwhile: try again
+        return time.time() - renewed > self.timeout_s
+
+    def acquire(self) -> bool:
+        """Take the lease if nobody holds it or its holder lapsed; True when this process holds it now."""
+        if self.generation is not None:
+            raise StoreError("this lease is held already")
+        gens = self._generations()
+        previous = None
+        if gens:
+            previous = self.holder() or {}
+            if not self._lapsed(previous, gens[-1]):
+                return False
+        gen = gens[-1] + 1 if gens else 0
+        now = time.time()
+        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
+                       "taken_at": now, "renewed_at": now, "generation": gen, "token": uuid.uuid4().hex,
+                       **({"took_over": {k: previous.get(k) for k in ("host", "pid", "taken_at", "renewed_at")}}
+                          if previous is not None else {})}
+        mine = self.dir / f"{gen}.json"
+        if not mine.create(json.dumps(self.record).encode()):
+            return False
+        try:  # storage without an atomic create may have let another taker in: it holds the lease if it wrote last
+            if mine.read_json().get("token") != self.record["token"]:
+                return False
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+        self.generation, self.taken_over = gen, previous
+        self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.dir.name}", daemon=True)
+        self._thread.start()
+        return True
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.timeout_s / 4):
+            try:
+                self.renew()
+            except StoreError:
+                return
+            except OSError:
+                continue  # storage briefly unreachable: try again; silent past the timeout, the lease lapses
+
+    def renew(self) -> None:
+        """Say the holder is alive; a StoreError if the lease was taken over meanwhile."""
+        self.check()
+        self.record["renewed_at"] = time.time()
+        (self.dir / f"{self.generation}.json").write_json(self.record, indent=None)
+
+    def check(self) -> None:
+        """Refuse (StoreError) if this process does not hold the lease, or another run took it over."""
+        if self.generation is None:
+            raise StoreError(f"lease {self.dir} is not held")
+        if self._lost.is_set() or any(g > self.generation for g in self._generations()):
+            self._lost.set()
+            raise StoreError(f"lease {self.dir} was taken over by another run (it was silent for over "
+                             f"{self.timeout_s:g} s); that run finishes the seed")
+
+    def release(self) -> None:
+        """Stop renewing and remove this generation and those before it (a lease taken over: nothing)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.generation is None:
+            return
+        gens = self._generations()
+        if not self._lost.is_set() and not any(g > self.generation for g in gens):
+            for g in gens:  # the holder's own generation last: until then, nobody takes the lease
+                if g != self.generation:
+                    (self.dir / f"{g}.json").remove()
+            (self.dir / f"{self.generation}.json").remove()
+        self.generation = None
+
+    def describe(self) -> str:
+        """``host 1234 since 12:01:02 UTC`` for the current holder."""
+        record = self.holder()
+        if not record:
+            return "nobody" if record is None else "a run that is taking it now"
+        when = time.strftime("%H:%M:%S UTC", time.gmtime(float(record.get("taken_at", 0))))
+        return f"pid {record.get('pid')} on {record.get('host')} since {when}"
+
+
+@dataclass
+class SeedLabels:
+    """One seed's arrays, in memory. ``gather(ids)`` is plain numpy fancy indexing."""
+
+    seed: int
+    arrays: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return int(self.arrays["hard"].shape[0])
+
+    def gather(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: np.take(a, ids, axis=0) for name, a in self.arrays.items()}
+
+
+class LabelStore:
+    """A store directory ``<root>/<cache_key>``: open it with ``LabelStore(path)``, make it with ``create``."""
+
+    def __init__(self, path: str | os.PathLike | Location):
+        self.loc = path if isinstance(path, Location) else Location(path)
+        self.path: Path | str = self.loc.where  # a Path for a local store, its URL otherwise
+        manifest = self.loc / MANIFEST
+        if not manifest.exists():
+            raise StoreError(f"{self.path} is not a label store: {MANIFEST} is missing")
+        try:
+            self.manifest: dict[str, Any] = manifest.read_json()
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{manifest} is not valid JSON: {e}") from None
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            old = isinstance(version, int) and version < FORMAT_VERSION
+            raise StoreError(f"{self.path} has store format version {version}: this stillroom reads {FORMAT_VERSION}"
+                             + ("; it lacks tail_lse, without which soft labels at T > 1 are wrong: relabel it "
+                                "(stillroom label ... with the same teachers and seeds writes a new store)"
+                                if old else ""))
+        self.schema = StoreSchema.from_dict(self.manifest["schema"])
+
+    # -- making and writing -------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, root: str | os.PathLike, provenance: dict[str, Any], schema: StoreSchema,
+               sources: dict[str, Any] | None = None) -> LabelStore:
+        """Open the store for ``provenance`` under ``root``, making it if it does not exist yet.
+
+        ``sources`` (e.g. teacher checkpoint paths) is kept in the manifest but not hashed into the key.
+        """
+        key = cache_key(provenance, schema)
+        path = Location(root) / key
+        try:
+            path.makedirs()
+            if not path.writable():
+                raise StoreError(f"store root {root} is not writable")
+            if not (path / MANIFEST).exists():
+                # two runs may make the same store at once: the first manifest stays (both are the same but
+                # for created_at)
+                (path / MANIFEST).create(json.dumps({
+                    "format_version": FORMAT_VERSION, "cache_key": key, "provenance": provenance,
+                    "schema": schema.to_dict(), "sources": sources or {}, "seeds": [], "created_at": time.time(),
+                }, indent=2, sort_keys=True).encode())
+        except OSError as e:
+            raise StoreError(f"cannot write to store root {root}: {e.strerror or type(e).__name__}") from None
+        return cls(path)
+
+    @property
+    def cache_key(self) -> str:
+        return str(self.manifest["cache_key"])
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return dict(self.manifest["provenance"])
+
+    def seed_dir(self, seed: int) -> Path | str:
+        """The seed's zarr group: a Path for a local store, its URL otherwise."""
+        return self._seed(seed).where
+
+    def _seed(self, seed: int) -> Location:
+        return self.loc / "seeds" / str(int(seed))
+
+    def lease(self, seed: int, timeout_s: float | None = None) -> SeedLease:
+        """The seed's writer lease (not taken yet: ``SeedLease.acquire``)."""
+        return SeedLease(self.loc / "leases" / str(int(seed)), LEASE_TIMEOUT_S if timeout_s is None else timeout_s)
+
+    def begin_seed(self, seed: int) -> None:
+        """Make the seed's empty arrays (once; a restarted run keeps what is there). The caller holds the
+        seed's lease (``lease``), so no other run writes it meanwhile."""
+        d = self._seed(seed)
+        if (d / COMPLETE).exists():
+            raise StoreError(f"seed {seed} of {self.path} is complete already")
+        group = zarr.open_group(store=d.url, mode="a", zarr_format=3)
+        with warnings.catch_warnings():  # on object storage zarr lists pieces/ too, and says it is not zarr's
+            warnings.filterwarnings("ignore", message="Object at pieces is not recognized")
+            existing = set(group.array_keys())
+        for name, (shape, dtype) in self.schema.arrays().items():
+            if name in existing:
+                continue
+            chunks, shards = _layout(name, shape, self.schema.chunk_rows)
+            # the view parameters column by column: each column's values (a crop fraction, an op index) together
+            filters = [TransposeCodec(order=(1, 0))] if name == "view" else None
+            group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards, filters=filters,
+                               compressors=_compressor(dtype), fill_value=0)
+        (d / "pieces").makedirs()
+
+    def done_pieces(self, seed: int) -> set[int]:
+        names = (self._seed(seed) / "pieces").children()
+        return {int(n[: -len(".done")]) for n in names if n.endswith(".done") and n[: -len(".done")].isdigit()}
+
+    def write_piece(self, seed: int, piece: int, start: int, arrays: dict[str, np.ndarray],
+                    quality: QualitySums | None = None) -> None:
+        """Write rows ``[start, start + n)`` of every array, then mark the piece done (its ``.done`` marker
+        keeps the piece's label-quality sums, which ``commit_seed`` adds up).
+
+        The rows must be whole chunks (the last chunk of the split may be short), and one writer owns
+        each piece: zarr does not make concurrent partial writes into one chunk safe.
+        """
+        expected = self.schema.arrays()
+        if set(arrays) != set(expected):
+            raise StoreError(f"piece arrays {sorted(arrays)} do not match the schema's {sorted(expected)}")
+        n = len(arrays["hard"])
+        chunk = self.schema.chunk_rows
+        if start % chunk or (n % chunk and start + n != self.schema.num_samples):
+            raise StoreError(f"rows [{start}, {start + n}) are not whole {chunk}-row chunks")
+        group = zarr.open_group(store=self._seed(seed).url, mode="r+", zarr_format=3)
+        checksums = {}
+        for name, data in arrays.items():
+            shape, dtype = expected[name]
+            if data.shape != (n, *shape[1:]):
+                raise StoreError(f"array {name}: got shape {data.shape}, expected {(n, *shape[1:])}")
+            data = np.ascontiguousarray(data.astype(dtype, copy=False))
+            _array(group, name)[start : start + n] = data
+            checksums[name] = chunk_checksums(data, chunk)  # of the bytes just written: nothing is read back
+        (self._seed(seed) / "pieces" / f"{piece}.done").write_json(
+            {"start": start, "stop": start + n, "quality": quality or {}, "chunk_sha256": checksums})
+
+    def commit_seed(self, seed: int, lease: SeedLease | None = None) -> dict[str, Any]:
+        """Check every piece is done, gather the chunk checksums its writers recorded (no array is read),
+        write ``COMPLETE`` last; return its record. With ``lease``, refuse if it was taken over meanwhile."""
+        if (self._seed(seed) / COMPLETE).exists():
+            raise StoreError(f"seed {seed} of {self.path} is complete already")
+        if lease is not None:
+            lease.check()
+        pieces = self.schema.pieces()
+        missing = set(range(len(pieces))) - self.done_pieces(seed)
+        if missing:
+            raise StoreError(f"seed {seed}: pieces {sorted(missing)[:5]} are not written yet")
+        arrays = self.schema.arrays()
+        sums: QualitySums = {}
+        chunks: dict[str, list[str]] = {name: [] for name in arrays}
+        for i in range(len(pieces)):
+            done = (self._seed(seed) / "pieces" / f"{i}.done").read_json()
+            sums = add_quality(sums, done.get("quality") or {})
+            for name in arrays:
+                if name not in (done.get("chunk_sha256") or {}):
+                    raise StoreError(f"seed {seed} piece {i}: no checksum recorded for {name}; label the seed again")
+                chunks[name] += done["chunk_sha256"][name]
+        record = {
+            "seed": int(seed), "written_at": time.time(), "checksum": "sha256 of chunk sha256s",
+            "arrays": {name: {"sha256": combine_checksums(chunks[name]), "chunk_sha256": chunks[name],
+                              "shape": list(shape), "dtype": dtype} for name, (shape, dtype) in arrays.items()},
+            "quality": quality_report(sums),
+        }
+        (self._seed(seed) / COMPLETE).write_json(record)
+        (self._seed(seed) / "pieces").remove(recursive=True)
+        self._refresh_manifest_seeds()
+        return record
+
+    def _refresh_manifest_seeds(self) -> None:
+        """The manifest's seed list, for people reading it (readers go by the ``COMPLETE`` markers: two runs
+        committing at once may leave one of their seeds out of it until the next commit)."""
+        manifest = (self.loc / MANIFEST).read_json()
+        manifest["seeds"] = self.seeds()
+        manifest["updated_at"] = time.time()
+        (self.loc / MANIFEST).write_json(manifest)
+        self.manifest = manifest
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def _begun(self) -> list[int]:
+        return sorted(int(n) for n in (self.loc / "seeds").children() if n.isdigit())
+
+    def seeds(self) -> list[int]:
+        """The complete seeds: those with a ``COMPLETE`` marker."""
+        return [s for s in self._begun() if (self._seed(s) / COMPLETE).exists()]
+
+    def is_complete(self, seed: int) -> bool:
+        return (self._seed(seed) / COMPLETE).exists()
+
+    def partial_seeds(self) -> dict[int, tuple[int, int]]:
+        """Seeds a writer began but did not commit (a killed or running job): seed -> (pieces done, pieces)."""
+        total = len(self.schema.pieces())
+        begun = [s for s in self._begun() if not (self._seed(s) / COMPLETE).exists()]
+        return {seed: (len(self.done_pieces(seed)), total) for seed in begun}
+
+    def quality(self, seed: int) -> dict[str, dict[str, float]]:
+        """The label quality recorded for a complete seed at labeling (``quality_report``); reads no arrays."""
+        record = (self._seed(seed) / COMPLETE).read_json()
+        return dict(record.get("quality") or {})
+
+    def _read_arrays(self, seed: int, names: Iterable[str] | None = None, rows: tuple[int, int] | None = None
+                     ) -> dict[str, np.ndarray]:
+        group = zarr.open_group(store=self._seed(seed).url, mode="r", zarr_format=3)
+        out = {}
+        for name in self.schema.arrays() if names is None else names:
+            try:
+                array = _array(group, name)
+                out[name] = np.asarray(array[...] if rows is None else array[rows[0] : rows[1]])
+            except Exception as e:  # a truncated or edited chunk fails to decode
+                raise StoreError(f"seed {seed} array {name}: cannot be read ({type(e).__name__}: {e})") from None
+        return out
+
+    def load(self, seed: int, names: Iterable[str] | None = None, rows: tuple[int, int] | None = None
+             ) -> SeedLabels:
+        """Load one complete seed into memory: every array, or those in ``names`` (of ``schema.arrays()``); only
+        rows ``[start, stop)`` with ``rows``."""
+        if seed not in self.seeds():
+            raise StoreError(f"seed {seed} is not in {self.path}: complete seeds are {self.seeds() or 'none'}")
+        return SeedLabels(int(seed), self._read_arrays(seed, names, rows))
+
+    def verify(self, seeds: Iterable[int] | None = None) -> list[str]:
+        """Recompute every checksum; return one line per problem (empty: the store is sound)."""
+        problems = []
+        for seed in seeds if seeds is not None else self.seeds():
+            record = (self._seed(seed) / COMPLETE).read_json()
+            group = zarr.open_group(store=self._seed(seed).url, mode="r", zarr_format=3)
+            for name, want in record["arrays"].items():
+                problem = self._verify_array(_array(group, name), want)
+                if problem:
+                    problems.append(f"seed {seed} array {name}: {problem}")
+        return problems
+
+    def _verify_array(self, array: zarr.Array, want: dict[str, Any]) -> str | None:
+        """What is wrong with one array against its ``COMPLETE`` record (None: nothing), read chunk by chunk."""
+        rows = self.schema.chunk_rows
+        if "chunk_sha256" not in want:  # a seed committed before chunk checksums: one sha256 of the whole array
+            try:
+                whole = _sha256(np.asarray(array[...]))
+            except Exception as e:
+                return f"cannot be read ({type(e).__name__})"
+            return None if whole == want["sha256"] else "checksum mismatch"
+        for c, expected in enumerate(want["chunk_sha256"]):
+            try:
+                got = _sha256(np.asarray(array[c * rows : (c + 1) * rows]))
+            except Exception as e:
+                return f"chunk {c} cannot be read ({type(e).__name__})"
+            if got != expected:
+                return f"chunk {c}: checksum mismatch"
+        if combine_checksums(want["chunk_sha256"]) != want["sha256"]:
+            return "checksum record does not match its chunks"
+        return None
+
+    def check(self, expected: dict[str, Any]) -> None:
+        """Refuse a store made for something else. ``expected`` maps dotted provenance/schema fields
+        (e.g. ``dataset.fingerprint``, ``recipe.name``, ``schema.num_classes``) to the values the caller needs."""
+        have = _flatten({"schema": self.manifest["schema"], **self.manifest["provenance"]})
+        for field, want in expected.items():
+            got = have.get(field, "<absent>")
+            if got != want:
+                raise StoreError(f"store {self.cache_key} was made for {field}={got!r}; this run needs {want!r}")
+
+    def size_on_disk(self, seed: int | None = None) -> int:
+        return (self._seed(seed) if seed is not None else self.loc).size()
+
+    def describe(self) -> dict[str, Any]:
+        """What ``stillroom store inspect`` shows."""
+        n = self.schema.num_samples
+        seeds = {}
+        for seed in self.seeds():
+            d = self._seed(seed)
+            per_array = {name: (d / name).size() for name in self.schema.arrays()}
+            total = sum(per_array.values())
+            seeds[str(seed)] = {"bytes": total, "bytes_per_sample": round(total / n, 2),
+                                "bytes_per_sample_by_array": {k: round(v / n, 2) for k, v in per_array.items()},
+                                "quality": self.quality(seed)}
+        return {
+            "path": str(self.path), "cache_key": self.cache_key, "format_version": FORMAT_VERSION,
+            "provenance": self.manifest["provenance"], "schema": self.manifest["schema"],
+            "samples": n, "top_k": self.schema.top_k, "seeds": self.seeds(), "per_seed": seeds,
+            "size_on_disk": self.size_on_disk(),
+        }
+
+    def export_parquet(self, seed: int, out: str | os.PathLike) -> int:
+        """Write one seed as a Parquet table (one row per sample); return the row count."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        labels = self.load(seed)
+        cols: dict[str, Any] = {"sample_id": pa.array(np.arange(len(labels), dtype=np.int64))}
+        for name, a in labels.arrays.items():
+            a = a.astype(np.float32) if a.dtype == np.float16 else a
+            if a.ndim == 1:
+                cols[name] = pa.array(a)
+            else:
+                flat = a.reshape(len(a), -1)
+                cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+        table = pa.table(cols).replace_schema_metadata({
+            "stillroom.cache_key": self.cache_key, "stillroom.seed": str(seed),
+            "stillroom.manifest": json.dumps(self.manifest),
+        })
+        if is_url(os.fspath(out)):  # one PUT: the object appears whole or not at all
+            import io
+
+            buf = io.BytesIO()
+            pq.write_table(table, buf, compression="zstd")
+            Location(out).write_bytes(buf.getvalue())
+        else:
+            write_atomically(out, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+        return len(labels)
+
+
+def add_quality(a: QualitySums, b: QualitySums) -> QualitySums:
+    """The sums of two label-quality records."""
+    return {g: {n: a.get(g, {}).get(n, 0.0) + b.get(g, {}).get(n, 0.0) for n in set(a.get(g, {})) | set(b.get(g, {}))}
+            for g in set(a) | set(b)}
+
+
+def quality_report(sums: QualitySums) -> dict[str, dict[str, float]]:
+    """Label-quality sums (``pipelines.labeling.quality_sums``) -> per group (``all``, ``area<0.5``,
+    ``area>=0.5``): ``views``, ``top1_agreement`` and ``true_in_topk`` (fractions of views), ``mean_entropy``
+    (nats) and ``mean_topk_mass``."""
+    out = {}
+    for group, s in sorted(sums.items()):
+        n = s.get("views", 0.0)
+        out[group] = {"views": int(n)} | ({
+            "top1_agreement": round(s["top1"] / n, 4), "true_in_topk": round(s["in_topk"] / n, 4),
+            "mean_entropy": round(s["entropy"] / n, 4), "mean_topk_mass": round(s["topk_mass"] / n, 4),
+        } if n else {})
+    return out
+
+
+def list_stores(root: str | os.PathLike) -> list[LabelStore]:
+    """Every readable store directly under ``root`` (a directory or a URL)."""
+    loc = Location(root)
+    if loc.local is not None and not loc.local.is_dir():
+        raise UsageError(f"store root {root} does not exist")
+    out = []
+    for name in loc.children():
+        if (loc / name / MANIFEST).exists():
+            try:
+                out.append(LabelStore(loc / name))
+            except StoreError:
+                continue
+    return out

@@ -1,0 +1,55 @@
+"""The ``stillroom`` command. Each package adds its own subcommands; this module only assembles them and
+turns expected errors into one line on stderr (exit 1 for failures, 2 for usage errors)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from stillroom.pipelines.core import StillroomError, apply_config_file
+
+# modules with a ``register(subparsers)``, and the top-level commands each registers; one that is not there
+# yet is skipped
+COMMAND_MODULES = {
+    "stillroom.services.cli.store": ("store", "view"),
+    "stillroom.services.cli.teacher": ("teacher", "label"),
+    "stillroom.services.cli.train": ("train", "eval"),
+    "stillroom.services.cli.serve": ("serve", "jobs", "demo"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or, for a ``command`` one module registers, that module's part only: the others
+    import torch to list their options, a second that ``stillroom jobs ls`` need not wait for."""
+    parser = argparse.ArgumentParser(
+        prog="stillroom",
+        description="Run the teacher once per augmentation seed, store its labels, train students from the store.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    names = [m for m, commands in COMMAND_MODULES.items() if command in commands] or list(COMMAND_MODULES)
+    for name in names:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv else None)
+    args = parser.parse_args(argv)
+    try:
+        args = apply_config_file(args, lambda: parser.parse_args(argv))  # --config FILE.yaml, flags override it
+        return int(args.func(args) or 0)
+    except StillroomError as e:
+        print(f"stillroom: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("stillroom: interrupted", file=sys.stderr)
+        return 130
+

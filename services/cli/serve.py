@@ -1,0 +1,244 @@
+"""CLI commands ``stillroom serve``, ``stillroom jobs ...`` and ``stillroom demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from stillroom.pipelines.core import UsageError
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from stillroom.services.app import create_app
+    from stillroom.services.config import Settings
+    from stillroom.services.launcher import LocalRayHead, RayJobs, port_free
+
+    overrides = {k: v for k, v in {
+        "host": args.host, "port": args.port, "ray_address": args.ray_address, "db": args.db,
+        "store_root": args.store_root, "data_root": args.data_root, "state_dir": args.state_dir,
+        "work_root": args.work_root, "dashboard_port": args.dashboard_port}.items() if v is not None}
+    settings = Settings(**overrides)
+    settings.prepare()
+    if not port_free(settings.host, settings.port):
+        raise UsageError(f"port {settings.port} on {settings.host} is in use: another `stillroom serve`? "
+                         "pass --port with a free port")
+    head = None if settings.ray_address else LocalRayHead(settings.dashboard_port,
+                                                           log_path=settings.state_dir / "ray-head.log")
+    # SIGTERM and Ctrl-C: uvicorn stops serving, the lifespan cancels the jobs of an owned cluster, uvicorn
+    # re-raises the signal to this handler when done, and `finally` stops the head; exit 128 + the signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_on_signal)
+    try:
+        dashboard = head.start() if head else settings.ray_address
+        app = create_app(settings, RayJobs(dashboard), owns_cluster=head is not None)
+        api = f"http://{settings.host}:{settings.port}"
+        print(f"stillroom service: {api}  (docs {api}/docs)", flush=True)
+        print(f"Ray dashboard:     {dashboard}{'  (a local head, stopped with the service)' if head else ''}",
+              flush=True)
+        print(f"API token:         {settings.token_source}", flush=True)
+        # a client following a job's logs holds its connection open: stop waiting for it after 10 s
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=10)
+    finally:
+        if head is not None:
+            head.stop()
+    return 0
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _client(args: argparse.Namespace):
+    from stillroom.services.client import StillroomClient, default_token
+
+    return StillroomClient(args.url, args.token or default_token(args.state_dir))
+
+
+def _spec_arg(text: str) -> dict[str, Any]:
+    raw = Path(text).read_text() if not text.lstrip().startswith("{") and Path(text).is_file() else text
+    try:
+        spec = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--spec: neither a JSON object nor a JSON file ({e.msg})") from None
+    if not isinstance(spec, dict):
+        raise UsageError("--spec: expected a JSON object")
+    return spec
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.jobs_cmd == "submit":
+        job = client.submit(args.kind, _spec_arg(args.spec), args.idempotency_key)
+        if args.wait:
+            job = client.wait(job["id"])
+        print(json.dumps(job, indent=2))
+        return 0 if job["state"] != "FAILED" else 1
+    if args.jobs_cmd == "ls":
+        page = client.jobs(state=args.state, kind=args.kind, limit=args.limit)
+        for j in page["jobs"]:
+            frac = (j.get("progress") or {}).get("fraction")
+            prog = f"{100 * frac:5.1f}%" if isinstance(frac, float) else "     "
+            print(f"{j['id']}  {j['kind']:7}  {j['state']:9}  {prog}  {'cache-hit' if j['cache_hit'] else ''}"
+                  f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(j['created_at']))}")
+        if page["next_page_token"]:
+            print(f"(more: --page-token {page['next_page_token']})")
+        return 0
+    if args.jobs_cmd == "show":
+        print(json.dumps(client.job(args.id), indent=2))
+        return 0
+    if args.jobs_cmd == "logs":
+        if args.follow:
+            for chunk in client.follow_logs(args.id):
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+        else:
+            sys.stdout.write(client.logs(args.id))
+        return 0
+    print(json.dumps(client.cancel(args.id), indent=2))
+    return 0
+
+
+def _follow(client, job: dict[str, Any], label: str) -> dict[str, Any]:
+    """Wait for a job, drawing its progress; return the finished record."""
+    from stillroom.pipelines.core import progress_bar
+
+    if job.get("cache_hit"):
+        print(f"{label}: cache hit, nothing to run ({job['id']})", file=sys.stderr)
+        return job
+    bar = progress_bar(1000, label, unit="")
+    bar.bar_format = "{desc}: {percentage:3.0f}%|{bar}| {postfix}"
+
+    def update(j: dict[str, Any]) -> None:
+        frac = (j.get("progress") or {}).get("fraction")
+        if isinstance(frac, (int, float)):
+            bar.update(int(frac * 1000) - bar.n)
+        bar.set_postfix_str(f"{j['state']} {(j.get('progress') or {}).get('desc', '')}")
+
+    done = client.wait(job["id"], on_update=update)
+    bar.close()
+    if done["state"] != "SUCCEEDED":
+        raise UsageError(f"{label} job {done['id']} ended {done['state']}: {done.get('error')}")
+    return done
+
+
+# sized to finish within 10 minutes on 2 CPU cores: the teacher and the students see the first 24,000 images
+DEMO_DATA = "fashion-mnist:n=24000"
+DEMO_TEACHER = {"dataset": DEMO_DATA, "model": "resnet10t", "epochs": 3, "batch_size": 128, "lr": 3e-3}
+DEMO_STUDENT = {"dataset": DEMO_DATA, "student": "test_resnet", "epochs": 2, "batch_size": 128, "lr": 3e-3}
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start the service on a local Ray, run teacher, label and two train jobs over HTTP, print a table."""
+    from stillroom.services.client import StillroomClient
+    from stillroom.services.launcher import free_port
+
+    state_dir, store_root = Path(args.state_dir).resolve(), Path(args.store_root).resolve()
+    port, dash_port = free_port(), free_port()
+    env = {**os.environ, "STILLROOM_STATE_DIR": str(state_dir), "STILLROOM_STORE_ROOT": str(store_root),
+           "STILLROOM_PORT": str(port), "STILLROOM_DASHBOARD_PORT": str(dash_port)}
+    env.setdefault("STILLROOM_API_TOKEN", os.urandom(16).hex())
+    t0 = time.time()
+    server = subprocess.Popen([sys.executable, "-m", "stillroom.services.cli", "serve"], env=env,
+                              start_new_session=True)
+    try:
+        client = StillroomClient(f"http://127.0.0.1:{port}", env["STILLROOM_API_TOKEN"])
+        health = None
+        for _ in range(240):
+            if server.poll() is not None:
+                raise UsageError(f"the service exited with code {server.returncode} before it answered")
+            try:
+                health = client.health()
+                break
+            except Exception:
+                time.sleep(0.5)
+        if health is None:
+            raise UsageError("the service did not answer within 120 s")
+        print(f"service http://127.0.0.1:{port}/docs  Ray dashboard {health['dashboard']}", file=sys.stderr)
+        # the teacher trains alone: it asks Ray for every core; the two students then share them, one each
+        every_core = {"resources": {"cpus": os.cpu_count() or 1}}
+        teacher = _follow(client, client.submit("teacher", {**DEMO_TEACHER, **every_core}), "teacher (resnet10t)")
+        ckpt = teacher["result"]["out"]
+        label = _follow(client, client.submit("label", {
+            "dataset": DEMO_DATA, "teachers": [f"resnet10t@{ckpt}"], "recipe": "fmnist-rrc",
+            "seeds": [0, 1], "top_k": 10, "num_workers": 1}), "labels (2 seeds)")
+        key = label["cache_key"]
+        runs = {loss: client.submit("train", {**DEMO_STUDENT, "store": key, "loss": loss}) for loss in ("ce", "kd")}
+        results = {loss: _follow(client, job, f"student ({loss})") for loss, job in runs.items()}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+    def top1(job: dict[str, Any]) -> float:
+        r = job["result"]
+        return float(r.get("top1", r.get("test_top1", r.get("final", {}).get("top1", float("nan")))))
+
+    rows = [("teacher resnet10t (24k images, 3 epochs)", top1(teacher), teacher.get("cache_hit")),
+            ("student test_resnet, supervised (ce)", top1(results["ce"]), False),
+            ("student test_resnet, distilled from the store (kd)", top1(results["kd"]), False)]
+    print()
+    print(f"{'model':52} {'test top-1':>10}")
+    for name, acc, hit in rows:
+        print(f"{name:52} {100 * acc:9.2f}%{'  (cached teacher)' if hit else ''}")
+    reused = "reused from the store (cache hit)" if label.get("cache_hit") else "computed now"
+    print(f"\nlabels: store {key}, seeds [0, 1], {reused}")
+    print(f"Ray dashboard (while the service ran): {health['dashboard']}")
+    print(json.dumps({"teacher_top1": top1(teacher), "supervised_top1": top1(results["ce"]),
+                      "distilled_top1": top1(results["kd"]), "teacher_cache_hit": bool(teacher.get("cache_hit")),
+                      "labels_cache_hit": bool(label.get("cache_hit")), "cache_key": key,
+                      "minutes": round((time.time() - t0) / 60, 2)}))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="the job service: FastAPI on uvicorn, jobs on Ray")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--ray-address", default=None, help="a Ray dashboard URL (default: start a local Ray head)")
+    p.add_argument("--dashboard-port", type=int, default=None)
+    p.add_argument("--db", default=None, help="an SQLAlchemy URL (default: SQLite in the state dir)")
+    p.add_argument("--store-root", default=None)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--state-dir", default=None, help="the token and the default SQLite file (default: .stillroom)")
+    p.add_argument("--work-root", default=None,
+                   help="job directories and service-trained teachers: a path or a URL (s3://bucket/prefix), "
+                        "which every Ray node reaches (default: the state dir)")
+    p.set_defaults(func=cmd_serve)
+
+    jobs = sub.add_parser("jobs", help="talk to the job service")
+    jobs.add_argument("--url", default=os.environ.get("STILLROOM_URL", "http://127.0.0.1:8000"))
+    jobs.add_argument("--token", default=None, help="default: STILLROOM_API_TOKEN or the state dir's token file")
+    jobs.add_argument("--state-dir", default=os.environ.get("STILLROOM_STATE_DIR", ".stillroom"))
+    jsub = jobs.add_subparsers(dest="jobs_cmd", required=True)
+    p = jsub.add_parser("submit")
+    p.add_argument("kind", choices=("teacher", "label", "train"))
+    p.add_argument("--spec", required=True, help="a JSON object or a JSON file")
+    p.add_argument("--idempotency-key", default=None)
+    p.add_argument("--wait", action="store_true")
+    p = jsub.add_parser("ls")
+    p.add_argument("--state", default=None)
+    p.add_argument("--kind", default=None)
+    p.add_argument("--limit", type=int, default=50)
+    for name in ("show", "cancel"):
+        jsub.add_parser(name).add_argument("id")
+    p = jsub.add_parser("logs")
+    p.add_argument("id")
+    p.add_argument("--follow", action="store_true")
+    jobs.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("demo", help="the main job: teacher, labels and students over the service, on a local Ray")
+    p.add_argument("--state-dir", default=".stillroom")
+    p.add_argument("--store-root", default="stores")
+    p.set_defaults(func=cmd_demo)
