@@ -150,7 +150,7 @@ def test_parquet_on_s3_labeled_into_s3_and_trained_from(s3: S3Server, shards, tm
 
 
 def _open_in_a_process(spec: str, env: dict[str, str], cache: str) -> dict:
-    code = ("import json, sys; from pipelines.datasets import load_dataset; "
+    code = ("import json, sys; from stillroom.pipelines.data import load_dataset; "
             "ds = load_dataset(sys.argv[1], 'train', index_cache=sys.argv[2]); "
             "print(json.dumps({'reused': ds.index_reused, 'cache': ds.cache_path, 'fp': ds.fingerprint}))")
     proc = subprocess.run([sys.executable, "-c", code, spec, cache], capture_output=True, text=True, timeout=120,

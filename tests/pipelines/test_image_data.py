@@ -195,8 +195,8 @@ def test_views_are_per_image_and_bit_identical_everywhere(folder):
     own, partner = (torch.cat(t) for t in zip(*[(o, p if p is not None else o) for o, p in loader], strict=True))
     assert own.dtype == torch.uint8 and torch.equal(mix_views(own, partner, params), whole)
     # another process
-    code = ("import json, numpy as np; from pipelines.datasets import load_dataset; "
-            "from pipelines.views import build_views, get_recipe; "
+    code = ("import json, numpy as np; from stillroom.pipelines.data import load_dataset; "
+            "from stillroom.pipelines.views import build_views, get_recipe; "
             f"v, _ = build_views(load_dataset('imagefolder:{folder}'), get_recipe({MIX!r}), 3, np.arange(0, 200, 5)); "
             "print(json.dumps((v * 255).round().flatten().tolist()))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout

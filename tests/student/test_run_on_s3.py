@@ -154,9 +154,9 @@ RAY_ON_S3 = """
 import json, os, signal, sys, threading, time
 import ray, s3fs
 from ray.util.state import list_actors
-from services.launcher import free_port
-from student.config import TrainConfig
-from student.run import train
+from stillroom.services.launcher import free_port
+from stillroom.student.config import TrainConfig
+from stillroom.student.run import train
 
 ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
                dashboard_port=free_port(), log_to_driver=False)
