@@ -28,6 +28,8 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-# s3: s3fs for s3:// stores; dev brings moto's S3 server, which the object-storage tests start on 127.0.0.1
-.venv/bin/python -m pip install -q -e '.[dev,postgres,s3]'
+# s3: s3fs for s3:// stores; dev brings moto's S3 server, which the object-storage tests start on 127.0.0.1.
+# infra/constraints.txt pins the versions last tested (`pip freeze`): without it pip's resolver spends about
+# 16 minutes of CPU backtracking through this dependency tree; with it, seconds
+.venv/bin/python -m pip install -q -c infra/constraints.txt -e '.[dev,postgres,s3]'
 touch .venv/bin/stillroom
