@@ -79,14 +79,19 @@ def flags_of(parser: argparse.ArgumentParser) -> set[str]:
 def check_stillroom(command: str, parser: argparse.ArgumentParser) -> list[str]:
     """What is wrong with one ``stillroom ...`` line: an unknown subcommand or an unknown flag."""
     words = shlex.split(command.replace("[", " ").replace("]", " ").replace("|", " | "))[1:]
-    chain = [parser]
+    chain, takes_value = [parser], False
     for word in words:
         subs = [a for a in chain[-1]._actions if isinstance(a, argparse._SubParsersAction)]
         if not subs:
             break
-        if word in subs[0].choices:
+        if takes_value:  # the value of the option before it
+            takes_value = False
+        elif word.startswith("-"):
+            action = chain[-1]._option_string_actions.get(word)
+            takes_value = action is not None and action.nargs != 0 and "=" not in word
+        elif word in subs[0].choices:
             chain.append(subs[0].choices[word])
-        elif not word.startswith("-"):
+        else:
             return [f"{command!r}: no subcommand {word!r} (expected one of {', '.join(subs[0].choices)})"]
     known = set().union(*({s for a in p._actions for s in a.option_strings} for p in chain[:-1]), flags_of(chain[-1]))
     return [f"{command!r}: no option {flag}" for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", command)
@@ -118,6 +123,15 @@ def test_every_documented_command_exists_in_the_parser():
                     problems += [f"{page.relative_to(ROOT)}: {p}" for p in check_line(part.strip(), parser)]
     assert checked >= 20, f"only {checked} stillroom commands found in the docs: is the block syntax still ```bash?"
     assert not problems, "\n".join(problems)
+
+
+def test_the_check_finds_a_wrong_subcommand_flag_or_target():
+    parser = build_parser()
+    assert check_line("stillroom store inspect stores/KEY --json", parser) == []
+    assert check_line("stillroom jobs --url http://h:8000 logs ID --follow", parser) == []
+    assert "no option --no-such-flag" in check_line("stillroom train --store K --no-such-flag 1", parser)[0]
+    assert "no subcommand 'lable'" in check_line("stillroom lable --seeds 0-1", parser)[0]
+    assert "no make target docs" in check_line("make docs", parser)[0]
 
 
 def test_every_block_to_run_is_marked_or_run():
