@@ -8,6 +8,7 @@ parser (``stillroom.services.cli.build_parser``, whose options come from the job
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import os
 import tempfile
@@ -66,14 +67,21 @@ def type_of(schema: dict[str, Any]) -> str:
     if "anyOf" in schema:
         return " or ".join(type_of(s) for s in schema["anyOf"])
     if "enum" in schema:
-        return " \\| ".join(f"`{json.dumps(v)}`" for v in schema["enum"])
+        return " or ".join(f"`{json.dumps(v)}`" for v in schema["enum"])
     if schema.get("type") == "array":
         return f"list of {type_of(schema.get('items', {}))}"
     return str(schema.get("type", "any"))
 
 
+def one_line(text: Any) -> str:
+    """A cell of code spans (types, defaults): on one line; a pipe inside backticks stays literal."""
+    return " ".join(str(text).split())
+
+
 def cell(text: Any) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """Text for a table cell: one line, its pipes, angle brackets and stars taken literally."""
+    text = html.escape(" ".join(str(text).split()), quote=False)
+    return text.replace("|", "\\|").replace("*", "\\*")
 
 
 def fields_table(schema: dict[str, Any], components: dict[str, Any]) -> str:
@@ -86,7 +94,8 @@ def fields_table(schema: dict[str, Any], components: dict[str, Any]) -> str:
     rows = ["| field | type | default | description |", "| --- | --- | --- | --- |"]
     for name, prop in props.items():
         default = "required" if name in required else f"`{json.dumps(prop['default'])}`" if "default" in prop else ""
-        rows.append(f"| `{name}` | {cell(type_of(prop))} | {cell(default)} | {cell(prop.get('description', ''))} |")
+        description = cell(prop.get("description", ""))
+        rows.append(f"| `{name}` | {one_line(type_of(prop))} | {one_line(default)} | {description} |")
     return "\n".join(rows) + "\n"
 
 
@@ -104,7 +113,7 @@ def rest_reference() -> str:
             params = op.get("parameters", [])
             if params:
                 rows = ["| parameter | in | type | description |", "| --- | --- | --- | --- |"]
-                rows += [f"| `{p['name']}` | {p['in']} | {cell(type_of(p.get('schema', {})))} | "
+                rows += [f"| `{p['name']}` | {p['in']} | {one_line(type_of(p.get('schema', {})))} | "
                          f"{cell(p.get('description', ''))} |" for p in params]
                 parts.append("\n".join(rows) + "\n")
             body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
