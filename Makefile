@@ -17,7 +17,7 @@ lint: setup
 	$(BIN)/ruff check pipelines student services tests bench docs stillroom/__init__.py
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q -d $$(mktemp -d)  # the docs site: every page, link and API entry
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d $$(mktemp -d)  # the docs site (no -q: it hides what strict counts)
 
 test: lint
 	$(BIN)/pytest -q
