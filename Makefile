@@ -14,9 +14,10 @@ demo: setup
 	$(BIN)/stillroom demo
 
 lint: setup
-	$(BIN)/ruff check pipelines student services tests bench stillroom/__init__.py
+	$(BIN)/ruff check pipelines student services tests bench docs stillroom/__init__.py
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d $$(mktemp -d)  # the docs site (no -q: it hides what strict counts)
 
 test: lint
 	$(BIN)/pytest -q --durations=15
