@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
 
     dataset = stillroom.ReplayDataset(args.store, store_root=args.store_root)  # epoch 0's views and labels
-    sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed) if distributed else None
+    sampler: DistributedSampler | None = None  # DDP (examples/ddp_loop.py): each rank its own share
+    if distributed:
+        sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=args.workers, collate_fn=stillroom.collate, drop_last=True,
                         pin_memory=device.type == "cuda")

@@ -15,6 +15,23 @@ Importing it is cheap: it imports neither torch nor Ray until a name is used (do
 from __future__ import annotations
 
 from importlib import metadata
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what type checkers see; at run time ``__getattr__`` imports each name on first use
+    from stillroom.pipelines.store import LabelStore
+    from stillroom.student.dataset import (
+        Batch,
+        BatchParts,
+        InputConfig,
+        Mixing,
+        ReplayDataset,
+        collate,
+        finish,
+        input_config,
+        mixing,
+        open_store,
+        soft_targets,
+    )
 
 try:
     __version__ = metadata.version("stillroom")
@@ -37,7 +54,8 @@ _PUBLIC = {
     "LabelStore": "stillroom.pipelines.store",
 }
 
-__all__ = ["__version__", *_PUBLIC]
+__all__ = ["Batch", "BatchParts", "InputConfig", "LabelStore", "Mixing", "ReplayDataset", "__version__", "collate",
+           "finish", "input_config", "mixing", "open_store", "soft_targets"]
 
 
 def __getattr__(name: str) -> object:

@@ -43,6 +43,8 @@ def test_import_stillroom_imports_neither_torch_nor_ray_until_a_name_is_used():
             "print(stillroom.__version__)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+    assert set(stillroom.__all__) == {"__version__", *stillroom._PUBLIC}
+    assert all(getattr(stillroom, name) is not None for name in stillroom.__all__)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         stillroom.nothing  # noqa: B018
 
