@@ -273,7 +273,7 @@ class BatchSource(torch.utils.data.Dataset):
         self.seed_index, self.seeds, self.views_per_image = seed_index, seeds, views_per_image
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset) * self.views_per_image  # the keys: ``id * K + j``
 
     def __getitem__(self, i: int) -> BatchParts:
         return self.__getitems__([i])
@@ -323,9 +323,16 @@ class BatchSource(torch.utils.data.Dataset):
                           row_seeds, self.recipe, partner_index)
 
 
-def _first(items: Any) -> BatchParts:
-    """The DataLoader's collate: ``__getitems__`` already made the batch."""
-    return items if isinstance(items, BatchParts) else items[0]
+def collate(items: Any) -> BatchParts:
+    """The DataLoader's ``collate_fn`` for a ``BatchSource`` (or ``ReplayDataset``): ``__getitems__`` already
+    made the batch, which this hands on (a list of one batch, as ``batch_size=None`` gives, is unwrapped)."""
+    if isinstance(items, BatchParts):
+        return items
+    if isinstance(items, list | tuple) and len(items) == 1 and isinstance(items[0], BatchParts):
+        return items[0]
+    raise TypeError(f"collate: expected the BatchParts that __getitems__ builds, got {type(items).__name__}"
+                    f"{f' of {len(items)}' if isinstance(items, list | tuple) else ''} (a dataset wrapper without "
+                    "__getitems__, e.g. ConcatDataset, hands over one view at a time: index the ReplayDataset itself)")
 
 
 def finish(parts: BatchParts, device: torch.device) -> Batch:
@@ -350,7 +357,7 @@ def batch_parts(source: BatchSource, batches: list[np.ndarray], workers: int, pi
     if workers < 0:
         raise UsageError(f"--loader-workers {workers}: expected >= 0")
     return torch.utils.data.DataLoader(
-        source, batch_sampler=cast(Any, batches), collate_fn=_first, num_workers=workers, pin_memory=pin,
+        source, batch_sampler=cast(Any, batches), collate_fn=collate, num_workers=workers, pin_memory=pin,
         prefetch_factor=2, multiprocessing_context="fork" if "fork" in _start_methods() else None)
 
 

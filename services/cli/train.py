@@ -27,41 +27,17 @@ def _parse_seeds(text: str | None) -> tuple[int, ...] | None:
     return parse_seeds(text)
 
 
-def resolve_store(store: str, store_root: str) -> str:
-    """``--store``: a label store directory or URL, or a cache key under ``--store-root`` (a path or a URL)."""
-    from stillroom.pipelines.core import Location
-    from stillroom.pipelines.store import MANIFEST
-
-    if (Location(store) / MANIFEST).is_file():
-        return store
-    if "/" not in store and (Location(store_root) / store / MANIFEST).is_file():
-        return str(Location(store_root) / store)
-    raise UsageError(f"--store {store}: neither a label store directory nor the cache key of a store under "
-                     f"--store-root {store_root} (`stillroom store ls {store_root}` lists them)")
-
-
-def dataset_of_store(store_dir: str) -> tuple[str, str, str | None]:
-    """The data set a store was labeled from, as its manifest records it: (spec, split, data root)."""
-    from stillroom.pipelines.store import LabelStore
-
-    store = LabelStore(store_dir)
-    dataset = store.provenance.get("dataset", {})
-    if not dataset.get("spec"):
-        raise UsageError(f"store {store_dir} does not record the data set it was labeled from: pass --dataset")
-    label_config = store.manifest.get("sources", {}).get("label_config", {})
-    return str(dataset["spec"]), str(dataset.get("split", "train")), label_config.get("data_root")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a student; the last line of output is the final metrics as JSON."""
     from stillroom.pipelines.core import options
     from stillroom.student.config import TrainConfig
+    from stillroom.student.dataset import dataset_of_store, open_store, resolve_store
     from stillroom.student.run import train
 
-    store = resolve_store(args.store, args.store_root)
+    store = resolve_store(args.store, args.store_root)  # a directory, a URL or a cache key under --store-root
     dataset, split, data_root = args.dataset, args.split or "train", args.data_root
     if dataset is None:  # the store's own data set, split and data root, unless given
-        dataset, stored_split, stored_root = dataset_of_store(store)
+        dataset, stored_split, stored_root = dataset_of_store(open_store(store))
         split, data_root = args.split or stored_split, args.data_root or stored_root
     fields = {name: getattr(args, name) for name in options(TrainConfig) if hasattr(args, name)}
     config = TrainConfig(**{
