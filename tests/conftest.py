@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from stillroom.services.launcher import free_port
-
 SYNTHETIC = "synthetic:n=256,classes=4,size=16"
 
 
@@ -24,6 +22,8 @@ def ray_cluster():
     """A real local Ray (2 CPUs, with its dashboard for the Jobs API), shared by every Ray test; shut down
     at the end."""
     import ray
+
+    from stillroom.services.launcher import free_port  # here: a bare GPU machine's `pytest -m gpu` has no SQLAlchemy
 
     if not ray.is_initialized():
         # address="local": always a new cluster of our own, never one that `ray start` left on this machine

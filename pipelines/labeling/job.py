@@ -110,8 +110,10 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
     t0 = time.perf_counter()
     if backend not in ("ray", "local"):
         raise UsageError(f"unknown backend {backend!r}: expected ray or local")
-    if backend == "local" and config.gpus_per_worker > 0:  # a store keyed as GPU-decoded, labeled on the CPU
-        raise UsageError("--gpus-per-worker asks Ray for GPUs; --no-ray labels in this process on the CPU")
+    if backend == "local" and config.gpus_per_worker > 0 and not torch.cuda.is_available():
+        # never a silent CPU fallback: the store would be keyed as GPU-decoded and labeled on the CPU
+        raise UsageError(f"--gpus-per-worker {config.gpus_per_worker}: torch finds no CUDA device here; --no-ray "
+                         "labels in this process, on its GPU with the flag, on its CPUs without it")
     store, teachers = _prepare(config)
     for teacher in teachers:
         print(describe_teacher(teacher, config.compute_dtype), file=sys.stderr)
@@ -196,7 +198,7 @@ def _label_seeds(config: LabelConfig, store: LabelStore, leases: dict[int, SeedL
     bar = progress_bar(total, f"labeling {len(leases)} seed(s)", progress)
     if backend == "local":
         t_start = time.perf_counter()
-        labeler = Labeler(config, str(store.path))
+        labeler = Labeler(config, str(store.path), "cuda" if config.gpus_per_worker > 0 else "cpu")
         t_work = time.perf_counter()
         try:
             for seeds, i, a, b in work:

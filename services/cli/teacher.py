@@ -58,5 +58,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("label", help="run the teacher(s) once per seed on Ray and write the label store")
     add_arguments(p, LabelConfig)
-    p.add_argument("--no-ray", action="store_true", help="label in this process, without Ray")
+    p.add_argument("--no-ray", action="store_true",
+                   help="label in this process, without Ray (on its GPU with --gpus-per-worker)")
     p.set_defaults(func=cmd_label)

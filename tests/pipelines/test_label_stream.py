@@ -19,7 +19,6 @@ from image_data import write_image_folder
 from stillroom.pipelines.core import UsageError
 from stillroom.pipelines.data import load_dataset
 from stillroom.pipelines.labeling import LabelConfig, decode_views_torch, run_labeling
-from stillroom.pipelines.labeling.ray_pool import cpus_per_worker
 from stillroom.pipelines.store import LabelStore
 from stillroom.pipelines.teachers import load_teacher
 from stillroom.pipelines.views import build_views, draw_views, get_recipe, render_views
@@ -82,6 +81,8 @@ def test_torchvision_decode_agrees_with_the_pil_views(folder):
 
 
 def test_cpus_are_counted_per_node():
+    from stillroom.pipelines.labeling.ray_pool import cpus_per_worker  # imports Ray: not at the top (gpu.py)
+
     assert cpus_per_worker([8, 8], 2) == 8  # one worker a node, each with the node's CPUs (not 16)
     assert cpus_per_worker([8, 8], 4) == 4
     assert cpus_per_worker([2], 4) == 1
@@ -123,6 +124,22 @@ def test_gpu_labeling_decodes_on_the_gpu_and_agrees_with_cpu_labels(tmp_path, fo
     assert np.isfinite(on_cuda["lse"]).all()
     # bf16 and slightly other pixels: mostly the same class (4 classes: chance is 0.25)
     assert (on_cuda["hard"] == on_cpu_labels["hard"]).mean() >= 0.7
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_ray_labels_on_this_process_gpu(tmp_path, folder, rgb_teacher):
+    """``stillroom label --no-ray --gpus-per-worker 1``: the teacher runs on this process's GPU, the JPEGs decoded
+    there, and the store replays the views a CPU run draws."""
+    gpu = run_labeling(label_config(folder, rgb_teacher, tmp_path / "gpu", gpus_per_worker=1, teacher_dtype="bf16"),
+                       backend="local", progress=False)
+    cpu = run_labeling(label_config(folder, rgb_teacher, tmp_path / "cpu"), backend="local", progress=False)
+    assert gpu["samples"] == 96 and gpu["cache_key"] != cpu["cache_key"]
+    store = LabelStore(gpu["store"])
+    assert store.provenance["labels"]["decode"].startswith("torchvision") and store.verify() == []
+    on_gpu, on_cpu = store.load(0).arrays, LabelStore(cpu["store"]).load(0).arrays
+    assert np.isfinite(on_gpu["lse"]).all() and on_gpu["topk_idx"].shape == on_cpu["topk_idx"].shape == (96, 3)
+    assert (on_gpu["hard"] == on_cpu["hard"]).mean() >= 0.7  # bf16 and nvJPEG's pixels: mostly the same class
 
 
 MEMORY = textwrap.dedent("""

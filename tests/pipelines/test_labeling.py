@@ -72,10 +72,11 @@ def test_unknown_backend_fails_before_any_work(tmp_path, tiny_teacher):
     assert not (tmp_path / "stores").exists()
 
 
-def test_gpus_in_this_process_are_refused_before_any_work(tmp_path, tiny_teacher):
-    """GPU workers are Ray's to give: in this process the labels would be decoded on the CPU under a store
-    key that says GPU."""
-    with pytest.raises(UsageError, match="--gpus-per-worker asks Ray for GPUs"):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, --no-ray --gpus-per-worker labels on it")
+def test_gpus_in_this_process_without_cuda_are_refused_before_any_work(tmp_path, tiny_teacher):
+    """In this process --gpus-per-worker means this process's GPU: without one the labels would be made on the
+    CPU under a store key that says GPU."""
+    with pytest.raises(UsageError, match="--gpus-per-worker 1: torch finds no CUDA device here"):
         run_labeling(config(tmp_path, [tiny_teacher], gpus_per_worker=1), backend="local", progress=False)
     assert not (tmp_path / "stores").exists()
 
