@@ -18,7 +18,8 @@ from image_data import CLASSES, jpeg_bytes, write_image_folder, write_parquet
 from PIL import Image
 
 from stillroom.pipelines.core import UsageError
-from stillroom.pipelines.data import DataError, ImageFolder, ParquetShards, _readers, load_dataset
+from stillroom.pipelines.data import DataError, ImageFolder, ParquetShards, load_dataset
+from stillroom.pipelines.data import probe as probe_module
 from stillroom.pipelines.views import (
     COL,
     build_views,
@@ -70,13 +71,13 @@ def test_second_open_reads_the_cached_index(tmp_path, folder, monkeypatch):
     first = ImageFolder(root, "train")
     assert not first.index_reused and first.cache_path == root / ".stillroom-index" / "imagefolder-train.npz"
     probes = [0]
-    probe = _readers.probe
+    probe = probe_module.probe
 
     def counting(data, where):
         probes[0] += 1
         return probe(data, where)
 
-    monkeypatch.setattr(_readers, "probe", counting)
+    monkeypatch.setattr(probe_module, "probe", counting)
     second = ImageFolder(root, "train")
     assert second.index_reused and probes[0] == 0
     assert second.fingerprint == first.fingerprint and np.array_equal(second.sizes, first.sizes)
@@ -195,8 +196,8 @@ def test_views_are_per_image_and_bit_identical_everywhere(folder):
     own, partner = (torch.cat(t) for t in zip(*[(o, p if p is not None else o) for o, p in loader], strict=True))
     assert own.dtype == torch.uint8 and torch.equal(mix_views(own, partner, params), whole)
     # another process
-    code = ("import json, numpy as np; from pipelines.datasets import load_dataset; "
-            "from pipelines.views import build_views, get_recipe; "
+    code = ("import json, numpy as np; from stillroom.pipelines.data import load_dataset; "
+            "from stillroom.pipelines.views import build_views, get_recipe; "
             f"v, _ = build_views(load_dataset('imagefolder:{folder}'), get_recipe({MIX!r}), 3, np.arange(0, 200, 5)); "
             "print(json.dumps((v * 255).round().flatten().tolist()))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
