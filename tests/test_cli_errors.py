@@ -106,7 +106,7 @@ def test_label_asking_for_gpus_without_cuda(tmp_path):
 
 def test_the_service_commands_start_without_importing_torch():
     """`stillroom jobs ...` builds only its own part of the parser: the job commands' options import torch."""
-    code = ("import sys; from services.cli import build_parser; "
+    code = ("import sys; from stillroom.services.cli import build_parser; "
             "args = build_parser('jobs').parse_args(['jobs', 'ls']); print(args.func.__name__, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[1] == "False", out

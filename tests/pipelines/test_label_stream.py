@@ -127,7 +127,7 @@ def test_gpu_labeling_decodes_on_the_gpu_and_agrees_with_cpu_labels(tmp_path, fo
 
 MEMORY = textwrap.dedent("""
     import json, resource, sys
-    from pipelines.labeling import LabelConfig, run_labeling
+    from stillroom.pipelines.labeling import LabelConfig, run_labeling
     cfg = LabelConfig(dataset="imagefolder:" + sys.argv[1], teachers=(sys.argv[2],), recipe="imagenet-rrc:size=24",
                       seeds=(0,), top_k=3, chunk_rows=64, batch_size=32, store_root=sys.argv[3], decode_workers=1)
     result = run_labeling(cfg, backend="local", progress=False)

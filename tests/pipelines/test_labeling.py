@@ -338,7 +338,7 @@ def test_killed_ray_worker_still_gives_an_identical_store(tmp_path, ray_cluster,
 TWO_NODES = textwrap.dedent("""
     import json, ray
     from ray.cluster_utils import Cluster
-    from pipelines.labeling import LabelConfig, run_labeling
+    from stillroom.pipelines.labeling import LabelConfig, run_labeling
     cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "include_dashboard": False}})
     try:
         cluster.add_node(num_cpus=1)

@@ -86,7 +86,7 @@ WRITER = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, {tests!r})
     from test_store import PROVENANCE, fake_labels
-    from pipelines.store import LabelStore, StoreSchema
+    from stillroom.pipelines.store import LabelStore, StoreSchema
     schema = StoreSchema(num_samples=1000, num_classes=12, top_k=3, sampled=5, feature_shape=(4, 2, 2), chunk_rows=128)
     store = LabelStore.create({root!r}, PROVENANCE, schema)
     labels = fake_labels(schema, 0)

@@ -81,8 +81,8 @@ def test_stored_photometric_views_replay_in_any_order_and_process(folder):
     parts = torch.cat([build_views(ds, recipe, 4, ids[i : i + 7])[0] for i in range(0, len(ids), 7)])
     assert torch.equal(parts, whole)
     assert torch.equal(build_views(ds, recipe, 4, ids, params=params)[0], whole)  # from the stored rows
-    code = ("import sys, numpy as np, torch; from pipelines.datasets import load_dataset; "
-            "from pipelines.views import build_views, get_recipe; "
+    code = ("import sys, numpy as np, torch; from stillroom.pipelines.data import load_dataset; "
+            "from stillroom.pipelines.views import build_views, get_recipe; "
             f"v, p = build_views(load_dataset('imagefolder:{folder}'), get_recipe({DEIT!r}), 4, np.arange(0, 48, 5)); "
             "sys.stdout.buffer.write(np.ascontiguousarray(v.numpy()).tobytes() + p.tobytes())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)

@@ -48,8 +48,8 @@ def test_same_view_across_batch_orders_and_sizes():
 
 def test_same_view_in_another_process():
     code = (
-        "import json, numpy as np; from pipelines.datasets import load_dataset; "
-        "from pipelines.views import build_views, get_recipe; "
+        "import json, numpy as np; from stillroom.pipelines.data import load_dataset; "
+        "from stillroom.pipelines.views import build_views, get_recipe; "
         f"v, p = build_views(load_dataset({DATA!r}), get_recipe('fmnist-rrc-mix'), 5, np.array([9, 2, 250]));"
         "print(json.dumps({'v': v.flatten().tolist(), 'p': p.flatten().tolist()}))"
     )
