@@ -181,7 +181,7 @@ class ParquetShards(FileDataset):
         return {**self.__dict__, "_groups": OrderedDict()}
 
     def encoded(self, ids: np.ndarray) -> list[tuple[bytes, str]]:
-        """The rows of a shard staged on the node's disk (``pipelines._shard_stage``: shards read at random) are
+        """The rows of a shard staged on the node's disk (``stage.py``: shards read at random) are
         read from its copy, each its own bytes; the others by row group, each group the batch touches once (its
         image column only), the last few kept."""
         loc = self._loc[self._check_ids(ids)]

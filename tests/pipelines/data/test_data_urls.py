@@ -20,7 +20,7 @@ from s3_server import S3Server
 
 from stillroom.pipelines.data import ImageFolder, ParquetShards, index_cache, parquet
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
