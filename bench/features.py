@@ -20,7 +20,8 @@ import time
 import numpy as np
 import zarr
 
-from stillroom.pipelines.store._store import LabelStore, StoreSchema, _compressor
+from stillroom.pipelines.store import LabelStore, StoreSchema
+from stillroom.pipelines.store.label_store import _compressor
 from stillroom.student._loader import FeatureRows
 
 

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from stillroom.pipelines.data import FASHION_MNIST_DIR
+
 SYNTHETIC = "synthetic:n=256,classes=4,size=16"
+needs_fmnist = pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
+                                  reason="Debian package dataset-fashion-mnist is not installed")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -99,7 +99,7 @@ def test_train_on_an_unknown_device(tmp_path):
 def test_label_asking_for_gpus_without_cuda(tmp_path):
     for extra in (["--no-ray"], []):
         done = stillroom("label", "--dataset", SYNTHETIC, "--teacher", "resnet10t", "--gpus-per-worker", "1",
-                         "--store", str(tmp_path), *extra)
+                         "--store-root", str(tmp_path), *extra)
         assert_one_error_line(done, 2, "--gpus-per-worker")
     assert not any(tmp_path.iterdir())  # refused before a store was made
 
@@ -114,3 +114,40 @@ def test_the_service_commands_start_without_importing_torch():
 
     whole = next(a for a in build_parser()._actions if a.dest == "command")
     assert {"store", "view", "teacher", "label", "train", "eval", "serve", "jobs", "demo"} <= set(whole.choices)
+
+
+def test_label_refuses_store_and_names_store_root(tmp_path):
+    """``--store`` names one store (``train --store``); ``label`` writes a new one under ``--store-root``: given a
+    store as ``--store``, it is refused in one line, and nothing is written (no store nested inside that one)."""
+    store = make_store(tmp_path / "stores")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    done = stillroom("label", "--no-ray", "--dataset", SYNTHETIC, "--teacher", "resnet10t", "--store", str(store.path))
+    assert_one_error_line(done, 2, f"--store {store.path}", "--store-root")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_version_prints_the_package_version():
+    from stillroom import __version__
+
+    done = stillroom("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"stillroom {__version__}" and __version__
+
+
+def test_json_flags_are_refused_naming_the_flag(tmp_path):
+    """``--model-kwargs``, ``--student-kwargs`` and ``--spec`` are read by one parser (``json_object``)."""
+    from stillroom.pipelines.core import UsageError, json_object
+
+    not_json = stillroom("teacher", "train", "--out", str(tmp_path / "t"), "--model-kwargs", "{drop_rate: 1")
+    assert_one_error_line(not_json, 2, "--model-kwargs '{drop_rate: 1' is not JSON")
+    not_object = stillroom("teacher", "train", "--out", str(tmp_path / "t"), "--model-kwargs", "[1]")
+    assert_one_error_line(not_object, 2, "--model-kwargs must be a JSON object")
+    assert not (tmp_path / "t").exists()  # refused before anything was written
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"dataset": "fashion-mnist"}')
+    assert json_object(str(spec), "--spec", file=True) == {"dataset": "fashion-mnist"}
+    assert json_object('{"a": 1}', "--spec", file=True) == {"a": 1}
+    with pytest.raises(UsageError, match="neither a JSON object nor a JSON file"):
+        json_object(str(tmp_path / "missing.json"), "--spec", file=True)
+    with pytest.raises(UsageError, match="is not JSON"):
+        json_object(str(spec), "--student-kwargs")  # a file is read only where the flag takes one

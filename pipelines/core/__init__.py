@@ -10,6 +10,7 @@ from stillroom.pipelines.core.options import (
     default_from,
     default_of,
     flags_of,
+    json_object,
     option,
     options,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "filesystem",
     "flags_of",
     "is_url",
+    "json_object",
     "local_path",
     "open_binary",
     "option",

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import MISSING, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from stillroom.pipelines.core.errors import UsageError
@@ -219,3 +221,19 @@ def apply_config_file(args: argparse.Namespace, parse: Callable[[], argparse.Nam
     if missing:
         args.config_parser.error(f"the following arguments are required: {', '.join(missing)}")
     return args
+
+
+def json_object(text: str, flag: str, *, file: bool = False, example: str = '{"key": 1}') -> dict[str, Any]:
+    """The JSON object a flag was given (``--model-kwargs``, ``--student-kwargs``, ``--spec``), as a dict.
+
+    With ``file``, a value that does not start with ``{`` and names a file is read from that file. Raises
+    ``UsageError`` naming the flag and the value when it is not JSON, or is JSON but not an object."""
+    raw = Path(text).read_text() if file and not text.lstrip().startswith("{") and Path(text).is_file() else text
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        what = "neither a JSON object nor a JSON file" if file else "not JSON"
+        raise UsageError(f"{flag} {text!r} is {what}: {e.msg}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{flag} must be a JSON object, e.g. '{example}'")
+    return value

@@ -2,15 +2,8 @@
 shard staging.
 """
 
-from stillroom.pipelines.data._readers import (
-    DATASET_HELP,
-    INDEX_CACHE_ENV,
-    holdout_mask,
-    pack_strings,
-    string_hashes,
-    use_index_cache,
-)
 from stillroom.pipelines.data.datasets import (
+    DATASET_HELP,
     FASHION_MNIST_DIR,
     DataError,
     Dataset,
@@ -21,6 +14,9 @@ from stillroom.pipelines.data.datasets import (
     load_dataset,
     open_eval_split,
 )
+from stillroom.pipelines.data.holdout import holdout_mask, string_hashes
+from stillroom.pipelines.data.index_cache import INDEX_CACHE_ENV, use_index_cache
+from stillroom.pipelines.data.strings import pack_strings
 
 __all__ = [
     "DATASET_HELP",

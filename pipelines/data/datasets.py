@@ -7,7 +7,7 @@ for other data.
 
 In-memory data sets (``in_memory = True``: every image the same size) hold the pixels and ``read(ids)``
 returns them as one uint8 tensor ``(B, C, H, W)``. Data sets on disk (``imagefolder:``, ``parquet:``;
-``pipelines/_readers.py``) are an index: opening one reads headers, not pixels, and ``encoded(ids)``
+``pipelines/data/folder.py``, ``parquet.py``) are an index: opening one reads headers, not pixels, and ``encoded(ids)``
 returns the encoded bytes of a batch; ``pipelines.views`` decodes and crops them per image.
 
 Specs, as the CLI and the service take them:
@@ -45,13 +45,20 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from stillroom.pipelines.core import UsageError
-from stillroom.pipelines.data._readers import BAD_POLICIES, DATASET_HELP, DataError, MissingSplit, ParquetShards
-from stillroom.pipelines.data._readers import ImageFolder as ImageFolder
+from stillroom.pipelines.core import DataError, UsageError
+from stillroom.pipelines.data.file_dataset import BAD_POLICIES, MissingSplit
+from stillroom.pipelines.data.folder import ImageFolder
+from stillroom.pipelines.data.parquet import ParquetShards
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
     "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
+)
+DATASET_HELP = (  # the --dataset help of every command
+    "fashion-mnist[:n=N], synthetic[:n=,classes=,size=,channels=], imagefolder:DIR (DIR/train/<class>/*, "
+    "DIR/val/<class>/*) or parquet:DIR|GLOB (Hugging Face shards, DIR/train/*.parquet); add ,bad=skip to leave "
+    "unreadable images out (listed in the index) instead of stopping with an error naming the file, and ,val=F "
+    "(e.g. ,val=0.1) to hold out a fraction F of each class as the val split of data that has none"
 )
 SPLITS = ("train", "test")  # of the in-memory data sets; those on disk also have "val"
 __all__ = ["DATASET_HELP", "DataError", "Dataset", "FashionMNIST", "ImageFolder", "MissingSplit", "ParquetShards",
@@ -296,7 +303,7 @@ def load_dataset(spec: str, split: str = "train", data_root: str | os.PathLike |
 
     ``index_cache``: where the index of data on a URL is cached when the data's own prefix is not writable (a
     URL or a path shared by the cluster; the labeling job gives its store root); default $STILLROOM_INDEX_CACHE,
-    else ``pipelines._readers.use_index_cache``'s. It changes where the index lives, never the data set."""
+    else ``pipelines.data.index_cache.use_index_cache``'s. It changes where the index lives, never the data set."""
     key = (spec, split, str(data_root or os.environ.get("STILLROOM_DATA") or ""))
     if key not in _CACHE:
         parsed = DatasetSpec.parse(spec)

@@ -46,8 +46,8 @@ class LabelConfig:
     # the feature map is average-pooled to feature_grid x feature_grid
     feature_grid: int = option(4, help="pool the feature map to GRID x GRID", ge=1, le=64)
     per_teacher: bool = option(False, help="keep each ensemble member's top-k too")
-    store_root: str = option("stores", help="the store root: the store goes to <root>/<cache_key> (--store: the "
-                                            "older name)", flags=("--store-root", "--store"))
+    store_root: str = option("stores", help="the store root: the store goes to <root>/<cache_key>",
+                             flags=("--store-root",))
     batch_size: int = option(256, help="teacher batch size", ge=1, le=65536)
     chunk_rows: int = option(8192, help="rows per store chunk (the unit of a piece of work)", ge=1, le=1 << 20)
     ray_address: str | None = option(None, help="an existing cluster (default: a local Ray)")

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from stillroom.pipelines.core import Location, UsageError, check_options, default_from, option, progress_bar
 from stillroom.pipelines.data import DATASET_HELP, Dataset, load_dataset, open_eval_split
-from stillroom.pipelines.teachers._teachers import Preprocess, _create, save_checkpoint
+from stillroom.pipelines.teachers.loading import _create, save_checkpoint
+from stillroom.pipelines.teachers.preprocess import Preprocess
 from stillroom.pipelines.training import RecipeOptions, TrainingRecipe, top1_top5
 from stillroom.pipelines.training import recipe as train_recipe
 from stillroom.pipelines.views import Recipe, build_views, eval_views, get_recipe, output_size

@@ -12,7 +12,7 @@ policy is split in two:
   that magnitude and sign.
 
 The policy strings are timm's (``rand``, ``m``, ``n``, ``p``, ``mstd``, ``mmax``, ``inc``, ``t``), with its op
-sets and magnitude ranges (``timm.data.auto_augment``, timm 1.0); ``tests/pipelines/test_photometric.py`` checks
+sets and magnitude ranges (``timm.data.auto_augment``, timm 1.0); ``tests/pipelines/views/test_photometric.py`` checks
 the op frequencies and magnitude histograms against timm's own ``RandAugment`` over 100,000 draws and each op's
 image against timm's op.
 """

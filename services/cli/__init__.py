@@ -7,6 +7,7 @@ import argparse
 import importlib
 import sys
 
+import stillroom
 from stillroom.pipelines.core import StillroomError, apply_config_file
 
 # modules with a ``register(subparsers)``, and the top-level commands each registers; one that is not there
@@ -26,8 +27,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="stillroom",
         description="Run the teacher once per augmentation seed, store its labels, train students from the store.",
     )
+    parser.add_argument("--version", action="version", version=f"stillroom {stillroom.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     names = [m for m, commands in COMMAND_MODULES.items() if command in commands] or list(COMMAND_MODULES)
+    if command == "--version":  # needs no command: import none of them
+        names = []
     for name in names:
         try:
             module = importlib.import_module(name)

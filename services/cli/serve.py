@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.core import UsageError, json_object
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -63,21 +63,12 @@ def _client(args: argparse.Namespace):
     return StillroomClient(args.url, args.token or default_token(args.state_dir))
 
 
-def _spec_arg(text: str) -> dict[str, Any]:
-    raw = Path(text).read_text() if not text.lstrip().startswith("{") and Path(text).is_file() else text
-    try:
-        spec = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"--spec: neither a JSON object nor a JSON file ({e.msg})") from None
-    if not isinstance(spec, dict):
-        raise UsageError("--spec: expected a JSON object")
-    return spec
-
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     client = _client(args)
     if args.jobs_cmd == "submit":
-        job = client.submit(args.kind, _spec_arg(args.spec), args.idempotency_key)
+        spec = json_object(args.spec, "--spec", file=True, example='{"dataset": "fashion-mnist"}')
+        job = client.submit(args.kind, spec, args.idempotency_key)
         if args.wait:
             job = client.wait(job["id"])
         print(json.dumps(job, indent=2))

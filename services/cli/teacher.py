@@ -5,17 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from stillroom.pipelines.core import UsageError
-
-
-def _json_arg(text: str, flag: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{flag}: not JSON ({e.msg})") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{flag}: expected a JSON object")
-    return value
+from stillroom.pipelines.core import UsageError, json_object
 
 
 def cmd_teacher_train(args: argparse.Namespace) -> int:
@@ -23,7 +13,7 @@ def cmd_teacher_train(args: argparse.Namespace) -> int:
     from stillroom.pipelines.teachers import TeacherTrainConfig, train_teacher
 
     fields = {name: getattr(args, name) for name in options(TeacherTrainConfig)}
-    fields["model_kwargs"] = _json_arg(args.model_kwargs, "--model-kwargs")
+    fields["model_kwargs"] = json_object(args.model_kwargs, "--model-kwargs", example='{"drop_rate": 0.1}')
     print(json.dumps(train_teacher(TeacherTrainConfig(**fields))))
     return 0
 
@@ -32,6 +22,9 @@ def cmd_label(args: argparse.Namespace) -> int:
     from stillroom.pipelines.core import options
     from stillroom.pipelines.labeling import LabelConfig, parse_seeds, run_labeling
 
+    if args.store is not None:  # --store names one store everywhere (train, eval); label writes under a root
+        raise UsageError(f"--store {args.store}: label writes a new store under a root, given as --store-root "
+                         "ROOT (the store goes to ROOT/<cache_key>); --store names an existing store (train, eval)")
     if args.gpus_per_worker > 0 and args.ray_address is None:
         import torch
 
@@ -60,4 +53,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_arguments(p, LabelConfig)
     p.add_argument("--no-ray", action="store_true",
                    help="label in this process, without Ray (on its GPU with --gpus-per-worker)")
+    p.add_argument("--store", default=None, help=argparse.SUPPRESS)  # refused: see cmd_label
     p.set_defaults(func=cmd_label)

@@ -5,18 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.core import UsageError, json_object
 from stillroom.pipelines.data import DATASET_HELP
-
-
-def _parse_json_object(text: str, flag: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{flag} {text!r} is not JSON: {e.msg}") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{flag} must be a JSON object, e.g. '{{\"patch_size\": 4}}'")
-    return value
 
 
 def _parse_seeds(text: str | None) -> tuple[int, ...] | None:
@@ -42,7 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     fields = {name: getattr(args, name) for name in options(TrainConfig) if hasattr(args, name)}
     config = TrainConfig(**{
         **fields, "store": str(store), "dataset": dataset, "split": split, "data_root": data_root,
-        "student_kwargs": _parse_json_object(args.student_kwargs, "--student-kwargs"),
+        "student_kwargs": json_object(args.student_kwargs, "--student-kwargs", example='{"patch_size": 4}'),
         "seeds": _parse_seeds(args.seeds), "online": args.online is not None, "online_targets": args.online or "full"})
     print(json.dumps(train(config)))
     return 0

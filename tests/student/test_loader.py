@@ -21,7 +21,7 @@ from class_sorted import class_sorted_labels, distinct_per_batch
 from conftest import make_teacher
 from image_data import write_image_folder
 
-import stillroom.pipelines.views._views as views_module
+import stillroom.pipelines.views.render as views_module
 from stillroom.pipelines.core import UsageError
 from stillroom.pipelines.data import load_dataset
 from stillroom.pipelines.labeling import LabelConfig, run_labeling

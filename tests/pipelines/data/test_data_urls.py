@@ -18,9 +18,9 @@ from conftest import make_teacher
 from image_data import jpeg_bytes, write_image_folder, write_parquet
 from s3_server import S3Server
 
-from stillroom.pipelines.data import ImageFolder, ParquetShards, _readers
+from stillroom.pipelines.data import ImageFolder, ParquetShards, index_cache, parquet
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_parquet_shards_on_s3_read_by_row_group_with_ranged_reads(s3: S3Server, 
         return fetch(self, start, end)
 
     monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", counted)
-    _readers._OPEN.clear()  # this process's open shards: opened again (a file binds its fetcher when opened)
+    parquet._OPEN.clear()  # this process's open shards: opened again (a file binds its fetcher when opened)
     ids = np.array([1, 2, 17])  # two row groups of two shards
     assert [b for b, _ in warm.encoded(ids)] == [b for b, _ in local.encoded(ids)]
     sizes = {Path(f).name: Path(f).stat().st_size for f in local.files}
@@ -204,16 +204,16 @@ def test_read_only_data_bucket_puts_the_index_under_the_cache_url(s3: S3Server, 
 def test_url_cache_places_in_order(monkeypatch, tmp_path):
     monkeypatch.setenv("STILLROOM_CACHE", str(tmp_path))
     monkeypatch.delenv("STILLROOM_INDEX_CACHE", raising=False)
-    _readers.use_index_cache(None)
-    assert len(_readers.url_cache_places("s3://b/data", "parquet-train")) == 2  # next to it, this node's
-    _readers.use_index_cache("s3://b/stores")
+    index_cache.use_index_cache(None)
+    assert len(index_cache.url_cache_places("s3://b/data", "parquet-train")) == 2  # next to it, this node's
+    index_cache.use_index_cache("s3://b/stores")
     try:
-        places = _readers.url_cache_places("s3://b/data", "parquet-train")
+        places = index_cache.url_cache_places("s3://b/data", "parquet-train")
         assert places[0] == "s3://b/data/.stillroom-index/parquet-train.npz"
         assert places[1].startswith("s3://b/stores/.stillroom-index/parquet-train-")
         monkeypatch.setenv("STILLROOM_INDEX_CACHE", "gs://c/idx")  # the environment over the process default
-        assert _readers.url_cache_places("s3://b/data", "x")[1].startswith("gs://c/idx/.stillroom-index/x-")
-        assert _readers.url_cache_places("s3://b/data", "x", "s3://d")[1].startswith("s3://d/")  # explicit first
+        assert index_cache.url_cache_places("s3://b/data", "x")[1].startswith("gs://c/idx/.stillroom-index/x-")
+        assert index_cache.url_cache_places("s3://b/data", "x", "s3://d")[1].startswith("s3://d/")  # explicit first
         assert places[-1].startswith(str(tmp_path / "index"))
     finally:
-        _readers.use_index_cache(None)
+        index_cache.use_index_cache(None)

@@ -94,7 +94,7 @@ def test_lease_of_a_killed_process_is_taken_over_at_once(tmp_path):
 
 def _label_cmd(teacher: str, seeds: str, root: Path) -> list[str]:
     return [STILLROOM, "label", "--no-ray", "--dataset", "synthetic:n=1024,classes=4,size=16", "--teacher", teacher,
-            "--seeds", seeds, "--top-k", "3", "--chunk-rows", "64", "--batch-size", "64", "--store", str(root)]
+            "--seeds", seeds, "--top-k", "3", "--chunk-rows", "64", "--batch-size", "64", "--store-root", str(root)]
 
 
 @pytest.mark.slow

@@ -18,7 +18,8 @@ from image_data import CLASSES, jpeg_bytes, write_image_folder, write_parquet
 from PIL import Image
 
 from stillroom.pipelines.core import UsageError
-from stillroom.pipelines.data import DataError, ImageFolder, ParquetShards, _readers, load_dataset
+from stillroom.pipelines.data import DataError, ImageFolder, ParquetShards, load_dataset
+from stillroom.pipelines.data import probe as probe_module
 from stillroom.pipelines.views import (
     COL,
     build_views,
@@ -70,13 +71,13 @@ def test_second_open_reads_the_cached_index(tmp_path, folder, monkeypatch):
     first = ImageFolder(root, "train")
     assert not first.index_reused and first.cache_path == root / ".stillroom-index" / "imagefolder-train.npz"
     probes = [0]
-    probe = _readers.probe
+    probe = probe_module.probe
 
     def counting(data, where):
         probes[0] += 1
         return probe(data, where)
 
-    monkeypatch.setattr(_readers, "probe", counting)
+    monkeypatch.setattr(probe_module, "probe", counting)
     second = ImageFolder(root, "train")
     assert second.index_reused and probes[0] == 0
     assert second.fingerprint == first.fingerprint and np.array_equal(second.sizes, first.sizes)

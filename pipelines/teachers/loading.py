@@ -1,4 +1,4 @@
-"""Teachers: timm models with their weights and preprocessing, alone or as an ensemble.
+"""Loading a teacher: timm names, checkpoints (local or on a URL), class maps, and saving a checkpoint.
 
 A teacher spec is ``NAME@PATH`` (a timm model name, optionally with its pretrained tag, and a local
 checkpoint) or ``NAME`` (timm's pretrained weights from the Hugging Face hub or its local cache). A checkpoint is
@@ -11,13 +11,6 @@ Class counts: a teacher must predict the data set's classes. One trained on a su
 ImageNet-100) is taken only with an explicit class map (``read_class_map``): for each data set class, the
 teacher's class index; its logits are those classes' logits, so its distribution is renormalised over them. A
 stillroom checkpoint records its class names, and a data set whose names differ (order included) is refused.
-
-Preprocessing (``Preprocess``: input size, mean, std, interpolation, crop_pct) comes, in this order, from the
-options (``--teacher-mean`` ...), the checkpoint (a stillroom checkpoint's, a ``pretrained_cfg`` in the file or a
-hub ``config.json`` beside it), the tagged name's timm config (``vit_base_patch16_224.augreg_in21k_ft_in1k@PATH``),
-else the default tag's, which is said (``Teacher.preprocess_from``). Labeling renders each teacher's input from
-the source image at its own input size (``pipelines.views``); ``Preprocess`` matches the channel count, normalises,
-and resizes only views handed over at another size (with its interpolation).
 """
 
 from __future__ import annotations
@@ -25,70 +18,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from stillroom.pipelines.core import Location, UsageError, is_url, open_binary, write_atomically
+from stillroom.pipelines.teachers.preprocess import Preprocess, _preprocess_from_cfg, with_overrides
+from stillroom.pipelines.teachers.teacher import Teacher
 
 CHECKPOINT_FORMAT = "stillroom-teacher/1"
-R = TypeVar("R")
-
-
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # the filters both PIL and torch name alike
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """What a teacher's input must be: ``resolution`` px square, ``in_chans`` channels, normalised by ``mean`` and
-    ``std``. ``interpolation`` is the filter of a resize to ``resolution`` (timm's name; other timm filters are
-    taken as bicubic); ``crop_pct`` (timm's eval centre crop) is recorded only: a view's stored box says what the
-    teacher sees."""
-
-    resolution: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    in_chans: int
-    interpolation: str = "bilinear"
-    crop_pct: float | None = None
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
-        """From ``to_dict``'s form (a checkpoint's, a manifest's); fields added later take their defaults."""
-        known = {f for f in cls.__dataclass_fields__}
-        values = {k: v for k, v in d.items() if k in known}
-        return cls(**{**values, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
-
-    @property
-    def mode(self) -> str:
-        return self.interpolation if self.interpolation in INTERPOLATIONS else "bicubic"
-
-    def __call__(self, views: torch.Tensor) -> torch.Tensor:
-        x = views
-        if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
-            antialias = {"antialias": True} if self.mode != "nearest" else {}
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode=self.mode,
-                              **({"align_corners": False} if self.mode != "nearest" else {}), **antialias)
-        if x.shape[1] != self.in_chans:
-            if x.shape[1] == 1:
-                x = x.expand(-1, self.in_chans, -1, -1)
-            elif self.in_chans == 1:
-                x = x.mean(dim=1, keepdim=True)
-            else:
-                raise UsageError(f"cannot feed {x.shape[1]}-channel views to a {self.in_chans}-channel model")
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
@@ -100,82 +42,6 @@ def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
-
-
-@dataclass
-class Teacher:
-    """A loaded teacher, in eval mode. With a ``class_map`` its logits are those of the mapped classes only
-    (data set class ``i``: the teacher's class ``class_map[i]``); ``num_classes`` counts them, ``teacher_classes``
-    what the network predicts."""
-
-    name: str
-    model: nn.Module
-    preprocess: Preprocess
-    num_classes: int
-    weights_sha256: str
-    source: str  # checkpoint path, or "pretrained"
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    class_map: tuple[int, ...] | None = None
-    teacher_classes: int = 0
-    class_names: tuple[str, ...] | None = None  # what a stillroom checkpoint records
-    preprocess_from: str = ""  # where the preprocessing came from (said, kept out of the cache key)
-
-    def describe(self) -> dict[str, Any]:
-        """What identifies the teacher's labels: the part of the store's provenance it contributes."""
-        out = {"name": self.name, "kwargs": self.kwargs, "num_classes": self.num_classes,
-               "weights_sha256": self.weights_sha256, "preprocess": self.preprocess.to_dict()}
-        if self.class_map is not None:
-            out["class_map"] = {"teacher_classes": self.teacher_classes, "indices": list(self.class_map)}
-        return out
-
-    def to(self, device: torch.device | str) -> Teacher:
-        self.model.to(device)
-        return self
-
-    def _head(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.class_map is None:
-            return logits
-        return logits.index_select(-1, torch.tensor(self.class_map, dtype=torch.long, device=logits.device))
-
-    def logits(self, views: torch.Tensor) -> torch.Tensor:
-        return self._head(self.model(self.preprocess(views)))
-
-    def features(self, views: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits, feature map)``: ``layer`` is ``final`` (timm ``forward_features``) or a module name."""
-        x = self.preprocess(views)
-        if layer == "final":
-            model: Any = self.model  # timm models have forward_features / forward_head
-            fmap = model.forward_features(x)
-            return self._head(model.forward_head(fmap)), fmap
-        module = dict(self.model.named_modules()).get(layer)
-        if module is None:
-            raise UsageError(f"teacher {self.name} has no layer {layer!r}: use 'final' or a module name")
-        logits, fmap = forward_capturing(module, lambda: self.model(x))
-        return self._head(logits), fmap
-
-
-def forward_capturing(module: nn.Module, forward: Callable[[], R]) -> tuple[R, torch.Tensor]:
-    """``(forward(), the output of module during it)``: a forward hook on ``module``, removed afterwards."""
-    captured: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
-    try:
-        result = forward()
-    finally:
-        handle.remove()
-    if not captured:
-        raise UsageError(f"layer {type(module).__name__} did not run in the forward pass")
-    return result, captured[0]
-
-
-def as_feature_map(fmap: torch.Tensor) -> torch.Tensor:
-    """A feature map ``(B, C, H, W)``; ViT tokens ``(B, N, C)`` become the patch grid: the last ``side * side``
-    tokens, the rest (class, distillation, register tokens) dropped."""
-    if fmap.ndim == 3:
-        n, side = fmap.shape[1], math.isqrt(fmap.shape[1])
-        return fmap[:, n - side * side :].transpose(1, 2).reshape(fmap.shape[0], fmap.shape[2], side, side)
-    if fmap.ndim != 4:
-        raise UsageError(f"feature map of shape {tuple(fmap.shape)}: expected (B, C, H, W) or ViT tokens (B, N, C)")
-    return fmap
 
 
 def parse_teacher_spec(spec: str) -> tuple[str, str | None]:
@@ -205,42 +71,6 @@ def _pretrained_cfg(name: str) -> dict[str, Any]:
     except RuntimeError as e:  # timm: "Invalid pretrained tag (x) for arch."
         raise UsageError(f"teacher {name}: {e}") from None
     return cfg.to_dict() if cfg is not None else {}
-
-
-def _preprocess_from_cfg(cfg: dict[str, Any], in_chans: int) -> Preprocess:
-    """``Preprocess`` from a timm pretrained config, its gaps filled as timm's ``resolve_data_config`` fills them;
-    a mean/std of another channel count averaged to ``in_chans``."""
-    from timm.data import resolve_data_config
-
-    data = resolve_data_config(pretrained_cfg=cfg)
-    mean, std = tuple(float(m) for m in data["mean"]), tuple(float(s) for s in data["std"])
-    if len(mean) != in_chans:
-        mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
-    crop = data.get("crop_pct")
-    return Preprocess(int(data["input_size"][-1]), mean, std, in_chans, str(data["interpolation"]),
-                      float(crop) if crop is not None else None)
-
-
-PREPROCESS_FIELDS = ("resolution", "mean", "std", "interpolation", "crop_pct")
-
-
-def with_overrides(pre: Preprocess, overrides: dict[str, Any] | None) -> tuple[Preprocess, list[str]]:
-    """``pre`` with the fields ``overrides`` sets (None: unset); which were set."""
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    unknown = sorted(set(given) - set(PREPROCESS_FIELDS))
-    if unknown:
-        raise UsageError(f"unknown preprocessing field(s) {', '.join(unknown)}: "
-                         f"expected {', '.join(PREPROCESS_FIELDS)}")
-    for key in ("mean", "std"):
-        if key in given:
-            values = tuple(float(v) for v in given[key])
-            if len(values) == 1:
-                values = values * pre.in_chans
-            if len(values) != pre.in_chans or (key == "std" and min(values) <= 0):
-                raise UsageError(f"teacher {key} {','.join(map(str, values))}: expected {pre.in_chans} value(s)"
-                                 + (", each > 0" if key == "std" else ""))
-            given[key] = values
-    return replace(pre, **given), sorted(given)
 
 
 def read_class_map(path: str, num_classes: int, class_names: Sequence[str] | None = None) -> tuple[int, ...]:
@@ -419,17 +249,6 @@ def load_teacher(spec: str, num_classes: int | None = None, device: str | torch.
     classes_out = len(class_map) if class_map is not None else teacher_classes
     return Teacher(name, model, pre, classes_out, digest, source, kwargs, class_map, teacher_classes, names,
                    origin).to(device)
-
-
-
-def ensemble_log_probs(member_logits: list[torch.Tensor]) -> torch.Tensor:
-    """The ensemble's logits: ``log mean_m softmax(t_m)``, computed in log space (``logsumexp`` of the members'
-    log-probabilities minus ``log M``), so the smallest probabilities of the tail keep their value instead
-    of underflowing. One member: its own logits."""
-    if len(member_logits) == 1:
-        return member_logits[0].float()
-    log_probs = torch.stack([m.float().log_softmax(-1) for m in member_logits])
-    return torch.logsumexp(log_probs, 0) - math.log(len(member_logits))
 
 
 def save_checkpoint(path: str | Path, name: str, model: nn.Module, kwargs: dict[str, Any], preprocess: Preprocess,

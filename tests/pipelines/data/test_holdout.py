@@ -75,7 +75,8 @@ def test_val_split_of_a_folder_of_class_folders(classes_only, tmp_path):
               load_dataset(f"imagefolder:{classes_only},val=0.3", "val").fingerprint}
     assert len(prints) == 4
     # another process (another Python hash seed) holds out the same files
-    code = ("import json, sys; from stillroom.pipelines.data import load_dataset; ds = load_dataset(sys.argv[1], 'val'); "
+    code = ("import json, sys; from stillroom.pipelines.data import load_dataset; "
+            "ds = load_dataset(sys.argv[1], 'val'); "
             "print(json.dumps([str(ds.path(i).relative_to(ds.base)) for i in range(len(ds))]))")
     env = {**os.environ, "PYTHONHASHSEED": "123", "STILLROOM_CACHE": str(tmp_path / "cache")}
     other = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True, env=env, timeout=120)

@@ -18,7 +18,7 @@ import pytest
 from image_data import write_image_folder, write_parquet
 from s3_server import S3Server
 
-from stillroom.pipelines.data import ParquetShards, _readers
+from stillroom.pipelines.data import ParquetShards, parquet
 from stillroom.pipelines.data import stage as _shard_stage
 
 
@@ -70,7 +70,7 @@ def test_shuffled_reads_stage_every_shard_then_read_nothing_from_the_server(s3: 
     ds = ParquetShards(url, "train")
     local = ParquetShards(str(shards), "train")
     truth = [b for b, _ in local.encoded(np.arange(len(local)))]
-    _readers._OPEN.clear()
+    parquet._OPEN.clear()
     assert _shuffled_twice(ds) == dict(enumerate(truth))
     _wait_staged(stage, 2)
     assert not list(stage.glob("*.part-*"))

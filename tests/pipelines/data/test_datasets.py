@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import needs_fmnist
 
 from stillroom.pipelines.core import UsageError
-from stillroom.pipelines.data import FASHION_MNIST_DIR, ImageFolder, load_dataset
-
-needs_fmnist = pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
-                                  reason="Debian package dataset-fashion-mnist is not installed")
+from stillroom.pipelines.data import ImageFolder, load_dataset
 
 
 @needs_fmnist

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_datasets import needs_fmnist
+from conftest import needs_fmnist
 from test_store import PROVENANCE, fake_labels, write_seed
 
 from stillroom.pipelines.store import LabelStore, StoreSchema

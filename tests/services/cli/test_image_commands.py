@@ -43,7 +43,7 @@ def test_commands_on_an_image_folder(folder, tmp_path):
 
     assert torch.load(teacher, weights_only=True)["preprocess"]["resolution"] == 32  # the recipe's size
     labeled = run("label", "--dataset", data, "--teacher", f"test_resnet@{teacher}", "--recipe",
-                  "fmnist-rrc-mix:size=32", "--seeds", "0", "--top-k", "3", "--store", str(tmp_path / "stores"),
+                  "fmnist-rrc-mix:size=32", "--seeds", "0", "--top-k", "3", "--store-root", str(tmp_path / "stores"),
                   "--no-ray")
     assert labeled.returncode == 0, labeled.stderr
     store = json.loads(labeled.stdout.strip().splitlines()[-1])["store"]

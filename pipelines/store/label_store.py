@@ -29,25 +29,19 @@ The root may be a URL (``s3://bucket/prefix``, any installed fsspec protocol: ``
 writes each chunk as one object through its ``FsspecStore``, and every marker is one whole object, so the
 same guarantees hold on object storage.
 
-Checksums are taken as the chunks are written (``chunk_checksums``): a piece's ``.done`` marker keeps the
-sha256 of each of its chunks, and committing a seed only gathers them (it reads no array). An array's
-checksum is the sha256 of its chunks' hex digests in order; ``verify`` recomputes them chunk by chunk and
+Checksums are taken as the chunks are written (``checksums.py``); ``verify`` recomputes them chunk by chunk and
 names the chunk that differs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import socket
-import threading
 import time
-import uuid
 import warnings
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,99 +50,14 @@ import zarr
 from zarr.codecs import BloscCodec, TransposeCodec
 
 from stillroom.pipelines.core import Location, StoreError, UsageError, is_url, write_atomically
-from stillroom.pipelines.views import NUM_VIEW_PARAMS
+from stillroom.pipelines.store.checksums import _sha256, chunk_checksums, combine_checksums
+from stillroom.pipelines.store.lease import LEASE_TIMEOUT_S, SeedLease
+from stillroom.pipelines.store.quality import QualitySums, add_quality, quality_report
+from stillroom.pipelines.store.schema import FORMAT_VERSION, StoreSchema, cache_key
 
-FORMAT_VERSION = 2  # 2: tail_lse (the top-k's complement), label quality in COMPLETE
 FEATURE_READ_ROWS = 16  # rows of a feature map decoded together (an inner chunk of its shards): see _layout
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
-
-
-QualitySums = dict[str, dict[str, float]]  # group -> quantity -> sum over views (see labeling.quality_sums)
-
-
-@dataclass(frozen=True)
-class StoreSchema:
-    """The arrays of every seed of a store, and how they are chunked."""
-
-    num_samples: int
-    num_classes: int
-    top_k: int
-    sampled: int = 0
-    feature_shape: tuple[int, int, int] | None = None  # (C, h, w)
-    per_teacher: int = 0  # teachers whose own top-k is kept beside the ensemble's (0: none)
-    chunk_rows: int = 8192
-    view_params: int = NUM_VIEW_PARAMS  # P: the recipe's view columns (more than 17 with photometric ops)
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.top_k <= self.num_classes:
-            raise UsageError(f"top-k {self.top_k} must be between 1 and the class count {self.num_classes}")
-        if self.sampled < 0 or self.chunk_rows < 1 or self.num_samples < 1:
-            raise UsageError("sampled must be >= 0, chunk_rows and num_samples >= 1")
-
-    @property
-    def index_dtype(self) -> str:
-        return "int16" if self.num_classes <= np.iinfo(np.int16).max else "int32"
-
-    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """name -> (shape, dtype)."""
-        n, idx = self.num_samples, self.index_dtype
-        out = {
-            "view": ((n, self.view_params), "float32"),
-            "topk_idx": ((n, self.top_k), idx),
-            "topk_logit": ((n, self.top_k), "float16"),
-            "lse": ((n,), "float32"),
-            "tail_lse": ((n,), "float32"),
-            "hard": ((n,), idx),
-        }
-        if self.sampled:
-            out["sampled"] = ((n, self.sampled), idx)
-        if self.feature_shape:
-            out["features"] = ((n, *self.feature_shape), "float16")
-        for t in range(self.per_teacher):
-            out[f"teacher{t}_topk_idx"] = ((n, self.top_k), idx)
-            out[f"teacher{t}_topk_logit"] = ((n, self.top_k), "float16")
-            out[f"teacher{t}_lse"] = ((n,), "float32")
-            out[f"teacher{t}_tail_lse"] = ((n,), "float32")
-        return out
-
-    def pieces(self, rows_per_piece: int | None = None) -> list[tuple[int, int]]:
-        """``[start, stop)`` row ranges made of whole chunks: the unit one writer owns."""
-        step = rows_per_piece or self.chunk_rows
-        if step % self.chunk_rows:
-            raise UsageError(f"a piece of {step} rows is not a whole number of {self.chunk_rows}-row chunks")
-        return [(s, min(s + step, self.num_samples)) for s in range(0, self.num_samples, step)]
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["feature_shape"] = list(self.feature_shape) if self.feature_shape else None
-        if self.view_params == NUM_VIEW_PARAMS:  # older stores' schemas (and cache keys) have no such field
-            del d["view_params"]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StoreSchema:
-        d = dict(d)
-        d["feature_shape"] = tuple(d["feature_shape"]) if d.get("feature_shape") else None
-        return cls(**d)
-
-
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-def cache_key(provenance: dict[str, Any], schema: StoreSchema) -> str:
-    """Hash of everything that changes the labels.
-
-    ``provenance`` holds the dataset fingerprint and split, the recipe (with its version and digest), the
-    teachers' names and weight digests, their preprocessing, top-k, sampled count and feature spec. The
-    schema adds the dtypes (through the class count) and the format version. Seeds are not in the key:
-    they are added to a store over time. Chunking is not either: it does not change a label.
-    """
-    labels = {k: v for k, v in schema.to_dict().items() if k != "chunk_rows"}
-    blob = _canonical({"provenance": provenance, "schema": labels, "format_version": FORMAT_VERSION,
-                       "dtypes": {k: v[1] for k, v in schema.arrays().items()}})
-    return hashlib.sha256(blob).hexdigest()[:24]
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -183,172 +92,6 @@ def _array(group: zarr.Group, name: str) -> zarr.Array:
     if not isinstance(array, zarr.Array):
         raise StoreError(f"{name} in {group.store} is not an array")
     return array
-
-
-def _sha256(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
-
-
-def chunk_checksums(data: np.ndarray, chunk_rows: int) -> list[str]:
-    """The sha256 of each ``chunk_rows``-row chunk of ``data`` (its bytes as stored, C order), in order."""
-    return [_sha256(data[s : s + chunk_rows]) for s in range(0, len(data), chunk_rows)]
-
-
-def combine_checksums(chunks: list[str]) -> str:
-    """An array's checksum: the sha256 of its chunks' hex digests, in order."""
-    return hashlib.sha256("".join(chunks).encode()).hexdigest()
-
-
-# A holder renews its lease every LEASE_TIMEOUT_S / 4; one not renewed for LEASE_TIMEOUT_S is taken over. A holder
-# on this host whose process is gone is taken over at once. Hosts' clocks are assumed to agree to well within it.
-LEASE_TIMEOUT_S = 120.0
-
-
-def _process_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux ``/proc``; None elsewhere): with the pid, it
-    tells a live holder from a new process that reuses its pid."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _alive(pid: int, start: int | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # there, but another user's
-    return start is None or _process_start(pid) in (None, start)
-
-
-class SeedLease:
-    """The right to write one seed: at most one run holds it at a time (``LabelStore.lease``).
-
-    Why our own lease rather than a lock library's: it must work alike on a local disk and on object storage,
-    where a lock is a conditional create and nothing else (no flock, no rename). The lease is a directory of
-    generations, ``<g>.json``, each made by an exclusive create (``Location.create``: link(2) locally, a PUT
-    with ``If-None-Match: *`` on S3). The highest generation is the lease. Its record names the holder (host,
-    pid, process start, when it was taken) and when it was last renewed; the holder rewrites it every
-    ``timeout_s / 4`` from a thread. Another run takes the lease over by creating generation ``g + 1``, which
-    only one of several takers can do, when the holder is dead (same host, its pid gone or reused) or silent
-    for ``timeout_s``; the old holder finds the higher generation at its next renewal, or at ``check`` before
-    it commits, and stops. Where the storage has no atomic create (a server that ignores ``If-None-Match``,
-    fsspec's check-then-write elsewhere), the taker reads its record back and keeps the lease only if it holds
-    its own token: two takers within one round trip could still both hold it, so point a cluster at storage
-    with conditional writes (AWS S3, MinIO, GCS, local disks and NFS all have them).
-    """
-
-    def __init__(self, where: Location, timeout_s: float = LEASE_TIMEOUT_S):
-        self.dir, self.timeout_s = where, float(timeout_s)
-        self.generation: int | None = None
-        self.taken_over: dict[str, Any] | None = None  # the record of the holder this lease was taken from
-        self.record: dict[str, Any] = {}
-        self._lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _generations(self) -> list[int]:
-        names = self.dir.children()
-        return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
-
-    def holder(self) -> dict[str, Any] | None:
-        """The current holder's record (None: nobody holds the lease; ``{}``: one that cannot be read yet)."""
-        gens = self._generations()
-        if not gens:
-            return None
-        try:
-            return dict((self.dir / f"{gens[-1]}.json").read_json())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
-
-    def _lapsed(self, record: dict[str, Any], gen: int) -> bool:
-        """The holder of ``record`` is dead or has been silent past the timeout."""
-        if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int) \
-                and not _alive(record["pid"], record.get("process_start")):
-            return True
-        try:
-            renewed = float(record.get("renewed_at") or (self.dir / f"{gen}.json").modified())
-        except FileNotFoundError:
-            return False  # released meanwhile: try again
-        return time.time() - renewed > self.timeout_s
-
-    def acquire(self) -> bool:
-        """Take the lease if nobody holds it or its holder lapsed; True when this process holds it now."""
-        if self.generation is not None:
-            raise StoreError("this lease is held already")
-        gens = self._generations()
-        previous = None
-        if gens:
-            previous = self.holder() or {}
-            if not self._lapsed(previous, gens[-1]):
-                return False
-        gen = gens[-1] + 1 if gens else 0
-        now = time.time()
-        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
-                       "taken_at": now, "renewed_at": now, "generation": gen, "token": uuid.uuid4().hex,
-                       **({"took_over": {k: previous.get(k) for k in ("host", "pid", "taken_at", "renewed_at")}}
-                          if previous is not None else {})}
-        mine = self.dir / f"{gen}.json"
-        if not mine.create(json.dumps(self.record).encode()):
-            return False
-        try:  # storage without an atomic create may have let another taker in: it holds the lease if it wrote last
-            if mine.read_json().get("token") != self.record["token"]:
-                return False
-        except (FileNotFoundError, json.JSONDecodeError):
-            return False
-        self.generation, self.taken_over = gen, previous
-        self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.dir.name}", daemon=True)
-        self._thread.start()
-        return True
-
-    def _renew_loop(self) -> None:
-        while not self._stop.wait(self.timeout_s / 4):
-            try:
-                self.renew()
-            except StoreError:
-                return
-            except OSError:
-                continue  # storage briefly unreachable: try again; silent past the timeout, the lease lapses
-
-    def renew(self) -> None:
-        """Say the holder is alive; a StoreError if the lease was taken over meanwhile."""
-        self.check()
-        self.record["renewed_at"] = time.time()
-        (self.dir / f"{self.generation}.json").write_json(self.record, indent=None)
-
-    def check(self) -> None:
-        """Refuse (StoreError) if this process does not hold the lease, or another run took it over."""
-        if self.generation is None:
-            raise StoreError(f"lease {self.dir} is not held")
-        if self._lost.is_set() or any(g > self.generation for g in self._generations()):
-            self._lost.set()
-            raise StoreError(f"lease {self.dir} was taken over by another run (it was silent for over "
-                             f"{self.timeout_s:g} s); that run finishes the seed")
-
-    def release(self) -> None:
-        """Stop renewing and remove this generation and those before it (a lease taken over: nothing)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        if self.generation is None:
-            return
-        gens = self._generations()
-        if not self._lost.is_set() and not any(g > self.generation for g in gens):
-            for g in gens:  # the holder's own generation last: until then, nobody takes the lease
-                if g != self.generation:
-                    (self.dir / f"{g}.json").remove()
-            (self.dir / f"{self.generation}.json").remove()
-        self.generation = None
-
-    def describe(self) -> str:
-        """``host 1234 since 12:01:02 UTC`` for the current holder."""
-        record = self.holder()
-        if not record:
-            return "nobody" if record is None else "a run that is taking it now"
-        when = time.strftime("%H:%M:%S UTC", time.gmtime(float(record.get("taken_at", 0))))
-        return f"pid {record.get('pid')} on {record.get('host')} since {when}"
 
 
 @dataclass
@@ -656,26 +399,6 @@ class LabelStore:
         else:
             write_atomically(out, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
         return len(labels)
-
-
-def add_quality(a: QualitySums, b: QualitySums) -> QualitySums:
-    """The sums of two label-quality records."""
-    return {g: {n: a.get(g, {}).get(n, 0.0) + b.get(g, {}).get(n, 0.0) for n in set(a.get(g, {})) | set(b.get(g, {}))}
-            for g in set(a) | set(b)}
-
-
-def quality_report(sums: QualitySums) -> dict[str, dict[str, float]]:
-    """Label-quality sums (``pipelines.labeling.quality_sums``) -> per group (``all``, ``area<0.5``,
-    ``area>=0.5``): ``views``, ``top1_agreement`` and ``true_in_topk`` (fractions of views), ``mean_entropy``
-    (nats) and ``mean_topk_mass``."""
-    out = {}
-    for group, s in sorted(sums.items()):
-        n = s.get("views", 0.0)
-        out[group] = {"views": int(n)} | ({
-            "top1_agreement": round(s["top1"] / n, 4), "true_in_topk": round(s["in_topk"] / n, 4),
-            "mean_entropy": round(s["entropy"] / n, 4), "mean_topk_mass": round(s["topk_mass"] / n, 4),
-        } if n else {})
-    return out
 
 
 def list_stores(root: str | os.PathLike) -> list[LabelStore]:

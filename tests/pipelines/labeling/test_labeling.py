@@ -231,7 +231,7 @@ def test_killed_run_restarts_to_an_identical_store(tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     cfg = {"dataset": KILL_DATA, "seeds": (0,), "top_k": 3, "chunk_rows": 64, "batch_size": 32}
     cmd = [STILLROOM, "label", "--no-ray", "--dataset", KILL_DATA, "--teacher", teacher, "--seeds", "0",
-           "--top-k", "3", "--chunk-rows", "64", "--batch-size", "32", "--store", str(killed / "stores")]
+           "--top-k", "3", "--chunk-rows", "64", "--batch-size", "32", "--store-root", str(killed / "stores")]
     # one torch thread in the killed run and in both runs here: the same arithmetic, bit for bit
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -1,0 +1,101 @@
+"""What a store holds (``StoreSchema``: the arrays of every seed and their chunking) and the store's cache key
+(``cache_key``: a hash of the provenance and the schema, the name of its directory under the store root).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.views import NUM_VIEW_PARAMS
+
+FORMAT_VERSION = 2  # 2: tail_lse (the top-k's complement), label quality in COMPLETE
+
+
+@dataclass(frozen=True)
+class StoreSchema:
+    """The arrays of every seed of a store, and how they are chunked."""
+
+    num_samples: int
+    num_classes: int
+    top_k: int
+    sampled: int = 0
+    feature_shape: tuple[int, int, int] | None = None  # (C, h, w)
+    per_teacher: int = 0  # teachers whose own top-k is kept beside the ensemble's (0: none)
+    chunk_rows: int = 8192
+    view_params: int = NUM_VIEW_PARAMS  # P: the recipe's view columns (more than 17 with photometric ops)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= self.num_classes:
+            raise UsageError(f"top-k {self.top_k} must be between 1 and the class count {self.num_classes}")
+        if self.sampled < 0 or self.chunk_rows < 1 or self.num_samples < 1:
+            raise UsageError("sampled must be >= 0, chunk_rows and num_samples >= 1")
+
+    @property
+    def index_dtype(self) -> str:
+        return "int16" if self.num_classes <= np.iinfo(np.int16).max else "int32"
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (shape, dtype)."""
+        n, idx = self.num_samples, self.index_dtype
+        out = {
+            "view": ((n, self.view_params), "float32"),
+            "topk_idx": ((n, self.top_k), idx),
+            "topk_logit": ((n, self.top_k), "float16"),
+            "lse": ((n,), "float32"),
+            "tail_lse": ((n,), "float32"),
+            "hard": ((n,), idx),
+        }
+        if self.sampled:
+            out["sampled"] = ((n, self.sampled), idx)
+        if self.feature_shape:
+            out["features"] = ((n, *self.feature_shape), "float16")
+        for t in range(self.per_teacher):
+            out[f"teacher{t}_topk_idx"] = ((n, self.top_k), idx)
+            out[f"teacher{t}_topk_logit"] = ((n, self.top_k), "float16")
+            out[f"teacher{t}_lse"] = ((n,), "float32")
+            out[f"teacher{t}_tail_lse"] = ((n,), "float32")
+        return out
+
+    def pieces(self, rows_per_piece: int | None = None) -> list[tuple[int, int]]:
+        """``[start, stop)`` row ranges made of whole chunks: the unit one writer owns."""
+        step = rows_per_piece or self.chunk_rows
+        if step % self.chunk_rows:
+            raise UsageError(f"a piece of {step} rows is not a whole number of {self.chunk_rows}-row chunks")
+        return [(s, min(s + step, self.num_samples)) for s in range(0, self.num_samples, step)]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["feature_shape"] = list(self.feature_shape) if self.feature_shape else None
+        if self.view_params == NUM_VIEW_PARAMS:  # older stores' schemas (and cache keys) have no such field
+            del d["view_params"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StoreSchema:
+        d = dict(d)
+        d["feature_shape"] = tuple(d["feature_shape"]) if d.get("feature_shape") else None
+        return cls(**d)
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def cache_key(provenance: dict[str, Any], schema: StoreSchema) -> str:
+    """Hash of everything that changes the labels.
+
+    ``provenance`` holds the dataset fingerprint and split, the recipe (with its version and digest), the
+    teachers' names and weight digests, their preprocessing, top-k, sampled count and feature spec. The
+    schema adds the dtypes (through the class count) and the format version. Seeds are not in the key:
+    they are added to a store over time. Chunking is not either: it does not change a label.
+    """
+    labels = {k: v for k, v in schema.to_dict().items() if k != "chunk_rows"}
+    blob = _canonical({"provenance": provenance, "schema": labels, "format_version": FORMAT_VERSION,
+                       "dtypes": {k: v[1] for k, v in schema.arrays().items()}})
+    return hashlib.sha256(blob).hexdigest()[:24]
