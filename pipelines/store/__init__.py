@@ -1,5 +1,6 @@
 """The label store: one zarr group a seed under ``<root>/<cache_key>``, its manifest, the per-seed lease."""
 
+from stillroom.pipelines.store._reader import SeedReader
 from stillroom.pipelines.store._store import (
     COMPLETE,
     MANIFEST,
@@ -21,6 +22,7 @@ __all__ = [
     "QualitySums",
     "SeedLabels",
     "SeedLease",
+    "SeedReader",
     "StoreError",
     "StoreSchema",
     "add_quality",
