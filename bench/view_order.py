@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -87,6 +88,7 @@ def main() -> None:
     if args.smoke:
         args.samples, args.seeds, args.chunk_rows = min(args.samples, 4096), min(args.seeds, 4), 1024
     n, seeds = args.samples, args.seeds
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout's TERM still removes the store (finally)
     server = None
     local = tempfile.mkdtemp(prefix="stillroom-bench-view-order-")
     try:
