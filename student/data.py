@@ -178,14 +178,12 @@ class StoreStream:
         return s * (1 - (1 - 1 / s) ** epochs)
 
     def warn_if_repeating(self, epochs: int) -> str | None:
-        """One line saying that views repeat when there are more epochs than seeds (also logged), and how many
-        distinct views of each sample the run sees."""
+        """One line saying that views repeat when there are more epochs than seeds, and how many distinct views
+        of each sample the run sees (returned, not logged: the caller says it once)."""
         s = len(self.seeds)
         if self.view_order == "random":
             msg = (f"{epochs} epochs, each sample's view drawn at random among {s} seed(s) {list(self.seeds)}: "
                    f"about {self.distinct_views(epochs):.1f} distinct views of each sample")
-            if epochs > s:
-                log.warning(msg)
             return msg if epochs > 1 else None
         k = self.views_per_image
         if epochs * k <= s:
@@ -193,8 +191,7 @@ class StoreStream:
         each = f" of {k} views" if k > 1 else ""
         msg = (f"{epochs} epochs{each} but the store has {s} seed(s) {list(self.seeds)}: views repeat "
                f"every {s / k:g} epoch(s); label more seeds to see new views")
-        log.warning(msg)
-        return msg
+        return msg  # the caller says it once (the trainer: "stillroom: note:"), not a log line as well
 
     @property
     def samples_per_epoch(self) -> int:

@@ -77,3 +77,12 @@ def test_the_reader_reads_each_seed_as_load_does_and_refuses_what_the_store_lack
         SeedReader(store, [0], ["features"])
     with pytest.raises(StoreError, match="not one of this reader's"):
         SeedReader(store, [0], ["hard"]).rows(3, 0, 8)
+
+
+def test_repeating_views_are_said_once_by_the_caller_not_logged_as_well(tmp_path, capsys):
+    stream = _stream(_store(str(tmp_path)))
+    cycle = StoreStream(stream.store, stream.dataset, stream.recipe, 32, loader_workers=0)
+    for s in (stream, cycle):
+        note = s.warn_if_repeating(10)
+        assert note and ("views repeat" in note or "distinct views" in note)
+    assert capsys.readouterr().err == ""  # before: each also went to stderr through logging's last resort
