@@ -26,7 +26,8 @@ def default_token(state_dir: str | os.PathLike = ".stillroom") -> str:
     path = Path(state_dir) / "api_token"
     if path.exists():
         return path.read_text().strip()
-    raise ServiceError(f"no API token: set STILLROOM_API_TOKEN or pass --token (the service saved one in {path})")
+    raise ServiceError(f"no API token in {path}: pass the service's --state-dir (`stillroom serve` prints where its "
+                       "token is), --token, or set STILLROOM_API_TOKEN")
 
 
 class StillroomClient:

@@ -109,7 +109,7 @@ class TrainConfig(RecipeOptions):
                                choices=BEST_WEIGHTS)
     max_steps: int | None = option(None, help="stop each epoch after this many steps", ge=1)
     progress: bool = option(True, help="show a progress bar", flags=("--no-progress",),
-                            cli={"action": "store_false"})
+                            cli={"action": "store_false", "help": "hide the progress bar"})
     tracker: str = option("tensorboard", help="TensorBoard event files in RUN_DIR/tensorboard; mlflow: those and an "
                                               "MLflow run (MLFLOW_TRACKING_URI; the mlflow extra); none",
                           choices=TRACKERS)

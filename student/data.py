@@ -40,7 +40,7 @@ import torch
 
 from stillroom.pipelines.core import UsageError
 from stillroom.pipelines.data import Dataset
-from stillroom.pipelines.store import LabelStore, SeedLabels, StoreError
+from stillroom.pipelines.store import LabelStore, SeedLabels, SeedReader, StoreError
 from stillroom.pipelines.views import Recipe, get_recipe, output_size, partner_cycle
 from stillroom.student._loader import (
     LABEL_ARRAYS,
@@ -148,6 +148,7 @@ class StoreStream:
             raise UsageError(f"--views-per-image {views_per_image}: the run has {len(self.seeds)} seed(s); each view "
                              "of an image comes from a seed of its own")
         self._loaded: SeedLabels | None = None
+        self._reader: SeedReader | None = None  # view_order="random": the seeds' arrays, opened once
         self._warned = False
 
     def seed_for_epoch(self, epoch: int) -> int | None:
@@ -177,14 +178,12 @@ class StoreStream:
         return s * (1 - (1 - 1 / s) ** epochs)
 
     def warn_if_repeating(self, epochs: int) -> str | None:
-        """One line saying that views repeat when there are more epochs than seeds (also logged), and how many
-        distinct views of each sample the run sees."""
+        """One line saying that views repeat when there are more epochs than seeds, and how many distinct views
+        of each sample the run sees (returned, not logged: the caller says it once)."""
         s = len(self.seeds)
         if self.view_order == "random":
             msg = (f"{epochs} epochs, each sample's view drawn at random among {s} seed(s) {list(self.seeds)}: "
                    f"about {self.distinct_views(epochs):.1f} distinct views of each sample")
-            if epochs > s:
-                log.warning(msg)
             return msg if epochs > 1 else None
         k = self.views_per_image
         if epochs * k <= s:
@@ -192,8 +191,7 @@ class StoreStream:
         each = f" of {k} views" if k > 1 else ""
         msg = (f"{epochs} epochs{each} but the store has {s} seed(s) {list(self.seeds)}: views repeat "
                f"every {s / k:g} epoch(s); label more seeds to see new views")
-        log.warning(msg)
-        return msg
+        return msg  # the caller says it once (the trainer: "stillroom: note:"), not a log line as well
 
     @property
     def samples_per_epoch(self) -> int:
@@ -227,12 +225,14 @@ class StoreStream:
         shapes = self.store.schema.arrays()
         merged = {name: np.empty(shapes[name][0], dtype=shapes[name][1]) for name in label_names(self.store)}
         rows = self.store.schema.chunk_rows
+        if self._reader is None:  # each seed's arrays opened once a run, not once a chunk (issue 32)
+            self._reader = SeedReader(self.store, self.seeds, list(merged))
         for start in range(0, len(index), rows):  # chunk by chunk: one chunk of one seed read at a time
             stop = min(start + rows, len(index))
             for i, s in enumerate(self.seeds):
                 taken = np.flatnonzero(index[start:stop] == i)
                 if taken.size:
-                    for name, a in self.store.load(s, list(merged), (start, stop)).arrays.items():
+                    for name, a in self._reader.rows(s, start, stop).items():
                         merged[name][start + taken] = a[taken]
         return SeedLabels(-1, merged)
 

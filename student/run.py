@@ -1,21 +1,25 @@
 """``train(config)``: the entry point of a student run, in this process or on Ray Train.
 
 It checks everything first (the device, the store against the data set, its recipe and class count, the loss
-against what the store holds and what the student has, a run to resume), then runs ``student.trainer.fit`` here
-or ``student.train_ray.train_distributed`` on ``config.workers`` Ray Train workers. It is the one module that
-imports both: the loop (``student.trainer``) imports neither.
+against what the store holds and what the student has, a run to resume), resolves what the run reads once
+(``student.plan.RunPlan``: the store's seeds, the data set, the recipe, the checkpoint), then runs
+``student.trainer.fit`` here or ``student.train_ray.train_distributed`` on ``config.workers`` Ray Train workers,
+each handed the plan. It is the one module that imports both: the loop (``student.trainer``) imports neither.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
+from stillroom.pipelines.core import Location
 from stillroom.pipelines.data import use_index_cache
 from stillroom.pipelines.training import resolve_device
 from stillroom.student.config import TrainConfig
+from stillroom.student.plan import resolve_plan
 from stillroom.student.tracking import check_tracker
-from stillroom.student.trainer import check_resume, fit, make_student, prepare
+from stillroom.student.trainer import CHECKPOINT, check_resume, fit, make_student, prepare
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -30,13 +34,17 @@ def train(config: TrainConfig) -> dict[str, Any]:
     use_index_cache(os.fspath(config.store).rstrip("/").rpartition("/")[0] or ".")
     check_tracker(config.tracker)
     setup = prepare(config)
+    # what the run reads, resolved here once (student.plan): the seeds above all, which every rank then replays
+    config, checkpoint = check_resume(config.out, config)  # a resumed run keeps its own seed list
+    plan = resolve_plan(setup.store, setup.dataset, setup.recipe, config.seeds, config.dataset, config.data_root,
+                        resume_from=str(Location(config.out) / CHECKPOINT) if checkpoint is not None else None)
+    config = replace(config, seeds=plan.seeds)
     if config.workers > 1:
         from stillroom.student.train_ray import train_distributed
 
         make_student(setup)  # refuses a bad student or --init before any worker starts
-        check_resume(config.out, config)
-        return train_distributed(config)
-    return fit(config, setup=setup)
+        return train_distributed(config, plan)
+    return fit(config, setup=setup, plan=plan, checkpoint=checkpoint)
 
 
 __all__ = ["train"]

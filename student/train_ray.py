@@ -34,6 +34,7 @@ import torch
 
 from stillroom.pipelines.core import Location, StillroomError, is_url
 from stillroom.student.config import TrainConfig
+from stillroom.student.plan import RunPlan
 from stillroom.student.trainer import CHECKPOINT, RAY_TRAIN_DIR, Distributed, fit
 
 
@@ -107,30 +108,36 @@ def worker_config(loop_config: dict[str, Any]) -> TrainConfig:
     return config
 
 
+def worker_plan(loop_config: dict[str, Any]) -> RunPlan:
+    """The run's plan (``student.plan``) as ``train`` resolved it before the workers started: every rank's."""
+    return RunPlan.from_dict(loop_config["plan"])
+
+
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
 
-    config = worker_config(loop_config)
+    config, plan = worker_config(loop_config), worker_plan(loop_config)
     restart = ray.train.get_checkpoint()  # set when Ray restarts the run after a worker died
     if restart is None:
         if not config.resume and (Location(config.out) / CHECKPOINT).exists():
             # train() refused a run directory holding a run, so an earlier attempt of this run wrote it: Ray
             # restarted the run before its controller registered a reported checkpoint (it polls every 2 s)
             config = replace(config, resume=True)
-        fit(config, worker_distributed())
+        fit(config, worker_distributed(), plan=plan)
         return
     with restart.as_directory() as d:
-        fit(config, worker_distributed(resume_from=str(Path(d) / CHECKPOINT)))
+        fit(config, worker_distributed(resume_from=str(Path(d) / CHECKPOINT)), plan=plan)
 
 
-def worker_loop_config(config: TrainConfig, use_gpu: bool) -> dict[str, Any]:
-    """The ``train_loop_config`` that ``worker_config`` reads back on each worker."""
+def worker_loop_config(config: TrainConfig, use_gpu: bool, plan: RunPlan) -> dict[str, Any]:
+    """The ``train_loop_config`` that ``worker_config`` and ``worker_plan`` read back on each worker."""
     return {"config": {**config.__dict__, "seeds": list(config.seeds) if config.seeds else None,
-                       "device": "cuda" if use_gpu else "cpu"}}
+                       "device": "cuda" if use_gpu else "cpu"}, "plan": plan.to_dict()}
 
 
-def train_distributed(config: TrainConfig) -> dict[str, Any]:
-    """Train on ``config.workers`` Ray Train workers and return rank 0's final metrics."""
+def train_distributed(config: TrainConfig, plan: RunPlan) -> dict[str, Any]:
+    """Train on ``config.workers`` Ray Train workers, each given ``plan`` (``student.run.train`` resolved it),
+    and return rank 0's final metrics."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -140,7 +147,7 @@ def train_distributed(config: TrainConfig) -> dict[str, Any]:
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     # cuda: the workers ask Ray for GPUs even where this (coordinating) process sees none; auto: as it sees
     use_gpu = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
-    loop_config = worker_loop_config(config, use_gpu)
+    loop_config = worker_loop_config(config, use_gpu, plan)
     out = Location(config.out)
     out.makedirs()
     # a URL: Ray writes its checkpoints through our fsspec filesystem (pyarrow's, over it), to the path without

@@ -97,6 +97,7 @@ from stillroom.student.models import (
     student_heads,
     unwrap,
 )
+from stillroom.student.plan import RunPlan
 from stillroom.student.tracking import Tracker
 
 CHECKPOINT = "last.pt"
@@ -307,19 +308,27 @@ class Run:
         return self.dist.rank == 0
 
 
-def start_run(config: TrainConfig, dist: Distributed, setup: Setup, directory: RunDirectory | None = None) -> Run:
+def start_run(config: TrainConfig, dist: Distributed, setup: Setup, directory: RunDirectory | None = None,
+              plan: RunPlan | None = None, checkpoint: dict[str, Any] | None = None) -> Run:
     """Open the stream (and the online teachers), build the student, its method and the recipe (optimizer,
     schedule, EMA, precision), load the checkpoint to resume from; rank 0 writes ``config.json`` and the
     ``metrics.jsonl`` of the epochs done (into ``directory``, by default ``RunDirectory(config.out)``; a resumed
     run on a URL first downloads the files it continues, its checkpoints aside). The run's seed list is fixed in
-    its config (and so its checkpoint)."""
+    its config (and so its checkpoint): ``plan``'s (``student.plan``: every rank the same), else the store's now.
+    ``checkpoint``: the one ``plan`` resumes from, read already (else read here)."""
     device = dist.device or resolve_device(config.device)
-    config, resume_ckpt = check_resume(config.out, config, dist.resume_from)
+    if checkpoint is not None and dist.resume_from is None:
+        resume_ckpt: dict[str, Any] | None = checkpoint
+    else:
+        config, resume_ckpt = check_resume(config.out, config, dist.resume_from)
+    if plan is not None:
+        plan.check(setup.store, setup.dataset, setup.recipe)
     directory = directory or RunDirectory(config.out, last=(BEST, CHECKPOINT))
     if resume_ckpt is not None and dist.rank == 0:
         directory.pull(skip=(CHECKPOINT, BEST, RAY_TRAIN_DIR))
     out = directory.local
-    stream = StoreStream(setup.store, setup.dataset, setup.recipe, config.batch_size, config.seeds,
+    stream = StoreStream(setup.store, setup.dataset, setup.recipe, config.batch_size,
+                         plan.seeds if plan is not None else config.seeds,
                          dist.rank, dist.world_size, shuffle_seed=config.seed,
                          drop_last=dist.world_size > 1, loader_workers=config.loader_workers, device=device,
                          features=config.loss == "tat",  # feature maps only where the loss reads them
@@ -494,14 +503,15 @@ def save_run(run: Run, record: dict[str, Any]) -> None:
     plot_curves(run.history, run.out / "curves.png")
 
 
-def fit(config: TrainConfig, dist: Distributed | None = None, setup: Setup | None = None) -> dict[str, Any]:
+def fit(config: TrainConfig, dist: Distributed | None = None, setup: Setup | None = None,
+        plan: RunPlan | None = None, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
     """The training loop of one worker (all of it when ``dist`` is None). Every ``eval_interval`` epochs and
     after the last, every rank scores its share of the eval split (``evaluate_epoch``); rank 0 writes the run
     directory, and every rank reports the epoch (``dist.end_epoch``). ``setup`` is ``prepare(config)`` when the
-    caller has it already."""
+    caller has it already; ``plan`` what ``student.run.train`` resolved for every rank (``start_run``)."""
     directory = RunDirectory(config.out, last=(BEST, CHECKPOINT))
     try:
-        run = start_run(config, dist or Distributed(), setup or prepare(config), directory)
+        run = start_run(config, dist or Distributed(), setup or prepare(config), directory, plan, checkpoint)
         config = run.config
         t_run = time.perf_counter()
         for epoch in range(run.start_epoch, config.epochs):

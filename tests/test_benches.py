@@ -24,6 +24,7 @@ RUNS: dict[str, list[tuple[list[str], set[str]]]] = {
                                 "targets_met"}),
                  (["--smoke", "--samples", "2048", "--recipe", "deit"],
                   {"bytes_per_sample", "view_bytes_per_sample", "view_params", "targets_met"})],
+    "view_order.py": [(["--smoke"], {"after_s", "before_s", "chunks_per_epoch", "targets_met"})],
     "accuracy.py": [(["--dataset", "fashion-mnist:n=128", "--teacher-epochs", "1,1", "--seeds", "1",
                       "--batch-size", "64", "--augment-rows"],
                      {"teacher_top1", "top1", "store_bytes_per_sample", "minutes", "targets", "augment_recipe"})],

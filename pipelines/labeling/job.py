@@ -143,7 +143,7 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
                 lease = store.lease(seed)
                 if lease.acquire():
                     if store.is_complete(seed):  # committed by the run that held the lease before
-                        lease.release()
+                        lease.release(final=True)
                         reused.append(seed)
                         continue
                     held[seed] = lease
@@ -193,16 +193,19 @@ def _label_seeds(config: LabelConfig, store: LabelStore, leases: dict[int, SeedL
         for i in range(len(pieces)):
             if i not in done:
                 needs.setdefault(i, []).append(seed)
-    work = [(tuple(seeds), i, *pieces[i]) for i, seeds in sorted(needs.items())]
-    total = sum((b - a) * len(seeds) for seeds, _, a, b in work)
+    generations = {seed: lease.generation for seed, lease in leases.items() if lease.generation is not None}
+    # each piece's writer is fenced by its seeds' lease generations: a run taken over writes nothing more
+    work = [(tuple(seeds), i, *pieces[i], {s: generations[s] for s in seeds if s in generations})
+            for i, seeds in sorted(needs.items())]
+    total = sum((b - a) * len(seeds) for seeds, _, a, b, _ in work)
     bar = progress_bar(total, f"labeling {len(leases)} seed(s)", progress)
     if backend == "local":
         t_start = time.perf_counter()
         labeler = Labeler(config, str(store.path), "cuda" if config.gpus_per_worker > 0 else "cpu")
         t_work = time.perf_counter()
         try:
-            for seeds, i, a, b in work:
-                labeler.label_piece(seeds, i, a, b)
+            for seeds, i, a, b, gens in work:
+                labeler.label_piece(seeds, i, a, b, gens)
                 bar.update((b - a) * len(seeds))
         finally:
             labeler.views.close()
@@ -214,5 +217,5 @@ def _label_seeds(config: LabelConfig, store: LabelStore, leases: dict[int, SeedL
     bar.close()
     for seed in sorted(leases):
         store.commit_seed(seed, leases[seed])
-        leases[seed].release()
+        leases[seed].release(final=True)
     return {**timing, "samples": total, "pieces": sum(len(seeds) for seeds, *_ in work)}

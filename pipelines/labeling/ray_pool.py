@@ -47,8 +47,9 @@ class LabelWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def label_piece(self, seeds: tuple[int, ...], piece: int, start: int, stop: int) -> dict:
-        return {**self.labeler.label_piece(seeds, piece, start, stop),
+    def label_piece(self, seeds: tuple[int, ...], piece: int, start: int, stop: int,
+                    generations: dict[int, int] | None = None) -> dict:
+        return {**self.labeler.label_piece(seeds, piece, start, stop, generations),
                 "node_id": ray.get_runtime_context().get_node_id()}
 
 
@@ -124,9 +125,10 @@ def wait_for_gpus(needed: float, wait_s: float, poll_s: float = 1.0) -> float:
         time.sleep(poll_s)
 
 
-def label_on_ray(config: LabelConfig, store_path: str, work: list[tuple[tuple[int, ...], int, int, int]],
+def label_on_ray(config: LabelConfig, store_path: str, work: list[tuple[Any, ...]],
                  on_done: Callable[[int], object], start_timeout_s: float = 600.0) -> dict[str, Any]:
-    """Label ``work`` (seeds, piece, start, stop) on a pool of ``config.num_workers`` actors spread over the nodes;
+    """Label ``work`` (seeds, piece, start, stop[, the seeds' lease generations]) on a pool of
+    ``config.num_workers`` actors spread over the nodes;
     return the seconds spent starting the actors (teachers loaded) and labeling, and how many pieces each node
     (by Ray node id) labeled."""
     t0 = time.perf_counter()

@@ -156,13 +156,16 @@ class Labeler:
         area = params[:, COL["h"]] * params[:, COL["w"]]
         return out, quality_sums(logits, self.dataset.labels[ids], area, schema.top_k)
 
-    def label_piece(self, seeds: int | tuple[int, ...], piece: int, start: int, stop: int) -> dict[str, Any]:
+    def label_piece(self, seeds: int | tuple[int, ...], piece: int, start: int, stop: int,
+                    generations: dict[int, int] | None = None) -> dict[str, Any]:
         """Label rows ``[start, stop)`` under each of ``seeds`` in one pass (``label_seeds``) and write each seed's
-        piece whole; return counts for progress."""
+        piece whole, fenced by the seed's lease generation in ``generations`` (``LabelStore.write_piece``); return
+        counts for progress."""
         t = time.perf_counter()
         seeds = (seeds,) if isinstance(seeds, int) else tuple(seeds)
+        gens = {int(k): int(v) for k, v in (generations or {}).items()}
         for seed, (arrays, quality) in self.label_seeds(seeds, np.arange(start, stop, dtype=np.int64)).items():
-            self.store.write_piece(seed, piece, start, arrays, quality=quality)
+            self.store.write_piece(seed, piece, start, arrays, quality=quality, generation=gens.get(seed))
         return {"seed": seeds[0] if len(seeds) == 1 else seeds, "piece": piece, "samples": (stop - start) * len(seeds),
                 "seconds": time.perf_counter() - t, "pid": os.getpid()}
 

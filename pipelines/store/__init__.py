@@ -1,6 +1,7 @@
 """The label store: one zarr group a seed under ``<root>/<cache_key>``, its manifest, the per-seed lease."""
 
 from stillroom.pipelines.core import StoreError
+from stillroom.pipelines.store._reader import SeedReader
 from stillroom.pipelines.store.label_store import COMPLETE, MANIFEST, LabelStore, SeedLabels, list_stores
 from stillroom.pipelines.store.lease import SeedLease
 from stillroom.pipelines.store.quality import QualitySums, add_quality
@@ -13,6 +14,7 @@ __all__ = [
     "QualitySums",
     "SeedLabels",
     "SeedLease",
+    "SeedReader",
     "StoreError",
     "StoreSchema",
     "add_quality",

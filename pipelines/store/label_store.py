@@ -51,7 +51,7 @@ from zarr.codecs import BloscCodec, TransposeCodec
 
 from stillroom.pipelines.core import Location, StoreError, UsageError, is_url, write_atomically
 from stillroom.pipelines.store.checksums import _sha256, chunk_checksums, combine_checksums
-from stillroom.pipelines.store.lease import LEASE_TIMEOUT_S, SeedLease
+from stillroom.pipelines.store.lease import LEASE_TIMEOUT_S, SeedLease, fence_open
 from stillroom.pipelines.store.quality import QualitySums, add_quality, quality_report
 from stillroom.pipelines.store.schema import FORMAT_VERSION, StoreSchema, cache_key
 
@@ -200,9 +200,11 @@ class LabelStore:
         return {int(n[: -len(".done")]) for n in names if n.endswith(".done") and n[: -len(".done")].isdigit()}
 
     def write_piece(self, seed: int, piece: int, start: int, arrays: dict[str, np.ndarray],
-                    quality: QualitySums | None = None) -> None:
+                    quality: QualitySums | None = None, generation: int | None = None) -> None:
         """Write rows ``[start, start + n)`` of every array, then mark the piece done (its ``.done`` marker
-        keeps the piece's label-quality sums, which ``commit_seed`` adds up).
+        keeps the piece's label-quality sums, which ``commit_seed`` adds up). ``generation``: the seed's lease
+        generation the writer holds; a superseded one (taken over, released) is refused before each array and
+        before the marker (``fence_open``), and a complete seed always.
 
         The rows must be whole chunks (the last chunk of the split may be short), and one writer owns
         each piece: zarr does not make concurrent partial writes into one chunk safe.
@@ -214,6 +216,13 @@ class LabelStore:
         chunk = self.schema.chunk_rows
         if start % chunk or (n % chunk and start + n != self.schema.num_samples):
             raise StoreError(f"rows [{start}, {start + n}) are not whole {chunk}-row chunks")
+        def fence() -> None:
+            if generation is not None and not fence_open(self.loc / "leases" / str(int(seed)), generation):
+                raise StoreError(f"seed {seed}: lease generation {generation} was superseded (taken over or "
+                                 "released): this writer stops, piece not written")
+
+        if (self._seed(seed) / COMPLETE).exists():
+            raise StoreError(f"seed {seed} of {self.path} is complete already: piece {piece} not written")
         group = zarr.open_group(store=self._seed(seed).url, mode="r+", zarr_format=3)
         checksums = {}
         for name, data in arrays.items():
@@ -221,10 +230,13 @@ class LabelStore:
             if data.shape != (n, *shape[1:]):
                 raise StoreError(f"array {name}: got shape {data.shape}, expected {(n, *shape[1:])}")
             data = np.ascontiguousarray(data.astype(dtype, copy=False))
+            fence()
             _array(group, name)[start : start + n] = data
             checksums[name] = chunk_checksums(data, chunk)  # of the bytes just written: nothing is read back
+        fence()
         (self._seed(seed) / "pieces" / f"{piece}.done").write_json(
-            {"start": start, "stop": start + n, "quality": quality or {}, "chunk_sha256": checksums})
+            {"start": start, "stop": start + n, "quality": quality or {}, "chunk_sha256": checksums,
+             **({"generation": generation} if generation is not None else {})})
 
     def commit_seed(self, seed: int, lease: SeedLease | None = None) -> dict[str, Any]:
         """Check every piece is done, gather the chunk checksums its writers recorded (no array is read),
@@ -253,6 +265,8 @@ class LabelStore:
                               "shape": list(shape), "dtype": dtype} for name, (shape, dtype) in arrays.items()},
             "quality": quality_report(sums),
         }
+        if lease is not None:
+            lease.check()  # again, last: a holder paused while it gathered may have been taken over meanwhile
         (self._seed(seed) / COMPLETE).write_json(record)
         (self._seed(seed) / "pieces").remove(recursive=True)
         self._refresh_manifest_seeds()

@@ -29,6 +29,15 @@ def _process_start(pid: int) -> int | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    """This process's pid namespace and boot (Linux): two containers on one host network share a host name, not
+    their pids; a holder's pid means something here only when both match."""
+    try:
+        return f"{os.readlink('/proc/self/ns/pid')}@{Path('/proc/sys/kernel/random/boot_id').read_text().strip()}"
+    except OSError:
+        return None
+
+
 def _alive(pid: int, start: int | None) -> bool:
     try:
         os.kill(pid, 0)
@@ -69,19 +78,27 @@ class SeedLease:
         names = self.dir.children()
         return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
 
+    def _record(self, gen: int) -> dict[str, Any]:
+        try:
+            return dict((self.dir / f"{gen}.json").read_json())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
     def holder(self) -> dict[str, Any] | None:
         """The current holder's record (None: nobody holds the lease; ``{}``: one that cannot be read yet)."""
         gens = self._generations()
         if not gens:
             return None
-        try:
-            return dict((self.dir / f"{gens[-1]}.json").read_json())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
+        record = self._record(gens[-1])
+        return None if record.get("released") else record
 
     def _lapsed(self, record: dict[str, Any], gen: int) -> bool:
-        """The holder of ``record`` is dead or has been silent past the timeout."""
+        """The holder of ``record`` is dead or has been silent past the timeout. Dead at once only where its pid
+        means the same process here: this host, pid namespace and boot (``_pid_namespace``)."""
+        if record.get("released"):
+            return True
         if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int) \
+                and record.get("pid_namespace") is not None and record.get("pid_namespace") == _pid_namespace() \
                 and not _alive(record["pid"], record.get("process_start")):
             return True
         try:
@@ -97,12 +114,15 @@ class SeedLease:
         gens = self._generations()
         previous = None
         if gens:
-            previous = self.holder() or {}
+            previous = self._record(gens[-1])
             if not self._lapsed(previous, gens[-1]):
                 return False
+            if previous.get("released"):
+                previous = None  # released: nobody's lease is taken over
         gen = gens[-1] + 1 if gens else 0
         now = time.time()
         self.record = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
+                       "pid_namespace": _pid_namespace(),
                        "taken_at": now, "renewed_at": now, "generation": gen, "token": uuid.uuid4().hex,
                        **({"took_over": {k: previous.get(k) for k in ("host", "pid", "taken_at", "renewed_at")}}
                           if previous is not None else {})}
@@ -138,13 +158,16 @@ class SeedLease:
         """Refuse (StoreError) if this process does not hold the lease, or another run took it over."""
         if self.generation is None:
             raise StoreError(f"lease {self.dir} is not held")
-        if self._lost.is_set() or any(g > self.generation for g in self._generations()):
+        if self._lost.is_set() or not fence_open(self.dir, self.generation):
             self._lost.set()
             raise StoreError(f"lease {self.dir} was taken over by another run (it was silent for over "
                              f"{self.timeout_s:g} s); that run finishes the seed")
 
-    def release(self) -> None:
-        """Stop renewing and remove this generation and those before it (a lease taken over: nothing)."""
+    def release(self, final: bool = False) -> None:
+        """Stop renewing; mark this generation released (its file stays, so generations only grow and a holder
+        that was paused and taken over finds a higher one, even after its taker released) and remove the older
+        generations (a lease taken over: nothing). ``final``: the seed is complete, nothing will write it again:
+        remove every generation (a superseded holder then finds none, which ``fence_open`` refuses too)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -152,10 +175,14 @@ class SeedLease:
             return
         gens = self._generations()
         if not self._lost.is_set() and not any(g > self.generation for g in gens):
-            for g in gens:  # the holder's own generation last: until then, nobody takes the lease
-                if g != self.generation:
+            if final:
+                (self.dir / f"{self.generation}.json").remove()
+            else:
+                (self.dir / f"{self.generation}.json").write_json({**self.record, "released": time.time()},
+                                                                  indent=None)
+            for g in gens:
+                if g < self.generation:
                     (self.dir / f"{g}.json").remove()
-            (self.dir / f"{self.generation}.json").remove()
         self.generation = None
 
     def describe(self) -> str:
@@ -165,3 +192,14 @@ class SeedLease:
             return "nobody" if record is None else "a run that is taking it now"
         when = time.strftime("%H:%M:%S UTC", time.gmtime(float(record.get("taken_at", 0))))
         return f"pid {record.get('pid')} on {record.get('host')} since {when}"
+def fence_open(lease_dir: Location, generation: int) -> bool:
+    """Whether generation ``generation`` of the lease in ``lease_dir`` still holds it: no higher generation
+    exists and its own is not released. A write made under a lease asks this first (the fence)."""
+    names = lease_dir.children()
+    gens = sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+    if not gens or gens[-1] != generation:
+        return False
+    try:
+        return not (lease_dir / f"{generation}.json").read_json().get("released")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False

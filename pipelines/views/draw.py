@@ -100,6 +100,9 @@ def _own(recipe: Recipe, key: list[int], ids: np.ndarray, H: np.ndarray, W: np.n
     return out
 
 
+MAX_MIX_SAMPLES = 2**24  # the view parameters are float32: a partner id above it would be rounded
+
+
 def draw_views(recipe: Recipe, seed: int, ids: np.ndarray | list[int], num_samples: int,
                hw: tuple[int, int] | np.ndarray) -> np.ndarray:
     """The ``(len(ids), P)`` float32 view parameters of ``ids`` under ``(recipe, seed)``.
@@ -112,6 +115,10 @@ def draw_views(recipe: Recipe, seed: int, ids: np.ndarray | list[int], num_sampl
     if ids.size and (ids.min() < 0 or ids.max() >= num_samples):
         bad = int(ids[(ids < 0) | (ids >= num_samples)][0])
         raise UsageError(f"sample id {bad} is out of range: expected 0 <= id < {num_samples}")
+    if _mixing(recipe) and num_samples > MAX_MIX_SAMPLES:  # float32 holds every integer up to 2^24 alone
+        raise UsageError(f"{num_samples:,} samples: recipe {recipe.name!r} mixes, and its partner ids are stored as "
+                         f"float32, exact up to {MAX_MIX_SAMPLES:,} samples: split the data set or use a recipe "
+                         "without mixing")
     sizes = np.asarray(hw)
 
     def hw_of(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

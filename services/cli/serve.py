@@ -27,10 +27,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "store_root": args.store_root, "data_root": args.data_root, "state_dir": args.state_dir,
         "work_root": args.work_root, "dashboard_port": args.dashboard_port}.items() if v is not None}
     settings = Settings(**overrides)
-    settings.prepare()
-    if not port_free(settings.host, settings.port):
+    if not port_free(settings.host, settings.port):  # before anything is made on disk
         raise UsageError(f"port {settings.port} on {settings.host} is in use: another `stillroom serve`? "
                          "pass --port with a free port")
+    settings.prepare()
     head = None if settings.ray_address else LocalRayHead(settings.dashboard_port,
                                                            log_path=settings.state_dir / "ray-head.log")
     # SIGTERM and Ctrl-C: uvicorn stops serving, the lifespan cancels the jobs of an owned cluster, uvicorn
@@ -195,13 +195,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="the job service: FastAPI on uvicorn, jobs on Ray")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--host", default=None, help="the address to listen on (default: 127.0.0.1; "
+                                                "STILLROOM_HOST)")
+    p.add_argument("--port", type=int, default=None, help="the port to listen on (default: 8000; STILLROOM_PORT)")
     p.add_argument("--ray-address", default=None, help="a Ray dashboard URL (default: start a local Ray head)")
-    p.add_argument("--dashboard-port", type=int, default=None)
+    p.add_argument("--dashboard-port", type=int, default=None,
+                   help="the dashboard port of the local Ray head it starts (default: 8265)")
     p.add_argument("--db", default=None, help="an SQLAlchemy URL (default: SQLite in the state dir)")
-    p.add_argument("--store-root", default=None)
-    p.add_argument("--data-root", default=None)
+    p.add_argument("--store-root", default=None,
+                   help="where label stores are kept, a path or a URL; job paths are confined to it "
+                        "(default: stores)")
+    p.add_argument("--data-root", default=None,
+                   help="where data sets are read from, a path or a URL; job paths are confined to it "
+                        "(default: /usr/share/datasets)")
     p.add_argument("--state-dir", default=None, help="the token and the default SQLite file (default: .stillroom)")
     p.add_argument("--work-root", default=None,
                    help="job directories and service-trained teachers: a path or a URL (s3://bucket/prefix), "

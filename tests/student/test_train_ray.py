@@ -136,7 +136,9 @@ def test_tat_on_a_student_without_a_known_last_module_keeps_ddp_and_the_ranks_eq
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from stillroom.student.plan import resolve_plan
     from stillroom.student.train_ray import worker_loop_config
+    from stillroom.student.trainer import prepare
 
     out = tmp_path / "tat"
     config = _config(feature_store, out, loss="tat", workers=2, max_steps=3, **NAMELESS)
@@ -155,7 +157,9 @@ def test_tat_on_a_student_without_a_known_last_module_keeps_ddp_and_the_ranks_eq
         torch.save({"before": before, "after": {k: v.detach() for k, v in after.items()}},
                    Path(cfg.out) / f"rank{dist.rank}.pt")
 
-    TorchTrainer(loop, train_loop_config=worker_loop_config(config, use_gpu=False),
+    setup = prepare(config)
+    plan = resolve_plan(setup.store, setup.dataset, setup.recipe, None, config.dataset, config.data_root)
+    TorchTrainer(loop, train_loop_config=worker_loop_config(config, use_gpu=False, plan=plan),
                  scaling_config=ScalingConfig(num_workers=2),
                  run_config=RunConfig(name="tat", storage_path=str(tmp_path / "ray"))).fit()
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
