@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+
+from stillroom.services.launcher import free_port
 
 
 @dataclass

@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+
+from stillroom.services.launcher import free_port
 
 
 def postgres_bin() -> Path | None:

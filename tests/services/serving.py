@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import free_port
+
+from stillroom.services.launcher import free_port
 
 TOKEN = "test-token-0123456789"
 DATA = "synthetic:n=256,classes=4,size=16"

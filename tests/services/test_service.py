@@ -13,9 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import free_port, make_teacher
+from conftest import make_teacher
 from postgres_server import postgres  # noqa: F401  (a fixture)
 from serving import DATA, TOKEN, Server, wait
+
+from stillroom.services.launcher import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
