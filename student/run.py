@@ -9,13 +9,15 @@ imports both: the loop (``student.trainer``) imports neither.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
+from stillroom.pipelines.core import NO_METRICS, Metrics
 from stillroom.pipelines.data import use_index_cache
 from stillroom.pipelines.training import resolve_device
 from stillroom.student.config import TrainConfig
 from stillroom.student.tracking import check_tracker
-from stillroom.student.trainer import check_resume, fit, make_student, prepare
+from stillroom.student.trainer import Distributed, check_resume, fit, make_student, prepare
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -36,7 +38,17 @@ def train(config: TrainConfig) -> dict[str, Any]:
         make_student(setup)  # refuses a bad student or --init before any worker starts
         check_resume(config.out, config)
         return train_distributed(config)
-    return fit(config, setup=setup)
+    return fit(config, Distributed(metrics=_process_metrics(config)), setup=setup)
+
+
+def _process_metrics(config: TrainConfig) -> Metrics:
+    """Ray's metrics for a one-worker run inside a Ray job or a process connected to Ray; Ray is not imported
+    otherwise."""
+    if not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+        return NO_METRICS
+    from stillroom.student.train_ray import process_metrics
+
+    return process_metrics(config)
 
 
 __all__ = ["train"]
