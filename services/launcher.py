@@ -199,7 +199,14 @@ class RayJobs:
 
         _token_auth_when_a_token_is_there()
         self.dashboard_url = dashboard_url if dashboard_url.startswith("http") else f"http://{dashboard_url}"
-        self.client = JobSubmissionClient(self.dashboard_url)
+        try:
+            self.client = JobSubmissionClient(self.dashboard_url)
+        except Exception as e:
+            if type(e).__name__ != "AuthenticationError":
+                raise
+            raise UsageError(f"the Ray dashboard at {self.dashboard_url} refused us ({str(e).splitlines()[0]}): give "
+                             "this process the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+                             "~/.ray/auth_token; `ray get-auth-token` on the head prints it)") from None
 
     def submit(self, submission_id: str, job_dir: str, python: str, metadata: dict[str, str],
                num_cpus: float = 0.0, num_gpus: float = 0.0, agent_wait_s: float = 60.0) -> str:

@@ -426,7 +426,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
     lr = run.recipe.current_lr  # the rate of the epoch's last step
     per_step = StepLosses(run.steps_per_epoch)
     bar = run.bar or progress_bar(run.steps_per_epoch, "", False)
-    bar.set_description(f"epoch {epoch} of {config.epochs} {config.loss}", refresh=False)
+    bar.set_description_str(f"epoch {epoch} of {config.epochs} {config.loss}", refresh=False)
     metrics = dist.metrics
     metrics.set("epoch", epoch)
     t_wait = time.perf_counter()

@@ -26,4 +26,6 @@ def test_the_job_client_sends_the_token_it_finds(ray_dashboard, tmp_path):
     found = run(ray_dashboard)
     assert found.returncode == 0 and found.stdout.startswith("jobs:"), found.stderr[-2000:]
     refused = run(ray_dashboard, HOME=str(tmp_path))  # no ~/.ray/auth_token there, none in the environment
-    assert refused.returncode != 0 and "401" in refused.stderr + refused.stdout, refused.stderr[-2000:]
+    line = refused.stderr.strip().splitlines()[-1]  # the exception: one line, the cause first
+    assert refused.returncode != 0 and "UsageError: the Ray dashboard at" in line, line
+    assert "refused us (Authentication required: Unauthorized" in line, line
