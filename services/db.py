@@ -18,7 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import JSON, Engine, Float, Index, String, Text, create_engine, event, insert, select
+from sqlalchemy import JSON, Engine, Float, Index, String, Text, create_engine, event, insert, inspect, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
@@ -65,6 +65,8 @@ class Job(Base):
     created_at: Mapped[float] = mapped_column(Float, index=True)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # the earlier attempts of a resumed job: each one's Ray job id, state, error, times and progress
+    attempts: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
 
     __table_args__ = (Index("ix_jobs_created_id", "created_at", "id"),)
 
@@ -87,6 +89,7 @@ class JobPublic(BaseModel):
     started_at: float | None
     ended_at: float | None
     dashboard_url: str | None
+    attempts: list[dict[str, Any]] = []
 
     @classmethod
     def of(cls, job: Job, dashboard_url: str | None) -> JobPublic:
@@ -94,12 +97,23 @@ class JobPublic(BaseModel):
                    cache_key=job.cache_key, cache_hit=job.cache_hit, ray_job_id=job.ray_job_id,
                    attached_to=job.attached_to, progress=job.progress, result=job.result, error=job.error,
                    created_at=job.created_at, started_at=job.started_at, ended_at=job.ended_at,
-                   dashboard_url=dashboard_url)
+                   dashboard_url=dashboard_url, attempts=job.attempts or [])
 
 
 class JobList(BaseModel):
     jobs: list[JobPublic]
     next_page_token: str | None
+
+
+def _add_new_columns(engine: Any) -> None:
+    """A database made by an earlier version gains the columns added since (nullable, so old rows stay valid):
+    ``create_all`` makes missing tables only."""
+    have = {c["name"] for c in inspect(engine).get_columns(Job.__tablename__)}
+    with engine.begin() as conn:
+        for column in Job.__table__.columns:
+            if column.name not in have and column.nullable:
+                kind = column.type.compile(dialect=engine.dialect)
+                conn.execute(text(f"ALTER TABLE {Job.__tablename__} ADD COLUMN {column.name} {kind}"))
 
 
 def new_job_id() -> str:
@@ -157,6 +171,7 @@ class Database:
                 cur.execute("PRAGMA synchronous=NORMAL")
                 cur.close()
         Base.metadata.create_all(self.engine)
+        _add_new_columns(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite has one writer at a time and makes the others sleep and retry (1, 2, 5, 10, ... ms): under
         # concurrent submissions that backoff was the tail of the latency. This process is the only writer,

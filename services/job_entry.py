@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from stillroom.pipelines.core import PROGRESS_ENV, Location, StillroomError
+from stillroom.pipelines.core import JOB_ID_ENV, PROGRESS_ENV, Location, StillroomError
 
 
 def run_teacher(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
@@ -39,7 +39,8 @@ def run_train(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     from stillroom.student.config import TrainConfig
     from stillroom.student.run import train
 
-    fields = {**spec, "store": (Location(job["store_root"]) / spec["store"]).url, "out": job["out"]}
+    fields = {**spec, "store": (Location(job["store_root"]) / spec["store"]).url, "out": job["out"],
+              "resume": bool(job.get("resume"))}  # a resumed attempt (``POST /v1/jobs/{id}/resume``): from last.pt
     if spec["workers"] > 1 and job["resources"]["gpus"] > 0:  # the Ray Train workers ask for the GPUs
         fields["device"] = "cuda"
     if fields.get("seeds") is not None:
@@ -63,6 +64,7 @@ def main(argv: list[str]) -> int:
     # how the service runs the job (what its process asked Ray for) is no option of the job
     job["resources"] = job["spec"].pop("resources", {"cpus": 0, "gpus": 0})
     os.environ[PROGRESS_ENV] = (job_dir / "progress.json").url
+    os.environ[JOB_ID_ENV] = job["job_id"]  # the tag of the job's Ray metrics
     if job_dir.local is not None:  # who runs this job, so that whoever stops it can check nothing of it is left
         (job_dir / "process.json").write_json({"pid": os.getpid(), "pgid": os.getpgid(0)})
     # a teacher or single-worker student trains in this process on the CPUs it asked Ray for (Ray leaves

@@ -12,6 +12,7 @@ an environment without the service's secrets, so no job inherits them.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -154,14 +155,58 @@ def _token_auth_as_ray_init_does() -> None:
         ensure_token_if_auth_enabled(None, create_token_if_missing=True)
 
 
+# what a Ray job's metadata says of it (``ray job list``, the dashboard's job page), when its spec has it
+METADATA_FIELDS = ("dataset", "split", "teachers", "recipe", "seeds", "top_k", "student", "loss", "epochs", "model")
+_CREDENTIALS = re.compile(r"(\w+://)[^/@\s]*@")  # scheme://user:password@host
+_QUERY = re.compile(r"\?[^,\s]*")  # a signed URL's signature
+
+
+def without_secrets(text: str) -> str:
+    """``text`` with any URL's credentials and query removed (specs refuse them; said twice, never leaked)."""
+    return _QUERY.sub("", _CREDENTIALS.sub(r"\1", text))
+
+
+def job_metadata(job_id: str, kind: str, resolved: dict[str, Any], store_key: str | None) -> dict[str, str]:
+    """The Ray job's metadata (strings only): the service's job id, its kind, the store's key and what the spec
+    names of ``METADATA_FIELDS`` (lists joined by commas, each value at most 500 characters), without secrets."""
+    meta = {"stillroom_job_id": job_id, "kind": kind, "store": store_key or ""}
+    for name in METADATA_FIELDS:
+        value = resolved.get(name)
+        if value is not None:
+            text = ",".join(str(v) for v in value) if isinstance(value, list | tuple) else str(value)
+            meta[name] = without_secrets(text)[:500]
+    return meta
+
+
+def _token_auth_when_a_token_is_there() -> None:
+    """A cluster of Ray's token mode (``RAY_AUTH_MODE=token`` on its head) answers 401 to a client without the
+    token. When ``RAY_AUTH_MODE`` is unset here and a token is at hand (``RAY_AUTH_TOKEN``, the file at
+    ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``), the job client sends it, as Ray's own CLI does."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 class RayJobs:
     """A thin wrapper of ``JobSubmissionClient`` that speaks in service states."""
 
     def __init__(self, dashboard_url: str):
         from ray.job_submission import JobSubmissionClient
 
+        _token_auth_when_a_token_is_there()
         self.dashboard_url = dashboard_url if dashboard_url.startswith("http") else f"http://{dashboard_url}"
-        self.client = JobSubmissionClient(self.dashboard_url)
+        try:
+            self.client = JobSubmissionClient(self.dashboard_url)
+        except Exception as e:
+            if type(e).__name__ != "AuthenticationError":
+                raise
+            raise UsageError(f"the Ray dashboard at {self.dashboard_url} refused us ({str(e).splitlines()[0]}): give "
+                             "this process the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+                             "~/.ray/auth_token; `ray get-auth-token` on the head prints it)") from None
 
     def submit(self, submission_id: str, job_dir: str, python: str, metadata: dict[str, str],
                num_cpus: float = 0.0, num_gpus: float = 0.0, agent_wait_s: float = 60.0) -> str:

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from stillroom.pipelines.core import Location, is_url
 from stillroom.services.config import Settings
 from stillroom.services.db import ACTIVE, Database, Job, JobKind, JobPublic, JobState, new_job_id, now
-from stillroom.services.launcher import RayJobs
+from stillroom.services.launcher import RayJobs, job_metadata
 from stillroom.services.specs import REST_ONLY, BadLocation, PathOutsideRoots, _Spec, confined_spec
 from stillroom.services.store_index import StoreIndex
 
@@ -227,7 +227,7 @@ class Service:
     def _launch(self, job: Job, resolved: dict[str, Any], extra: dict[str, Any]) -> Job:
         job_dir = self._job_dir(job)
         job.job_dir = job_dir.url
-        job.ray_job_id = f"stillroom-{job.id}"
+        job.ray_job_id = job.id  # the Ray job's submission id is the job's id
         try:  # one whole object on object storage, an atomic replace locally
             job_dir.makedirs()
             (job_dir / "spec.json").write_json({
@@ -240,12 +240,48 @@ class Service:
         self.db.add(job)  # recorded first: the database is the record even if Ray refuses the job
         try:
             self.jobs.submit(job.ray_job_id, job_dir.url, self.settings.job_python,
-                             {"stillroom_job_id": job.id, "kind": job.kind, "cache_key": job.cache_key or ""},
+                             job_metadata(job.id, job.kind, resolved, job.cache_key or resolved.get("store")),
                              **entry_resources(job.kind, resolved))
         except Exception as e:
             return self.db.update(job.id, state=JobState.FAILED, error=f"Ray refused the job: {e}",
                                   ended_at=now()) or job
         return job
+
+    def resume(self, job: Job) -> Job:
+        """Run a cancelled or failed (or lost) train job again from its ``last.pt``, as a new attempt of the same
+        job: a Ray job ``<id>-<attempt>``, the attempt before recorded in ``attempts``."""
+        if job.kind != JobKind.train:
+            raise HTTPException(409, f"job {job.id} is a {job.kind} job: only train jobs resume (a label job "
+                                     "submitted again keeps the pieces and seeds already written)")
+        if job.state not in (JobState.CANCELLED, JobState.FAILED):
+            raise HTTPException(409, f"job {job.id} is {job.state}: only a cancelled or failed train job resumes")
+        if job.attached_to is not None or not job.job_dir or not job.ray_job_id:
+            raise HTTPException(409, f"job {job.id} never ran on Ray: submit it again")
+        status = self.jobs.status(job.ray_job_id)
+        if status is not None and status[0] in ACTIVE:
+            raise HTTPException(409, f"job {job.id}: its Ray job {job.ray_job_id} is still stopping; try again soon")
+        job_dir = Location(job.job_dir)
+        entry = (job_dir / "spec.json").read_json()
+        if not (Location(entry["out"]) / "last.pt").exists():
+            raise HTTPException(409, f"job {job.id} saved no last.pt (it ended before its first epoch): "
+                                     "submit it again")
+        attempts = [*(job.attempts or []), {"ray_job_id": job.ray_job_id, "state": job.state, "error": job.error,
+                                            "started_at": job.started_at, "ended_at": job.ended_at,
+                                            "progress": job.progress}]
+        ray_job_id = f"{job.id}-{len(attempts) + 1}"
+        with contextlib.suppress(OSError):  # the last attempt's outcome is not this one's
+            (job_dir / "result.json").remove()
+        (job_dir / "spec.json").write_json({**entry, "resume": True}, indent=None, sort_keys=False)
+        resumed = self.db.update(job.id, state=JobState.PENDING, ray_job_id=ray_job_id, error=None, started_at=None,
+                                 ended_at=None, attempts=attempts) or job
+        try:
+            self.jobs.submit(ray_job_id, job_dir.url, self.settings.job_python,
+                             {**job_metadata(job.id, job.kind, entry["spec"], entry["spec"].get("store")),
+                              "attempt": str(len(attempts) + 1)}, **entry_resources(job.kind, entry["spec"]))
+        except Exception as e:
+            return self.db.update(job.id, state=JobState.FAILED, error=f"Ray refused the job: {e}",
+                                  ended_at=now()) or resumed
+        return resumed
 
     # -- following -------------------------------------------------------------------------
 

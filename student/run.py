@@ -10,16 +10,17 @@ each handed the plan. It is the one module that imports both: the loop (``studen
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
 from typing import Any
 
-from stillroom.pipelines.core import Location
+from stillroom.pipelines.core import NO_METRICS, Location, Metrics
 from stillroom.pipelines.data import use_index_cache
 from stillroom.pipelines.training import resolve_device
 from stillroom.student.config import TrainConfig
 from stillroom.student.plan import resolve_plan
 from stillroom.student.tracking import check_tracker
-from stillroom.student.trainer import CHECKPOINT, check_resume, fit, make_student, prepare
+from stillroom.student.trainer import CHECKPOINT, Distributed, check_resume, fit, make_student, prepare
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -44,7 +45,17 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
         make_student(setup)  # refuses a bad student or --init before any worker starts
         return train_distributed(config, plan)
-    return fit(config, setup=setup, plan=plan, checkpoint=checkpoint)
+    return fit(config, Distributed(metrics=_process_metrics(config)), setup=setup, plan=plan, checkpoint=checkpoint)
+
+
+def _process_metrics(config: TrainConfig) -> Metrics:
+    """Ray's metrics for a one-worker run inside a Ray job or a process connected to Ray; Ray is not imported
+    otherwise."""
+    if not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+        return NO_METRICS
+    from stillroom.student.train_ray import process_metrics
+
+    return process_metrics(config)
 
 
 __all__ = ["train"]

@@ -20,6 +20,10 @@ stillroom's own fsspec filesystem, so Ray writes with the same endpoint and cred
 from the last reported checkpoint (``ray.train.get_checkpoint``), the epochs it holds kept as they were.
 
 Ray is started locally (``ray.init()``) unless a cluster is already connected or ``RAY_ADDRESS`` names one.
+
+Every worker exports ``TRAIN_METRICS`` to Ray's metrics (Prometheus: ``ray_stillroom_train_<name>[_total]``),
+tagged with the job, the store's cache key, the node and the rank; a one-worker run inside a Ray job (the
+service's) exports them from its own process (``process_metrics``).
 """
 
 from __future__ import annotations
@@ -32,10 +36,62 @@ from typing import Any
 
 import torch
 
-from stillroom.pipelines.core import Location, StillroomError, is_url
+from stillroom.pipelines.core import (
+    COUNTER,
+    GAUGE,
+    HISTOGRAM,
+    NO_METRICS,
+    ExportedMetrics,
+    Location,
+    MetricDef,
+    Metrics,
+    StillroomError,
+    is_url,
+    job_id,
+)
 from stillroom.student.config import TrainConfig
 from stillroom.student.plan import RunPlan
 from stillroom.student.trainer import CHECKPOINT, RAY_TRAIN_DIR, Distributed, fit
+
+TRAIN_METRICS = {
+    "samples": MetricDef(COUNTER, "training samples seen by the rank"),
+    "samples_per_s": MetricDef(GAUGE, "training samples per second of the rank over its last epoch"),
+    "loss": MetricDef(GAUGE, "each named loss term of the rank's last step", tag_keys=("term",)),
+    "learning_rate": MetricDef(GAUGE, "the learning rate of the last step"),
+    "epoch": MetricDef(GAUGE, "the epoch being trained (from 0)"),
+    "eval_top1": MetricDef(GAUGE, "top-1 accuracy on the eval split after the last evaluated epoch"),
+    "loader_wait_seconds": MetricDef(HISTOGRAM, "seconds the step waited for the loader's next batch"),
+}
+
+
+def train_metrics(job: str, store: str, rank: int) -> Metrics:
+    """This process's training metrics, tagged with ``job``, the store's key, this node and ``rank``."""
+    import ray
+
+    from stillroom.pipelines.labeling.ray_pool import make_ray_metric
+
+    tags = {"job": job, "store": os.path.basename(store.rstrip("/")),
+            "node": ray.get_runtime_context().get_node_id(), "rank": str(rank)}
+    return ExportedMetrics("stillroom_train", TRAIN_METRICS, tags, make_ray_metric)
+
+
+def this_job() -> str:
+    """The job the metrics name: the service's job id, else this Ray job's id."""
+    import ray
+
+    return job_id(ray.get_runtime_context().get_job_id())
+
+
+def process_metrics(config: TrainConfig) -> Metrics:
+    """The metrics of a one-worker run in this process: Ray's when this process is a Ray job's (``RAY_ADDRESS``
+    set by the job's supervisor) or is connected to Ray already, else none."""
+    import ray
+
+    if not ray.is_initialized():
+        if not os.environ.get("RAY_ADDRESS"):
+            return NO_METRICS
+        ray.init(address=os.environ["RAY_ADDRESS"], include_dashboard=False, log_to_driver=False)
+    return train_metrics(this_job(), config.store, 0)
 
 
 def _absolute(config: TrainConfig) -> TrainConfig:
@@ -48,7 +104,7 @@ def _absolute(config: TrainConfig) -> TrainConfig:
                    data_root=absolute(config.data_root) if config.data_root else None)
 
 
-def worker_distributed(resume_from: str | None = None) -> Distributed:
+def worker_distributed(resume_from: str | None = None, metrics: Metrics = NO_METRICS) -> Distributed:
     """This Ray Train worker's ``Distributed``: its rank, DDP, gloo/nccl all-reduce, its device and the epoch
     report (``report_epoch``)."""
     import ray.train
@@ -64,7 +120,7 @@ def worker_distributed(resume_from: str | None = None) -> Distributed:
 
     return Distributed(rank=ctx.get_world_rank(), world_size=world, wrap=ray.train.torch.prepare_model,
                        all_reduce_mean=all_reduce_mean, device=ray.train.torch.get_device(), resume_from=resume_from,
-                       end_epoch=report_epoch)
+                       end_epoch=report_epoch, metrics=metrics)
 
 
 def report_epoch(record: dict[str, Any], checkpoint: Path | None) -> None:
@@ -117,22 +173,23 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     config, plan = worker_config(loop_config), worker_plan(loop_config)
+    metrics = train_metrics(loop_config["job"], config.store, ray.train.get_context().get_world_rank())
     restart = ray.train.get_checkpoint()  # set when Ray restarts the run after a worker died
     if restart is None:
         if not config.resume and (Location(config.out) / CHECKPOINT).exists():
             # train() refused a run directory holding a run, so an earlier attempt of this run wrote it: Ray
             # restarted the run before its controller registered a reported checkpoint (it polls every 2 s)
             config = replace(config, resume=True)
-        fit(config, worker_distributed(), plan=plan)
+        fit(config, worker_distributed(metrics=metrics), plan=plan)
         return
     with restart.as_directory() as d:
-        fit(config, worker_distributed(resume_from=str(Path(d) / CHECKPOINT)), plan=plan)
+        fit(config, worker_distributed(resume_from=str(Path(d) / CHECKPOINT), metrics=metrics), plan=plan)
 
 
 def worker_loop_config(config: TrainConfig, use_gpu: bool, plan: RunPlan) -> dict[str, Any]:
     """The ``train_loop_config`` that ``worker_config`` and ``worker_plan`` read back on each worker."""
     return {"config": {**config.__dict__, "seeds": list(config.seeds) if config.seeds else None,
-                       "device": "cuda" if use_gpu else "cpu"}, "plan": plan.to_dict()}
+                       "device": "cuda" if use_gpu else "cpu"}, "plan": plan.to_dict(), "job": this_job()}
 
 
 def train_distributed(config: TrainConfig, plan: RunPlan) -> dict[str, Any]:

@@ -64,7 +64,9 @@ import torch
 from torch import nn
 
 from stillroom.pipelines.core import (
+    NO_METRICS,
     Location,
+    Metrics,
     RunDirectory,
     UsageError,
     default_of,
@@ -247,6 +249,8 @@ class Distributed:
     resume_from: str | None = None
     # after each epoch, on every rank: (the epoch's record, rank 0's checkpoint or None) -> ray.train.report
     end_epoch: Callable[[dict[str, Any], Path | None], None] = lambda record, checkpoint: None
+    # what this rank measures as it trains: Ray's metrics on a Ray worker (``student.train_ray``), else nothing
+    metrics: Metrics = NO_METRICS
 
 
 # options a resumed run may change: how it runs, not what it computes
@@ -302,6 +306,7 @@ class Run:
     best: dict[str, Any] | None = None  # epoch, weights, top1, top5 of best.pt
     repeat_note: str | None = None
     tracker: Any = None  # student.tracking.Tracker
+    bar: Any = None  # the run's progress bar: every epoch's steps (``fit``)
 
     @property
     def lead(self) -> bool:
@@ -429,11 +434,15 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
     updates_before = run.recipe.num_updates
     lr = run.recipe.current_lr  # the rate of the epoch's last step
     per_step = StepLosses(run.steps_per_epoch)
-    bar = progress_bar(run.steps_per_epoch, f"epoch {epoch} of {config.epochs} {config.loss}",
-                       config.progress and run.lead, unit="batch")
+    bar = run.bar or progress_bar(run.steps_per_epoch, "", False)
+    bar.set_description_str(f"epoch {epoch} of {config.epochs} {config.loss}", refresh=False)
+    metrics = dist.metrics
+    metrics.set("epoch", epoch)
+    t_wait = time.perf_counter()
     for batch in run.stream.epoch(epoch):
         if n_steps >= run.steps_per_epoch:
             break
+        metrics.observe("loader_wait_seconds", time.perf_counter() - t_wait)
         if run.online is not None:
             batch.teacher = run.online.labels(batch)
         update = run.recipe.is_update(n_steps, last=n_steps + 1 == run.steps_per_epoch)
@@ -449,10 +458,17 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
             sums[k] = sums.get(k, 0.0) + v
         per_step.add(n_steps - 1, values)
         samples += len(batch.ids)
-        bar.update(1)
+        metrics.add("samples", len(batch.ids))
+        metrics.set("learning_rate", lr)
+        for name, value in values.items():
+            metrics.set("loss", value, term=name)
         bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
-    bar.close()
+        bar.update(1)
+        t_wait = time.perf_counter()
+    if n_steps < run.steps_per_epoch:  # a short epoch: the run's bar counts the epoch whole
+        bar.update(run.steps_per_epoch - n_steps)
     seconds = time.perf_counter() - t0
+    metrics.set("samples_per_s", samples / max(seconds, 1e-9))
     return {"epoch": epoch, "seed": run.stream.seed_for_epoch(epoch),
             "losses": {k: round(v / max(n_steps, 1), 6) for k, v in sums.items()},
             "first_step": first, "steps": n_steps, "step_losses": per_step.to_dict(),
@@ -514,16 +530,22 @@ def fit(config: TrainConfig, dist: Distributed | None = None, setup: Setup | Non
         run = start_run(config, dist or Distributed(), setup or prepare(config), directory, plan, checkpoint)
         config = run.config
         t_run = time.perf_counter()
+        # progress over the whole run: every epoch's steps, those of the epochs done before a resume counted done
+        run.bar = progress_bar(config.epochs * run.steps_per_epoch, f"{config.loss}", config.progress and run.lead,
+                               unit="batch", initial=run.start_epoch * run.steps_per_epoch)
         for epoch in range(run.start_epoch, config.epochs):
             record = train_one_epoch(run, epoch)
             if (epoch + 1) % config.eval_interval == 0 or epoch + 1 == config.epochs:
                 evaluate_epoch(run, record)
+                if "top1" in record:
+                    run.dist.metrics.set("eval_top1", record["top1"])
             record.update(run.tracker.end_epoch(record, (epoch + 1) * run.steps_per_epoch, run.dist.all_reduce_mean))
             if run.lead:
                 save_run(run, record)
                 directory.sync()  # a run on a URL: the epoch's files, its checkpoints last
             run.dist.end_epoch(record, run.out / CHECKPOINT if run.lead else None)
         run.tracker.close()
+        run.bar.close()
         if not run.lead:
             return {}
         result = finish_run(run, time.perf_counter() - t_run)

@@ -29,6 +29,9 @@ def ray_cluster():
 
     from stillroom.services.launcher import free_port  # here: a bare GPU machine's `pytest -m gpu` has no SQLAlchemy
 
+    # Ray's metrics every 2 s, not 10: the metrics test reads them back (before the cluster starts: its processes
+    # take it from the environment)
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
     if not ray.is_initialized():
         # address="local": always a new cluster of our own, never one that `ray start` left on this machine
         ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",

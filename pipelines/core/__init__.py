@@ -2,6 +2,17 @@
 
 from stillroom.pipelines.core.atomic import write_atomically, write_json
 from stillroom.pipelines.core.errors import DataError, StillroomError, StoreError, UsageError
+from stillroom.pipelines.core.metrics import (
+    COUNTER,
+    GAUGE,
+    HISTOGRAM,
+    JOB_ID_ENV,
+    NO_METRICS,
+    ExportedMetrics,
+    MetricDef,
+    Metrics,
+    job_id,
+)
 from stillroom.pipelines.core.options import (
     add_arguments,
     apply_config_file,
@@ -27,6 +38,15 @@ from stillroom.pipelines.core.storage import (
 )
 
 __all__ = [
+    "COUNTER",
+    "ExportedMetrics",
+    "GAUGE",
+    "HISTOGRAM",
+    "JOB_ID_ENV",
+    "MetricDef",
+    "Metrics",
+    "NO_METRICS",
+    "job_id",
     "Location",
     "PROGRESS_ENV",
     "ProgressBar",

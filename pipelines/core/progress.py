@@ -1,8 +1,9 @@
 """Progress bars that a person sees in the terminal and the job service reads from a file.
 
 When ``STILLROOM_PROGRESS_FILE`` is set (the service sets it for every job it runs), each bar also writes
-``{"desc", "done", "total", "fraction"}`` there, at most once a second and when it closes: a path (replaced
-atomically) or a URL (``s3://...``: one whole object a write).
+``{"desc", "done", "total", "fraction", "unit", "rate", "eta_s"}`` there (``rate``: units a second since the bar
+opened, its ``initial`` left out; ``eta_s``: the seconds left at that rate), at most once a second and when it
+closes: a path (replaced atomically) or a URL (``s3://...``: one whole object a write).
 
 A bar writing to a terminal redraws its line in place (tqdm). A bar writing to anything else (a file, a Ray
 job's or worker's log) prints whole lines, one at most every ``STILLROOM_PROGRESS_INTERVAL`` seconds (default
@@ -77,11 +78,16 @@ class ProgressBar(tqdm):
             return
         self._last_write = time.monotonic()
         total = float(self.total or 0)
+        elapsed = time.time() - getattr(self, "start_t", time.time())  # a disabled bar has no start
+        done_here = self.n - getattr(self, "initial", 0)
+        rate = done_here / elapsed if elapsed > 0 and done_here > 0 else None
         record = {"desc": self.desc, "done": self.n, "total": total,
-                  "fraction": round(self.n / total, 4) if total else None, "at": time.time()}
+                  "fraction": round(self.n / total, 4) if total else None, "unit": self.unit,
+                  "rate": round(rate, 3) if rate else None,
+                  "eta_s": round(max(total - self.n, 0) / rate, 1) if rate and total else None, "at": time.time()}
         with contextlib.suppress(OSError):  # progress is a courtesy; the job goes on without it
             self._progress_path.write_json(record)
 
 
-def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "img") -> ProgressBar:
-    return ProgressBar(total=total, desc=desc, unit=unit, disable=not enabled)
+def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "img", initial: int = 0) -> ProgressBar:
+    return ProgressBar(total=total, desc=desc, unit=unit, disable=not enabled, initial=initial)

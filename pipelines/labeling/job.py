@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from stillroom.pipelines.core import UsageError, progress_bar
+from stillroom.pipelines.core import NO_METRICS, Metrics, UsageError, progress_bar
 from stillroom.pipelines.data import Dataset, load_dataset
 from stillroom.pipelines.labeling.config import LabelConfig, index_cache
 from stillroom.pipelines.labeling.stream import view_size
@@ -199,6 +199,7 @@ def _label_seeds(config: LabelConfig, store: LabelStore, leases: dict[int, SeedL
             for i, seeds in sorted(needs.items())]
     total = sum((b - a) * len(seeds) for seeds, _, a, b, _ in work)
     bar = progress_bar(total, f"labeling {len(leases)} seed(s)", progress)
+    metrics: Metrics = NO_METRICS
     if backend == "local":
         t_start = time.perf_counter()
         labeler = Labeler(config, str(store.path), "cuda" if config.gpus_per_worker > 0 else "cpu")
@@ -211,11 +212,13 @@ def _label_seeds(config: LabelConfig, store: LabelStore, leases: dict[int, SeedL
             labeler.views.close()
         timing: dict[str, Any] = {"startup_s": t_work - t_start, "work_s": time.perf_counter() - t_work, "nodes": 1}
     else:
-        from stillroom.pipelines.labeling.ray_pool import label_on_ray
+        from stillroom.pipelines.labeling.ray_pool import label_metrics, label_on_ray, this_job
 
+        metrics = label_metrics(this_job(), str(store.path))
         timing = label_on_ray(config, str(store.path), work, on_done=lambda n: bar.update(n))
     bar.close()
     for seed in sorted(leases):
         store.commit_seed(seed, leases[seed])
         leases[seed].release(final=True)
+        metrics.add("seeds_committed")
     return {**timing, "samples": total, "pieces": sum(len(seeds) for seeds, *_ in work)}

@@ -27,22 +27,58 @@ from typing import Any
 import ray
 import torch
 
-from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.core import COUNTER, GAUGE, HISTOGRAM, ExportedMetrics, MetricDef, Metrics, UsageError, job_id
 from stillroom.pipelines.labeling.config import LabelConfig
 from stillroom.pipelines.labeling.worker import Labeler
 
 RETRIES = 3
+
+# what the labeling job exports to Ray's metrics (Prometheus: ray_stillroom_label_<name>[_total]), each tagged with
+# the job, the store's cache key and the node; recorded by the workers' Labeler, seeds_committed by the driver
+LABEL_METRICS = {
+    "views_labeled": MetricDef(COUNTER, "views labeled and written (samples x seeds)"),
+    "images_per_s": MetricDef(GAUGE, "views labeled per second by one worker, over its last piece"),
+    "decode_seconds": MetricDef(HISTOGRAM, "seconds a worker waited for a batch of decoded views"),
+    "forward_seconds": MetricDef(HISTOGRAM, "seconds in the teachers' forward pass (and targets) of a batch"),
+    "write_seconds": MetricDef(HISTOGRAM, "seconds writing one seed's piece to the store"),
+    "bytes_written": MetricDef(COUNTER, "bytes of label arrays written to the store (before compression)"),
+    "seeds_committed": MetricDef(COUNTER, "seeds committed (COMPLETE written) by the job"),
+}
+
+
+def make_ray_metric(name: str, d: MetricDef, tag_keys: tuple[str, ...]) -> Any:
+    """A ``ray.util.metrics`` Counter, Gauge or Histogram for ``d`` (``pipelines.core.ExportedMetrics``' maker)."""
+    from ray.util import metrics
+
+    if d.kind == HISTOGRAM:
+        return metrics.Histogram(name, description=d.description, boundaries=list(d.boundaries), tag_keys=tag_keys)
+    kind = metrics.Counter if d.kind == COUNTER else metrics.Gauge
+    return kind(name, description=d.description, tag_keys=tag_keys)
+
+
+def label_metrics(job: str, store_path: str) -> Metrics:
+    """The labeling metrics of this process (a worker or the driver), tagged with ``job``, the store's key and
+    this node."""
+    tags = {"job": job, "store": os.path.basename(store_path.rstrip("/")),
+            "node": ray.get_runtime_context().get_node_id()}
+    return ExportedMetrics("stillroom_label", LABEL_METRICS, tags, make_ray_metric)
+
+
+def this_job() -> str:
+    """The job the metrics name: the service's job id, else this Ray job's id."""
+    return job_id(ray.get_runtime_context().get_job_id())
 
 
 @ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)
 class LabelWorker:
     """One Ray actor: loads the dataset and the teachers once, then labels pieces on request."""
 
-    def __init__(self, config: LabelConfig, store_path: str, num_threads: int, device: str):
+    def __init__(self, config: LabelConfig, store_path: str, num_threads: int, device: str, job: str = ""):
         if device == "cuda" and not torch.cuda.is_available():  # never a silent CPU fallback
             raise UsageError(f"label worker on {socket.gethostname()} was given a GPU by Ray but torch sees no CUDA")
         torch.set_num_threads(max(1, num_threads))
         self.labeler = Labeler(config, store_path, device)  # its decode processes: by the threads just set
+        self.labeler.metrics = label_metrics(job, store_path)
 
     def pid(self) -> int:
         return os.getpid()
@@ -145,7 +181,7 @@ def label_on_ray(config: LabelConfig, store_path: str, work: list[tuple[Any, ...
     actors = [
         LabelWorker.options(num_cpus=cpus_each, num_gpus=gpus, scheduling_strategy="SPREAD",  # type: ignore[attr-defined]
                             name=f"stillroom-label-{key}-{os.getpid()}-{i}").remote(
-            config, store_path, cpus_each, device)
+            config, store_path, cpus_each, device, this_job())
         for i in range(workers)
     ]
     try:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stillroom.pipelines.core import NO_METRICS, Metrics
 from stillroom.pipelines.data import Dataset, load_dataset
 from stillroom.pipelines.labeling.config import LabelConfig, index_cache
 from stillroom.pipelines.labeling.stream import ViewBatch, ViewStream, decode_views_torch
@@ -56,6 +57,7 @@ class Labeler:
 
     def __init__(self, config: LabelConfig, store_path: str, device: str = "cpu", decode_workers: int | None = None):
         self.config = config
+        self.metrics: Metrics = NO_METRICS  # the Ray actor hands it Ray's (``pipelines.labeling.ray_pool``)
         self.dataset: Dataset = load_dataset(config.dataset, config.split, config.data_root, index_cache(config))
         self.recipe: Recipe = get_recipe(config.recipe)
         self.teachers: list[Teacher] = load_teachers(config, self.dataset, device)
@@ -88,8 +90,17 @@ class Labeler:
         images at once."""
         parts: dict[int, list[dict[str, np.ndarray]]] = {seed: [] for seed in seeds}
         quality: dict[int, QualitySums] = {seed: {} for seed in seeds}
-        for batch in self.views.batches(seeds, ids, self.config.batch_size):
-            for seed, (arrays, sums) in zip(seeds, self._label_batch(seeds, batch), strict=True):
+        batches = iter(self.views.batches(seeds, ids, self.config.batch_size))
+        while True:
+            t = time.perf_counter()
+            batch = next(batches, None)  # the wait for the decode processes' next batch
+            if batch is None:
+                break
+            self.metrics.observe("decode_seconds", time.perf_counter() - t)
+            t = time.perf_counter()
+            labeled = self._label_batch(seeds, batch)
+            self.metrics.observe("forward_seconds", time.perf_counter() - t)
+            for seed, (arrays, sums) in zip(seeds, labeled, strict=True):
                 parts[seed].append(arrays)
                 quality[seed] = add_quality(quality[seed], sums)
         return {seed: ({k: np.concatenate([p[k] for p in parts[seed]]) for k in parts[seed][0]}, quality[seed])
@@ -165,7 +176,13 @@ class Labeler:
         seeds = (seeds,) if isinstance(seeds, int) else tuple(seeds)
         gens = {int(k): int(v) for k, v in (generations or {}).items()}
         for seed, (arrays, quality) in self.label_seeds(seeds, np.arange(start, stop, dtype=np.int64)).items():
+            t_write = time.perf_counter()
             self.store.write_piece(seed, piece, start, arrays, quality=quality, generation=gens.get(seed))
+            self.metrics.observe("write_seconds", time.perf_counter() - t_write)
+            self.metrics.add("bytes_written", sum(a.nbytes for a in arrays.values()))
+        views = (stop - start) * len(seeds)
+        self.metrics.add("views_labeled", views)
+        self.metrics.set("images_per_s", views / max(time.perf_counter() - t, 1e-9))
         return {"seed": seeds[0] if len(seeds) == 1 else seeds, "piece": piece, "samples": (stop - start) * len(seeds),
                 "seconds": time.perf_counter() - t, "pid": os.getpid()}
 

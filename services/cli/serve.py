@@ -76,12 +76,16 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.jobs_cmd == "ls":
         page = client.jobs(state=args.state, kind=args.kind, limit=args.limit)
         for j in page["jobs"]:
-            frac = (j.get("progress") or {}).get("fraction")
-            prog = f"{100 * frac:5.1f}%" if isinstance(frac, float) else "     "
-            print(f"{j['id']}  {j['kind']:7}  {j['state']:9}  {prog}  {'cache-hit' if j['cache_hit'] else ''}"
+            print(f"{j['id']}  {j['kind']:7}  {j['state']:9}  {describe_progress(j):40}  "
+                  f"{'cache-hit' if j['cache_hit'] else ''}"
                   f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(j['created_at']))}")
         if page["next_page_token"]:
             print(f"(more: --page-token {page['next_page_token']})")
+        return 0
+    if args.jobs_cmd == "watch":
+        return _watch(client, args.id, args.interval)
+    if args.jobs_cmd == "resume":
+        print(json.dumps(client.resume(args.id), indent=2))
         return 0
     if args.jobs_cmd == "show":
         print(json.dumps(client.job(args.id), indent=2))
@@ -96,6 +100,37 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return 0
     print(json.dumps(client.cancel(args.id), indent=2))
     return 0
+
+
+def describe_progress(job: dict[str, Any]) -> str:
+    """A job's progress over the whole job in a few words: ``41.7%  120.5 img/s  ETA 3m05s`` (what is known)."""
+    p = job.get("progress") or {}
+    frac = p.get("fraction")
+    words = [f"{100 * frac:5.1f}%" if isinstance(frac, int | float) else "    -"]
+    if isinstance(p.get("rate"), int | float) and job["state"] == "RUNNING":
+        words.append(f"{p['rate']:.1f} {p.get('unit') or 'it'}/s")
+        if isinstance(p.get("eta_s"), int | float):
+            minutes, seconds = divmod(int(p["eta_s"]), 60)
+            words.append(f"ETA {minutes}m{seconds:02d}s")
+    return "  ".join(words)
+
+
+def _watch(client, job_id: str, interval: float) -> int:
+    """``jobs watch``: a line each time the job's state or progress changes, until it ends; exit 0 when it
+    succeeded, 1 otherwise."""
+    last = ""
+
+    def show(j: dict[str, Any]) -> None:
+        nonlocal last
+        line = f"{j['id']}  {j['state']:9}  {describe_progress(j)}  {(j.get('progress') or {}).get('desc', '')}"
+        if line != last:
+            print(line, flush=True)
+            last = line
+
+    done = client.wait(job_id, on_update=show, interval=interval)
+    if done.get("error"):
+        print(f"{done['id']} {done['state']}: {done['error']}", file=sys.stderr)
+    return 0 if done["state"] == "SUCCEEDED" else 1
 
 
 def _follow(client, job: dict[str, Any], label: str) -> dict[str, Any]:
@@ -228,8 +263,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state", default=None)
     p.add_argument("--kind", default=None)
     p.add_argument("--limit", type=int, default=50)
-    for name in ("show", "cancel"):
-        jsub.add_parser(name).add_argument("id")
+    for name, help_text in (("show", "the job's record"), ("cancel", "stop a pending or running job"),
+                            ("resume", "continue a cancelled or failed train job from its last.pt")):
+        jsub.add_parser(name, help=help_text).add_argument("id")
+    p = jsub.add_parser("watch", help="a line each time the job's state or progress changes, until it ends")
+    p.add_argument("id")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between two looks (default 2)")
     p = jsub.add_parser("logs")
     p.add_argument("id")
     p.add_argument("--follow", action="store_true")

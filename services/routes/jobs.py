@@ -72,6 +72,14 @@ def show_job(job: JobDep, service: ServiceDep, _: Auth) -> JobPublic:
     return service.public(job)
 
 
+@router.post("/jobs/{job_id}/resume", response_model=JobPublic,
+             responses={**NOT_FOUND, 409: {"model": Message, "description": "not a cancelled or failed train job "
+                                                                            "with a last.pt"}},
+             summary="Continue a cancelled or failed train job from its last.pt (a new attempt of the same job)")
+def resume_job(job: JobDep, service: ServiceDep, _: Auth) -> JobPublic:
+    return service.public(service.resume(job))
+
+
 @router.post("/jobs/{job_id}/cancel", response_model=JobPublic,
              responses={**NOT_FOUND, 409: {"model": Message, "description": "the job has ended already"}})
 def cancel_job(job: JobDep, service: ServiceDep, _: Auth) -> JobPublic:

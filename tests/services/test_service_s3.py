@@ -98,7 +98,7 @@ def test_label_cache_hit_and_train_on_an_s3_store_root(s3: S3Server, tmp_path):
             finally:  # as it was: the session's shared Ray is no business of this test
                 os.environ.clear()
                 os.environ.update(environ)
-            assert "stillroom-" in ray_jobs
+            assert f"submission_id='{first['id']}'" in ray_jobs  # the job id is the submission id
     finally:
         server.stop()
     written = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "t.pt")
