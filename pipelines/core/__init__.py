@@ -1,7 +1,14 @@
 """The ground every stage stands on: errors, URLs and storage, atomic writes, options, progress, run directories."""
 
 from stillroom.pipelines.core.atomic import write_atomically, write_json
-from stillroom.pipelines.core.errors import DataError, StillroomError, StoreError, UsageError
+from stillroom.pipelines.core.errors import (
+    DataError,
+    StillroomError,
+    StoreError,
+    UsageError,
+    error_line,
+    from_worker,
+)
 from stillroom.pipelines.core.options import (
     add_arguments,
     apply_config_file,
@@ -41,8 +48,10 @@ __all__ = [
     "check_url",
     "default_from",
     "default_of",
+    "error_line",
     "filesystem",
     "flags_of",
+    "from_worker",
     "is_url",
     "local_path",
     "open_binary",

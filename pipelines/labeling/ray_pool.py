@@ -27,7 +27,7 @@ from typing import Any
 import ray
 import torch
 
-from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.core import UsageError, from_worker
 from stillroom.pipelines.labeling.config import LabelConfig
 from stillroom.pipelines.labeling.worker import Labeler
 
@@ -165,7 +165,12 @@ def label_on_ray(config: LabelConfig, store_path: str, work: list[tuple[tuple[in
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in ready:
                 slot, n = in_flight.pop(ref)
-                done = ray.get(ref)  # raises if the piece failed after every retry
+                try:
+                    done = ray.get(ref)  # raises if the piece failed after every retry
+                except ray.exceptions.RayTaskError as e:  # its cause on one line; Ray's traceback for the log
+                    raise from_worker(e.cause, str(e), "label worker") from None
+                except ray.exceptions.RayActorError as e:
+                    raise from_worker(None, str(e), f"label worker (it died {RETRIES + 1} times)") from None
                 for seed in item_seeds(done["seed"]):  # counted per seed's piece
                     piece_nodes[(seed, done["piece"])] = done["node_id"]
                 free.append(slot)
