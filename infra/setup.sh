@@ -25,6 +25,17 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
     fi
 fi
 
+# Chromium, headless: the page test opens / in a real browser and takes its screenshot (it skips, saying
+# why, without it)
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then
+        (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+            || echo "setup: could not install chromium; the page's browser test will be skipped" >&2
+    else
+        echo "setup: run 'sudo apt-get install -y chromium' for the page's browser test" >&2
+    fi
+fi
+
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1

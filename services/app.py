@@ -16,7 +16,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
+from stillroom.services import page
 from stillroom.services.config import Settings
 from stillroom.services.launcher import RayJobs
 from stillroom.services.routes import health, jobs, stores
@@ -85,11 +87,12 @@ def create_app(settings: Settings, ray_jobs: RayJobs, owns_cluster: bool = False
                       flush=True)
         service.db.close()
 
-    app = FastAPI(title="stillroom", version="0.1.0", lifespan=lifespan,
+    # Swagger UI and ReDoc from the files fastapi-offline installs, not a CDN: /docs works offline
+    app = FastAPIOffline(title="stillroom", version="0.1.0", lifespan=lifespan,
                   description="Label and training jobs for knowledge distillation from a label store.")
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    for router in (jobs.router, stores.router, health.router):
+    for router in (jobs.router, stores.router, health.router, page.router):
         app.include_router(router)
     _text_answers_are_only_text(app)
     return app

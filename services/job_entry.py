@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from stillroom.pipelines.core import JOB_ID_ENV, PROGRESS_ENV, Location, StillroomError
+from stillroom.pipelines.core import JOB_ID_ENV, PROGRESS_ENV, Location, StillroomError, error_line
 
 
 def run_teacher(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
@@ -76,12 +76,19 @@ def main(argv: list[str]) -> int:
     try:
         result = entry(job["spec"], job)
     except StillroomError as e:
-        print(f"stillroom: error: {e}", file=sys.stderr, flush=True)
-        result_file.write_json({"ok": False, "error": str(e)})
+        # an error raised in a Ray actor or worker: its traceback to this job's log, one line to the record
+        where = ""
+        if e.worker_traceback:
+            print(e.worker_traceback, file=sys.stderr, flush=True)
+            where = f" (traceback in the job's log: stillroom jobs logs {job['job_id']})"
+        line = error_line(e) + where
+        print(f"stillroom: error: {line}", file=sys.stderr, flush=True)
+        result_file.write_json({"ok": False, "error": line})
         return 1
     except Exception as e:
         traceback.print_exc()
-        result_file.write_json({"ok": False, "error": f"{type(e).__name__}: {e}"})
+        line = f"{type(e).__name__}: {error_line(e)} (traceback in the job's log: stillroom jobs logs {job['job_id']})"
+        result_file.write_json({"ok": False, "error": line})
         return 1
     print(json.dumps(result), flush=True)
     result_file.write_json({"ok": True, "result": result})

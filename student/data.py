@@ -59,20 +59,33 @@ log = logging.getLogger("stillroom.student")
 VIEW_ORDERS = ("cycle", "random")
 
 
+def _check_same_data(store: LabelStore, dataset: Dataset) -> None:
+    """Refuse a store labeled on other data, saying what differs in a person's words: the data set's name, split,
+    number of images and classes, or, where those agree, that the images or labels themselves differ."""
+    made = store.provenance.get("dataset", {})
+    theirs = (made.get("spec"), made.get("split"), store.schema.num_samples, store.schema.num_classes)
+    ours = (dataset.spec, dataset.split, len(dataset), dataset.num_classes)
+    if made.get("fingerprint") == dataset.fingerprint and theirs[1:] == ours[1:]:
+        return
+
+    def said(spec: object, split: object, n: int, classes: int) -> str:
+        return f"{spec} ({split} split, {n:,} images, {classes} classes)"
+
+    labels = ["split", "number of images", "number of classes"]
+    differ = [name for name, a, b in zip(labels, theirs[1:], ours[1:], strict=True) if a != b]
+    why = (("the " + " and the ".join(differ) + (" differ" if len(differ) > 1 else " differs")) if differ
+           else "the same split and sizes, other images or labels")
+    raise StoreError(f"store {store.cache_key} was labeled on {said(*theirs)}; this run reads {said(*ours)}: {why}")
+
+
 def check_store(store: LabelStore, dataset: Dataset, recipe: str | None = None) -> Recipe:
     """Refuse a store made for other data, another split, another class count or another recipe; return the
     recipe to rebuild views with (the store's, unless ``recipe`` names one, which must then match)."""
     prov = store.provenance
     stored_recipe = prov.get("recipe", {})
-    expected = {  # most telling first: the error names the first field that differs
-        "schema.num_classes": dataset.num_classes,
-        "dataset.split": dataset.split,
-        "schema.num_samples": len(dataset),
-        "dataset.fingerprint": dataset.fingerprint,
-    }
+    _check_same_data(store, dataset)
     if recipe is not None:
-        expected["recipe.name"] = recipe
-    store.check(expected)
+        store.check({"recipe.name": recipe})
     name = recipe or stored_recipe.get("name")
     if not name:
         raise StoreError(f"store {store.cache_key} does not record its view recipe")

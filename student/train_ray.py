@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from stillroom.pipelines.core import (
     MetricDef,
     Metrics,
     StillroomError,
+    from_worker,
     is_url,
     job_id,
 )
@@ -192,6 +194,29 @@ def worker_loop_config(config: TrainConfig, use_gpu: bool, plan: RunPlan) -> dic
                        "device": "cuda" if use_gpu else "cpu"}, "plan": plan.to_dict(), "job": this_job()}
 
 
+def worker_error(error: BaseException) -> StillroomError | None:
+    """What a training worker raised, out of what Ray Train's ``fit`` raised (the cause chain; a
+    ``WorkerGroupError``'s failures by rank; a ``RayTaskError``'s ``cause``), as ``from_worker`` makes it, with
+    Ray's text of it as the traceback; None when no worker's error is in there."""
+    seen: set[int] = set()
+    todo = [error]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # a RayTaskError: the exception the worker raised
+        if isinstance(cause, BaseException):
+            return from_worker(cause, str(e), "training worker")
+        if isinstance(e, StillroomError):
+            return from_worker(e, "".join(traceback.format_exception(e)), "training worker")
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            todo += [f for _, f in sorted(failures.items()) if isinstance(f, BaseException)]
+        todo += [x for x in (e.__cause__, e.__context__) if x is not None]
+    return None
+
+
 def train_distributed(config: TrainConfig, plan: RunPlan) -> dict[str, Any]:
     """Train on ``config.workers`` Ray Train workers, each given ``plan`` (``student.run.train`` resolved it),
     and return rank 0's final metrics."""
@@ -221,12 +246,10 @@ def train_distributed(config: TrainConfig, plan: RunPlan) -> dict[str, Any]:
     )
     try:
         trainer.fit()
-    except Exception as e:  # a worker's StillroomError arrives wrapped; say what it was
-        cause: BaseException = e
-        while cause.__cause__ is not None and not isinstance(cause, StillroomError):
-            cause = cause.__cause__
-        if isinstance(cause, StillroomError):
-            raise cause from None
+    except Exception as e:  # a worker's error arrives wrapped: its cause on one line, the traceback for the log
+        error = worker_error(e)
+        if error is not None:
+            raise error from None
         raise
     metrics = out / "metrics.json"
     if not metrics.exists():

@@ -1,7 +1,14 @@
 """The ground every stage stands on: errors, URLs and storage, atomic writes, options, progress, run directories."""
 
 from stillroom.pipelines.core.atomic import write_atomically, write_json
-from stillroom.pipelines.core.errors import DataError, StillroomError, StoreError, UsageError
+from stillroom.pipelines.core.errors import (
+    DataError,
+    StillroomError,
+    StoreError,
+    UsageError,
+    error_line,
+    from_worker,
+)
 from stillroom.pipelines.core.metrics import (
     COUNTER,
     GAUGE,
@@ -62,8 +69,10 @@ __all__ = [
     "check_url",
     "default_from",
     "default_of",
+    "error_line",
     "filesystem",
     "flags_of",
+    "from_worker",
     "is_url",
     "json_object",
     "local_path",

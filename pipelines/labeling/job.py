@@ -198,8 +198,23 @@ def _label_seeds(config: LabelConfig, store: LabelStore, leases: dict[int, SeedL
     work = [(tuple(seeds), i, *pieces[i], {s: generations[s] for s in seeds if s in generations})
             for i, seeds in sorted(needs.items())]
     total = sum((b - a) * len(seeds) for seeds, _, a, b, _ in work)
-    bar = progress_bar(total, f"labeling {len(leases)} seed(s)", progress)
     metrics: Metrics = NO_METRICS
+    if backend != "local":
+        from stillroom.pipelines.labeling.ray_pool import label_metrics, this_job
+
+        metrics = label_metrics(this_job(), str(store.path))
+    with progress_bar(total, f"labeling {len(leases)} seed(s)", progress) as bar:  # its line ends before an error's
+        timing = _label_pieces(config, store, work, backend, bar)
+    for seed in sorted(leases):
+        store.commit_seed(seed, leases[seed])
+        leases[seed].release(final=True)
+        metrics.add("seeds_committed")
+    return {**timing, "samples": total, "pieces": sum(len(seeds) for seeds, *_ in work)}
+
+
+def _label_pieces(config: LabelConfig, store: LabelStore, work: list[tuple[tuple[int, ...], int, int, int, dict]],
+                  backend: str, bar: Any) -> dict[str, Any]:
+    """Label ``work`` in this process (``local``) or on a Ray actor pool; the seconds it took."""
     if backend == "local":
         t_start = time.perf_counter()
         labeler = Labeler(config, str(store.path), "cuda" if config.gpus_per_worker > 0 else "cpu")
@@ -210,15 +225,7 @@ def _label_seeds(config: LabelConfig, store: LabelStore, leases: dict[int, SeedL
                 bar.update((b - a) * len(seeds))
         finally:
             labeler.views.close()
-        timing: dict[str, Any] = {"startup_s": t_work - t_start, "work_s": time.perf_counter() - t_work, "nodes": 1}
-    else:
-        from stillroom.pipelines.labeling.ray_pool import label_metrics, label_on_ray, this_job
+        return {"startup_s": t_work - t_start, "work_s": time.perf_counter() - t_work, "nodes": 1}
+    from stillroom.pipelines.labeling.ray_pool import label_on_ray
 
-        metrics = label_metrics(this_job(), str(store.path))
-        timing = label_on_ray(config, str(store.path), work, on_done=lambda n: bar.update(n))
-    bar.close()
-    for seed in sorted(leases):
-        store.commit_seed(seed, leases[seed])
-        leases[seed].release(final=True)
-        metrics.add("seeds_committed")
-    return {**timing, "samples": total, "pieces": sum(len(seeds) for seeds, *_ in work)}
+    return label_on_ray(config, str(store.path), work, on_done=lambda n: bar.update(n))

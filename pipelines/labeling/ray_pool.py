@@ -27,7 +27,17 @@ from typing import Any
 import ray
 import torch
 
-from stillroom.pipelines.core import COUNTER, GAUGE, HISTOGRAM, ExportedMetrics, MetricDef, Metrics, UsageError, job_id
+from stillroom.pipelines.core import (
+    COUNTER,
+    GAUGE,
+    HISTOGRAM,
+    ExportedMetrics,
+    MetricDef,
+    Metrics,
+    UsageError,
+    from_worker,
+    job_id,
+)
 from stillroom.pipelines.labeling.config import LabelConfig
 from stillroom.pipelines.labeling.worker import Labeler
 
@@ -203,7 +213,12 @@ def label_on_ray(config: LabelConfig, store_path: str, work: list[tuple[Any, ...
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in ready:
                 slot, n = in_flight.pop(ref)
-                done = ray.get(ref)  # raises if the piece failed after every retry
+                try:
+                    done = ray.get(ref)  # raises if the piece failed after every retry
+                except ray.exceptions.RayTaskError as e:  # its cause on one line; Ray's traceback for the log
+                    raise from_worker(e.cause, str(e), "label worker") from None
+                except ray.exceptions.RayActorError as e:
+                    raise from_worker(None, str(e), f"label worker (it died {RETRIES + 1} times)") from None
                 for seed in item_seeds(done["seed"]):  # counted per seed's piece
                     piece_nodes[(seed, done["piece"])] = done["node_id"]
                 free.append(slot)

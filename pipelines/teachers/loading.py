@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,23 @@ def read_class_map(path: str, num_classes: int, class_names: Sequence[str] | Non
     return tuple(indices)
 
 
+def _unreadable(path: str, error: Exception) -> str:
+    """Why a teacher file is no checkpoint, in a person's words rather than torch's advice about ``weights_only``."""
+    text = str(error)
+    if path.endswith(".safetensors"):
+        return f"teacher checkpoint {path} is not a safetensors file ({(text.splitlines() or [''])[0][:120]})"
+    with open_binary(path) as f:
+        head = f.read(4)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (a pickle before torch 1.6)
+        return (f"teacher checkpoint {path} is not a checkpoint: not a file torch.save wrote (expected a stillroom "
+                "teacher .pt, a timm .pth or .safetensors)")
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused:
+        return (f"teacher checkpoint {path} holds pickled Python objects ({refused.group(1)}), which stillroom does "
+                "not load (weights only): save the model's state_dict, or train it with `stillroom teacher train`")
+    return f"teacher checkpoint {path} is not a checkpoint torch can read (damaged or cut: {type(error).__name__})"
+
+
 def _read_checkpoint(path: str) -> tuple[Any, dict[str, Any]]:
     """The checkpoint's contents and the timm config found with it (a ``config.json`` beside a
     ``.safetensors``, as the hub lays a timm model out; empty when none). ``path`` is a local path or a URL
@@ -120,8 +138,7 @@ def _read_checkpoint(path: str) -> tuple[Any, dict[str, Any]]:
             with open_binary(path) as f:
                 ckpt = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, truncated, or pickled objects weights_only refuses
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UsageError(f"cannot read teacher checkpoint {path}: {type(e).__name__}: {first}") from None
+        raise UsageError(_unreadable(path, e)) from None
     config: dict[str, Any] = {}
     beside = Location(path.rsplit("/", 1)[0] + "/config.json") if "/" in path else Location("config.json")
     if path.endswith(".safetensors") and beside.is_file():

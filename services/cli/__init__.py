@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import stillroom
-from stillroom.pipelines.core import StillroomError, apply_config_file
+from stillroom.pipelines.core import StillroomError, apply_config_file, error_line
 
 # modules with a ``register(subparsers)``, and the top-level commands each registers; one that is not there
 # yet is skipped
@@ -51,9 +55,21 @@ def main(argv: list[str] | None = None) -> int:
         args = apply_config_file(args, lambda: parser.parse_args(argv))  # --config FILE.yaml, flags override it
         return int(args.func(args) or 0)
     except StillroomError as e:
-        print(f"stillroom: error: {e}", file=sys.stderr)
+        print(f"stillroom: error: {error_line(e)}{_log_worker_traceback(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("stillroom: interrupted", file=sys.stderr)
         return 130
 
+
+def _log_worker_traceback(error: StillroomError) -> str:
+    """An error raised in a Ray actor or worker: its traceback to a log file, named after the error line."""
+    if not error.worker_traceback:
+        return ""
+    log = Path(tempfile.gettempdir()) / "stillroom" / f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(error.worker_traceback)
+    except OSError:
+        return ""
+    return f" (traceback: {log})"

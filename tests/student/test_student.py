@@ -156,9 +156,11 @@ def test_full_online_targets_are_the_teachers_float32_distribution(rich_store, t
 def test_bad_input_is_refused_before_training(rich_store, plain_store, tmp_path):
     out = tmp_path / "run"
     cases = [
-        (StoreError, "num_classes", _config(rich_store, out, dataset="synthetic:n=64,classes=5,size=16")),
-        (StoreError, "fingerprint", _config(rich_store, out, dataset="synthetic:n=64,classes=4,size=17")),
-        (StoreError, "num_samples", _config(rich_store, out, dataset="synthetic:n=65,classes=4,size=16")),
+        (StoreError, "the number of classes differs",
+         _config(rich_store, out, dataset="synthetic:n=64,classes=5,size=16")),
+        (StoreError, "other images or labels", _config(rich_store, out, dataset="synthetic:n=64,classes=4,size=17")),
+        (StoreError, r"\(train split, 64 images, 4 classes\); this run reads .*65 images.*the number of images differs",
+         _config(rich_store, out, dataset="synthetic:n=65,classes=4,size=16")),
         (StoreError, "sampled", _config(plain_store, out, "sampled")),
         (StoreError, "features", _config(plain_store, out, "tat")),
         (StoreError, "seeds [7]", _config(rich_store, out, seeds=(7,))),

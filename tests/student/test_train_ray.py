@@ -167,3 +167,32 @@ def test_tat_on_a_student_without_a_known_last_module_keeps_ddp_and_the_ranks_eq
     assert names and any(not torch.equal(ranks[0]["before"][k], ranks[0]["after"][k]) for k in names)  # it trained
     diverged = [k for k in names if not torch.equal(ranks[0]["after"][k], ranks[1]["after"][k])]
     assert diverged == []
+
+
+@pytest.mark.ray
+def test_a_training_worker_error_is_one_line_with_ray_traceback_kept(ray_cluster):
+    """What Ray Train's fit raises for a worker's DataError (Ray's own RayTaskError, inside a WorkerGroupError
+    by rank, or as a cause): its cause on one line, Ray's traceback kept for the job's log, colour codes gone."""
+    import ray
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from stillroom.pipelines.core import DataError, error_line
+    from stillroom.student.train_ray import worker_error
+
+    @ray.remote
+    def decode() -> None:
+        raise DataError("/data/train/n01/x.JPEG: cannot decode (broken data stream when reading image file)")
+
+    with pytest.raises(ray.exceptions.RayTaskError) as caught:
+        ray.get(decode.remote())
+    raised = caught.value
+    chained = RuntimeError("Training failed")
+    chained.__cause__ = raised
+    for wrapped in (WorkerGroupError("rank 0 failed", {0: raised}), chained):
+        error = worker_error(wrapped)
+        assert isinstance(error, DataError)
+        assert error_line(error) == ("DataError: /data/train/n01/x.JPEG: cannot decode (broken data stream when "
+                                     "reading image file)")
+        tb = error.worker_traceback or ""
+        assert "ray::decode()" in tb and ", in decode" in tb and "\x1b[" not in tb
+    assert worker_error(RuntimeError("the controller failed")) is None

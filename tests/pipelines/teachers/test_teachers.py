@@ -92,19 +92,24 @@ def test_bad_teachers_raise_usage_errors(tmp_path):
     torch.save(timm.create_model("test_resnet", num_classes=4).state_dict(), plain)
     (tmp_path / "text.pt").write_text("not a checkpoint")
     torch.save([1, 2, 3], tmp_path / "list.pt")
+    torch.save({"model": timm.create_model("test_resnet", num_classes=4)}, tmp_path / "pickled.pt")  # the module
+    (tmp_path / "cut.pt").write_bytes(plain.read_bytes()[:200])
     cases = {
         "no_such_model_xyz": "unknown model 'no_such_model_xyz'",
         f"no_such_model_xyz@{ckpt}": "unknown model",
         f"resnet18@{ckpt}": "holds a test_resnet, not a resnet18",
         f"resnet18@{plain}": "does not fit resnet18",
         f"test_resnet@{tmp_path / 'missing.pt'}": "does not exist",
-        f"test_resnet@{tmp_path / 'text.pt'}": "cannot read teacher checkpoint",
+        f"test_resnet@{tmp_path / 'text.pt'}": r"text.pt is not a checkpoint: not a file torch.save wrote",
+        f"test_resnet@{tmp_path / 'pickled.pt'}": r"holds pickled Python objects \(timm.models.resnet.ResNet\)",
+        f"test_resnet@{tmp_path / 'cut.pt'}": "is not a checkpoint torch can read",
         f"test_resnet@{tmp_path / 'list.pt'}": "neither a stillroom teacher checkpoint nor a state dict",
         "test_resnet@": "expected NAME@CHECKPOINT",
     }
     for bad, message in cases.items():
-        with pytest.raises(UsageError, match=message):
+        with pytest.raises(UsageError, match=message) as caught:
             load_teacher(bad, num_classes=4)
+        assert "weights_only" not in str(caught.value)
     with pytest.raises(UsageError, match=r"predicts 4 classes \(its stillroom checkpoint\); the dataset has 10"):
         load_teacher(spec, num_classes=10)
 
