@@ -81,8 +81,9 @@ class ProgressBar(tqdm):
         elapsed = time.time() - getattr(self, "start_t", time.time())  # a disabled bar has no start
         done_here = self.n - getattr(self, "initial", 0)
         rate = done_here / elapsed if elapsed > 0 and done_here > 0 else None
-        record = {"desc": self.desc, "done": self.n, "total": total,
-                  "fraction": round(self.n / total, 4) if total else None, "unit": self.unit,
+        # a disabled bar (tqdm's early return) has neither desc nor unit
+        record = {"desc": getattr(self, "desc", ""), "done": self.n, "total": total,
+                  "fraction": round(self.n / total, 4) if total else None, "unit": getattr(self, "unit", ""),
                   "rate": round(rate, 3) if rate else None,
                   "eta_s": round(max(total - self.n, 0) / rate, 1) if rate and total else None, "at": time.time()}
         with contextlib.suppress(OSError):  # progress is a courtesy; the job goes on without it

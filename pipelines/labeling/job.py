@@ -203,7 +203,7 @@ def _label_seeds(config: LabelConfig, store: LabelStore, leases: dict[int, SeedL
         from stillroom.pipelines.labeling.ray_pool import label_metrics, this_job
 
         metrics = label_metrics(this_job(), str(store.path))
-    with progress_bar(total, f"labeling {len(leases)} seed(s)", progress) as bar:  # its line ends before an error's
+    with progress_bar(total, f"labeling {len(leases)} seed(s)", progress, unit="views") as bar:  # ends before an error
         timing = _label_pieces(config, store, work, backend, bar)
     for seed in sorted(leases):
         store.commit_seed(seed, leases[seed])

@@ -37,14 +37,16 @@ class SeedReader:
             raise StoreError(f"seeds {missing} are not in {store.path}: complete seeds are "
                              f"{sorted(complete) or 'none'}")
         self._meta: dict[str, dict[str, Any]] = {}  # name -> the array's metadata, the same in every seed
-        self._open: dict[int, dict[str, zarr.Array]] = {}
+        self._open: tuple[int, dict[str, zarr.Array]] | None = None  # the last seed's arrays: one seed's at a time
 
     def arrays(self, seed: int) -> dict[str, zarr.Array]:
-        """The seed's open arrays (opened on first use: the first seed reads their metadata, the others none)."""
+        """The seed's open arrays (the first seed read reads their metadata, the others none). Only the last seed's
+        are kept: an open array holds a few kilobytes whatever the store's size, and a reader of 64 seeds keeps
+        no more of them than a reader of one."""
         seed = int(seed)
         if seed not in self.seeds:
             raise StoreError(f"seed {seed} is not one of this reader's {list(self.seeds)}")
-        if seed not in self._open:
+        if self._open is None or self._open[0] != seed:
             where = self.store.seed_dir(seed)
             if not self._meta:
                 group = zarr.open_group(store=str(where), mode="r", zarr_format=3)
@@ -55,8 +57,8 @@ class SeedReader:
                            else FsspecStore.from_url(where, read_only=True))
                 opened = {name: zarr.Array.from_dict(StorePath(backend, name), dict(meta))
                           for name, meta in self._meta.items()}
-            self._open[seed] = opened
-        return self._open[seed]
+            self._open = (seed, opened)
+        return self._open[1]
 
     def rows(self, seed: int, start: int, stop: int) -> dict[str, np.ndarray]:
         """Rows ``[start, stop)`` of each array of ``seed`` (a StoreError names an array that cannot be read)."""
