@@ -16,7 +16,7 @@ needs_fmnist = pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-images-idx3-uby
 
 @pytest.fixture(scope="session", autouse=True)
 def _shard_stage(tmp_path_factory):
-    """Parquet shards staged from object storage (``pipelines._shard_stage``) go under the session's temp folder,
+    """Parquet shards staged from object storage (``pipelines.data.stage``) go under the session's temp folder,
     here and in every process a test starts."""
     os.environ.setdefault("STILLROOM_SHARD_STAGE", str(tmp_path_factory.mktemp("shard-stage")))
 
