@@ -88,7 +88,7 @@ def test_page_shows_a_running_label_job_a_finished_train_job_stores_and_teachers
     assert "RUNNING" in run_row and "label" in run_row and re.search(r"\d[\d,]* views/s", run_row), run_row
     percent = float(re.search(r"([\d.]+)%", run_row).group(1))
     assert 0 <= percent < 100
-    assert f'href="{ray_dashboard}/#/jobs/stillroom-{running["id"]}"' in rows[running["id"]]
+    assert f'href="{ray_dashboard}/#/jobs/{running["id"]}"' in rows[running["id"]]  # submission id = job id
     assert "cancel" in run_row  # an action for an active job
     assert "SUCCEEDED" in train_row and "100.0%" in train_row and "test_resnet" in train_row
     assert f'href="/page/jobs/{train["id"]}/log"' in rows[train["id"]]
