@@ -33,6 +33,7 @@ def ray_cluster():
     # take it from the environment)
     os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
     if not ray.is_initialized():
+        _agent_port_of_our_own(free_port())
         # address="local": always a new cluster of our own, never one that `ray start` left on this machine
         ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
                        dashboard_port=free_port(), log_to_driver=False)
@@ -42,6 +43,24 @@ def ray_cluster():
 
 
 _DASHBOARD: list[str] = []
+
+
+def _agent_port_of_our_own(port: int) -> None:
+    """Gives the cluster's dashboard agent a free port instead of Ray's fixed 52365, which `ray.init` offers no
+    argument for: two test runs on one machine would otherwise share one agent, and the second's Jobs API answers
+    "No available agent to submit job"."""
+    from ray._private import parameter
+
+    init = parameter.RayParams.__init__
+    if getattr(init, "_stillroom_port", None):
+        return
+
+    def with_port(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", port)
+        init(self, *args, **kwargs)
+
+    with_port._stillroom_port = port  # type: ignore[attr-defined]
+    parameter.RayParams.__init__ = with_port  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")
