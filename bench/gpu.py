@@ -295,7 +295,8 @@ def label_config(folder: Path, teacher: str, store_root: Path, s: dict[str, Any]
     return LabelConfig(dataset=f"imagefolder:{folder}", teachers=(teacher,), recipe=recipe, seeds=seeds, top_k=10,
                        batch_size=s["batch"], chunk_rows=s["chunk_rows"], store_root=str(store_root),
                        gpus_per_worker=1.0 if device == "cuda" else 0.0, teacher_dtype=dtype,
-                       decode_workers=s["decode_workers"])
+                       decode_workers=s["decode_workers"],
+                       decode="gpu" if device == "cuda" else "cpu")  # nvJPEG is asked for now (PIL by default)
 
 
 def plain_loop(folder: Path, spec: str, s: dict[str, Any], device: str) -> float:

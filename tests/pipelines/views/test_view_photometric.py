@@ -230,10 +230,10 @@ def test_photometric_recipes_decode_on_the_cpu(folder, tmp_path):
     teacher = make_teacher(tmp_path / "t.pt", in_chans=3, resolution=32)
     data = f"imagefolder:{folder}"
     auto = LabelConfig(dataset=data, teachers=(teacher,), recipe=DEIT, gpus_per_worker=1, store_root=str(tmp_path))
-    assert auto.decode_on == "cpu"  # a GPU teacher's default, nvJPEG, would skip the ops
-    plain = LabelConfig(dataset=data, teachers=(teacher,), recipe="fkd:size=32", gpus_per_worker=1,
+    assert auto.decode_on == "cpu"  # nvJPEG would skip the ops
+    plain = LabelConfig(dataset=data, teachers=(teacher,), recipe="fkd:size=32", gpus_per_worker=1, decode="gpu",
                         store_root=str(tmp_path))
-    assert plain.decode_on == "gpu"
+    assert plain.decode_on == "gpu"  # asked for, on a recipe without photometric ops
     with pytest.raises(UsageError, match="--decode cpu"):
         LabelConfig(dataset=data, teachers=(teacher,), recipe=DEIT, decode="gpu", gpus_per_worker=1)
 
