@@ -1,6 +1,7 @@
 """Views are the same bits on any machine and device: a label worker's teacher inputs for erased ``deit`` views hash
 alike under torch's scalar kernels (``ATEN_CPU_CAPABILITY=default``) and this CPU's best (AVX2/AVX-512); uint8
-becomes float by one table on every device; on CUDA, the normalised views equal the CPU's bit for bit."""
+becomes float by one table on every device; on CUDA, the normalised views equal the CPU's bit for bit. Not yet:
+in-memory views (``apply_views``' grid_sample), a strict xfail until they are."""
 
 from __future__ import annotations
 
@@ -80,6 +81,35 @@ def test_teacher_inputs_of_erased_views_are_the_same_under_every_cpu_capability(
         pytest.skip(f"this CPU's best capability is {best['capability']}: nothing to compare")
     assert scalar["capability"] == "DEFAULT" and best["erased"] == scalar["erased"] >= 40
     assert best["digest"] == scalar["digest"], (best, scalar)
+
+
+IN_MEMORY_VIEWS = textwrap.dedent("""
+    import hashlib, json
+    import numpy as np, torch
+    from stillroom.pipelines.data import load_dataset
+    from stillroom.pipelines.views import build_views, get_recipe
+    ds = load_dataset("synthetic:n=512,classes=4,size=28", "train")
+    views, _ = build_views(ds, get_recipe("fmnist-rrc"), 0, np.arange(len(ds)))
+    print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(),
+                      "digest": hashlib.sha256(views.numpy().tobytes()).hexdigest()}))
+""")
+
+
+@pytest.mark.xfail(strict=True, reason="in-memory views are cropped by grid_sample, whose AVX2 kernel rounds "
+                                       "otherwise than its scalar one (ulps in every fmnist-rrc view; 9 of 2048 "
+                                       "fmnist-randaug views a pixel off after rounding): not fixed yet")
+def test_in_memory_views_are_the_same_under_every_cpu_capability():
+    runs = []
+    for capability in (None, "default"):
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        env.update({"ATEN_CPU_CAPABILITY": capability} if capability else {})
+        out = subprocess.run([sys.executable, "-c", IN_MEMORY_VIEWS], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    if runs[0]["capability"] == runs[1]["capability"]:
+        pytest.skip(f"this CPU's best capability is {runs[0]['capability']}: nothing to compare")
+    assert runs[0]["digest"] == runs[1]["digest"]
 
 
 def test_uint8_to_float_is_the_cpus_division():
