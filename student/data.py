@@ -96,6 +96,18 @@ def check_store(store: LabelStore, dataset: Dataset, recipe: str | None = None) 
     return current
 
 
+def replay_note(store: LabelStore) -> str | None:
+    """One line where the store's teacher saw other pixels than a student replays: views decoded on the GPU
+    (``label --decode gpu``: nvJPEG and roi_align, recorded in the provenance and the key) where every student
+    decodes with PIL; None where they are the same views."""
+    decode = store.provenance.get("labels", {}).get("decode")
+    if not decode:
+        return None
+    return (f"store {store.cache_key} was labeled on views decoded by {decode} (label --decode gpu); this run "
+            "replays PIL's views of the same parameters, about a grey level apart, so its teacher labels describe "
+            "slightly other pixels (label with --decode cpu for the very pixels)")
+
+
 class StoreStream:
     """Batches of views and stored labels, epoch by epoch.
 
@@ -354,4 +366,5 @@ def label_names(store: LabelStore) -> list[str]:
     return [name for name in store.schema.arrays() if name in wanted]
 
 
-__all__ = ["Batch", "StoreStream", "check_store", "label_tensors", "mixed_targets", "partner_run_order", "read_labels"]
+__all__ = ["Batch", "StoreStream", "check_store", "label_tensors", "mixed_targets", "partner_run_order", "read_labels",
+           "replay_note"]

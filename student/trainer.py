@@ -87,7 +87,7 @@ from stillroom.pipelines.training import (
 )
 from stillroom.pipelines.views import Recipe, output_size
 from stillroom.student.config import LOSSES, TAT_VARIANTS, TrainConfig
-from stillroom.student.data import Batch, StoreStream, check_store
+from stillroom.student.data import Batch, StoreStream, check_store, replay_note
 from stillroom.student.evaluate import evaluate, load_init_weights, read_checkpoint, save_checkpoint
 from stillroom.student.methods import Heads, method_class
 from stillroom.student.models import (
@@ -342,6 +342,9 @@ def start_run(config: TrainConfig, dist: Distributed, setup: Setup, directory: R
     repeat_note = stream.warn_if_repeating(config.epochs)
     if repeat_note and dist.rank == 0:
         print(f"stillroom: note: {repeat_note}", file=sys.stderr)
+    decode_note = replay_note(setup.store)
+    if decode_note and dist.rank == 0:
+        print(f"stillroom: note: {decode_note}", file=sys.stderr)
     online = None
     if config.online:
         from stillroom.student.online import OnlineTeacher

@@ -9,10 +9,11 @@ of float32's bytes; pinned host memory on CUDA) and finishes the views there (``
 teacher's ``Preprocess`` normalises). No process holds the data set: each holds its index (labels, sizes,
 where the bytes are).
 
-With ``decode="gpu"`` on CUDA the worker processes only read the bytes; JPEGs are decoded in batches by
-``torchvision.io.decode_jpeg(list, device="cuda")`` and each crop is resized on the GPU
-(``decode_views_torch``). Those pixels differ slightly from the PIL views students replay (no DCT-scaled
-decode, another resampling filter): the store's provenance records it, so it is another cache key.
+With ``decode="gpu"`` (only when asked: ``--decode gpu``) the worker processes only read the bytes; JPEGs are
+decoded in batches by ``torchvision.io.decode_jpeg(list, device="cuda")`` and each crop is resized on the GPU
+(``decode_views_torch``; on a CPU device the same calls run there). Those pixels differ slightly from the PIL views
+students replay (no DCT-scaled decode, another resampling filter): the store's provenance records it, so it is
+another cache key, and a student replaying such a store is told (``student.data.replay_note``).
 
 An in-memory data set (Fashion-MNIST) has nothing to decode: its views are built in the worker's thread.
 """

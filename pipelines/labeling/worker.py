@@ -69,7 +69,9 @@ class Labeler:
                 teacher.model.to(memory_format=torch.channels_last)
         self.decode_workers = (config.decode_processes(torch.get_num_threads()) if decode_workers is None
                                else decode_workers)
-        self.decode = config.decode_on if self.device.type == "cuda" else "cpu"
+        # decode="gpu" on a CPU device: the same path on the CPU (torchvision's decoder and roi_align), the pixels
+        # its store's key says
+        self.decode = config.decode_on
         # each teacher's input rendered from the source at its own size, from the same boxes
         self.views = ViewStream(self.dataset, self.recipe, self.decode_workers, self.decode,
                                 pin_memory=self.device.type == "cuda",

@@ -5,9 +5,11 @@ The ops run in timm's order on the uint8 view in the worker that renders it: cro
 ``ImageOps``/``ImageEnhance``/``transform`` as timm calls them; torchvision's functional ops for colour jitter and
 torchvision's RandAugment), then random erasing on the uint8 view, then (on the device) mixing. timm erases the
 normalised tensor per sample, before its batch is mixed; here the erased pixels are ``mean + std * N(0, 1)``
-in [0, 1] (timm's noise in the recipe's mean/std, ImageNet's), rounded to uint8 and clipped, from a CPU generator seeded
-by ``re_seed``, before the views mix: the pixels cross processes as uint8 like every view and the same in any
-process. The libraries that run the ops are named in the recipe's ``pixel_ops`` (in its digest).
+in [0, 1] (timm's noise in the recipe's mean/std, ImageNet's), rounded to uint8 and clipped, drawn as grey levels
+from the Philox stream of ``re_seed`` (``noise.py``: integers only), before the views mix: the pixels cross processes
+as uint8 like every view and are the same in any process on any machine. uint8 becomes float in [0, 1] through
+``float_views`` (``pixels.py``), the same bits on every device. The libraries that run the ops are named in the
+recipe's ``pixel_ops`` (in its digest).
 
 Two ways to build views, chosen by the data set:
 
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from stillroom.pipelines.core import DataError, UsageError
 from stillroom.pipelines.views.draw import draw_views, partner_ids
 from stillroom.pipelines.views.photometric import ViewPhotometric
+from stillroom.pipelines.views.pixels import float_views
 from stillroom.pipelines.views.recipes import (
     COL,
     MIX_CUTMIX,
@@ -94,13 +97,13 @@ def apply_views(images: torch.Tensor, params: torch.Tensor | np.ndarray, out_siz
     out_hw = (out_size, out_size) if out_size else (int(images.shape[2]), int(images.shape[3]))
     mode = recipe.interpolation if recipe is not None else "bilinear"
     photo = photometric_of(recipe, out_hw[0]) if recipe is not None else None
-    x = _crop_flip(images.float() / 255.0, params[:, 0:5], out_hw, mode)
+    x = _crop_flip(float_views(images), params[:, 0:5], out_hw, mode)
     if photo is not None:
         x = _photometric_views(x, own_rows(params.cpu().numpy(), recipe)[:, 5:], photo, recipe, out_hw[0])
     if _mixes(params):
         if partner_images is None:
             raise UsageError("these views mix two images: pass partner_images")
-        p = _crop_flip(partner_images.float() / 255.0, params[:, 8:13], out_hw, mode)
+        p = _crop_flip(float_views(partner_images), params[:, 8:13], out_hw, mode)
         if photo is not None:
             p = _photometric_views(p, partner_rows(params.cpu().numpy(), recipe)[:, 5:], photo, recipe, out_hw[0])
         x = _mix(x, p, params, out_hw)
@@ -119,7 +122,7 @@ def _photometric_views(x: torch.Tensor, rows: np.ndarray, photo: ViewPhotometric
     for i, view in enumerate(u8):
         img = Image.fromarray(view[:, :, 0] if view.shape[2] == 1 else view)
         out[i] = photo.apply(img, rows[i], scale)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).to(x.device).float() / 255.0
+    return float_views(torch.from_numpy(out).permute(0, 3, 1, 2).to(x.device))
 
 
 def _mixes(params: torch.Tensor) -> bool:
@@ -142,11 +145,11 @@ def mix_views(own: torch.Tensor, partner: torch.Tensor | None, params: torch.Ten
     [0, 1], mixed; runs on whatever device ``own`` is on. With ``partner_index`` (``render_batch_pool``),
     ``partner`` holds only the partner views the batch lacks and each row's is gathered here."""
     params = torch.as_tensor(params, dtype=torch.float32, device=own.device)
-    x = own.float() / 255.0
+    x = float_views(own)
     if _mixes(params):
         if partner is None:
             raise UsageError("these views mix two images: pass the partners' views")
-        p = partner.to(own.device).float() / 255.0
+        p = float_views(partner.to(own.device))
         if partner_index is not None:
             p = _partner_views(x, p, partner_index)
         x = _mix(x, p, params, (int(own.shape[2]), int(own.shape[3])))
@@ -372,7 +375,7 @@ def eval_views(dataset, ids: np.ndarray, size: int | None) -> torch.Tensor:
     crop)."""
     ids = np.asarray(ids, dtype=np.int64)
     if dataset.in_memory:
-        x = dataset.read(ids).float() / 255.0
+        x = float_views(dataset.read(ids))
         if size is not None and (x.shape[-1] != size or x.shape[-2] != size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         return x
@@ -387,4 +390,4 @@ def whole_views(dataset, ids: np.ndarray, size: int) -> torch.Tensor:
     if dataset.in_memory:
         return eval_views(dataset, ids, size)
     boxes = np.tile(np.array([0.0, 0.0, 1.0, 1.0, 0.0]), (len(ids), 1))
-    return render_views(dataset, ids, boxes, size, draft=False).float() / 255.0
+    return float_views(render_views(dataset, ids, boxes, size, draft=False))

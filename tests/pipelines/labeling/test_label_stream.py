@@ -113,7 +113,7 @@ def test_gpu_labeling_decodes_on_the_gpu_and_agrees_with_cpu_labels(tmp_path, fo
     on_cpu = decode_views_torch(ds.encoded(ids), params[:, 0:5], 32, "cpu")
     assert (on_gpu.cpu().float() - on_cpu.float()).abs().mean() < 2.0  # nvJPEG against libjpeg-turbo
 
-    gpu_cfg = label_config(folder, rgb_teacher, tmp_path / "gpu", gpus_per_worker=1)
+    gpu_cfg = label_config(folder, rgb_teacher, tmp_path / "gpu", gpus_per_worker=1, decode="gpu")
     cpu_cfg = label_config(folder, rgb_teacher, tmp_path / "cpu")
     assert gpu_cfg.decode_on == "gpu" and cpu_cfg.decode_on == "cpu"
     gpu_store, cpu_store = prepare_store(gpu_cfg), prepare_store(cpu_cfg)
@@ -131,8 +131,8 @@ def test_gpu_labeling_decodes_on_the_gpu_and_agrees_with_cpu_labels(tmp_path, fo
 def test_no_ray_labels_on_this_process_gpu(tmp_path, folder, rgb_teacher):
     """``stillroom label --no-ray --gpus-per-worker 1``: the teacher runs on this process's GPU, the JPEGs decoded
     there, and the store replays the views a CPU run draws."""
-    gpu = run_labeling(label_config(folder, rgb_teacher, tmp_path / "gpu", gpus_per_worker=1, teacher_dtype="bf16"),
-                       backend="local", progress=False)
+    gpu = run_labeling(label_config(folder, rgb_teacher, tmp_path / "gpu", gpus_per_worker=1, teacher_dtype="bf16",
+                                    decode="gpu"), backend="local", progress=False)
     cpu = run_labeling(label_config(folder, rgb_teacher, tmp_path / "cpu"), backend="local", progress=False)
     assert gpu["samples"] == 96 and gpu["cache_key"] != cpu["cache_key"]
     store = LabelStore(gpu["store"])
