@@ -174,7 +174,10 @@ def main() -> None:
                             "--state-dir", str(work / "state"), "--store-root", str(work / "stores")],
                            work / "serve.log", service_env))
         url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/healthz")
+        try:
+            wait_http(f"{url}/healthz", timeout_s=300)
+        except RuntimeError:
+            raise RuntimeError(f"stillroom serve did not start: {(work / 'serve.log').read_text()[-2000:]}") from None
         t_jobs = time.time()
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=600) as http:
             teacher = wait_job(http, http.post("/v1/teacher-jobs", json={
