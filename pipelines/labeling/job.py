@@ -189,7 +189,7 @@ def _skipped(store: LabelStore, seeds: tuple[int, ...]) -> dict[str, Any]:
     failed to decode): how many over ``seeds``, and each reason once (the store's records: a resumed run's too)."""
     lost = [store.skipped(seed) for seed in seeds]
     return {"views_skipped": sum(len(ids) for ids in lost),
-            "skipped": sorted({why for ids in lost for why in ids.values()})}
+            "skipped_images": sorted({why for ids in lost for why in ids.values()})}
 
 
 def _label_seeds(config: LabelConfig, store: LabelStore, leases: dict[int, SeedLease], backend: str,

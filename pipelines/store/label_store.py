@@ -394,7 +394,7 @@ class LabelStore:
             total = sum(per_array.values())
             seeds[str(seed)] = {"bytes": total, "bytes_per_sample": round(total / n, 2),
                                 "bytes_per_sample_by_array": {k: round(v / n, 2) for k, v in per_array.items()},
-                                "quality": self.quality(seed), "skipped": len(self.skipped(seed))}
+                                "quality": self.quality(seed), "views_skipped": len(self.skipped(seed))}
         return {
             "path": str(self.path), "cache_key": self.cache_key, "format_version": FORMAT_VERSION,
             "provenance": self.manifest["provenance"], "schema": self.manifest["schema"],
