@@ -172,6 +172,10 @@ class StoreStream:
         if views_per_image > len(self.seeds):
             raise UsageError(f"--views-per-image {views_per_image}: the run has {len(self.seeds)} seed(s); each view "
                              "of an image comes from a seed of its own")
+        # ,bad=skip at labeling: the ids whose view under some seed of the run failed to decode (their rows hold
+        # no label), left out of every epoch, and why (the first seed's reason)
+        self.left_out = left_out_of(store, self.seeds)
+        self._left_out = np.fromiter(sorted(self.left_out), dtype=np.int64, count=len(self.left_out))
         self._loaded: SeedLabels | None = None
         self._reader: SeedReader | None = None  # view_order="random": the seeds' arrays, opened once
         self._warned = False
@@ -220,8 +224,8 @@ class StoreStream:
 
     @property
     def samples_per_epoch(self) -> int:
-        """Samples this rank sees in one epoch."""
-        return len(self.dataset) // self.world_size
+        """Samples this rank sees in one epoch (those ``left_out`` aside)."""
+        return (len(self.dataset) - len(self.left_out)) // self.world_size
 
     def __len__(self) -> int:
         n, per_batch = self.samples_per_epoch, self.batch_size // self.views_per_image
@@ -289,12 +293,14 @@ class StoreStream:
     def order(self, epoch: int) -> np.ndarray:
         """This rank's sample ids for ``epoch``, in order: a permutation of the whole split drawn from
         ``(shuffle_seed, epoch)``, this rank's share of it (``partner_runs``: the epoch seed's partner cycle cut
-        into runs of ``batch_size``, ``partner_run_order``)."""
+        into runs of ``batch_size``, ``partner_run_order``), the ids ``left_out`` taken out before it is shared."""
         seed = self.seed_for_epoch(epoch)
         if self.partner_runs and seed is not None:
             return partner_run_order(self.recipe, seed, len(self.dataset), self.batch_size, self.shuffle_seed, epoch,
-                                     self.rank, self.world_size)
+                                     self.rank, self.world_size, self._left_out)
         perm = np.random.default_rng([self.shuffle_seed, epoch]).permutation(len(self.dataset))
+        if self._left_out.size:
+            perm = perm[~np.isin(perm, self._left_out)]
         per_rank = len(perm) // self.world_size
         return perm[self.rank :: self.world_size][:per_rank]
 
@@ -335,23 +341,35 @@ class StoreStream:
 
 
 def partner_run_order(recipe: Recipe, seed: int, num_samples: int, batch_size: int, shuffle_seed: int, epoch: int,
-                      rank: int = 0, world_size: int = 1) -> np.ndarray:
+                      rank: int = 0, world_size: int = 1, left_out: np.ndarray | None = None) -> np.ndarray:
     """This rank's ids of an epoch as runs of ``batch_size`` consecutive samples of the partner cycle of
     (recipe, seed) (``pipelines.views.partner_cycle``): the cycle rotated by an offset drawn from
     ``(shuffle_seed, epoch)``, cut into ``world_size`` arcs of ``N // world_size`` (the last ``N % world_size``
     left out, as the shuffle leaves them), this rank's arc cut into runs from its start, the full runs in an order
     drawn from the same generator and a shorter one last. Cut into batches of ``batch_size`` (``StoreStream.
-    batches``), every batch is a run: each sample's partner is the next sample of its batch, but the last's."""
+    batches``), every batch is a run: each sample's partner is the next sample of its batch, but the last's.
+    ``left_out`` (ids of views that failed to decode, ``,bad=skip``) are taken out of the cycle before it is cut."""
     if batch_size < 1 or not 0 <= rank < world_size:
         raise UsageError(f"batch size {batch_size}, rank {rank} of {world_size}: expected >= 1 and 0 <= rank < "
                          "world size")
     rng = np.random.default_rng([shuffle_seed, epoch, 2])
     cycle = np.roll(partner_cycle(recipe, seed, num_samples), -int(rng.integers(max(num_samples, 1))))
-    per_rank = num_samples // world_size
+    if left_out is not None and left_out.size:
+        cycle = cycle[~np.isin(cycle, left_out)]
+    per_rank = len(cycle) // world_size
     arc = cycle[rank * per_rank : (rank + 1) * per_rank]
     full = per_rank // batch_size
     runs = arc[: full * batch_size].reshape(full, batch_size)[rng.permutation(full)]
     return np.concatenate([runs.reshape(-1), arc[full * batch_size :]])
+
+
+def left_out_of(store: LabelStore, seeds: tuple[int, ...] | list[int]) -> dict[int, str]:
+    """The sample ids a run of ``seeds`` leaves out of every epoch and why: those whose view under any of the seeds
+    failed to decode at labeling (``,bad=skip``: their rows hold no label), the first such seed's reason."""
+    out: dict[int, str] = {}
+    for seed in reversed(tuple(seeds)):
+        out.update(store.skipped(seed))
+    return dict(sorted(out.items()))
 
 
 def read_labels(store: LabelStore, seed: int) -> SeedLabels:
@@ -366,5 +384,5 @@ def label_names(store: LabelStore) -> list[str]:
     return [name for name in store.schema.arrays() if name in wanted]
 
 
-__all__ = ["Batch", "StoreStream", "check_store", "label_tensors", "mixed_targets", "partner_run_order", "read_labels",
-           "replay_note"]
+__all__ = ["Batch", "StoreStream", "check_store", "label_tensors", "left_out_of", "mixed_targets", "partner_run_order",
+           "read_labels", "replay_note"]

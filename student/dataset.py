@@ -124,6 +124,12 @@ class ReplayDataset(torch.utils.data.Dataset):
     def seeds(self) -> tuple[int, ...]:
         return self.stream.seeds
 
+    @property
+    def left_out(self) -> dict[int, str]:
+        """Sample ids whose view failed to decode at labeling (``,bad=skip``) and why: their rows hold no label
+        (class indices -1); ``batch_sampler`` leaves them out, an index taken by hand must too."""
+        return self.stream.left_out
+
     def set_epoch(self, epoch: int) -> None:
         """Replay ``epoch``'s views: its seed's label arrays replace the last epoch's."""
         if epoch != self.epoch:

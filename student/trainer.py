@@ -394,7 +394,8 @@ def resolved_config(run: Run) -> dict[str, Any]:
             "lr_resolved": run.recipe.lr, "precision": precision_name(run.recipe.dtype),
             "updates_per_epoch": math.ceil(run.steps_per_epoch / run.config.grad_accum_steps),
             "global_batch": run.config.batch_size * run.dist.world_size * run.config.grad_accum_steps,
-            "best_weights": run.config.scored_weights}
+            "best_weights": run.config.scored_weights,
+            "samples_left_out": sorted(run.stream.left_out)}  # ,bad=skip: views with no label (failed to decode)
 
 
 def train_step(step: DistillationStep, batch: Batch, recipe: TrainingRecipe, dist: Distributed | None = None,
@@ -589,7 +590,7 @@ def finish_run(run: Run, seconds: float) -> dict[str, Any]:
               "last": last, "best": run.best,
               "losses": final.get("losses", {}), "samples_per_s": final.get("samples_per_s"),
               "epoch_seconds": [h["seconds"] for h in history], "seconds": round(seconds, 3),
-              "store_cache_key": run.setup.store.cache_key}
+              "store_cache_key": run.setup.store.cache_key, "samples_left_out": len(run.stream.left_out)}
     if run.repeat_note:
         result["note"] = run.repeat_note
     write_json(run.out / "metrics.json", result)

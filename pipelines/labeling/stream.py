@@ -55,6 +55,7 @@ class ViewBatch:
     partner: dict[int, torch.Tensor] | None = None
     encoded: list[tuple[bytes, str]] | None = None  # decode="gpu": the bytes, decoded on the device
     partner_encoded: list[tuple[bytes, str]] | None = None
+    failed: dict[int, str] | None = None  # ``,bad=skip``: rows whose image (or mixing partner) failed to decode
 
 
 class _ViewSource(torch.utils.data.Dataset):
@@ -76,8 +77,9 @@ class _ViewSource(torch.utils.data.Dataset):
             mixing = params[:, COL["mix_mode"]] != MIX_NONE
             partners = self.dataset.encoded(partner_ids(params, ids)[mixing]) if mixing.any() else None
             return ViewBatch(ids, params, encoded=self.dataset.encoded(ids), partner_encoded=partners)
-        own, partner = render_batch_at(self.dataset, ids, params, self.sizes, self.recipe.draft, self.recipe)
-        return ViewBatch(ids, params, own=own, partner=partner)
+        failed: dict[int, str] | None = {} if getattr(self.dataset, "bad", "stop") == "skip" else None
+        own, partner = render_batch_at(self.dataset, ids, params, self.sizes, self.recipe.draft, self.recipe, failed)
+        return ViewBatch(ids, params, own=own, partner=partner, failed=failed or None)
 
 
 class _Items(torch.utils.data.Sampler):

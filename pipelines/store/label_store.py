@@ -200,14 +200,16 @@ class LabelStore:
         return {int(n[: -len(".done")]) for n in names if n.endswith(".done") and n[: -len(".done")].isdigit()}
 
     def write_piece(self, seed: int, piece: int, start: int, arrays: dict[str, np.ndarray],
-                    quality: QualitySums | None = None, generation: int | None = None) -> None:
+                    quality: QualitySums | None = None, generation: int | None = None,
+                    skipped: dict[int, str] | None = None) -> None:
         """Write rows ``[start, start + n)`` of every array, then mark the piece done (its ``.done`` marker
         keeps the piece's label-quality sums, which ``commit_seed`` adds up). ``generation``: the seed's lease
         generation the writer holds; a superseded one (taken over, released) is refused before each array and
         before the marker (``fence_open``), and a complete seed always.
 
         The rows must be whole chunks (the last chunk of the split may be short), and one writer owns
-        each piece: zarr does not make concurrent partial writes into one chunk safe.
+        each piece: zarr does not make concurrent partial writes into one chunk safe. ``skipped``: the piece's
+        sample ids left out under ``,bad=skip`` (their rows blanked) and why, kept in the marker for ``commit_seed``.
         """
         expected = self.schema.arrays()
         if set(arrays) != set(expected):
@@ -236,6 +238,7 @@ class LabelStore:
         fence()
         (self._seed(seed) / "pieces" / f"{piece}.done").write_json(
             {"start": start, "stop": start + n, "quality": quality or {}, "chunk_sha256": checksums,
+             "skipped": {str(int(i)): why for i, why in sorted((skipped or {}).items())},
              **({"generation": generation} if generation is not None else {})})
 
     def commit_seed(self, seed: int, lease: SeedLease | None = None) -> dict[str, Any]:
@@ -252,9 +255,11 @@ class LabelStore:
         arrays = self.schema.arrays()
         sums: QualitySums = {}
         chunks: dict[str, list[str]] = {name: [] for name in arrays}
+        skipped: dict[str, str] = {}
         for i in range(len(pieces)):
             done = (self._seed(seed) / "pieces" / f"{i}.done").read_json()
             sums = add_quality(sums, done.get("quality") or {})
+            skipped.update(done.get("skipped") or {})
             for name in arrays:
                 if name not in (done.get("chunk_sha256") or {}):
                     raise StoreError(f"seed {seed} piece {i}: no checksum recorded for {name}; label the seed again")
@@ -264,19 +269,24 @@ class LabelStore:
             "arrays": {name: {"sha256": combine_checksums(chunks[name]), "chunk_sha256": chunks[name],
                               "shape": list(shape), "dtype": dtype} for name, (shape, dtype) in arrays.items()},
             "quality": quality_report(sums),
+            # ,bad=skip: the ids whose view failed to decode, their rows blanked (no label); readers leave them out
+            "skipped": dict(sorted(skipped.items(), key=lambda kv: int(kv[0]))),
         }
         if lease is not None:
             lease.check()  # again, last: a holder paused while it gathered may have been taken over meanwhile
         (self._seed(seed) / COMPLETE).write_json(record)
         (self._seed(seed) / "pieces").remove(recursive=True)
-        self._refresh_manifest_seeds()
+        self._refresh_manifest_seeds(seed, sorted(int(i) for i in skipped))
         return record
 
-    def _refresh_manifest_seeds(self) -> None:
-        """The manifest's seed list, for people reading it (readers go by the ``COMPLETE`` markers: two runs
-        committing at once may leave one of their seeds out of it until the next commit)."""
+    def _refresh_manifest_seeds(self, seed: int, skipped: list[int]) -> None:
+        """The manifest's seed list and each seed's skipped ids (``,bad=skip``), for people reading it (readers go
+        by the ``COMPLETE`` markers: two runs committing at once may leave one of their seeds out of it until the
+        next commit)."""
         manifest = (self.loc / MANIFEST).read_json()
         manifest["seeds"] = self.seeds()
+        if skipped:
+            manifest.setdefault("skipped", {})[str(int(seed))] = skipped
         manifest["updated_at"] = time.time()
         (self.loc / MANIFEST).write_json(manifest)
         self.manifest = manifest
@@ -303,6 +313,12 @@ class LabelStore:
         """The label quality recorded for a complete seed at labeling (``quality_report``); reads no arrays."""
         record = (self._seed(seed) / COMPLETE).read_json()
         return dict(record.get("quality") or {})
+
+    def skipped(self, seed: int) -> dict[int, str]:
+        """A complete seed's sample ids left out under ``,bad=skip`` (their image, or a mixing partner's, failed to
+        decode; their rows hold no label: ``pipelines.labeling.blank_rows``) and why; reads no arrays."""
+        record = (self._seed(seed) / COMPLETE).read_json()
+        return {int(i): str(why) for i, why in (record.get("skipped") or {}).items()}
 
     def _read_arrays(self, seed: int, names: Iterable[str] | None = None, rows: tuple[int, int] | None = None
                      ) -> dict[str, np.ndarray]:
@@ -378,7 +394,7 @@ class LabelStore:
             total = sum(per_array.values())
             seeds[str(seed)] = {"bytes": total, "bytes_per_sample": round(total / n, 2),
                                 "bytes_per_sample_by_array": {k: round(v / n, 2) for k, v in per_array.items()},
-                                "quality": self.quality(seed)}
+                                "quality": self.quality(seed), "views_skipped": len(self.skipped(seed))}
         return {
             "path": str(self.path), "cache_key": self.cache_key, "format_version": FORMAT_VERSION,
             "provenance": self.manifest["provenance"], "schema": self.manifest["schema"],

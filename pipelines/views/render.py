@@ -238,11 +238,14 @@ def render_views(dataset, ids: np.ndarray, boxes: np.ndarray, out_size: int, dra
 
 
 def render_views_at(dataset, ids: np.ndarray, boxes: np.ndarray, sizes: tuple[int, ...], draft: bool,
-                    recipe: Recipe | None = None) -> dict[int, torch.Tensor]:
+                    recipe: Recipe | None = None, failed: dict[int, str] | None = None) -> dict[int, torch.Tensor]:
     """``render_views`` at each of ``sizes`` from the same boxes (a teacher of another input size sees the same
     crop at its own size): each image read once and decoded once per DCT scale, also where its id is on several
     rows (its K views under ``--views-per-image``, its views under several seeds); each size's views are those
-    ``render_views`` gives at that size, each bit-identical to its view rendered alone."""
+    ``render_views`` gives at that size, each bit-identical to its view rendered alone.
+
+    An image that fails to decode raises its ``DataError``; with ``failed`` (a dict, the data set's ``,bad=skip``)
+    its rows are left black and ``failed`` gets ``row -> the error's line`` for each of them instead."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     batches = {size: _uint8_batch((len(ids), size, size, 3)) for size in sizes}
     arrays = {size: b.numpy() for size, b in batches.items()}
@@ -251,7 +254,15 @@ def render_views_at(dataset, ids: np.ndarray, boxes: np.ndarray, sizes: tuple[in
     bounds = np.searchsorted(inverse[order], np.arange(len(unique) + 1))
     for u, (data, where) in enumerate(dataset.encoded(unique)):
         rows = order[bounds[u] : bounds[u + 1]]
-        views = iter(decode_views(data, where, [(boxes[r], size) for r in rows for size in sizes], draft, recipe))
+        try:
+            views = iter(decode_views(data, where, [(boxes[r], size) for r in rows for size in sizes], draft, recipe))
+        except DataError as e:
+            if failed is None:
+                raise
+            failed.update((int(r), str(e)) for r in rows)
+            for size in sizes:
+                arrays[size][rows] = 0
+            continue
         for r in rows:
             for size in sizes:
                 arrays[size][r] = next(views)
@@ -277,25 +288,28 @@ def render_batch(dataset, ids: np.ndarray, params: np.ndarray, out_size: int, dr
 
 
 def render_batch_at(dataset, ids: np.ndarray, params: np.ndarray, sizes: tuple[int, ...], draft: bool,
-                    recipe: Recipe | None = None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
-    """``render_batch`` at each of ``sizes`` (``render_views_at``): ``({size: own}, {size: partner} or None)``."""
-    own, extra, index = render_batch_pool(dataset, ids, params, sizes, draft, recipe)
+                    recipe: Recipe | None = None, failed: dict[int, str] | None = None
+                    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
+    """``render_batch`` at each of ``sizes`` (``render_views_at``): ``({size: own}, {size: partner} or None)``;
+    ``failed`` as ``render_batch_pool``'s."""
+    own, extra, index = render_batch_pool(dataset, ids, params, sizes, draft, recipe, failed)
     if extra is None or index is None:
         return own, None
     return own, {size: _partner_views(v, extra[size], index) for size, v in own.items()}
 
 
 def render_batch_pool(dataset, ids: np.ndarray, params: np.ndarray, sizes: tuple[int, ...], draft: bool,
-                      recipe: Recipe | None = None
+                      recipe: Recipe | None = None, failed: dict[int, str] | None = None
                       ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None, np.ndarray | None]:
     """A batch's uint8 views and only the partner views it does not hold: ``({size: own}, {size: extra},
     partner_index)``, row ``i``'s partner view being row ``partner_index[i]`` of own followed by extra (its own row
     where it does not mix; ``in_batch_partners`` finds the partners already in the batch); ``(own, None, None)``
     where no row mixes. What a loader worker hands over (``mix_views(..., partner_index=)`` gathers on the device),
-    so a batch of partners it holds is neither rendered nor copied twice."""
+    so a batch of partners it holds is neither rendered nor copied twice. With ``failed`` (``render_views_at``) a
+    row fails when its own image or its mixing partner's fails to decode: ``failed`` gets ``row -> why``."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     _check_width(params, recipe)
-    own = render_views_at(dataset, ids, own_rows(params, recipe), sizes, draft, recipe)
+    own = render_views_at(dataset, ids, own_rows(params, recipe), sizes, draft, recipe, failed)
     mixing = params[:, COL["mix_mode"]] != MIX_NONE
     if not mixing.any():
         return own, None, None
@@ -306,11 +320,17 @@ def render_batch_pool(dataset, ids: np.ndarray, params: np.ndarray, sizes: tuple
     index[rows[here]] = source[here]
     rest = rows[~here]
     index[rest] = len(ids) + np.arange(len(rest))
+    lost: dict[int, str] | None = {} if failed is not None else None
     if rest.size:
         extra = render_views_at(dataset, params[rest, COL["partner"]].astype(np.int64),
-                                partner_rows(params[rest], recipe), sizes, draft, recipe)
+                                partner_rows(params[rest], recipe), sizes, draft, recipe, lost)
     else:
         extra = {size: v[:0] for size, v in own.items()}
+    if failed is not None and lost is not None:  # a view mixed with a partner that failed fails with it
+        own_failed = dict(failed)
+        partner_failed = {int(rest[j]): why for j, why in lost.items()}
+        partner_failed.update((int(r), own_failed[int(index[r])]) for r in rows[here] if int(index[r]) in own_failed)
+        failed.update((r, f"its mixing partner {why}") for r, why in partner_failed.items() if r not in own_failed)
     return own, extra, index
 
 
