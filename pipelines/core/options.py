@@ -16,7 +16,7 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,30 +41,6 @@ class Option:
     def allowed(self) -> tuple[str, ...] | None:
         """The allowed values now (``None``: any)."""
         return tuple(self.choices()) if callable(self.choices) else self.choices
-
-
-class _Choices:
-    """A registry's values for argparse, listed only when argparse first asks (a value given, or help that shows
-    them): the parser of every command holds every option, and some registries cost seconds to import (timm's
-    optimizers import timm, torchvision and torch._dynamo), which `stillroom --help` or `store ls` never need."""
-
-    def __init__(self, list_them: Callable[[], Iterable[str]]):
-        self._list = list_them
-        self._values: tuple[str, ...] = ()
-
-    def _all(self) -> tuple[str, ...]:
-        if not self._values:
-            self._values = tuple(self._list())
-        return self._values
-
-    def __contains__(self, value: object) -> bool:
-        return value in self._all()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._all())
-
-    def __len__(self) -> int:
-        return len(self._all())
 
 
 def option(default: Any = MISSING, *, help: str, flags: tuple[str, ...] = (), ge: float | None = None,
@@ -128,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser, config: type, config_file: bo
                 if default is not None and default is not False and "default" not in opt.help:
                     kwargs["help"] += " (default: %(default)s)"
         if opt.choices is not None:
-            kwargs["choices"] = _Choices(opt.choices) if callable(opt.choices) else opt.choices
+            kwargs["choices"] = opt.allowed()
         kwargs.update(opt.cli)
         if "default" in opt.cli:
             kwargs.pop("required", None)

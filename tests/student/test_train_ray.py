@@ -115,6 +115,7 @@ def test_ray_train_ranks_replay_the_plans_seeds_and_tat_keeps_ddp_on_a_nameless_
 
     store = label((0, 1))
     out = tmp_path / "tat"
+    out.mkdir()
     config = _config(store, out, loss="tat", workers=2, max_steps=3, **NAMELESS)
     setup = prepare(config)
     plan = resolve_plan(setup.store, setup.dataset, setup.recipe, None, config.dataset, config.data_root)
