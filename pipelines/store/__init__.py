@@ -5,10 +5,12 @@ from stillroom.pipelines.store._reader import SeedReader
 from stillroom.pipelines.store.label_store import COMPLETE, MANIFEST, LabelStore, SeedLabels, list_stores
 from stillroom.pipelines.store.lease import SeedLease
 from stillroom.pipelines.store.quality import QualitySums, add_quality
-from stillroom.pipelines.store.schema import StoreSchema, cache_key
+from stillroom.pipelines.store.schema import FORMAT_VERSION, StoreSchema, cache_key
+from stillroom.pipelines.store.view_digest import check_views
 
 __all__ = [
     "COMPLETE",
+    "FORMAT_VERSION",
     "LabelStore",
     "MANIFEST",
     "QualitySums",
@@ -19,5 +21,6 @@ __all__ = [
     "StoreSchema",
     "add_quality",
     "cache_key",
+    "check_views",
     "list_stores",
 ]
