@@ -2,6 +2,7 @@
 
 from stillroom.pipelines.core import StoreError
 from stillroom.pipelines.store._reader import SeedReader
+from stillroom.pipelines.store.convert import convert_store
 from stillroom.pipelines.store.label_store import COMPLETE, MANIFEST, LabelStore, SeedLabels, list_stores
 from stillroom.pipelines.store.lease import SeedLease
 from stillroom.pipelines.store.quality import QualitySums, add_quality
@@ -21,6 +22,7 @@ __all__ = [
     "StoreSchema",
     "add_quality",
     "cache_key",
+    "convert_store",
     "check_views",
     "list_stores",
 ]

@@ -254,9 +254,11 @@ class LabelStore:
              **({"views": views} if views is not None else {}),
              **({"generation": generation} if generation is not None else {})})
 
-    def commit_seed(self, seed: int, lease: SeedLease | None = None) -> dict[str, Any]:
+    def commit_seed(self, seed: int, lease: SeedLease | None = None, quality: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
         """Check every piece is done, gather the chunk checksums its writers recorded (no array is read),
-        write ``COMPLETE`` last; return its record. With ``lease``, refuse if it was taken over meanwhile."""
+        write ``COMPLETE`` last; return its record. With ``lease``, refuse if it was taken over meanwhile.
+        ``quality``: the seed's label-quality report as it is (a converted store's), not the pieces' sums'."""
         if (self._seed(seed) / COMPLETE).exists():
             raise StoreError(f"seed {seed} of {self.path} is complete already")
         if lease is not None:
@@ -286,7 +288,7 @@ class LabelStore:
             "seed": int(seed), "written_at": time.time(), "checksum": "sha256 of chunk sha256s",
             "arrays": {name: {"sha256": combine_checksums(chunks[name]), "chunk_sha256": chunks[name],
                               "shape": list(shape), "dtype": dtype} for name, (shape, dtype) in arrays.items()},
-            "quality": quality_report(sums),
+            "quality": quality if quality is not None else quality_report(sums),
         }
         if digested:  # format 3 (a reader refuses to replay a seed without them: ``view_digest.check_views``)
             record["views"] = {"generator": VIEW_GENERATOR, "columns": self.schema.view_params,
