@@ -6,8 +6,9 @@ A reader rebuilds the tempered teacher from the top-k's logits *relative to each
 - ``lse`` (float32): the log-sum-exp over all classes, the logits' level, exact;
 - ``tail_lp`` (float16): ``tail_lse - lse``, the log of the probability outside the top-k (``-inf`` when k = C);
   float16's 11 bits of a log are a relative error of about 1e-3 in the tail's mass;
-- ``topk_scale`` (float16): ``d = t_1 - t_k``, the gap in nats from the top-1 to the k-th logit (clipped at
-  ``MAX_GAP``: a class ``e^-24`` below the top-1 is no probability a student sees);
+- ``topk_scale`` (uint8): ``d = t_1 - t_k``, the gap in nats from the top-1 to the k-th logit, in steps of
+  1/24 of an octave from ``MAX_GAP`` down (a relative error of at most 1.5 % of the k-th class's gap; gaps under
+  ``MIN_GAP`` are stored as it, and a class ``e^-24`` below the top-1 is no probability a student sees);
 - ``topk_q`` (uint8, k - 2 columns): the gaps ``d_i = t_1 - t_i`` of the classes 2 .. k-1, each as
   ``round(255 sqrt(d_i / d))``. The square root spends the codes where the probability is: a class's error in
   probability is about ``p_i * |error of d_i|``, and in sqrt space ``|error of d_i|`` grows like ``sqrt(d_i)``
@@ -25,6 +26,16 @@ import numpy as np
 
 MAX_GAP = 24.0  # nats below the top-1 past which a logit is clipped (e^-24 ~ 4e-11 of the top-1's probability)
 LEVELS = 255
+SCALE_STEPS = 24  # codes of topk_scale an octave
+MIN_GAP = MAX_GAP * 2.0 ** (-LEVELS / SCALE_STEPS)  # about 0.015 nats: the smallest gap topk_scale holds
+
+
+def _scale_code(gap: np.ndarray) -> np.ndarray:
+    return np.rint(SCALE_STEPS * np.log2(MAX_GAP / np.clip(gap, MIN_GAP, MAX_GAP))).astype(np.uint8)
+
+
+def _scale(code: np.ndarray) -> np.ndarray:
+    return MAX_GAP * 2.0 ** (-np.asarray(code, dtype=np.float64) / SCALE_STEPS)
 
 
 def encode_topk(topk_logit: np.ndarray, lse: np.ndarray, tail_lse: np.ndarray, prefix: str = ""
@@ -39,10 +50,10 @@ def encode_topk(topk_logit: np.ndarray, lse: np.ndarray, tail_lse: np.ndarray, p
     k = logit.shape[1]
     if k >= 2:
         gaps = np.clip(logit[:, :1] - logit[:, 1:], 0.0, MAX_GAP)
-        scale = gaps[:, -1].astype(np.float16)  # the decoder divides by what is stored, not by the exact gap
-        out[f"{prefix}topk_scale"] = scale
-        if k >= 3:
-            ratio = gaps[:, :-1] / np.maximum(scale.astype(np.float64), 1e-12)[:, None]
+        code = _scale_code(gaps[:, -1])
+        out[f"{prefix}topk_scale"] = code
+        if k >= 3:  # relative to the scale the decoder reads, not to the exact gap
+            ratio = gaps[:, :-1] / _scale(code)[:, None]
             out[f"{prefix}topk_q"] = np.rint(LEVELS * np.sqrt(np.clip(ratio, 0.0, 1.0))).astype(np.uint8)
     return out
 
@@ -53,7 +64,7 @@ def decode_topk(stored: dict[str, np.ndarray], k: int, prefix: str = "") -> dict
     tail_lp = np.asarray(stored[f"{prefix}tail_lp"], dtype=np.float64)
     gaps = np.zeros((len(lse), k))
     if k >= 2:
-        scale = np.asarray(stored[f"{prefix}topk_scale"], dtype=np.float64)
+        scale = _scale(stored[f"{prefix}topk_scale"])
         gaps[:, -1] = scale
         if k >= 3:
             gaps[:, 1:-1] = (np.asarray(stored[f"{prefix}topk_q"], dtype=np.float64) / LEVELS) ** 2 * scale[:, None]
@@ -68,7 +79,7 @@ def topk_columns(k: int, prefix: str = "") -> dict[str, tuple[tuple[int, ...], s
     """The stored arrays of ``encode_topk`` at top-k ``k``: name -> (shape of a row, dtype)."""
     out: dict[str, tuple[tuple[int, ...], str]] = {f"{prefix}lse": ((), "float32"), f"{prefix}tail_lp": ((), "float16")}
     if k >= 2:
-        out[f"{prefix}topk_scale"] = ((), "float16")
+        out[f"{prefix}topk_scale"] = ((), "uint8")
     if k >= 3:
         out[f"{prefix}topk_q"] = ((k - 2,), "uint8")
     return out

@@ -73,9 +73,10 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _compressor(dtype: str) -> BloscCodec:
-    # byte shuffle groups the high bytes (mostly equal) of neighbouring values; zstd does the rest
-    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)
+def _compressor(dtype: str, level: int = 5) -> BloscCodec:
+    # byte shuffle groups the high bytes (mostly equal) of neighbouring values; zstd does the rest (bench/store.py:
+    # bitshuffle and delta-coding gave no fewer bytes on any array; zstd level 9 takes 0.4 byte a view off topk_idx)
+    return BloscCodec(cname="zstd", clevel=level, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)
 
 
 def _layout(name: str, shape: tuple[int, ...], chunk_rows: int
@@ -197,7 +198,8 @@ class LabelStore:
             # the top-k's codes too (bench/store.py: 7.1 bytes a row of 9 codes column by column, 8.6 row by row)
             filters = [TransposeCodec(order=(1, 0))] if name in ("view", "topk_q") else None
             group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards, filters=filters,
-                               compressors=_compressor(dtype), fill_value=0)
+                               compressors=_compressor(dtype, 5 if self.schema.format_version < 3 else 9),
+                               fill_value=0)
         (d / "pieces").makedirs()
 
     def done_pieces(self, seed: int) -> set[int]:
