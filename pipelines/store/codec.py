@@ -22,6 +22,8 @@ Decoding gives the arrays format 2 stored (``topk_logit`` in float32), so nothin
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 MAX_GAP = 24.0  # nats below the top-1 past which a logit is clipped (e^-24 ~ 4e-11 of the top-1's probability)
@@ -85,15 +87,10 @@ def topk_columns(k: int, prefix: str = "") -> dict[str, tuple[tuple[int, ...], s
     return out
 
 
-_DECODED = ("topk_logit", "lse", "tail_lse")
-
-
 def _member(name: str) -> tuple[str, str] | None:
     """``(prefix, field)`` of a decoded top-k array's name (``teacher0_lse`` -> ``("teacher0_", "lse")``)."""
-    for field in _DECODED:
-        if name.endswith(field) and (name == field or name[: -len(field)].startswith("teacher")):
-            return name[: -len(field)], field
-    return None
+    match = re.fullmatch(r"(teacher\d+_)?(topk_logit|tail_lse|lse)", name)
+    return (match.group(1) or "", match.group(2)) if match else None
 
 
 def stored_names(names: list[str], k: int) -> list[str]:
