@@ -40,7 +40,7 @@ import torch
 
 from stillroom.pipelines.core import UsageError
 from stillroom.pipelines.data import Dataset
-from stillroom.pipelines.store import LabelStore, SeedLabels, SeedReader, StoreError
+from stillroom.pipelines.store import LabelStore, SeedLabels, SeedReader, StoreError, check_views
 from stillroom.pipelines.views import Recipe, get_recipe, output_size, partner_cycle
 from stillroom.student._loader import (
     LABEL_ARRAYS,
@@ -53,6 +53,7 @@ from stillroom.student._loader import (
     label_tensors,
     mixed_targets,
     on_device,
+    view_hw,
 )
 
 log = logging.getLogger("stillroom.student")
@@ -179,6 +180,7 @@ class StoreStream:
         self._loaded: SeedLabels | None = None
         self._reader: SeedReader | None = None  # view_order="random": the seeds' arrays, opened once
         self._warned = False
+        self._views_checked: set[int] = set()
 
     def seed_for_epoch(self, epoch: int) -> int | None:
         """The store seed every view of ``epoch`` comes from (None under ``view_order="random"``: each sample's)."""
@@ -236,8 +238,21 @@ class StoreStream:
         a sample, gathered by numpy indexing (``features``, about 2 KB a sample, are read by the batch's rows)."""
         if self._loaded is None or self._loaded.seed != seed:
             self._loaded = None
+            self.check_views((seed,))
             self._loaded = read_labels(self.store, seed)
         return self._loaded
+
+    def check_views(self, seeds: tuple[int, ...]) -> None:
+        """A store that keeps a digest of its views, not the views (format 3): check, once a seed, that this
+        stillroom draws what was labeled (``pipelines.store.check_views``: the first rows of every chunk), or refuse
+        in one line."""
+        if self.store.schema.views_stored:
+            return
+        for seed in seeds:
+            if seed not in self._views_checked:
+                check_views(self.store.view_record(seed), f"store {self.store.cache_key}", self.recipe, seed,
+                            len(self.dataset), self.store.schema.chunk_rows, view_hw(self.dataset))
+                self._views_checked.add(seed)
 
     def labels_for_epoch(self, epoch: int) -> SeedLabels:
         """The label arrays ``epoch`` reads: one seed's (in seed order), or at random each sample's row from the
@@ -248,6 +263,7 @@ class StoreStream:
         if seed is not None:
             return self.labels_for(seed)
         self._loaded = None  # the epoch's arrays replace the last epoch's before any seed is read
+        self.check_views(self.seeds)
         if self.views_per_image > 1:
             return self._views_labels(epoch)
         index = self.seed_index(epoch)
@@ -380,7 +396,7 @@ def read_labels(store: LabelStore, seed: int) -> SeedLabels:
 
 def label_names(store: LabelStore) -> list[str]:
     """The arrays of a seed the student holds in memory (``read_labels``)."""
-    wanted = {"view", *LABEL_ARRAYS} - {"features"}
+    wanted = {"view", *LABEL_ARRAYS} - {"features"}  # "view": where stored (else redrawn a batch)
     return [name for name in store.schema.arrays() if name in wanted]
 
 

@@ -46,6 +46,8 @@ class LabelConfig:
     # the feature map is average-pooled to feature_grid x feature_grid
     feature_grid: int = option(4, help="pool the feature map to GRID x GRID", ge=1, le=64)
     per_teacher: bool = option(False, help="keep each ensemble member's top-k too")
+    store_views: bool = option(False, help="keep each view's parameters in the store (by default a digest a chunk: "
+                                           "readers draw them again), e.g. for exports and other tools")
     store_root: str = option("stores", help="the store root: the store goes to <root>/<cache_key>",
                              flags=("--store-root",))
     batch_size: int = option(256, help="teacher batch size", ge=1, le=65536)

@@ -2,7 +2,7 @@
 (timm's semantics).
 """
 
-from stillroom.pipelines.views.draw import draw_views, partner_cycle, partner_ids, partners_of, uniforms
+from stillroom.pipelines.views.draw import VIEW_GENERATOR, draw_views, partner_cycle, partner_ids, partners_of, uniforms
 from stillroom.pipelines.views.noise import ErasingNoise, grey_thresholds
 from stillroom.pipelines.views.photometric import (
     DRAWS_PER_LAYER,
@@ -71,6 +71,7 @@ __all__ = [
     "Recipe",
     "TorchvisionRandAugmentPolicy",
     "VIEW_COLUMNS",
+    "VIEW_GENERATOR",
     "apply_op",
     "apply_views",
     "build_views",

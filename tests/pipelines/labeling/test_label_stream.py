@@ -19,7 +19,7 @@ from image_data import write_image_folder
 from stillroom.pipelines.core import UsageError
 from stillroom.pipelines.data import load_dataset
 from stillroom.pipelines.labeling import LabelConfig, decode_views_torch, run_labeling
-from stillroom.pipelines.store import LabelStore
+from stillroom.pipelines.store import LabelStore, check_views
 from stillroom.pipelines.teachers import load_teacher
 from stillroom.pipelines.views import build_views, draw_views, get_recipe, render_views
 
@@ -58,7 +58,9 @@ def test_decode_processes_give_the_store_of_an_in_thread_run(tmp_path, folder, r
     assert store.verify() == []
     labels = store.load(0).arrays
     ds = load_dataset(f"imagefolder:{folder}")
-    views, params = build_views(ds, get_recipe(RECIPE), 0, np.arange(96), params=labels["view"])
+    views, params = build_views(ds, get_recipe(RECIPE), 0, np.arange(96))  # format 3: drawn again, as a reader does
+    assert check_views(store.view_record(0), "store", get_recipe(RECIPE), 0, 96, store.schema.chunk_rows, ds.sizes,
+                       full=True) == 96
     with torch.inference_mode():
         logits = load_teacher(rgb_teacher, 4).logits(views).float()
     np.testing.assert_array_equal(labels["hard"], logits.argmax(-1).numpy())
