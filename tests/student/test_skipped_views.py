@@ -16,7 +16,7 @@ from image_data import scramble, write_image_folder
 from stillroom.pipelines.data import load_dataset
 from stillroom.pipelines.labeling import LabelConfig, run_labeling
 from stillroom.pipelines.store import LabelStore
-from stillroom.pipelines.views import get_recipe, partner_ids
+from stillroom.pipelines.views import draw_views, get_recipe, partner_ids
 from stillroom.student.config import TrainConfig
 from stillroom.student.data import StoreStream
 from stillroom.student.run import train
@@ -53,7 +53,7 @@ def test_labeling_leaves_the_undecodable_view_out_and_records_it(labeled, capfd)
         skipped = store.skipped(seed)
         assert skipped[40].startswith(f"{bad}: cannot decode"), skipped
         labels = store.load(seed)
-        params = labels.arrays["view"]
+        params = draw_views(recipe, seed, np.arange(len(dataset)), len(dataset), dataset.sizes)  # format 3: redrawn
         partners = partner_ids(params, np.arange(len(dataset)))
         # the others are exactly the views whose mixing partner is the bad image, and say so
         assert set(skipped) - {40} == set(np.flatnonzero(partners == 40).tolist()) - {40}

@@ -57,7 +57,10 @@ def test_convert_writes_format_3_that_trains_like_format_2(tmp_path):
         a, b = old.load(seed).arrays, new.load(seed).arrays
         for name in ("topk_idx", "hard", "lse"):
             np.testing.assert_array_equal(b[name], a[name])
-        np.testing.assert_allclose(b["topk_logit"], a["topk_logit"].astype(np.float32), atol=0.05)
+        # the 8-bit codes: each top-k probability within a few thousandths (a logit far below the top-1 may move
+        # more: a gap's code is 1/24 of an octave, 1.5 % of it, which a class of small probability does not feel)
+        np.testing.assert_allclose(np.exp(b["topk_logit"].astype(np.float64) - b["lse"][:, None]),
+                                   np.exp(a["topk_logit"].astype(np.float64) - a["lse"][:, None]), rtol=0, atol=5e-3)
         # the student's batches of both: the same ids, views, parameters and top-k
         x = next(StoreStream(old, ds, recipe, 16, seeds=(seed,), loader_workers=0).epoch(0))
         y = next(StoreStream(new, ds, recipe, 16, seeds=(seed,), loader_workers=0).epoch(0))
