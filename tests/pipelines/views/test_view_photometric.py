@@ -205,7 +205,7 @@ def test_a_deit_store_on_jpegs_trains_a_student(folder, tmp_path):
     data = f"imagefolder:{folder}"
     teacher = make_teacher(tmp_path / "t.pt", in_chans=3, resolution=32)
     config = LabelConfig(dataset=data, teachers=(teacher,), recipe=DEIT, seeds=(0,), top_k=3,
-                         store_root=str(tmp_path / "stores"), batch_size=16)
+                         store_root=str(tmp_path / "stores"), batch_size=16, store_views=True)  # kept: compared
     result = run_labeling(config, backend="local", progress=False)
     store = LabelStore(result["store"])
     ds = load_dataset(data)
