@@ -127,6 +127,8 @@ def test_ray_train_ranks_replay_the_plans_seeds_and_tat_keeps_ddp_on_a_nameless_
 
         cfg, dist = worker_config(loop_config), worker_distributed()
         where = Path(cfg.out)
+        if dist.rank == 0:  # before start_run: its DDP set-up waits for rank 1, which waits for the commit
+            (where / "rank0-started").touch()
         if dist.rank == 1:
             deadline = time.monotonic() + 240
             while not (where / "committed").exists() and time.monotonic() < deadline:
@@ -145,7 +147,7 @@ def test_ray_train_ranks_replay_the_plans_seeds_and_tat_keeps_ddp_on_a_nameless_
     runner = threading.Thread(target=trainer.fit)
     runner.start()
     deadline = time.monotonic() + 240
-    while not (out / "rank0.json").exists() and runner.is_alive() and time.monotonic() < deadline:
+    while not (out / "rank0-started").exists() and runner.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     label((2,))
     (out / "committed").touch()
