@@ -306,20 +306,30 @@ class LabelStore:
             lease.check()  # again, last: a holder paused while it gathered may have been taken over meanwhile
         (self._seed(seed) / COMPLETE).write_json(record)
         (self._seed(seed) / "pieces").remove(recursive=True)
-        self._refresh_manifest_seeds(seed, sorted(int(i) for i in skipped))
+        self._refresh_manifest_seeds()
         return record
 
-    def _refresh_manifest_seeds(self, seed: int, skipped: list[int]) -> None:
+    def _refresh_manifest_seeds(self) -> None:
         """The manifest's seed list and each seed's skipped ids (``,bad=skip``), for people reading it (readers go
-        by the ``COMPLETE`` markers: two runs committing at once may leave one of their seeds out of it until the
-        next commit)."""
-        manifest = (self.loc / MANIFEST).read_json()
-        manifest["seeds"] = self.seeds()
-        if skipped:
-            manifest.setdefault("skipped", {})[str(int(seed))] = skipped
-        manifest["updated_at"] = time.time()
-        (self.loc / MANIFEST).write_json(manifest)
-        self.manifest = manifest
+        by the ``COMPLETE`` markers). Both are derived from the ``COMPLETE`` markers, not added to what the manifest
+        said: two runs committing at once each write what is committed, and each looks again after its write and
+        writes again if a seed was committed meanwhile, so the last write names every complete seed."""
+        written: list[int] | None = None
+        while True:
+            seeds = self.seeds()
+            if seeds == written:
+                return
+            manifest = (self.loc / MANIFEST).read_json()
+            manifest["seeds"] = seeds
+            lost = {str(s): ids for s in seeds if (ids := sorted(self.skipped(s)))}
+            if lost:
+                manifest["skipped"] = lost
+            else:
+                manifest.pop("skipped", None)
+            manifest["updated_at"] = time.time()
+            (self.loc / MANIFEST).write_json(manifest)
+            self.manifest = manifest
+            written = seeds
 
     # -- reading --------------------------------------------------------------------------------
 
