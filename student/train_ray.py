@@ -15,7 +15,8 @@ cores of its machine shared by the ranks on it (``default_loader_workers``).
 After each epoch every rank scores its share of the eval split (``student.evaluate``) and calls
 ``ray.train.report``, rank 0 with a checkpoint (its ``last.pt``, kept by Ray under ``RUN_DIR/ray_train``: on
 object storage when ``--out`` is a URL, through Ray's ``storage_filesystem``, pyarrow's ``PyFileSystem`` over
-stillroom's own fsspec filesystem, so Ray writes with the same endpoint and credentials chain), so
+stillroom's own fsspec filesystem, so Ray writes with the same endpoint and credentials chain; there Ray's copy is
+made by the object store from the ``last.pt`` rank 0 uploaded, so it goes up once an epoch), so
 ``FailureConfig(max_failures=config.max_failures)`` restarts a run whose worker died: the new workers continue
 from the last reported checkpoint (``ray.train.get_checkpoint``), the epochs it holds kept as they were.
 
@@ -28,9 +29,11 @@ service's) exports them from its own process (``process_metrics``).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -106,9 +109,10 @@ def _absolute(config: TrainConfig) -> TrainConfig:
                    data_root=absolute(config.data_root) if config.data_root else None)
 
 
-def worker_distributed(resume_from: str | None = None, metrics: Metrics = NO_METRICS) -> Distributed:
+def worker_distributed(resume_from: str | None = None, metrics: Metrics = NO_METRICS, out: str | None = None
+                       ) -> Distributed:
     """This Ray Train worker's ``Distributed``: its rank, DDP, gloo/nccl all-reduce, its device and the epoch
-    report (``report_epoch``)."""
+    report (``report_epoch`` for the run directory ``out``)."""
     import ray.train
     import ray.train.torch
     import torch.distributed as torch_dist
@@ -122,12 +126,14 @@ def worker_distributed(resume_from: str | None = None, metrics: Metrics = NO_MET
 
     return Distributed(rank=ctx.get_world_rank(), world_size=world, wrap=ray.train.torch.prepare_model,
                        all_reduce_mean=all_reduce_mean, device=ray.train.torch.get_device(), resume_from=resume_from,
-                       end_epoch=report_epoch, metrics=metrics)
+                       end_epoch=functools.partial(report_epoch, out=out), metrics=metrics)
 
 
-def report_epoch(record: dict[str, Any], checkpoint: Path | None) -> None:
+def report_epoch(record: dict[str, Any], checkpoint: Path | None, out: str | None = None) -> None:
     """``ray.train.report`` on every rank (it is a barrier): the epoch's scalars, and from rank 0 its checkpoint
-    (``checkpoint``, a ``last.pt``), which Ray copies to its storage and hands to the workers of a restart."""
+    (``checkpoint``, a ``last.pt``), which Ray keeps in its storage and hands to the workers of a restart. A run
+    directory ``out`` on a URL has that ``last.pt`` uploaded already (``RunDirectory.sync``): Ray's copy is made
+    from it in the object store (``copy_uploaded``), so the checkpoint goes up once an epoch, not twice."""
     import ray.train
 
     metrics = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
@@ -144,9 +150,26 @@ def report_epoch(record: dict[str, Any], checkpoint: Path | None) -> None:
         except OSError:
             shutil.copy2(checkpoint, staging / CHECKPOINT)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
-                         checkpoint_dir_name=f"epoch_{int(record['epoch']):04d}")
+                         checkpoint_dir_name=f"epoch_{int(record['epoch']):04d}",
+                         checkpoint_upload_fn=copy_uploaded(out) if out is not None and is_url(out) else None)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def copy_uploaded(out: str) -> Callable[[Any, str], Any]:
+    """Ray Train's ``checkpoint_upload_fn`` for a run directory ``out`` on object storage: the ``last.pt`` that
+    rank 0 uploaded to ``out`` is copied to Ray's checkpoint directory there (``ray_train/<dir_name>``) by the
+    object store itself (S3's CopyObject: no byte goes up again), and Ray is handed that directory."""
+    def upload(checkpoint: Any, dir_name: str) -> Any:
+        import ray.train
+
+        run = Location(out)
+        target = run / RAY_TRAIN_DIR / dir_name
+        (run / CHECKPOINT).copy_to(target / CHECKPOINT)
+        filesystem, path = target.arrow_filesystem()
+        return ray.train.Checkpoint(path=path, filesystem=filesystem)
+
+    return upload
 
 
 def worker_config(loop_config: dict[str, Any]) -> TrainConfig:
@@ -182,10 +205,11 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             # train() refused a run directory holding a run, so an earlier attempt of this run wrote it: Ray
             # restarted the run before its controller registered a reported checkpoint (it polls every 2 s)
             config = replace(config, resume=True)
-        fit(config, worker_distributed(metrics=metrics), plan=plan)
+        fit(config, worker_distributed(metrics=metrics, out=config.out), plan=plan)
         return
     with restart.as_directory() as d:
-        fit(config, worker_distributed(resume_from=str(Path(d) / CHECKPOINT), metrics=metrics), plan=plan)
+        fit(config, worker_distributed(resume_from=str(Path(d) / CHECKPOINT), metrics=metrics, out=config.out),
+            plan=plan)
 
 
 def worker_loop_config(config: TrainConfig, use_gpu: bool, plan: RunPlan) -> dict[str, Any]:

@@ -240,6 +240,16 @@ class Location:
         else:
             self.fs.get_file(self._path, str(target))
 
+    def copy_to(self, target: Location) -> None:
+        """Copy this file to ``target`` on the same storage: locally a whole-file atomic replace; on object storage
+        the store copies it itself (S3's CopyObject): nothing is downloaded or uploaded."""
+        if self.local is not None and target.local is not None:
+            target.upload(self.local)
+        elif self.local is None and target.local is None and self.fs is target.fs:
+            self.fs.copy(self._path, target._path)
+        else:
+            raise ValueError(f"copy_to: {self.url} and {target.url} are on different storage")
+
     def arrow_filesystem(self) -> tuple[Any, str]:
         """This location as pyarrow sees it, ``(filesystem, path)``: for a URL, pyarrow's ``PyFileSystem`` over this
         very fsspec filesystem (the same endpoint and credentials chain; what Ray Train's ``storage_filesystem``
