@@ -8,19 +8,28 @@ is still about 5 ms of reading a column chunk an image from the page cache (``be
 sync`` to the node's disk, or Hugging Face ``datasets``' Arrow cache, or Mosaic streaming's local shards) is what
 this does on its own: the first time a process reads a row group from its shard a second time (it was read, left
 the last few kept, and is wanted again: a shuffle; reading in id order, as labeling does, whatever the batch size,
-reads each group once and stages nothing), it queues every shard of the
-data set, that one first, and ``STAGE_THREADS`` threads copy them, once per node: a shard on a URL downloaded by
+reads each group once and stages nothing), it starts a stager process for the data set, which queues every shard
+of it, that one first, and ``STAGE_THREADS`` threads copy them, once per node: a shard on a URL downloaded by
 one sequential read, then its image column written as an Arrow IPC file (one record batch a row group, the
 images' bytes uncompressed, as the JPEGs are), read later through a memory map: one image costs its own bytes
 (0.09 ms against 5.2 there). Until a shard's copy is there, its reads take the row-group path; from then on, and
 in every later epoch and run on the node, the copy. The shuffle stays uniform over the whole split: nothing about
 the order changes.
 
+The stager is a process of its own (one a data set a node: it holds ``<data set>.stager.lock``), so the copies
+in flight outlive the loader workers that asked for them (a DataLoader's workers end with each epoch); it ends
+once every shard is staged, or when the process that owns the reads (the training process, a loader worker's
+parent) is gone, and logs to ``stager.log`` in the folder.
+
 Where: ``$STILLROOM_SHARD_STAGE`` (a directory; ``off`` turns staging off), by default
 ``<temp dir>/stillroom-shards``. A process stages only when that disk keeps 10 % free (and 1 GiB) after every
-shard of the data set is there (a copy takes about its shard's size: JPEG bytes do not compress), and says so
-once in the log either way. Copies are named by the shard's path or URL, size and version (ETag, or a file's
-modification time), so a rewritten shard is staged again; delete the folder to take the space back.
+shard of the data set is there (a copy takes about its shard's size: JPEG bytes do not compress) and the copies
+in flight have landed (a shard on a URL takes twice its size while it lands: the download, then the copy), and
+says so once in the log either way; each copy checks again before it starts. Copies are named by the shard's path
+or URL, size and version (ETag, or a file's modification time), so a rewritten shard is staged again.
+``$STILLROOM_SHARD_STAGE_MAX`` (a size: ``200G``, ``500M``, bytes) caps the folder's copies: before a copy, the
+least recently read copies of other data sets are removed to make room; a data set larger than the cap has only
+what fits staged, the rest read in place.
 
 Several processes on a node (loader workers, Ray workers) share the folder: one holds an advisory lock on a
 shard while it writes a file of its own and renames it into place, the others keep reading in place meanwhile.
@@ -31,12 +40,17 @@ place.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import queue
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 from collections import OrderedDict
@@ -48,11 +62,13 @@ from stillroom.pipelines.core import filesystem, is_url, local_path
 log = logging.getLogger("stillroom.data")
 
 ENV = "STILLROOM_SHARD_STAGE"
+MAX_ENV = "STILLROOM_SHARD_STAGE_MAX"
 KEEP_FREE = 0.10  # of the disk, after every shard is staged
 KEEP_FREE_MIN = 1 << 30
 COPY_BLOCK = 8 << 20  # bytes a read while downloading
 STAGE_THREADS = 4  # shards copied at once by a process (S3 gives bandwidth by concurrency)
 OPEN_COPIES = 64  # memory-mapped copies a process keeps open
+STAGER = "from stillroom.pipelines.data.stage import stager_main; stager_main()"  # the stager process's program
 
 
 def stage_dir() -> Path | None:
@@ -61,6 +77,35 @@ def stage_dir() -> Path | None:
     if value.lower() in ("off", "0", "false", "no", "none"):
         return None
     return Path(value) if value else Path(tempfile.gettempdir()) / "stillroom-shards"
+
+
+def stage_cap() -> int | None:
+    """The most bytes the staged copies may take (``$STILLROOM_SHARD_STAGE_MAX``), or None for no cap."""
+    value = os.environ.get(MAX_ENV, "").strip()
+    if not value:
+        return None
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", value, re.IGNORECASE)
+    if found is None:
+        raise ValueError(f"{MAX_ENV}={value!r} is not a size: expected bytes or a number with K, M, G or T (200G)")
+    return int(float(found[1]) * 1024 ** " KMGT".index(found[2].upper() or " "))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def _reads_owner() -> int:
+    """The process whose reads this is: a DataLoader worker's parent (the workers end with each epoch), else this."""
+    data = sys.modules.get("torch.utils.data")
+    if data is not None and data.get_worker_info() is not None:
+        return os.getppid()
+    return os.getpid()
 
 
 def image_bytes(column: Any) -> Any:
@@ -89,6 +134,9 @@ class ShardStage:
         self._reads: set[tuple[int, int]] = set()
         self._started = False
         self._open: OrderedDict[int, Any] = OrderedDict()  # shard -> its copy's RecordBatchFileReader
+        self._stager: subprocess.Popen[bytes] | None = None  # the stager process this one started
+        self._landing = 0  # bytes the copies in flight in this process will still take on the disk
+        self._room = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"sources": self.sources, "column": self.column, "sizes": self.sizes, "names": self.names}
@@ -143,6 +191,8 @@ class ShardStage:
         except Exception as e:
             self._drop(shard, e)
             return None
+        with contextlib.suppress(OSError):  # read now: the last copy a cap evicts (``_make_room``)
+            os.utime(folder / self.names[shard])
         self._open[shard] = reader
         while len(self._open) > OPEN_COPIES:
             self._open.popitem(last=False)
@@ -157,12 +207,40 @@ class ShardStage:
             (folder / self.names[shard]).unlink(missing_ok=True)
 
     def _start(self, first: int) -> None:
+        """Start the data set's stager process (``stager_main``), detached: it outlives this process (a loader
+        worker ends with its epoch) and ends with the process that owns the reads."""
         self._started = True
+        folder = self._folder()
+        if folder is None:
+            return
+        job = {"sources": self.sources, "sizes": self.sizes, "names": self.names, "column": self.column,
+               "folder": str(folder), "first": first, "owner": _reads_owner()}
+        try:
+            # its log to the folder: a detached process holding this one's stdout or stderr would keep a reader of
+            # them (a caller's subprocess.run) waiting for it
+            with open(folder / "stager.log", "ab") as log_file:
+                self._stager = subprocess.Popen([sys.executable, "-c", STAGER],
+                                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log_file,
+                                                start_new_session=True)
+            stdin = self._stager.stdin
+            if stdin is not None:
+                stdin.write(json.dumps(job).encode())
+                stdin.close()
+        except OSError as e:
+            log.warning("not staging Parquet shards: cannot start the stager process (%s)", e)
+
+    def stage_all(self, first: int, owner: int) -> None:
+        """Copy every shard, ``first`` first, with ``STAGE_THREADS`` threads; stop taking shards once ``owner``
+        is gone (what the stager process runs)."""
         todo: queue.SimpleQueue[int] = queue.SimpleQueue()
         for s in [first, *(s for s in range(len(self.sources)) if s != first)]:
             todo.put(s)
-        for _ in range(min(STAGE_THREADS, len(self.sources))):  # daemons: a process that ends leaves .part files
-            threading.Thread(target=self._stage_all, args=(todo,), name="stillroom-shard-stage", daemon=True).start()
+        threads = [threading.Thread(target=self._stage_all, args=(todo, owner), name="stillroom-shard-stage")
+                   for _ in range(min(STAGE_THREADS, len(self.sources)))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
 
     def _folder(self) -> Path | None:
         if self._dir is False:
@@ -179,19 +257,27 @@ class ShardStage:
         except OSError as e:
             log.warning("not staging Parquet shards in %s: %s", folder, e)
             return None
-        missing = sum(size for size, name in zip(self.sizes, self.names, strict=True) if not (folder / name).exists())
+        todo = [(size, is_url(u)) for u, size, name in zip(self.sources, self.sizes, self.names, strict=True)
+                if not (folder / name).exists()]
+        missing = sum(size for size, _ in todo)
+        cap = stage_cap()
+        if cap is not None:
+            missing = min(missing, cap)
+        # while a shard on a URL lands it takes twice its size (the download, then the copy): the largest ones
+        # that STAGE_THREADS copy at once, on top of the copies
+        landing = missing + sum(sorted((size for size, url in todo if url), reverse=True)[:STAGE_THREADS])
         keep = max(KEEP_FREE * usage.total, KEEP_FREE_MIN)
-        if usage.free - missing < keep:
-            log.warning("not staging %d Parquet shards (%.1f GB) in %s: it has %.1f GB free and keeps %.1f GB; "
-                        "rows are read by row group in place (set %s to a larger disk)",
-                        len(self.sources), missing / 1e9, folder, usage.free / 1e9, keep / 1e9, ENV)
+        if usage.free - landing < keep:
+            log.warning("not staging %d Parquet shards (%.1f GB, %.1f GB while they land) in %s: it has %.1f GB free "
+                        "and keeps %.1f GB; rows are read by row group in place (set %s to a larger disk)",
+                        len(self.sources), missing / 1e9, landing / 1e9, folder, usage.free / 1e9, keep / 1e9, ENV)
             return None
         log.info("staging Parquet shards read at random in %s (%.1f GB still to copy; %s=off turns it off)",
                  folder, missing / 1e9, ENV)
         return folder
 
-    def _stage_all(self, todo: queue.SimpleQueue[int]) -> None:
-        while True:
+    def _stage_all(self, todo: queue.SimpleQueue[int], owner: int) -> None:
+        while _alive(owner):
             try:
                 shard = todo.get_nowait()
             except queue.Empty:
@@ -216,6 +302,9 @@ class ShardStage:
                 return
             for stale in folder.glob(name + ".part-*"):
                 stale.unlink(missing_ok=True)
+            landing = self.sizes[shard] * (2 if is_url(self.sources[shard]) else 1)
+            if not self._make_room(folder, shard, landing):
+                return
             part = folder / f"{name}.part-{os.getpid()}"
             fetched = folder / f"{name}.part-{os.getpid()}.parquet"
             try:
@@ -228,7 +317,40 @@ class ShardStage:
             finally:
                 part.unlink(missing_ok=True)
                 fetched.unlink(missing_ok=True)
+                with self._room:
+                    self._landing -= landing
         log.debug("staged %s as %s", self.sources[shard], folder / name)
+
+    def _make_room(self, folder: Path, shard: int, landing: int) -> bool:
+        """Whether ``shard``'s copy (``landing`` bytes while it lands) may be made now, and room made for it: under
+        the cap (``$STILLROOM_SHARD_STAGE_MAX``) after removing the least recently read copies of other data sets,
+        with the disk's share kept free beside the copies in flight in this process. True reserves ``landing``."""
+        cap = stage_cap()
+        with self._room:
+            if cap is not None:
+                copies = sorted(((p.stat().st_mtime, p.stat().st_size, p) for p in folder.glob("*.arrow")
+                                 if p.is_file()), key=lambda c: c[0])
+                used = sum(size for _, size, _ in copies)
+                ours = set(self.names)
+                for _, size, path in copies:
+                    if used + self.sizes[shard] <= cap:
+                        break
+                    if path.name not in ours:
+                        path.unlink(missing_ok=True)
+                        used -= size
+                        log.info("removed the staged copy %s (least recently read) to keep %s under %s bytes",
+                                 path.name, folder, cap)
+                if used + self.sizes[shard] > cap:
+                    log.info("not staging %s: the staged copies would pass %s=%d", self.sources[shard], MAX_ENV, cap)
+                    return False
+            usage = shutil.disk_usage(folder)
+            keep = max(KEEP_FREE * usage.total, KEEP_FREE_MIN)
+            if usage.free - self._landing - landing < keep:
+                log.warning("not staging %s now: %s has %.1f GB free and keeps %.1f GB", self.sources[shard],
+                            folder, usage.free / 1e9, keep / 1e9)
+                return False
+            self._landing += landing
+            return True
 
     def _download(self, shard: int, target: Path) -> None:
         fs, path = filesystem(self.sources[shard])
@@ -251,3 +373,21 @@ def to_arrow(parquet: str, column: str, out: Path) -> None:
         for group in range(source.num_row_groups):
             images = image_bytes(source.read_row_group(group, columns=[column]).column(0))
             writer.write_batch(pa.record_batch([images.cast(pa.large_binary())], schema=schema))
+
+
+def stager_main() -> None:
+    """The stager process: its job as JSON on stdin (``ShardStage._start``); one a data set a node."""
+    logging.basicConfig(level=logging.WARNING, format="stillroom: %(message)s")
+    job = json.loads(sys.stdin.read())
+    folder = Path(job["folder"])
+    key = hashlib.sha256("\0".join(job["names"]).encode()).hexdigest()[:32]
+    with open(folder / f"{key}.stager.lock", "a+b") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # this data set's stager on this node is running already
+        stage = ShardStage.__new__(ShardStage)
+        stage.__setstate__({k: job[k] for k in ("sources", "sizes", "names", "column")})
+        stage._dir = folder
+        stage.stage_all(int(job["first"]), int(job["owner"]))
+
