@@ -9,6 +9,11 @@ epoch under way; ``pull()`` brings a run's files back into a new staging directo
 
 A plain path is written in place, as it always was: ``local`` is that path and ``sync()`` does nothing.
 
+The staging directory is ``<temp dir>/stillroom-run-<pid>-<random>``, held by an advisory lock (``flock``) on it
+for the run's life. A run killed outright (SIGKILL, out of memory) cannot remove it; the next run directory made on
+the node (``sweep_staging``) removes every one whose lock it can take: its process is gone (a lock dies with its
+process, whatever pid namespace it ran in).
+
 Why our own and not a library's: fsspec's ``put(recursive=True)`` uploads everything every time, in no chosen
 order, and Ray Train's storage takes only the checkpoints it is handed (``ray.train.report``), not a run's
 other files; what is left here is the choice of the changed files and their order.
@@ -16,6 +21,9 @@ other files; what is left here is the choice of the changed files and their orde
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
 import shutil
 import tempfile
@@ -24,14 +32,57 @@ from pathlib import Path
 
 from stillroom.pipelines.core.storage import Location, is_url, local_path
 
+log = logging.getLogger("stillroom")
+STAGING_PREFIX = "stillroom-run-"
+
+
+def _lock(path: Path) -> int | None:
+    """An open descriptor of the directory ``path`` holding its exclusive lock, or None if another process holds
+    it (or it is gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def sweep_staging(folder: Path | None = None) -> list[Path]:
+    """Remove the staging directories under ``folder`` (the temp dir) that no live run holds; return them."""
+    folder = Path(folder or tempfile.gettempdir())
+    removed = []
+    for path in sorted(folder.glob(STAGING_PREFIX + "*")):
+        fd = _lock(path) if path.is_dir() else None
+        if fd is None:
+            continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+        log.info("removed %s, the staging directory of a run that was killed", path)
+        removed.append(path)
+    return removed
+
 
 class RunDirectory:
     """Where a run writes (``local``) and where its files end up (``url``: the path or URL given)."""
 
     def __init__(self, out: str | os.PathLike, last: Sequence[str] = ()):
         self.remote: Location | None = Location(out) if is_url(out) else None  # refuses a URL holding credentials
-        self.local: Path = (Path(tempfile.mkdtemp(prefix="stillroom-run-")) if self.remote is not None
-                            else local_path(out))
+        self._held: int | None = None
+        if self.remote is not None:
+            sweep_staging()
+            # made under another name and locked before it takes its own, so no sweep finds it unlocked
+            made = Path(tempfile.mkdtemp(prefix=f".{STAGING_PREFIX}{os.getpid()}-"))
+            self._held = _lock(made)
+            self.local: Path = made.with_name(made.name[1:])
+            made.rename(self.local)
+        else:
+            self.local = local_path(out)
         self.last = tuple(last)
         self._synced: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) at its last upload
         self._out = self.remote or Location(out)
@@ -73,6 +124,10 @@ class RunDirectory:
         """Remove the staging directory (what was not synced is lost with it)."""
         if self.remote is not None:
             shutil.rmtree(self.local, ignore_errors=True)
+        if self._held is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._held)
+            self._held = None
 
     def _stat(self) -> dict[str, tuple[int, int]]:
         found = {}
@@ -84,4 +139,4 @@ class RunDirectory:
         return found
 
 
-__all__ = ["RunDirectory"]
+__all__ = ["RunDirectory", "sweep_staging"]
