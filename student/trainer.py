@@ -529,9 +529,10 @@ def fit(config: TrainConfig, dist: Distributed | None = None, setup: Setup | Non
     after the last, every rank scores its share of the eval split (``evaluate_epoch``); rank 0 writes the run
     directory, and every rank reports the epoch (``dist.end_epoch``). ``setup`` is ``prepare(config)`` when the
     caller has it already; ``plan`` what ``student.run.train`` resolved for every rank (``start_run``)."""
-    directory = RunDirectory(config.out, last=(BEST, CHECKPOINT))
+    dist = dist or Distributed()
+    directory = RunDirectory(config.out, last=(BEST, CHECKPOINT), writes=dist.rank == 0)  # only the lead writes
     try:
-        run = start_run(config, dist or Distributed(), setup or prepare(config), directory, plan, checkpoint)
+        run = start_run(config, dist, setup or prepare(config), directory, plan, checkpoint)
         config = run.config
         t_run = time.perf_counter()
         # progress over the whole run: every epoch's steps, those of the epochs done before a resume counted done

@@ -71,15 +71,20 @@ def sweep_staging(folder: Path | None = None) -> list[Path]:
 class RunDirectory:
     """Where a run writes (``local``) and where its files end up (``url``: the path or URL given)."""
 
-    def __init__(self, out: str | os.PathLike, last: Sequence[str] = ()):
+    def __init__(self, out: str | os.PathLike, last: Sequence[str] = (), writes: bool = True):
+        """``writes=False``: a rank of a run that writes nothing (not the lead of a multi-worker run): no staging
+        directory is made for it; its ``local`` is ``os.devnull``, where a write fails at once."""
         self.remote: Location | None = Location(out) if is_url(out) else None  # refuses a URL holding credentials
         self._held: int | None = None
-        if self.remote is not None:
+        if self.remote is not None and not writes:
+            self.local: Path = Path(os.devnull)
+            self.remote = None  # nothing to upload, pull or remove
+        elif self.remote is not None:
             sweep_staging()
             # made under another name and locked before it takes its own, so no sweep finds it unlocked
             made = Path(tempfile.mkdtemp(prefix=f".{STAGING_PREFIX}{os.getpid()}-"))
             self._held = _lock(made)
-            self.local: Path = made.with_name(made.name[1:])
+            self.local = made.with_name(made.name[1:])
             made.rename(self.local)
         else:
             self.local = local_path(out)

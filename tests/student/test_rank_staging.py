@@ -1,0 +1,36 @@
+"""Which processes of a student run on a URL make a local staging directory (``RunDirectory``): only the one that
+writes the run (rank 0); the other ranks of a multi-worker run make nothing. Rank 1 of two runs here in-process
+(its all-reduce a no-op), against a real S3 server on 127.0.0.1 (moto)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from s3_server import S3Server
+
+from stillroom.pipelines.labeling import LabelConfig, run_labeling
+from stillroom.student.config import TrainConfig
+from stillroom.student.trainer import Distributed, fit
+
+DATA = "synthetic:n=64,classes=4,size=16"
+
+
+def test_a_rank_other_than_the_lead_makes_no_staging_directory(s3: S3Server, tmp_path, tiny_teacher, monkeypatch):
+    label = LabelConfig(dataset=DATA, teachers=(tiny_teacher,), store_root=str(tmp_path / "stores"), batch_size=64,
+                        chunk_rows=64, top_k=3)
+    store = str(run_labeling(label, backend="local", progress=False)["store"])
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    config = TrainConfig(store=store, dataset=DATA, student="test_resnet", loss="kd", out=s3.url("runs", "rank1"),
+                         batch_size=16, epochs=2, progress=False, loader_workers=0)
+    seen: list[list[Path]] = []
+
+    def end_epoch(record, checkpoint) -> None:  # mid-run, where ray.train.report would be
+        assert checkpoint is None
+        seen.append(sorted(tmp.glob("stillroom-run-*")))
+
+    assert fit(config, Distributed(rank=1, world_size=2, end_epoch=end_epoch)) == {}
+    assert seen == [[], []]
+    assert not s3.fs().exists(f"{s3.bucket}/runs/rank1")  # and it wrote nothing
