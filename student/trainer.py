@@ -313,12 +313,13 @@ class Run:
         return self.dist.rank == 0
 
 
-def start_run(config: TrainConfig, dist: Distributed, setup: Setup, directory: RunDirectory | None = None,
+def start_run(config: TrainConfig, dist: Distributed, setup: Setup, directory: RunDirectory,
               plan: RunPlan | None = None, checkpoint: dict[str, Any] | None = None) -> Run:
     """Open the stream (and the online teachers), build the student, its method and the recipe (optimizer,
     schedule, EMA, precision), load the checkpoint to resume from; rank 0 writes ``config.json`` and the
-    ``metrics.jsonl`` of the epochs done (into ``directory``, by default ``RunDirectory(config.out)``; a resumed
-    run on a URL first downloads the files it continues, its checkpoints aside). The run's seed list is fixed in
+    ``metrics.jsonl`` of the epochs done (into ``directory``, the run's ``RunDirectory`` for ``config.out``, which
+    the caller made and closes: ``fit``; a resumed run on a URL first downloads the files it continues, its
+    checkpoints aside). The run's seed list is fixed in
     its config (and so its checkpoint): ``plan``'s (``student.plan``: every rank the same), else the store's now.
     ``checkpoint``: the one ``plan`` resumes from, read already (else read here)."""
     device = dist.device or resolve_device(config.device)
@@ -328,7 +329,6 @@ def start_run(config: TrainConfig, dist: Distributed, setup: Setup, directory: R
         config, resume_ckpt = check_resume(config.out, config, dist.resume_from)
     if plan is not None:
         plan.check(setup.store, setup.dataset, setup.recipe)
-    directory = directory or RunDirectory(config.out, last=(BEST, CHECKPOINT))
     if resume_ckpt is not None and dist.rank == 0:
         directory.pull(skip=(CHECKPOINT, BEST, RAY_TRAIN_DIR))
     out = directory.local

@@ -125,6 +125,12 @@ class RunDirectory:
             self._synced[name] = now[name]  # the state before the upload: a file changed during it goes again
         return changed
 
+    def __enter__(self) -> RunDirectory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Remove the staging directory (what was not synced is lost with it)."""
         if self.remote is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import pytest
 from s3_server import S3Server
 
 from stillroom.pipelines.labeling import LabelConfig, run_labeling
@@ -34,3 +35,28 @@ def test_a_rank_other_than_the_lead_makes_no_staging_directory(s3: S3Server, tmp
     assert fit(config, Distributed(rank=1, world_size=2, end_epoch=end_epoch)) == {}
     assert seen == [[], []]
     assert not s3.fs().exists(f"{s3.bucket}/runs/rank1")  # and it wrote nothing
+
+
+def test_start_run_is_handed_its_run_directory_by_the_caller_who_closes_it(s3: S3Server, tmp_path, tiny_teacher,
+                                                                              monkeypatch):
+    """``start_run`` made a ``RunDirectory`` of its own when given none and never closed it: a staging directory left
+    in the temp dir by every such call. Now the caller makes it and closes it (``with``)."""
+    from stillroom.pipelines.core import RunDirectory
+    from stillroom.student.trainer import BEST, CHECKPOINT, prepare, start_run
+
+    label = LabelConfig(dataset=DATA, teachers=(tiny_teacher,), store_root=str(tmp_path / "stores"), batch_size=64,
+                        chunk_rows=64, top_k=3)
+    store = str(run_labeling(label, backend="local", progress=False)["store"])
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    config = TrainConfig(store=store, dataset=DATA, student="test_resnet", loss="kd", out=s3.url("runs", "owner"),
+                         batch_size=16, epochs=1, progress=False, loader_workers=0)
+    setup = prepare(config)
+    with pytest.raises(TypeError, match="directory"):
+        start_run(config, Distributed(), setup)  # type: ignore[call-arg]
+    assert not list(tmp.glob("stillroom-run-*"))
+    with RunDirectory(config.out, last=(BEST, CHECKPOINT)) as directory:
+        run = start_run(config, Distributed(), setup, directory)
+        assert run.out == directory.local and (run.out / "config.json").exists()
+    assert not list(tmp.glob("stillroom-run-*"))

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from stillroom.pipelines.core import RunDirectory
 from stillroom.pipelines.labeling import LabelConfig, run_labeling
 from stillroom.pipelines.store import LabelStore, StoreError
 from stillroom.student.config import TrainConfig
@@ -48,7 +49,8 @@ def test_a_seed_committed_between_two_ranks_starts_changes_nothing_either_rank_r
 
     def rank_stream(rank: int) -> Any:
         cfg = worker_config(loop_config)
-        return start_run(cfg, Distributed(rank=rank, world_size=2), prepare(cfg), plan=worker_plan(loop_config)).stream
+        return start_run(cfg, Distributed(rank=rank, world_size=2), prepare(cfg), RunDirectory(cfg.out),
+                         plan=worker_plan(loop_config)).stream
 
     rank0 = rank_stream(0)
     _label(root, tiny_teacher, (1, 2))  # a label job commits seed 2 while the ranks start
@@ -63,7 +65,7 @@ def test_a_rank_that_opens_another_store_than_the_plans_is_refused(tmp_path, tin
     config = _config(store, tmp_path / "run")
     plan = replace(_plan(config), cache_key="0" * 16)
     with pytest.raises(StoreError, match="cache_key .* where the run planned"):
-        start_run(config, Distributed(), prepare(config), plan=plan)
+        start_run(config, Distributed(), prepare(config), RunDirectory(config.out), plan=plan)
 
 
 def test_the_plan_names_every_complete_seed_once_or_refuses_missing_ones(tmp_path, tiny_teacher):

@@ -121,6 +121,7 @@ def test_ray_train_ranks_replay_the_plans_seeds_and_tat_keeps_ddp_on_a_nameless_
     plan = resolve_plan(setup.store, setup.dataset, setup.recipe, None, config.dataset, config.data_root)
 
     def loop(loop_config: dict[str, Any]) -> None:
+        from stillroom.pipelines.core import RunDirectory
         from stillroom.student.models import unwrap
         from stillroom.student.train_ray import worker_config, worker_distributed, worker_plan
         from stillroom.student.trainer import prepare, start_run, train_one_epoch
@@ -133,7 +134,7 @@ def test_ray_train_ranks_replay_the_plans_seeds_and_tat_keeps_ddp_on_a_nameless_
             deadline = time.monotonic() + 240
             while not (where / "committed").exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
-        run = start_run(cfg, dist, prepare(cfg), plan=worker_plan(loop_config))
+        run = start_run(cfg, dist, prepare(cfg), RunDirectory(cfg.out), plan=worker_plan(loop_config))
         (where / f"rank{dist.rank}.json").write_text(json.dumps(list(run.stream.seeds)))
         before = {k: v.clone() for k, v in unwrap(run.student).named_parameters()}
         train_one_epoch(run, 0)
