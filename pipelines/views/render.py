@@ -309,26 +309,29 @@ def render_batch_pool(dataset, ids: np.ndarray, params: np.ndarray, sizes: tuple
     row fails when its own image or its mixing partner's fails to decode: ``failed`` gets ``row -> why``."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     _check_width(params, recipe)
-    own = render_views_at(dataset, ids, own_rows(params, recipe), sizes, draft, recipe, failed)
     mixing = params[:, COL["mix_mode"]] != MIX_NONE
     if not mixing.any():
-        return own, None, None
-    index = np.arange(len(ids), dtype=np.int64)
+        return render_views_at(dataset, ids, own_rows(params, recipe), sizes, draft, recipe, failed), None, None
+    n = len(ids)
+    index = np.arange(n, dtype=np.int64)
     rows = np.flatnonzero(mixing)
     source = in_batch_partners(ids, params, rows, recipe)
     here = source >= 0
     index[rows[here]] = source[here]
     rest = rows[~here]
-    index[rest] = len(ids) + np.arange(len(rest))
-    lost: dict[int, str] | None = {} if failed is not None else None
-    if rest.size:
-        extra = render_views_at(dataset, params[rest, COL["partner"]].astype(np.int64),
-                                partner_rows(params[rest], recipe), sizes, draft, recipe, lost)
-    else:
-        extra = {size: v[:0] for size, v in own.items()}
-    if failed is not None and lost is not None:  # a view mixed with a partner that failed fails with it
+    index[rest] = n + np.arange(len(rest))
+    # the batch's own views and the partner views it lacks in one pass: an image that is a sample and (under
+    # another view) a partner is read and decoded once (``render_views_at``)
+    every: dict[int, str] | None = {} if failed is not None else None
+    views = render_views_at(dataset, np.concatenate([ids, params[rest, COL["partner"]].astype(np.int64)]),
+                            np.concatenate([own_rows(params, recipe), partner_rows(params[rest], recipe)]),
+                            sizes, draft, recipe, every)
+    own = {size: v[:n] for size, v in views.items()}
+    extra = {size: v[n:] for size, v in views.items()}
+    if failed is not None and every is not None:  # a view mixed with a partner that failed fails with it
+        failed.update((r, why) for r, why in every.items() if r < n)
         own_failed = dict(failed)
-        partner_failed = {int(rest[j]): why for j, why in lost.items()}
+        partner_failed = {int(rest[j - n]): why for j, why in every.items() if j >= n}
         partner_failed.update((int(r), own_failed[int(index[r])]) for r in rows[here] if int(index[r]) in own_failed)
         failed.update((r, f"its mixing partner {why}") for r, why in partner_failed.items() if r not in own_failed)
     return own, extra, index
