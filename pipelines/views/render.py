@@ -95,29 +95,33 @@ def apply_views(images: torch.Tensor, params: torch.Tensor | np.ndarray, out_siz
     if len(params) != len(images):
         raise UsageError(f"view params of shape {tuple(params.shape)} for {len(images)} images")
     out_hw = (out_size, out_size) if out_size else (int(images.shape[2]), int(images.shape[3]))
+    # erasing boxes are in pixels of the recipe's output size, or (none) of the images' own: at another size (a
+    # teacher's input) they are scaled to it, so the view erases the same fraction
+    drawn = (recipe.out_size,) * 2 if recipe is not None and recipe.out_size else tuple(images.shape[2:4])
+    scale = (out_hw[0] / float(drawn[0]), out_hw[1] / float(drawn[1]))
     mode = recipe.interpolation if recipe is not None else "bilinear"
     photo = photometric_of(recipe, out_hw[0]) if recipe is not None else None
     x = _crop_flip(float_views(images), params[:, 0:5], out_hw, mode)
     if photo is not None:
-        x = _photometric_views(x, own_rows(params.cpu().numpy(), recipe)[:, 5:], photo, recipe, out_hw[0])
+        x = _photometric_views(x, own_rows(params.cpu().numpy(), recipe)[:, 5:], photo, scale)
     if _mixes(params):
         if partner_images is None:
             raise UsageError("these views mix two images: pass partner_images")
         p = _crop_flip(float_views(partner_images), params[:, 8:13], out_hw, mode)
         if photo is not None:
-            p = _photometric_views(p, partner_rows(params.cpu().numpy(), recipe)[:, 5:], photo, recipe, out_hw[0])
+            p = _photometric_views(p, partner_rows(params.cpu().numpy(), recipe)[:, 5:], photo, scale)
         x = _mix(x, p, params, out_hw)
     return x
 
 
-def _photometric_views(x: torch.Tensor, rows: np.ndarray, photo: ViewPhotometric, recipe: Recipe | None, side: int
+def _photometric_views(x: torch.Tensor, rows: np.ndarray, photo: ViewPhotometric, scale: tuple[float, float]
                        ) -> torch.Tensor:
     """Float views in [0, 1] -> the same views rounded to uint8, each through the photometric ops (PIL, on the
-    CPU) from its row, back as floats in [0, 1] on ``x``'s device."""
+    CPU) from its row, back as floats in [0, 1] on ``x``'s device; ``scale``: the views' (height, width) over the
+    size their erasing boxes were drawn at."""
     from PIL import Image
 
     u8 = (x * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    scale = side / float(getattr(recipe, "out_size", None) or side)
     out = np.empty_like(u8)
     for i, view in enumerate(u8):
         img = Image.fromarray(view[:, :, 0] if view.shape[2] == 1 else view)
