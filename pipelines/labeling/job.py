@@ -34,9 +34,9 @@ from stillroom.pipelines.teachers import (
 )
 from stillroom.pipelines.views import (
     Recipe,
-    get_recipe,
     num_view_params,
     output_size,
+    recipe_for,
 )
 
 
@@ -83,7 +83,7 @@ def prepare_store(config: LabelConfig) -> LabelStore:
 
 def _prepare(config: LabelConfig) -> tuple[LabelStore, list[Teacher]]:
     dataset = load_dataset(config.dataset, config.split, config.data_root, index_cache(config))
-    recipe = get_recipe(config.recipe)
+    recipe = recipe_for(config.recipe, dataset)  # a folder of one square size: views at that size
     teachers = load_teachers(config, dataset)
     provenance, schema = describe_labels(config, teachers, dataset, recipe)
     # where each teacher's preprocessing came from: said, not keyed (the same values from anywhere: the same labels)

@@ -45,6 +45,7 @@ from stillroom.pipelines.views.recipes import (
     Recipe,
     _check_width,
     get_recipe,
+    no_view_size,
     output_size,
     own_rows,
     partner_rows,
@@ -407,7 +408,7 @@ def eval_views(dataset, ids: np.ndarray, size: int | None) -> torch.Tensor:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         return x
     if size is None:
-        raise UsageError(f"{dataset.spec} holds images of many sizes: evaluation needs an output size")
+        raise UsageError(f"{no_view_size(dataset)}: evaluation needs an output size")
     return build_views(dataset, get_recipe(f"imagenet-eval:size={size}"), 0, ids)[0]
 
 
