@@ -34,6 +34,7 @@ from stillroom.pipelines.teachers import (
 )
 from stillroom.pipelines.views import (
     Recipe,
+    check_mix_size,
     num_view_params,
     output_size,
     recipe_for,
@@ -51,6 +52,7 @@ def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Datas
             _, fmap = teachers[0].features(probe, config.features)
         feature_shape = tuple(pool_features(fmap, config.feature_grid).shape[1:])
     output_size(recipe, dataset)  # a recipe without an output size on images of many sizes: refused here
+    check_mix_size(recipe, len(dataset))  # partner ids float32 cannot hold: refused before the store is made
     described: dict[str, Any] = {"spec": dataset.spec, "split": dataset.split, "fingerprint": dataset.fingerprint,
                                  "num_samples": len(dataset), "num_classes": dataset.num_classes}
     if dataset.in_memory:

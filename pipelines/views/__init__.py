@@ -2,7 +2,15 @@
 (timm's semantics).
 """
 
-from stillroom.pipelines.views.draw import VIEW_GENERATOR, draw_views, partner_cycle, partner_ids, partners_of, uniforms
+from stillroom.pipelines.views.draw import (
+    VIEW_GENERATOR,
+    check_mix_size,
+    draw_views,
+    partner_cycle,
+    partner_ids,
+    partners_of,
+    uniforms,
+)
 from stillroom.pipelines.views.noise import ErasingNoise, grey_thresholds
 from stillroom.pipelines.views.photometric import (
     DRAWS_PER_LAYER,
@@ -77,6 +85,7 @@ __all__ = [
     "apply_op",
     "apply_views",
     "build_views",
+    "check_mix_size",
     "decode_view",
     "decode_views",
     "draft_scale",
