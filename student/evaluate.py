@@ -22,7 +22,7 @@ from torch import nn
 from stillroom.pipelines.core import Location, UsageError, open_binary, write_atomically
 from stillroom.pipelines.data import DataError, Dataset, load_dataset
 from stillroom.pipelines.training import eval_subset, topk_hits
-from stillroom.pipelines.views import float_views
+from stillroom.pipelines.views import float_views, no_view_size
 from stillroom.student.models import (
     LEGACY_INPUT,
     InputConfig,
@@ -114,7 +114,7 @@ class EvalSource:
         self._transform: Any = None
         if not dataset.in_memory:
             if size is None:
-                raise UsageError(f"{dataset.spec} holds images of many sizes: evaluation needs an output size")
+                raise UsageError(f"{no_view_size(dataset)}: evaluation needs an output size")
             from timm.data.transforms_factory import transforms_imagenet_eval
 
             self._transform = transforms_imagenet_eval(

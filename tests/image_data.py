@@ -85,3 +85,18 @@ def scramble(path: Path, seed: int = 0) -> None:
     start = sos + 2 + int.from_bytes(b[sos + 2:sos + 4], "big")
     b[start:-2] = np.random.default_rng(seed).integers(0, 256, len(b) - 2 - start, dtype=np.uint8).tobytes()
     path.write_bytes(bytes(b))
+
+
+def write_png_folder(root: Path, sizes: list[tuple[int, int]], train: int = 24, seed: int = 0) -> Path:
+    """``root/train/<class>/*.png``: ``train`` PNGs (CIFAR-10 written to disk), image ``i`` of size
+    ``sizes[i % len(sizes)]`` (one pair: every image the same size)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(train):
+        label = i % len(CLASSES)
+        folder = root / "train" / CLASSES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        h, w = sizes[i % len(sizes)]
+        Image.fromarray(_image(rng, label, h, w)).save(folder / f"train_{i:04d}.png", format="PNG")
+    return root

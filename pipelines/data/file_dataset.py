@@ -58,8 +58,15 @@ class FileDataset:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        raise UsageError(f"{self.spec} holds images of many sizes: it has no single image shape; a view recipe "
-                         "with an output size (e.g. imagenet-rrc:size=224) gives its views one")
+        raise UsageError(f"{self._on_disk()}: it is not read as one tensor; a view recipe with an output size "
+                         "(e.g. imagenet-rrc:size=224) gives its views one shape")
+
+    def _on_disk(self) -> str:
+        """What is true of this data set's image sizes, for a refusal that needs one tensor of them."""
+        sizes = np.asarray(self.sizes)
+        if len(sizes) and (sizes == sizes[0]).all():
+            return f"{self.spec} is on disk (every image {int(sizes[0, 0])}x{int(sizes[0, 1])})"
+        return f"{self.spec} holds images of many sizes"
 
     @property
     def fingerprint(self) -> str:
@@ -85,7 +92,7 @@ class FileDataset:
         raise NotImplementedError
 
     def read(self, ids: np.ndarray | list[int]) -> Any:
-        raise UsageError(f"{self.spec} holds images of many sizes: build views (pipelines.views), not read(ids)")
+        raise UsageError(f"{self._on_disk()}: build views (pipelines.views), not read(ids)")
 
     def _check_ids(self, ids: np.ndarray | list[int]) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)

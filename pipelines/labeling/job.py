@@ -34,9 +34,10 @@ from stillroom.pipelines.teachers import (
 )
 from stillroom.pipelines.views import (
     Recipe,
-    get_recipe,
+    check_mix_size,
     num_view_params,
     output_size,
+    recipe_for,
 )
 
 
@@ -51,6 +52,7 @@ def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Datas
             _, fmap = teachers[0].features(probe, config.features)
         feature_shape = tuple(pool_features(fmap, config.feature_grid).shape[1:])
     output_size(recipe, dataset)  # a recipe without an output size on images of many sizes: refused here
+    check_mix_size(recipe, len(dataset))  # partner ids float32 cannot hold: refused before the store is made
     described: dict[str, Any] = {"spec": dataset.spec, "split": dataset.split, "fingerprint": dataset.fingerprint,
                                  "num_samples": len(dataset), "num_classes": dataset.num_classes}
     if dataset.in_memory:
@@ -83,7 +85,7 @@ def prepare_store(config: LabelConfig) -> LabelStore:
 
 def _prepare(config: LabelConfig) -> tuple[LabelStore, list[Teacher]]:
     dataset = load_dataset(config.dataset, config.split, config.data_root, index_cache(config))
-    recipe = get_recipe(config.recipe)
+    recipe = recipe_for(config.recipe, dataset)  # a folder of one square size: views at that size
     teachers = load_teachers(config, dataset)
     provenance, schema = describe_labels(config, teachers, dataset, recipe)
     # where each teacher's preprocessing came from: said, not keyed (the same values from anywhere: the same labels)

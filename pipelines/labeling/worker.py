@@ -33,8 +33,8 @@ from stillroom.pipelines.views import (
     COL,
     MIX_NONE,
     Recipe,
-    get_recipe,
     mix_views,
+    recipe_for,
 )
 
 
@@ -65,7 +65,7 @@ class Labeler:
         self.config = config
         self.metrics: Metrics = NO_METRICS  # the Ray actor hands it Ray's (``pipelines.labeling.ray_pool``)
         self.dataset: Dataset = load_dataset(config.dataset, config.split, config.data_root, index_cache(config))
-        self.recipe: Recipe = get_recipe(config.recipe)
+        self.recipe: Recipe = recipe_for(config.recipe, self.dataset)  # as the job resolved it (``_prepare``)
         self.teachers: list[Teacher] = load_teachers(config, self.dataset, device)
         self.store = LabelStore(store_path)
         self.device = torch.device(device)

@@ -27,7 +27,7 @@ from stillroom.pipelines.teachers.loading import _create, save_checkpoint
 from stillroom.pipelines.teachers.preprocess import Preprocess
 from stillroom.pipelines.training import RecipeOptions, TrainingRecipe, top1_top5
 from stillroom.pipelines.training import recipe as train_recipe
-from stillroom.pipelines.views import Recipe, build_views, eval_views, get_recipe, output_size
+from stillroom.pipelines.views import Recipe, build_views, eval_views, output_size, recipe_for
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,7 +117,7 @@ def train_teacher(config: TeacherTrainConfig, progress: bool = True) -> dict[str
     device = train_recipe.resolve_device(config.device)
     train = load_dataset(config.dataset, "train", config.data_root)
     test = open_eval_split(config.dataset, "test", config.data_root)  # None: nothing to evaluate on
-    recipe = get_recipe(config.recipe)
+    recipe = recipe_for(config.recipe, train)  # a folder of one square size: views at that size
     c = train.channels
     # the model's input size: --resolution, else the recipe's output size (required for images of many sizes)
     resolution = config.resolution or output_size(recipe, train) or train.image_shape[1]

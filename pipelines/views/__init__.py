@@ -2,7 +2,15 @@
 (timm's semantics).
 """
 
-from stillroom.pipelines.views.draw import VIEW_GENERATOR, draw_views, partner_cycle, partner_ids, partners_of, uniforms
+from stillroom.pipelines.views.draw import (
+    VIEW_GENERATOR,
+    check_mix_size,
+    draw_views,
+    partner_cycle,
+    partner_ids,
+    partners_of,
+    uniforms,
+)
 from stillroom.pipelines.views.noise import ErasingNoise, grey_thresholds
 from stillroom.pipelines.views.photometric import (
     DRAWS_PER_LAYER,
@@ -28,11 +36,13 @@ from stillroom.pipelines.views.recipes import (
     VIEW_COLUMNS,
     Recipe,
     get_recipe,
+    no_view_size,
     num_view_params,
     output_size,
     own_rows,
     partner_rows,
     photometric_of,
+    recipe_for,
     recipe_pattern,
     stream_key,
     view_columns,
@@ -75,6 +85,7 @@ __all__ = [
     "apply_op",
     "apply_views",
     "build_views",
+    "check_mix_size",
     "decode_view",
     "decode_views",
     "draft_scale",
@@ -85,6 +96,7 @@ __all__ = [
     "grey_thresholds",
     "level_args",
     "mix_views",
+    "no_view_size",
     "num_view_params",
     "output_size",
     "own_rows",
@@ -93,6 +105,7 @@ __all__ = [
     "partner_rows",
     "partners_of",
     "photometric_of",
+    "recipe_for",
     "recipe_pattern",
     "render_batch",
     "render_batch_at",

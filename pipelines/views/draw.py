@@ -107,6 +107,17 @@ def _own(recipe: Recipe, key: list[int], ids: np.ndarray, H: np.ndarray, W: np.n
 MAX_MIX_SAMPLES = 2**24  # the view parameters are float32: a partner id above it would be rounded
 
 
+def check_mix_size(recipe: Recipe, num_samples: int) -> None:
+    """Refuse, in one line, a split too large for a mixing recipe: its partner ids go into the float32 view
+    parameters (``COL["partner"]``), which hold every integer up to 2^24 and only even ones beyond, so above it
+    partners would be rounded to other samples and stop being a permutation. Called before any view is drawn
+    (``draw_views``, ``partner_cycle``, the label job before it makes its store)."""
+    if _mixing(recipe) and num_samples > MAX_MIX_SAMPLES:  # float32 holds every integer up to 2^24 alone
+        raise UsageError(f"{num_samples:,} samples: recipe {recipe.name!r} mixes, and its partner ids are stored as "
+                         f"float32, exact up to {MAX_MIX_SAMPLES:,} samples: split the data set or use a recipe "
+                         "without mixing")
+
+
 def draw_views(recipe: Recipe, seed: int, ids: np.ndarray | list[int], num_samples: int,
                hw: tuple[int, int] | np.ndarray) -> np.ndarray:
     """The ``(len(ids), P)`` float32 view parameters of ``ids`` under ``(recipe, seed)``.
@@ -119,10 +130,7 @@ def draw_views(recipe: Recipe, seed: int, ids: np.ndarray | list[int], num_sampl
     if ids.size and (ids.min() < 0 or ids.max() >= num_samples):
         bad = int(ids[(ids < 0) | (ids >= num_samples)][0])
         raise UsageError(f"sample id {bad} is out of range: expected 0 <= id < {num_samples}")
-    if _mixing(recipe) and num_samples > MAX_MIX_SAMPLES:  # float32 holds every integer up to 2^24 alone
-        raise UsageError(f"{num_samples:,} samples: recipe {recipe.name!r} mixes, and its partner ids are stored as "
-                         f"float32, exact up to {MAX_MIX_SAMPLES:,} samples: split the data set or use a recipe "
-                         "without mixing")
+    check_mix_size(recipe, num_samples)
     sizes = np.asarray(hw)
 
     def hw_of(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +200,9 @@ def partners_of(recipe: Recipe, seed: int, ids: np.ndarray, num_samples: int) ->
 def partner_cycle(recipe: Recipe, seed: int, num_samples: int) -> np.ndarray:
     """The whole split in the cyclic order ``partners_of`` follows under (recipe, seed): the partner of
     ``cycle[p]`` is ``cycle[(p + 1) % N]`` (N >= 2). A table of N ids (10 MB at ImageNet's 1.28 M), for a reader
-    that orders a whole epoch by it (``student.data.partner_run_order``)."""
+    that orders a whole epoch by it (``student.data.partner_run_order``). Refused where the recipe's views could
+    not name their partners exactly (``check_mix_size``), before the table is built."""
+    check_mix_size(recipe, num_samples)
     positions = np.arange(num_samples, dtype=np.int64)
     if num_samples < 2:
         return positions

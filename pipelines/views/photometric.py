@@ -319,13 +319,14 @@ class RandomErasingPolicy:
         return out
 
     def apply_uint8(self, view: np.ndarray, params: np.ndarray, mean: Sequence[float], std: Sequence[float],
-                    scale: float = 1.0) -> np.ndarray:
+                    scale: float | tuple[float, float] = 1.0) -> np.ndarray:
         """Erase one uint8 ``(H, W, C)`` view (before normalisation) from its ``draw`` row: the pixels timm's
         ``RandomErasing`` writes in normalised space, in pixel space: ``rint(255 * (mean + std * z))`` clipped to
         [0, 255], ``z`` normal per pixel and channel (``pixel``) or per channel (``rand``), drawn as grey levels by
         ``ErasingNoise`` from the row's noise seed (integers only: the same bits in any process on any machine);
         ``const``: the mean colour; ``black``: 0, torchvision's ``RandomErasing(value=0)`` before ``Normalize``.
-        Boxes drawn at another size are scaled by ``scale`` (this view's side over the drawn side)."""
+        Boxes drawn at another size are scaled by ``scale`` (this view's side over the drawn side; a pair: its
+        height's and its width's)."""
         row = np.asarray(params, dtype=np.float64)
         boxes = row[1:].reshape(-1, 4)
         if not (boxes[:, 2] > 0).any():
@@ -333,10 +334,11 @@ class RandomErasingPolicy:
         out = np.array(view, copy=True)
         noise = ErasingNoise(int(row[0]))
         chans = out.shape[2]
+        sy, sx = scale if isinstance(scale, tuple) else (scale, scale)
         for box in boxes:
             if box[2] <= 0:
                 continue
-            top, left, h, w = (int(np.rint(v * scale)) for v in box)
+            top, left, h, w = (int(np.rint(v * k)) for v, k in zip(box, (sy, sx, sy, sx), strict=True))
             h, w = max(1, min(h, out.shape[0] - top)), max(1, min(w, out.shape[1] - left))
             if self.mode == "black":
                 out[top : top + h, left : left + w] = 0
@@ -521,9 +523,9 @@ class ViewPhotometric:
             parts.append(er)
         return np.concatenate(parts, axis=1) if parts else np.zeros((len(u), 0), dtype=np.float32)
 
-    def apply(self, img: Any, row: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    def apply(self, img: Any, row: np.ndarray, scale: float | tuple[float, float] = 1.0) -> np.ndarray:
         """A PIL view (the crop, resized and flipped) and its stored columns -> uint8 ``(H, W, C)``; ``scale`` is
-        this view's side over the side its erasing boxes were drawn at."""
+        this view's side over the side its erasing boxes were drawn at (a pair: height's and width's)."""
         at = 0
         if self.randaugment is not None:
             n = self.randaugment.num_layers * PARAMS_PER_LAYER

@@ -196,12 +196,45 @@ def recipe_pattern() -> str:
 
 
 def output_size(recipe: Recipe, dataset) -> int | None:
-    """The views' side in pixels (None: the in-memory data set's own size); a clear error when the data set's
-    images differ in size and the recipe names no output size."""
+    """The views' side in pixels (None: the in-memory data set's own size); a clear error when the recipe names no
+    output size for images on disk (``recipe_for`` gives it their size where they share one square size)."""
     if recipe.out_size is None and not dataset.in_memory:
-        raise UsageError(f"recipe {recipe.name} has no output size and {dataset.spec} holds images of many sizes: "
-                         f"use {recipe.name}:size=N (e.g. {recipe.name}:size=224) or imagenet-rrc")
+        raise UsageError(f"recipe {recipe.name} has no output size and {no_view_size(dataset)}: use "
+                         f"{recipe.name}:size=N (e.g. {recipe.name}:size=224) or imagenet-rrc")
     return recipe.out_size
+
+
+def one_size(dataset) -> tuple[int, int] | None:
+    """The (height, width) every image of ``dataset`` shares (its index holds each image's), None where they differ
+    or it is empty."""
+    sizes = np.asarray(dataset.sizes)
+    if not len(sizes) or (sizes != sizes[0]).any():
+        return None
+    return int(sizes[0, 0]), int(sizes[0, 1])
+
+
+def no_view_size(dataset) -> str:
+    """Why a data set on disk gives its views no size of its own, as the end of a sentence: what is true of it."""
+    shared = one_size(dataset)
+    if shared is None:
+        return f"{dataset.spec} holds images of many sizes"
+    h, w = shared
+    if h != w:
+        return f"every image of {dataset.spec} is {h}x{w}, not square"
+    return f"every image of {dataset.spec} is {h}x{w}, outside the sizes a recipe takes (8 to 2048)"
+
+
+def recipe_for(recipe: Recipe | str, dataset) -> Recipe:
+    """The recipe ``dataset``'s views are made with: ``recipe`` itself, or, where it names no output size and the
+    images on disk all share one square size S (CIFAR-10 written as 32x32 PNGs), ``recipe:size=S``: views at the
+    images' own size, as in-memory data's, under a name that says it (the name is in the store's key)."""
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    if recipe.out_size is not None or dataset.in_memory:
+        return recipe
+    shared = one_size(dataset)
+    if shared is None or shared[0] != shared[1] or not re.fullmatch(SIZE_RE, str(shared[0])):
+        return recipe  # output_size says why, in one line, where the views need a size
+    return get_recipe(f"{recipe.name}:size={shared[0]}")
 
 
 @functools.lru_cache(maxsize=64)

@@ -45,6 +45,7 @@ from stillroom.pipelines.views.recipes import (
     Recipe,
     _check_width,
     get_recipe,
+    no_view_size,
     output_size,
     own_rows,
     partner_rows,
@@ -95,29 +96,33 @@ def apply_views(images: torch.Tensor, params: torch.Tensor | np.ndarray, out_siz
     if len(params) != len(images):
         raise UsageError(f"view params of shape {tuple(params.shape)} for {len(images)} images")
     out_hw = (out_size, out_size) if out_size else (int(images.shape[2]), int(images.shape[3]))
+    # erasing boxes are in pixels of the recipe's output size, or (none) of the images' own: at another size (a
+    # teacher's input) they are scaled to it, so the view erases the same fraction
+    drawn = (recipe.out_size,) * 2 if recipe is not None and recipe.out_size else tuple(images.shape[2:4])
+    scale = (out_hw[0] / float(drawn[0]), out_hw[1] / float(drawn[1]))
     mode = recipe.interpolation if recipe is not None else "bilinear"
     photo = photometric_of(recipe, out_hw[0]) if recipe is not None else None
     x = _crop_flip(float_views(images), params[:, 0:5], out_hw, mode)
     if photo is not None:
-        x = _photometric_views(x, own_rows(params.cpu().numpy(), recipe)[:, 5:], photo, recipe, out_hw[0])
+        x = _photometric_views(x, own_rows(params.cpu().numpy(), recipe)[:, 5:], photo, scale)
     if _mixes(params):
         if partner_images is None:
             raise UsageError("these views mix two images: pass partner_images")
         p = _crop_flip(float_views(partner_images), params[:, 8:13], out_hw, mode)
         if photo is not None:
-            p = _photometric_views(p, partner_rows(params.cpu().numpy(), recipe)[:, 5:], photo, recipe, out_hw[0])
+            p = _photometric_views(p, partner_rows(params.cpu().numpy(), recipe)[:, 5:], photo, scale)
         x = _mix(x, p, params, out_hw)
     return x
 
 
-def _photometric_views(x: torch.Tensor, rows: np.ndarray, photo: ViewPhotometric, recipe: Recipe | None, side: int
+def _photometric_views(x: torch.Tensor, rows: np.ndarray, photo: ViewPhotometric, scale: tuple[float, float]
                        ) -> torch.Tensor:
     """Float views in [0, 1] -> the same views rounded to uint8, each through the photometric ops (PIL, on the
-    CPU) from its row, back as floats in [0, 1] on ``x``'s device."""
+    CPU) from its row, back as floats in [0, 1] on ``x``'s device; ``scale``: the views' (height, width) over the
+    size their erasing boxes were drawn at."""
     from PIL import Image
 
     u8 = (x * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    scale = side / float(getattr(recipe, "out_size", None) or side)
     out = np.empty_like(u8)
     for i, view in enumerate(u8):
         img = Image.fromarray(view[:, :, 0] if view.shape[2] == 1 else view)
@@ -309,26 +314,29 @@ def render_batch_pool(dataset, ids: np.ndarray, params: np.ndarray, sizes: tuple
     row fails when its own image or its mixing partner's fails to decode: ``failed`` gets ``row -> why``."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     _check_width(params, recipe)
-    own = render_views_at(dataset, ids, own_rows(params, recipe), sizes, draft, recipe, failed)
     mixing = params[:, COL["mix_mode"]] != MIX_NONE
     if not mixing.any():
-        return own, None, None
-    index = np.arange(len(ids), dtype=np.int64)
+        return render_views_at(dataset, ids, own_rows(params, recipe), sizes, draft, recipe, failed), None, None
+    n = len(ids)
+    index = np.arange(n, dtype=np.int64)
     rows = np.flatnonzero(mixing)
     source = in_batch_partners(ids, params, rows, recipe)
     here = source >= 0
     index[rows[here]] = source[here]
     rest = rows[~here]
-    index[rest] = len(ids) + np.arange(len(rest))
-    lost: dict[int, str] | None = {} if failed is not None else None
-    if rest.size:
-        extra = render_views_at(dataset, params[rest, COL["partner"]].astype(np.int64),
-                                partner_rows(params[rest], recipe), sizes, draft, recipe, lost)
-    else:
-        extra = {size: v[:0] for size, v in own.items()}
-    if failed is not None and lost is not None:  # a view mixed with a partner that failed fails with it
+    index[rest] = n + np.arange(len(rest))
+    # the batch's own views and the partner views it lacks in one pass: an image that is a sample and (under
+    # another view) a partner is read and decoded once (``render_views_at``)
+    every: dict[int, str] | None = {} if failed is not None else None
+    views = render_views_at(dataset, np.concatenate([ids, params[rest, COL["partner"]].astype(np.int64)]),
+                            np.concatenate([own_rows(params, recipe), partner_rows(params[rest], recipe)]),
+                            sizes, draft, recipe, every)
+    own = {size: v[:n] for size, v in views.items()}
+    extra = {size: v[n:] for size, v in views.items()}
+    if failed is not None and every is not None:  # a view mixed with a partner that failed fails with it
+        failed.update((r, why) for r, why in every.items() if r < n)
         own_failed = dict(failed)
-        partner_failed = {int(rest[j]): why for j, why in lost.items()}
+        partner_failed = {int(rest[j - n]): why for j, why in every.items() if j >= n}
         partner_failed.update((int(r), own_failed[int(index[r])]) for r in rows[here] if int(index[r]) in own_failed)
         failed.update((r, f"its mixing partner {why}") for r, why in partner_failed.items() if r not in own_failed)
     return own, extra, index
@@ -400,7 +408,7 @@ def eval_views(dataset, ids: np.ndarray, size: int | None) -> torch.Tensor:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         return x
     if size is None:
-        raise UsageError(f"{dataset.spec} holds images of many sizes: evaluation needs an output size")
+        raise UsageError(f"{no_view_size(dataset)}: evaluation needs an output size")
     return build_views(dataset, get_recipe(f"imagenet-eval:size={size}"), 0, ids)[0]
 
 

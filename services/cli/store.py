@@ -159,12 +159,12 @@ def cmd_view_show(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from stillroom.pipelines.data import load_dataset
-    from stillroom.pipelines.views import build_views, get_recipe, whole_views
+    from stillroom.pipelines.views import build_views, recipe_for, whole_views
 
     out = Path(args.out)
     _output_path(args.out)
     ds = load_dataset(args.dataset, args.split, args.data_root)
-    recipe = get_recipe(args.recipe)
+    recipe = recipe_for(args.recipe, ds)
     ids = np.asarray(_parse_ids(args.ids), dtype=np.int64)
     if ids.size == 0:
         raise UsageError("--ids is empty: give at least one sample id")
