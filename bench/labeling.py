@@ -51,6 +51,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -150,7 +151,7 @@ def bench_jpeg(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     folder = make_folder(work / f"jpeg{args.samples}", args.samples, None, max(1, os.cpu_count() or 1))
     make_s = time.perf_counter() - t
-    kwargs = {"num_classes": 10, "in_chans": 3}
+    kwargs: dict[str, Any] = {"num_classes": 10, "in_chans": 3}
     ckpt = work / f"{args.teacher}.pt"
     torch.manual_seed(0)
     save_checkpoint(ckpt, args.teacher, timm.create_model(args.teacher, **kwargs), kwargs,
@@ -231,7 +232,7 @@ def bench_seeds(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     folder = make_folder(work / f"jpeg{args.samples}", args.samples, None, max(1, os.cpu_count() or 1))
-    kwargs = {"num_classes": 10, "in_chans": 3}
+    kwargs: dict[str, Any] = {"num_classes": 10, "in_chans": 3}
     ckpt = work / f"{args.teacher}.pt"
     torch.manual_seed(0)
     save_checkpoint(ckpt, args.teacher, timm.create_model(args.teacher, **kwargs), kwargs,
@@ -329,7 +330,7 @@ def bench_fmnist(args: argparse.Namespace) -> None:
     ray_start_s = time.perf_counter() - t
     work = Path(tempfile.mkdtemp(prefix="stillroom-bench-labeling-"))
     try:
-        kwargs = {"num_classes": 10, "in_chans": 1}
+        kwargs: dict[str, Any] = {"num_classes": 10, "in_chans": 1}
         ckpt = work / "teacher.pt"
         save_checkpoint(ckpt, args.teacher, timm.create_model(args.teacher, **kwargs), kwargs,
                         Preprocess(args.resolution, (0.286,), (0.353,), 1), extra={})
