@@ -44,6 +44,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from stillroom.pipelines.labeling import LabelConfig, run_labeling
 from stillroom.pipelines.store import LabelStore
@@ -56,7 +57,7 @@ VIT_STUDENT = "deit_tiny_distilled_patch16_224"
 VIT_KWARGS = {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 2}
 
 # row -> (store, TrainConfig overrides)
-ROWS = {
+ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "supervised": ("a", dict(loss="ce")),
     "online_kd": ("a", dict(loss="kd", online=True, online_targets="full")),
     "online_encoded": ("a", dict(loss="kd", online=True, online_targets="encoded")),
@@ -70,8 +71,8 @@ ROWS = {
 
 # the recipe rows' additions: DeiT's parts (warmup, cosine to a floor, smoothing 0.1, EMA) scaled to a run of a few
 # epochs (DeiT: 5 warmup epochs of 300, EMA decay 0.99996 over 375,000 steps; here a few hundred steps an epoch)
-RECIPE_ROW = dict(warmup_epochs=0.5, warmup_lr=1e-6, min_lr=1e-5, sched="cosine", smoothing=0.1, model_ema=True,
-                  model_ema_decay=0.998)
+RECIPE_ROW: dict[str, Any] = dict(warmup_epochs=0.5, warmup_lr=1e-6, min_lr=1e-5, sched="cosine", smoothing=0.1,
+                                  model_ema=True, model_ema_decay=0.998)
 AUGMENT_ROWS = ("supervised", "cached_kd")  # replayed from the --augment-recipe store with --view-order random
 
 
@@ -161,7 +162,7 @@ def main() -> None:
 
         students: dict[str, float] = {}
         recipe_model: dict[str, float] = {}
-        runs = [(row, row, {}, ROWS[row][0]) for row in rows]
+        runs: list[tuple[str, str, dict[str, Any], str]] = [(row, row, {}, ROWS[row][0]) for row in rows]
         if args.recipe_rows:
             runs += [(f"{row}_recipe", row, RECIPE_ROW, ROWS[row][0]) for row in rows]
         if args.augment_rows:

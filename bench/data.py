@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch  # every command imports it: part of the baseline RSS of the opens
+from torch.utils.data import Dataset as TorchDataset
 
 IMAGENET = 1_281_167
 
@@ -102,19 +104,19 @@ def make_folder(root: Path, n: int, reuse: Path | None, workers: int) -> Path:
 
 def child_open(root: str) -> None:
     """In a fresh process: open the folder's train split, build one batch of views; seconds and peak RSS."""
-    import torch  # every command imports it: part of the baseline RSS
-
-    from stillroom.pipelines.data import load_dataset
+    from stillroom.pipelines.data import ImageFolder, load_dataset
     from stillroom.pipelines.views import build_views, get_recipe
 
     t = time.perf_counter()
     ds = load_dataset(f"imagefolder:{root}")
     open_s = time.perf_counter() - t
+    if not isinstance(ds, ImageFolder):
+        raise SystemExit(f"bench/data.py: imagefolder:{root} opened as a {type(ds).__name__}, not an ImageFolder")
     open_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # torch imported, index open
-    index_bytes = sum(a.nbytes for a in (ds.labels, ds.sizes, ds._paths, ds._offsets))  # type: ignore[attr-defined]
+    index_bytes = sum(a.nbytes for a in (ds.labels, ds.sizes, ds._paths, ds._offsets))
     build_views(ds, get_recipe("imagenet-rrc"), 0, np.arange(0, len(ds), max(1, len(ds) // 32)))
     print(json.dumps({"open_s": open_s, "samples": len(ds), "reused": ds.index_reused, "index_bytes": index_bytes,
-                      "cache_file_bytes": ds.cache_path.stat().st_size if ds.cache_path else 0,
+                      "cache_file_bytes": os.stat(ds.cache_path).st_size if ds.cache_path else 0,
                       "open_peak_rss_mb": open_peak_mb,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "children_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
@@ -130,7 +132,7 @@ def measure_open(root: Path, cold: bool) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-class _Ours:
+class _Ours(TorchDataset):
     """Batches of ``imagenet-rrc`` views rendered in a loader worker: uint8 ``(B, 3, 224, 224)``."""
 
     def __init__(self, spec: str, ids: np.ndarray, batch: int, draft: bool, recipe: str = "imagenet-rrc",
@@ -184,7 +186,6 @@ def _deit_loader(root: Path, ids: np.ndarray, workers: int, batch: int, shuffled
 
 
 def throughput(root: Path, ids: np.ndarray, workers: int, batch: int, rounds: int) -> dict:
-    import torch
     from timm.data import create_transform
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms

@@ -16,6 +16,7 @@ import json
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -59,10 +60,14 @@ def main() -> None:
         schema = StoreSchema(num_samples=n, num_classes=10, top_k=1, feature_shape=shape, chunk_rows=rows)
         store = LabelStore.create(root, {"bench": "features"}, schema)
         store.begin_seed(0)
+        seed_dir = Path(store.seed_dir(0))  # a store in a local directory
         t = time.perf_counter()
-        group = zarr.open_group(store=str(store.seed_dir(0)), mode="r+", zarr_format=3)
+        group = zarr.open_group(store=str(seed_dir), mode="r+", zarr_format=3)
+        sharded = group["features"]
+        if not isinstance(sharded, zarr.Array):
+            raise SystemExit(f"stillroom: error: {seed_dir}/features is a zarr group, not the features array")
         for start in range(0, n, rows):
-            group["features"][start : start + rows] = chunk(start)
+            sharded[start : start + rows] = chunk(start)
         write_s = time.perf_counter() - t
         old = group.create_array("features_unsharded", shape=(n, *shape), dtype="float16",
                                  chunks=(rows, *shape), compressors=_compressor("float16"), fill_value=0)
@@ -71,17 +76,16 @@ def main() -> None:
             old[start : start + rows] = chunk(start)
         old_write_s = time.perf_counter() - t
 
-        reader = FeatureRows(store.seed_dir(0))
+        reader = FeatureRows(seed_dir)
         check = rng.choice(n, args.batch_size, replace=False)
         expected = np.stack([chunk(i // rows * rows)[i % rows] for i in check])
         if not np.array_equal(reader.take(check), expected) or not np.array_equal(old.oindex[check], expected):
             raise SystemExit("stillroom: error: FeatureRows read other values than were written")
-        sharded = group["features"]
         ours = rows_per_s(reader.take, n, args.batch_size, args.batches, rng)
         zarrs = rows_per_s(lambda ids: sharded.oindex[np.sort(ids)], n, args.batch_size, args.batches, rng)
         unsharded = rows_per_s(lambda ids: old.oindex[np.sort(ids)], n, args.batch_size,
                                max(1, args.batches // 10), rng)
-        disk = {name: sum(p.stat().st_size for p in (store.seed_dir(0) / name).rglob("*") if p.is_file())
+        disk = {name: sum(p.stat().st_size for p in (seed_dir / name).rglob("*") if p.is_file())
                 for name in ("features", "features_unsharded")}
     finally:
         if not args.dir:

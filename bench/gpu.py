@@ -351,7 +351,7 @@ def labeling_profile(config: Any, device: str) -> dict[str, float]:
         t = time.perf_counter()
         result = run_labeling(config, backend="local", progress=False)
         total = time.perf_counter() - t
-    n = max(result["samples"], 1)
+    n = max(result["views"], 1)
     out = {f"{k}_ms": round(v * 1e3 / n, 3) for k, v in stages.seconds.items()}
     if "views_to_device_ms" in out:  # the rest of it: host to device, mixing
         out["host_to_device_ms"] = round(out["views_to_device_ms"] - out.get("gpu_decode_crop_ms", 0.0), 3)
@@ -391,7 +391,7 @@ def measure_labeling(run: Run, folder: Path, work: Path, teacher: str) -> dict[s
         shutil.rmtree(config.store_root, ignore_errors=True)
         with GpuUtilisation(device) as util:
             result = run_labeling(config, backend="local", progress=False)
-        out[f"pipeline_ips_{dtype}"] = result["images_per_s"]
+        out[f"pipeline_ips_{dtype}"] = result["views_per_s"]
         out[f"pipeline_{dtype}_startup_s"] = result["startup_s"]
         out[f"pipeline_{dtype}_gpu_util"] = util.summary()
         out["decode"] = config.decode_on
@@ -420,8 +420,8 @@ def measure_seeds(run: Run, folder: Path, work: Path) -> dict[str, Any]:
     config = label_config(folder, spec, work / "stores" / "seeds", s, device, "bf16", seeds)
     shutil.rmtree(config.store_root, ignore_errors=True)
     together = run_labeling(config, backend="local", progress=False)
-    alone_vps = sum(r["samples"] for r in alone) / sum(r["labeling_s"] for r in alone)
-    one_pass = together["samples"] / together["labeling_s"]
+    alone_vps = sum(r["views"] for r in alone) / sum(r["labeling_s"] for r in alone)
+    one_pass = together["views"] / together["labeling_s"]
     run.store = together["store"]  # the students' store: S seeds of the subset
     return {"seeds": len(seeds), "images": s["seed_images"], "one_pass_views_per_s": round(one_pass, 1),
             "seed_at_a_time_views_per_s": round(alone_vps, 1), "ratio": round(one_pass / alone_vps, 3),

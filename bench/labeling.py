@@ -51,6 +51,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -150,7 +151,7 @@ def bench_jpeg(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     folder = make_folder(work / f"jpeg{args.samples}", args.samples, None, max(1, os.cpu_count() or 1))
     make_s = time.perf_counter() - t
-    kwargs = {"num_classes": 10, "in_chans": 3}
+    kwargs: dict[str, Any] = {"num_classes": 10, "in_chans": 3}
     ckpt = work / f"{args.teacher}.pt"
     torch.manual_seed(0)
     save_checkpoint(ckpt, args.teacher, timm.create_model(args.teacher, **kwargs), kwargs,
@@ -185,7 +186,7 @@ def bench_jpeg(args: argparse.Namespace) -> None:
             t = time.perf_counter()
             with PeakRss(prefix="ray::LabelWorker") as rss:
                 result = run_labeling(replace(config, store_root=root), backend="ray", progress=False)
-            by_root[kind].append(result["images_per_s"])
+            by_root[kind].append(result["views_per_s"])
             if kind == "local":
                 end_to_end_s, local_result = time.perf_counter() - t, result
     finally:
@@ -195,7 +196,7 @@ def bench_jpeg(args: argparse.Namespace) -> None:
             from stillroom.pipelines.core import Location
 
             Location(url).remove(recursive=True)
-    result = {**local_result, "images_per_s": max(by_root["local"])}
+    result = {**local_result, "views_per_s": max(by_root["local"])}
     url_fields = {"store_root_url": args.store_root, "url_pipeline_ips": max(by_root["url"]),
                   "url_vs_local_ratio": round(max(by_root["url"]) / max(by_root["local"]), 3),
                   "pipeline_ips_rounds": by_root} if args.store_root else {}
@@ -203,9 +204,9 @@ def bench_jpeg(args: argparse.Namespace) -> None:
     print(json.dumps({
         "bench": "labeling", "data": "jpeg", "device": args.device,
         "card": torch.cuda.get_device_name(0) if cuda else None, "teacher": args.teacher,
-        "resolution": args.resolution, "samples": result["samples"], "batch_size": args.batch_size,
-        "threads": threads, "plain_ips": round(plain_ips, 1), "pipeline_ips": result["images_per_s"],
-        "ratio": round(result["images_per_s"] / plain_ips, 3),
+        "resolution": args.resolution, "samples": result["views"], "batch_size": args.batch_size,
+        "threads": threads, "plain_ips": round(plain_ips, 1), "pipeline_ips": result["views_per_s"],
+        "ratio": round(result["views_per_s"] / plain_ips, 3),
         "plain_ips_by_workers": {str(w): round(v, 1) for w, v in plain.items()},
         "startup_s": result["startup_s"], "end_to_end_s": round(end_to_end_s, 1),
         "decode": config.decode_on, "decode_workers": config.decode_processes(threads),
@@ -231,7 +232,7 @@ def bench_seeds(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     folder = make_folder(work / f"jpeg{args.samples}", args.samples, None, max(1, os.cpu_count() or 1))
-    kwargs = {"num_classes": 10, "in_chans": 3}
+    kwargs: dict[str, Any] = {"num_classes": 10, "in_chans": 3}
     ckpt = work / f"{args.teacher}.pt"
     torch.manual_seed(0)
     save_checkpoint(ckpt, args.teacher, timm.create_model(args.teacher, **kwargs), kwargs,
@@ -252,12 +253,12 @@ def bench_seeds(args: argparse.Namespace) -> None:
     finally:
         ray.shutdown()
         shutil.rmtree(stores, ignore_errors=True)
-    alone_vps = sum(r["samples"] for r in alone) / sum(r["labeling_s"] for r in alone)
-    together_vps = together["samples"] / together["labeling_s"]
+    alone_vps = sum(r["views"] for r in alone) / sum(r["labeling_s"] for r in alone)
+    together_vps = together["views"] / together["labeling_s"]
     profile = seeds_profile(folder, args.teacher, kwargs, recipe, args.resolution, args.seeds, args.batch_size)
     print(json.dumps({
         "bench": "labeling", "data": "jpeg", "mode": "seeds", "seeds": args.seeds, "teacher": args.teacher,
-        "resolution": args.resolution, "images": args.samples, "views": together["samples"],
+        "resolution": args.resolution, "images": args.samples, "views": together["views"],
         "batch_size": args.batch_size, "threads": args.threads,
         "one_pass_views_per_s": round(together_vps, 1), "seed_at_a_time_views_per_s": round(alone_vps, 1),
         "ratio": round(together_vps / alone_vps, 3), "load_avg_1m": round(os.getloadavg()[0], 2),
@@ -329,7 +330,7 @@ def bench_fmnist(args: argparse.Namespace) -> None:
     ray_start_s = time.perf_counter() - t
     work = Path(tempfile.mkdtemp(prefix="stillroom-bench-labeling-"))
     try:
-        kwargs = {"num_classes": 10, "in_chans": 1}
+        kwargs: dict[str, Any] = {"num_classes": 10, "in_chans": 1}
         ckpt = work / "teacher.pt"
         save_checkpoint(ckpt, args.teacher, timm.create_model(args.teacher, **kwargs), kwargs,
                         Preprocess(args.resolution, (0.286,), (0.353,), 1), extra={})
@@ -359,7 +360,7 @@ def bench_fmnist(args: argparse.Namespace) -> None:
             result = run_labeling(config, backend="ray", progress=False)
             if cold is None:
                 cold = {"startup_s": result["startup_s"], "end_to_end_s": round(time.perf_counter() - t, 1)}
-            pipeline_runs.append(result["images_per_s"])
+            pipeline_runs.append(result["views_per_s"])
         raw_ips, pipeline_ips = max(raw_runs), max(pipeline_runs)
         print(json.dumps({
             "bench": "labeling", "data": "fmnist", "teacher": args.teacher, "resolution": args.resolution,

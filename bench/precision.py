@@ -73,7 +73,7 @@ def trained(args: argparse.Namespace, work: Path) -> dict[str, object]:
                                                   train_samples=args.train_samples, batch_size=64,
                                                   bn_samples=min(2000, args.train_samples)), progress=False)
         teacher = load_teacher(f"{model}@{path}", 10)
-        logits = {"fp32": [], "bf16": []}
+        logits: dict[str, list[torch.Tensor]] = {"fp32": [], "bf16": []}
         with torch.inference_mode():
             for s in range(0, len(ids), 100):
                 views = test.read(ids[s : s + 100]).float() / 255.0
@@ -89,6 +89,8 @@ def trained(args: argparse.Namespace, work: Path) -> dict[str, object]:
 
 def imagenet_shape(args: argparse.Namespace) -> dict[str, object]:
     import timm
+    from timm.models.resnet import ResNet
+    from timm.models.vision_transformer import VisionTransformer
 
     from stillroom.pipelines.data import load_dataset
     from stillroom.pipelines.views import eval_views
@@ -101,7 +103,12 @@ def imagenet_shape(args: argparse.Namespace) -> dict[str, object]:
     for name in ("resnet50", "vit_base_patch16_224"):
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False, num_classes=1000).eval()
+        if not isinstance(model, ResNet | VisionTransformer):  # the two whose features and head this bench splits
+            raise SystemExit(f"bench/precision.py: {name} is a {type(model).__name__}: no forward_head here")
         head = model.get_classifier()
+        if not isinstance(head, torch.nn.Linear):
+            raise SystemExit(f"bench/precision.py: {name}'s classifier is a {type(head).__name__}, not the Linear "
+                             "whose weights this bench scales")
         with torch.inference_mode():
             feats = {"fp32": model.forward_features(x)}
             with bf16():

@@ -25,6 +25,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -42,7 +43,7 @@ def make_store(root: Path) -> str:
 
     ckpt = root / "state" / "teachers" / "bench.pt"
     ckpt.parent.mkdir(parents=True)
-    kwargs = {"num_classes": 10, "in_chans": 1}
+    kwargs: dict[str, Any] = {"num_classes": 10, "in_chans": 1}
     save_checkpoint(ckpt, "test_resnet", timm.create_model("test_resnet", **kwargs), kwargs,
                     Preprocess(16, (0.5,), (0.25,), 1), extra={})
     run_labeling(LabelConfig(dataset=DATA, teachers=(f"test_resnet@{ckpt}",), seeds=(0, 1), top_k=5,

@@ -383,7 +383,7 @@ def main() -> None:
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "device": "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu",
             **({"size": args.size, "recipe": recipe, "loader_workers": workers} if jpeg else {}), **extra,
-            "labeling_seconds": round(label_s, 2), "labeling_images_per_s": labeled["images_per_s"],
+            "labeling_seconds": round(label_s, 2), "labeling_images_per_s": labeled["views_per_s"],
             "epoch_seconds": {k: round(v, 3) for k, v in seconds.items()},
             "epoch_seconds_all": {k: [round(v, 3) for v in times] for k, times in runs.items()},
             "samples_per_s": {k: round(steps * batch_size / v, 1) for k, v in seconds.items()},

@@ -122,11 +122,14 @@ def main() -> None:
         chunk_reads = -(-n // args.chunk_rows) * seeds * len(label_names(store))
         result: dict = {"bench": "view_order", "samples": n, "seeds": seeds, "chunk_rows": args.chunk_rows,
                         "chunks_per_epoch": chunk_reads, "s3": args.s3, "store_write_s": round(write_s, 1)}
-        after_s, after_req, last = [], [], None
+        after_s: list[float] = []
+        after_req: list[int] = []  # with --s3 alone: the requests the server saw
+        last = None
         for epoch in range(args.epochs):
             seconds, last, req = timed(stream.labels_for_epoch, epoch)
             after_s.append(round(seconds, 2))
-            after_req.append(req)
+            if req is not None:
+                after_req.append(req)
         result.update(after_s=after_s)
         if not args.skip_before:
             seconds, old, req = timed(lambda e: before(stream, e), args.epochs - 1)

@@ -241,7 +241,7 @@ class Database:
             by_state[state] = by_state.get(state, 0) + 1
             hits += int(bool(hit))
             if kind == JobKind.label and state == JobState.SUCCEEDED and result and not hit and attached_to is None:
-                labels += int(result.get("samples", 0))
+                labels += int(result.get("views", result.get("samples", 0)))  # "samples": an older record
         return {"by_state": by_state, "cache_hits": hits, "labels_written": labels}
 
     def add(self, job: Job) -> Job:

@@ -130,8 +130,10 @@ class Service:
 
     def _cache_hit_label(self, job: Job, resolved: dict[str, Any]) -> Job:
         job.state, job.cache_hit, job.ended_at = JobState.SUCCEEDED.value, True, now()
+        entry = self.stores.get(str(job.cache_key))
         job.result = {"cache_key": job.cache_key, "store": self.settings.store_of(str(job.cache_key)).url,
-                      "seeds_computed": [], "seeds_reused": sorted(resolved["seeds"]), "samples": 0, "cache_hit": True}
+                      "seeds_computed": [], "seeds_reused": sorted(resolved["seeds"]), "views": 0,
+                      "images": entry.samples if entry else None, "cache_hit": True}
         return self.db.add(job)
 
     def _submit_label(self, job: Job, resolved: dict[str, Any]) -> Job:

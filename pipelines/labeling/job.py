@@ -128,7 +128,7 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
         connect(config.ray_address)  # no Ray there: fail now, before any seed is begun
     result: dict[str, Any] = {
         "cache_key": store.cache_key, "store": str(store.path), "seeds_computed": [], "seeds_reused": reused,
-        "samples": 0, "images_per_s": 0.0,
+        "views": 0, "images": store.schema.num_samples, "views_per_s": 0.0,  # a view: an image under a seed
         "teachers": [{"name": t.name, "preprocess": t.preprocess.to_dict(), "dtype": config.compute_dtype,
                       "preprocess_from": t.preprocess_from} for t in teachers]}
     if not todo:
@@ -175,12 +175,12 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
     result.update(_skipped(store, config.seeds))
     if not computed:
         return {**result, "cache_hit": True, "seconds": round(time.perf_counter() - t0, 3)}
-    total, work_s = sum(t["samples"] for t in timings), sum(t["work_s"] for t in timings)
+    total, work_s = sum(t["views"] for t in timings), sum(t["work_s"] for t in timings)
     per_node: Counter[str] = Counter()
     for t in timings:
         per_node.update(t.get("pieces_per_node", {"local": t["pieces"]}))
-    return {**result, "cache_hit": False, "samples": total,
-            "images_per_s": round(total / max(work_s, 1e-9), 1),
+    return {**result, "cache_hit": False, "views": total,
+            "views_per_s": round(total / max(work_s, 1e-9), 1),
             "seconds": round(time.perf_counter() - t0, 3), "startup_s": round(sum(t["startup_s"] for t in timings), 3),
             "labeling_s": round(work_s, 3), "nodes": max(int(t.get("nodes", 1)) for t in timings),
             "pieces_per_node": dict(per_node)}
@@ -228,7 +228,7 @@ def _label_seeds(config: LabelConfig, store: LabelStore, leases: dict[int, SeedL
         store.commit_seed(seed, leases[seed])
         leases[seed].release(final=True)
         metrics.add("seeds_committed")
-    return {**timing, "samples": total, "pieces": sum(len(seeds) for seeds, *_ in work)}
+    return {**timing, "views": total, "pieces": sum(len(seeds) for seeds, *_ in work)}
 
 
 def _label_pieces(config: LabelConfig, store: LabelStore, work: list[tuple[tuple[int, ...], int, int, int, dict]],

@@ -206,7 +206,7 @@ class Labeler:
         if skipped:
             self.metrics.add("views_skipped", skipped)
         self.metrics.set("images_per_s", views / max(time.perf_counter() - t, 1e-9))
-        return {"seed": seeds[0] if len(seeds) == 1 else seeds, "piece": piece, "samples": (stop - start) * len(seeds),
+        return {"seed": seeds[0] if len(seeds) == 1 else seeds, "piece": piece, "views": (stop - start) * len(seeds),
                 "seconds": time.perf_counter() - t, "pid": os.getpid(),
                 "skipped": {seed: {int(i): why for i, why in lost.items()} for seed, lost in self.skipped.items()
                             if lost}}

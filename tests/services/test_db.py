@@ -15,8 +15,8 @@ from stillroom.services.db import Database, Job, new_job_id
 
 
 def record(key: str | None = None, **fields) -> Job:
-    return Job(id=new_job_id(), kind="label", state="SUCCEEDED", spec={"n": 1}, spec_hash="h", cache_hit=True,
-               idempotency_key=key, created_at=time.time(), **fields)
+    return Job(id=new_job_id(), kind="label", state="SUCCEEDED", spec={"n": 1}, spec_hash="h",
+               idempotency_key=key, created_at=time.time(), **{"cache_hit": True, **fields})
 
 
 def test_concurrent_inserts_all_land_in_fewer_transactions(tmp_path):
@@ -60,4 +60,13 @@ def test_a_bad_record_in_a_group_fails_only_its_own_submission(tmp_path):
     assert all(db.by_idempotency_key(f"free-{i}") is not None for i in range(8) if i != 3)
     with pytest.raises(IntegrityError):
         db.add(record(key="taken"))  # alone, too
+    db.close()
+
+
+def test_labels_written_counts_the_views_of_finished_label_jobs(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'jobs.db'}")
+    db.add(record(result={"views": 512, "images": 256}, cache_hit=False))
+    db.add(record(result={"samples": 64}, cache_hit=False))  # a result written before the key was named views
+    db.add(record(result={"views": 1000}))  # a cache hit labels nothing
+    assert db.counts()["labels_written"] == 512 + 64
     db.close()

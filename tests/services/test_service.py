@@ -67,6 +67,9 @@ def test_concurrent_identical_label_jobs_run_once_then_hit_the_cache(server, tea
         # the same spec again: a cache hit, SUCCEEDED at once, no Ray job
         again = http.post("/v1/label-jobs", json=spec).json()
         assert again["state"] == "SUCCEEDED" and again["cache_hit"] and again["ray_job_id"] is None
+        labeled = next(d for d in done if not d["cache_hit"] and not d["attached_to"])["result"]
+        assert labeled["views"] == 512 and labeled["images"] == 256  # two seeds of 256 images
+        assert again["result"]["views"] == 0 and again["result"]["images"] == 256
         stores = http.get("/v1/stores").json()
         assert [s["cache_key"] for s in stores] == [key] and stores[0]["seeds"] == [0, 1]
         assert http.get(f"/v1/stores/{key}").json()["samples"] == 256

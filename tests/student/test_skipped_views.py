@@ -68,7 +68,7 @@ def test_labeling_leaves_the_undecodable_view_out_and_records_it(labeled, capfd)
         for i in lost:
             assert f"stillroom: skipped: seed {seed} sample {i}: " in err
         total += len(lost)
-    assert result["views_skipped"] == total and result["samples"] == len(dataset) * len(SEEDS)
+    assert result["views_skipped"] == total and result["views"] == len(dataset) * len(SEEDS)
     assert any(line.startswith(f"{bad}: cannot decode") for line in result["skipped_images"])
     assert recipe.mixes
 

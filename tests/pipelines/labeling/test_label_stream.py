@@ -52,7 +52,7 @@ def test_decode_processes_give_the_store_of_an_in_thread_run(tmp_path, folder, r
                             progress=False)
     in_thread = run_labeling(label_config(folder, rgb_teacher, tmp_path / "b", decode_workers=0), backend="local",
                              progress=False)
-    assert streamed["cache_key"] == in_thread["cache_key"] and streamed["samples"] == 96
+    assert streamed["cache_key"] == in_thread["cache_key"] and streamed["views"] == 96
     assert sums(streamed["store"]) == sums(in_thread["store"])
     store = LabelStore(streamed["store"])
     assert store.verify() == []
@@ -136,7 +136,7 @@ def test_no_ray_labels_on_this_process_gpu(tmp_path, folder, rgb_teacher):
     gpu = run_labeling(label_config(folder, rgb_teacher, tmp_path / "gpu", gpus_per_worker=1, teacher_dtype="bf16",
                                     decode="gpu"), backend="local", progress=False)
     cpu = run_labeling(label_config(folder, rgb_teacher, tmp_path / "cpu"), backend="local", progress=False)
-    assert gpu["samples"] == 96 and gpu["cache_key"] != cpu["cache_key"]
+    assert gpu["views"] == 96 and gpu["cache_key"] != cpu["cache_key"]
     store = LabelStore(gpu["store"])
     assert store.provenance["labels"]["decode"].startswith("torchvision") and store.verify() == []
     on_gpu, on_cpu = store.load(0).arrays, LabelStore(cpu["store"]).load(0).arrays
@@ -150,7 +150,7 @@ MEMORY = textwrap.dedent("""
     cfg = LabelConfig(dataset="imagefolder:" + sys.argv[1], teachers=(sys.argv[2],), recipe="imagenet-rrc:size=24",
                       seeds=(0,), top_k=3, chunk_rows=64, batch_size=32, store_root=sys.argv[3], decode_workers=1)
     result = run_labeling(cfg, backend="local", progress=False)
-    print(json.dumps({"samples": result["samples"], "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    print(json.dumps({"views": result["views"], "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """)
 
 
@@ -163,6 +163,6 @@ def test_labeling_four_times_the_images_does_not_raise_peak_memory(tmp_path, rgb
                              capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert run.returncode == 0, run.stderr[-2000:]
         out = json.loads(run.stdout.strip().splitlines()[-1])
-        assert out["samples"] == n
+        assert out["views"] == n
         peaks[n] = out["rss_kb"]
     assert peaks[512] <= 1.1 * peaks[128], peaks

@@ -88,8 +88,8 @@ def test_labels_equal_a_direct_forward_on_replayed_views(tmp_path, tiny_teacher,
     # a mixing recipe: partners, mixup and cutmix are replayed from the stored rows too
     cfg = config(tmp_path, [tiny_teacher], recipe="fmnist-rrc-mix", num_workers=2, store_views=True)
     result = run_labeling(cfg, backend=backend, progress=False)
-    assert result["seeds_computed"] == [0] and result["samples"] == 256 and not result["cache_hit"]
-    assert result["nodes"] == 1 and result["images_per_s"] > 0
+    assert result["seeds_computed"] == [0] and result["views"] == 256 and not result["cache_hit"]
+    assert result["nodes"] == 1 and result["views_per_s"] > 0
     store = LabelStore(result["store"])
     assert store.seeds() == [0] and store.verify() == []
     labels = store.load(0).arrays
@@ -199,7 +199,7 @@ def test_repeat_is_a_cache_hit_and_a_new_seed_alone_is_computed(tmp_path, tiny_t
     monkeypatch.setattr(Labeler, "label_piece", no_teacher)
     again = run_labeling(config(tmp_path, [tiny_teacher], seeds=(0,)), backend="local", progress=False)
     assert again["cache_hit"] and again["seeds_computed"] == [] and again["seeds_reused"] == [0]
-    assert again["cache_key"] == first["cache_key"] and again["samples"] == 0
+    assert again["cache_key"] == first["cache_key"] and again["views"] == 0
 
     labelled: list[int] = []
 
@@ -210,7 +210,7 @@ def test_repeat_is_a_cache_hit_and_a_new_seed_alone_is_computed(tmp_path, tiny_t
     monkeypatch.setattr(Labeler, "label_piece", recording)
     more = run_labeling(config(tmp_path, [tiny_teacher], seeds=(0, 1)), backend="local", progress=False)
     assert not more["cache_hit"] and more["seeds_computed"] == [1] and more["seeds_reused"] == [0]
-    assert set(labelled) == {1} and len(labelled) == 4 and more["samples"] == 256
+    assert set(labelled) == {1} and len(labelled) == 4 and more["views"] == 256
     assert checksums(more["store"], 0) == before and complete.stat().st_mtime_ns == stamp
     assert LabelStore(more["store"]).seeds() == [0, 1]
     assert checksums(more["store"], 1) != before  # another seed, other views
@@ -262,8 +262,8 @@ def test_killed_run_restarts_to_an_identical_store(tmp_path):
         reference = run_labeling(LabelConfig(teachers=(teacher,), store_root=str(clean / "stores"), **cfg),
                                  backend="local", progress=False)
     assert restarted["store"] == str(store_dir) and restarted["seeds_computed"] == [0]
-    assert restarted["samples"] == 1024 - 64 * len(finished)  # the finished pieces are kept
-    assert reference["cache_key"] == restarted["cache_key"] and reference["samples"] == 1024
+    assert restarted["views"] == 1024 - 64 * len(finished)  # the finished pieces are kept
+    assert reference["cache_key"] == restarted["cache_key"] and reference["views"] == 1024
     assert checksums(store_dir, 0) == checksums(reference["store"], 0)
     assert LabelStore(store_dir).verify() == []
 
@@ -329,7 +329,7 @@ def test_killed_ray_worker_still_gives_an_identical_store(tmp_path, ray_cluster,
     assert done_at_kill < 24, "the run ended before a worker was killed"
     killed = outcome["result"]
     assert isinstance(killed, dict), killed
-    assert killed["samples"] == 1536 and LabelStore(killed["store"]).verify() == []
+    assert killed["views"] == 1536 and LabelStore(killed["store"]).verify() == []
     after = list_actors(address=ray_dashboard, filters=[("actor_id", "=", alive[0].actor_id)], detail=True)
     assert after and after[0].num_restarts >= 1  # Ray restarted the actor and retried its piece
     deadline = time.monotonic() + 15  # the killed actor's decode processes see their parent gone and end
@@ -378,7 +378,7 @@ def test_two_node_cluster_labels_a_jpeg_folder_on_both_nodes(tmp_path):
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["samples"] == 96 and result["seeds_computed"] == [0]
+    assert result["views"] == 96 and result["seeds_computed"] == [0]
     # 6 pieces, one worker of one CPU on each 1-CPU node: each node labeled some of them
     per_node = result["pieces_per_node"]
     assert result["nodes"] == 2 and set(per_node) == set(result["cluster_nodes"]), result
@@ -419,3 +419,12 @@ def test_bad_input_fails_before_any_work(tmp_path, tiny_teacher):
         run_labeling(config(tmp_path, [tiny_teacher], store_root=str(not_a_dir / "stores")), backend="local",
                      progress=False)
     assert not_a_dir.read_text() == "x"
+
+
+def test_the_result_counts_views_not_samples(tmp_path, tiny_teacher):
+    """Two seeds over 256 images label 512 views: the result says so (it said ``"samples": 512``)."""
+    result = run_labeling(config(tmp_path, [tiny_teacher], seeds=(0, 1)), backend="local", progress=False)
+    assert result["views"] == 2 * 256 and result["images"] == 256 and result["views_per_s"] > 0
+    assert "samples" not in result and "images_per_s" not in result
+    again = run_labeling(config(tmp_path, [tiny_teacher], seeds=(0, 1)), backend="local", progress=False)
+    assert again["cache_hit"] and again["views"] == 0 and again["images"] == 256

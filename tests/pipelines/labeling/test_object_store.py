@@ -179,7 +179,7 @@ def test_killed_labeling_run_on_s3_leaves_nothing_complete_and_a_rerun_finishes(
                                  backend="local", progress=False)
     finally:
         torch.set_num_threads(threads)
-    assert rerun["seeds_computed"] == [0] and rerun["samples"] == 1024 - 64 * len(finished)
+    assert rerun["seeds_computed"] == [0] and rerun["views"] == 1024 - 64 * len(finished)
     done = LabelStore(rerun["store"])
     assert done.seeds() == [0] and done.verify() == [] and done.lease(0).holder() is None
     want = json.loads(Path(reference["store"], "seeds", "0", COMPLETE).read_text())["arrays"]
@@ -218,7 +218,7 @@ def test_two_node_ray_cluster_labels_into_one_s3_store(s3: S3Server, tmp_path):
                          cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["samples"] == 96 and result["seeds_computed"] == [0] and result["store"].startswith("s3://")
+    assert result["views"] == 96 and result["seeds_computed"] == [0] and result["store"].startswith("s3://")
     per_node = result["pieces_per_node"]  # 6 pieces, one 1-CPU worker on each 1-CPU node
     assert result["nodes"] == 2 and set(per_node) == set(result["cluster_nodes"]) and sum(per_node.values()) == 6
     store = LabelStore(result["store"])

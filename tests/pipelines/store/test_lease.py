@@ -139,7 +139,7 @@ def test_two_runs_of_overlapping_seeds_compute_each_seed_once(tmp_path):
     a, b = json.loads(out.splitlines()[-1]), json.loads(second_out.splitlines()[-1])
     assert a["seeds_computed"] == [0, 1] and a["seeds_reused"] == []
     assert b["seeds_computed"] == [2] and b["seeds_reused"] == [1]  # waited for seed 1, did not label it
-    assert a["samples"] == 2 * 1024 and b["samples"] == 1024  # each seed computed once
+    assert a["views"] == 2 * 1024 and b["views"] == 1024  # each seed computed once
     store = LabelStore(a["store"])
     assert store.seeds() == [0, 1, 2] and store.partial_seeds() == {} and store.verify() == []
     assert not list(root.glob("*/leases/*/*.json"))  # every lease released

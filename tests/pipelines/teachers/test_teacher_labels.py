@@ -223,7 +223,7 @@ def test_several_seeds_in_one_pass_decode_each_image_once_for_all(tmp_path, deco
     decodes[0] = 0
     alone = {seed: label(f"seed{seed}", (seed,)) for seed in seeds}
     assert one_pass == distinct < decodes[0] == len(seeds) * len(ds)
-    assert together["samples"] == len(seeds) * len(ds) and together["seeds_computed"] == list(seeds)
+    assert together["views"] == len(seeds) * len(ds) and together["seeds_computed"] == list(seeds)
     store = LabelStore(together["store"])
     assert store.verify() == [] and store.seeds() == list(seeds)
     for seed in seeds:  # the same views and labels as one seed at a time (the teacher's batches hold other rows)
