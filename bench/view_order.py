@@ -112,12 +112,15 @@ def main() -> None:
         ds = load_dataset(f"synthetic:n={n},classes={store.schema.num_classes},size=4")
         stream = StoreStream(store, ds, get_recipe("identity"), 256, loader_workers=0, view_order="random")
 
+        cpu: list[float] = []  # each timed call's CPU seconds, all its threads (a loaded machine's wall time is not)
+
         def timed(fn, epoch: int) -> tuple[float, SeedLabels, int | None]:
             if server is not None:
                 server.counts(reset=True)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fn(epoch)
             seconds = time.perf_counter() - t0
+            cpu.append(round(time.process_time() - c0, 2))
             requests = sum(server.counts()["requests"].values()) if server is not None else None
             return seconds, out, requests
 
@@ -129,13 +132,13 @@ def main() -> None:
             seconds, last, req = timed(stream.labels_for_epoch, epoch)
             after_s.append(round(seconds, 2))
             after_req.append(req)
-        result.update(after_s=after_s)
+        result.update(after_s=after_s, after_cpu_s=cpu[:])
         if not args.skip_before:
             seconds, old, req = timed(lambda e: before(stream, e), args.epochs - 1)
             for name, a in old.arrays.items():
                 if last is not None and not np.array_equal(a, last.arrays[name]):
                     raise SystemExit(f"bench/view_order.py: the old and new ways gather different {name}")
-            result.update(before_s=round(seconds, 2))
+            result.update(before_s=round(seconds, 2), before_cpu_s=cpu[-1])
             if req is not None:
                 result.update(before_requests=req, before_beyond_chunks=req - chunk_reads)
         targets = {"under_10_s": max(after_s) < 10}
