@@ -58,6 +58,7 @@ from stillroom.student._loader import (
 
 log = logging.getLogger("stillroom.student")
 VIEW_ORDERS = ("cycle", "random")
+GATHER_ROWS = 1 << 17  # --view-order random: the rows of one seed read at once (a few MB at k = 10)
 
 
 def _check_same_data(store: LabelStore, dataset: Dataset) -> None:
@@ -256,9 +257,9 @@ class StoreStream:
 
     def labels_for_epoch(self, epoch: int) -> SeedLabels:
         """The label arrays ``epoch`` reads: one seed's (in seed order), or at random each sample's row from the
-        seed ``seed_index`` picks, gathered by reading each seed once and keeping the rows taken from it. At most
-        two seeds' labels are held at once (the epoch's and one chunk of the seed being read), whatever the seed
-        count."""
+        seed ``seed_index`` picks, gathered seed by seed a block of ``GATHER_ROWS`` rows at a time (whole chunks),
+        keeping the rows taken from it: besides the epoch's arrays, one block of one seed is held at a time, whatever
+        the seed count, and each seed's arrays are opened once a run (``SeedReader``, issue 32)."""
         seed = self.seed_for_epoch(epoch)
         if seed is not None:
             return self.labels_for(seed)
@@ -269,16 +270,20 @@ class StoreStream:
         index = self.seed_index(epoch)
         shapes = self.store.schema.arrays()
         merged = {name: np.empty(shapes[name][0], dtype=shapes[name][1]) for name in label_names(self.store)}
+        if self._reader is None:  # the stream's seeds were found complete when it was made
+            self._reader = SeedReader(self.store, self.seeds, list(merged), complete=self.seeds)
         rows = self.store.schema.chunk_rows
-        if self._reader is None:  # each seed's arrays opened once a run, not once a chunk (issue 32)
-            self._reader = SeedReader(self.store, self.seeds, list(merged))
-        for start in range(0, len(index), rows):  # chunk by chunk: one chunk of one seed read at a time
-            stop = min(start + rows, len(index))
-            for i, s in enumerate(self.seeds):
-                taken = np.flatnonzero(index[start:stop] == i)
-                if taken.size:
-                    for name, a in self._reader.rows(s, start, stop).items():
-                        merged[name][start + taken] = a[taken]
+        block = rows * max(1, GATHER_ROWS // rows)
+        by_seed = np.argsort(index, kind="stable")  # the ids of seed i, ascending: by_seed[bounds[i]:bounds[i + 1]]
+        bounds = np.searchsorted(index[by_seed], np.arange(len(self.seeds) + 1))
+        for i, s in enumerate(self.seeds):
+            ids = by_seed[bounds[i] : bounds[i + 1]]
+            for start in range(0, len(index), block):
+                lo, hi = np.searchsorted(ids, (start, start + block))
+                if hi > lo:
+                    taken = ids[lo:hi]
+                    for name, a in self._reader.rows(s, start, min(start + block, len(index)), taken - start).items():
+                        merged[name][taken] = a
         return SeedLabels(-1, merged)
 
     def _views_labels(self, epoch: int) -> SeedLabels:

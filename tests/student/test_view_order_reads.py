@@ -51,16 +51,18 @@ def test_random_view_order_on_s3_sends_the_chunks_and_almost_nothing_else(s3):
         before = len(s3.requests())
         labels = stream.labels_for_epoch(epoch)
         sent = s3.requests()[before:]
-        per_epoch.append((sum(map(_is_chunk, sent)), [line for line in sent if not _is_chunk(line)]))
+        per_epoch.append((sum(line.startswith("GET ") for line in sent if _is_chunk(line)),
+                          [line for line in sent if not _is_chunk(line) or not line.startswith("GET ")]))
         np.testing.assert_array_equal(labels.arrays["topk_logit"][:, 0], 1.0 + stream.seed_index(epoch))
     arrays = len(store.stored_names(label_names(store)))  # format 3 at top-1: topk_idx, lse, tail_lp
     chunks = (N // CHUNK) * SEEDS * arrays  # every chunk of every array of every seed (8 rows a chunk: all read)
-    assert per_epoch[0][0] >= chunks and [c for c, _ in per_epoch] == [per_epoch[0][0]] * 3
+    # one GET a chunk (before: a HEAD as well, s3fs asking each object's size first)
+    assert [c for c, _ in per_epoch] == [chunks] * 3
     first, *later = [other for _, other in per_epoch]
-    # the first epoch: the seed list and each COMPLETE marker once, one seed's group and its arrays' metadata, and
-    # each COMPLETE read again (HEAD, GET) for its view digests (21 here; 201 at 64 seeds); before, each of the 4 x 4
-    # (chunk, seed) reads did all of that again (~300)
-    assert len(first) <= 1 + 3 * SEEDS + 2 * (arrays + 1), first
+    # the first epoch: one seed's group and its arrays' metadata, and each COMPLETE read (HEAD, GET) for its view
+    # digests (the stream found the seeds complete when it was made); before, the seed list and every COMPLETE
+    # again, and each of the 4 x 4 (chunk, seed) reads did all of that again (~300)
+    assert len(first) <= 2 * SEEDS + 2 * (arrays + 1), first
     assert later == [[], []]
 
 
@@ -88,3 +90,32 @@ def test_repeating_views_are_said_once_by_the_caller_not_logged_as_well(tmp_path
         note = s.warn_if_repeating(10)
         assert note and ("views repeat" in note or "distinct views" in note)
     assert capsys.readouterr().err == ""  # before: each also went to stderr through logging's last resort
+
+
+def test_an_epoch_at_random_opens_each_seed_once_a_run_not_once_a_chunk(tmp_path, monkeypatch):
+    """C x S = 4 chunks x 4 seeds: the seeds' zarr stores are made S times in the first epoch, none after (before:
+    once a (chunk, seed), 16 times an epoch, through ``LabelStore.load``)."""
+    from zarr.storage import LocalStore
+
+    store = _store(str(tmp_path))
+    stream = _stream(store)
+    seed_dirs = {str(store.seed_dir(s)): s for s in range(SEEDS)}
+    opened: list[int] = []
+    made = LocalStore.__init__
+
+    def counting(self, root, *args, **kwargs):  # every zarr store made on a seed's group, however it is reached
+        if str(root) in seed_dirs:
+            opened.append(seed_dirs[str(root)])
+        made(self, root, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "__init__", counting)
+    loads: list[int] = []
+    load = LabelStore.load
+    monkeypatch.setattr(LabelStore, "load", lambda self, seed, *a, **k: loads.append(seed) or load(self, seed, *a, **k))
+    per_epoch = []
+    for epoch in range(3):
+        before = len(opened)
+        labels = stream.labels_for_epoch(epoch)
+        per_epoch.append(sorted(opened[before:]))
+        np.testing.assert_array_equal(labels.arrays["topk_logit"][:, 0], 1.0 + stream.seed_index(epoch))
+    assert per_epoch == [list(range(SEEDS)), [], []] and loads == []
