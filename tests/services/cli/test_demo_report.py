@@ -3,7 +3,6 @@ figures of the demo run last (docs/demo.json, written by that run)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
