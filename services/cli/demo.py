@@ -68,6 +68,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    # SIGTERM as Ctrl-C: the service and its Ray head are stopped on the way out, not left running
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     with ServiceProcess(Path(args.state_dir).resolve(), Path(args.store_root).resolve()) as service:
         summary = run_demo(service.client, setting)
     summary["minutes"] = round((time.time() - t0) / 60, 2)
@@ -86,6 +88,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       "teacher_top1": summary["teacher"]["top1"], "labels_s": summary["labels"]["seconds"],
                       "minutes": summary["minutes"]}))
     return 0
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def run_demo(client: Any, setting: DemoSetting) -> dict[str, Any]:
