@@ -216,8 +216,9 @@ class ServiceProcess:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job: teacher, labels and students over the service, on a local Ray; "
                                     "a table and demo.png")
-    p.add_argument("--state-dir", default=".stillroom")
-    p.add_argument("--store-root", default="stores")
+    p.add_argument("--state-dir", default=".stillroom",
+                   help="the service's token, SQLite job records and teachers (default: .stillroom)")
+    p.add_argument("--store-root", default="stores", help="where the label stores go (default: stores)")
     p.add_argument("--out", default="demo", help="where demo.md, demo.json and demo.png go (default: demo)")
     p.add_argument("--images", type=int, default=None,
                    help="the first N Fashion-MNIST training images (default: 12000)")
