@@ -74,3 +74,16 @@ def test_a_cache_hit_label_job_is_no_labeling_cost():
     with pytest.raises(UsageError, match="no finished student jobs for online_kd"):
         summarize(*_records()[:2], students, images=32, epochs=2)
 
+
+
+@pytest.mark.skipif(not (ROOT / "docs" / "demo.json").exists(),
+                    reason="the demo's setting is not measured to the end yet (no docs/demo.json)")
+def test_readme_shows_the_demo_run_last():
+    """docs/demo.json is what the last `stillroom demo` wrote; the README shows its table and its picture."""
+    import json
+
+    summary = json.loads((ROOT / "docs" / "demo.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert table(summary) in readme
+    assert "docs/demo.png" in readme and (ROOT / "docs" / "demo.png").exists()
+    assert summary["date"][:10] in readme
