@@ -295,7 +295,8 @@ def label_config(folder: Path, teacher: str, store_root: Path, s: dict[str, Any]
     return LabelConfig(dataset=f"imagefolder:{folder}", teachers=(teacher,), recipe=recipe, seeds=seeds, top_k=10,
                        batch_size=s["batch"], chunk_rows=s["chunk_rows"], store_root=str(store_root),
                        gpus_per_worker=1.0 if device == "cuda" else 0.0, teacher_dtype=dtype,
-                       decode_workers=s["decode_workers"])
+                       decode_workers=s["decode_workers"],
+                       decode="gpu" if device == "cuda" else "cpu")  # nvJPEG is asked for now (PIL by default)
 
 
 def plain_loop(folder: Path, spec: str, s: dict[str, Any], device: str) -> float:
@@ -475,7 +476,7 @@ def measure_fidelity(run: Run, folder: Path, work: Path) -> dict[str, Any]:
     from stillroom.pipelines.data import load_dataset
     from stillroom.pipelines.labeling import decode_views_torch
     from stillroom.pipelines.teachers import load_teacher
-    from stillroom.pipelines.views import draw_views, get_recipe, mix_views, render_views
+    from stillroom.pipelines.views import draw_views, float_views, get_recipe, mix_views, render_views
     from stillroom.student.models import normalize
 
     s, device = run.scale, run.args.device
@@ -488,11 +489,11 @@ def measure_fidelity(run: Run, folder: Path, work: Path) -> dict[str, Any]:
     diff = (gpu.float() - cpu.float()).abs()
     teacher = load_teacher(make_teacher(work, s["teachers"][0], s["size"]), 10, device)
     with torch.inference_mode():
-        p = [torch.softmax(teacher.logits(v.to(device).float() / 255.0).float(), -1) for v in (gpu, cpu)]
+        p = [torch.softmax(teacher.logits(float_views(v.to(device))).float(), -1) for v in (gpu, cpu)]
     tv = 0.5 * (p[0] - p[1]).abs().sum(-1)
     x_cpu = normalize(mix_views(cpu, None, params))
     x_dev = normalize(mix_views(cpu.to(device), None, params)).cpu()
-    t_cpu, t_dev = teacher.preprocess(cpu.float() / 255.0), teacher.preprocess(cpu.to(device).float() / 255.0).cpu()
+    t_cpu, t_dev = teacher.preprocess(float_views(cpu)), teacher.preprocess(float_views(cpu.to(device))).cpu()
     return {"views": len(ids), "decode": f"decode_views_torch on {device} vs render_views (PIL, draft={recipe.draft})",
             "grey_levels_mean_abs": round(float(diff.mean()), 3), "grey_levels_max_abs": round(float(diff.max()), 1),
             "teacher_tv_mean": round(float(tv.mean()), 5), "teacher_tv_max": round(float(tv.max()), 5),

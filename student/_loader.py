@@ -32,7 +32,17 @@ import torch
 
 from stillroom.pipelines.core import UsageError, is_url
 from stillroom.pipelines.store import StoreError
-from stillroom.pipelines.views import COL, MIX_NONE, Recipe, apply_views, mix_views, partner_ids, render_batch_pool
+from stillroom.pipelines.views import (
+    COL,
+    MIX_NONE,
+    Recipe,
+    apply_views,
+    draw_views,
+    mix_views,
+    num_view_params,
+    partner_ids,
+    render_batch_pool,
+)
 
 log = logging.getLogger("stillroom.student")
 MAX_AUTO_WORKERS = 4  # more rarely pays for one training process; say --loader-workers N for more
@@ -286,6 +296,21 @@ class BatchSource(torch.utils.data.Dataset):
             return None
         return np.asarray(self.seeds, dtype=np.int64)[self.seed_index[keys]]
 
+    def redraw(self, ids: np.ndarray, row_seeds: np.ndarray | None) -> np.ndarray:
+        """The view parameters of ``ids`` drawn again (a store that keeps a digest of them, not them: format 3), each
+        under its row's seed: the draw the labeler made (``view_hw``), checked against the store's digests when the
+        seed was loaded (``StoreStream.check_views``)."""
+        if self.recipe is None:
+            raise StoreError("the store keeps no view parameters and the batch source has no recipe to draw them")
+        hw, n = view_hw(self.dataset), len(self.dataset)
+        if row_seeds is None:
+            return draw_views(self.recipe, self.seed, ids, n, hw)
+        out = np.empty((len(ids), num_view_params(self.recipe)), dtype=np.float32)
+        for s in np.unique(row_seeds):
+            rows = np.flatnonzero(row_seeds == s)
+            out[rows] = draw_views(self.recipe, int(s), ids[rows], n, hw)
+        return out
+
     def _features(self, features: dict[int, FeatureRows], ids: np.ndarray, row_seeds: np.ndarray | None
                   ) -> np.ndarray:
         if row_seeds is None:
@@ -302,8 +327,8 @@ class BatchSource(torch.utils.data.Dataset):
         keys = np.asarray(keys, dtype=np.int64).reshape(-1)
         ids = keys // self.views_per_image
         gathered = {name: np.take(a, keys, axis=0) for name, a in self.arrays.items()}
-        params = gathered.pop("view")
         row_seeds = self.row_seeds(keys)
+        params = gathered.pop("view") if "view" in gathered else self.redraw(ids, row_seeds)
         if self.features is not None:
             gathered["features"] = self._features(self.features, ids, row_seeds)
         partners = partner_ids(params, ids)
@@ -321,6 +346,12 @@ class BatchSource(torch.utils.data.Dataset):
         return BatchParts(ids, pixels, partner_pixels, params, torch.from_numpy(y), torch.from_numpy(targets),
                           label_tensors(gathered), not self.dataset.in_memory, self.out_size, self.seed, self.epoch,
                           row_seeds, self.recipe, partner_index)
+
+
+def view_hw(dataset: Any) -> Any:
+    """What ``draw_views`` takes as the images' sizes, as the labeler gave it: an in-memory data set's one
+    ``(H, W)``, else each image's own (``dataset.sizes``)."""
+    return tuple(dataset.image_shape[1:]) if dataset.in_memory else dataset.sizes
 
 
 def collate(items: Any) -> BatchParts:

@@ -40,7 +40,7 @@ import torch
 
 from stillroom.pipelines.core import UsageError
 from stillroom.pipelines.data import Dataset
-from stillroom.pipelines.store import LabelStore, SeedLabels, SeedReader, StoreError
+from stillroom.pipelines.store import LabelStore, SeedLabels, SeedReader, StoreError, check_views
 from stillroom.pipelines.views import Recipe, get_recipe, output_size, partner_cycle
 from stillroom.student._loader import (
     LABEL_ARRAYS,
@@ -53,6 +53,7 @@ from stillroom.student._loader import (
     label_tensors,
     mixed_targets,
     on_device,
+    view_hw,
 )
 
 log = logging.getLogger("stillroom.student")
@@ -94,6 +95,18 @@ def check_store(store: LabelStore, dataset: Dataset, recipe: str | None = None) 
         raise StoreError(f"store {store.cache_key} was made with recipe {name} digest {stored_recipe.get('digest')}; "
                          f"this stillroom's {name} has digest {current.digest} (the recipe changed: relabel)")
     return current
+
+
+def replay_note(store: LabelStore) -> str | None:
+    """One line where the store's teacher saw other pixels than a student replays: views decoded on the GPU
+    (``label --decode gpu``: nvJPEG and roi_align, recorded in the provenance and the key) where every student
+    decodes with PIL; None where they are the same views."""
+    decode = store.provenance.get("labels", {}).get("decode")
+    if not decode:
+        return None
+    return (f"store {store.cache_key} was labeled on views decoded by {decode} (label --decode gpu); this run "
+            "replays PIL's views of the same parameters, about a grey level apart, so its teacher labels describe "
+            "slightly other pixels (label with --decode cpu for the very pixels)")
 
 
 class StoreStream:
@@ -160,9 +173,14 @@ class StoreStream:
         if views_per_image > len(self.seeds):
             raise UsageError(f"--views-per-image {views_per_image}: the run has {len(self.seeds)} seed(s); each view "
                              "of an image comes from a seed of its own")
+        # ,bad=skip at labeling: the ids whose view under some seed of the run failed to decode (their rows hold
+        # no label), left out of every epoch, and why (the first seed's reason)
+        self.left_out = left_out_of(store, self.seeds)
+        self._left_out = np.fromiter(sorted(self.left_out), dtype=np.int64, count=len(self.left_out))
         self._loaded: SeedLabels | None = None
         self._reader: SeedReader | None = None  # view_order="random": the seeds' arrays, opened once
         self._warned = False
+        self._views_checked: set[int] = set()
 
     def seed_for_epoch(self, epoch: int) -> int | None:
         """The store seed every view of ``epoch`` comes from (None under ``view_order="random"``: each sample's)."""
@@ -208,8 +226,8 @@ class StoreStream:
 
     @property
     def samples_per_epoch(self) -> int:
-        """Samples this rank sees in one epoch."""
-        return len(self.dataset) // self.world_size
+        """Samples this rank sees in one epoch (those ``left_out`` aside)."""
+        return (len(self.dataset) - len(self.left_out)) // self.world_size
 
     def __len__(self) -> int:
         n, per_batch = self.samples_per_epoch, self.batch_size // self.views_per_image
@@ -220,8 +238,21 @@ class StoreStream:
         a sample, gathered by numpy indexing (``features``, about 2 KB a sample, are read by the batch's rows)."""
         if self._loaded is None or self._loaded.seed != seed:
             self._loaded = None
+            self.check_views((seed,))
             self._loaded = read_labels(self.store, seed)
         return self._loaded
+
+    def check_views(self, seeds: tuple[int, ...]) -> None:
+        """A store that keeps a digest of its views, not the views (format 3): check, once a seed, that this
+        stillroom draws what was labeled (``pipelines.store.check_views``: the first rows of every chunk), or refuse
+        in one line."""
+        if self.store.schema.views_stored:
+            return
+        for seed in seeds:
+            if seed not in self._views_checked:
+                check_views(self.store.view_record(seed), f"store {self.store.cache_key}", self.recipe, seed,
+                            len(self.dataset), self.store.schema.chunk_rows, view_hw(self.dataset))
+                self._views_checked.add(seed)
 
     def labels_for_epoch(self, epoch: int) -> SeedLabels:
         """The label arrays ``epoch`` reads: one seed's (in seed order), or at random each sample's row from the
@@ -232,6 +263,7 @@ class StoreStream:
         if seed is not None:
             return self.labels_for(seed)
         self._loaded = None  # the epoch's arrays replace the last epoch's before any seed is read
+        self.check_views(self.seeds)
         if self.views_per_image > 1:
             return self._views_labels(epoch)
         index = self.seed_index(epoch)
@@ -277,12 +309,14 @@ class StoreStream:
     def order(self, epoch: int) -> np.ndarray:
         """This rank's sample ids for ``epoch``, in order: a permutation of the whole split drawn from
         ``(shuffle_seed, epoch)``, this rank's share of it (``partner_runs``: the epoch seed's partner cycle cut
-        into runs of ``batch_size``, ``partner_run_order``)."""
+        into runs of ``batch_size``, ``partner_run_order``), the ids ``left_out`` taken out before it is shared."""
         seed = self.seed_for_epoch(epoch)
         if self.partner_runs and seed is not None:
             return partner_run_order(self.recipe, seed, len(self.dataset), self.batch_size, self.shuffle_seed, epoch,
-                                     self.rank, self.world_size)
+                                     self.rank, self.world_size, self._left_out)
         perm = np.random.default_rng([self.shuffle_seed, epoch]).permutation(len(self.dataset))
+        if self._left_out.size:
+            perm = perm[~np.isin(perm, self._left_out)]
         per_rank = len(perm) // self.world_size
         return perm[self.rank :: self.world_size][:per_rank]
 
@@ -323,23 +357,35 @@ class StoreStream:
 
 
 def partner_run_order(recipe: Recipe, seed: int, num_samples: int, batch_size: int, shuffle_seed: int, epoch: int,
-                      rank: int = 0, world_size: int = 1) -> np.ndarray:
+                      rank: int = 0, world_size: int = 1, left_out: np.ndarray | None = None) -> np.ndarray:
     """This rank's ids of an epoch as runs of ``batch_size`` consecutive samples of the partner cycle of
     (recipe, seed) (``pipelines.views.partner_cycle``): the cycle rotated by an offset drawn from
     ``(shuffle_seed, epoch)``, cut into ``world_size`` arcs of ``N // world_size`` (the last ``N % world_size``
     left out, as the shuffle leaves them), this rank's arc cut into runs from its start, the full runs in an order
     drawn from the same generator and a shorter one last. Cut into batches of ``batch_size`` (``StoreStream.
-    batches``), every batch is a run: each sample's partner is the next sample of its batch, but the last's."""
+    batches``), every batch is a run: each sample's partner is the next sample of its batch, but the last's.
+    ``left_out`` (ids of views that failed to decode, ``,bad=skip``) are taken out of the cycle before it is cut."""
     if batch_size < 1 or not 0 <= rank < world_size:
         raise UsageError(f"batch size {batch_size}, rank {rank} of {world_size}: expected >= 1 and 0 <= rank < "
                          "world size")
     rng = np.random.default_rng([shuffle_seed, epoch, 2])
     cycle = np.roll(partner_cycle(recipe, seed, num_samples), -int(rng.integers(max(num_samples, 1))))
-    per_rank = num_samples // world_size
+    if left_out is not None and left_out.size:
+        cycle = cycle[~np.isin(cycle, left_out)]
+    per_rank = len(cycle) // world_size
     arc = cycle[rank * per_rank : (rank + 1) * per_rank]
     full = per_rank // batch_size
     runs = arc[: full * batch_size].reshape(full, batch_size)[rng.permutation(full)]
     return np.concatenate([runs.reshape(-1), arc[full * batch_size :]])
+
+
+def left_out_of(store: LabelStore, seeds: tuple[int, ...] | list[int]) -> dict[int, str]:
+    """The sample ids a run of ``seeds`` leaves out of every epoch and why: those whose view under any of the seeds
+    failed to decode at labeling (``,bad=skip``: their rows hold no label), the first such seed's reason."""
+    out: dict[int, str] = {}
+    for seed in reversed(tuple(seeds)):
+        out.update(store.skipped(seed))
+    return dict(sorted(out.items()))
 
 
 def read_labels(store: LabelStore, seed: int) -> SeedLabels:
@@ -350,8 +396,9 @@ def read_labels(store: LabelStore, seed: int) -> SeedLabels:
 
 def label_names(store: LabelStore) -> list[str]:
     """The arrays of a seed the student holds in memory (``read_labels``)."""
-    wanted = {"view", *LABEL_ARRAYS} - {"features"}
+    wanted = {"view", *LABEL_ARRAYS} - {"features"}  # "view": where stored (else redrawn a batch)
     return [name for name in store.schema.arrays() if name in wanted]
 
 
-__all__ = ["Batch", "StoreStream", "check_store", "label_tensors", "mixed_targets", "partner_run_order", "read_labels"]
+__all__ = ["Batch", "StoreStream", "check_store", "label_tensors", "left_out_of", "mixed_targets", "partner_run_order",
+           "read_labels", "replay_note"]

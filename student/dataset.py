@@ -25,6 +25,7 @@ mixing of each view.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +37,11 @@ from stillroom.pipelines.data import Dataset, load_dataset
 from stillroom.pipelines.store import LabelStore
 from stillroom.pipelines.views import COL, MIX_NONE, partner_ids
 from stillroom.student._loader import Batch, BatchParts, collate, finish
-from stillroom.student.data import StoreStream, check_store
+from stillroom.student.data import StoreStream, check_store, replay_note
 from stillroom.student.losses import teacher_targets
 from stillroom.student.models import InputConfig, resolve_input_config
+
+log = logging.getLogger("stillroom.student")
 
 
 def resolve_store(store: str, store_root: str | None = None) -> str:
@@ -99,6 +102,9 @@ class ReplayDataset(torch.utils.data.Dataset):
             dataset = load_dataset(dataset or spec, split or stored_split, data_root or stored_root)
         self.dataset = dataset
         self.recipe = check_store(self.store, dataset)
+        note = replay_note(self.store)
+        if note:
+            log.warning("%s", note)
         self._options: dict[str, Any] = {"seeds": seeds, "view_order": view_order, "features": features,
                                          "views_per_image": views_per_image, "shuffle_seed": shuffle_seed}
         self.stream = self._stream(views_per_image)
@@ -117,6 +123,12 @@ class ReplayDataset(torch.utils.data.Dataset):
     @property
     def seeds(self) -> tuple[int, ...]:
         return self.stream.seeds
+
+    @property
+    def left_out(self) -> dict[int, str]:
+        """Sample ids whose view failed to decode at labeling (``,bad=skip``) and why: their rows hold no label
+        (class indices -1); ``batch_sampler`` leaves them out, an index taken by hand must too."""
+        return self.stream.left_out
 
     def set_epoch(self, epoch: int) -> None:
         """Replay ``epoch``'s views: its seed's label arrays replace the last epoch's."""

@@ -22,6 +22,7 @@ from torch import nn
 from stillroom.pipelines.core import Location, UsageError, open_binary, write_atomically
 from stillroom.pipelines.data import DataError, Dataset, load_dataset
 from stillroom.pipelines.training import eval_subset, topk_hits
+from stillroom.pipelines.views import float_views
 from stillroom.student.models import (
     LEGACY_INPUT,
     InputConfig,
@@ -167,7 +168,7 @@ def eval_batches(dataset: Dataset, ids: np.ndarray, size: int | None, input_conf
             cast(Any, source), batch_sampler=cast(Any, batches), collate_fn=_collated, num_workers=loader_workers,
             multiprocessing_context="fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     for images, labels in parts:
-        x = images.to(device).float() / 255.0
+        x = float_views(images.to(device))
         if size is not None and x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         yield input_config.normalize(x), labels.to(device)

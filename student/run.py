@@ -18,6 +18,7 @@ from stillroom.pipelines.core import NO_METRICS, Location, Metrics
 from stillroom.pipelines.data import use_index_cache
 from stillroom.pipelines.training import resolve_device
 from stillroom.student.config import TrainConfig
+from stillroom.student.data import left_out_of
 from stillroom.student.plan import resolve_plan
 from stillroom.student.tracking import check_tracker
 from stillroom.student.trainer import CHECKPOINT, Distributed, check_resume, fit, make_student, prepare
@@ -40,6 +41,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     plan = resolve_plan(setup.store, setup.dataset, setup.recipe, config.seeds, config.dataset, config.data_root,
                         resume_from=str(Location(config.out) / CHECKPOINT) if checkpoint is not None else None)
     config = replace(config, seeds=plan.seeds)
+    for i, why in left_out_of(setup.store, plan.seeds).items():  # one line each, in the job's log (the driver's)
+        print(f"stillroom: skipped: sample {i} is left out of every epoch: {why} (,bad=skip at labeling)",
+              file=sys.stderr)
     if config.workers > 1:
         from stillroom.student.train_ray import train_distributed
 

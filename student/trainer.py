@@ -87,7 +87,7 @@ from stillroom.pipelines.training import (
 )
 from stillroom.pipelines.views import Recipe, output_size
 from stillroom.student.config import LOSSES, TAT_VARIANTS, TrainConfig
-from stillroom.student.data import Batch, StoreStream, check_store
+from stillroom.student.data import Batch, StoreStream, check_store, replay_note
 from stillroom.student.evaluate import evaluate, load_init_weights, read_checkpoint, save_checkpoint
 from stillroom.student.methods import Heads, method_class
 from stillroom.student.models import (
@@ -342,6 +342,9 @@ def start_run(config: TrainConfig, dist: Distributed, setup: Setup, directory: R
     repeat_note = stream.warn_if_repeating(config.epochs)
     if repeat_note and dist.rank == 0:
         print(f"stillroom: note: {repeat_note}", file=sys.stderr)
+    decode_note = replay_note(setup.store)
+    if decode_note and dist.rank == 0:
+        print(f"stillroom: note: {decode_note}", file=sys.stderr)
     online = None
     if config.online:
         from stillroom.student.online import OnlineTeacher
@@ -391,7 +394,8 @@ def resolved_config(run: Run) -> dict[str, Any]:
             "lr_resolved": run.recipe.lr, "precision": precision_name(run.recipe.dtype),
             "updates_per_epoch": math.ceil(run.steps_per_epoch / run.config.grad_accum_steps),
             "global_batch": run.config.batch_size * run.dist.world_size * run.config.grad_accum_steps,
-            "best_weights": run.config.scored_weights}
+            "best_weights": run.config.scored_weights,
+            "samples_left_out": sorted(run.stream.left_out)}  # ,bad=skip: views with no label (failed to decode)
 
 
 def train_step(step: DistillationStep, batch: Batch, recipe: TrainingRecipe, dist: Distributed | None = None,
@@ -586,7 +590,7 @@ def finish_run(run: Run, seconds: float) -> dict[str, Any]:
               "last": last, "best": run.best,
               "losses": final.get("losses", {}), "samples_per_s": final.get("samples_per_s"),
               "epoch_seconds": [h["seconds"] for h in history], "seconds": round(seconds, 3),
-              "store_cache_key": run.setup.store.cache_key}
+              "store_cache_key": run.setup.store.cache_key, "samples_left_out": len(run.stream.left_out)}
     if run.repeat_note:
         result["note"] = run.repeat_note
     write_json(run.out / "metrics.json", result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -22,9 +23,10 @@ def _shard_stage(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(request):
     """A real local Ray (2 CPUs, with its dashboard for the Jobs API), shared by every Ray test; shut down
-    at the end."""
+    at the end. The S3 server starts first where it can: its credentials are then in the environment that the
+    cluster's processes inherit, as a real cluster's nodes have theirs, so runs on s3:// use this cluster too."""
     import ray
 
     from stillroom.services.launcher import free_port  # here: a bare GPU machine's `pytest -m gpu` has no SQLAlchemy
@@ -33,6 +35,8 @@ def ray_cluster():
     # take it from the environment)
     os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
     if not ray.is_initialized():
+        with contextlib.suppress(pytest.skip.Exception):  # no S3 server here: only the tests that need one skip
+            request.getfixturevalue("s3")
         _agent_port_of_our_own(free_port())
         # address="local": always a new cluster of our own, never one that `ray start` left on this machine
         ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",

@@ -75,3 +75,13 @@ def jpeg_bytes(h: int, w: int, seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(_image(np.random.default_rng(seed), 0, h, w)).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+def scramble(path: Path, seed: int = 0) -> None:
+    """Keep the JPEG's header (up to its scan) and its end marker; replace the compressed data with noise: the
+    index takes it (its header reads), decoding it fails."""
+    b = bytearray(path.read_bytes())
+    sos = b.find(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(b[sos + 2:sos + 4], "big")
+    b[start:-2] = np.random.default_rng(seed).integers(0, 256, len(b) - 2 - start, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(b))

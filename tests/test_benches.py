@@ -24,6 +24,8 @@ RUNS: dict[str, list[tuple[list[str], set[str]]]] = {
                                 "targets_met"}),
                  (["--smoke", "--samples", "2048", "--recipe", "deit"],
                   {"bytes_per_sample", "view_bytes_per_sample", "view_params", "targets_met"})],
+    "store_tv.py": [(["--work", "{work}", "--model", "test_resnet", "--epochs", "1", "--train-samples", "256",
+                      "--images", "256"], {"tv_t1", "tv_t4", "teacher_top1_on_views", "targets_met"})],
     "view_order.py": [(["--smoke"], {"after_s", "before_s", "chunks_per_epoch", "targets_met"})],
     "accuracy.py": [(["--dataset", "fashion-mnist:n=128", "--teacher-epochs", "1,1", "--seeds", "1",
                       "--batch-size", "64", "--augment-rows"],

@@ -45,6 +45,8 @@ class FileDataset:
     labels: np.ndarray  # (N,) int64
     sizes: np.ndarray  # (N, 2) int32: each image's height and width
     skipped: list[str]  # bad samples left out (bad=skip), one line each
+    bad = "stop"  # the bad-sample policy: ``skip`` also leaves out views whose image fails to decode (labeling,
+    # training: ``pipelines.views.render_views_at``'s ``failed``)
     channels = 3
     in_memory = False
     cache_path: Path | str | None = None  # where the index is cached (a URL for data on one)

@@ -57,7 +57,7 @@ class ImageFolder(FileDataset):
                 raise UsageError(f"{tree.show(split_dir)} {side} class folder {missing[0]!r} (train/ has "
                                  f"{len(classes)} classes, {split_dir}/ {len(here)})")
         self.spec = spec or f"imagefolder:{root}"
-        self.split = split
+        self.split, self.bad = split, bad
         self.class_names, self.num_classes = tuple(classes), len(classes)
         self._base_rel = split_dir or ""
         self.root: Path | str  # a Path on disk, the URL otherwise (and the same for ``base``, the split's folder)

@@ -99,7 +99,7 @@ class ParquetShards(FileDataset):
     def __init__(self, where: str, split: str = "train", bad: str = "stop", workers: int | None = None,
                  spec: str | None = None, holdout: float | None = None, index_cache: str | os.PathLike | None = None):
         check_split(split)
-        self.spec, self.split = spec or f"parquet:{where}", split
+        self.spec, self.split, self.bad = spec or f"parquet:{where}", split, bad
         self.index_cache = index_cache
         src = _parquet_source(where, split, holdout)
         files_split, side = src.files_split, src.side

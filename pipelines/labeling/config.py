@@ -46,6 +46,8 @@ class LabelConfig:
     # the feature map is average-pooled to feature_grid x feature_grid
     feature_grid: int = option(4, help="pool the feature map to GRID x GRID", ge=1, le=64)
     per_teacher: bool = option(False, help="keep each ensemble member's top-k too")
+    store_views: bool = option(False, help="keep each view's parameters in the store (by default a digest a chunk: "
+                                           "readers draw them again), e.g. for exports and other tools")
     store_root: str = option("stores", help="the store root: the store goes to <root>/<cache_key>",
                              flags=("--store-root",))
     batch_size: int = option(256, help="teacher batch size", ge=1, le=65536)
@@ -55,9 +57,13 @@ class LabelConfig:
     gpus_per_worker: float = option(0.0, help="GPUs each Ray actor asks for (0: CPU)", ge=0, le=16)
     extra: dict[str, Any] = field(default_factory=dict)
     decode_workers: int = option(-1, help="processes per label worker that decode and crop ahead of the teacher "
-                                          "(-1: a quarter of the worker's CPUs, at least one)", ge=-1, le=256)
-    decode: str = option("auto", help="where JPEGs are decoded: cpu (PIL in the decode processes), gpu (nvJPEG and "
-                                      "crops on the teacher's GPU), auto (gpu when --gpus-per-worker > 0)",
+                                          "(-1: a quarter of the worker's CPUs with a CPU teacher, all but one with "
+                                          "a GPU teacher; at least one)", ge=-1, le=256)
+    # gpu only when asked: nvJPEG and roi_align give other pixels than the PIL views students replay (issue 32)
+    decode: str = option("cpu", help="where JPEGs are decoded: cpu (PIL in the decode processes: the pixels students "
+                                     "replay), gpu (nvJPEG and roi_align crops on the teacher's GPU: faster, other "
+                                     "pixels by a grey level or so, recorded in the store's key; a student replaying "
+                                     "it is told), auto (the same as cpu; kept for older configs)",
                          choices=("auto", "cpu", "gpu"))
     gpu_wait_s: float = option(60.0, help="how long --gpus-per-worker waits for the cluster's GPUs before refusing",
                                ge=0, le=86400)
@@ -101,7 +107,7 @@ class LabelConfig:
             return [("decode", "decode=gpu needs --gpus-per-worker > 0: the JPEGs are decoded on the teacher's GPU")]
         if values.get("decode") == "gpu" and _photometric(values.get("recipe")):
             return [("decode", f"recipe {values.get('recipe')} has photometric ops, which run on the CPU views: "
-                               "label it with --decode cpu (or auto)")]
+                               "label it with --decode cpu")]
         return []
 
     @property
@@ -118,18 +124,21 @@ class LabelConfig:
 
     @property
     def decode_on(self) -> str:
-        """Where JPEGs are decoded: ``gpu`` when asked, or by default when the teacher runs on a GPU and the recipe
-        has no photometric ops (they run on the CPU views)."""
-        if self.decode == "gpu":
-            return "gpu"
-        auto_gpu = self.decode == "auto" and self.gpus_per_worker > 0 and not get_recipe(self.recipe).photometric
-        return "gpu" if auto_gpu else "cpu"
+        """Where JPEGs are decoded: ``gpu`` only when asked (``--decode gpu``); else PIL, on the CPUs, whatever runs
+        the teacher: the pixels a student replays (``auto`` once meant gpu on GPU workers)."""
+        return "gpu" if self.decode == "gpu" else "cpu"
 
     def decode_processes(self, cpus: int) -> int:
         """Decode processes of one label worker holding ``cpus`` CPUs: ``decode_workers``, or by default a
-        quarter of them (at least one). At 224 px a CPU teacher costs far more per image than a JPEG decode
-        (resnet50: about 4 GFLOPs against about 1.5 ms of a core), so most cores go to the teacher's threads."""
-        return self.decode_workers if self.decode_workers >= 0 else max(1, cpus // 4)
+        quarter of them with a CPU teacher, all but one with a GPU teacher that PIL feeds (at least one). At 224 px
+        a CPU teacher costs far more per image than a JPEG decode (resnet50: about 4 GFLOPs against about 1.5 ms
+        of a core), so most cores go to the teacher's threads; a GPU teacher labels thousands of images a second
+        and PIL decodes 550-850 a core, so the cores go to decoding."""
+        if self.decode_workers >= 0:
+            return self.decode_workers
+        if self.gpus_per_worker > 0 and self.decode_on == "cpu":
+            return max(1, cpus - 1)
+        return max(1, cpus // 4)
 
 
 def _photometric(recipe: Any) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -71,7 +72,7 @@ def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Datas
     schema = StoreSchema(num_samples=len(dataset), num_classes=dataset.num_classes, top_k=config.top_k,
                          sampled=config.sampled, feature_shape=feature_shape,  # type: ignore[arg-type]
                          per_teacher=len(teachers) if config.per_teacher else 0, chunk_rows=config.chunk_rows,
-                         view_params=num_view_params(recipe))
+                         view_params=num_view_params(recipe), store_views=config.store_views)
     return provenance, schema
 
 
@@ -131,6 +132,7 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
     if not todo:
         print(f"cache hit: {store.cache_key} holds seeds {reused}; no teacher ran", file=sys.stderr)
         result["quality"] = {str(s): store.quality(s) for s in config.seeds}
+        result.update(_skipped(store, config.seeds))
         return {**result, "cache_hit": True, "seconds": round(time.perf_counter() - t0, 3)}
 
     computed: list[int] = []
@@ -168,6 +170,7 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
             lease.release()
     result.update(seeds_computed=sorted(computed), seeds_reused=sorted(reused))
     result["quality"] = {str(s): store.quality(s) for s in config.seeds}
+    result.update(_skipped(store, config.seeds))
     if not computed:
         return {**result, "cache_hit": True, "seconds": round(time.perf_counter() - t0, 3)}
     total, work_s = sum(t["samples"] for t in timings), sum(t["work_s"] for t in timings)
@@ -179,6 +182,14 @@ def run_labeling(config: LabelConfig, backend: str = "ray", progress: bool = Tru
             "seconds": round(time.perf_counter() - t0, 3), "startup_s": round(sum(t["startup_s"] for t in timings), 3),
             "labeling_s": round(work_s, 3), "nodes": max(int(t.get("nodes", 1)) for t in timings),
             "pieces_per_node": dict(per_node)}
+
+
+def _skipped(store: LabelStore, seeds: tuple[int, ...]) -> dict[str, Any]:
+    """What the job's result says of the views left out under ``,bad=skip`` (their image, or their mixing partner's,
+    failed to decode): how many over ``seeds``, and each reason once (the store's records: a resumed run's too)."""
+    lost = [store.skipped(seed) for seed in seeds]
+    return {"views_skipped": sum(len(ids) for ids in lost),
+            "skipped_images": sorted({why for ids in lost for why in ids.values()})}
 
 
 def _label_seeds(config: LabelConfig, store: LabelStore, leases: dict[int, SeedLease], backend: str,
@@ -204,7 +215,13 @@ def _label_seeds(config: LabelConfig, store: LabelStore, leases: dict[int, SeedL
 
         metrics = label_metrics(this_job(), str(store.path))
     with progress_bar(total, f"labeling {len(leases)} seed(s)", progress, unit="views") as bar:  # ends before an error
-        timing = _label_pieces(config, store, work, backend, bar)
+        def piece_done(views: int, record: dict[str, Any]) -> None:
+            bar.update(views)
+            for seed, lost in (record.get("skipped") or {}).items():
+                for i, why in lost.items():  # one line each, in the job's log
+                    bar.write(f"stillroom: skipped: seed {seed} sample {i}: {why} (,bad=skip)", file=sys.stderr)
+
+        timing = _label_pieces(config, store, work, backend, piece_done)
     for seed in sorted(leases):
         store.commit_seed(seed, leases[seed])
         leases[seed].release(final=True)
@@ -213,19 +230,19 @@ def _label_seeds(config: LabelConfig, store: LabelStore, leases: dict[int, SeedL
 
 
 def _label_pieces(config: LabelConfig, store: LabelStore, work: list[tuple[tuple[int, ...], int, int, int, dict]],
-                  backend: str, bar: Any) -> dict[str, Any]:
-    """Label ``work`` in this process (``local``) or on a Ray actor pool; the seconds it took."""
+                  backend: str, on_done: Callable[[int, dict[str, Any]], None]) -> dict[str, Any]:
+    """Label ``work`` in this process (``local``) or on a Ray actor pool, ``on_done(views, record)`` after each
+    piece; the seconds it took."""
     if backend == "local":
         t_start = time.perf_counter()
         labeler = Labeler(config, str(store.path), "cuda" if config.gpus_per_worker > 0 else "cpu")
         t_work = time.perf_counter()
         try:
             for seeds, i, a, b, gens in work:
-                labeler.label_piece(seeds, i, a, b, gens)
-                bar.update((b - a) * len(seeds))
+                on_done((b - a) * len(seeds), labeler.label_piece(seeds, i, a, b, gens))
         finally:
             labeler.views.close()
         return {"startup_s": t_work - t_start, "work_s": time.perf_counter() - t_work, "nodes": 1}
     from stillroom.pipelines.labeling.ray_pool import label_on_ray
 
-    return label_on_ray(config, str(store.path), work, on_done=lambda n: bar.update(n))
+    return label_on_ray(config, str(store.path), work, on_done=on_done)

@@ -46,12 +46,13 @@ RETRIES = 3
 # what the labeling job exports to Ray's metrics (Prometheus: ray_stillroom_label_<name>[_total]), each tagged with
 # the job, the store's cache key and the node; recorded by the workers' Labeler, seeds_committed by the driver
 LABEL_METRICS = {
-    "views_labeled": MetricDef(COUNTER, "views labeled and written (samples x seeds)"),
+    "views_labeled": MetricDef(COUNTER, "views labeled and written (samples x seeds, less those skipped)"),
     "images_per_s": MetricDef(GAUGE, "views labeled per second by one worker, over its last piece"),
     "decode_seconds": MetricDef(HISTOGRAM, "seconds a worker waited for a batch of decoded views"),
     "forward_seconds": MetricDef(HISTOGRAM, "seconds in the teachers' forward pass (and targets) of a batch"),
     "write_seconds": MetricDef(HISTOGRAM, "seconds writing one seed's piece to the store"),
     "bytes_written": MetricDef(COUNTER, "bytes of label arrays written to the store (before compression)"),
+    "views_skipped": MetricDef(COUNTER, "views left out under ,bad=skip: their image failed to decode"),
     "seeds_committed": MetricDef(COUNTER, "seeds committed (COMPLETE written) by the job"),
 }
 
@@ -172,11 +173,12 @@ def wait_for_gpus(needed: float, wait_s: float, poll_s: float = 1.0) -> float:
 
 
 def label_on_ray(config: LabelConfig, store_path: str, work: list[tuple[Any, ...]],
-                 on_done: Callable[[int], object], start_timeout_s: float = 600.0) -> dict[str, Any]:
+                 on_done: Callable[[int, dict[str, Any]], object], start_timeout_s: float = 600.0) -> dict[str, Any]:
     """Label ``work`` (seeds, piece, start, stop[, the seeds' lease generations]) on a pool of
     ``config.num_workers`` actors spread over the nodes;
     return the seconds spent starting the actors (teachers loaded) and labeling, and how many pieces each node
-    (by Ray node id) labeled."""
+    (by Ray node id) labeled. ``on_done(views, record)`` is called as each piece is written (``Labeler.label_piece``'s
+    record: its ``skipped`` views among them)."""
     t0 = time.perf_counter()
     connect(config.ray_address)
     gpus = config.gpus_per_worker
@@ -222,7 +224,7 @@ def label_on_ray(config: LabelConfig, store_path: str, work: list[tuple[Any, ...
                 for seed in item_seeds(done["seed"]):  # counted per seed's piece
                     piece_nodes[(seed, done["piece"])] = done["node_id"]
                 free.append(slot)
-                on_done(n)
+                on_done(n, done)
         t_end = time.perf_counter()
     finally:  # a failed piece must not leave actors holding the cluster's CPUs
         for actor in actors:

@@ -9,10 +9,11 @@ of float32's bytes; pinned host memory on CUDA) and finishes the views there (``
 teacher's ``Preprocess`` normalises). No process holds the data set: each holds its index (labels, sizes,
 where the bytes are).
 
-With ``decode="gpu"`` on CUDA the worker processes only read the bytes; JPEGs are decoded in batches by
-``torchvision.io.decode_jpeg(list, device="cuda")`` and each crop is resized on the GPU
-(``decode_views_torch``). Those pixels differ slightly from the PIL views students replay (no DCT-scaled
-decode, another resampling filter): the store's provenance records it, so it is another cache key.
+With ``decode="gpu"`` (only when asked: ``--decode gpu``) the worker processes only read the bytes; JPEGs are
+decoded in batches by ``torchvision.io.decode_jpeg(list, device="cuda")`` and each crop is resized on the GPU
+(``decode_views_torch``; on a CPU device the same calls run there). Those pixels differ slightly from the PIL views
+students replay (no DCT-scaled decode, another resampling filter): the store's provenance records it, so it is
+another cache key, and a student replaying such a store is told (``student.data.replay_note``).
 
 An in-memory data set (Fashion-MNIST) has nothing to decode: its views are built in the worker's thread.
 """
@@ -54,6 +55,7 @@ class ViewBatch:
     partner: dict[int, torch.Tensor] | None = None
     encoded: list[tuple[bytes, str]] | None = None  # decode="gpu": the bytes, decoded on the device
     partner_encoded: list[tuple[bytes, str]] | None = None
+    failed: dict[int, str] | None = None  # ``,bad=skip``: rows whose image (or mixing partner) failed to decode
 
 
 class _ViewSource(torch.utils.data.Dataset):
@@ -75,8 +77,9 @@ class _ViewSource(torch.utils.data.Dataset):
             mixing = params[:, COL["mix_mode"]] != MIX_NONE
             partners = self.dataset.encoded(partner_ids(params, ids)[mixing]) if mixing.any() else None
             return ViewBatch(ids, params, encoded=self.dataset.encoded(ids), partner_encoded=partners)
-        own, partner = render_batch_at(self.dataset, ids, params, self.sizes, self.recipe.draft, self.recipe)
-        return ViewBatch(ids, params, own=own, partner=partner)
+        failed: dict[int, str] | None = {} if getattr(self.dataset, "bad", "stop") == "skip" else None
+        own, partner = render_batch_at(self.dataset, ids, params, self.sizes, self.recipe.draft, self.recipe, failed)
+        return ViewBatch(ids, params, own=own, partner=partner, failed=failed or None)
 
 
 class _Items(torch.utils.data.Sampler):

@@ -77,3 +77,19 @@ def sample_classes(logits: torch.Tensor, recipe: Recipe, seed: int, ids: np.ndar
 def pool_features(fmap: torch.Tensor, grid: int) -> torch.Tensor:
     """A teacher feature map ``(B, C, H, W)`` (or ViT tokens ``(B, N, C)``) average-pooled to ``grid x grid``."""
     return F.adaptive_avg_pool2d(as_feature_map(fmap).float(), grid)
+
+
+def blank_rows(arrays: dict[str, np.ndarray], rows: np.ndarray) -> None:
+    """What the rows of views left out under ``,bad=skip`` (an image that failed to decode) hold, in place:
+    class indices -1 (an index no gather takes quietly), logits and feature maps 0, log-sum-exps NaN; the view
+    parameters stay (they were drawn, never decoded). The store's record of skipped ids says which rows these are;
+    no label of a view that was never seen is written."""
+    for name, a in arrays.items():
+        if name == "view":
+            continue
+        if name.endswith(("topk_idx", "hard", "sampled")):
+            a[rows] = -1
+        elif name.endswith("lse"):
+            a[rows] = np.nan
+        else:
+            a[rows] = 0

@@ -15,7 +15,13 @@ from stillroom.pipelines.core import NO_METRICS, Metrics
 from stillroom.pipelines.data import Dataset, load_dataset
 from stillroom.pipelines.labeling.config import LabelConfig, index_cache
 from stillroom.pipelines.labeling.stream import ViewBatch, ViewStream, decode_views_torch
-from stillroom.pipelines.labeling.targets import pool_features, quality_sums, sample_classes, topk_arrays
+from stillroom.pipelines.labeling.targets import (
+    blank_rows,
+    pool_features,
+    quality_sums,
+    sample_classes,
+    topk_arrays,
+)
 from stillroom.pipelines.store import LabelStore, QualitySums, add_quality
 from stillroom.pipelines.teachers import (
     Teacher,
@@ -69,7 +75,9 @@ class Labeler:
                 teacher.model.to(memory_format=torch.channels_last)
         self.decode_workers = (config.decode_processes(torch.get_num_threads()) if decode_workers is None
                                else decode_workers)
-        self.decode = config.decode_on if self.device.type == "cuda" else "cpu"
+        # decode="gpu" on a CPU device: the same path on the CPU (torchvision's decoder and roi_align), the pixels
+        # its store's key says
+        self.decode = config.decode_on
         # each teacher's input rendered from the source at its own size, from the same boxes
         self.views = ViewStream(self.dataset, self.recipe, self.decode_workers, self.decode,
                                 pin_memory=self.device.type == "cuda",
@@ -87,7 +95,9 @@ class Labeler:
                     ) -> dict[int, tuple[dict[str, np.ndarray], QualitySums]]:
         """``label_with_quality`` for several seeds in one pass: each batch holds the views of some ids under every
         seed, so each image is read and decoded once for all its seeds and the teacher sees views of several
-        images at once."""
+        images at once. Under ``,bad=skip`` a view whose image failed to decode is left out: its rows are blanked
+        (``blank_rows``), kept out of the quality sums and listed in ``self.skipped[seed]`` (id -> why)."""
+        self.skipped: dict[int, dict[int, str]] = {seed: {} for seed in seeds}
         parts: dict[int, list[dict[str, np.ndarray]]] = {seed: [] for seed in seeds}
         quality: dict[int, QualitySums] = {seed: {} for seed in seeds}
         batches = iter(self.views.batches(seeds, ids, self.config.batch_size))
@@ -147,13 +157,17 @@ class Labeler:
                 member_logits.append(logits.float())
         logits = ensemble_log_probs(member_logits)
         n = len(batch.ids) // len(seeds)
+        lost = np.zeros(len(batch.ids), dtype=bool)
+        for row, why in (batch.failed or {}).items():
+            lost[row] = True
+            self.skipped[seeds[row // n]][int(batch.ids[row])] = why
         return [self._seed_arrays(seed, batch.ids[j * n : (j + 1) * n], batch.params[j * n : (j + 1) * n],
                                   logits[j * n : (j + 1) * n], [m[j * n : (j + 1) * n] for m in member_logits],
-                                  fmap[j * n : (j + 1) * n] if fmap is not None else None)
+                                  fmap[j * n : (j + 1) * n] if fmap is not None else None, lost[j * n : (j + 1) * n])
                 for j, seed in enumerate(seeds)]
 
     def _seed_arrays(self, seed: int, ids: np.ndarray, params: np.ndarray, logits: torch.Tensor,
-                     member_logits: list[torch.Tensor], fmap: torch.Tensor | None
+                     member_logits: list[torch.Tensor], fmap: torch.Tensor | None, lost: np.ndarray
                      ) -> tuple[dict[str, np.ndarray], QualitySums]:
         cfg, schema = self.config, self.store.schema
         out = {"view": params, **topk_arrays(logits, schema.top_k)}
@@ -165,7 +179,12 @@ class Labeler:
             own = topk_arrays(member_logits[t], schema.top_k)
             out.update({f"teacher{t}_{name}": own[name] for name in ("topk_idx", "topk_logit", "lse", "tail_lse")})
         area = params[:, COL["h"]] * params[:, COL["w"]]
-        return out, quality_sums(logits, self.dataset.labels[ids], area, schema.top_k)
+        if not lost.any():
+            return out, quality_sums(logits, self.dataset.labels[ids], area, schema.top_k)
+        blank_rows(out, np.flatnonzero(lost))
+        keep = ~lost
+        return out, quality_sums(logits[torch.from_numpy(keep).to(logits.device)], self.dataset.labels[ids[keep]],
+                                 area[keep], schema.top_k)
 
     def label_piece(self, seeds: int | tuple[int, ...], piece: int, start: int, stop: int,
                     generations: dict[int, int] | None = None) -> dict[str, Any]:
@@ -177,14 +196,20 @@ class Labeler:
         gens = {int(k): int(v) for k, v in (generations or {}).items()}
         for seed, (arrays, quality) in self.label_seeds(seeds, np.arange(start, stop, dtype=np.int64)).items():
             t_write = time.perf_counter()
-            self.store.write_piece(seed, piece, start, arrays, quality=quality, generation=gens.get(seed))
+            self.store.write_piece(seed, piece, start, arrays, quality=quality, generation=gens.get(seed),
+                                   skipped=self.skipped[seed])
             self.metrics.observe("write_seconds", time.perf_counter() - t_write)
             self.metrics.add("bytes_written", sum(a.nbytes for a in arrays.values()))
-        views = (stop - start) * len(seeds)
+        skipped = sum(len(lost) for lost in self.skipped.values())
+        views = (stop - start) * len(seeds) - skipped
         self.metrics.add("views_labeled", views)
+        if skipped:
+            self.metrics.add("views_skipped", skipped)
         self.metrics.set("images_per_s", views / max(time.perf_counter() - t, 1e-9))
         return {"seed": seeds[0] if len(seeds) == 1 else seeds, "piece": piece, "samples": (stop - start) * len(seeds),
-                "seconds": time.perf_counter() - t, "pid": os.getpid()}
+                "seconds": time.perf_counter() - t, "pid": os.getpid(),
+                "skipped": {seed: {int(i): why for i, why in lost.items()} for seed, lost in self.skipped.items()
+                            if lost}}
 
 
 class _null:

@@ -24,13 +24,15 @@ from stillroom.pipelines.store.label_store import LabelStore, _array
 
 
 class SeedReader:
-    """Rows ``[start, stop)`` of the arrays ``names`` of the complete ``seeds`` of ``store`` (``rows``)."""
+    """Rows ``[start, stop)`` of the arrays ``names`` (of ``schema.arrays()``, decoded from the stored ones) of the
+    complete ``seeds`` of ``store`` (``rows``)."""
 
     def __init__(self, store: LabelStore, seeds: Iterable[int], names: Iterable[str]):
-        self.store, self.seeds, self.names = store, tuple(int(s) for s in seeds), list(names)
-        unknown = sorted(set(self.names) - set(store.schema.arrays()))
+        self.store, self.seeds, self.wanted = store, tuple(int(s) for s in seeds), list(names)
+        unknown = sorted(set(self.wanted) - set(store.schema.arrays()))
         if unknown:
             raise StoreError(f"store {store.cache_key} has no arrays {unknown}")
+        self.names = store.stored_names(self.wanted)  # the arrays on disk they are decoded from (format 3)
         complete = set(store.seeds())  # listed once, for every seed the reader serves
         missing = sorted(set(self.seeds) - complete)
         if missing:
@@ -68,7 +70,7 @@ class SeedReader:
                 out[name] = np.asarray(array[start:stop])
             except Exception as e:  # a missing, truncated or edited chunk
                 raise StoreError(f"seed {seed} array {name}: cannot be read ({type(e).__name__}: {e})") from None
-        return out
+        return self.store.decode(out, self.wanted)
 
 
 __all__ = ["SeedReader"]

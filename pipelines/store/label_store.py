@@ -51,9 +51,12 @@ from zarr.codecs import BloscCodec, TransposeCodec
 
 from stillroom.pipelines.core import Location, StoreError, UsageError, is_url, write_atomically
 from stillroom.pipelines.store.checksums import _sha256, chunk_checksums, combine_checksums
+from stillroom.pipelines.store.codec import decode_rows, encode_rows, stored_names
 from stillroom.pipelines.store.lease import LEASE_TIMEOUT_S, SeedLease, fence_open
 from stillroom.pipelines.store.quality import QualitySums, add_quality, quality_report
-from stillroom.pipelines.store.schema import FORMAT_VERSION, StoreSchema, cache_key
+from stillroom.pipelines.store.schema import READABLE_VERSIONS, StoreSchema, cache_key
+from stillroom.pipelines.store.view_digest import view_digests
+from stillroom.pipelines.views import VIEW_GENERATOR
 
 FEATURE_READ_ROWS = 16  # rows of a feature map decoded together (an inner chunk of its shards): see _layout
 MANIFEST = "manifest.json"
@@ -70,9 +73,10 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _compressor(dtype: str) -> BloscCodec:
-    # byte shuffle groups the high bytes (mostly equal) of neighbouring values; zstd does the rest
-    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)
+def _compressor(dtype: str, level: int = 5) -> BloscCodec:
+    # byte shuffle groups the high bytes (mostly equal) of neighbouring values; zstd does the rest (bench/store.py:
+    # bitshuffle and delta-coding gave no fewer bytes on any array; zstd level 9 takes 0.4 byte a view off topk_idx)
+    return BloscCodec(cname="zstd", clevel=level, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)
 
 
 def _layout(name: str, shape: tuple[int, ...], chunk_rows: int
@@ -122,13 +126,14 @@ class LabelStore:
         except json.JSONDecodeError as e:
             raise StoreError(f"{manifest} is not valid JSON: {e}") from None
         version = self.manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            old = isinstance(version, int) and version < FORMAT_VERSION
-            raise StoreError(f"{self.path} has store format version {version}: this stillroom reads {FORMAT_VERSION}"
+        if version not in READABLE_VERSIONS:
+            old = isinstance(version, int) and version < min(READABLE_VERSIONS)
+            raise StoreError(f"{self.path} has store format version {version}: this stillroom reads "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}"
                              + ("; it lacks tail_lse, without which soft labels at T > 1 are wrong: relabel it "
                                 "(stillroom label ... with the same teachers and seeds writes a new store)"
                                 if old else ""))
-        self.schema = StoreSchema.from_dict(self.manifest["schema"])
+        self.schema = StoreSchema.from_dict(self.manifest["schema"], version)
 
     # -- making and writing -------------------------------------------------------------------
 
@@ -149,7 +154,7 @@ class LabelStore:
                 # two runs may make the same store at once: the first manifest stays (both are the same but
                 # for created_at)
                 (path / MANIFEST).create(json.dumps({
-                    "format_version": FORMAT_VERSION, "cache_key": key, "provenance": provenance,
+                    "format_version": schema.format_version, "cache_key": key, "provenance": provenance,
                     "schema": schema.to_dict(), "sources": sources or {}, "seeds": [], "created_at": time.time(),
                 }, indent=2, sort_keys=True).encode())
         except OSError as e:
@@ -185,14 +190,16 @@ class LabelStore:
         with warnings.catch_warnings():  # on object storage zarr lists pieces/ too, and says it is not zarr's
             warnings.filterwarnings("ignore", message="Object at pieces is not recognized")
             existing = set(group.array_keys())
-        for name, (shape, dtype) in self.schema.arrays().items():
+        for name, (shape, dtype) in self.schema.stored().items():
             if name in existing:
                 continue
             chunks, shards = _layout(name, shape, self.schema.chunk_rows)
-            # the view parameters column by column: each column's values (a crop fraction, an op index) together
-            filters = [TransposeCodec(order=(1, 0))] if name == "view" else None
+            # the view parameters column by column: each column's values (a crop fraction, an op index) together;
+            # the top-k's codes too (bench/store.py: 7.1 bytes a row of 9 codes column by column, 8.6 row by row)
+            filters = [TransposeCodec(order=(1, 0))] if name in ("view", "topk_q") else None
             group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards, filters=filters,
-                               compressors=_compressor(dtype), fill_value=0)
+                               compressors=_compressor(dtype, 5 if self.schema.format_version < 3 else 9),
+                               fill_value=0)
         (d / "pieces").makedirs()
 
     def done_pieces(self, seed: int) -> set[int]:
@@ -200,18 +207,23 @@ class LabelStore:
         return {int(n[: -len(".done")]) for n in names if n.endswith(".done") and n[: -len(".done")].isdigit()}
 
     def write_piece(self, seed: int, piece: int, start: int, arrays: dict[str, np.ndarray],
-                    quality: QualitySums | None = None, generation: int | None = None) -> None:
+                    quality: QualitySums | None = None, generation: int | None = None,
+                    skipped: dict[int, str] | None = None) -> None:
         """Write rows ``[start, start + n)`` of every array, then mark the piece done (its ``.done`` marker
         keeps the piece's label-quality sums, which ``commit_seed`` adds up). ``generation``: the seed's lease
         generation the writer holds; a superseded one (taken over, released) is refused before each array and
         before the marker (``fence_open``), and a complete seed always.
 
         The rows must be whole chunks (the last chunk of the split may be short), and one writer owns
-        each piece: zarr does not make concurrent partial writes into one chunk safe.
+        each piece: zarr does not make concurrent partial writes into one chunk safe. ``skipped``: the piece's
+        sample ids left out under ``,bad=skip`` (their rows blanked) and why, kept in the marker for ``commit_seed``.
         """
-        expected = self.schema.arrays()
-        if set(arrays) != set(expected):
-            raise StoreError(f"piece arrays {sorted(arrays)} do not match the schema's {sorted(expected)}")
+        schema = self.schema
+        given = {**schema.arrays(), "view": schema.format2_arrays()["view"]}  # the parameters: stored, or their digest
+        if not schema.views_stored and "view" not in arrays:  # no parameters given: no digest, no replayed views
+            given.pop("view")
+        if set(arrays) != set(given):
+            raise StoreError(f"piece arrays {sorted(arrays)} do not match the schema's {sorted(given)}")
         n = len(arrays["hard"])
         chunk = self.schema.chunk_rows
         if start % chunk or (n % chunk and start + n != self.schema.num_samples):
@@ -223,6 +235,13 @@ class LabelStore:
 
         if (self._seed(seed) / COMPLETE).exists():
             raise StoreError(f"seed {seed} of {self.path} is complete already: piece {piece} not written")
+        for name, data in arrays.items():
+            if data.shape != (n, *given[name][0][1:]):
+                raise StoreError(f"array {name}: got shape {data.shape}, expected {(n, *given[name][0][1:])}")
+        views = view_digests(arrays["view"], chunk) if schema.format_version >= 3 and "view" in arrays else None
+        if schema.format_version >= 3:
+            arrays = encode_rows(arrays, schema.top_k, set(schema.stored()))
+        expected = schema.stored()
         group = zarr.open_group(store=self._seed(seed).url, mode="r+", zarr_format=3)
         checksums = {}
         for name, data in arrays.items():
@@ -236,11 +255,15 @@ class LabelStore:
         fence()
         (self._seed(seed) / "pieces" / f"{piece}.done").write_json(
             {"start": start, "stop": start + n, "quality": quality or {}, "chunk_sha256": checksums,
+             "skipped": {str(int(i)): why for i, why in sorted((skipped or {}).items())},
+             **({"views": views} if views is not None else {}),
              **({"generation": generation} if generation is not None else {})})
 
-    def commit_seed(self, seed: int, lease: SeedLease | None = None) -> dict[str, Any]:
+    def commit_seed(self, seed: int, lease: SeedLease | None = None, quality: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
         """Check every piece is done, gather the chunk checksums its writers recorded (no array is read),
-        write ``COMPLETE`` last; return its record. With ``lease``, refuse if it was taken over meanwhile."""
+        write ``COMPLETE`` last; return its record. With ``lease``, refuse if it was taken over meanwhile.
+        ``quality``: the seed's label-quality report as it is (a converted store's), not the pieces' sums'."""
         if (self._seed(seed) / COMPLETE).exists():
             raise StoreError(f"seed {seed} of {self.path} is complete already")
         if lease is not None:
@@ -249,12 +272,21 @@ class LabelStore:
         missing = set(range(len(pieces))) - self.done_pieces(seed)
         if missing:
             raise StoreError(f"seed {seed}: pieces {sorted(missing)[:5]} are not written yet")
-        arrays = self.schema.arrays()
+        arrays = self.schema.stored()
         sums: QualitySums = {}
         chunks: dict[str, list[str]] = {name: [] for name in arrays}
+        skipped: dict[str, str] = {}
+        views: dict[str, list[str]] = {"chunk_sha256": [], "probe_sha256": []}
+        digested = self.schema.format_version >= 3
         for i in range(len(pieces)):
             done = (self._seed(seed) / "pieces" / f"{i}.done").read_json()
             sums = add_quality(sums, done.get("quality") or {})
+            skipped.update(done.get("skipped") or {})
+            if done.get("views") is None:  # a writer that gave no parameters: the seed's views cannot be checked
+                digested = False
+            else:
+                for key in views:
+                    views[key] += done["views"][key]
             for name in arrays:
                 if name not in (done.get("chunk_sha256") or {}):
                     raise StoreError(f"seed {seed} piece {i}: no checksum recorded for {name}; label the seed again")
@@ -263,20 +295,28 @@ class LabelStore:
             "seed": int(seed), "written_at": time.time(), "checksum": "sha256 of chunk sha256s",
             "arrays": {name: {"sha256": combine_checksums(chunks[name]), "chunk_sha256": chunks[name],
                               "shape": list(shape), "dtype": dtype} for name, (shape, dtype) in arrays.items()},
-            "quality": quality_report(sums),
+            "quality": quality if quality is not None else quality_report(sums),
+            # ,bad=skip: the ids whose view failed to decode, their rows blanked (no label); readers leave them out
+            "skipped": dict(sorted(skipped.items(), key=lambda kv: int(kv[0]))),
         }
+        if digested:  # format 3 (a reader refuses to replay a seed without them: ``view_digest.check_views``)
+            record["views"] = {"generator": VIEW_GENERATOR, "columns": self.schema.view_params,
+                               "sha256": combine_checksums(views["chunk_sha256"]), **views}
         if lease is not None:
             lease.check()  # again, last: a holder paused while it gathered may have been taken over meanwhile
         (self._seed(seed) / COMPLETE).write_json(record)
         (self._seed(seed) / "pieces").remove(recursive=True)
-        self._refresh_manifest_seeds()
+        self._refresh_manifest_seeds(seed, sorted(int(i) for i in skipped))
         return record
 
-    def _refresh_manifest_seeds(self) -> None:
-        """The manifest's seed list, for people reading it (readers go by the ``COMPLETE`` markers: two runs
-        committing at once may leave one of their seeds out of it until the next commit)."""
+    def _refresh_manifest_seeds(self, seed: int, skipped: list[int]) -> None:
+        """The manifest's seed list and each seed's skipped ids (``,bad=skip``), for people reading it (readers go
+        by the ``COMPLETE`` markers: two runs committing at once may leave one of their seeds out of it until the
+        next commit)."""
         manifest = (self.loc / MANIFEST).read_json()
         manifest["seeds"] = self.seeds()
+        if skipped:
+            manifest.setdefault("skipped", {})[str(int(seed))] = skipped
         manifest["updated_at"] = time.time()
         (self.loc / MANIFEST).write_json(manifest)
         self.manifest = manifest
@@ -304,17 +344,41 @@ class LabelStore:
         record = (self._seed(seed) / COMPLETE).read_json()
         return dict(record.get("quality") or {})
 
+    def skipped(self, seed: int) -> dict[int, str]:
+        """A complete seed's sample ids left out under ``,bad=skip`` (their image, or a mixing partner's, failed to
+        decode; their rows hold no label: ``pipelines.labeling.blank_rows``) and why; reads no arrays."""
+        record = (self._seed(seed) / COMPLETE).read_json()
+        return {int(i): str(why) for i, why in (record.get("skipped") or {}).items()}
+
     def _read_arrays(self, seed: int, names: Iterable[str] | None = None, rows: tuple[int, int] | None = None
                      ) -> dict[str, np.ndarray]:
         group = zarr.open_group(store=self._seed(seed).url, mode="r", zarr_format=3)
+        wanted = list(self.schema.arrays() if names is None else names)
+        unknown = sorted(set(wanted) - set(self.schema.arrays()))
+        if unknown:
+            raise StoreError(f"store {self.cache_key} has no arrays {unknown}")
         out = {}
-        for name in self.schema.arrays() if names is None else names:
+        for name in self.stored_names(wanted):
             try:
                 array = _array(group, name)
                 out[name] = np.asarray(array[...] if rows is None else array[rows[0] : rows[1]])
             except Exception as e:  # a truncated or edited chunk fails to decode
                 raise StoreError(f"seed {seed} array {name}: cannot be read ({type(e).__name__}: {e})") from None
-        return out
+        return self.decode(out, wanted)
+
+    def stored_names(self, names: list[str]) -> list[str]:
+        """The arrays on disk that reading ``names`` (of ``schema.arrays()``) takes."""
+        return stored_names(names, self.schema.top_k) if self.schema.format_version >= 3 else names
+
+    def decode(self, stored: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        """The arrays ``names`` (of ``schema.arrays()``) from rows of the stored ones (``stored_names``)."""
+        if self.schema.format_version < 3:
+            return {name: stored[name] for name in names}
+        return decode_rows(stored, names, self.schema.top_k)
+
+    def view_record(self, seed: int) -> dict[str, Any]:
+        """The ``COMPLETE`` record of a seed (its view digests under ``views`` in format 3)."""
+        return dict((self._seed(seed) / COMPLETE).read_json())
 
     def load(self, seed: int, names: Iterable[str] | None = None, rows: tuple[int, int] | None = None
              ) -> SeedLabels:
@@ -374,13 +438,13 @@ class LabelStore:
         seeds = {}
         for seed in self.seeds():
             d = self._seed(seed)
-            per_array = {name: (d / name).size() for name in self.schema.arrays()}
+            per_array = {name: (d / name).size() for name in self.schema.stored()}
             total = sum(per_array.values())
             seeds[str(seed)] = {"bytes": total, "bytes_per_sample": round(total / n, 2),
                                 "bytes_per_sample_by_array": {k: round(v / n, 2) for k, v in per_array.items()},
-                                "quality": self.quality(seed)}
+                                "quality": self.quality(seed), "views_skipped": len(self.skipped(seed))}
         return {
-            "path": str(self.path), "cache_key": self.cache_key, "format_version": FORMAT_VERSION,
+            "path": str(self.path), "cache_key": self.cache_key, "format_version": self.schema.format_version,
             "provenance": self.manifest["provenance"], "schema": self.manifest["schema"],
             "samples": n, "top_k": self.schema.top_k, "seeds": self.seeds(), "per_seed": seeds,
             "size_on_disk": self.size_on_disk(),

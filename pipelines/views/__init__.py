@@ -2,7 +2,8 @@
 (timm's semantics).
 """
 
-from stillroom.pipelines.views.draw import draw_views, partner_cycle, partner_ids, partners_of, uniforms
+from stillroom.pipelines.views.draw import VIEW_GENERATOR, draw_views, partner_cycle, partner_ids, partners_of, uniforms
+from stillroom.pipelines.views.noise import ErasingNoise, grey_thresholds
 from stillroom.pipelines.views.photometric import (
     DRAWS_PER_LAYER,
     RAND_3A,
@@ -15,6 +16,7 @@ from stillroom.pipelines.views.photometric import (
     apply_op,
     level_args,
 )
+from stillroom.pipelines.views.pixels import float_views
 from stillroom.pipelines.views.recipes import (
     COL,
     MIX_CUTMIX,
@@ -54,6 +56,7 @@ __all__ = [
     "COL",
     "ColorJitterPolicy",
     "DRAWS_PER_LAYER",
+    "ErasingNoise",
     "MIX_CUTMIX",
     "MIX_MIXUP",
     "MIX_NONE",
@@ -68,6 +71,7 @@ __all__ = [
     "Recipe",
     "TorchvisionRandAugmentPolicy",
     "VIEW_COLUMNS",
+    "VIEW_GENERATOR",
     "apply_op",
     "apply_views",
     "build_views",
@@ -76,7 +80,9 @@ __all__ = [
     "draft_scale",
     "draw_views",
     "eval_views",
+    "float_views",
     "get_recipe",
+    "grey_thresholds",
     "level_args",
     "mix_views",
     "num_view_params",

@@ -29,6 +29,10 @@ from stillroom.pipelines.views.recipes import (
 )
 
 GRID = 2048.0  # fractions are multiples of 1/GRID
+# the version of the drawing itself (Philox streams, their keys, the partner permutation, the float32 columns):
+# bump it when draw_views draws other parameters for the same recipe; format-3 stores, which keep a digest of the
+# parameters instead of the parameters, have it in their cache key and a reader refuses a store of another one
+VIEW_GENERATOR = 1
 
 
 def _q(x):

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from stillroom.pipelines.core import UsageError
+from stillroom.pipelines.views.noise import ErasingNoise
 
 LEVEL_DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude M is the fraction M / 10 of each op's range
 FILL = (128, 128, 128)  # timm's _FILL: what affine ops fill with when the policy names no image mean
@@ -262,7 +263,7 @@ ERASE_MODES = ("const", "rand", "pixel", "black")  # black: torchvision's value=
 class RandomErasingPolicy:
     """timm's ``RandomErasing`` (``re_prob``, ``re_mode``, ``re_count``; area 0.02-1/3, aspect 0.3-1/0.3), drawn
     from given uniforms: each view's boxes (pixels of the output size) and the seed of its noise are
-    parameters a store keeps; ``apply`` erases the normalised view from them, on any device."""
+    parameters a store keeps; ``apply_uint8`` erases the uint8 view from them, the same in any process."""
 
     probability: float = 0.25
     mode: str = "pixel"
@@ -317,41 +318,21 @@ class RandomErasingPolicy:
         out[:, 1:] = boxes.reshape(views, -1)
         return out
 
-    def apply(self, x: Any, params: np.ndarray) -> Any:
-        """Erase one normalised view ``x`` (a ``(C, H, W)`` float tensor) in place from its ``draw`` row: zeros
-        (``const``), one normal colour per box (``rand``) or normal noise per pixel (``pixel``), drawn by a CPU
-        generator seeded from the row, so every device and process gets the same pixels."""
-        import torch
-
-        row = np.asarray(params, dtype=np.float64)
-        gen = torch.Generator().manual_seed(int(row[0]))
-        chans = x.shape[0]
-        for top, left, h, w in row[1:].reshape(-1, 4).astype(np.int64):
-            if h <= 0:
-                continue
-            shape = (chans, h, w) if self.mode == "pixel" else (chans, 1, 1)
-            fill = (torch.randn(shape, generator=gen) if self.mode != "const" else torch.zeros(shape))
-            x[:, top : top + h, left : left + w] = fill.to(device=x.device, dtype=x.dtype)
-        return x
-
     def apply_uint8(self, view: np.ndarray, params: np.ndarray, mean: Sequence[float], std: Sequence[float],
                     scale: float = 1.0) -> np.ndarray:
         """Erase one uint8 ``(H, W, C)`` view (before normalisation) from its ``draw`` row: the pixels timm's
-        ``apply`` writes in normalised space, ``mean + std * value``, in [0, 255], rounded and clipped (``const``:
-        the mean colour; ``black``: 0, torchvision's ``RandomErasing(value=0)`` before ``Normalize``). Boxes
-        drawn at another size are scaled by ``scale`` (this view's side over the drawn side). The noise comes
-        from a CPU generator seeded from the row, in the order ``apply`` draws it: the same in any process."""
-        import torch
-
+        ``RandomErasing`` writes in normalised space, in pixel space: ``rint(255 * (mean + std * z))`` clipped to
+        [0, 255], ``z`` normal per pixel and channel (``pixel``) or per channel (``rand``), drawn as grey levels by
+        ``ErasingNoise`` from the row's noise seed (integers only: the same bits in any process on any machine);
+        ``const``: the mean colour; ``black``: 0, torchvision's ``RandomErasing(value=0)`` before ``Normalize``.
+        Boxes drawn at another size are scaled by ``scale`` (this view's side over the drawn side)."""
         row = np.asarray(params, dtype=np.float64)
         boxes = row[1:].reshape(-1, 4)
         if not (boxes[:, 2] > 0).any():
             return view
         out = np.array(view, copy=True)
-        gen = torch.Generator().manual_seed(int(row[0]))
+        noise = ErasingNoise(int(row[0]))
         chans = out.shape[2]
-        mu = np.asarray(mean, dtype=np.float32)[:chans] * 255.0
-        sd = np.asarray(std, dtype=np.float32)[:chans] * 255.0
         for box in boxes:
             if box[2] <= 0:
                 continue
@@ -360,10 +341,12 @@ class RandomErasingPolicy:
             if self.mode == "black":
                 out[top : top + h, left : left + w] = 0
                 continue
+            if self.mode == "const":
+                mu = np.asarray(mean, dtype=np.float32)[:chans] * 255.0
+                out[top : top + h, left : left + w] = np.clip(np.rint(mu), 0, 255).astype(np.uint8)
+                continue
             shape = (chans, h, w) if self.mode == "pixel" else (chans, 1, 1)
-            z = torch.randn(shape, generator=gen).numpy() if self.mode != "const" else np.zeros(shape, np.float32)
-            pixels = mu[:, None, None] + sd[:, None, None] * z
-            out[top : top + h, left : left + w] = np.clip(np.rint(pixels), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+            out[top : top + h, left : left + w] = noise.grey(shape, mean[:chans], std[:chans]).transpose(1, 2, 0)
         return out
 
 

@@ -18,7 +18,8 @@ partner's being the partner's own unmixed view's (drawn from the partner's id), 
   of 1/128; torchvision's: the bin), ``ra{i}_sign`` (+1/-1), ``ra{i}_filter`` (0 bilinear, 1 bicubic);
 - colour jitter (a recipe without RandAugment, as timm), ``cj_order`` (a code of the permutation of brightness,
   contrast, saturation, hue), ``cj_brightness``, ``cj_contrast``, ``cj_saturation``, ``cj_hue``;
-- random erasing, ``re_seed`` (the seed of the erased pixels' noise, below 2**16; 0 where nothing is erased), then
+- random erasing, ``re_seed`` (the seed of the erased pixels' noise, below 2**16, keying its Philox stream:
+  ``noise.py``; 0 where nothing is erased), then
   per box ``re{j}_top``, ``re{j}_left``, ``re{j}_h``, ``re{j}_w`` in pixels of the output size (``h`` 0: no box).
 
 A recipe without them keeps the 17 columns and its digest.
@@ -120,8 +121,13 @@ _LATER_FIELDS = ("center", "draft", "interpolation", "cutmix_alpha", "auto_augme
                  "re_mode", "re_count", "re_area", "re_aspect", "mean", "std", "pixel_ops")
 INTERPOLATIONS = ("bilinear", "bicubic")
 # what runs the photometric ops: PIL (timm's RandAugment ops), torchvision's functional ops on PIL images (colour
-# jitter, torchvision's RandAugment), torch's CPU normal generator (the erased pixels)
-PIXEL_OPS = "pil+torchvision.functional+torch.randn-cpu"
+# jitter, torchvision's RandAugment), and the erased pixels' grey levels: integers of a Philox stream through a
+# table of normal thresholds (``noise.py``), the same bits on any machine
+PIXEL_OPS = "pil+torchvision.functional+philox-grey-table"
+# before it, the erased pixels came from torch.randn on the CPU, whose bits depend on the instruction set (issue
+# 32): recipes that erase with noise took a new version; ml-dr erases with 0 (no noise) and keeps this, and with
+# it its digest and stores
+PIXEL_OPS_RANDN = "pil+torchvision.functional+torch.randn-cpu"
 RECIPES: dict[str, Recipe] = {}
 
 
@@ -140,7 +146,8 @@ register_recipe(Recipe("fmnist-flip", crop=False))
 register_recipe(Recipe("fmnist-rrc-mix", version=2, mixup_p=0.25, cutmix_p=0.25, mix_alpha=1.0))
 # fmnist-rrc-mix plus DeiT's photometric parts: timm's RandAugment rand-m9-mstd0.5-inc1 and random erasing 0.25
 # (pixel), filled with Fashion-MNIST's mean and std: the augmentation-heavy row of bench/accuracy.py
-register_recipe(Recipe("fmnist-randaug", mixup_p=0.25, cutmix_p=0.25, mix_alpha=1.0,
+# version 2: the erased pixels' noise from the view's Philox stream (version 1: torch.randn, machine-dependent bits)
+register_recipe(Recipe("fmnist-randaug", version=2, mixup_p=0.25, cutmix_p=0.25, mix_alpha=1.0,
                        auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel",
                        mean=(0.2860, 0.2860, 0.2860), std=(0.3530, 0.3530, 0.3530), pixel_ops=PIXEL_OPS))
 # ImageNet: RandomResizedCrop (scale 0.08-1, aspect 3/4-4/3) and flip at 224 px; take :size=N for another size
@@ -151,7 +158,8 @@ register_recipe(Recipe("fkd", out_size=224, scale=(0.08, 1.0), draft=True))
 # bicubic, flip, RandAugment rand-m9-mstd0.5-inc1 (bicubic, fill the ImageNet mean), random erasing 0.25 (pixel, one
 # box); its Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5) mixes every batch, by cutmix half
 # the time: here every pair mixes, cutmix with probability 0.5 (lambda ~ Beta(1, 1)), else mixup (Beta(0.8, 0.8))
-register_recipe(Recipe("deit", out_size=224, scale=(0.08, 1.0), draft=True, interpolation="bicubic",
+# version 2: the erased pixels' noise from the view's Philox stream (version 1: torch.randn, machine-dependent bits)
+register_recipe(Recipe("deit", version=2, out_size=224, scale=(0.08, 1.0), draft=True, interpolation="bicubic",
                        mixup_p=0.5, cutmix_p=0.5, mix_alpha=0.8, cutmix_alpha=1.0,
                        auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel", pixel_ops=PIXEL_OPS))
 # apple/ml-dr's configs/imagenet/reinforce/randaug.yaml: RandomResizedCrop 224 (torchvision's: 0.08-1, bilinear),
@@ -159,7 +167,7 @@ register_recipe(Recipe("deit", out_size=224, scale=(0.08, 1.0), draft=True, inte
 # torchvision's RandomErasing p = 0.25 (area 0.02-0.33, aspect 0.3-3.3, value 0 before Normalize); no mixing
 register_recipe(Recipe("ml-dr", out_size=224, scale=(0.08, 1.0), draft=True, auto_augment="tv-n2-m9-b31-p1",
                        re_prob=0.25, re_mode="black", re_area=(0.02, 0.33), re_aspect=(0.3, 3.3),
-                       pixel_ops=PIXEL_OPS))
+                       pixel_ops=PIXEL_OPS_RANDN))
 # evaluation: shorter side to 256/224 of the size, centre crop (crop first, then one resize: the same box)
 register_recipe(Recipe("imagenet-eval", out_size=224, crop=False, flip_p=0.0, center=224 / 256, draft=True))
 

@@ -5,9 +5,11 @@ The ops run in timm's order on the uint8 view in the worker that renders it: cro
 ``ImageOps``/``ImageEnhance``/``transform`` as timm calls them; torchvision's functional ops for colour jitter and
 torchvision's RandAugment), then random erasing on the uint8 view, then (on the device) mixing. timm erases the
 normalised tensor per sample, before its batch is mixed; here the erased pixels are ``mean + std * N(0, 1)``
-in [0, 1] (timm's noise in the recipe's mean/std, ImageNet's), rounded to uint8 and clipped, from a CPU generator seeded
-by ``re_seed``, before the views mix: the pixels cross processes as uint8 like every view and the same in any
-process. The libraries that run the ops are named in the recipe's ``pixel_ops`` (in its digest).
+in [0, 1] (timm's noise in the recipe's mean/std, ImageNet's), rounded to uint8 and clipped, drawn as grey levels
+from the Philox stream of ``re_seed`` (``noise.py``: integers only), before the views mix: the pixels cross processes
+as uint8 like every view and are the same in any process on any machine. uint8 becomes float in [0, 1] through
+``float_views`` (``pixels.py``), the same bits on every device. The libraries that run the ops are named in the
+recipe's ``pixel_ops`` (in its digest).
 
 Two ways to build views, chosen by the data set:
 
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from stillroom.pipelines.core import DataError, UsageError
 from stillroom.pipelines.views.draw import draw_views, partner_ids
 from stillroom.pipelines.views.photometric import ViewPhotometric
+from stillroom.pipelines.views.pixels import float_views
 from stillroom.pipelines.views.recipes import (
     COL,
     MIX_CUTMIX,
@@ -94,13 +97,13 @@ def apply_views(images: torch.Tensor, params: torch.Tensor | np.ndarray, out_siz
     out_hw = (out_size, out_size) if out_size else (int(images.shape[2]), int(images.shape[3]))
     mode = recipe.interpolation if recipe is not None else "bilinear"
     photo = photometric_of(recipe, out_hw[0]) if recipe is not None else None
-    x = _crop_flip(images.float() / 255.0, params[:, 0:5], out_hw, mode)
+    x = _crop_flip(float_views(images), params[:, 0:5], out_hw, mode)
     if photo is not None:
         x = _photometric_views(x, own_rows(params.cpu().numpy(), recipe)[:, 5:], photo, recipe, out_hw[0])
     if _mixes(params):
         if partner_images is None:
             raise UsageError("these views mix two images: pass partner_images")
-        p = _crop_flip(partner_images.float() / 255.0, params[:, 8:13], out_hw, mode)
+        p = _crop_flip(float_views(partner_images), params[:, 8:13], out_hw, mode)
         if photo is not None:
             p = _photometric_views(p, partner_rows(params.cpu().numpy(), recipe)[:, 5:], photo, recipe, out_hw[0])
         x = _mix(x, p, params, out_hw)
@@ -119,7 +122,7 @@ def _photometric_views(x: torch.Tensor, rows: np.ndarray, photo: ViewPhotometric
     for i, view in enumerate(u8):
         img = Image.fromarray(view[:, :, 0] if view.shape[2] == 1 else view)
         out[i] = photo.apply(img, rows[i], scale)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).to(x.device).float() / 255.0
+    return float_views(torch.from_numpy(out).permute(0, 3, 1, 2).to(x.device))
 
 
 def _mixes(params: torch.Tensor) -> bool:
@@ -142,11 +145,11 @@ def mix_views(own: torch.Tensor, partner: torch.Tensor | None, params: torch.Ten
     [0, 1], mixed; runs on whatever device ``own`` is on. With ``partner_index`` (``render_batch_pool``),
     ``partner`` holds only the partner views the batch lacks and each row's is gathered here."""
     params = torch.as_tensor(params, dtype=torch.float32, device=own.device)
-    x = own.float() / 255.0
+    x = float_views(own)
     if _mixes(params):
         if partner is None:
             raise UsageError("these views mix two images: pass the partners' views")
-        p = partner.to(own.device).float() / 255.0
+        p = float_views(partner.to(own.device))
         if partner_index is not None:
             p = _partner_views(x, p, partner_index)
         x = _mix(x, p, params, (int(own.shape[2]), int(own.shape[3])))
@@ -235,11 +238,14 @@ def render_views(dataset, ids: np.ndarray, boxes: np.ndarray, out_size: int, dra
 
 
 def render_views_at(dataset, ids: np.ndarray, boxes: np.ndarray, sizes: tuple[int, ...], draft: bool,
-                    recipe: Recipe | None = None) -> dict[int, torch.Tensor]:
+                    recipe: Recipe | None = None, failed: dict[int, str] | None = None) -> dict[int, torch.Tensor]:
     """``render_views`` at each of ``sizes`` from the same boxes (a teacher of another input size sees the same
     crop at its own size): each image read once and decoded once per DCT scale, also where its id is on several
     rows (its K views under ``--views-per-image``, its views under several seeds); each size's views are those
-    ``render_views`` gives at that size, each bit-identical to its view rendered alone."""
+    ``render_views`` gives at that size, each bit-identical to its view rendered alone.
+
+    An image that fails to decode raises its ``DataError``; with ``failed`` (a dict, the data set's ``,bad=skip``)
+    its rows are left black and ``failed`` gets ``row -> the error's line`` for each of them instead."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     batches = {size: _uint8_batch((len(ids), size, size, 3)) for size in sizes}
     arrays = {size: b.numpy() for size, b in batches.items()}
@@ -248,7 +254,15 @@ def render_views_at(dataset, ids: np.ndarray, boxes: np.ndarray, sizes: tuple[in
     bounds = np.searchsorted(inverse[order], np.arange(len(unique) + 1))
     for u, (data, where) in enumerate(dataset.encoded(unique)):
         rows = order[bounds[u] : bounds[u + 1]]
-        views = iter(decode_views(data, where, [(boxes[r], size) for r in rows for size in sizes], draft, recipe))
+        try:
+            views = iter(decode_views(data, where, [(boxes[r], size) for r in rows for size in sizes], draft, recipe))
+        except DataError as e:
+            if failed is None:
+                raise
+            failed.update((int(r), str(e)) for r in rows)
+            for size in sizes:
+                arrays[size][rows] = 0
+            continue
         for r in rows:
             for size in sizes:
                 arrays[size][r] = next(views)
@@ -274,25 +288,28 @@ def render_batch(dataset, ids: np.ndarray, params: np.ndarray, out_size: int, dr
 
 
 def render_batch_at(dataset, ids: np.ndarray, params: np.ndarray, sizes: tuple[int, ...], draft: bool,
-                    recipe: Recipe | None = None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
-    """``render_batch`` at each of ``sizes`` (``render_views_at``): ``({size: own}, {size: partner} or None)``."""
-    own, extra, index = render_batch_pool(dataset, ids, params, sizes, draft, recipe)
+                    recipe: Recipe | None = None, failed: dict[int, str] | None = None
+                    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
+    """``render_batch`` at each of ``sizes`` (``render_views_at``): ``({size: own}, {size: partner} or None)``;
+    ``failed`` as ``render_batch_pool``'s."""
+    own, extra, index = render_batch_pool(dataset, ids, params, sizes, draft, recipe, failed)
     if extra is None or index is None:
         return own, None
     return own, {size: _partner_views(v, extra[size], index) for size, v in own.items()}
 
 
 def render_batch_pool(dataset, ids: np.ndarray, params: np.ndarray, sizes: tuple[int, ...], draft: bool,
-                      recipe: Recipe | None = None
+                      recipe: Recipe | None = None, failed: dict[int, str] | None = None
                       ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None, np.ndarray | None]:
     """A batch's uint8 views and only the partner views it does not hold: ``({size: own}, {size: extra},
     partner_index)``, row ``i``'s partner view being row ``partner_index[i]`` of own followed by extra (its own row
     where it does not mix; ``in_batch_partners`` finds the partners already in the batch); ``(own, None, None)``
     where no row mixes. What a loader worker hands over (``mix_views(..., partner_index=)`` gathers on the device),
-    so a batch of partners it holds is neither rendered nor copied twice."""
+    so a batch of partners it holds is neither rendered nor copied twice. With ``failed`` (``render_views_at``) a
+    row fails when its own image or its mixing partner's fails to decode: ``failed`` gets ``row -> why``."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     _check_width(params, recipe)
-    own = render_views_at(dataset, ids, own_rows(params, recipe), sizes, draft, recipe)
+    own = render_views_at(dataset, ids, own_rows(params, recipe), sizes, draft, recipe, failed)
     mixing = params[:, COL["mix_mode"]] != MIX_NONE
     if not mixing.any():
         return own, None, None
@@ -303,11 +320,17 @@ def render_batch_pool(dataset, ids: np.ndarray, params: np.ndarray, sizes: tuple
     index[rows[here]] = source[here]
     rest = rows[~here]
     index[rest] = len(ids) + np.arange(len(rest))
+    lost: dict[int, str] | None = {} if failed is not None else None
     if rest.size:
         extra = render_views_at(dataset, params[rest, COL["partner"]].astype(np.int64),
-                                partner_rows(params[rest], recipe), sizes, draft, recipe)
+                                partner_rows(params[rest], recipe), sizes, draft, recipe, lost)
     else:
         extra = {size: v[:0] for size, v in own.items()}
+    if failed is not None and lost is not None:  # a view mixed with a partner that failed fails with it
+        own_failed = dict(failed)
+        partner_failed = {int(rest[j]): why for j, why in lost.items()}
+        partner_failed.update((int(r), own_failed[int(index[r])]) for r in rows[here] if int(index[r]) in own_failed)
+        failed.update((r, f"its mixing partner {why}") for r, why in partner_failed.items() if r not in own_failed)
     return own, extra, index
 
 
@@ -372,7 +395,7 @@ def eval_views(dataset, ids: np.ndarray, size: int | None) -> torch.Tensor:
     crop)."""
     ids = np.asarray(ids, dtype=np.int64)
     if dataset.in_memory:
-        x = dataset.read(ids).float() / 255.0
+        x = float_views(dataset.read(ids))
         if size is not None and (x.shape[-1] != size or x.shape[-2] != size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         return x
@@ -387,4 +410,4 @@ def whole_views(dataset, ids: np.ndarray, size: int) -> torch.Tensor:
     if dataset.in_memory:
         return eval_views(dataset, ids, size)
     boxes = np.tile(np.array([0.0, 0.0, 1.0, 1.0, 0.0]), (len(ids), 1))
-    return render_views(dataset, ids, boxes, size, draft=False).float() / 255.0
+    return float_views(render_views(dataset, ids, boxes, size, draft=False))

@@ -124,6 +124,28 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_convert(args: argparse.Namespace) -> int:
+    """A format-2 store's format-3 copy under a store root (no teacher: its labels re-encoded, its views checked
+    against what this stillroom draws)."""
+    from stillroom.pipelines.data import load_dataset
+    from stillroom.pipelines.store import LabelStore, convert_store
+    from stillroom.student.data import check_store
+    from stillroom.student.dataset import dataset_of_store
+
+    src = LabelStore(args.src)
+    spec, split, data_root = dataset_of_store(src)
+    dataset = load_dataset(spec, split, args.data_root or data_root)
+    recipe = check_store(src, dataset)
+    sizes = tuple(dataset.image_shape[1:]) if dataset.in_memory else dataset.sizes
+    dst = convert_store(src, args.dst, recipe, sizes, store_views=args.store_views)
+    seeds = dst.seeds()
+    views = dst.schema.num_samples * max(len(seeds), 1)
+    print(json.dumps({"src": str(src.path), "dst": str(dst.path), "cache_key": dst.cache_key, "seeds": seeds,
+                      "bytes_per_view_before": round(src.size_on_disk() / views, 2),
+                      "bytes_per_view_after": round(dst.size_on_disk() / views, 2)}))
+    return 0
+
+
 def cmd_store_export(args: argparse.Namespace) -> int:
     from stillroom.pipelines.store import LabelStore
 
@@ -218,6 +240,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = ssub.add_parser("verify", help="recompute every checksum; exit 1 on corruption")
     p.add_argument("dir")
     p.set_defaults(func=cmd_store_verify)
+    p = ssub.add_parser("convert", help="write a format-2 store's format-3 copy (no teacher; views checked)")
+    p.add_argument("src", help="the format-2 store's directory")
+    p.add_argument("dst", help="the store root the copy goes to (as <dst>/<cache_key>)")
+    p.add_argument("--store-views", action="store_true",
+                   help="keep the view parameters in the copy (else a digest a chunk, checked against what this "
+                        "stillroom draws)")
+    p.add_argument("--data-root", default=None, help="where the data set's files are (default: as labeled)")
+    p.set_defaults(func=cmd_store_convert)
     p = ssub.add_parser("export", help="write one seed as Parquet")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, required=True)

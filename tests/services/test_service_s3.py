@@ -1,10 +1,10 @@
 """The service with its store, data and work roots on object storage: a real `stillroom serve` (uvicorn on
-127.0.0.1, its own local Ray head, which inherits the standard chain's credentials from the environment as a
-cluster's nodes would) against the moto S3 server of tests/s3_server.py. A label job into an s3:// store root
-over REST, a cache hit answered while the S3 server is stopped (SIGSTOP: a request to it would hang), a train
-job reading the store, the teacher rewritten at its URL taken for another teacher, both jobs' files (spec,
-progress, result, the run directory) in the bucket and nothing of them in the local state dir, and the secret
-key in no response, log, record or Ray job."""
+127.0.0.1, on the session's shared Ray, whose processes inherit the standard chain's credentials from the
+environment as a cluster's nodes would: conftest starts the S3 server before it) against the moto S3 server of
+tests/s3_server.py. A label job into an s3:// store root over REST, a cache hit answered while the S3 server is
+stopped (SIGSTOP: a request to it would hang), a train job reading the store, the teacher rewritten at its URL
+taken for another teacher, both jobs' files (spec, progress, result, the run directory) in the bucket and nothing
+of them in the local state dir, and the secret key in no response, log, record or Ray job."""
 
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ from serving import DATA, Server, wait
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_label_cache_hit_and_train_on_an_s3_store_root(s3: S3Server, tmp_path):
+def test_label_cache_hit_and_train_on_an_s3_store_root(s3: S3Server, tmp_path, ray_dashboard):
     local = make_teacher(tmp_path / "t.pt").partition("@")[2]
     s3.fs().put_file(local, f"{s3.bucket}/svc/data/teacher.pt")
     teacher = f"test_resnet@{s3.url('svc', 'data', 'teacher.pt')}"
-    server = Server(tmp_path, None, store_root=s3.url("svc", "stores"), STILLROOM_DATA_ROOT=s3.url("svc", "data"),
-                    STILLROOM_WORK_ROOT=s3.url("svc", "work"))
+    server = Server(tmp_path, ray_dashboard, store_root=s3.url("svc", "stores"),
+                    STILLROOM_DATA_ROOT=s3.url("svc", "data"), STILLROOM_WORK_ROOT=s3.url("svc", "work"))
     answers: list[str] = []
     server.start()
     try:
@@ -89,15 +89,7 @@ def test_label_cache_hit_and_train_on_an_s3_store_root(s3: S3Server, tmp_path):
             assert key in answers[-2]
             from ray.job_submission import JobSubmissionClient
 
-            from stillroom.services.launcher import _token_auth_as_ray_init_does
-
-            environ = dict(os.environ)
-            try:
-                _token_auth_as_ray_init_does()  # the token the service's head was started with (~/.ray/auth_token)
-                ray_jobs = repr(JobSubmissionClient(http.get("/healthz").json()["dashboard"]).list_jobs())
-            finally:  # as it was: the session's shared Ray is no business of this test
-                os.environ.clear()
-                os.environ.update(environ)
+            ray_jobs = repr(JobSubmissionClient(ray_dashboard).list_jobs())
             assert f"submission_id='{first['id']}'" in ray_jobs  # the job id is the submission id
     finally:
         server.stop()

@@ -1,10 +1,10 @@
 """The run's plan (student.plan): the store's seeds are resolved once, before any rank starts, and every rank
-replays them: a seed committed between two ranks' starts changes nothing either rank replays."""
+replays them: a seed committed between two ranks' starts changes nothing either rank replays. The same on two
+real Ray Train workers: tests/student/test_train_ray.py."""
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -73,49 +73,3 @@ def test_the_plan_names_every_complete_seed_once_or_refuses_missing_ones(tmp_pat
     assert RunPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     with pytest.raises(StoreError, match=r"seeds \[1\] are not in store"):
         _plan(_config(store, tmp_path / "run", seeds=(0, 1)))
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-def test_ray_train_ranks_replay_the_plans_seeds_when_a_seed_lands_between_their_starts(tmp_path, tiny_teacher,
-                                                                                       ray_cluster):
-    """Two real Ray Train workers: rank 1 opens its run only after a label job committed seed 2."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    root = tmp_path / "stores"
-    store = _label(root, tiny_teacher, (0, 1))
-    out = tmp_path / "run"
-    out.mkdir()
-    config = _config(store, out, workers=2)
-    plan = _plan(config)
-
-    def loop(loop_config: dict[str, Any]) -> None:
-        from stillroom.student.train_ray import worker_config, worker_distributed, worker_plan
-        from stillroom.student.trainer import prepare, start_run
-
-        cfg, dist = worker_config(loop_config), worker_distributed()
-        where = Path(cfg.out)
-        if dist.rank == 1:
-            deadline = time.monotonic() + 120
-            while not (where / "committed").exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-        run = start_run(cfg, dist, prepare(cfg), plan=worker_plan(loop_config))
-        (where / f"rank{dist.rank}.json").write_text(json.dumps(list(run.stream.seeds)))
-
-    trainer = TorchTrainer(loop, train_loop_config=worker_loop_config(replace(config, seeds=plan.seeds), False, plan),
-                           scaling_config=ScalingConfig(num_workers=2),
-                           run_config=RunConfig(name="plan", storage_path=str(tmp_path / "ray")))
-    import threading
-
-    runner = threading.Thread(target=trainer.fit)
-    runner.start()
-    deadline = time.monotonic() + 120
-    while not (out / "rank0.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    _label(root, tiny_teacher, (2,))
-    (out / "committed").touch()
-    runner.join(timeout=180)
-    assert not runner.is_alive()
-    assert LabelStore(store).seeds() == [0, 1, 2]
-    assert json.loads((out / "rank0.json").read_text()) == json.loads((out / "rank1.json").read_text()) == [0, 1]

@@ -1,14 +1,14 @@
-"""Ray Train runs on a real local Ray: a worker killed mid-run is restarted from the last reported checkpoint and
-the run ends; TaT on a student with no known last module keeps DDP (the ranks' weights stay equal); the eval
-split is shared by the ranks."""
+"""Ray Train runs on a real local Ray: the ranks replay the run's plan and TaT on a student with no known last
+module keeps DDP (the ranks' weights stay equal); the eval split is shared by the ranks; a worker's error is one
+line. A worker killed mid-run is restarted from the last reported checkpoint in tests/student/test_run_on_s3.py
+(a run directory on S3: the harder case of the two)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ from stillroom.pipelines.labeling import LabelConfig, run_labeling
 from stillroom.student.config import TrainConfig
 from stillroom.student.evaluate import eval_ids, evaluate
 from stillroom.student.models import build_student
-from stillroom.student.run import train
 
 DATA = "synthetic:n=64,classes=4,size=16"
 # a timm student none of whose modules is a known last one (norm, final_conv, conv_head, layer4, stages, blocks)
@@ -95,73 +94,68 @@ def test_the_ranks_eval_shares_partition_the_split_and_sum_to_one_process():
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_a_killed_worker_is_restarted_from_the_last_checkpoint_and_the_run_ends(feature_store, tmp_path,
-                                                                                ray_dashboard):
-    from ray.util.state import list_actors
-
-    out = tmp_path / "run"
-    epochs = 20  # at 8 steps of 4 views per rank an epoch: long enough to be killed mid-run
-    config = _config(feature_store, out, workers=2, epochs=epochs, batch_size=4, max_failures=2)
-    result: dict[str, Any] = {}
-    runner = threading.Thread(target=lambda: result.update(train(config)))
-    runner.start()
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    # two epochs recorded and Ray's controller has registered a reported checkpoint (it polls the workers)
-    registered = out / "ray_train" / "checkpoint_manager_snapshot.json"
-    while not (registered.exists() and len(metrics.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    before = metrics.read_text().splitlines()
-    assert runner.is_alive() and 2 <= len(before) < epochs  # mid-run: some epochs done, not all
-    workers = list_actors(ray_dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    assert len(workers) == 2
-    os.kill(workers[-1].pid, signal.SIGKILL)
-    runner.join(timeout=400)
-    assert not runner.is_alive()
-
-    assert result["workers"] == 2 and result["epochs"] == epochs
-    lines = metrics.read_text().splitlines()
-    assert [json.loads(x)["epoch"] for x in lines] == list(range(epochs))
-    assert lines[0] == before[0]  # the restart continued from a checkpoint; it did not train epoch 0 again
-    ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["epoch"] == epochs - 1 and len(ckpt["history"]) == epochs
-    dead = list_actors(ray_dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "DEAD")])
-    assert workers[-1].pid in [a.pid for a in dead]  # the worker killed is one that died
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-def test_tat_on_a_student_without_a_known_last_module_keeps_ddp_and_the_ranks_equal(feature_store, tmp_path,
-                                                                                    ray_cluster):
+def test_ray_train_ranks_replay_the_plans_seeds_and_tat_keeps_ddp_on_a_nameless_student(tmp_path, tiny_teacher,
+                                                                                      ray_cluster):
+    """One Ray Train start (its worker group costs tens of seconds here), two checks on two real workers:
+    - the run's plan: rank 1 opens its run only after a label job committed seed 2, and both ranks replay the seeds
+      the driver resolved before they started (student.plan);
+    - TaT on a student none of whose modules is a known last one keeps DDP: the ranks' weights stay equal."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from stillroom.pipelines.store import LabelStore
     from stillroom.student.plan import resolve_plan
     from stillroom.student.train_ray import worker_loop_config
     from stillroom.student.trainer import prepare
 
+    def label(seeds: tuple[int, ...]) -> str:
+        config = LabelConfig(dataset=DATA, teachers=(tiny_teacher,), store_root=str(tmp_path / "stores"),
+                             batch_size=64, chunk_rows=64, top_k=3, features="final", feature_grid=2, seeds=seeds)
+        return str(run_labeling(config, backend="local", progress=False)["store"])
+
+    store = label((0, 1))
     out = tmp_path / "tat"
-    config = _config(feature_store, out, loss="tat", workers=2, max_steps=3, **NAMELESS)
+    out.mkdir()
+    config = _config(store, out, loss="tat", workers=2, max_steps=3, **NAMELESS)
+    setup = prepare(config)
+    plan = resolve_plan(setup.store, setup.dataset, setup.recipe, None, config.dataset, config.data_root)
 
     def loop(loop_config: dict[str, Any]) -> None:
         from stillroom.student.models import unwrap
-        from stillroom.student.train_ray import worker_config, worker_distributed
+        from stillroom.student.train_ray import worker_config, worker_distributed, worker_plan
         from stillroom.student.trainer import prepare, start_run, train_one_epoch
 
-        cfg = worker_config(loop_config)
-        dist = worker_distributed()
-        run = start_run(cfg, dist, prepare(cfg))
+        cfg, dist = worker_config(loop_config), worker_distributed()
+        where = Path(cfg.out)
+        if dist.rank == 0:  # before start_run: its DDP set-up waits for rank 1, which waits for the commit
+            (where / "rank0-started").touch()
+        if dist.rank == 1:
+            deadline = time.monotonic() + 240
+            while not (where / "committed").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        run = start_run(cfg, dist, prepare(cfg), plan=worker_plan(loop_config))
+        (where / f"rank{dist.rank}.json").write_text(json.dumps(list(run.stream.seeds)))
         before = {k: v.clone() for k, v in unwrap(run.student).named_parameters()}
         train_one_epoch(run, 0)
         after = dict(unwrap(run.student).named_parameters())
         torch.save({"before": before, "after": {k: v.detach() for k, v in after.items()}},
-                   Path(cfg.out) / f"rank{dist.rank}.pt")
+                   where / f"rank{dist.rank}.pt")
 
-    setup = prepare(config)
-    plan = resolve_plan(setup.store, setup.dataset, setup.recipe, None, config.dataset, config.data_root)
-    TorchTrainer(loop, train_loop_config=worker_loop_config(config, use_gpu=False, plan=plan),
-                 scaling_config=ScalingConfig(num_workers=2),
-                 run_config=RunConfig(name="tat", storage_path=str(tmp_path / "ray"))).fit()
+    trainer = TorchTrainer(loop, train_loop_config=worker_loop_config(replace(config, seeds=plan.seeds), False, plan),
+                           scaling_config=ScalingConfig(num_workers=2),
+                           run_config=RunConfig(name="tat", storage_path=str(tmp_path / "ray")))
+    runner = threading.Thread(target=trainer.fit)
+    runner.start()
+    deadline = time.monotonic() + 240
+    while not (out / "rank0-started").exists() and runner.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    label((2,))
+    (out / "committed").touch()
+    runner.join(timeout=300)
+    assert not runner.is_alive()
+    assert LabelStore(store).seeds() == [0, 1, 2]
+    assert json.loads((out / "rank0.json").read_text()) == json.loads((out / "rank1.json").read_text()) == [0, 1]
+
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     names = list(ranks[0]["after"])
     assert names and any(not torch.equal(ranks[0]["before"][k], ranks[0]["after"][k]) for k in names)  # it trained

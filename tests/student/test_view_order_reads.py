@@ -12,7 +12,7 @@ import pytest
 from stillroom.pipelines.data import load_dataset
 from stillroom.pipelines.store import LabelStore, SeedReader, StoreError, StoreSchema
 from stillroom.pipelines.views import NUM_VIEW_PARAMS, get_recipe
-from stillroom.student.data import StoreStream
+from stillroom.student.data import StoreStream, label_names
 
 N, CLASSES, CHUNK, SEEDS = 128, 4, 32, 4
 
@@ -26,7 +26,7 @@ def _store(root: str) -> LabelStore:
     view[:, 2:4] = 1.0
     for seed in range(SEEDS):
         arrays = {"view": view, "topk_idx": labels[:, None], "topk_logit": np.full((N, 1), 1.0 + seed),
-                  "lse": np.ones(N), "tail_lse": np.full(N, -np.inf), "hard": labels}
+                  "lse": np.full(N, 1.0 + seed), "tail_lse": np.full(N, -np.inf), "hard": labels}
         store.begin_seed(seed)
         for i, (start, stop) in enumerate(schema.pieces()):
             store.write_piece(seed, i, start, {k: v[start:stop] for k, v in arrays.items()})
@@ -53,20 +53,22 @@ def test_random_view_order_on_s3_sends_the_chunks_and_almost_nothing_else(s3):
         sent = s3.requests()[before:]
         per_epoch.append((sum(map(_is_chunk, sent)), [line for line in sent if not _is_chunk(line)]))
         np.testing.assert_array_equal(labels.arrays["topk_logit"][:, 0], 1.0 + stream.seed_index(epoch))
-    chunks = (N // CHUNK) * SEEDS * 6  # every chunk of every array of every seed (8 rows a seed and chunk: all read)
+    arrays = len(store.stored_names(label_names(store)))  # format 3 at top-1: topk_idx, lse, tail_lp
+    chunks = (N // CHUNK) * SEEDS * arrays  # every chunk of every array of every seed (8 rows a chunk: all read)
     assert per_epoch[0][0] >= chunks and [c for c, _ in per_epoch] == [per_epoch[0][0]] * 3
     first, *later = [other for _, other in per_epoch]
-    # the first epoch: the seed list and each COMPLETE marker once, one seed's group and 6 arrays' metadata (19
-    # here; 79 at 64 seeds); before, each of the 4 x 4 (chunk, seed) reads did all of that again (~300)
-    assert len(first) <= 1 + SEEDS + 2 * 7, first
+    # the first epoch: the seed list and each COMPLETE marker once, one seed's group and its arrays' metadata, and
+    # each COMPLETE read again (HEAD, GET) for its view digests (21 here; 201 at 64 seeds); before, each of the 4 x 4
+    # (chunk, seed) reads did all of that again (~300)
+    assert len(first) <= 1 + 3 * SEEDS + 2 * (arrays + 1), first
     assert later == [[], []]
 
 
 def test_the_reader_reads_each_seed_as_load_does_and_refuses_what_the_store_lacks(tmp_path):
     store = _store(str(tmp_path))
-    reader = SeedReader(store, range(SEEDS), ["topk_logit", "hard", "view"])
+    reader = SeedReader(store, range(SEEDS), ["topk_logit", "hard", "lse"])
     for seed in (0, 2, 3):
-        whole = store.load(seed, ["topk_logit", "hard", "view"]).arrays
+        whole = store.load(seed, ["topk_logit", "hard", "lse"]).arrays
         for start in range(0, N, CHUNK):
             rows = reader.rows(seed, start, start + CHUNK)
             for name, a in rows.items():

@@ -35,8 +35,8 @@ def test_quality_matches_the_stored_arrays_and_the_teacher(labeled, tiny_teacher
         got = store.quality(seed)
         assert result["quality"][str(seed)] == got
         a = store.load(seed).arrays
-        area = a["view"][:, COL["h"]] * a["view"][:, COL["w"]]
-        views, _ = build_views(ds, get_recipe(config.recipe), seed, np.arange(len(ds)))
+        views, params = build_views(ds, get_recipe(config.recipe), seed, np.arange(len(ds)))  # format 3: redrawn
+        area = params[:, COL["h"]] * params[:, COL["w"]]
         with torch.inference_mode():
             log_p = teacher.logits(views).float().log_softmax(-1)
         entropy = -(log_p.exp() * log_p).sum(-1).numpy()

@@ -19,7 +19,7 @@ from image_data import write_image_folder
 from stillroom.pipelines.core import UsageError
 from stillroom.pipelines.data import load_dataset
 from stillroom.pipelines.labeling import LabelConfig, decode_views_torch, run_labeling
-from stillroom.pipelines.store import LabelStore
+from stillroom.pipelines.store import LabelStore, check_views
 from stillroom.pipelines.teachers import load_teacher
 from stillroom.pipelines.views import build_views, draw_views, get_recipe, render_views
 
@@ -58,7 +58,9 @@ def test_decode_processes_give_the_store_of_an_in_thread_run(tmp_path, folder, r
     assert store.verify() == []
     labels = store.load(0).arrays
     ds = load_dataset(f"imagefolder:{folder}")
-    views, params = build_views(ds, get_recipe(RECIPE), 0, np.arange(96), params=labels["view"])
+    views, params = build_views(ds, get_recipe(RECIPE), 0, np.arange(96))  # format 3: drawn again, as a reader does
+    assert check_views(store.view_record(0), "store", get_recipe(RECIPE), 0, 96, store.schema.chunk_rows, ds.sizes,
+                       full=True) == 96
     with torch.inference_mode():
         logits = load_teacher(rgb_teacher, 4).logits(views).float()
     np.testing.assert_array_equal(labels["hard"], logits.argmax(-1).numpy())
@@ -113,7 +115,7 @@ def test_gpu_labeling_decodes_on_the_gpu_and_agrees_with_cpu_labels(tmp_path, fo
     on_cpu = decode_views_torch(ds.encoded(ids), params[:, 0:5], 32, "cpu")
     assert (on_gpu.cpu().float() - on_cpu.float()).abs().mean() < 2.0  # nvJPEG against libjpeg-turbo
 
-    gpu_cfg = label_config(folder, rgb_teacher, tmp_path / "gpu", gpus_per_worker=1)
+    gpu_cfg = label_config(folder, rgb_teacher, tmp_path / "gpu", gpus_per_worker=1, decode="gpu")
     cpu_cfg = label_config(folder, rgb_teacher, tmp_path / "cpu")
     assert gpu_cfg.decode_on == "gpu" and cpu_cfg.decode_on == "cpu"
     gpu_store, cpu_store = prepare_store(gpu_cfg), prepare_store(cpu_cfg)
@@ -131,8 +133,8 @@ def test_gpu_labeling_decodes_on_the_gpu_and_agrees_with_cpu_labels(tmp_path, fo
 def test_no_ray_labels_on_this_process_gpu(tmp_path, folder, rgb_teacher):
     """``stillroom label --no-ray --gpus-per-worker 1``: the teacher runs on this process's GPU, the JPEGs decoded
     there, and the store replays the views a CPU run draws."""
-    gpu = run_labeling(label_config(folder, rgb_teacher, tmp_path / "gpu", gpus_per_worker=1, teacher_dtype="bf16"),
-                       backend="local", progress=False)
+    gpu = run_labeling(label_config(folder, rgb_teacher, tmp_path / "gpu", gpus_per_worker=1, teacher_dtype="bf16",
+                                    decode="gpu"), backend="local", progress=False)
     cpu = run_labeling(label_config(folder, rgb_teacher, tmp_path / "cpu"), backend="local", progress=False)
     assert gpu["samples"] == 96 and gpu["cache_key"] != cpu["cache_key"]
     store = LabelStore(gpu["store"])

@@ -29,9 +29,18 @@ PROVENANCE = {"dataset": {"spec": "synthetic", "fingerprint": "abc", "num_classe
 
 
 def _fake(schema: StoreSchema, seed: int) -> dict[str, np.ndarray]:
+    """Random arrays of the schema; the top-k those of one logit a row above an empty tail (``lse`` its logit), so
+    format 3's encoding gives them back exactly."""
     rng = np.random.default_rng(seed)
-    return {name: (rng.integers(0, schema.num_classes, size=shape) if np.issubdtype(np.dtype(dtype), np.integer)
-                   else rng.normal(size=shape)).astype(dtype) for name, (shape, dtype) in schema.arrays().items()}
+    out = {name: (rng.integers(0, schema.num_classes, size=shape) if np.issubdtype(np.dtype(dtype), np.integer)
+                  else rng.normal(size=shape)).astype(dtype) for name, (shape, dtype) in schema.arrays().items()}
+    n, k = schema.num_samples, schema.top_k
+    top = rng.normal(size=n)
+    gaps = np.zeros((n, k)) + 24.0 * (np.arange(k) > 0)  # the others at the clipped gap: below every probability
+    out["topk_logit"] = (top[:, None] - gaps).astype(np.float32)
+    out["lse"], out["tail_lse"] = top.astype(np.float32), np.full(n, -np.inf, np.float32)
+    out["hard"] = out["topk_idx"][:, 0].copy()
+    return out
 
 
 def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -57,7 +66,7 @@ def test_store_on_s3_round_trip_commands_and_lease(s3: S3Server, tmp_path):
     reopened = LabelStore(store.path)
     assert reopened.seeds() == [0] and reopened.verify() == []
     for name, want in labels.items():
-        np.testing.assert_array_equal(reopened.load(0).arrays[name], want)
+        np.testing.assert_allclose(reopened.load(0).arrays[name], want, rtol=0, atol=1e-5)
     assert [s.cache_key for s in list_stores(root)] == [store.cache_key]
     assert not s3.fs().exists(f"{s3.bucket}/roundtrip/{store.cache_key}/seeds/0/pieces")
 

@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import make_teacher
-from image_data import write_image_folder
+from image_data import scramble, write_image_folder
 
 from stillroom.pipelines.core import DataError, error_line
 from stillroom.pipelines.data import load_dataset
@@ -18,15 +17,6 @@ from stillroom.pipelines.labeling import LabelConfig, run_labeling
 from stillroom.pipelines.store import LabelStore, list_stores
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def scramble(path: Path, seed: int = 0) -> None:
-    """Keep the JPEG's header (up to its scan) and its end marker; replace the compressed data with noise."""
-    b = bytearray(path.read_bytes())
-    sos = b.find(b"\xff\xda")
-    start = sos + 2 + int.from_bytes(b[sos + 2:sos + 4], "big")
-    b[start:-2] = np.random.default_rng(seed).integers(0, 256, len(b) - 2 - start, dtype=np.uint8).tobytes()
-    path.write_bytes(bytes(b))
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +21,36 @@ PROVENANCE = {"dataset": {"spec": "synthetic", "fingerprint": "abc", "num_classe
 
 
 def fake_labels(schema: StoreSchema, seed: int) -> dict[str, np.ndarray]:
+    """What a writer hands the store: a teacher's top-k of random logits (consistent: ``hard`` its first, ``lse``
+    and ``tail_lse`` its log-sum-exps), random view parameters, sampled classes and features."""
     rng = np.random.default_rng(seed)
-    out = {}
-    for name, (shape, dtype) in schema.arrays().items():
-        if np.issubdtype(np.dtype(dtype), np.integer):
-            out[name] = rng.integers(0, schema.num_classes, size=shape).astype(dtype)
-        else:
-            out[name] = rng.normal(size=shape).astype(dtype)
+    n, k = schema.num_samples, schema.top_k
+    logits = rng.normal(0, 2, size=(n, schema.num_classes))
+    idx = np.argsort(-logits, axis=1)[:, :k]
+    top = np.take_along_axis(logits, idx, 1)
+    tail = logits.copy()
+    np.put_along_axis(tail, idx, -np.inf, 1)
+    out = {"view": rng.random((n, schema.view_params)).astype(np.float32), "topk_idx": idx.astype(np.int16),
+           "topk_logit": top.astype(np.float16), "lse": np.logaddexp.reduce(logits, 1).astype(np.float32),
+           "tail_lse": np.logaddexp.reduce(tail, 1).astype(np.float32), "hard": idx[:, 0].astype(np.int16)}
+    if schema.sampled:
+        out["sampled"] = rng.integers(0, schema.num_classes, (n, schema.sampled)).astype(np.int16)
+    if schema.feature_shape:
+        out["features"] = rng.normal(size=(n, *schema.feature_shape)).astype(np.float16)
     return out
+
+
+def assert_labels_match(got: dict[str, np.ndarray], want: dict[str, np.ndarray], schema: StoreSchema) -> None:
+    """Every array read back as written; format 3's top-k and tail probabilities within its 8-bit codes' error (the
+    targets' bound is tested in test_store_format3), its view parameters not stored."""
+    for name, a in want.items():
+        if name == "view" and not schema.views_stored:
+            assert name not in got
+        elif schema.format_version >= 3 and name in ("topk_logit", "tail_lse"):  # as probabilities
+            lse = want["lse"].astype(np.float64).reshape(-1, *([1] * (a.ndim - 1)))
+            np.testing.assert_allclose(np.exp(got[name] - lse), np.exp(a.astype(np.float64) - lse), atol=0.005)
+        else:
+            np.testing.assert_array_equal(got[name], a)
 
 
 def write_seed(store: LabelStore, seed: int) -> dict[str, np.ndarray]:
@@ -39,9 +62,12 @@ def write_seed(store: LabelStore, seed: int) -> dict[str, np.ndarray]:
     return labels
 
 
-@pytest.fixture
-def schema() -> StoreSchema:
-    return StoreSchema(num_samples=1000, num_classes=12, top_k=3, sampled=5, feature_shape=(4, 2, 2), chunk_rows=128)
+@pytest.fixture(params=["format3", "format3-views", "format2"])
+def schema(request) -> StoreSchema:
+    """Format 3 (the default), format 3 with the view parameters (``--store-views``), format 2 (still read)."""
+    return StoreSchema(num_samples=1000, num_classes=12, top_k=3, sampled=5, feature_shape=(4, 2, 2), chunk_rows=128,
+                       store_views=request.param == "format3-views",
+                       format_version=2 if request.param == "format2" else 3)
 
 
 def test_round_trip_and_gather(tmp_path, schema):
@@ -50,8 +76,7 @@ def test_round_trip_and_gather(tmp_path, schema):
     reopened = LabelStore(store.path)
     assert reopened.seeds() == [0, 3] and reopened.manifest["seeds"] == [0, 3]
     seed = reopened.load(3)
-    for name, a in labels[3].items():
-        np.testing.assert_array_equal(seed.arrays[name], a)
+    assert_labels_match(seed.arrays, labels[3], schema)
     ids = np.array([999, 0, 500, 500])
     got = seed.gather(ids)
     np.testing.assert_array_equal(got["topk_idx"], labels[3]["topk_idx"][ids])
@@ -66,9 +91,10 @@ def test_cache_key_covers_provenance_and_labels(schema):
     assert key == cache_key(json.loads(json.dumps(PROVENANCE)), schema)
     other = {**PROVENANCE, "recipe": {"name": "r2"}}
     assert cache_key(other, schema) != key
-    assert cache_key(PROVENANCE, StoreSchema(1000, 12, top_k=4, sampled=5, feature_shape=(4, 2, 2))) != key
-    # chunking changes no label, so it is not in the key
-    assert cache_key(PROVENANCE, StoreSchema(1000, 12, 3, 5, (4, 2, 2), chunk_rows=256)) == key
+    assert cache_key(PROVENANCE, replace(schema, top_k=4)) != key
+    # chunking changes no label, so it is not in the key; the format and whether the views are stored do
+    assert cache_key(PROVENANCE, replace(schema, chunk_rows=256)) == key
+    assert cache_key(PROVENANCE, replace(schema, format_version=5 - schema.format_version, store_views=False)) != key
 
 
 def test_writes_must_be_whole_chunks(tmp_path, schema):
@@ -103,7 +129,8 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_killed_writer_leaves_no_seed_and_resumes(tmp_path, schema):
+def test_killed_writer_leaves_no_seed_and_resumes(tmp_path):
+    schema = StoreSchema(num_samples=1000, num_classes=12, top_k=3, sampled=5, feature_shape=(4, 2, 2), chunk_rows=128)
     tests_dir = str(Path(__file__).parent)
     script = WRITER.format(tests=tests_dir, root=str(tmp_path), stop_after=2)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -123,15 +150,14 @@ def test_killed_writer_leaves_no_seed_and_resumes(tmp_path, schema):
                            capture_output=True, text=True, check=True)
     assert "piece 0" not in rerun.stdout and "piece 3" in rerun.stdout and "committed" in rerun.stdout
     labels = LabelStore(store.path).load(0)
-    for name, a in fake_labels(schema, 0).items():
-        np.testing.assert_array_equal(labels.arrays[name], a)
+    assert_labels_match(labels.arrays, fake_labels(schema, 0), schema)
 
 
 @pytest.mark.parametrize("damage", ["edit", "truncate"])
 def test_verify_finds_a_damaged_chunk(tmp_path, schema, damage):
     store = LabelStore.create(tmp_path, PROVENANCE, schema)
     write_seed(store, 0)
-    chunk = store.seed_dir(0) / "topk_logit" / "c" / "2" / "0"
+    chunk = store.seed_dir(0) / "topk_idx" / "c" / "2" / "0"
     data = bytearray(chunk.read_bytes())
     if damage == "edit":
         data[-5] ^= 0xFF
@@ -139,7 +165,7 @@ def test_verify_finds_a_damaged_chunk(tmp_path, schema, damage):
         data = data[: len(data) // 2]
     chunk.write_bytes(bytes(data))
     problems = store.verify()
-    assert len(problems) == 1 and problems[0].startswith("seed 0 array topk_logit")
+    assert len(problems) == 1 and problems[0].startswith("seed 0 array topk_idx")
 
 
 def test_manifest_check_names_the_field(tmp_path, schema):

@@ -43,7 +43,8 @@ def tv(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def test_rebuilt_tempered_targets_are_within_the_equal_tail_error(tmp_path, num_classes):
     logits = confident_teacher(num_classes)
     rows = logits.shape[0]
-    schema = StoreSchema(num_samples=rows, num_classes=num_classes, top_k=TOP_K, chunk_rows=rows)
+    # format 2's float16 logits (format 3's codes: test_store_format3)
+    schema = StoreSchema(num_samples=rows, num_classes=num_classes, top_k=TOP_K, chunk_rows=rows, format_version=2)
     store = LabelStore.create(tmp_path, {"test": "tail", "classes": num_classes}, schema)
     arrays = topk_arrays(logits.float(), TOP_K)
     arrays.update(view=np.zeros((rows, 17), np.float32))

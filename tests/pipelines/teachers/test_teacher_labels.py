@@ -73,6 +73,11 @@ def test_the_class_map_and_the_dtype_are_in_the_cache_key(offline_hub, tmp_path)
 
 # --- a teacher of another input size sees its input rendered at that size from the source image
 
+# how far a stored top-k logit may be from the teacher's: format 3's 8-bit codes of the gaps to the top-1 (the k-th
+# gap to 1.5 %: a few thousandths of a nat for these small gaps; pipelines/store/codec.py)
+STORED = 5e-3
+
+
 def _store_logits(result: dict) -> np.ndarray:
     arrays = LabelStore(result["store"]).load(0).arrays
     return arrays["topk_logit"].astype(np.float32), arrays["topk_idx"]
@@ -104,8 +109,8 @@ def test_a_teacher_of_another_input_size_sees_the_source_at_its_size(tmp_path, d
     stored, idx = _store_logits(result)
     expected = own.topk(3, dim=-1)
     np.testing.assert_array_equal(idx, expected.indices.numpy())
-    np.testing.assert_allclose(stored, expected.values.numpy(), rtol=2e-3, atol=2e-3)  # float16 in the store
-    assert not np.allclose(stored, upsampled.topk(3, dim=-1).values.numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(stored, expected.values.numpy(), rtol=0, atol=STORED)
+    assert not np.allclose(stored, upsampled.topk(3, dim=-1).values.numpy(), rtol=0, atol=STORED)
     assert LabelStore(result["store"]).provenance["labels"]["teacher_input"].startswith("rendered from the source")
     # an ensemble of a 40 px and a 16 px teacher: each image is decoded once for both sizes, twice where the two
     # sizes take their crop at two DCT scales (a JPEG whose crop spans 32 px or more: 1/2 scale for 16 px, full
@@ -152,7 +157,7 @@ def test_an_in_memory_teacher_of_another_size_gets_the_boxes_at_its_size(tmp_pat
         expected = load_teacher(spec, 4).logits(apply_views(ds.read(ids), params, 24)).float().topk(3, dim=-1)
     stored, idx = _store_logits(result)
     np.testing.assert_array_equal(idx, expected.indices.numpy())
-    np.testing.assert_allclose(stored, expected.values.numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(stored, expected.values.numpy(), rtol=0, atol=STORED)
 
 
 def test_views_at_several_sizes_decode_once_per_dct_scale_and_match_views_alone(decodes):
@@ -223,7 +228,8 @@ def test_several_seeds_in_one_pass_decode_each_image_once_for_all(tmp_path, deco
     assert store.verify() == [] and store.seeds() == list(seeds)
     for seed in seeds:  # the same views and labels as one seed at a time (the teacher's batches hold other rows)
         a, b = store.load(seed).arrays, LabelStore(alone[seed]["store"]).load(seed).arrays
-        np.testing.assert_array_equal(a["view"], b["view"])
+        views = store.view_record(seed)["views"], LabelStore(alone[seed]["store"]).view_record(seed)["views"]
+        assert views[0]["chunk_sha256"] == views[1]["chunk_sha256"]  # format 3: the views' digests, chunk by chunk
         np.testing.assert_array_equal(a["topk_idx"], b["topk_idx"])
         np.testing.assert_allclose(a["topk_logit"].astype(np.float32), b["topk_logit"].astype(np.float32),
                                    rtol=2e-3, atol=2e-3)

@@ -199,24 +199,26 @@ def test_erasing_draws_match_timms_random_erasing(count, mode, monkeypatch):
 
 
 def test_erasing_is_rebuilt_from_its_parameters():
-    import torch
-
     from stillroom.pipelines.views import RandomErasingPolicy
 
-    for mode in ("const", "rand", "pixel"):
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    for mode in ("const", "rand", "pixel", "black"):
         policy = RandomErasingPolicy(probability=1.0, mode=mode, max_count=2, min_count=2)
         row = policy.draw(np.random.default_rng(5).random((1, policy.draws)), 32, 48)[0]
-        x = torch.ones(3, 32, 48)
-        a, b = policy.apply(x.clone(), row), policy.apply(x.clone(), row)
-        assert torch.equal(a, b)  # the same noise from the stored seed
-        inside = torch.zeros(32, 48, dtype=torch.bool)
+        view = np.full((32, 48, 3), 7, dtype=np.uint8)
+        a, b = policy.apply_uint8(view, row, mean, std), policy.apply_uint8(view, row, mean, std)
+        assert np.array_equal(a, b)  # the same noise from the stored seed
+        inside = np.zeros((32, 48), dtype=bool)
         for top, left, h, w in row[1:].reshape(-1, 4).astype(int):
             assert h > 0
             inside[top : top + h, left : left + w] = True
-        assert torch.equal(a[:, ~inside], x[:, ~inside])  # nothing outside the boxes changes
+        assert np.all(a[~inside] == 7) and np.all(view == 7)  # nothing outside the boxes changes, nor the input
         if mode == "const":
-            assert torch.all(a[:, inside] == 0)
-        else:
-            assert not torch.any(a[:, inside] == 1)
+            assert np.array_equal(np.unique(a[inside], axis=0), [[124, 116, 104]])  # the mean colour
+        elif mode == "black":
+            assert np.all(a[inside] == 0)
+        else:  # rand: one colour a box (two boxes, maybe overlapping); pixel: a grey level a pixel and channel
+            colours = len(np.unique(a[inside], axis=0))
+            assert colours <= 2 if mode == "rand" else colours > inside.sum() // 2
     with pytest.raises(UsageError, match="random erasing mode 'blur'"):
         RandomErasingPolicy(mode="blur")

@@ -95,7 +95,7 @@ def test_stored_photometric_views_replay_in_any_order_and_process(folder):
 
 def test_rendered_ops_are_the_policies_ops(folder):
     """A view rendered from its row is the crop (bicubic), then ``RandAugmentPolicy.apply`` of its layers, then
-    ``RandomErasingPolicy.apply`` (timm's, on the normalised tensor) within 1 grey level; a mixing row's partner
+    ``RandomErasingPolicy.apply_uint8`` (timm's boxes, its noise as grey levels), bit for bit; a mixing row's partner
     view is the partner's own view."""
     ds = load_dataset(f"imagefolder:{folder}")
     recipe = get_recipe(DEIT)
@@ -107,15 +107,14 @@ def test_rendered_ops_are_the_policies_ops(folder):
     policy = RandAugmentPolicy.parse("rand-m9-mstd0.5-inc1", translate_const=14, fill=(124, 116, 104),
                                      interpolation=int(Image.Resampling.BICUBIC))
     erasing = RandomErasingPolicy(0.25, "pixel", seed_bits=16)
-    mean, std = torch.tensor(recipe.mean)[:, None, None], torch.tensor(recipe.std)[:, None, None]
     erased = 0
     for i in ids:
         img = policy.apply(Image.fromarray(crops[i].permute(1, 2, 0).numpy()), params[i, 17:25])
-        x = (torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255 - mean) / std
-        x = erasing.apply(x, params[i, 25:30])
-        expected = ((x * std + mean) * 255).round().clamp(0, 255)
-        assert (rendered[i].float() - expected).abs().max() <= 1, i
-        erased += int(params[i, 27] > 0)
+        expected = erasing.apply_uint8(np.array(img), params[i, 25:30], recipe.mean, recipe.std)
+        assert np.array_equal(rendered[i].permute(1, 2, 0).numpy(), expected), i
+        erased += int(params[i, 28] > 0)  # re0_h
+        if params[i, 28] > 0:
+            assert not np.array_equal(expected, np.array(img)), i
     assert erased and (rendered != crops).any()
     own, partner = render_batch(ds, ids, params, 32, recipe.draft, recipe)
     assert torch.equal(own, rendered) and partner is not None
@@ -206,7 +205,7 @@ def test_a_deit_store_on_jpegs_trains_a_student(folder, tmp_path):
     data = f"imagefolder:{folder}"
     teacher = make_teacher(tmp_path / "t.pt", in_chans=3, resolution=32)
     config = LabelConfig(dataset=data, teachers=(teacher,), recipe=DEIT, seeds=(0,), top_k=3,
-                         store_root=str(tmp_path / "stores"), batch_size=16)
+                         store_root=str(tmp_path / "stores"), batch_size=16, store_views=True)  # kept: compared
     result = run_labeling(config, backend="local", progress=False)
     store = LabelStore(result["store"])
     ds = load_dataset(data)
@@ -231,10 +230,10 @@ def test_photometric_recipes_decode_on_the_cpu(folder, tmp_path):
     teacher = make_teacher(tmp_path / "t.pt", in_chans=3, resolution=32)
     data = f"imagefolder:{folder}"
     auto = LabelConfig(dataset=data, teachers=(teacher,), recipe=DEIT, gpus_per_worker=1, store_root=str(tmp_path))
-    assert auto.decode_on == "cpu"  # a GPU teacher's default, nvJPEG, would skip the ops
-    plain = LabelConfig(dataset=data, teachers=(teacher,), recipe="fkd:size=32", gpus_per_worker=1,
+    assert auto.decode_on == "cpu"  # nvJPEG would skip the ops
+    plain = LabelConfig(dataset=data, teachers=(teacher,), recipe="fkd:size=32", gpus_per_worker=1, decode="gpu",
                         store_root=str(tmp_path))
-    assert plain.decode_on == "gpu"
+    assert plain.decode_on == "gpu"  # asked for, on a recipe without photometric ops
     with pytest.raises(UsageError, match="--decode cpu"):
         LabelConfig(dataset=data, teachers=(teacher,), recipe=DEIT, decode="gpu", gpus_per_worker=1)
 

@@ -90,7 +90,7 @@ def test_loader_reads_only_the_batch_and_replays_the_teacher_views(folder, tmp_p
     labels = stream.labels_for(0)
     ids = np.array([5, 77, 3, 119, 60])
     batch = stream.make_batch(labels, ids)
-    params = labels.gather(ids)["view"]
+    params = batch.params  # format 3: drawn again for the batch
     mixing = params[:, COL["mix_mode"]] > 0
     assert sorted(asked) == sorted(ids.tolist() + params[mixing, COL["partner"]].astype(int).tolist())
     from stillroom.pipelines.views import build_views

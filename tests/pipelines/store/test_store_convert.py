@@ -1,0 +1,86 @@
+"""``stillroom store convert``: a format-2 store's format-3 copy, without a teacher, its views checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_store_format3 import _labels
+
+from stillroom.pipelines.data import load_dataset
+from stillroom.pipelines.store import LabelStore, StoreSchema
+from stillroom.pipelines.views import draw_views, get_recipe
+from stillroom.student.data import StoreStream
+
+STILLROOM = str(Path(sys.executable).parent / "stillroom")
+DATA = "synthetic:n=100,classes=5,size=8"
+
+
+def _format2(root: Path, tamper: bool = False) -> LabelStore:
+    """A format-2 store as the old code wrote it: the view parameters stored, float16 logits, ``hard``."""
+    ds = load_dataset(DATA)
+    recipe = get_recipe("fmnist-rrc-mix")
+    provenance = {"dataset": {"spec": ds.spec, "split": "train", "fingerprint": ds.fingerprint,
+                              "num_samples": len(ds), "num_classes": ds.num_classes},
+                  "recipe": recipe.to_dict(), "teachers": [{"name": "made-up"}]}
+    schema = StoreSchema(num_samples=len(ds), num_classes=5, top_k=3, chunk_rows=32, format_version=2)
+    store = LabelStore.create(root, provenance, schema)
+    rng = np.random.default_rng(1)
+    for seed in (0, 2):
+        arrays = {**_labels(len(ds), 5, 3, rng), "view": draw_views(recipe, seed, np.arange(len(ds)), len(ds), (8, 8))}
+        if tamper and seed == 2:
+            arrays["view"][70, 0] += 1 / 2048  # one crop moved by one grid step
+        store.begin_seed(seed)
+        for i, (a, b) in enumerate(schema.pieces()):
+            store.write_piece(seed, i, a, {k: v[a:b] for k, v in arrays.items()})
+        store.commit_seed(seed)
+    assert json.loads((store.path / "manifest.json").read_text())["format_version"] == 2
+    return store
+
+
+def test_convert_writes_format_3_that_trains_like_format_2(tmp_path):
+    old = _format2(tmp_path / "v2")
+    done = subprocess.run([STILLROOM, "store", "convert", str(old.path), str(tmp_path / "v3")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    said = json.loads(done.stdout)
+    new = LabelStore(said["dst"])
+    assert new.schema.format_version == 3 and new.seeds() == [0, 2] and new.verify() == []
+    assert said["bytes_per_view_after"] < said["bytes_per_view_before"]
+    assert new.quality(2) == old.quality(2)
+    ds, recipe = load_dataset(DATA), get_recipe("fmnist-rrc-mix")
+    for seed in (0, 2):
+        a, b = old.load(seed).arrays, new.load(seed).arrays
+        for name in ("topk_idx", "hard", "lse"):
+            np.testing.assert_array_equal(b[name], a[name])
+        # the 8-bit codes: each top-k probability within a few thousandths (a logit far below the top-1 may move
+        # more: a gap's code is 1/24 of an octave, 1.5 % of it, which a class of small probability does not feel)
+        np.testing.assert_allclose(np.exp(b["topk_logit"].astype(np.float64) - b["lse"][:, None]),
+                                   np.exp(a["topk_logit"].astype(np.float64) - a["lse"][:, None]), rtol=0, atol=5e-3)
+        # the student's batches of both: the same ids, views, parameters and top-k
+        x = next(StoreStream(old, ds, recipe, 16, seeds=(seed,), loader_workers=0).epoch(0))
+        y = next(StoreStream(new, ds, recipe, 16, seeds=(seed,), loader_workers=0).epoch(0))
+        np.testing.assert_array_equal(x.params, y.params)
+        assert (x.views == y.views).all() and (x.teacher["topk_idx"] == y.teacher["topk_idx"]).all()
+    again = subprocess.run([STILLROOM, "store", "convert", said["dst"], str(tmp_path / "v4")], capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode != 0 and "format 3 already" in again.stderr
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_convert_refuses_views_this_stillroom_would_not_draw(tmp_path, keep):
+    old = _format2(tmp_path / "v2", tamper=True)
+    done = subprocess.run([STILLROOM, "store", "convert", str(old.path), str(tmp_path / "v3"),
+                           *(["--store-views"] if keep else [])], capture_output=True, text=True, timeout=300)
+    if keep:  # kept, nothing is redrawn: converted as it is
+        assert done.returncode == 0, done.stderr
+        np.testing.assert_array_equal(LabelStore(json.loads(done.stdout)["dst"]).load(2).arrays["view"],
+                                      old.load(2).arrays["view"])
+        return
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "seed 2 row 70: the stored view parameters differ" in lines[0], done.stderr
