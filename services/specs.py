@@ -25,6 +25,8 @@ from stillroom.student.config import TrainConfig
 NAME = r"^[A-Za-z0-9_.\-]+$"
 TEACHER = r"^[A-Za-z0-9_.\-]+(@.+)?$"
 Scalar = int | float | str | bool
+# a timm architecture kwarg: a scalar or a short list of them (test_resnet's `channels`: [8, 16, 16, 32])
+Kwarg = Scalar | Annotated[list[Scalar], Field(max_length=64)]
 
 
 class PathOutsideRoots(ValueError):
@@ -257,7 +259,7 @@ _REST: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {
     "teacher": {
         "dataset": (str, dict(max_length=500)),
         "model": (str, dict(pattern=NAME, max_length=100)),
-        "model_kwargs": (dict[str, Scalar], {}),
+        "model_kwargs": (dict[str, Kwarg], {}),
         "recipe": (str, dict(pattern=recipe_pattern(), max_length=100)),
     },
     "label": {
@@ -277,7 +279,7 @@ _REST: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = {
         "dataset": (str | None, dict(default=None, max_length=500,
                                      description="default: the data set the store was labeled from")),
         "student": (str, dict(pattern=NAME, max_length=100)),
-        "student_kwargs": (dict[str, Scalar], {}),
+        "student_kwargs": (dict[str, Kwarg], {}),
         "seeds": (list[Annotated[int, Field(ge=0)]] | None, dict(max_length=1000)),
         "init": (str | None, dict(max_length=1000, description="pretrained student weights (a path in the roots)")),
         "student_layer": (str, dict(pattern=NAME, max_length=200)),

@@ -20,7 +20,8 @@ COMMAND_MODULES = {
     "stillroom.services.cli.store": ("store", "view"),
     "stillroom.services.cli.teacher": ("teacher", "label"),
     "stillroom.services.cli.train": ("train", "eval"),
-    "stillroom.services.cli.serve": ("serve", "jobs", "demo"),
+    "stillroom.services.cli.serve": ("serve", "jobs"),
+    "stillroom.services.cli.demo": ("demo",),
 }
 
 

@@ -1,4 +1,4 @@
-"""CLI commands ``stillroom serve``, ``stillroom jobs ...`` and ``stillroom demo``."""
+"""CLI commands ``stillroom serve`` and ``stillroom jobs ...``."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from stillroom.pipelines.core import UsageError, json_object
@@ -133,101 +131,6 @@ def _watch(client, job_id: str, interval: float) -> int:
     return 0 if done["state"] == "SUCCEEDED" else 1
 
 
-def _follow(client, job: dict[str, Any], label: str) -> dict[str, Any]:
-    """Wait for a job, drawing its progress; return the finished record."""
-    from stillroom.pipelines.core import progress_bar
-
-    if job.get("cache_hit"):
-        print(f"{label}: cache hit, nothing to run ({job['id']})", file=sys.stderr)
-        return job
-    bar = progress_bar(1000, label, unit="")
-    bar.bar_format = "{desc}: {percentage:3.0f}%|{bar}| {postfix}"
-
-    def update(j: dict[str, Any]) -> None:
-        frac = (j.get("progress") or {}).get("fraction")
-        if isinstance(frac, (int, float)):
-            bar.update(int(frac * 1000) - bar.n)
-        bar.set_postfix_str(f"{j['state']} {(j.get('progress') or {}).get('desc', '')}")
-
-    done = client.wait(job["id"], on_update=update)
-    bar.close()
-    if done["state"] != "SUCCEEDED":
-        raise UsageError(f"{label} job {done['id']} ended {done['state']}: {done.get('error')}")
-    return done
-
-
-# sized to finish within 10 minutes on 2 CPU cores: the teacher and the students see the first 24,000 images
-DEMO_DATA = "fashion-mnist:n=24000"
-DEMO_TEACHER = {"dataset": DEMO_DATA, "model": "resnet10t", "epochs": 3, "batch_size": 128, "lr": 3e-3}
-DEMO_STUDENT = {"dataset": DEMO_DATA, "student": "test_resnet", "epochs": 2, "batch_size": 128, "lr": 3e-3}
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Start the service on a local Ray, run teacher, label and two train jobs over HTTP, print a table."""
-    from stillroom.services.client import StillroomClient
-    from stillroom.services.launcher import free_port
-
-    state_dir, store_root = Path(args.state_dir).resolve(), Path(args.store_root).resolve()
-    port, dash_port = free_port(), free_port()
-    env = {**os.environ, "STILLROOM_STATE_DIR": str(state_dir), "STILLROOM_STORE_ROOT": str(store_root),
-           "STILLROOM_PORT": str(port), "STILLROOM_DASHBOARD_PORT": str(dash_port)}
-    env.setdefault("STILLROOM_API_TOKEN", os.urandom(16).hex())
-    t0 = time.time()
-    server = subprocess.Popen([sys.executable, "-m", "stillroom.services.cli", "serve"], env=env,
-                              start_new_session=True)
-    try:
-        client = StillroomClient(f"http://127.0.0.1:{port}", env["STILLROOM_API_TOKEN"])
-        health = None
-        for _ in range(240):
-            if server.poll() is not None:
-                raise UsageError(f"the service exited with code {server.returncode} before it answered")
-            try:
-                health = client.health()
-                break
-            except Exception:
-                time.sleep(0.5)
-        if health is None:
-            raise UsageError("the service did not answer within 120 s")
-        print(f"service http://127.0.0.1:{port}/docs  Ray dashboard {health['dashboard']}", file=sys.stderr)
-        # the teacher trains alone: it asks Ray for every core; the two students then share them, one each
-        every_core = {"resources": {"cpus": os.cpu_count() or 1}}
-        teacher = _follow(client, client.submit("teacher", {**DEMO_TEACHER, **every_core}), "teacher (resnet10t)")
-        ckpt = teacher["result"]["out"]
-        label = _follow(client, client.submit("label", {
-            "dataset": DEMO_DATA, "teachers": [f"resnet10t@{ckpt}"], "recipe": "fmnist-rrc",
-            "seeds": [0, 1], "top_k": 10, "num_workers": 1}), "labels (2 seeds)")
-        key = label["cache_key"]
-        runs = {loss: client.submit("train", {**DEMO_STUDENT, "store": key, "loss": loss}) for loss in ("ce", "kd")}
-        results = {loss: _follow(client, job, f"student ({loss})") for loss, job in runs.items()}
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-
-    def top1(job: dict[str, Any]) -> float:
-        r = job["result"]
-        return float(r.get("top1", r.get("test_top1", r.get("final", {}).get("top1", float("nan")))))
-
-    rows = [("teacher resnet10t (24k images, 3 epochs)", top1(teacher), teacher.get("cache_hit")),
-            ("student test_resnet, supervised (ce)", top1(results["ce"]), False),
-            ("student test_resnet, distilled from the store (kd)", top1(results["kd"]), False)]
-    print()
-    print(f"{'model':52} {'test top-1':>10}")
-    for name, acc, hit in rows:
-        print(f"{name:52} {100 * acc:9.2f}%{'  (cached teacher)' if hit else ''}")
-    reused = "reused from the store (cache hit)" if label.get("cache_hit") else "computed now"
-    print(f"\nlabels: store {key}, seeds [0, 1], {reused}")
-    print(f"Ray dashboard (while the service ran): {health['dashboard']}")
-    print(json.dumps({"teacher_top1": top1(teacher), "supervised_top1": top1(results["ce"]),
-                      "distilled_top1": top1(results["kd"]), "teacher_cache_hit": bool(teacher.get("cache_hit")),
-                      "labels_cache_hit": bool(label.get("cache_hit")), "cache_key": key,
-                      "minutes": round((time.time() - t0) / 60, 2)}))
-    return 0
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="the job service: FastAPI on uvicorn, jobs on Ray")
     p.add_argument("--host", default=None, help="the address to listen on (default: 127.0.0.1; "
@@ -273,8 +176,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("id")
     p.add_argument("--follow", action="store_true")
     jobs.set_defaults(func=cmd_jobs)
-
-    p = sub.add_parser("demo", help="the main job: teacher, labels and students over the service, on a local Ray")
-    p.add_argument("--state-dir", default=".stillroom")
-    p.add_argument("--store-root", default="stores")
-    p.set_defaults(func=cmd_demo)

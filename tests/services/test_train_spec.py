@@ -55,3 +55,20 @@ def test_a_tat_train_spec_is_accepted_over_rest(service):
     done = wait(http, job.json()["id"], timeout=120)  # the store holds no seed: the job fails in Ray
     # the trainer took the spec and checked the store: it holds no seed 0
     assert done["state"] == "FAILED" and "seeds [0] are not in store" in done["error"], done
+
+
+def test_architecture_kwargs_take_scalars_and_short_lists():
+    """test_resnet narrowed (``channels`` a list, as `stillroom demo`'s student) over REST; nothing deeper."""
+    from pydantic import ValidationError
+
+    from stillroom.services.specs import TeacherJobSpec, TrainJobSpec
+
+    narrowed = {"channels": [8, 16, 16, 32], "stem_width": 8}
+    spec = TrainJobSpec.model_validate({"store": "0123abcd", "student": "test_resnet", "loss": "kd",
+                                        "student_kwargs": narrowed})
+    assert spec.student_kwargs == narrowed
+    assert TeacherJobSpec.model_validate({"model": "test_resnet", "model_kwargs": narrowed}).model_kwargs == narrowed
+    for wrong in ({"channels": {"a": 1}}, {"channels": [[8]]}, {"channels": list(range(65))}):
+        with pytest.raises(ValidationError, match="student_kwargs.channels"):
+            TrainJobSpec.model_validate({"store": "0123abcd", "student": "test_resnet", "loss": "kd",
+                                         "student_kwargs": wrong})
