@@ -17,13 +17,19 @@ from stillroom.student.trainer import Distributed, fit
 DATA = "synthetic:n=64,classes=4,size=16"
 
 
-def test_a_rank_other_than_the_lead_makes_no_staging_directory(s3: S3Server, tmp_path, tiny_teacher, monkeypatch):
-    label = LabelConfig(dataset=DATA, teachers=(tiny_teacher,), store_root=str(tmp_path / "stores"), batch_size=64,
+def store_and_temp_dir(tmp_path: Path, teacher: str, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
+    """A tiny store, and an empty folder made the temp dir, where staging directories would go."""
+    label = LabelConfig(dataset=DATA, teachers=(teacher,), store_root=str(tmp_path / "stores"), batch_size=64,
                         chunk_rows=64, top_k=3)
     store = str(run_labeling(label, backend="local", progress=False)["store"])
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return store, tmp
+
+
+def test_a_rank_other_than_the_lead_makes_no_staging_directory(s3: S3Server, tmp_path, tiny_teacher, monkeypatch):
+    store, tmp = store_and_temp_dir(tmp_path, tiny_teacher, monkeypatch)
     config = TrainConfig(store=store, dataset=DATA, student="test_resnet", loss="kd", out=s3.url("runs", "rank1"),
                          batch_size=16, epochs=2, progress=False, loader_workers=0)
     seen: list[list[Path]] = []
@@ -44,12 +50,7 @@ def test_start_run_is_handed_its_run_directory_by_the_caller_who_closes_it(s3: S
     from stillroom.pipelines.core import RunDirectory
     from stillroom.student.trainer import BEST, CHECKPOINT, prepare, start_run
 
-    label = LabelConfig(dataset=DATA, teachers=(tiny_teacher,), store_root=str(tmp_path / "stores"), batch_size=64,
-                        chunk_rows=64, top_k=3)
-    store = str(run_labeling(label, backend="local", progress=False)["store"])
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    store, tmp = store_and_temp_dir(tmp_path, tiny_teacher, monkeypatch)
     config = TrainConfig(store=store, dataset=DATA, student="test_resnet", loss="kd", out=s3.url("runs", "owner"),
                          batch_size=16, epochs=1, progress=False, loader_workers=0)
     setup = prepare(config)
