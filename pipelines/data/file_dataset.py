@@ -61,11 +61,19 @@ class FileDataset:
         raise UsageError(f"{self._on_disk()}: it is not read as one tensor; a view recipe with an output size "
                          "(e.g. imagenet-rrc:size=224) gives its views one shape")
 
+    def one_size(self) -> tuple[int, int] | None:
+        """The (height, width) every image shares (the index holds each image's), None where they differ or the
+        data set is empty."""
+        sizes = np.asarray(self.sizes)
+        if not len(sizes) or (sizes != sizes[0]).any():
+            return None
+        return int(sizes[0, 0]), int(sizes[0, 1])
+
     def _on_disk(self) -> str:
         """What is true of this data set's image sizes, for a refusal that needs one tensor of them."""
-        sizes = np.asarray(self.sizes)
-        if len(sizes) and (sizes == sizes[0]).all():
-            return f"{self.spec} is on disk (every image {int(sizes[0, 0])}x{int(sizes[0, 1])})"
+        shared = self.one_size()
+        if shared is not None:
+            return f"{self.spec} is on disk (every image {shared[0]}x{shared[1]})"
         return f"{self.spec} holds images of many sizes"
 
     @property

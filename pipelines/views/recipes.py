@@ -204,18 +204,9 @@ def output_size(recipe: Recipe, dataset) -> int | None:
     return recipe.out_size
 
 
-def one_size(dataset) -> tuple[int, int] | None:
-    """The (height, width) every image of ``dataset`` shares (its index holds each image's), None where they differ
-    or it is empty."""
-    sizes = np.asarray(dataset.sizes)
-    if not len(sizes) or (sizes != sizes[0]).any():
-        return None
-    return int(sizes[0, 0]), int(sizes[0, 1])
-
-
 def no_view_size(dataset) -> str:
     """Why a data set on disk gives its views no size of its own, as the end of a sentence: what is true of it."""
-    shared = one_size(dataset)
+    shared = dataset.one_size()  # a data set on disk (FileDataset)
     if shared is None:
         return f"{dataset.spec} holds images of many sizes"
     h, w = shared
@@ -231,7 +222,7 @@ def recipe_for(recipe: Recipe | str, dataset) -> Recipe:
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     if recipe.out_size is not None or dataset.in_memory:
         return recipe
-    shared = one_size(dataset)
+    shared = dataset.one_size()  # a data set on disk (FileDataset)
     if shared is None or shared[0] != shared[1] or not re.fullmatch(SIZE_RE, str(shared[0])):
         return recipe  # output_size says why, in one line, where the views need a size
     return get_recipe(f"{recipe.name}:size={shared[0]}")
