@@ -20,6 +20,10 @@ normalisation, AdamW and cross-entropy, the same steps). Targets: cached_over_su
 loader_over_torchvision (the torchvision epoch's seconds over stillroom's supervised epoch's: a speed ratio)
 >= 1.0.
 
+``--threads-ways``: one more way, the cached run with torch's default threads (every core) beside its loader
+workers, as ``stillroom train`` ran before it picked them (``student._loader.set_training_threads``: the cores
+less the loader workers). ``all_threads_over_auto``: that epoch over the cached way's (> 1: the default loses).
+
 ``--recipe-ways``: two more ways, the cached run with ``--model-ema`` (EMA updated after every step) and with
 ``--amp-dtype bfloat16`` (autocast; on CPU too), and ``recipe_step_ms``: one step of the recipe fp32, fp32 with
 the EMA and bf16, interleaved in one process (``recipe_step_ms``). Target: recipe_ema_over_fp32_step <= 1.05.
@@ -88,12 +92,16 @@ def torchvision_epoch(root: Path, student: str, num_classes: int, size: int, bat
                       workers: int, lr: float, device: str, seed: int) -> float:
     """Seconds of one epoch of the loop a user would write: ImageFolder + RandomResizedCrop + flip + DataLoader,
     the same student, normalisation, optimizer and loss as ``stillroom train --loss ce`` (timed from the
-    loader's start, as the trainer's epoch is)."""
+    loader's start, as the trainer's epoch is), at the torch threads stillroom's trainer picks beside ``workers``
+    loader workers: the ratio compares the loaders, not thread settings (``--threads-ways`` measures those)."""
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
+    from stillroom.student._loader import set_training_threads
     from stillroom.student.models import build_student, normalize
+
+    set_training_threads(None, workers)
 
     dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
@@ -254,6 +262,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--recipe-ways", action="store_true",
                     help="also time the cached run with --model-ema and with --amp-dtype bfloat16")
+    ap.add_argument("--threads-ways", action="store_true",
+                    help="also the cached way at torch's default threads (every core) beside its loader workers: "
+                         "all_threads_over_auto is its epoch over the cached way's (threads picked beside them)")
     ap.add_argument("--ways", default=None, help="only these ways, comma-separated (default: all)")
     ap.add_argument("--recipe-steps", type=int, default=5, help="--recipe-ways: steps per round of the step timing")
     ap.add_argument("--views-per-image", type=int, default=1, help="the cached way's K views of each image a batch")
@@ -323,6 +334,8 @@ def main() -> None:
         if args.recipe_ways:
             configs.update(cached_ema=dict(loss="deit-hard", model_ema=True),
                            cached_bf16=dict(loss="deit-hard", amp_dtype="bfloat16"))
+        if args.threads_ways:  # the cached way at torch's default threads (every core), as the CLI ran before
+            configs["cached_all_threads"] = dict(loss="deit-hard", threads=os.cpu_count() or 1)
         if args.ways:
             configs = {name: configs[name] for name in args.ways.split(",") if name in configs}
         if args.recipe_ways:
@@ -390,7 +403,9 @@ def main() -> None:
         }
         ratios = {"cached_over_supervised": ("cached", "supervised"), "online_over_cached": ("online", "cached"),
                   "loader_cached_over_supervised": ("cached_loader", "supervised_loader"),
-                  "ema_over_cached": ("cached_ema", "cached"), "bf16_over_cached": ("cached_bf16", "cached")}
+                  "ema_over_cached": ("cached_ema", "cached"),
+                  "bf16_over_cached": ("cached_bf16", "cached"),
+                  "all_threads_over_auto": ("cached_all_threads", "cached")}
         result.update({k: round(seconds[a] / seconds[b], 3) for k, (a, b) in ratios.items()
                        if a in seconds and b in seconds})
         result["target_cached_over_supervised"] = 0.85 if args.views_per_image >= 4 else 1.05

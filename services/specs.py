@@ -250,6 +250,7 @@ NOT_OVER_REST: dict[str, dict[str, str]] = {
         "device": "a job runs where Ray places it and uses CUDA where that machine has it",
         "progress": "the service records each job's progress itself",
         "config_file": "a CLI switch: a spec is itself the whole config",
+        "threads": "a job trains with the threads of the CPUs it asks Ray for (`resources.cpus`)",
     },
 }
 

@@ -119,6 +119,9 @@ class TrainConfig(RecipeOptions):
                                                    "in-memory data, whose views are one vectorised crop on the "
                                                    "device; for data on disk the cores per rank less one, 1 to 4)",
                                         ge=0, le=64)
+    threads: int | None = option(None, help="torch's CPU threads in a one-process run (default: the cores this "
+                                            "process may use less its loader workers, at least 1; OMP_NUM_THREADS "
+                                            "when set)", ge=1, le=1024)
 
     def __post_init__(self) -> None:
         check_options(self)

@@ -86,6 +86,7 @@ from stillroom.pipelines.training import (
     to_memory_format,
 )
 from stillroom.pipelines.views import Recipe, output_size
+from stillroom.student._loader import set_training_threads
 from stillroom.student.config import LOSSES, TAT_VARIANTS, TrainConfig
 from stillroom.student.data import Batch, StoreStream, check_store, replay_note
 from stillroom.student.evaluate import evaluate, load_init_weights, read_checkpoint, save_checkpoint
@@ -255,7 +256,7 @@ class Distributed:
 
 # options a resumed run may change: how it runs, not what it computes
 RESUME_MAY_CHANGE = frozenset({"epochs", "resume", "progress", "workers", "device", "max_steps", "loader_workers",
-                               "eval_interval", "torchcompile", "max_failures", "tracker", "log_interval"})
+                               "threads", "eval_interval", "torchcompile", "max_failures", "tracker", "log_interval"})
 
 
 def check_resume(out: str | os.PathLike, config: TrainConfig, resume_from: str | None = None
@@ -339,6 +340,7 @@ def start_run(config: TrainConfig, dist: Distributed, setup: Setup, directory: R
                          features=config.loss == "tat",  # feature maps only where the loss reads them
                          view_order=config.view_order, views_per_image=config.views_per_image)
     config = replace(config, seeds=tuple(stream.seeds))
+    set_training_threads(config.threads, stream.loader_workers)  # torch's threads beside the loader workers
     repeat_note = stream.warn_if_repeating(config.epochs)
     if repeat_note and dist.rank == 0:
         print(f"stillroom: note: {repeat_note}", file=sys.stderr)
