@@ -11,6 +11,8 @@ parameters are kept and not compared (nothing is redrawn from such a store).
 from __future__ import annotations
 
 import os
+import sys
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -18,41 +20,65 @@ import numpy as np
 
 from stillroom.pipelines.core import StoreError, UsageError
 from stillroom.pipelines.store.label_store import LabelStore
+from stillroom.pipelines.store.lease import SeedLease
 from stillroom.pipelines.store.schema import FORMAT_VERSION
 from stillroom.pipelines.views import Recipe, draw_views
 
 
 def convert_store(src: LabelStore, dst_root: str | os.PathLike, recipe: Recipe, sizes: Any,
-                  store_views: bool = False) -> LabelStore:
+                  store_views: bool = False, poll_s: float = 2.0) -> LabelStore:
     """Write ``src`` (format 2) as a format-3 store under ``dst_root``; return it. ``sizes``: what the labeler
     handed ``draw_views`` (an in-memory data set's ``(H, W)``, else each image's, ``dataset.sizes``). A seed the
-    copy has already is kept; one begun is finished (its written pieces kept)."""
+    copy has already is kept; one begun is finished (its written pieces kept). Each seed is written under its lease
+    (``SeedLease``), as a label job writes it: a seed another convert (or label job) is writing is waited for
+    (every ``poll_s`` seconds), one whose writer died is taken over."""
     if src.schema.format_version >= FORMAT_VERSION:
         raise UsageError(f"{src.path} is store format {src.schema.format_version} already: nothing to convert")
     schema = replace(src.schema, format_version=FORMAT_VERSION, store_views=store_views)
     sources = {**src.manifest.get("sources", {}), "converted_from": {"cache_key": src.cache_key,
                                                                      "format_version": src.schema.format_version}}
     dst = LabelStore.create(dst_root, src.provenance, schema, sources=sources)
-    n = schema.num_samples
     for seed in src.seeds():
         if dst.is_complete(seed):
             continue
-        dst.begin_seed(seed)
-        done = dst.done_pieces(seed)
-        for piece, (start, stop) in enumerate(schema.pieces()):
-            if piece in done:
-                continue
-            rows = src.load(seed, rows=(start, stop)).arrays
-            if not store_views:
-                drawn = draw_views(recipe, seed, np.arange(start, stop), n, sizes)
-                differ = np.flatnonzero((drawn != rows["view"]).any(1))
-                if differ.size:
-                    raise StoreError(f"{src.path} seed {seed} row {start + int(differ[0])}: the stored view parameters "
-                                     f"differ from those this stillroom draws for recipe {recipe.name}: they cannot be "
-                                     "dropped (convert with --store-views keeps them)")
-            dst.write_piece(seed, piece, start, rows)
-        dst.commit_seed(seed, quality=src.quality(seed))
+        lease = dst.lease(seed)  # as a label job writes a seed: one writer at a time, a dead one's pieces kept
+        told = False
+        while not lease.acquire():
+            if dst.is_complete(seed):
+                break
+            if not told:
+                print(f"seed {seed} of {dst.path} is being written by {lease.describe()}: waiting for it",
+                      file=sys.stderr)
+                told = True
+            time.sleep(poll_s)
+        else:
+            try:
+                if not dst.is_complete(seed):  # unless committed by the holder before
+                    _convert_seed(src, dst, seed, recipe, sizes, store_views, lease)
+            finally:
+                lease.release(final=dst.is_complete(seed))
     return dst
+
+
+def _convert_seed(src: LabelStore, dst: LabelStore, seed: int, recipe: Recipe, sizes: Any, store_views: bool,
+                  lease: SeedLease) -> None:
+    """Write one seed of ``src`` into ``dst`` under ``lease`` (its generation fences every piece); commit it."""
+    schema, n = dst.schema, dst.schema.num_samples
+    dst.begin_seed(seed)
+    done = dst.done_pieces(seed)
+    for piece, (start, stop) in enumerate(schema.pieces()):
+        if piece in done:
+            continue
+        rows = src.load(seed, rows=(start, stop)).arrays
+        if not store_views:
+            drawn = draw_views(recipe, seed, np.arange(start, stop), n, sizes)
+            differ = np.flatnonzero((drawn != rows["view"]).any(1))
+            if differ.size:
+                raise StoreError(f"{src.path} seed {seed} row {start + int(differ[0])}: the stored view parameters "
+                                 f"differ from those this stillroom draws for recipe {recipe.name}: they cannot be "
+                                 "dropped (convert with --store-views keeps them)")
+        dst.write_piece(seed, piece, start, rows, generation=lease.generation)
+    dst.commit_seed(seed, lease=lease, quality=src.quality(seed))
 
 
 __all__ = ["convert_store"]

@@ -84,3 +84,39 @@ def test_convert_refuses_views_this_stillroom_would_not_draw(tmp_path, keep):
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "seed 2 row 70: the stored view parameters differ" in lines[0], done.stderr
+
+
+def test_convert_writes_each_seed_under_its_lease_and_waits_for_another_writer(tmp_path, capsys, monkeypatch):
+    """Two converts into one store, or a convert beside a label job, wrote the same seed at once: each seed is now
+    written under its lease (fenced by its generation), and a seed another process holds is waited for."""
+    import threading
+    from dataclasses import replace
+
+    from stillroom.pipelines.store import convert_store
+
+    old = _format2(tmp_path / "v2")
+    dst = LabelStore.create(tmp_path / "v3", old.provenance, replace(old.schema, format_version=3, store_views=False))
+    generations: list[tuple[int, int | None]] = []
+    write_piece = LabelStore.write_piece
+
+    def recording(self, seed, *args, generation=None, **kw):
+        generations.append((seed, generation))
+        return write_piece(self, seed, *args, generation=generation, **kw)
+
+    monkeypatch.setattr(LabelStore, "write_piece", recording)
+    other = dst.lease(0)
+    assert other.acquire()  # another writer of seed 0, alive
+    done: list[LabelStore] = []
+    convert = threading.Thread(target=lambda: done.append(convert_store(
+        old, tmp_path / "v3", get_recipe("fmnist-rrc-mix"), (8, 8), poll_s=0.05)))
+    convert.start()
+    convert.join(timeout=1.0)
+    assert convert.is_alive() and not dst.is_complete(0) and dst.done_pieces(0) == set()  # waiting, nothing written
+    other.release()
+    convert.join(timeout=60)
+    assert not convert.is_alive() and done[0].path == dst.path
+    assert dst.seeds() == [0, 2] and dst.verify() == []
+    # every piece fenced by its seed's lease: seed 0's taken after the other writer's generation 0
+    assert set(generations) == {(0, 1), (2, 0)}
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 1 and said[0].startswith("seed 0 of") and said[0].endswith("waiting for it")  # once
