@@ -74,7 +74,8 @@ def describe_labels(config: LabelConfig, teachers: list[Teacher], dataset: Datas
     schema = StoreSchema(num_samples=len(dataset), num_classes=dataset.num_classes, top_k=config.top_k,
                          sampled=config.sampled, feature_shape=feature_shape,  # type: ignore[arg-type]
                          per_teacher=len(teachers) if config.per_teacher else 0, chunk_rows=config.chunk_rows,
-                         view_params=num_view_params(recipe), store_views=config.store_views)
+                         view_params=num_view_params(recipe), store_views=config.store_views,
+                         format_version=config.store_format)
     return provenance, schema
 
 

@@ -90,3 +90,27 @@ def test_decoded_targets_stay_within_the_bound_of_float16s(classes, k, spread):
                                      torch.from_numpy(decoded["tail_lse"]), classes, T)
         tv = 0.5 * (old - new).abs().sum(1)
         assert float(tv.mean()) <= 0.002 and float(tv.max()) <= 0.01, (T, float(tv.mean()), float(tv.max()))
+
+
+def test_a_label_job_writes_format_2_when_asked_and_its_labels_are_format_3s_at_float16(tmp_path, tiny_teacher):
+    """``--store-format 2``: the float16 logits and the view parameters, as format 2 stored them (for tools that read
+    it, and for the bench that compares students of both formats); the same teacher's format 3 decodes to within
+    its codes of them, the same classes."""
+    from stillroom.pipelines.labeling import LabelConfig, run_labeling
+
+    stores = {}
+    for fmt in (2, 3):
+        config = LabelConfig(dataset="synthetic:n=64,classes=4,size=16", teachers=(tiny_teacher,), top_k=3,
+                             store_root=str(tmp_path / "stores"), batch_size=64, chunk_rows=32, store_format=fmt)
+        stores[fmt] = LabelStore(run_labeling(config, backend="local", progress=False)["store"])
+    old, new = stores[2], stores[3]
+    assert old.schema.format_version == 2 and new.schema.format_version == 3 and old.path != new.path
+    assert json.loads((old.path / "manifest.json").read_text())["format_version"] == 2
+    assert old.verify() == [] and old.stored_names(["topk_logit", "hard", "view"]) == ["topk_logit", "hard", "view"]
+    a, b = old.load(0).arrays, new.load(0).arrays
+    assert a["topk_logit"].dtype == np.float16
+    for name in ("topk_idx", "hard"):
+        np.testing.assert_array_equal(a[name], b[name])
+    assert "view" in a and "view" not in b  # format 3's are drawn again by a reader (checked by its digests)
+    np.testing.assert_allclose(np.exp(b["topk_logit"] - b["lse"][:, None]),
+                               np.exp(a["topk_logit"].astype(np.float32) - a["lse"][:, None]), rtol=0, atol=5e-3)
