@@ -53,3 +53,14 @@ def test_the_finder_refuses_what_it_blocks():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "ray is not on a bare GPU machine" in proc.stderr
+
+
+def test_a_command_that_needs_no_model_does_not_import_timm():
+    """Listing timm's optimizers as --opt's choices imported timm (and torchvision with it) at every command's start,
+    3 s of `stillroom recipes` and of every CLI process the suite starts; the config checks them instead."""
+    code = ("import sys\nfrom stillroom.services.cli import main\nmain(['recipes', '--json'])\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'timm', 'torchvision'}))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -103,7 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser, config: type, config_file: bo
                 kwargs["default"] = default
                 if default is not None and default is not False and "default" not in opt.help:
                     kwargs["help"] += " (default: %(default)s)"
-        if opt.choices is not None:
+        if opt.choices is not None and not callable(opt.choices):
+            # a callable's choices (timm's optimizers) are not listed here: listing them imports timm (and with it
+            # torchvision), 3 s of every command's start; the config checks them (check_options)
             kwargs["choices"] = opt.allowed()
         kwargs.update(opt.cli)
         if "default" in opt.cli:
