@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,35 @@ from stillroom.pipelines.data import FASHION_MNIST_DIR
 SYNTHETIC = "synthetic:n=256,classes=4,size=16"
 needs_fmnist = pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
                                   reason="Debian package dataset-fashion-mnist is not installed")
+
+
+def run_cli(*args: str, cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+    """``stillroom ARGS`` run in this process (``services.cli.main``), its exit code and output as a finished
+    process's: a command's own behaviour at no process start (torch and stillroom imported again, about 4 s
+    each). Where the process itself is the point (a killed run, an installed script, Ray), tests start one.
+    What a command changes for the process (torch's threads, the environment, the directory) is put back."""
+    import io
+
+    import torch
+
+    from stillroom.services.cli import main
+
+    threads, env, here = torch.get_num_threads(), dict(os.environ), os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse: --help, a bad flag
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    finally:
+        os.chdir(here)
+        os.environ.clear()
+        os.environ.update(env)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["stillroom", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 from stillroom.pipelines.store import LabelStore, StoreSchema
 
@@ -20,9 +21,15 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error
 
 
 def stillroom(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The command in this process (``run_cli``): what it prints and returns is the user's, at no process start."""
+    return run_cli(*args, cwd=cwd)
+
+
+def stillroom_process(*args: str) -> subprocess.CompletedProcess:
+    """The command in a process of its own: where it would reach for Ray."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "stillroom.services.cli", *args], capture_output=True, text=True,
-                          timeout=180, env=env, cwd=cwd)
+                          timeout=180, env=env)
 
 
 def assert_one_error_line(done: subprocess.CompletedProcess, exit_code: int, *fragments: str) -> str:
@@ -97,8 +104,8 @@ def test_train_on_an_unknown_device(tmp_path):
 
 @no_cuda
 def test_label_asking_for_gpus_without_cuda(tmp_path):
-    for extra in (["--no-ray"], []):
-        done = stillroom("label", "--dataset", SYNTHETIC, "--teacher", "resnet10t", "--gpus-per-worker", "1",
+    for run, extra in ((stillroom, ["--no-ray"]), (stillroom_process, [])):
+        done = run("label", "--dataset", SYNTHETIC, "--teacher", "resnet10t", "--gpus-per-worker", "1",
                          "--store-root", str(tmp_path), *extra)
         assert_one_error_line(done, 2, "--gpus-per-worker")
     assert not any(tmp_path.iterdir())  # refused before a store was made

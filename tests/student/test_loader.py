@@ -8,8 +8,6 @@ import json
 import logging
 import os
 import pickle
-import subprocess
-import sys
 import tracemalloc
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 import torch
 import zarr
 from class_sorted import class_sorted_labels, distinct_per_batch
-from conftest import make_teacher
+from conftest import make_teacher, run_cli
 from image_data import write_image_folder
 
 import stillroom.pipelines.views.render as views_module
@@ -472,11 +470,8 @@ def test_training_threads_are_the_ones_asked_for_else_omps_else_the_cores_beside
 
 
 def test_cli_refuses_a_negative_loader_worker_count(memory_store, tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "stillroom.services.cli", "train", "--store", str(memory_store.path), "--dataset", DATA,
-         "--student", "test_resnet", "--loss", "kd", "--out", str(tmp_path / "run"), "--loader-workers", "-1"],
-        capture_output=True, text=True, timeout=180,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    done = run_cli("train", "--store", str(memory_store.path), "--dataset", DATA, "--student", "test_resnet", "--loss",
+                   "kd", "--out", str(tmp_path / "run"), "--loader-workers", "-1")
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert lines[0].startswith("stillroom: error: --loader-workers -1: expected 0 <= value")

@@ -1,23 +1,20 @@
-"""The ``stillroom`` command through its console-script entry point."""
+"""The ``stillroom store`` commands (run in-process: ``run_cli``; test_packaging runs the installed script)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import needs_fmnist
+from conftest import needs_fmnist, run_cli
 from test_store import PROVENANCE, fake_labels, write_seed
 
 from stillroom.pipelines.store import LabelStore, StoreSchema
 
-STILLROOM = str(Path(sys.executable).parent / "stillroom")
-
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([STILLROOM, *args], capture_output=True, text=True, timeout=120)
+    return run_cli(*args)
 
 
 @pytest.fixture(scope="module")

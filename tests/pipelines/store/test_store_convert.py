@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from test_store_format3 import _labels
 
 from stillroom.pipelines.data import load_dataset
@@ -16,7 +15,6 @@ from stillroom.pipelines.store import LabelStore, StoreSchema
 from stillroom.pipelines.views import draw_views, get_recipe
 from stillroom.student.data import StoreStream
 
-STILLROOM = str(Path(sys.executable).parent / "stillroom")
 DATA = "synthetic:n=100,classes=5,size=8"
 
 
@@ -44,8 +42,7 @@ def _format2(root: Path, tamper: bool = False) -> LabelStore:
 
 def test_convert_writes_format_3_that_trains_like_format_2(tmp_path):
     old = _format2(tmp_path / "v2")
-    done = subprocess.run([STILLROOM, "store", "convert", str(old.path), str(tmp_path / "v3")], capture_output=True,
-                          text=True, timeout=300)
+    done = run_cli("store", "convert", str(old.path), str(tmp_path / "v3"))
     assert done.returncode == 0, done.stderr
     said = json.loads(done.stdout)
     new = LabelStore(said["dst"])
@@ -66,16 +63,15 @@ def test_convert_writes_format_3_that_trains_like_format_2(tmp_path):
         y = next(StoreStream(new, ds, recipe, 16, seeds=(seed,), loader_workers=0).epoch(0))
         np.testing.assert_array_equal(x.params, y.params)
         assert (x.views == y.views).all() and (x.teacher["topk_idx"] == y.teacher["topk_idx"]).all()
-    again = subprocess.run([STILLROOM, "store", "convert", said["dst"], str(tmp_path / "v4")], capture_output=True,
-                           text=True, timeout=120)
+    again = run_cli("store", "convert", said["dst"], str(tmp_path / "v4"))
     assert again.returncode != 0 and "format 3 already" in again.stderr
 
 
 @pytest.mark.parametrize("keep", [False, True])
 def test_convert_refuses_views_this_stillroom_would_not_draw(tmp_path, keep):
     old = _format2(tmp_path / "v2", tamper=True)
-    done = subprocess.run([STILLROOM, "store", "convert", str(old.path), str(tmp_path / "v3"),
-                           *(["--store-views"] if keep else [])], capture_output=True, text=True, timeout=300)
+    done = run_cli("store", "convert", str(old.path), str(tmp_path / "v3"),
+                   *(["--store-views"] if keep else []))
     if keep:  # kept, nothing is redrawn: converted as it is
         assert done.returncode == 0, done.stderr
         np.testing.assert_array_equal(LabelStore(json.loads(done.stdout)["dst"]).load(2).arrays["view"],

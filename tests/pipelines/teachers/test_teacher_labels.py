@@ -4,19 +4,17 @@ a class map (in the cache key), each teacher's preprocessing said and stored, th
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from hub_cache import HUB_ID
 
 from stillroom.pipelines.core import UsageError
 from stillroom.pipelines.labeling import LabelConfig, run_labeling
 from stillroom.pipelines.store import LabelStore
 
-STILLROOM = str(Path(sys.executable).parent / "stillroom")
 RGB = "synthetic:n=64,classes=4,size=16,channels=3"
 
 
@@ -28,10 +26,10 @@ def _config(tmp_path: Path, **kw) -> LabelConfig:
 
 def test_the_label_command_says_and_stores_each_teachers_preprocessing(offline_hub, tmp_path):
     (tmp_path / "map.txt").write_text("7\n300\n281\n999\n")
-    run = subprocess.run([STILLROOM, "label", "--dataset", RGB, "--teacher", HUB_ID, "--class-map",
-                          str(tmp_path / "map.txt"), "--teacher-input-size", "32", "--teacher-mean", "0.45",
-                          "--store-root", str(tmp_path / "stores"), "--batch-size", "64", "--chunk-rows", "64",
-                          "--top-k", "3", "--no-ray"], capture_output=True, text=True, timeout=300)
+    run = run_cli("label", "--dataset", RGB, "--teacher", HUB_ID, "--class-map",
+                  str(tmp_path / "map.txt"), "--teacher-input-size", "32", "--teacher-mean", "0.45",
+                  "--store-root", str(tmp_path / "stores"), "--batch-size", "64", "--chunk-rows", "64",
+                  "--top-k", "3", "--no-ray")
     assert run.returncode == 0, run.stderr[-3000:]
     said = ("teacher test_resnet.r160_in1k (pretrained): input 32 px, mean 0.45,0.45,0.45, std 0.5,0.5,0.5, "
             "interpolation bilinear, crop_pct 0.95, fp32, classes mapped 4 of 1000; preprocessing from options "

@@ -4,20 +4,15 @@ checkpoints, and ``stillroom teacher train`` through its console script."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import timm
 import torch
-from conftest import SYNTHETIC, make_teacher
+from conftest import SYNTHETIC, make_teacher, run_cli
 from hub_cache import HUB_ID
 
 from stillroom.pipelines.core import UsageError
 from stillroom.pipelines.teachers import Preprocess, load_teacher, weights_digest
-
-STILLROOM = str(Path(sys.executable).parent / "stillroom")
 
 
 def test_load_a_stillroom_checkpoint(tmp_path):
@@ -116,10 +111,9 @@ def test_bad_teachers_raise_usage_errors(tmp_path):
 
 def test_teacher_train_command_writes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "teacher.pt"
-    run = subprocess.run([STILLROOM, "teacher", "train", "--dataset", SYNTHETIC, "--model", "test_resnet",
-                          "--epochs", "1", "--batch-size", "32", "--train-samples", "64", "--resolution", "20",
-                          "--out", str(out)],
-                         capture_output=True, text=True, timeout=120)
+    run = run_cli("teacher", "train", "--dataset", SYNTHETIC, "--model", "test_resnet",
+                  "--epochs", "1", "--batch-size", "32", "--train-samples", "64", "--resolution", "20",
+                  "--out", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert 0.0 <= result["top1"] <= 1.0 and result["out"] == str(out) and result["train_samples"] == 64
@@ -139,9 +133,8 @@ def test_teacher_train_refuses_bad_settings_before_training(tmp_path):
                          ({"epochs": 0}, "--epochs 0: expected 1 <= value <= 1000")]:
         with pytest.raises(UsageError, match=message):
             TeacherTrainConfig(dataset=SYNTHETIC, model="test_resnet", out=str(tmp_path / "t.pt"), **bad)
-    run = subprocess.run([STILLROOM, "teacher", "train", "--dataset", SYNTHETIC, "--model", "test_resnet",
-                          "--smoothing", "-0.1", "--out", str(tmp_path / "t.pt")],
-                         capture_output=True, text=True, timeout=120)
+    run = run_cli("teacher", "train", "--dataset", SYNTHETIC, "--model", "test_resnet",
+                  "--smoothing", "-0.1", "--out", str(tmp_path / "t.pt"))
     assert run.returncode == 2 and "expected 0 <= value < 1" in run.stderr and not (tmp_path / "t.pt").exists()
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_teacher
+from conftest import make_teacher, run_cli
 from image_data import write_image_folder, write_parquet
 
 from stillroom.pipelines.data import load_dataset
@@ -18,11 +17,9 @@ from stillroom.pipelines.labeling import LabelConfig, run_labeling
 from stillroom.pipelines.store import LabelStore
 from stillroom.pipelines.views import COL, get_recipe
 
-STILLROOM = str(Path(sys.executable).parent / "stillroom")
-
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([STILLROOM, *args], capture_output=True, text=True, timeout=300)
+    return run_cli(*args)
 
 
 @pytest.fixture(scope="module")

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
+
+from conftest import run_cli
 
 from stillroom.pipelines.views import RECIPES
 
-STILLROOM = str(Path(sys.executable).parent / "stillroom")
-
 
 def test_recipes_lists_every_recipe_with_its_parameters():
-    listed = subprocess.run([STILLROOM, "recipes", "--json"], capture_output=True, text=True, timeout=120)
+    listed = run_cli("recipes", "--json")
     assert listed.returncode == 0, listed.stderr
     got = {r["name"]: r for r in json.loads(listed.stdout)}
     assert set(got) == set(RECIPES) and {"fkd", "imagenet-rrc", "fmnist-rrc-mix"} <= set(got)
     for name, recipe in RECIPES.items():
         assert got[name] == json.loads(json.dumps(recipe.to_dict()))  # every field and the digest
-    table = subprocess.run([STILLROOM, "recipes"], capture_output=True, text=True, timeout=120)
+    table = run_cli("recipes")
     assert table.returncode == 0
     rows = {line.split()[0]: line for line in table.stdout.splitlines()[1:-1]}
     assert set(rows) == set(RECIPES)
