@@ -105,7 +105,7 @@ def plot(per_seed: dict[str, list[float]], path: str, title: str) -> None:
     ax.barh(range(len(rows)), means, color="#9bb7d4")
     for i, row in enumerate(rows):
         ax.plot(per_seed[row], [i] * len(per_seed[row]), "o", color="#1f3b5a", ms=4)
-        ax.text(means[i], i, f" {means[i]:.2f}", va="center", fontsize=8)
+        ax.text(max(per_seed[row]) + 0.1, i, f" {means[i]:.2f}", va="center", fontsize=8)  # right of the dots
     lo = min(min(v) for v in per_seed.values())
     ax.set_xlim(lo - 2, max(max(v) for v in per_seed.values()) + 1.5)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SYNTHETIC, make_teacher
+from conftest import SYNTHETIC, make_teacher, run_cli
 from s3_server import S3Server
 
 from stillroom.pipelines.core import Location
@@ -43,8 +43,8 @@ def _fake(schema: StoreSchema, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([STILLROOM, *args], capture_output=True, text=True, timeout=timeout)
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return run_cli(*args)  # in this process: the command's own output and exit code
 
 
 @pytest.mark.slow

@@ -6,21 +6,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import SYNTHETIC
+from conftest import SYNTHETIC, run_cli
 from s3_server import S3Server
 
 from stillroom.pipelines.store import LabelStore
 
-STILLROOM = str(Path(sys.executable).parent / "stillroom")
-
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([STILLROOM, *args], capture_output=True, text=True, timeout=300)
+    return run_cli(*args)  # in this process: the command's own output and exit code
 
 
 @pytest.mark.slow
