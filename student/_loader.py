@@ -7,7 +7,7 @@ normalises on the device):
   the epoch's order cut into batches) gathers the stored arrays of its batch's ids, the labels and mixed
   targets, and the *uint8* pixels: on-disk data sets decode and crop each view from its stored parameters
   (``render_batch_pool``, into shared memory: the batch's views and only the partner views it lacks, gathered
-  on the device); in-memory data sets hand over the source images (cropping them is one ``grid_sample`` over
+  on the device); in-memory data sets hand over the source images (cropping them is one vectorised crop over
   the batch, cheapest on the device);
 - the training process (``finish``) moves the uint8 batch to the device (pinned, non-blocking on CUDA, one
   batch ahead on a side stream) and builds the float views there: ``mix_views`` or ``apply_views``. The
@@ -94,7 +94,7 @@ def mixed_targets(labels: np.ndarray, params: np.ndarray, partner_labels: np.nda
 
 def default_loader_workers(in_memory: bool, world_size: int = 1) -> int:
     """``--loader-workers`` when not given: 0 for in-memory data (gathering uint8 images is a copy, and the crop
-    is one vectorised ``grid_sample`` on the device: a worker process would only add a hop); for data on disk,
+    is one vectorised crop on the device: a worker process would only add a hop); for data on disk,
     which is decoded image by image, the cores this process may use, shared among the ``world_size`` ranks
     (assumed on one machine), less one for the training process, at least 1 and at most ``MAX_AUTO_WORKERS``."""
     if in_memory:

@@ -14,8 +14,8 @@ recipe's ``pixel_ops`` (in its digest).
 Two ways to build views, chosen by the data set:
 
 - in-memory data sets (every image the same size): ``apply_views`` turns uint8 images and parameter rows
-  into float views in [0, 1] with one ``grid_sample`` over the batch (per-sample affine grids),
-  deterministic on CPU and GPU.
+  into float views in [0, 1] by one crop-and-resize over the batch (``_crop_flip``: grid_sample's arithmetic
+  written as separate multiplies and adds), the same bits on every CPU and on GPUs.
 - data sets on disk (images of any size): ``render_views`` decodes each image and takes its crop box
   (fractions of *that* image's height and width) with PIL's antialiased bilinear resize straight to the
   recipe's output size, then flips: uint8 ``(B, 3, S, S)``, which is what crosses process boundaries.
@@ -57,17 +57,71 @@ DRAFT_SCALES = (8, 4, 2, 1)
 
 def _crop_flip(images: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int, int], mode: str = "bilinear"
                ) -> torch.Tensor:
-    """Crop ``(y0, x0, h, w)`` fractions and flip (5th column), resized to ``out_hw``, bilinear (or ``mode``)."""
-    y0, x0, h, w, flip = boxes.unbind(1)
-    sign = 1 - 2 * flip
-    theta = torch.zeros(len(images), 2, 3, dtype=images.dtype, device=images.device)
-    theta[:, 0, 0] = w * sign
-    theta[:, 0, 2] = 2 * x0 + w - 1
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = 2 * y0 + h - 1
-    grid = F.affine_grid(theta, [len(images), images.shape[1], *out_hw], align_corners=False)
-    out = F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
+    """Crop ``(y0, x0, h, w)`` fractions and flip (5th column), resized to ``out_hw``, bilinear (or bicubic).
+
+    What ``F.affine_grid`` + ``F.grid_sample(padding_mode="border", align_corners=False)`` compute, written out
+    as two separable passes (rows, then columns) of gathers and weighted sums, one elementwise op at a time.
+    Our own because grid_sample's AVX2 kernel rounds otherwise than its scalar one and CUDA's (ulps in every
+    view): here every op is one IEEE-rounded multiply or add, whose result no instruction set changes, and the
+    taps and weights are computed on the CPU in float64 (CUDA divides by a reciprocal) and moved to the device.
+    """
+    boxes64 = boxes.detach().to("cpu", torch.float64)
+    y0, x0, h, w, flip = boxes64.unbind(1)
+    rows = _taps(y0, h, torch.ones_like(flip), int(images.shape[2]), out_hw[0], mode)
+    cols = _taps(x0, w, 1 - 2 * flip, int(images.shape[3]), out_hw[1], mode)
+    out = _resample(images, rows, 2)
+    out = _resample(out, cols, 3)
     return out if mode == "bilinear" else out.clamp_(0, 1)
+
+
+# timm's and torch's bicubic: the cubic convolution kernel with a = -0.75
+_CUBIC_A = -0.75
+
+
+def _taps(start: torch.Tensor, size: torch.Tensor, sign: torch.Tensor, n_in: int, n_out: int, mode: str
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source indices ``(B, n_out, T)`` and weights of one axis: output pixel j samples the crop's point
+    ``sign * ((2j + 1) / n_out - 1)`` (normalised), i.e. ``ix = ((s + 1) * n_in - 1) / 2`` in source pixels;
+    bilinear clips ``ix`` to the border, bicubic clips each of its 4 taps (grid_sample's ``border``)."""
+    grid = (2 * torch.arange(n_out, dtype=torch.float64) + 1) / n_out - 1
+    s = (size * sign)[:, None] * grid[None] + (2 * start + size - 1)[:, None]
+    ix = ((s + 1) * n_in - 1) / 2
+    if mode == "bilinear":
+        ix = ix.clamp(0, n_in - 1)
+        left = ix.floor()
+        t = ix - left
+        index = torch.stack([left, left + 1], -1)
+        weight = torch.stack([1 - t, t], -1)
+    else:
+        left = ix.floor()
+        t = ix - left
+        a = _CUBIC_A
+        d = torch.stack([t + 1, t, 1 - t, 2 - t], -1)  # each tap's distance
+        near = ((a + 2) * d - (a + 3)) * d * d + 1
+        far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+        weight = torch.where(d <= 1, near, far)
+        index = torch.stack([left - 1, left, left + 1, left + 2], -1)
+    return index.clamp(0, n_in - 1).long(), weight.float()
+
+
+def _resample(x: torch.Tensor, taps: tuple[torch.Tensor, torch.Tensor], dim: int) -> torch.Tensor:
+    """Resample ``x`` along ``dim`` (2: rows, 3: columns) with ``_taps``' indices and weights: the weighted sum of
+    the gathered taps, one multiply and one add at a time, in a fixed order."""
+    index, weight = (t.to(x.device) for t in taps)
+    b, c = x.shape[:2]
+    out = None
+    for k in range(index.shape[-1]):
+        idx, wk = index[..., k], weight[..., k]
+        if dim == 2:
+            shape = (b, 1, idx.shape[1], 1)
+            gathered = x.gather(2, idx.view(shape).expand(b, c, idx.shape[1], x.shape[3]))
+        else:
+            shape = (b, 1, 1, idx.shape[1])
+            gathered = x.gather(3, idx.view(shape).expand(b, c, x.shape[2], idx.shape[1]))
+        term = gathered * wk.view(shape)
+        out = term if out is None else out + term
+    assert out is not None
+    return out
 
 
 def _cut_mask(boxes: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Views are the same bits on any machine and device: a label worker's teacher inputs for erased ``deit`` views hash
 alike under torch's scalar kernels (``ATEN_CPU_CAPABILITY=default``) and this CPU's best (AVX2/AVX-512); uint8
-becomes float by one table on every device; on CUDA, the normalised views equal the CPU's bit for bit. Not yet:
-in-memory views (``apply_views``' grid_sample), a strict xfail until they are."""
+becomes float by one table on every device; on CUDA, the normalised views equal the CPU's bit for bit; in-memory
+views (``apply_views``' crop, grid_sample's arithmetic written out) hash alike under both capabilities."""
 
 from __future__ import annotations
 
@@ -89,16 +89,17 @@ IN_MEMORY_VIEWS = textwrap.dedent("""
     from stillroom.pipelines.data import load_dataset
     from stillroom.pipelines.views import build_views, get_recipe
     ds = load_dataset("synthetic:n=512,classes=4,size=28", "train")
-    views, _ = build_views(ds, get_recipe("fmnist-rrc"), 0, np.arange(len(ds)))
-    print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(),
-                      "digest": hashlib.sha256(views.numpy().tobytes()).hexdigest()}))
+    digest = hashlib.sha256()
+    for recipe in ("fmnist-rrc", "fmnist-rrc-mix", "fmnist-randaug", "fmnist-rrc:size=40"):
+        views, _ = build_views(ds, get_recipe(recipe), 0, np.arange(len(ds)))
+        digest.update(views.numpy().tobytes())
+    print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "digest": digest.hexdigest()}))
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="in-memory views are cropped by grid_sample, whose AVX2 kernel rounds "
-                                       "otherwise than its scalar one (ulps in every fmnist-rrc view; 9 of 2048 "
-                                       "fmnist-randaug views a pixel off after rounding): not fixed yet")
 def test_in_memory_views_are_the_same_under_every_cpu_capability():
+    """grid_sample's AVX2 kernel rounded otherwise than its scalar one: ulps in every fmnist-rrc view (9 of 2048
+    fmnist-randaug views a pixel off after rounding). The crop is now separate IEEE multiplies and adds."""
     runs = []
     for capability in (None, "default"):
         env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
@@ -145,3 +146,30 @@ def test_normalised_views_on_cuda_are_the_cpus(folder):
     on_cuda = mix_views(own.cuda(), partner.cuda() if partner is not None else None, params)
     assert torch.equal(on_cuda.cpu(), on_cpu)
     assert torch.equal(pre(on_cuda).cpu(), pre(on_cpu))
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_the_in_memory_crop_is_grid_samples_to_within_its_rounding(mode):
+    """``_crop_flip`` computes what affine_grid + grid_sample (border, align_corners=False) do: crops inside and
+    beyond the image, flipped or not, shrunk and enlarged, to within grid_sample's own float32 rounding."""
+    import torch.nn.functional as F
+
+    from stillroom.pipelines.views.render import _crop_flip
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(32, 3, 28, 33, generator=g)
+    boxes = torch.rand(32, 5, generator=g)
+    boxes[:, 0:2] -= 0.15  # some crops start outside the image
+    boxes[:, 2:4] = boxes[:, 2:4] * 1.1 + 0.05
+    boxes[:, 4] = (boxes[:, 4] > 0.5).float()
+    y0, x0, h, w, flip = boxes.unbind(1)
+    theta = torch.zeros(32, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = w * (1 - 2 * flip), 2 * x0 + w - 1
+    theta[:, 1, 1], theta[:, 1, 2] = h, 2 * y0 + h - 1
+    for out_hw in ((28, 33), (16, 16), (40, 37)):
+        grid = F.affine_grid(theta, [32, 3, *out_hw], align_corners=False)
+        want = F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
+        if mode == "bicubic":
+            want = want.clamp(0, 1)
+        got = _crop_flip(images, boxes, out_hw, mode)
+        assert got.shape == want.shape and float((got - want).abs().max()) < 2e-5
