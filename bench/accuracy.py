@@ -86,6 +86,11 @@ RECIPE_ROW: dict[str, Any] = dict(warmup_epochs=0.5, warmup_lr=1e-6, min_lr=1e-5
 EMA_RUN_FRACTION = 1 / (1 - 0.99996) / 375_000
 
 
+def format_suffix(fmt: int) -> str:
+    """What a store and a row of store format ``fmt`` are named with: nothing for format 3, ``_format2`` else."""
+    return "" if fmt == 3 else f"_format{fmt}"
+
+
 def ema_decay(steps: int) -> float:
     """The EMA decay that averages ``EMA_RUN_FRACTION`` of a run of ``steps`` optimizer steps (at least 10)."""
     return round(1 - 1 / max(EMA_RUN_FRACTION * steps, 10.0), 6)
@@ -190,7 +195,7 @@ def main() -> None:
 
         stores: dict[str, str] = {}
         for fmt in formats:  # the same teachers, views and seeds in each format
-            suffix = "" if fmt == 3 else f"_format{fmt}"
+            suffix = format_suffix(fmt)
             t = time.perf_counter()
             stores["a" + suffix] = run_labeling(LabelConfig(
                 dataset=dataset, teachers=(teachers[0],), recipe=args.recipe, seeds=seeds, top_k=5, sampled=8,
@@ -219,7 +224,7 @@ def main() -> None:
         recipe_model: dict[str, list[float]] = {}
         runs: list[tuple[str, str, dict[str, Any], str]] = []
         for fmt in formats:
-            suffix = "" if fmt == 3 else f"_format{fmt}"
+            suffix = format_suffix(fmt)
             runs += [(row + suffix, row, {}, ROWS[row][0] + suffix) for row in rows]
             if args.recipe_rows:
                 runs += [(f"{row}_recipe{suffix}", row, RECIPE_ROW, ROWS[row][0] + suffix) for row in rows]

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SYNTHETIC, make_teacher, run_cli
+from conftest import SYNTHETIC, make_teacher
+from conftest import run_cli as _run
 from s3_server import S3Server
 
 from stillroom.pipelines.core import Location
@@ -42,9 +43,6 @@ def _fake(schema: StoreSchema, seed: int) -> dict[str, np.ndarray]:
     out["hard"] = out["topk_idx"][:, 0].copy()
     return out
 
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return run_cli(*args)  # in this process: the command's own output and exit code
 
 
 @pytest.mark.slow

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import needs_fmnist, run_cli
+from conftest import needs_fmnist
+from conftest import run_cli as run
 from test_store import PROVENANCE, fake_labels, write_seed
 
 from stillroom.pipelines.store import LabelStore, StoreSchema
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return run_cli(*args)
 
 
 @pytest.fixture(scope="module")

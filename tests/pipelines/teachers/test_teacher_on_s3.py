@@ -5,18 +5,14 @@ labels as ``NAME@s3://.../teacher.pt``, and the credentials appear in nothing wr
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
-from conftest import SYNTHETIC, run_cli
+from conftest import SYNTHETIC
+from conftest import run_cli as _run
 from s3_server import S3Server
 
 from stillroom.pipelines.store import LabelStore
-
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return run_cli(*args)  # in this process: the command's own output and exit code
 
 
 @pytest.mark.slow

@@ -4,22 +4,18 @@ store inspect; the student's loader reads only each batch's samples; service pat
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_teacher, run_cli
+from conftest import make_teacher
+from conftest import run_cli as run
 from image_data import write_image_folder, write_parquet
 
 from stillroom.pipelines.data import load_dataset
 from stillroom.pipelines.labeling import LabelConfig, run_labeling
 from stillroom.pipelines.store import LabelStore
 from stillroom.pipelines.views import COL, get_recipe
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return run_cli(*args)
 
 
 @pytest.fixture(scope="module")
