@@ -27,8 +27,8 @@ model's own is ``top1_recipe_model``), in the same run, from the same teachers a
 ``--view-order random`` (each epoch, each sample's view drawn among the seeds, as apple/ml-dr's student does).
 
 ``--student-seeds 0,1`` trains every row once per seed (the row's top-1 their mean; ``top1_seeds``, ``top1_spread``);
-``--store-formats 2,3`` labels every store in both formats from the same teachers and trains every row from each
-(``ROW_format2``; ``format3_minus_format2``); ``--plot FILE`` draws every row's mean and seeds.
+``--store-formats 2,4`` labels every store in both formats from the same teachers and trains every row from each
+(``ROW_format2``; ``format4_minus_format2``); ``--plot FILE`` draws every row's mean and seeds.
 
 Prints one JSON line: each row's top-1, the teachers' top-1, minutes, the store's bytes per sample with and
 without features, the two online differences (cached minus full online: what keeping top-k costs; cached
@@ -87,8 +87,8 @@ EMA_RUN_FRACTION = 1 / (1 - 0.99996) / 375_000
 
 
 def format_suffix(fmt: int) -> str:
-    """What a store and a row of store format ``fmt`` are named with: nothing for format 3, ``_format2`` else."""
-    return "" if fmt == 3 else f"_format{fmt}"
+    """What a store and a row of store format ``fmt`` are named with: nothing for today's (4), ``_format2`` else."""
+    return "" if fmt == 4 else f"_format{fmt}"
 
 
 def ema_decay(steps: int) -> float:
@@ -139,8 +139,8 @@ def main() -> None:
     ap.add_argument("--student-seeds", default="0",
                     help="each row trains once per seed (its init and batch order), e.g. 0,1: the row's top-1 is their "
                          "mean, top1_seeds each one's")
-    ap.add_argument("--store-formats", default="3",
-                    help="the store formats the rows read, e.g. 2,3: every row once per format from stores the same "
+    ap.add_argument("--store-formats", default="4",
+                    help="the store formats the rows read, e.g. 2,4: every row once per format from stores the same "
                          "teachers label in each (a format-2 row is named ROW_format2)")
     ap.add_argument("--plot", default=None, help="write a PNG of every row's top-1 (mean, and each seed's) here")
     ap.add_argument("--alpha", type=float, default=0.5,
@@ -158,8 +158,8 @@ def main() -> None:
     dataset = args.dataset or ("fashion-mnist:n=8000" if args.quick else "fashion-mnist")
     student_seeds = tuple(int(x) for x in args.student_seeds.split(","))
     formats = tuple(dict.fromkeys(int(x) for x in args.store_formats.split(",")))
-    if not set(formats) <= {2, 3}:
-        ap.error(f"--store-formats {args.store_formats}: expected 2, 3 or 2,3")
+    if not set(formats) <= {2, 4}:
+        ap.error(f"--store-formats {args.store_formats}: expected 2, 4 or 2,4")
     teacher_epochs = [int(e) for e in (args.teacher_epochs or ("2,2" if args.quick else "6,3")).split(",")]
     seeds = tuple(range(args.seeds or (2 if args.quick else 4)))
     epochs = args.epochs or len(seeds)
@@ -209,7 +209,7 @@ def main() -> None:
                     store_root=str(work / "stores"), batch_size=512, store_format=fmt),
                     backend="local", progress=False)["store"]
                 minutes["label_ensemble" + suffix] = (time.perf_counter() - t) / 60
-        stores.setdefault("a", stores[next(iter(stores))])  # the bytes below: format 3's where it was labeled
+        stores.setdefault("a", stores[next(iter(stores))])  # the bytes below: format 4's where it was labeled
         if args.augment_rows:
             t = time.perf_counter()
             stores["aug"] = run_labeling(LabelConfig(dataset=dataset, teachers=(teachers[0],),
@@ -291,8 +291,8 @@ def main() -> None:
         if args.recipe_rows:  # what the recipe adds to each row: its mean over the plain row's
             out["recipe_adds"] = {row: round(students[f"{row}_recipe"] - students[row], 2) for row in rows
                                   if f"{row}_recipe" in students}
-        if len(formats) > 1:  # format 3 against format 2, row by row: within the seeds' spread is no loss
-            out["format3_minus_format2"] = {row: round(students[row] - students[f"{row}_format2"], 2)
+        if len(formats) > 1:  # format 4 against format 2, row by row: within the seeds' spread is no loss
+            out["format4_minus_format2"] = {row: round(students[row] - students[f"{row}_format2"], 2)
                                             for row in rows if f"{row}_format2" in students}
         if args.plot:
             plot(per_seed, args.plot, f"{dataset}, {epochs} epochs, student seeds {list(student_seeds)}")

@@ -3,9 +3,9 @@
 1,281,167 samples, k = 10, 1,000 classes, one seed; synthetic teacher outputs shaped like real ones
 (sorted top-k logits, a tail log-sum-exp ``tail_lse`` and ``lse`` the log-sum-exp of both) and real view parameters
 of ``--recipe`` (``imagenet-rrc``: 17 columns; ``deit``: 43, with its RandAugment, random erasing and the partner's;
-``ml-dr``: torchvision's RandAugment and erasing). Store format 3 (``pipelines.store.codec``) is written twice: as
+``ml-dr``: torchvision's RandAugment and erasing). Store format 4 (``pipelines.store.codec``) is written twice: as
 labeled by default (a digest of each chunk's view parameters, drawn again on read) and with ``--store-views`` (the
-parameters kept); ``--format 2`` writes format 2 instead, for the figures before.
+parameters kept); ``--format 2`` or ``3`` writes that format instead, for the figures before.
 
 Prints one JSON line. Targets (issue 34): at most 24 bytes a view for a recipe without photometric ops
 (``imagenet-rrc``) and 32 with them (``deit``); gather >= 2,000,000 samples/s; a seed loads in <= 2 s, its check of
@@ -14,7 +14,7 @@ the view digests included (the first rows of every chunk drawn again). ``redraw_
 stores them. ``tv_t1``/``tv_t4``: the rebuilt soft targets' total variation from float16's (mean, max), on these
 synthetic logits (a trained teacher's: ``bench/store_tv.py``).
 
-    python bench/store.py [--samples N] [--recipe NAME] [--format 2|3] [--dir DIR] [--smoke]
+    python bench/store.py [--samples N] [--recipe NAME] [--format 2|3|4] [--dir DIR] [--smoke]
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def write_and_read(root: str, schema: StoreSchema, recipe, labels: dict[str, np.
         check_views(reopened.view_record(0), "bench", recipe, 0, n, schema.chunk_rows, HW)
     load_s = time.perf_counter() - t
     exact = ["topk_idx", "hard", "lse", *(["view"] if schema.views_stored else [])]
-    differs = [name for name in exact if not np.array_equal(seed.arrays[name], labels[name])]
+    want = {**labels, "lse": labels["lse"].astype(np.float16 if schema.format_version >= 4 else np.float32)}
+    differs = [name for name in exact if not np.array_equal(seed.arrays[name], want[name])]
     if differs:
         raise SystemExit(f"bench/store.py: the loaded seed differs from what was written in {differs}")
 
@@ -103,7 +104,7 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--chunk-rows", type=int, default=65536)
     ap.add_argument("--recipe", default="imagenet-rrc", help="whose view parameters the store holds (e.g. deit)")
-    ap.add_argument("--format", type=int, default=3, choices=(2, 3), help="the store format to write")
+    ap.add_argument("--format", type=int, default=4, choices=(2, 3, 4), help="the store format to write")
     ap.add_argument("--dir", default=None, help="where to write (default: a temporary directory, removed after)")
     ap.add_argument("--smoke", action="store_true", help="a few thousand samples: checks the bench runs (tests)")
     args = ap.parse_args()
@@ -124,12 +125,12 @@ def main() -> None:
                              view_params=num_view_params(recipe), format_version=args.format)
         run = write_and_read(root, schema, recipe, labels, batches)
         views = (write_and_read(root, StoreSchema(**{**vars(schema), "store_views": True}), recipe, labels, batches)
-                 if args.format == 3 else run)
+                 if args.format >= 3 else run)
     finally:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
 
-    # a loader worker's cost for a batch's view parameters: drawn again (format 3) or gathered (--store-views)
+    # a loader worker's cost for a batch's view parameters: drawn again (formats 3, 4) or gathered (--store-views)
     few = batches[:20]
     t = time.perf_counter()
     for ids in few:

@@ -34,19 +34,19 @@ class Option:
     flags: tuple[str, ...] = ()  # CLI flags; default: ``--`` + the field name with dashes
     bounds: dict[str, float] = field(default_factory=dict)  # ge/gt/le/lt, as pydantic names them
     # the allowed values, or a function that lists them when asked (a registry that may grow, e.g. methods)
-    choices: tuple[str, ...] | Callable[[], Iterable[str]] | None = None
+    choices: tuple[str | int, ...] | Callable[[], Iterable[str]] | None = None
     cli: dict[str, Any] = field(default_factory=dict)  # argparse keywords that differ from the derived ones
     via: str | None = None  # set through another flag (why), not a flag of its own
 
-    def allowed(self) -> tuple[str, ...] | None:
+    def allowed(self) -> tuple[str | int, ...] | None:
         """The allowed values now (``None``: any)."""
         return tuple(self.choices()) if callable(self.choices) else self.choices
 
 
 def option(default: Any = MISSING, *, help: str, flags: tuple[str, ...] = (), ge: float | None = None,
            gt: float | None = None, le: float | None = None, lt: float | None = None,
-           choices: tuple[str, ...] | Callable[[], Iterable[str]] | None = None, cli: dict[str, Any] | None = None,
-           via: str | None = None,
+           choices: tuple[str | int, ...] | Callable[[], Iterable[str]] | None = None,
+           cli: dict[str, Any] | None = None, via: str | None = None,
            default_factory: Any = MISSING) -> Any:
     """A dataclass field that is a job option (see the module docstring)."""
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
@@ -130,7 +130,7 @@ def check_options(config: Any) -> None:
         flag = flags_of(name, opt)[0]
         allowed = opt.allowed()
         if allowed is not None and value not in allowed:
-            raise UsageError(f"unknown {flag} {value!r}: expected one of {', '.join(allowed)}")
+            raise UsageError(f"unknown {flag} {value!r}: expected one of {', '.join(map(str, allowed))}")
         if opt.bounds and not isinstance(value, int | float):
             continue
         b = opt.bounds

@@ -48,9 +48,9 @@ class LabelConfig:
     per_teacher: bool = option(False, help="keep each ensemble member's top-k too")
     store_views: bool = option(False, help="keep each view's parameters in the store (by default a digest a chunk: "
                                            "readers draw them again), e.g. for exports and other tools")
-    store_format: int = option(3, help="the store format written: 3 (8-bit top-k codes, the view parameters "
-                                       "redrawn) or 2 (float16 logits and the parameters, about 1.7x the bytes; "
-                                       "for tools that read format 2)", ge=2, le=3)
+    store_format: int = option(4, help="the store format written: 4 (the top-k in 8- and 16-bit codes, the view "
+                                       "parameters redrawn) or 2 (float16 logits and the parameters, about 1.7x "
+                                       "the bytes; for tools that read format 2)", choices=(4, 2))
     store_root: str = option("stores", help="the store root: the store goes to <root>/<cache_key>",
                              flags=("--store-root",))
     batch_size: int = option(256, help="teacher batch size", ge=1, le=65536)

@@ -240,7 +240,7 @@ class LabelStore:
                 raise StoreError(f"array {name}: got shape {data.shape}, expected {(n, *given[name][0][1:])}")
         views = view_digests(arrays["view"], chunk) if schema.format_version >= 3 and "view" in arrays else None
         if schema.format_version >= 3:
-            arrays = encode_rows(arrays, schema.top_k, set(schema.stored()))
+            arrays = encode_rows(arrays, schema.top_k, set(schema.stored()), schema.format_version)
         expected = schema.stored()
         group = zarr.open_group(store=self._seed(seed).url, mode="r+", zarr_format=3)
         checksums = {}
@@ -378,13 +378,15 @@ class LabelStore:
 
     def stored_names(self, names: list[str]) -> list[str]:
         """The arrays on disk that reading ``names`` (of ``schema.arrays()``) takes."""
-        return stored_names(names, self.schema.top_k) if self.schema.format_version >= 3 else names
+        if self.schema.format_version < 3:
+            return names
+        return stored_names(names, self.schema.top_k, self.schema.format_version)
 
     def decode(self, stored: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         """The arrays ``names`` (of ``schema.arrays()``) from rows of the stored ones (``stored_names``)."""
         if self.schema.format_version < 3:
             return {name: stored[name] for name in names}
-        return decode_rows(stored, names, self.schema.top_k)
+        return decode_rows(stored, names, self.schema.top_k, self.schema.format_version)
 
     def view_record(self, seed: int) -> dict[str, Any]:
         """The ``COMPLETE`` record of a seed (its view digests under ``views`` in format 3)."""

@@ -16,9 +16,11 @@ from stillroom.pipelines.store.codec import topk_columns
 from stillroom.pipelines.views import NUM_VIEW_PARAMS, VIEW_GENERATOR
 
 # 2: tail_lse (the top-k's complement), label quality in COMPLETE. 3: no view parameters unless asked (a digest a
-# chunk, redrawn on read), hard derived from topk_idx, the top-k logits in 8 bits a value (``codec``)
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (2, 3)
+# chunk, redrawn on read), hard derived from topk_idx, the top-k logits in 8 bits a value (``codec``). 4: the
+# second class's code in 16 bits, the k-th gap and the level in float16 (within 0.002 of format 2's targets)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)
+WRITABLE_VERSIONS = (2, 4)  # what a label job writes (3: read, converted, no longer written)
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ class StoreSchema:
         for prefix in ["", *(f"teacher{t}_" for t in range(self.per_teacher))]:
             for name in ("topk_logit", "lse", "tail_lse"):
                 del out[prefix + name]
-            out.update({name: ((n, *row), dtype) for name, (row, dtype) in topk_columns(self.top_k, prefix).items()})
+            out.update({name: ((n, *row), dtype) for name, (row, dtype) in topk_columns(self.top_k, prefix,
+                                                                                     self.format_version).items()})
         return out
 
     def format2_arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -125,8 +125,8 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_store_convert(args: argparse.Namespace) -> int:
-    """A format-2 store's format-3 copy under a store root (no teacher: its labels re-encoded, its views checked
-    against what this stillroom draws)."""
+    """A format-2 or format-3 store's copy in today's format under a store root (no teacher: its labels re-encoded,
+    its views checked against what this stillroom draws)."""
     from stillroom.pipelines.data import load_dataset
     from stillroom.pipelines.store import LabelStore, convert_store
     from stillroom.student.data import check_store
@@ -240,8 +240,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = ssub.add_parser("verify", help="recompute every checksum; exit 1 on corruption")
     p.add_argument("dir")
     p.set_defaults(func=cmd_store_verify)
-    p = ssub.add_parser("convert", help="write a format-2 store's format-3 copy (no teacher; views checked)")
-    p.add_argument("src", help="the format-2 store's directory")
+    p = ssub.add_parser("convert", help="write a format-2 or 3 store's copy in today's format (no teacher; "
+                                          "views checked)")
+    p.add_argument("src", help="the format-2 or format-3 store's directory")
     p.add_argument("dst", help="the store root the copy goes to (as <dst>/<cache_key>)")
     p.add_argument("--store-views", action="store_true",
                    help="keep the view parameters in the copy (else a digest a chunk, checked against what this "

@@ -30,13 +30,13 @@ PROVENANCE = {"dataset": {"spec": "synthetic", "fingerprint": "abc", "num_classe
 
 
 def _fake(schema: StoreSchema, seed: int) -> dict[str, np.ndarray]:
-    """Random arrays of the schema; the top-k those of one logit a row above an empty tail (``lse`` its logit), so
-    format 3's encoding gives them back exactly."""
+    """Random arrays of the schema; the top-k those of one logit a row above an empty tail (``lse`` its logit, a
+    float16 value), so format 4's encoding gives them back exactly."""
     rng = np.random.default_rng(seed)
     out = {name: (rng.integers(0, schema.num_classes, size=shape) if np.issubdtype(np.dtype(dtype), np.integer)
                   else rng.normal(size=shape)).astype(dtype) for name, (shape, dtype) in schema.arrays().items()}
     n, k = schema.num_samples, schema.top_k
-    top = rng.normal(size=n)
+    top = rng.normal(size=n).astype(np.float16).astype(np.float64)
     gaps = np.zeros((n, k)) + 24.0 * (np.arange(k) > 0)  # the others at the clipped gap: below every probability
     out["topk_logit"] = (top[:, None] - gaps).astype(np.float32)
     out["lse"], out["tail_lse"] = top.astype(np.float32), np.full(n, -np.inf, np.float32)

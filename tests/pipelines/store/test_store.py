@@ -41,14 +41,17 @@ def fake_labels(schema: StoreSchema, seed: int) -> dict[str, np.ndarray]:
 
 
 def assert_labels_match(got: dict[str, np.ndarray], want: dict[str, np.ndarray], schema: StoreSchema) -> None:
-    """Every array read back as written; format 3's top-k and tail probabilities within its 8-bit codes' error (the
-    targets' bound is tested in test_store_format3), its view parameters not stored."""
+    """Every array read back as written; format 4's top-k and tail probabilities within its codes' error (the
+    targets' bound is tested in test_store_format3) and its level (``lse``) in float16, its view parameters not
+    stored."""
     for name, a in want.items():
         if name == "view" and not schema.views_stored:
             assert name not in got
         elif schema.format_version >= 3 and name in ("topk_logit", "tail_lse"):  # as probabilities
-            lse = want["lse"].astype(np.float64).reshape(-1, *([1] * (a.ndim - 1)))
-            np.testing.assert_allclose(np.exp(got[name] - lse), np.exp(a.astype(np.float64) - lse), atol=0.005)
+            mine, theirs = (x["lse"].astype(np.float64).reshape(-1, *([1] * (a.ndim - 1))) for x in (got, want))
+            np.testing.assert_allclose(np.exp(got[name] - mine), np.exp(a.astype(np.float64) - theirs), atol=0.005)
+        elif schema.format_version >= 4 and name == "lse":
+            np.testing.assert_array_equal(got[name], a.astype(np.float16).astype(np.float32))
         else:
             np.testing.assert_array_equal(got[name], a)
 

@@ -1,4 +1,5 @@
-"""``stillroom store convert``: a format-2 store's format-3 copy, without a teacher, its views checked."""
+"""``stillroom store convert``: a format-2 or format-3 store's copy in format 4, without a teacher, its views
+checked."""
 
 from __future__ import annotations
 
@@ -11,21 +12,22 @@ from conftest import run_cli
 from test_store_format3 import _labels
 
 from stillroom.pipelines.data import load_dataset
-from stillroom.pipelines.store import LabelStore, StoreSchema
+from stillroom.pipelines.store import COMPLETE, LabelStore, StoreSchema
 from stillroom.pipelines.views import draw_views, get_recipe
 from stillroom.student.data import StoreStream
 
 DATA = "synthetic:n=100,classes=5,size=8"
 
 
-def _format2(root: Path, tamper: bool = False) -> LabelStore:
-    """A format-2 store as the old code wrote it: the view parameters stored, float16 logits, ``hard``."""
+def _format2(root: Path, tamper: bool = False, version: int = 2) -> LabelStore:
+    """A format-2 store as the old code wrote it: the view parameters stored, float16 logits, ``hard`` (``version``
+    3: a format-3 store, its 8-bit codes and the views' digests)."""
     ds = load_dataset(DATA)
     recipe = get_recipe("fmnist-rrc-mix")
     provenance = {"dataset": {"spec": ds.spec, "split": "train", "fingerprint": ds.fingerprint,
                               "num_samples": len(ds), "num_classes": ds.num_classes},
                   "recipe": recipe.to_dict(), "teachers": [{"name": "made-up"}]}
-    schema = StoreSchema(num_samples=len(ds), num_classes=5, top_k=3, chunk_rows=32, format_version=2)
+    schema = StoreSchema(num_samples=len(ds), num_classes=5, top_k=3, chunk_rows=32, format_version=version)
     store = LabelStore.create(root, provenance, schema)
     rng = np.random.default_rng(1)
     for seed in (0, 2):
@@ -36,26 +38,28 @@ def _format2(root: Path, tamper: bool = False) -> LabelStore:
         for i, (a, b) in enumerate(schema.pieces()):
             store.write_piece(seed, i, a, {k: v[a:b] for k, v in arrays.items()})
         store.commit_seed(seed)
-    assert json.loads((store.path / "manifest.json").read_text())["format_version"] == 2
+    assert json.loads((store.path / "manifest.json").read_text())["format_version"] == version
     return store
 
 
-def test_convert_writes_format_3_that_trains_like_format_2(tmp_path):
-    old = _format2(tmp_path / "v2")
-    done = run_cli("store", "convert", str(old.path), str(tmp_path / "v3"))
+@pytest.mark.parametrize("version", [2, 3])
+def test_convert_writes_format_4_that_trains_like_the_source(tmp_path, version):
+    old = _format2(tmp_path / "old", version=version)
+    done = run_cli("store", "convert", str(old.path), str(tmp_path / "v4"))
     assert done.returncode == 0, done.stderr
     said = json.loads(done.stdout)
     new = LabelStore(said["dst"])
-    assert new.schema.format_version == 3 and new.seeds() == [0, 2] and new.verify() == []
-    assert said["bytes_per_view_after"] < said["bytes_per_view_before"]
+    assert new.schema.format_version == 4 and new.seeds() == [0, 2] and new.verify() == []
+    if version == 2:
+        assert said["bytes_per_view_after"] < said["bytes_per_view_before"]
     assert new.quality(2) == old.quality(2)
     ds, recipe = load_dataset(DATA), get_recipe("fmnist-rrc-mix")
     for seed in (0, 2):
         a, b = old.load(seed).arrays, new.load(seed).arrays
-        for name in ("topk_idx", "hard", "lse"):
+        for name in ("topk_idx", "hard"):
             np.testing.assert_array_equal(b[name], a[name])
-        # the 8-bit codes: each top-k probability within a few thousandths (a logit far below the top-1 may move
-        # more: a gap's code is 1/24 of an octave, 1.5 % of it, which a class of small probability does not feel)
+        np.testing.assert_array_equal(b["lse"], a["lse"].astype(np.float16))  # the level: float16 in format 4
+        # the codes: each top-k probability within a few thousandths (a logit far below the top-1 may move more)
         np.testing.assert_allclose(np.exp(b["topk_logit"].astype(np.float64) - b["lse"][:, None]),
                                    np.exp(a["topk_logit"].astype(np.float64) - a["lse"][:, None]), rtol=0, atol=5e-3)
         # the student's batches of both: the same ids, views, parameters and top-k
@@ -63,8 +67,19 @@ def test_convert_writes_format_3_that_trains_like_format_2(tmp_path):
         y = next(StoreStream(new, ds, recipe, 16, seeds=(seed,), loader_workers=0).epoch(0))
         np.testing.assert_array_equal(x.params, y.params)
         assert (x.views == y.views).all() and (x.teacher["topk_idx"] == y.teacher["topk_idx"]).all()
-    again = run_cli("store", "convert", said["dst"], str(tmp_path / "v4"))
-    assert again.returncode != 0 and "format 3 already" in again.stderr
+    again = run_cli("store", "convert", said["dst"], str(tmp_path / "v5"))
+    assert again.returncode != 0 and "format 4 already" in again.stderr
+
+
+def test_convert_of_format_3_refuses_views_whose_digests_differ(tmp_path):
+    old = _format2(tmp_path / "v3", version=3)
+    record = json.loads((old.seed_dir(2) / COMPLETE).read_text())
+    record["views"]["chunk_sha256"][2] = "0" * 64  # chunk 2 of seed 2 (rows 64-95) labeled from other views
+    (old.seed_dir(2) / COMPLETE).write_text(json.dumps(record))
+    done = run_cli("store", "convert", str(old.path), str(tmp_path / "v4"))
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "seed 2 chunk 2: the view parameters this stillroom draws" in lines[0], done.stderr
 
 
 @pytest.mark.parametrize("keep", [False, True])
@@ -91,7 +106,7 @@ def test_convert_writes_each_seed_under_its_lease_and_waits_for_another_writer(t
     from stillroom.pipelines.store import convert_store
 
     old = _format2(tmp_path / "v2")
-    dst = LabelStore.create(tmp_path / "v3", old.provenance, replace(old.schema, format_version=3, store_views=False))
+    dst = LabelStore.create(tmp_path / "v3", old.provenance, replace(old.schema, format_version=4, store_views=False))
     generations: list[tuple[int, int | None]] = []
     write_piece = LabelStore.write_piece
 
