@@ -8,8 +8,9 @@ The baseline that a cached run is compared against. The teachers come from the s
   ``softmax(logits / T)`` over every class, the argmax and sampled classes come from them, and the pooled
   feature map stays float32. Cached vs full online measures what keeping only the top-k costs.
 - ``"encoded"``: the same logits turned into the arrays the store holds (top-k in float16, ``lse``,
-  ``tail_lse``, argmax, sampled classes, float16 features) through the labeling job's own functions, so a
-  cached run and this one see the same targets up to the batch composition (an exactness check).
+  ``tail_lse``, argmax, sampled classes, float16 features) through the labeling job's own functions and the
+  store format's codes (``LabelStore.as_read``), so a cached run and this one see the same targets up to the batch
+  composition (an exactness check).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class OnlineTeacher:
         features = labels_cfg.get("features") or None
         self.feature_layer = features["layer"] if features else None
         self.feature_grid = int(features["grid"]) if features else 0
-        self.schema, self.recipe, self.targets = store.schema, recipe, targets
+        self.store, self.schema, self.recipe, self.targets = store, store.schema, recipe, targets
 
     @torch.no_grad()  # not inference_mode: the labels enter the student's autograd graph
     def labels(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -73,7 +74,7 @@ class OnlineTeacher:
             if fmap is not None:
                 out["features"] = pool_features(fmap, self.feature_grid)
             return {k: v.to(views.device) for k, v in out.items()}
-        arrays: dict[str, np.ndarray] = topk_arrays(logits, self.schema.top_k)
+        arrays: dict[str, np.ndarray] = self.store.as_read(topk_arrays(logits, self.schema.top_k))
         if self.schema.sampled:
             arrays["sampled"] = self._sampled(logits, batch)
         if fmap is not None:

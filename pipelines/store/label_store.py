@@ -388,6 +388,15 @@ class LabelStore:
             return {name: stored[name] for name in names}
         return decode_rows(stored, names, self.schema.top_k, self.schema.format_version)
 
+    def as_read(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A labeler's arrays (format 2's names and dtypes) as a reader of this store gets them back: through its
+        format's codes (3, 4), else as they are (the online run that stands for a cached one: ``--online-targets
+        encoded``)."""
+        if self.schema.format_version < 3:
+            return arrays
+        stored = encode_rows(arrays, self.schema.top_k, set(self.schema.stored()), self.schema.format_version)
+        return {**arrays, **self.decode(stored, [name for name in arrays if name != "view"])}
+
     def view_record(self, seed: int) -> dict[str, Any]:
         """The ``COMPLETE`` record of a seed (its view digests under ``views`` in format 3)."""
         return dict((self._seed(seed) / COMPLETE).read_json())
