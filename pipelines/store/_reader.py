@@ -27,7 +27,7 @@ from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore, StorePath
 
 from stillroom.pipelines.core import StoreError
-from stillroom.pipelines.store.label_store import LabelStore, _array
+from stillroom.pipelines.store.label_store import DirectLayout, LabelStore, _array, direct_layout, read_rows
 
 _ONE_GET = {"s3": {"max_concurrency": 1}, "s3a": {"max_concurrency": 1}}  # protocol -> options: no HEAD a chunk
 
@@ -61,6 +61,7 @@ class SeedReader:
                              f"{sorted(known) or 'none'}")
         self._meta: dict[str, dict[str, Any]] = {}  # name -> the array's metadata, the same in every seed
         self._open: dict[int, dict[str, zarr.Array]] = {}  # seed -> its open arrays, for the reader's life
+        self._layouts: dict[tuple[int, str], DirectLayout | None] = {}  # (seed, name) -> how read_rows reads it
         self.opens = 0  # seeds opened so far: at most one each
 
     def arrays(self, seed: int) -> dict[str, zarr.Array]:
@@ -87,12 +88,12 @@ class SeedReader:
         ``start``), which are all that is decoded (a StoreError names an array that cannot be read)."""
         out = {}
         for name, array in self.arrays(seed).items():
+            if (seed, name) not in self._layouts:
+                self._layouts[(seed, name)] = direct_layout(array)
             try:
-                out[name] = np.asarray(array[start:stop])
+                out[name] = read_rows(array, start, stop, take, self._layouts[(seed, name)])
             except Exception as e:  # a missing, truncated or edited chunk
                 raise StoreError(f"seed {seed} array {name}: cannot be read ({type(e).__name__}: {e})") from None
-            if take is not None:
-                out[name] = out[name][take]
         return self.store.decode(out, self.wanted)
 
 

@@ -35,6 +35,7 @@ names the chunk that differs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -89,6 +90,104 @@ def _layout(name: str, shape: tuple[int, ...], chunk_rows: int
     if name != "features":
         return rows, None
     return (math.gcd(chunk_rows, FEATURE_READ_ROWS), *shape[1:]), rows
+
+
+def read_rows(array: zarr.Array, start: int, stop: int, take: np.ndarray | None = None,
+              layout: DirectLayout | None | bool = True) -> np.ndarray:
+    """Rows ``[start, stop)`` of a stored array, or of them only the rows ``take`` (offsets from ``start``).
+
+    On a local disk an array laid out as ``LabelStore`` writes it (whole chunks of rows, maybe transposed, then
+    little-endian bytes and Blosc, no sharding) is read chunk file by chunk file and decoded by numcodecs' Blosc
+    into one buffer, of which only the rows wanted are copied: zarr's read of the same chunks costs several times
+    the CPU here (its asyncio pipeline a chunk, and every row of the range), which an epoch of ``--view-order
+    random`` pays on every chunk of every seed for 1/S of its rows (``bench/view_order.py``). A chunk zarr did not
+    write (fill values only) reads as the fill value. Anything else (object storage, another layout): zarr.
+    ``layout``: ``direct_layout(array)`` if the caller keeps it (True: worked out here)."""
+    found = direct_layout(array) if layout is True else layout
+    if not isinstance(found, DirectLayout):
+        rows_read = np.asarray(array[start:stop])
+        return rows_read if take is None else rows_read[take]
+    from numcodecs.blosc import decompress
+
+    rows, chunk, dtype = found.chunk[0], found.chunk, found.dtype
+    wanted = np.arange(start, stop) if take is None else start + np.asarray(take, dtype=np.int64)
+    order = None
+    if take is not None and len(wanted) > 1 and (np.diff(wanted) < 0).any():
+        order = np.argsort(wanted, kind="stable")
+        wanted = wanted[order]
+    out = np.empty((len(wanted), *array.shape[1:]), dtype=dtype)
+    buffer = np.empty(int(np.prod(chunk)) * dtype.itemsize, dtype=np.uint8)
+    most = buffer.nbytes + 16  # Blosc's largest frame of that many bytes (its MAX_OVERHEAD)
+    shape = chunk if found.order is None else tuple(chunk[i] for i in found.order)
+    back = None if found.order is None else tuple(int(i) for i in np.argsort(found.order))
+    first = start // rows
+    edges = np.searchsorted(wanted, np.arange(first, -(-stop // rows) + 1) * rows).tolist()
+    for c in range(first, -(-stop // rows)):
+        a, b = edges[c - first], edges[c - first + 1]
+        if a == b:
+            continue
+        try:
+            fd = os.open(found.path(c), os.O_RDONLY)
+        except FileNotFoundError:
+            out[a:b] = found.fill
+            continue
+        try:
+            data = os.read(fd, most + 1)
+        finally:
+            os.close(fd)
+        held = int.from_bytes(data[4:8], "little")  # Blosc's header: the bytes it decompresses to
+        if len(data) < 16 or len(data) > most or held != buffer.nbytes:
+            raise ValueError(f"chunk {c}: {len(data)} bytes holding {held}, not a chunk's {buffer.nbytes}")
+        decompress(data, buffer)
+        block = buffer.view(dtype).reshape(shape)
+        if back is not None:
+            block = block.transpose(back)
+        out[a:b] = block[wanted[a:b] - c * rows]
+    if order is not None:
+        out[order] = out.copy()
+    return out
+
+
+@dataclass(frozen=True)
+class DirectLayout:
+    """How ``read_rows`` reads an array's chunk files itself (``direct_layout``)."""
+
+    folder: str
+    dtype: np.dtype
+    chunk: tuple[int, ...]
+    order: tuple[int, ...] | None  # the chunk's axes as stored (a TransposeCodec), None: as they are
+    key: Any  # the chunk key of a chunk index (the array's encode_chunk_key)
+    fill: Any
+    _paths: dict[int, str] = dataclasses.field(default_factory=dict, compare=False)
+
+    def path(self, c: int) -> str:
+        """The file of chunk ``c`` (worked out once)."""
+        if c not in self._paths:
+            self._paths[c] = os.path.join(self.folder, self.key((c, *([0] * (len(self.chunk) - 1)))))
+        return self._paths[c]
+
+
+def direct_layout(array: zarr.Array) -> DirectLayout | None:
+    """How ``read_rows`` reads ``array`` itself, or None (zarr reads it)."""
+    from zarr.codecs import BytesCodec
+    from zarr.core.chunk_grids import RegularChunkGrid
+    from zarr.core.metadata import ArrayV3Metadata
+    from zarr.storage import LocalStore
+
+    store, meta = array.store_path.store, array.metadata
+    if not isinstance(store, LocalStore) or not isinstance(meta, ArrayV3Metadata):
+        return None
+    codecs, grid, order = list(meta.codecs), meta.chunk_grid, None
+    first = codecs[0] if codecs else None
+    if isinstance(first, TransposeCodec):
+        order = tuple(int(i) for i in first.order)
+        codecs.pop(0)
+    little = (BytesCodec(endian="little"), BytesCodec(endian=None))  # None: one-byte values (no order)
+    if not (len(codecs) == 2 and codecs[0] in little and isinstance(codecs[1], BloscCodec)
+            and isinstance(grid, RegularChunkGrid) and tuple(grid.chunk_shape[1:]) == tuple(array.shape[1:])):
+        return None
+    return DirectLayout(os.path.join(store.root, array.store_path.path), np.dtype(array.dtype).newbyteorder("<"),
+                        tuple(grid.chunk_shape), order, meta.encode_chunk_key, meta.fill_value)
 
 
 def _array(group: zarr.Group, name: str) -> zarr.Array:
@@ -371,7 +470,7 @@ class LabelStore:
         for name in self.stored_names(wanted):
             try:
                 array = _array(group, name)
-                out[name] = np.asarray(array[...] if rows is None else array[rows[0] : rows[1]])
+                out[name] = read_rows(array, *(rows or (0, array.shape[0])))
             except Exception as e:  # a truncated or edited chunk fails to decode
                 raise StoreError(f"seed {seed} array {name}: cannot be read ({type(e).__name__}: {e})") from None
         return self.decode(out, wanted)

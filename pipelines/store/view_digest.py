@@ -41,11 +41,15 @@ def check_views(record: dict[str, Any], where: str, recipe: Recipe, seed: int, n
         raise StoreError(f"{where} seed {seed}: its views were drawn by view generator {views.get('generator')}; "
                          f"this stillroom draws with {VIEW_GENERATOR}: use the stillroom that labeled it, or relabel")
     key = "chunk_sha256" if full else "probe_sha256"
+    spans = [(c * chunk_rows, min(c * chunk_rows + (chunk_rows if full else min(PROBE_ROWS, chunk_rows)), num_samples))
+             for c in range(len(views[key]))]
+    # the probe rows of every chunk drawn in one call (each row's parameters depend on its id alone)
+    together = None if full else draw_views(recipe, seed, np.concatenate([np.arange(a, b) for a, b in spans]),
+                                            num_samples, sizes)
     drawn = 0
-    for c, want in enumerate(views[key]):
-        start = c * chunk_rows
-        stop = min(start + (chunk_rows if full else min(PROBE_ROWS, chunk_rows)), num_samples)
-        params = draw_views(recipe, seed, np.arange(start, stop), num_samples, sizes)
+    for c, (want, (start, stop)) in enumerate(zip(views[key], spans, strict=True)):
+        params = (draw_views(recipe, seed, np.arange(start, stop), num_samples, sizes) if together is None
+                  else together[drawn : drawn + stop - start])
         drawn += stop - start
         if _sha256(np.ascontiguousarray(params, dtype=np.float32)) != want:
             raise StoreError(f"{where} seed {seed} chunk {c}: the view parameters this stillroom draws for recipe "
