@@ -35,7 +35,7 @@ names the chunk that differs.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import math
 import os
@@ -156,15 +156,17 @@ class DirectLayout:
     dtype: np.dtype
     chunk: tuple[int, ...]
     order: tuple[int, ...] | None  # the chunk's axes as stored (a TransposeCodec), None: as they are
-    key: Any  # the chunk key of a chunk index (the array's encode_chunk_key)
+    encoding: Any  # the array's chunk key encoding (the same in every seed: its keys are worked out once)
     fill: Any
-    _paths: dict[int, str] = dataclasses.field(default_factory=dict, compare=False)
 
     def path(self, c: int) -> str:
-        """The file of chunk ``c`` (worked out once)."""
-        if c not in self._paths:
-            self._paths[c] = os.path.join(self.folder, self.key((c, *([0] * (len(self.chunk) - 1)))))
-        return self._paths[c]
+        """The file of chunk ``c``."""
+        return self.folder + os.sep + _chunk_key(self.encoding, c, len(self.chunk))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _chunk_key(encoding: Any, c: int, ndim: int) -> str:
+    return str(encoding.encode_chunk_key((c, *([0] * (ndim - 1)))))
 
 
 def direct_layout(array: zarr.Array) -> DirectLayout | None:
@@ -187,7 +189,7 @@ def direct_layout(array: zarr.Array) -> DirectLayout | None:
             and isinstance(grid, RegularChunkGrid) and tuple(grid.chunk_shape[1:]) == tuple(array.shape[1:])):
         return None
     return DirectLayout(os.path.join(store.root, array.store_path.path), np.dtype(array.dtype).newbyteorder("<"),
-                        tuple(grid.chunk_shape), order, meta.encode_chunk_key, meta.fill_value)
+                        tuple(grid.chunk_shape), order, meta.chunk_key_encoding, meta.fill_value)
 
 
 def _array(group: zarr.Group, name: str) -> zarr.Array:
