@@ -91,7 +91,7 @@ class SeedReader:
             if (seed, name) not in self._layouts:
                 self._layouts[(seed, name)] = direct_layout(array)
             try:
-                out[name] = read_rows(array, start, stop, take, self._layouts[(seed, name)])
+                out[name] = read_rows(array, self._layouts[(seed, name)], start, stop, take)
             except Exception as e:  # a missing, truncated or edited chunk
                 raise StoreError(f"seed {seed} array {name}: cannot be read ({type(e).__name__}: {e})") from None
         return self.store.decode(out, self.wanted)

@@ -55,6 +55,11 @@ def _codes(gaps: np.ndarray, scale: np.ndarray, levels: int, dtype: type) -> np.
     return np.rint(levels * np.sqrt(np.clip(ratio, 0.0, 1.0))).astype(dtype)
 
 
+def _gaps(codes: np.ndarray, levels: int, scale: np.ndarray) -> np.ndarray:
+    """The gaps ``_codes`` coded: ``(codes / levels)^2 scale``."""
+    return (np.asarray(codes, dtype=np.float64) / levels) ** 2 * scale
+
+
 def encode_topk(topk_logit: np.ndarray, lse: np.ndarray, tail_lse: np.ndarray, prefix: str = "", version: int = 4
                 ) -> dict[str, np.ndarray]:
     """The stored arrays of a block of rows in format ``version`` (``prefix``: an ensemble member's, e.g.
@@ -92,13 +97,13 @@ def decode_topk(stored: dict[str, np.ndarray], k: int, prefix: str = "", version
         if version >= 4:
             scale = np.asarray(stored[f"{prefix}topk_gap"], dtype=np.float64)
             if k >= 3:
-                gaps[:, 1] = (np.asarray(stored[f"{prefix}topk_q1"], dtype=np.float64) / LEVELS_Q1) ** 2 * scale
+                gaps[:, 1] = _gaps(stored[f"{prefix}topk_q1"], LEVELS_Q1, scale)
             if k >= 4:
-                gaps[:, 2:-1] = (np.asarray(stored[f"{prefix}topk_q"], dtype=np.float64) / LEVELS) ** 2 * scale[:, None]
+                gaps[:, 2:-1] = _gaps(stored[f"{prefix}topk_q"], LEVELS, scale[:, None])
         else:
             scale = _scale(stored[f"{prefix}topk_scale"])
             if k >= 3:
-                gaps[:, 1:-1] = (np.asarray(stored[f"{prefix}topk_q"], dtype=np.float64) / LEVELS) ** 2 * scale[:, None]
+                gaps[:, 1:-1] = _gaps(stored[f"{prefix}topk_q"], LEVELS, scale[:, None])
         gaps[:, -1] = scale
     with np.errstate(divide="ignore"):  # a tail of mass 1 in float16 leaves the top-k none: logits -inf
         top_lp = np.log1p(-np.exp(tail_lp)) - np.log(np.exp(-gaps).sum(1))

@@ -92,8 +92,8 @@ def _layout(name: str, shape: tuple[int, ...], chunk_rows: int
     return (math.gcd(chunk_rows, FEATURE_READ_ROWS), *shape[1:]), rows
 
 
-def read_rows(array: zarr.Array, start: int, stop: int, take: np.ndarray | None = None,
-              layout: DirectLayout | None | bool = True) -> np.ndarray:
+def read_rows(array: zarr.Array, layout: DirectLayout | None, start: int, stop: int, take: np.ndarray | None = None
+              ) -> np.ndarray:
     """Rows ``[start, stop)`` of a stored array, or of them only the rows ``take`` (offsets from ``start``).
 
     On a local disk an array laid out as ``LabelStore`` writes it (whole chunks of rows, maybe transposed, then
@@ -102,14 +102,13 @@ def read_rows(array: zarr.Array, start: int, stop: int, take: np.ndarray | None 
     the CPU here (its asyncio pipeline a chunk, and every row of the range), which an epoch of ``--view-order
     random`` pays on every chunk of every seed for 1/S of its rows (``bench/view_order.py``). A chunk zarr did not
     write (fill values only) reads as the fill value. Anything else (object storage, another layout): zarr.
-    ``layout``: ``direct_layout(array)`` if the caller keeps it (True: worked out here)."""
-    found = direct_layout(array) if layout is True else layout
-    if not isinstance(found, DirectLayout):
+    ``layout``: ``direct_layout(array)``, which a caller reading an array often keeps."""
+    if layout is None:
         rows_read = np.asarray(array[start:stop])
         return rows_read if take is None else rows_read[take]
     from numcodecs.blosc import decompress
 
-    rows, chunk, dtype = found.chunk[0], found.chunk, found.dtype
+    rows, chunk, dtype = layout.chunk[0], layout.chunk, layout.dtype
     wanted = np.arange(start, stop) if take is None else start + np.asarray(take, dtype=np.int64)
     order = None
     if take is not None and len(wanted) > 1 and (np.diff(wanted) < 0).any():
@@ -118,8 +117,8 @@ def read_rows(array: zarr.Array, start: int, stop: int, take: np.ndarray | None 
     out = np.empty((len(wanted), *array.shape[1:]), dtype=dtype)
     buffer = np.empty(int(np.prod(chunk)) * dtype.itemsize, dtype=np.uint8)
     most = buffer.nbytes + 16  # Blosc's largest frame of that many bytes (its MAX_OVERHEAD)
-    shape = chunk if found.order is None else tuple(chunk[i] for i in found.order)
-    back = None if found.order is None else tuple(int(i) for i in np.argsort(found.order))
+    shape = chunk if layout.order is None else tuple(chunk[i] for i in layout.order)
+    back = None if layout.order is None else tuple(int(i) for i in np.argsort(layout.order))
     first = start // rows
     edges = np.searchsorted(wanted, np.arange(first, -(-stop // rows) + 1) * rows).tolist()
     for c in range(first, -(-stop // rows)):
@@ -127,9 +126,9 @@ def read_rows(array: zarr.Array, start: int, stop: int, take: np.ndarray | None 
         if a == b:
             continue
         try:
-            fd = os.open(found.path(c), os.O_RDONLY)
+            fd = os.open(layout.path(c), os.O_RDONLY)
         except FileNotFoundError:
-            out[a:b] = found.fill
+            out[a:b] = layout.fill
             continue
         try:
             data = os.read(fd, most + 1)
@@ -472,7 +471,7 @@ class LabelStore:
         for name in self.stored_names(wanted):
             try:
                 array = _array(group, name)
-                out[name] = read_rows(array, *(rows or (0, array.shape[0])))
+                out[name] = read_rows(array, direct_layout(array), *(rows or (0, array.shape[0])))
             except Exception as e:  # a truncated or edited chunk fails to decode
                 raise StoreError(f"seed {seed} array {name}: cannot be read ({type(e).__name__}: {e})") from None
         return self.decode(out, wanted)

@@ -19,8 +19,7 @@ from stillroom.pipelines.views import NUM_VIEW_PARAMS, VIEW_GENERATOR
 # chunk, redrawn on read), hard derived from topk_idx, the top-k logits in 8 bits a value (``codec``). 4: the
 # second class's code in 16 bits, the k-th gap and the level in float16 (within 0.002 of format 2's targets)
 FORMAT_VERSION = 4
-READABLE_VERSIONS = (2, 3, 4)
-WRITABLE_VERSIONS = (2, 4)  # what a label job writes (3: read, converted, no longer written)
+READABLE_VERSIONS = (2, 3, 4)  # a label job writes 4 or 2 (--store-format); 3 is read and converted
 
 
 @dataclass(frozen=True)
