@@ -4,13 +4,15 @@ what each view was.
 A writer hands ``write_piece`` the parameters it drew; the store keeps, per chunk, the sha256 of their float32
 bytes (``chunk_sha256``) and of the first ``PROBE_ROWS`` rows' (``probe_sha256``). A reader redraws the parameters
 (``pipelines.views.draw_views``: a pure function of recipe, seed, sample id and the image's size) and compares.
-``check_views`` compares the probes at a seed's load (a few thousand redraws for ImageNet, a fraction of a second:
-a generator that draws otherwise differs on every row), ``full=True`` every row (``stillroom store convert``, a
+``check_views`` compares the probes at a seed's load (a few thousand redraws for ImageNet, about 20 ms: a generator
+that draws otherwise differs on every row; a random-order epoch of S seeds shares the chunks among them, each
+seed checking the first chunk and every S-th), ``full=True`` every row (``stillroom store convert``, a
 slow check of a whole seed).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -31,9 +33,10 @@ def view_digests(params: np.ndarray, chunk_rows: int) -> dict[str, list[str]]:
 
 
 def check_views(record: dict[str, Any], where: str, recipe: Recipe, seed: int, num_samples: int, chunk_rows: int,
-                sizes: Any, full: bool = False) -> int:
+                sizes: Any, full: bool = False, chunks: Sequence[int] | None = None) -> int:
     """Redraw the parameters of a seed's probe rows (``full``: of every row) and compare them with the digests in
-    its ``COMPLETE`` ``record``; a difference is refused in one line. Returns the rows redrawn."""
+    its ``COMPLETE`` ``record``; a difference is refused in one line. ``chunks``: those chunks' rows only (default:
+    every chunk's). Returns the rows redrawn."""
     views = record.get("views")
     if not views:
         raise StoreError(f"{where} seed {seed}: no view digests recorded (written before store format 3?)")
@@ -41,13 +44,17 @@ def check_views(record: dict[str, Any], where: str, recipe: Recipe, seed: int, n
         raise StoreError(f"{where} seed {seed}: its views were drawn by view generator {views.get('generator')}; "
                          f"this stillroom draws with {VIEW_GENERATOR}: use the stillroom that labeled it, or relabel")
     key = "chunk_sha256" if full else "probe_sha256"
+    which = range(len(views[key])) if chunks is None else sorted({c for c in chunks if 0 <= c < len(views[key])})
     spans = [(c * chunk_rows, min(c * chunk_rows + (chunk_rows if full else min(PROBE_ROWS, chunk_rows)), num_samples))
-             for c in range(len(views[key]))]
+             for c in which]
+    if not spans:
+        return 0
     # the probe rows of every chunk drawn in one call (each row's parameters depend on its id alone)
     together = None if full else draw_views(recipe, seed, np.concatenate([np.arange(a, b) for a, b in spans]),
                                             num_samples, sizes)
     drawn = 0
-    for c, (want, (start, stop)) in enumerate(zip(views[key], spans, strict=True)):
+    for c, (start, stop) in zip(which, spans, strict=True):
+        want = views[key][c]
         params = (draw_views(recipe, seed, np.arange(start, stop), num_samples, sizes) if together is None
                   else together[drawn : drawn + stop - start])
         drawn += stop - start

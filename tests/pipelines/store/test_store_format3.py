@@ -67,6 +67,38 @@ def test_views_are_drawn_again_and_a_store_of_other_views_is_refused_in_one_line
         next(StoreStream(store, ds, recipe, 16, seeds=(0,), loader_workers=0).epoch(0))
 
 
+def test_a_random_order_epoch_shares_the_view_checks_of_its_chunks_among_its_seeds(tmp_path, monkeypatch):
+    """S seeds read together (``--view-order random``) each check the first chunk and every S-th: every chunk is
+    checked, by one seed at least, at a fraction of the redraws (issue 32: 64 seeds of ImageNet redrew 160,000
+    rows under the GIL before the first batch); a seed of other views is still refused in one line."""
+    import stillroom.student.data as data
+
+    store, ds = _store(tmp_path / "a", {0: 0, 1: 1, 2: 2, 3: 3})  # 100 samples, 4 chunks of 32
+    checked: dict[int, int] = {}
+
+    def spy(record, where, recipe, seed, *args, **kwargs):
+        checked[seed] = check_views(record, where, recipe, seed, *args, **kwargs)
+        chunks = kwargs["chunks"]
+        covered.update(chunks)
+        assert 0 in chunks
+        return checked[seed]
+
+    covered: set[int] = set()
+    monkeypatch.setattr(data, "check_views", spy)
+    stream = StoreStream(store, ds, get_recipe(RECIPE), 16, seeds=(0, 1, 2, 3), loader_workers=0, view_order="random")
+    labels = stream.labels_for_epoch(0)
+    assert covered == {0, 1, 2, 3} and sorted(checked) == [0, 1, 2, 3]
+    # chunk 0 (16 probe rows) by each seed, chunks 1, 2 (16) and 3 (the last 4 rows) by one each: 100, not 208
+    assert sum(checked.values()) == 4 * 16 + 16 + 16 + 4 < 4 * (3 * 16 + 4)
+    assert len(labels.arrays["lse"]) == len(ds)
+    monkeypatch.undo()
+    other, ds = _store(tmp_path / "b", {0: 0, 1: 1, 2: 9, 3: 3})  # seed 2 holds the digests of seed 9's views
+    with pytest.raises(StoreError) as refused:
+        StoreStream(other, ds, get_recipe(RECIPE), 16, seeds=(0, 1, 2, 3), loader_workers=0,
+                    view_order="random").labels_for_epoch(0)
+    assert "seed 2 chunk 0: the view parameters this stillroom draws" in str(refused.value)
+
+
 def test_store_views_keeps_the_parameters_and_the_stream_reads_them(tmp_path):
     store, ds = _store(tmp_path, {0: 0}, store_views=True)
     held = store.load(0).arrays
