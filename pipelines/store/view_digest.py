@@ -12,7 +12,6 @@ slow check of a whole seed).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -33,10 +32,11 @@ def view_digests(params: np.ndarray, chunk_rows: int) -> dict[str, list[str]]:
 
 
 def check_views(record: dict[str, Any], where: str, recipe: Recipe, seed: int, num_samples: int, chunk_rows: int,
-                sizes: Any, full: bool = False, chunks: Sequence[int] | None = None) -> int:
+                sizes: Any, full: bool = False, share: tuple[int, int] | None = None) -> int:
     """Redraw the parameters of a seed's probe rows (``full``: of every row) and compare them with the digests in
-    its ``COMPLETE`` ``record``; a difference is refused in one line. ``chunks``: those chunks' rows only (default:
-    every chunk's). Returns the rows redrawn."""
+    its ``COMPLETE`` ``record``; a difference is refused in one line. ``share=(i, S)``: the seed is the i-th of S
+    read together, which share the chunks: it checks the first chunk and those ``i`` modulo S (the S seeds every
+    chunk between them). Returns the rows redrawn."""
     views = record.get("views")
     if not views:
         raise StoreError(f"{where} seed {seed}: no view digests recorded (written before store format 3?)")
@@ -44,7 +44,8 @@ def check_views(record: dict[str, Any], where: str, recipe: Recipe, seed: int, n
         raise StoreError(f"{where} seed {seed}: its views were drawn by view generator {views.get('generator')}; "
                          f"this stillroom draws with {VIEW_GENERATOR}: use the stillroom that labeled it, or relabel")
     key = "chunk_sha256" if full else "probe_sha256"
-    which = range(len(views[key])) if chunks is None else sorted({c for c in chunks if 0 <= c < len(views[key])})
+    which = range(len(views[key])) if share is None else sorted({0, *range(share[0] % share[1], len(views[key]),
+                                                                           share[1])})
     spans = [(c * chunk_rows, min(c * chunk_rows + (chunk_rows if full else min(PROBE_ROWS, chunk_rows)), num_samples))
              for c in which]
     if not spans:

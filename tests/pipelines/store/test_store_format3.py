@@ -74,27 +74,37 @@ def test_a_random_order_epoch_shares_the_view_checks_of_its_chunks_among_its_see
     import stillroom.student.data as data
 
     store, ds = _store(tmp_path / "a", {0: 0, 1: 1, 2: 2, 3: 3})  # 100 samples, 4 chunks of 32
+    recipe = get_recipe(RECIPE)
     checked: dict[int, int] = {}
 
     def spy(record, where, recipe, seed, *args, **kwargs):
+        assert kwargs["share"] == (seed, 4)  # seed i is the i-th of the 4 read together
         checked[seed] = check_views(record, where, recipe, seed, *args, **kwargs)
-        chunks = kwargs["chunks"]
-        covered.update(chunks)
-        assert 0 in chunks
         return checked[seed]
 
-    covered: set[int] = set()
     monkeypatch.setattr(data, "check_views", spy)
-    stream = StoreStream(store, ds, get_recipe(RECIPE), 16, seeds=(0, 1, 2, 3), loader_workers=0, view_order="random")
+    stream = StoreStream(store, ds, recipe, 16, seeds=(0, 1, 2, 3), loader_workers=0, view_order="random")
     labels = stream.labels_for_epoch(0)
-    assert covered == {0, 1, 2, 3} and sorted(checked) == [0, 1, 2, 3]
+    assert sorted(checked) == [0, 1, 2, 3]
     # chunk 0 (16 probe rows) by each seed, chunks 1, 2 (16) and 3 (the last 4 rows) by one each: 100, not 208
     assert sum(checked.values()) == 4 * 16 + 16 + 16 + 4 < 4 * (3 * 16 + 4)
+    # every chunk is checked: a digest that differs in chunk c is refused by seed c's share, chunk 0 by every share
+    for c in range(4):
+        caught = []
+        for i in range(4):
+            record = json.loads(json.dumps(store.view_record(i)))
+            record["views"]["probe_sha256"][c] = "0" * 64
+            try:
+                check_views(record, "s", recipe, i, len(ds), 32, (8, 8), share=(i, 4))
+            except StoreError as e:
+                assert f"seed {i} chunk {c}:" in str(e)
+                caught.append(i)
+        assert caught == ([0, 1, 2, 3] if c == 0 else [c]), (c, caught)
     assert len(labels.arrays["lse"]) == len(ds)
     monkeypatch.undo()
     other, ds = _store(tmp_path / "b", {0: 0, 1: 1, 2: 9, 3: 3})  # seed 2 holds the digests of seed 9's views
     with pytest.raises(StoreError) as refused:
-        StoreStream(other, ds, get_recipe(RECIPE), 16, seeds=(0, 1, 2, 3), loader_workers=0,
+        StoreStream(other, ds, recipe, 16, seeds=(0, 1, 2, 3), loader_workers=0,
                     view_order="random").labels_for_epoch(0)
     assert "seed 2 chunk 0: the view parameters this stillroom draws" in str(refused.value)
 
